@@ -1,0 +1,285 @@
+"""Turn one finished mitmproxy flow into a hop row and the tokens it carried.
+
+Runs on the recorder's writer thread, never on mitmproxy's event loop: the hooks
+only hand the flow over. Everything read from the flow is treated as hostile:
+sizes are capped, compressed bodies are inflated only up to a cap, JSON that does
+not parse is skipped, and a token that does not decode is recorded with an error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from urllib.parse import parse_qsl
+
+from hoptrace.addons import _redact
+from hoptrace.addons._tokens import JWT_PATTERN
+
+# Bodies larger than this are not searched for tokens (nor stored when bodies are).
+BODY_SCAN_CAP = 64 * 1024
+# Token-bearing names in cookies, headers and JSON fields.
+_TOKEN_NAME = re.compile(r"token|jwt|session|(?:^|[-_])sid(?:$|[-_])|access|auth", re.I)
+_NOT_TOKEN_SCHEMES = frozenset({"basic", "digest", "negotiate", "ntlm"})
+_MIN_TOKEN_LENGTH = 16
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}", re.I)
+
+
+@dataclass(frozen=True, slots=True)
+class Sighting:
+    """A raw token as found on a hop. Lives only in memory, on its way to a fingerprint."""
+
+    token: str
+    role: str  # presented | validated | issued
+    location: str
+
+
+def hop_row(flow, key: bytes, store_bodies: bool) -> tuple[dict, list[Sighting]]:
+    """The `hops` columns this flow fills (ids and service are the writer's), and its tokens."""
+    request, response, error = flow.request, flow.response, flow.error
+    path, _, query_string = request.path.partition("?")
+    request_fields = _fields(request.headers)
+    response_fields = _fields(response.headers) if response is not None else []
+    sightings = _request_tokens(request_fields, query_string)
+    request_text = _body_text(request)
+    sightings += _body_tokens(request_text, request.headers.get("content-type", ""), "validated", "body")
+    response_text = None
+    if response is not None:
+        response_text = _body_text(response)
+        sightings += _response_tokens(response_fields)
+        sightings += _body_tokens(response_text, response.headers.get("content-type", ""), "issued", "response-body")
+
+    started = request.timestamp_start
+    ended = _first_time(
+        response.timestamp_end if response is not None else None,
+        error.timestamp if error is not None else None,
+        response.timestamp_start if response is not None else None,
+        request.timestamp_end,
+        started,
+    )
+    server = flow.server_conn
+    # A reused upstream connection was set up for an earlier flow: its connect
+    # time says nothing about this one.
+    fresh_connection = server.timestamp_start is not None and server.timestamp_start >= started
+    server_date = response.headers.get("date") if response is not None else None
+    row = {
+        "flow_id": flow.id,
+        "client_addr": _address(flow.client_conn.peername),
+        "method": request.method,
+        "scheme": request.scheme,
+        "host": request.host,
+        "port": request.port,
+        "path": path,
+        "query": _redact.query(key, query_string) or None,
+        "http_version": request.http_version,
+        "status": response.status_code if response is not None else None,
+        "reason": response.reason if response is not None else None,
+        "error": error.msg if error is not None else None,
+        "error_kind": error_kind(error.msg) if error is not None else None,
+        "failed": int(error is not None),
+        "request_size": len(request.raw_content) if request.raw_content is not None else None,
+        "response_size": len(response.raw_content) if response is not None and response.raw_content is not None else None,
+        "request_content_type": request.headers.get("content-type"),
+        "response_content_type": response.headers.get("content-type") if response is not None else None,
+        "started_at": started,
+        "request_end_at": request.timestamp_end,
+        "connect_at": server.timestamp_start if fresh_connection else None,
+        "connected_at": server.timestamp_tcp_setup if fresh_connection else None,
+        "response_start_at": response.timestamp_start if response is not None else None,
+        "ended_at": ended,
+        "duration_ms": (ended - started) * 1000.0,
+        **trace_context(request.headers),
+        "server_date": server_date,
+        "server_date_ts": _http_date(server_date),
+        "request_headers": json.dumps(_redact.headers(key, request_fields)),
+        "response_headers": json.dumps(_redact.headers(key, response_fields)) if response is not None else None,
+        "request_body": _stored_body(key, request_text, request) if store_bodies else None,
+        "response_body": _stored_body(key, response_text, response) if store_bodies else None,
+    }
+    return row, sightings
+
+
+def error_kind(message: str) -> str:
+    """A coarse class of mitmproxy's error message, for grouping."""
+    text = message.lower()
+    if "refused" in text or "connect" in text and "fail" in text:
+        return "refused"
+    if "timed out" in text or "timeout" in text:
+        return "timeout"
+    if "complete message body" in text or "incomplete" in text or "truncated" in text:
+        return "truncated"
+    if "reset" in text or "closed" in text or "broken pipe" in text:
+        return "reset"
+    if "client disconnected" in text or "killed" in text:
+        return "aborted"
+    return "other"
+
+
+def trace_context(headers) -> dict:
+    """Trace ids as the caller sent them: W3C traceparent, B3 (single or multi), request ids."""
+    context = {"trace_id": None, "span_id": None, "parent_span_id": None, "trace_source": None}
+    if match := _TRACEPARENT.match(headers.get("traceparent", "")):
+        context.update(trace_id=match[1].lower(), span_id=match[2].lower(), trace_source="traceparent")
+    elif b3 := headers.get("b3"):
+        parts = b3.split("-")
+        if len(parts) >= 2:
+            context.update(trace_id=parts[0].lower(), span_id=parts[1].lower(), trace_source="b3")
+            if len(parts) >= 4:
+                context["parent_span_id"] = parts[3].lower()
+    elif trace_id := headers.get("x-b3-traceid"):
+        context.update(
+            trace_id=trace_id.lower(),
+            span_id=(headers.get("x-b3-spanid") or "").lower() or None,
+            parent_span_id=(headers.get("x-b3-parentspanid") or "").lower() or None,
+            trace_source="x-b3",
+        )
+    request_id = headers.get("x-request-id")
+    correlation_id = headers.get("x-correlation-id")
+    if context["trace_id"] is None and (request_id or correlation_id):
+        # A request id propagated unchanged through the stack groups a request as
+        # well as a trace id does.
+        context.update(
+            trace_id=request_id or correlation_id,
+            trace_source="x-request-id" if request_id else "x-correlation-id",
+        )
+    context.update(request_id=request_id, correlation_id=correlation_id)
+    return context
+
+
+def _fields(headers) -> list[tuple[str, str]]:
+    return [(name.decode("latin-1"), value.decode("utf-8", "surrogateescape")) for name, value in headers.fields]
+
+
+def _request_tokens(fields: list[tuple[str, str]], query_string: str) -> list[Sighting]:
+    found = []
+    for name, value in fields:
+        lower = name.lower()
+        if lower in ("authorization", "proxy-authorization"):
+            scheme, _, credentials = value.strip().partition(" ")
+            if credentials and scheme.lower() not in _NOT_TOKEN_SCHEMES:
+                found.append(Sighting(credentials.strip(), "presented", f"header:{lower}"))
+        elif lower == "cookie":
+            found += _cookie_tokens(value, "presented", "cookie")
+        else:
+            found += _header_tokens(lower, value, "presented", "header")
+    for name, value in parse_qsl(query_string, keep_blank_values=True):
+        if _looks_like_token(name, value):
+            found.append(Sighting(value, "presented", f"query:{name}"))
+    return found
+
+
+def _response_tokens(fields: list[tuple[str, str]]) -> list[Sighting]:
+    found = []
+    for name, value in fields:
+        lower = name.lower()
+        if lower == "set-cookie":
+            found += _cookie_tokens(value.partition(";")[0], "issued", "set-cookie")
+        else:
+            found += _header_tokens(lower, value, "issued", "response-header")
+    return found
+
+
+def _header_tokens(name: str, value: str, role: str, where: str) -> list[Sighting]:
+    if _TOKEN_NAME.search(name) and _looks_like_token(name, value):
+        return [Sighting(value.strip(), role, f"{where}:{name}")]
+    if "eyJ" in value:
+        return [Sighting(match, role, f"{where}:{name}") for match in JWT_PATTERN.findall(value)]
+    return []
+
+
+def _cookie_tokens(header: str, role: str, where: str) -> list[Sighting]:
+    found = []
+    for pair in header.split(";"):
+        name, _, value = pair.strip().partition("=")
+        if _looks_like_token(name, value):
+            found.append(Sighting(value, role, f"{where}:{name}"))
+    return found
+
+
+def _looks_like_token(name: str, value: str) -> bool:
+    if len(value) < _MIN_TOKEN_LENGTH or " " in value.strip():
+        return False
+    return bool(_TOKEN_NAME.search(name)) or value.startswith("eyJ")
+
+
+def _body_tokens(text: str | None, content_type: str, role: str, where: str) -> list[Sighting]:
+    if not text:
+        return []
+    content_type = content_type.lower()
+    if "json" in content_type:
+        try:
+            document = json.loads(text)
+        except (ValueError, RecursionError):
+            return []
+        return [Sighting(value, role, f"{where}:{name}") for name, value in _json_string_fields(document)]
+    if "x-www-form-urlencoded" in content_type:
+        return [
+            Sighting(value, role, f"{where}:{name}")
+            for name, value in parse_qsl(text, keep_blank_values=True)
+            if _looks_like_token(name, value)
+        ]
+    return []
+
+
+def _json_string_fields(document: object, depth: int = 0):
+    """Token-named string fields of a JSON document, a few levels deep ({"data": {"token": ...}})."""
+    if depth > 3 or not isinstance(document, dict):
+        return
+    for name, value in document.items():
+        if isinstance(value, str):
+            if _looks_like_token(str(name), value):
+                yield str(name), value
+        elif isinstance(value, dict):
+            yield from _json_string_fields(value, depth + 1)
+
+
+def _body_text(message) -> str | None:
+    """The body as text, inflated up to BODY_SCAN_CAP: never decompress without a cap."""
+    raw = message.raw_content
+    if not raw:
+        return None
+    encoding = message.headers.get("content-encoding", "identity").lower().strip()
+    if encoding in ("", "identity"):
+        data = raw if len(raw) <= BODY_SCAN_CAP else None
+    elif encoding in ("gzip", "deflate", "x-gzip"):
+        try:
+            # wbits 47: zlib or gzip header, detected.
+            data = zlib.decompressobj(47).decompress(raw, BODY_SCAN_CAP + 1)
+        except zlib.error:
+            return None
+        if len(data) > BODY_SCAN_CAP:
+            data = None
+    else:
+        data = None  # br, zstd, ...: not worth a decoder on the recording path
+    return data.decode("utf-8", "replace") if data is not None else None
+
+
+def _stored_body(key: bytes, text: str | None, message) -> str | None:
+    if text is None:
+        return None
+    content_type = message.headers.get("content-type", "").lower()
+    if "x-www-form-urlencoded" in content_type:
+        return _redact.query(key, text)
+    try:
+        return json.dumps(_redact.json_body(key, json.loads(text)))
+    except (ValueError, RecursionError):
+        return _redact.scrub_jwts(key, text)
+
+
+def _first_time(*times: float | None) -> float:
+    return next(t for t in times if t is not None)
+
+
+def _http_date(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def _address(peername) -> str | None:
+    return f"{peername[0]}:{peername[1]}" if peername else None

@@ -1,0 +1,3 @@
+from hoptrace.cli import cli
+
+cli(prog_name="hoptrace")
