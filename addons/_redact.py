@@ -24,7 +24,7 @@ _URL_HEADERS = frozenset({"location", "referer", "content-location"})
 
 def redacted(key: bytes, value: str) -> str:
     """The stand-in for a secret value: its keyed-hash prefix, nothing else."""
-    return f"[redacted {fingerprint(key, value)[:12]}]"
+    return f"[redacted:{fingerprint(key, value)[:12]}]"
 
 
 def scrub_jwts(key: bytes, text: str) -> str:
@@ -58,7 +58,7 @@ def query(key: bytes, query_string: str) -> str:
     pairs = parse_qsl(query_string, keep_blank_values=True)
     return urlencode(
         [(name, redacted(key, value) if _SENSITIVE_PARAM.search(name) else scrub_jwts(key, value)) for name, value in pairs],
-        safe="[] ",
+        safe="[]:",
     )
 
 
