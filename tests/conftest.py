@@ -1,0 +1,118 @@
+"""Real processes on 127.0.0.1 for the capture-path tests: upstreams, `hoptrace proxy`, mitmdump."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Proc:
+    """A child process whose combined output is collected as it runs."""
+
+    def __init__(self, args: list[str], cwd: Path | None = None) -> None:
+        self.args = args
+        self.popen = subprocess.Popen(
+            args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.popen.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.output:
+                return
+            if self.popen.poll() is not None:
+                self._reader.join(2)
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{self.args[:4]} did not print {text!r} (exit {self.popen.poll()}):\n{self.output}")
+
+    def stop(self, signum: int = signal.SIGINT, timeout: float = 30.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signum)
+        try:
+            code = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            code = self.popen.wait()
+        self._reader.join(5)
+        return code
+
+
+@pytest.fixture
+def spawn():
+    """Start processes that are killed at teardown whatever the test did."""
+    started: list[Proc] = []
+
+    def start(args: list[str], ready: str | None = None, timeout: float = 30.0) -> Proc:
+        proc = Proc(args)
+        started.append(proc)
+        if ready:
+            proc.wait_for(ready, timeout)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.popen.poll() is None:
+            proc.popen.kill()
+            proc.popen.wait()
+
+
+@pytest.fixture
+def upstream(spawn):
+    """Start one of hoptrace.testing's upstreams; returns its base URL."""
+
+    def start(kind: str = "hello") -> str:
+        port = free_port()
+        spawn([PYTHON, "-m", "hoptrace.testing", kind, str(port)], ready="listening")
+        return f"http://127.0.0.1:{port}"
+
+    return start
+
+
+@pytest.fixture
+def proxy(spawn, tmp_path):
+    """Start `hoptrace proxy` with routes {name: upstream_url}; returns (proc, {name: listen_url}, db)."""
+
+    def start(routes: dict[str, str], *extra: str, db: Path | None = None):
+        db = db or tmp_path / "traces.db"
+        listen = {name: free_port() for name in routes}
+        args = [PYTHON, "-m", "hoptrace", "proxy", "--db", str(db), *extra]
+        for name, url in routes.items():
+            args += ["--route", f"{name}={url}@{listen[name]}"]
+        proc = spawn(args, ready="proxy ready")
+        return proc, {name: f"http://127.0.0.1:{port}" for name, port in listen.items()}, db
+
+    return start
+
+
+def file_bytes(db: Path) -> bytes:
+    """The DB file and its WAL together: a secret must be in neither."""
+    return b"".join(p.read_bytes() for p in (db, Path(f"{db}-wal")) if p.exists())
