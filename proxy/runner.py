@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from mitmproxy import exceptions, options
@@ -35,7 +35,6 @@ class ProxyConfig:
     store_bodies: bool = False
     # How long a stop waits for requests already inside the proxy to finish.
     drain_seconds: float = 5.0
-    extra_options: dict = field(default_factory=dict)
 
 
 class _Startup:
@@ -76,7 +75,9 @@ async def run_proxy(
             hoptrace_service=[f"{r.name}@{r.listen_port}" for r in config.routes],
             hoptrace_entry=entry,
             hoptrace_store_bodies=config.store_bodies,
-            **config.extra_options,
+            # Connect upstream when a request arrives, not when the client connects: with
+            # "eager", a dead upstream drops the client before any flow exists to record.
+            connection_strategy="lazy",
         )
     except exceptions.OptionsError as exc:
         raise TraceFileError(str(exc)) from None
