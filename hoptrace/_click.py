@@ -1,9 +1,10 @@
-"""What every hoptrace command shares at the CLI edge: bad input becomes one line and exit 2."""
+"""What every hoptrace command shares at the CLI edge: bad input is one line on stderr and exit 2."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import click
 
@@ -14,6 +15,32 @@ class BadInput(click.ClickException):
     """A one-line error about the user's input; exit 2, like click's own usage errors."""
 
     exit_code = 2
+
+
+class OneLineCommand(click.Command):
+    """Click prints usage and a hint above a bad option's message; we print only the message."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            raise BadInput(exc.format_message()) from None
+
+
+class OneLineGroup(click.Group):
+    command_class = OneLineCommand
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            raise BadInput(exc.format_message()) from None
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as exc:  # "No such command 'x'."
+            raise BadInput(exc.format_message()) from None
 
 
 @contextlib.contextmanager

@@ -9,10 +9,11 @@ from pathlib import Path
 import click
 
 from hoptrace import __version__
-from hoptrace._click import BadInput, exit_2_on_bad_input
+from hoptrace._click import BadInput, OneLineGroup, exit_2_on_bad_input
+from hoptrace.stack._cli import stack
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="hoptrace")
 def cli() -> None:
     """Find what breaks between microservices, from the traffic between them.
@@ -83,3 +84,6 @@ def addon_path() -> None:
     from importlib.resources import files
 
     click.echo(files("hoptrace.addons") / "mitmdump_recorder.py")
+
+
+cli.add_command(stack)

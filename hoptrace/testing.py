@@ -48,8 +48,13 @@ async def _serve(kind: str, port: int) -> None:
         runner = web.AppRunner(hello_app(), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
+        close = runner.cleanup
     elif kind == "truncate":
         server = await asyncio.start_server(_truncating_connection, "127.0.0.1", port)
+
+        async def close() -> None:
+            server.close()
+            await server.wait_closed()
     else:
         raise SystemExit(f"unknown upstream {kind!r}: use hello or truncate")
     print("listening", flush=True)
@@ -58,6 +63,7 @@ async def _serve(kind: str, port: int) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
+    await close()
 
 
 if __name__ == "__main__":

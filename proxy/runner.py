@@ -107,11 +107,21 @@ async def run_proxy(
 
 
 async def _drain(master: Master, recorder: Recorder, seconds: float) -> None:
-    """Stop accepting, then give requests already inside the proxy time to finish and be recorded."""
-    await master.addons.get("proxyserver").servers.update([])
+    """Stop accepting, let requests already inside finish and be recorded, then close idle connections."""
+    server = master.addons.get("proxyserver")
+    await server.servers.update([])
     deadline = time.monotonic() + seconds
     while recorder.in_flight > 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
+    # Idle keep-alive connections would otherwise be cancelled by the event loop's
+    # teardown, which asyncio reports as a traceback per connection.
+    for handler in list(server.connections.values()):
+        client_io = handler.transports.get(handler.client)
+        if client_io is not None and client_io.handler is not None:
+            client_io.handler.cancel()
+    deadline = time.monotonic() + 2.0
+    while server.connections and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
 
 
 def _ports(routes: list[Route]) -> str:
