@@ -1,0 +1,166 @@
+"""``hoptrace stack``: run the sample stack in the foreground until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import click
+
+from hoptrace._click import BadInput, OneLineCommand
+from hoptrace.stack.config import PROPAGATION_MODES, SERVICES, StackConfig, StackError
+from hoptrace.stack.runner import RunningStack, start_stack
+
+
+def _assignments(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, str]:
+    """``SERVICE=VALUE`` pairs, keyed by a known service name."""
+    pairs: dict[str, str] = {}
+    for value in values:
+        service, sep, rest = value.partition("=")
+        if not sep or not rest:
+            raise click.BadParameter(f"expected SERVICE=VALUE, got {value!r}", ctx, param)
+        if service not in SERVICES:
+            raise click.BadParameter(
+                f"unknown service {service!r} (services: {', '.join(SERVICES)})", ctx, param
+            )
+        if service in pairs:
+            raise click.BadParameter(f"{service} given twice", ctx, param)
+        pairs[service] = rest
+    return pairs
+
+
+def _ports(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, int]:
+    ports = {}
+    for service, text in _assignments(ctx, param, values).items():
+        try:
+            ports[service] = int(text)
+        except ValueError:
+            raise click.BadParameter(
+                f"port of {service} is not a number: {text!r}", ctx, param
+            ) from None
+    return ports
+
+
+@click.command(
+    "stack",
+    cls=OneLineCommand,
+    # \b keeps click from re-wrapping the example across lines.
+    epilog="\b\nExample: hoptrace stack --ttl 3 --upstream auth=http://127.0.0.1:13001",
+)
+@click.option(
+    "--port",
+    "ports",
+    multiple=True,
+    callback=_ports,
+    metavar="SERVICE=PORT",
+    help="Port a service listens on (repeatable; 0 picks a free one). "
+    "Defaults: gateway 8080, auth 3001, products 3002, cart 3003, payment 3004.",
+)
+@click.option(
+    "--upstream",
+    "upstreams",
+    multiple=True,
+    callback=_assignments,
+    metavar="SERVICE=URL",
+    help="Base URL the other services use to reach SERVICE, e.g. a proxy listener "
+    "(repeatable, loopback only). Default: the service's own port.",
+)
+@click.option("--ttl", type=int, default=3600, show_default=True, help="Token lifetime in seconds.")
+@click.option(
+    "--work-seconds",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="How long payment works before re-validating the token with auth.",
+)
+@click.option(
+    "--payment-clock-offset",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Fault: payment's clock runs this many seconds ahead "
+    "(its Date header and its own expiry check).",
+)
+@click.option(
+    "--shared-client",
+    is_flag=True,
+    help="Fault: the gateway sets tokens on one client shared by all requests (token crossover).",
+)
+@click.option(
+    "--flaky-rate",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Fault: share of products requests answered 503; callers retry with backoff.",
+)
+@click.option("--flaky-seed", type=int, default=0, show_default=True, help="Seed of the 503 draws.")
+@click.option(
+    "--propagate",
+    type=click.Choice(PROPAGATION_MODES),
+    default="none",
+    show_default=True,
+    help="Trace context the services forward on every downstream call.",
+)
+def stack(
+    ports: dict[str, int],
+    upstreams: dict[str, str],
+    ttl: int,
+    work_seconds: float,
+    payment_clock_offset: float,
+    shared_client: bool,
+    flaky_rate: float,
+    flaky_seed: int,
+    propagate: str,
+) -> None:
+    """Run the sample e-commerce stack (gateway, auth, products, cart, payment) on 127.0.0.1.
+
+    Prints each service's URL, then "stack ready" once all of them listen, and runs until
+    SIGINT or SIGTERM. Its checkout reproduces the scenario's bug when the token expires
+    between the gateway's validation and payment's re-validation (try a short --ttl).
+    """
+    try:
+        config = StackConfig(
+            ports=ports,
+            upstreams=upstreams,
+            token_ttl=ttl,
+            work_seconds=work_seconds,
+            payment_clock_offset=payment_clock_offset,
+            shared_client=shared_client,
+            flaky_rate=flaky_rate,
+            flaky_seed=flaky_seed,
+            propagate=propagate,
+        )
+        asyncio.run(_serve(config))
+    except StackError as exc:
+        raise BadInput(str(exc)) from exc
+
+
+async def _serve(config: StackConfig) -> None:
+    # Handlers first: a signal during startup then stops the stack instead of killing it.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    running = await start_stack(config)
+    try:
+        _announce(running)
+        await stop.wait()
+    finally:
+        await running.stop()
+    click.echo("stack stopped")
+
+
+def _announce(running: RunningStack) -> None:
+    width = max(map(len, SERVICES)) + 2
+    for name in SERVICES:
+        line = f"{name:<{width}}{running.urls[name]}"
+        if running.upstreams[name] != running.urls[name]:
+            line += f"  (reached via {running.upstreams[name]})"
+        click.echo(line)
+    click.echo("stack ready")
+
+
+if __name__ == "__main__":
+    stack(prog_name="hoptrace stack")
