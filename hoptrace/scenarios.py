@@ -1,0 +1,157 @@
+"""The sample stack recorded through a real `hoptrace proxy`: the demo, `sample_traces/` and the e2e tests.
+
+:func:`record` starts the five services in this event loop, `hoptrace proxy` as a
+child process with one listener per service, points every service at the listeners,
+drives a workload through the gateway's listener, then stops the proxy with SIGINT
+the way a user would. Each :data:`SCENARIOS` entry is one story the stack can tell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hoptrace._errors import HoptraceError
+from hoptrace.stack import (
+    SERVICES,
+    FlowResult,
+    StackConfig,
+    run_checkout_flow,
+    run_users,
+    start_stack,
+)
+
+Drive = Callable[[str], Awaitable[list[FlowResult]]]
+
+
+@dataclass
+class Recording:
+    db: Path
+    flows: list[FlowResult]
+    service_stats: dict[str, dict[str, Any]]
+    proxy_exit: int
+    proxy_output: str
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    summary: str
+    config: dict = field(default_factory=dict)
+    users: int = 4
+    # Users (by index) whose checkout waits until this little of their token is left,
+    # so payment's re-validation, `work_seconds` later, finds it expired.
+    late_users: tuple[int, ...] = ()
+    late_remaining: float = 0.4
+
+    def stack_config(self, **overrides) -> StackConfig:
+        return StackConfig(**{"token_ttl": 3, "work_seconds": 1.0, **self.config, **overrides})
+
+    async def drive(self, gateway_url: str) -> list[FlowResult]:
+        on_time = run_users(gateway_url, self.users - len(self.late_users), email_prefix=f"{self.name}-user")
+        late = [
+            run_checkout_flow(gateway_url, f"{self.name}-late-{i}@example.test", checkout_when_remaining=self.late_remaining)
+            for i in self.late_users
+        ]
+        results = await asyncio.gather(on_time, *late)
+        return [*results[0], *results[1:]]
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario(
+            "checkout-expiry",
+            "The seed's bug: the gateway validates the token, payment re-validates it 1 s later, "
+            "after it expired: checkout 401. Login also returns register's token.",
+            users=4,
+            late_users=(0,),
+        ),
+        Scenario("clean", "No faults, a token TTL of an hour: every flow succeeds.", config={"token_ttl": 3600}, users=4),
+        Scenario(
+            "clock-skew",
+            "Payment's clock runs 120 s ahead: its Date header is off, and it rejects tokens auth still accepts.",
+            config={"token_ttl": 60, "payment_clock_offset": 120.0},
+            users=3,
+        ),
+        Scenario(
+            "shared-client",
+            "The gateway sets each user's token on one shared HTTP client: under concurrency, calls carry another user's token.",
+            config={"token_ttl": 3600, "shared_client": True},
+            users=8,
+        ),
+        Scenario(
+            "flaky-retries",
+            "Products answers 503 a third of the time; the gateway retries with exponential backoff.",
+            config={"token_ttl": 3600, "flaky_rate": 0.35, "flaky_seed": 7},
+            users=4,
+        ),
+        Scenario(
+            "propagated",
+            "Clean run with W3C traceparent forwarded by every service: the ground truth for trace inference.",
+            config={"token_ttl": 3600, "propagate": "traceparent"},
+            users=10,
+        ),
+    )
+}
+
+
+async def record(
+    db: Path,
+    config: StackConfig,
+    drive: Drive,
+    *,
+    progress: Callable[[str], None] = lambda message: None,
+) -> Recording:
+    """Run the stack behind `hoptrace proxy` into ``db`` while ``drive(gateway_listener_url)`` runs."""
+    listen = {name: _free_port() for name in SERVICES}
+    config.upstreams = {name: f"http://127.0.0.1:{port}" for name, port in listen.items()}
+    config.ports = dict.fromkeys(SERVICES, 0)
+    progress("starting the sample stack")
+    async with await start_stack(config) as stack:
+        routes = [f"--route={name}={stack.urls[name]}@{listen[name]}" for name in SERVICES]
+        progress("starting hoptrace proxy in front of every service")
+        proxy = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "hoptrace", "proxy", "--db", str(db), "--entry", "gateway", *routes,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        output: list[str] = []
+        reader = asyncio.create_task(_collect(proxy.stdout, output))
+        try:
+            await _wait_for_line(output, "proxy ready", proxy, timeout=60)
+            progress("driving the checkout workflow")
+            flows = await drive(f"http://127.0.0.1:{listen['gateway']}")
+            service_stats = stack.stats()
+        finally:
+            if proxy.returncode is None:
+                proxy.send_signal(signal.SIGINT)
+            exit_code = await asyncio.wait_for(proxy.wait(), 60)
+            await reader
+    progress("proxy stopped; trace written")
+    return Recording(db, flows, service_stats, exit_code, "".join(output))
+
+
+async def _collect(stream: asyncio.StreamReader, into: list[str]) -> None:
+    async for line in stream:
+        into.append(line.decode(errors="replace"))
+
+
+async def _wait_for_line(output: list[str], text: str, proc: asyncio.subprocess.Process, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not any(text in line for line in output):
+        if proc.returncode is not None or loop.time() > deadline:
+            raise HoptraceError(f"hoptrace proxy did not start: {''.join(output).strip() or 'no output'}")
+        await asyncio.sleep(0.05)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
