@@ -133,7 +133,12 @@ class TraceWriter:
         if self._thread.is_alive():
             logger.error("hoptrace: writer did not finish within %.0f s; %s", timeout, self.path)
             return self.counters
-        self._update_capture(ended_at=time.time())
+        try:
+            self._update_capture(ended_at=time.time())
+        except sqlite3.Error as exc:
+            self.counters.write_errors += 1
+            self.counters.last_error = f"{self.path}: {exc}"
+            logger.error("hoptrace: could not stamp the end of the capture in %s: %s", self.path, exc)
         self._conn.close()
         return self.counters
 

@@ -181,3 +181,24 @@ def test_hostile_authorization_values_never_lose_a_hop(tmp_path_factory, values)
     for token in rows(db, "SELECT kind, exp, error FROM tokens"):
         assert token["kind"] in ("jwt", "jwe", "opaque")
         assert token["exp"] is None or token["exp"] == token["exp"]  # never NaN
+
+
+def test_a_full_disk_is_loud_and_counted(tmp_path, caplog):
+    recorder = Recorder()
+    flows = []
+    for i in range(50):
+        flow = tflow.tflow(resp=True)
+        flow.request.headers["X-Padding"] = "p" * 4000
+        flows.append(flow)
+    with taddons.context(recorder) as tctx:
+        tctx.configure(recorder, hoptrace_db=str(tmp_path / "t.db"))
+        # SQLite's own way to say "disk full" without filling a disk.
+        recorder.writer._conn.execute("PRAGMA max_page_count = 40")
+        for flow in flows:
+            recorder.requestheaders(flow)
+            recorder.response(flow)
+        counters = recorder.close()
+    assert counters.write_errors >= 1 and counters.dropped >= 1
+    assert counters.recorded + counters.dropped == len(flows)
+    assert "full" in counters.last_error
+    assert any("could not write" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
