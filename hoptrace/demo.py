@@ -1,0 +1,77 @@
+"""`hoptrace demo` and `hoptrace record-samples`: the whole job on the bundled sample stack.
+
+The demo records the seed's checkout scenario through a real `hoptrace proxy`,
+analyzes the trace, and writes the trace file, an HTML report and the charts into
+one folder. `record-samples` re-records every scenario into `sample_traces/`,
+each with its `hoptrace analyze --format json` output as a golden file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+from hoptrace._errors import HoptraceError
+from hoptrace.scenarios import SCENARIOS, Recording, Scenario, record
+
+Echo = Callable[[str], None]
+
+
+def run_demo(out: Path, users: int, echo: Echo) -> list[Path]:
+    """Record, analyze, plot; returns the files written."""
+    from hoptrace import plot
+    from hoptrace.analyzer import analyze, render_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    db = out / "traces.db"
+    scenario = dataclasses.replace(SCENARIOS["checkout-expiry"], users=users)
+    recording = _record(scenario, db, echo)
+    checkouts = [flow.statuses.get("checkout") for flow in recording.flows]
+    echo(f"[demo] {len(recording.flows)} users ran register → login → browse → cart → checkout: "
+         f"{checkouts.count(200)} checkouts 200, {checkouts.count(401)} checkouts 401")  # fmt: skip
+
+    echo("[demo] analyzing the trace")
+    analysis = analyze(db)
+    echo("")
+    echo(render_text(analysis))
+
+    echo("[demo] drawing the charts and the report")
+    written = [db]
+    expired = analysis.findings[analysis.findings["kind"] == "expired_mid_flow"]
+    if not expired.empty:
+        trace = int(expired["trace"].iloc[0])
+        written.append(plot.save_figure(plot.waterfall(analysis, trace), out / "checkout-waterfall.png"))
+        subject = analysis.sessions.loc[analysis.sessions["trace"] == trace, "subject"].iloc[0]
+        written.append(plot.save_figure(plot.session_view(analysis, subject), out / "session.png"))
+    written.append(plot.save_figure(plot.latency(analysis), out / "latency.png"))
+    written.append(plot.save_figure(plot.service_graph(analysis), out / "services.png"))
+    written.append(plot.write_report(analysis, out / "report.html"))
+    return written
+
+
+def record_samples(out: Path, echo: Echo) -> list[Path]:
+    """Re-record every scenario into ``out/<name>.db`` with its golden ``out/<name>.json``."""
+    from hoptrace.analyzer import analyze, render_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for scenario in SCENARIOS.values():
+        db = out / f"{scenario.name}.db"
+        _record(scenario, db, echo)
+        golden = out / f"{scenario.name}.json"
+        golden.write_text(render_json(analyze(db)) + "\n", encoding="utf-8")
+        written += [db, golden]
+    return written
+
+
+def _record(scenario: Scenario, db: Path, echo: Echo) -> Recording:
+    # A trace file holds any number of captures; a demo or a sample starts from none.
+    for stale in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+        stale.unlink(missing_ok=True)
+    echo(f"[{scenario.name}] {scenario.summary}")
+    recording = asyncio.run(record(db, scenario.stack_config(), scenario.drive, progress=lambda m: echo(f"[{scenario.name}] {m}")))
+    if recording.proxy_exit != 0:
+        raise HoptraceError(f"hoptrace proxy exited with {recording.proxy_exit}: {recording.proxy_output.strip()[-500:]}")
+    return recording
