@@ -10,6 +10,7 @@ import click
 
 from hoptrace import __version__
 from hoptrace._click import BadInput, OneLineGroup, exit_2_on_bad_input
+from hoptrace.plot._cli import plot, report
 from hoptrace.stack._cli import stack
 
 
@@ -126,4 +127,5 @@ def record_samples(out: Path) -> None:
             click.echo(f"  wrote {path}")
 
 
-cli.add_command(stack)
+for command in (plot, report, stack):
+    cli.add_command(command)

@@ -1,0 +1,83 @@
+"""Charts and a self-contained HTML report of a hoptrace analysis.
+
+Every chart comes in two layers: a function taking an ``Analysis`` (from
+``hoptrace.analyzer.analyze``) and a ``*_figure`` function taking the DataFrames
+themselves, so the charts can be drawn from hand-built or filtered frames::
+
+    from hoptrace.analyzer import analyze
+    from hoptrace import plot
+
+    a = analyze("traces.db")
+    plot.save_figure(plot.waterfall(a, 8), "checkout.png")   # one request's hops
+    plot.save_figure(plot.session_view(a, "alice"), "alice.svg")  # a workflow over wall time
+    plot.save_figure(plot.latency(a), "latency.png")          # per-service latency and errors
+    plot.save_figure(plot.service_graph(a), "services.png")   # who calls whom
+    plot.write_report(a, "report.html")                       # all of it, one offline file
+
+Figures are ``matplotlib.figure.Figure`` objects on the Agg canvas: no pyplot, no
+display. matplotlib is imported on first use of a chart, not when this package is.
+All charts colour outcomes with :data:`OUTCOME_COLORS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "OUTCOMES": "_common",
+    "OUTCOME_COLORS": "_common",
+    "OUTCOME_LABELS": "_common",
+    "PlotError": "_common",
+    "outcome_of": "_common",
+    "resolve_trace": "_common",
+    "pick_worst_trace": "_common",
+    "save_figure": "_common",
+    "figure_bytes": "_common",
+    "waterfall": "_waterfall",
+    "waterfall_figure": "_waterfall",
+    "session_view": "_session",
+    "session_figure": "_session",
+    "select_session": "_session",
+    "latency": "_latency",
+    "latency_figure": "_latency",
+    "service_graph": "_graph",
+    "service_graph_figure": "_graph",
+    "render_report": "_report",
+    "write_report": "_report",
+}
+
+__all__ = [
+    "OUTCOMES",
+    "OUTCOME_COLORS",
+    "OUTCOME_LABELS",
+    "PlotError",
+    "figure_bytes",
+    "latency",
+    "latency_figure",
+    "outcome_of",
+    "pick_worst_trace",
+    "render_report",
+    "resolve_trace",
+    "save_figure",
+    "select_session",
+    "service_graph",
+    "service_graph_figure",
+    "session_figure",
+    "session_view",
+    "waterfall",
+    "waterfall_figure",
+    "write_report",
+]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hoptrace.plot' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"hoptrace.plot.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
