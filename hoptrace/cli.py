@@ -10,6 +10,7 @@ import click
 
 from hoptrace import __version__
 from hoptrace._click import BadInput, OneLineGroup, exit_2_on_bad_input
+from hoptrace.analyzer._cli import analyze
 from hoptrace.plot._cli import plot, report
 from hoptrace.stack._cli import stack
 
@@ -127,5 +128,5 @@ def record_samples(out: Path) -> None:
             click.echo(f"  wrote {path}")
 
 
-for command in (plot, report, stack):
+for command in (analyze, plot, report, stack):
     cli.add_command(command)

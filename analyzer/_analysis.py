@@ -1,0 +1,201 @@
+"""The pipeline: load -> rebuild traces -> sessions -> detectors -> latency, as one call."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hoptrace._errors import AnalysisError
+from hoptrace.analyzer import _latency, _prepare
+from hoptrace.analyzer._config import AnalyzerConfig, parse_time
+from hoptrace.analyzer._detectors import DETECTORS, Context, Detector, run_detectors
+from hoptrace.analyzer._load import Tables, load
+from hoptrace.analyzer._sessions import sessions as build_sessions
+from hoptrace.analyzer._traces import in_start_order, rebuild
+
+
+@dataclass
+class Analysis:
+    """Everything ``hoptrace analyze`` knows about a trace DB, as DataFrames.
+
+    - ``captures``: the captures table, indexed by id (``entry``: the route requests enter by).
+    - ``hops``: indexed by hop ``id``, in start order. The hops columns the analysis reads
+      (``capture_id service method path status error error_kind failed started_at
+      response_start_at ended_at duration_ms server_date_ts trace_id span_id parent_span_id
+      trace_source``; more with ``AnalyzerConfig(extra_hop_columns=...)``), plus:
+      ``trace`` (int: id of the request's root hop), ``parent_id`` (Int64, <NA> for roots),
+      ``link`` (root, header, token, nesting, ambiguous, orphan), ``link_candidates``
+      (unrelated hops the parent was chosen among; 1 when sure), ``depth`` (root 0),
+      ``order`` (depth-first rank in its request, root 0), ``endpoint`` (``METHOD
+      /path/{id}``), ``is_validation``, ``token_fp`` / ``token_sub`` / ``token_exp`` (the
+      token the hop presented or validated), ``remaining_s`` (``token_exp - started_at``),
+      ``self_ms`` (time not spent waiting on its own calls), ``on_critical_path``.
+      Times are UNIX seconds on the proxy's clock. Text columns with few distinct values
+      (service, method, path, endpoint, link) are Categoricals.
+    - ``tokens``: indexed by ``fingerprint``; ``hop_tokens``: hop_id, fingerprint, role, location.
+    - ``findings``: ``kind severity trace service hop_ids message details at``, errors
+      first, then by time (see ``DETECTORS``).
+    - ``services`` / ``endpoints``: per service (and endpoint): ``count errors error_rate
+      client_errors p50_ms p95_ms p99_ms max_ms self_p50_ms self_p95_ms``.
+    - ``edges``: ``caller callee calls errors p50_ms p95_ms`` (caller ``client`` for requests).
+    - ``sessions``: one row per request: ``trace session subject started_at ended_at status
+      endpoint token_fp token_exp expired`` (``expired``: some hop of it presented a token
+      at or after its exp), by session then time.
+    """
+
+    captures: pd.DataFrame
+    hops: pd.DataFrame
+    tokens: pd.DataFrame
+    hop_tokens: pd.DataFrame
+    findings: pd.DataFrame
+    services: pd.DataFrame
+    endpoints: pd.DataFrame
+    edges: pd.DataFrame
+    sessions: pd.DataFrame
+    config: AnalyzerConfig
+    notes: list[str] = field(default_factory=list)
+    """What the reader should know about the data: ignored rows, orphans, guessed links."""
+    source: str | None = None
+
+    def trace_hops(self, trace: int) -> pd.DataFrame:
+        """The hops of one request, depth first."""
+        return self.hops[self.hops["trace"].to_numpy() == trace].sort_values("order")
+
+
+def analyze(
+    path: str | Path,
+    config: AnalyzerConfig | None = None,
+    trace: object = None,
+    since: object = None,
+    until: object = None,
+) -> Analysis:
+    """Analyze a trace DB.
+
+    ``trace`` keeps one request: its id (the root hop id), a propagated trace id, or the
+    id of any hop in it. ``since``/``until`` (UNIX seconds, ISO-8601 or datetime) keep the
+    requests that started in that window. Raises ``TraceFileError`` for a file that is
+    not a usable trace DB, ``AnalysisError`` for an unknown trace or a bad time.
+    """
+    config = config or AnalyzerConfig()
+    lo, hi = parse_time(since, "since"), parse_time(until, "until")
+    if lo is not None and hi is not None and lo > hi:
+        raise AnalysisError(f"since ({since}) is after until ({until})")
+    try:
+        tables = load(path, since=lo, until=hi, extra_columns=config.extra_hop_columns)
+    except ValueError as exc:  # an unknown column name in the config
+        raise AnalysisError(str(exc)) from None
+    analysis = analyze_tables(tables, config, trace=trace, since=lo, until=hi)
+    analysis.source = str(path)
+    return analysis
+
+
+def prepare(
+    tables: Tables,
+    config: AnalyzerConfig | None = None,
+    *,
+    since: float | None = None,
+    until: float | None = None,
+) -> Context:
+    """Everything the detectors read: rebuilt traces with per-hop facts, token uses, sessions."""
+    hops = in_start_order(tables.hops)
+    paths = _prepare.paths_of(hops["path"])
+    hops = rebuild(hops, tables.hop_tokens, tables.tokens, tables.captures, paths)
+    hops["endpoint"] = _prepare.endpoints(hops, paths)
+    if since is not None or until is not None:
+        root_start = hops["started_at"].reindex(hops["trace"].to_numpy()).to_numpy()
+        keep = (root_start >= (-np.inf if since is None else since)) & (root_start <= (np.inf if until is None else until))
+        hops = hops[keep]
+    hop_tokens = tables.hop_tokens[tables.hop_tokens["hop_id"].isin(hops.index)].reset_index(drop=True)
+    uses = _prepare.token_uses(hop_tokens, tables.tokens)
+    config = config or AnalyzerConfig()
+    hops = _enrich(hops, uses, config)
+    sessions = build_sessions(hops, hop_tokens, tables.tokens, uses)
+    return Context(hops=hops, hop_tokens=hop_tokens, tokens=tables.tokens, uses=uses, sessions=sessions, config=config)
+
+
+def analyze_tables(
+    tables: Tables,
+    config: AnalyzerConfig | None = None,
+    *,
+    trace: object = None,
+    since: float | None = None,
+    until: float | None = None,
+    detectors: tuple[Detector, ...] = DETECTORS,
+) -> Analysis:
+    """The analysis of tables already loaded (see :func:`analyze`)."""
+    ctx = prepare(tables, config, since=since, until=until)
+    hops, hop_tokens, sessions = ctx.hops, ctx.hop_tokens, ctx.sessions
+    findings = run_detectors(ctx, detectors)
+    notes = [*tables.notes, *_link_notes(hops)]
+    if trace is not None:
+        chosen = resolve_trace(hops, trace)
+        hops = hops[hops["trace"].to_numpy() == chosen]
+        hop_tokens = hop_tokens[hop_tokens["hop_id"].isin(hops.index)].reset_index(drop=True)
+        mine = set(hops.index)
+        touches = findings["hop_ids"].map(lambda ids: not mine.isdisjoint(ids)).astype(bool)
+        findings = findings[(findings["trace"] == chosen).fillna(False) | touches].reset_index(drop=True)
+        sessions = sessions[sessions["trace"] == chosen].reset_index(drop=True)
+    parent = _latency.parent_positions(hops)
+    return Analysis(
+        captures=tables.captures,
+        hops=hops,
+        tokens=tables.tokens,
+        hop_tokens=hop_tokens,
+        findings=findings,
+        services=_latency.latency_table(hops, ["service"]),
+        endpoints=_latency.latency_table(hops, ["service", "endpoint"]),
+        edges=_latency.edges_table(hops, parent),
+        sessions=sessions,
+        config=ctx.config,
+        notes=notes,
+    )
+
+
+def _enrich(hops: pd.DataFrame, uses: pd.DataFrame, config: AnalyzerConfig) -> pd.DataFrame:
+    hops = hops.copy(deep=False)  # copy-on-write: new columns, shared old ones
+    hops["is_validation"] = _prepare.validation_mask(hops["endpoint"].array, config.validation_regex)
+    primary = _prepare.primary_tokens(uses)
+    hops["token_fp"] = primary["fp"].reindex(hops.index).astype("str")
+    hops["token_sub"] = primary["sub"].reindex(hops.index).astype("str")
+    hops["token_exp"] = primary["exp"].reindex(hops.index).astype("float64")
+    hops["remaining_s"] = hops["token_exp"] - hops["started_at"]
+    parent = _latency.parent_positions(hops)
+    hops["self_ms"] = _latency.self_ms(hops, parent)
+    hops["on_critical_path"] = _latency.critical_path(hops, parent, hops["depth"].to_numpy())
+    return hops
+
+
+def _link_notes(hops: pd.DataFrame) -> list[str]:
+    counts = hops["link"].value_counts()
+    notes = []
+    if counts.get("ambiguous", 0):
+        notes.append(
+            f"{counts['ambiguous']} of {len(hops)} hops were linked to their caller by a guess among"
+            " overlapping requests (link 'ambiguous'); propagate a trace header to make them exact"
+        )
+    if counts.get("orphan", 0):
+        notes.append(f"{counts['orphan']} hops had no caller in the capture (link 'orphan')")
+    return notes
+
+
+def resolve_trace(hops: pd.DataFrame, key: object) -> int:
+    """The request (root hop id) that ``key`` names: a request id, a trace id, or a hop id."""
+    text = str(key).strip()
+    roots = hops.index[hops["depth"].to_numpy() == 0]
+    if re.fullmatch(r"\d+", text) and int(text) in roots:
+        return int(text)
+    for column in ("trace_id", "request_id", "correlation_id"):
+        if column in hops and text:
+            hit = hops[(hops[column] == text).fillna(False).to_numpy(bool)]
+            if len(hit):
+                return int(hit.sort_values("started_at")["trace"].iloc[0])
+    if re.fullmatch(r"\d+", text) and int(text) in hops.index:
+        return int(hops.at[int(text), "trace"])
+    raise AnalysisError(
+        f"no request {text!r} in this trace database ({len(roots)} requests);"
+        " use a request id from `hoptrace analyze`, a trace id, or a hop id"
+    )

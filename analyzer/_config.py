@@ -1,0 +1,102 @@
+"""The analyzer's options, each with its default, and the parsing of times given by people."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from hoptrace._errors import AnalysisError
+
+
+@dataclass(frozen=True)
+class AnalyzerConfig:
+    """Thresholds and choices of the analysis. Every field has a documented default."""
+
+    near_expiry_s: float = 30.0
+    """``near_expiry``: a token forwarded with less life left than this (seconds)..."""
+    near_expiry_duration_factor: float = 1.0
+    """...or with less than this many times the request's own duration left."""
+    skew_threshold_s: float = 2.0
+    """``clock_skew``: a service or issuer off the proxy's clock by more than this (seconds);
+    the estimate already allows for Date headers and ``iat`` being whole seconds."""
+    retry_min: int = 2
+    """``retry_storm``: a call repeated at least this many times after a 5xx, 429 or error."""
+    slow_p95_factor: float = 2.0
+    """``slow_hop``: a hop slower than this many times its endpoint's p95..."""
+    slow_min_samples: int = 20
+    """...where the endpoint has at least this many hops (a p95 of three hops means little)..."""
+    slow_ms: float | None = None
+    """...or slower than this many milliseconds, whatever the endpoint (None: off)."""
+    validation_patterns: tuple[str, ...] = ("verify", "validate", "introspect", "userinfo", "tokeninfo")
+    """Regular expressions (case-insensitive) searched in a hop's path: a match makes it a
+    token validation hop, for ``duplicate_validation``."""
+    worst: int = 5
+    """How many requests the text and markdown reports draw as hop trees."""
+    max_hop_ids: int = 20
+    """At most this many hop ids in a finding about a whole service (``clock_skew``)."""
+    extra_hop_columns: tuple[str, ...] | str = field(default=())
+    """Hop columns to read beyond those the analysis needs, or ``"all"`` (all but headers and bodies)."""
+
+    def __post_init__(self) -> None:
+        for name in ("near_expiry_s", "near_expiry_duration_factor", "skew_threshold_s", "slow_p95_factor"):
+            value = getattr(self, name)
+            if not _finite(value) or value < 0:
+                raise AnalysisError(f"{name} must be a number >= 0, got {value!r}")
+        if self.slow_ms is not None and (not _finite(self.slow_ms) or self.slow_ms <= 0):
+            raise AnalysisError(f"slow_ms must be a number > 0 or None, got {self.slow_ms!r}")
+        for name in ("retry_min", "slow_min_samples", "worst", "max_hop_ids"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "retry_min" else 0):
+                raise AnalysisError(f"{name} must be a whole number >= {1 if name == 'retry_min' else 0}, got {value!r}")
+        if isinstance(self.validation_patterns, str):
+            raise AnalysisError("validation_patterns must be a tuple of patterns, not one string")
+        for pattern in self.validation_patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise AnalysisError(f"validation pattern {pattern!r} is not a regular expression: {exc}") from None
+
+    @property
+    def validation_regex(self) -> str:
+        return "|".join(f"(?:{p})" for p in self.validation_patterns) or r"(?!)"
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_time(value: object, name: str = "time") -> float | None:
+    """UNIX seconds from a number, a numeric string, an ISO-8601 string or a datetime.
+
+    A time without a zone is UTC, so that the same command means the same thing on
+    every machine. Raises :class:`AnalysisError` with a one-line message otherwise.
+    """
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        moment = value if value.tzinfo else value.replace(tzinfo=UTC)
+        return moment.timestamp()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise AnalysisError(f"{name}: {value!r} is not a finite time")
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            pass
+        else:
+            if math.isfinite(seconds):
+                return seconds
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            pass
+        else:
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=UTC)
+            return moment.timestamp()
+    raise AnalysisError(f"{name}: cannot read {value!r} as a time (UNIX seconds or ISO-8601, e.g. 2024-01-15T10:23:45Z)")

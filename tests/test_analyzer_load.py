@@ -1,0 +1,169 @@
+"""Loading a trace DB: untrusted files, a DB still being written, hostile values, time windows."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pandas as pd
+import pytest
+
+from hoptrace._errors import AnalysisError, TraceFileError
+from hoptrace.analyzer import AnalyzerConfig, analyze, load
+from hoptrace.db import HOP_COLUMNS, open_for_writing
+
+from .analyzer_fixtures import T0, Builder
+
+
+def small(b: Builder | None = None) -> Builder:
+    b = b or Builder()
+    t = b.token(sub="alice", exp=100)
+    root = b.hop("gateway", "GET /products", 0, 1, presented=t)
+    b.hop("products", "GET /products", 0.1, 0.2, presented=t, parent=root)
+    return b
+
+
+def test_columns_and_types(tmp_path):
+    t = load(small().write(tmp_path / "t.db"))
+    assert list(t.hops.index) == [1, 2] and t.hops.index.name == "id"
+    assert t.hops["started_at"].tolist() == [T0, T0 + 0.1]
+    assert t.hops["status"].dtype == "Int64" and t.hops["failed"].tolist() == [0, 0]
+    assert t.hops["duration_ms"].tolist() == pytest.approx([1000.0, 100.0], abs=1e-3)
+    assert "request_headers" not in t.hops and "reason" not in t.hops
+    assert t.tokens.loc[t.hop_tokens["fingerprint"].iloc[0], "sub"] == "alice"
+    assert t.captures.loc[1, "entry"] == "gateway"
+    every = load(tmp_path / "t.db", extra_columns="all")
+    assert {"reason", "flow_id", "client_addr", "request_size"} <= set(every.hops.columns)
+    assert "response_headers" not in every.hops
+    with pytest.raises(ValueError, match="unknown hop column"):
+        load(tmp_path / "t.db", extra_columns=("nope",))
+
+
+def test_a_db_without_hops(tmp_path):
+    path = Builder().write(tmp_path / "empty.db")
+    a = analyze(path)
+    assert a.hops.empty and a.findings.empty and a.sessions.empty and a.services.empty
+
+
+def test_reading_while_the_proxy_writes(tmp_path):
+    path = tmp_path / "live.db"
+    writer = open_for_writing(path)  # WAL, as the recorder has it
+    writer.execute(
+        "INSERT INTO captures (id, started_at, routes, entry, hoptrace_version, mitmproxy_version) VALUES (1, ?, '[]', 'gateway', 'x', 'y')",
+        (T0,),
+    )
+    rows = [dict.fromkeys(HOP_COLUMNS) for _ in range(3)]
+    for i, row in enumerate(rows, 1):
+        row.update(
+            id=i,
+            capture_id=1,
+            flow_id=str(i),
+            service="gateway",
+            failed=0,
+            started_at=T0 + i,
+            ended_at=T0 + i + 0.5,
+            duration_ms=500.0,
+        )
+    insert = f"INSERT INTO hops VALUES ({', '.join('?' * len(HOP_COLUMNS))})"
+    writer.executemany(insert, ([r[c] for c in HOP_COLUMNS] for r in rows[:2]))
+    writer.execute("BEGIN IMMEDIATE")  # a batch in flight: not committed, not seen
+    writer.execute(insert, [rows[2][c] for c in HOP_COLUMNS])
+    try:
+        a = analyze(path)
+        assert list(a.hops.index) == [1, 2]
+    finally:
+        writer.execute("COMMIT")
+    assert list(analyze(path).hops.index) == [1, 2, 3]
+    writer.close()
+
+
+def test_hostile_values_do_not_break_the_load(tmp_path):
+    b = small()
+    b.hop("cart", "GET /x", 0.3, 0.4)
+    path = b.write(tmp_path / "hostile.db")
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE hops SET status = 'teapot', path = X'2F6361727473FF2FC3', server_date_ts = 'soon' WHERE id = 1")
+        conn.execute("UPDATE hops SET method = 42, error = X'00', trace_id = X'FF' WHERE id = 2")
+        conn.execute("UPDATE hops SET started_at = 'at noon' WHERE id = 3")
+        conn.execute("UPDATE tokens SET exp = 'never', sub = 7")
+        conn.execute("INSERT INTO hop_tokens VALUES (2, 'no-such-token', 'presented', 'header:authorization')")
+        conn.execute(
+            "UPDATE hops SET response_headers = '[[\"traceresponse\", 5], \"junk\", [1]]', request_headers = 'not json' WHERE id = 1"
+        )
+    a = analyze(path)
+    assert list(a.hops.index) == [1, 2]
+    assert any("without a valid start" in note for note in a.notes)
+    assert a.hops.loc[2, "failed"] == 1  # an error, even as bytes, is a failure
+    assert "\ufffd" in a.hops.loc[1, "path"]
+    assert pd.isna(a.hops.loc[1, "token_exp"])
+
+
+def test_since_and_until_keep_whole_requests_that_started_in_the_window(tmp_path):
+    b = Builder()
+    for i in range(5):  # requests at 0, 10, 20, 30, 40 s; each 5 s long with a call near its end
+        root = b.hop("gateway", "GET /a", 10 * i, 10 * i + 5)
+        b.hop("auth", "GET /v", 10 * i + 4, 10 * i + 4.5, parent=root)
+    path = b.write(tmp_path / "w.db")
+    a = analyze(path, since=T0 + 10, until=T0 + 21)
+    assert sorted(a.sessions["trace"]) == [3, 5] and len(a.hops) == 4
+    iso = analyze(path, since="2023-11-14T22:13:50Z")
+    assert sorted(iso.sessions["trace"]) == [7, 9]
+    assert analyze(path, since=T0 + 100).hops.empty
+    with pytest.raises(AnalysisError, match="since"):
+        analyze(path, since="yesterday")
+    with pytest.raises(AnalysisError, match="after until"):
+        analyze(path, since=T0 + 5, until=T0)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p.write_bytes(b""), "not a hoptrace trace database"),
+        (lambda p: p.write_text("hello, I am a text file\n" * 50), "not a readable SQLite database"),
+        (
+            lambda p: sqlite3.connect(p).execute("CREATE TABLE users (id INTEGER)").connection.commit(),
+            "not a hoptrace trace database",
+        ),
+        (lambda p: None, "no such file"),
+    ],
+    ids=["empty", "text", "other-tables", "missing"],
+)
+def test_bad_files_are_one_line_errors(tmp_path, make, message):
+    path = tmp_path / "bad.db"
+    make(path)
+    with pytest.raises(TraceFileError, match=message) as info:
+        analyze(path)
+    assert "\n" not in str(info.value)
+
+
+def test_newer_schema_and_corrupt_file(tmp_path):
+    newer = small().write(tmp_path / "newer.db")
+    with sqlite3.connect(newer) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    with pytest.raises(TraceFileError, match="newer"):
+        analyze(newer)
+    corrupt = corrupt_db(tmp_path)
+    with pytest.raises(TraceFileError) as info:
+        analyze(corrupt)
+    assert "\n" not in str(info.value)
+
+
+def corrupt_db(tmp_path):
+    b = Builder()
+    for i in range(300):
+        b.hop("gateway", f"GET /{i}", i, i + 0.5)
+    path = b.write(tmp_path / "corrupt.db")
+    data = bytearray(path.read_bytes())
+    data[4096 * 3 : 4096 * 3 + 64] = b"\xff" * 64  # a page header of the hops table
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_config_is_validated():
+    with pytest.raises(AnalysisError, match="near_expiry_s"):
+        AnalyzerConfig(near_expiry_s=-1)
+    with pytest.raises(AnalysisError, match="retry_min"):
+        AnalyzerConfig(retry_min=0)
+    with pytest.raises(AnalysisError, match="regular expression"):
+        AnalyzerConfig(validation_patterns=("(",))
+    assert json.dumps(AnalyzerConfig().validation_patterns)

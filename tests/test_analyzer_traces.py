@@ -1,0 +1,263 @@
+"""Rebuilding request trees: exact links from trace headers, inferred ones from tokens and nesting."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hoptrace.analyzer import LINKS, link_accuracy
+
+from .analyzer_fixtures import Builder, analyze_builder, rebuild_builder, synthetic_stack
+
+
+def links(a) -> dict[int, tuple]:
+    return {
+        int(i): (None if pd.isna(p) else int(p), link) for i, p, link in zip(a.hops.index, a.hops["parent_id"], a.hops["link"])
+    }
+
+
+def test_token_links_checkout_tree(tmp_path):
+    b = Builder()
+    t = b.token(sub="alice", exp=100)
+    root = b.hop("gateway", "POST /checkout", 0.0, 2.0, presented=t)
+    verify = b.hop("auth", "GET /verify", 0.01, 0.02, presented=t, parent=root)
+    pay = b.hop("payment", "POST /checkout", 0.03, 1.9, presented=t, parent=root)
+    cart = b.hop("cart", "GET /cart/cart_abc123", 0.04, 0.05, presented=t, parent=pay)
+    intro = b.hop("auth", "POST /introspect", 1.5, 1.6, validated=t, parent=pay)
+    a = analyze_builder(b, tmp_path)
+    assert links(a) == {
+        root: (None, "root"), verify: (root, "token"), pay: (root, "token"), cart: (pay, "token"), intro: (pay, "token"),
+    }  # fmt: skip
+    h = a.hops
+    assert h.loc[[root, verify, pay, cart, intro], "depth"].tolist() == [0, 1, 1, 2, 2]
+    assert h.loc[[root, verify, pay, cart, intro], "order"].tolist() == [0, 1, 2, 3, 4]
+    assert (h["trace"] == root).all()
+    assert h.loc[cart, "endpoint"] == "GET /cart/{id}"
+    assert link_accuracy(h, b.truth) == 1.0
+
+
+def test_concurrent_users_are_told_apart_by_their_tokens(tmp_path):
+    b = Builder()
+    ta, tb = b.token(sub="alice", exp=100), b.token(sub="bob", exp=100)
+    ra = b.hop("gateway", "GET /products", 0.000, 1.000, presented=ta)
+    rb = b.hop("gateway", "GET /products", 0.001, 1.001, presented=tb)
+    # Bob's call starts first and Alice's request started earlier: nesting alone would swap them.
+    cb = b.hop("products", "GET /products", 0.010, 0.990, presented=tb, parent=rb)
+    ca = b.hop("products", "GET /products", 0.011, 0.991, presented=ta, parent=ra)
+    a = analyze_builder(b, tmp_path)
+    assert links(a)[ca] == (ra, "token") and links(a)[cb] == (rb, "token")
+
+
+def test_subject_links_a_refreshed_token(tmp_path):
+    b = Builder()
+    old, new = b.token(sub="alice", exp=10), b.token(sub="alice", exp=100)
+    other = b.token(sub="bob", exp=100)
+    root = b.hop("gateway", "POST /checkout", 0.0, 1.0, presented=old)
+    b.hop("gateway", "POST /checkout", 0.0001, 1.1, presented=other)
+    refresh = b.hop("auth", "POST /refresh", 0.01, 0.02, validated=old, issued=new, parent=root)
+    pay = b.hop("payment", "POST /checkout", 0.03, 0.9, presented=new, parent=root)
+    a = analyze_builder(b, tmp_path)
+    # The refresh hop itself issued `new` but ended before payment started: not a container.
+    assert links(a)[pay] == (root, "token") and links(a)[refresh] == (root, "token")
+
+
+def test_issued_token_links_login_through_gateway(tmp_path):
+    b = Builder()
+    users = []
+    for i in range(3):  # three concurrent logins, no token presented anywhere
+        t = b.token(sub=f"u{i}", exp=100)
+        root = b.hop("gateway", "POST /auth/login", 0.001 * i, 0.05 + 0.001 * i, issued=t)
+        users.append((root, b.hop("auth", "POST /login", 0.01 + 0.001 * i, 0.04, issued=t, parent=root)))
+    a = analyze_builder(b, tmp_path)
+    for root, child in users:
+        assert links(a)[child] == (root, "token")
+
+
+def test_nesting_without_tokens_and_ambiguity_between_overlapping_requests(tmp_path):
+    b = Builder()
+    r1 = b.hop("gateway", "GET /health", 0.0, 1.0)
+    c1 = b.hop("products", "GET /health", 0.1, 0.2, parent=r1)
+    r2 = b.hop("gateway", "GET /health", 2.0, 3.0)
+    r3 = b.hop("gateway", "GET /health", 2.05, 3.1)
+    c3 = b.hop("products", "GET /health", 2.1, 2.2, parent=r3)
+    a = analyze_builder(b, tmp_path)
+    assert links(a)[c1] == (r1, "nesting")
+    # Inside two overlapping requests: the innermost (latest started) is the guess, marked as one.
+    assert links(a)[c3] == (r3, "ambiguous")
+    assert a.hops.loc[c3, "link_candidates"] == 2
+    assert links(a)[r2] == (None, "root")
+    assert any("ambiguous" in note for note in a.notes)
+
+
+def test_orphan_and_unknown_entry(tmp_path):
+    b = Builder()
+    root = b.hop("gateway", "GET /a", 0.0, 1.0)
+    orphan = b.hop("auth", "GET /verify", 5.0, 5.1)  # nothing contains it: a client called auth directly
+    child = b.hop("auth", "GET /verify", 0.1, 0.2, parent=root)
+    a = analyze_builder(b, tmp_path)
+    assert links(a)[orphan] == (None, "orphan") and a.hops.loc[orphan, "trace"] == orphan
+    assert links(a)[child] == (root, "nesting")
+    b.entry = None  # an old capture without an entry route: what nothing contains is a root
+    a = analyze_builder(b, tmp_path, name="noentry.db")
+    assert links(a)[orphan] == (None, "root") and links(a)[root] == (None, "root")
+
+
+def test_b3_parent_span_ids_are_exact(tmp_path):
+    b = Builder()
+    t = b.token(sub="alice", exp=100)
+    root = b.hop("gateway", "GET /a", 0.0, 1.0, presented=t, trace_id="t1", span_id="s1")
+    # Two overlapping siblings: nesting could not tell whose child `deep` is; the span ids can.
+    s2 = b.hop("cart", "GET /x", 0.1, 0.9, presented=t, parent=root, trace_id="t1", span_id="s2", parent_span_id="s1")
+    s3 = b.hop("products", "GET /y", 0.2, 0.8, presented=t, parent=root, trace_id="t1", span_id="s3", parent_span_id="s1")
+    deep = b.hop("auth", "GET /v", 0.3, 0.4, presented=t, parent=s2, trace_id="t1", span_id="s4", parent_span_id="s2")
+    a = analyze_builder(b, tmp_path)
+    assert links(a) == {root: (None, "root"), s2: (root, "header"), s3: (root, "header"), deep: (s2, "header")}
+
+
+def test_traceparent_without_parent_span_nests_within_the_trace(tmp_path):
+    b = Builder()
+    ta, tb = b.token(sub="a", exp=100), b.token(sub="b", exp=100)
+    # W3C mode: the client sends no traceparent, so the roots have none; the gateway starts one.
+    ra = b.hop("gateway", "POST /checkout", 0.0, 2.0, presented=ta)
+    rb = b.hop("gateway", "POST /checkout", 0.001, 2.0, presented=tb)
+    pa = b.hop("payment", "POST /checkout", 0.01, 1.9, presented=ta, parent=ra, trace_id="A", span_id="a1")
+    pb = b.hop("payment", "POST /checkout", 0.011, 1.9, presented=tb, parent=rb, trace_id="B", span_id="b1")
+    # payment calls auth without forwarding the bearer token: only the trace id says whose it is.
+    ia = b.hop("auth", "POST /introspect", 1.0, 1.1, parent=pa, trace_id="A", span_id="a2")
+    ib = b.hop("auth", "POST /introspect", 1.0, 1.1, parent=pb, trace_id="B", span_id="b2")
+    a = analyze_builder(b, tmp_path)
+    got = links(a)
+    assert got[pa] == (ra, "token") and got[pb] == (rb, "token")
+    assert got[ia] == (pa, "header") and got[ib] == (pb, "header")
+
+
+def test_hostile_span_ids_cannot_make_a_cycle(tmp_path):
+    b = Builder()
+    x = b.hop("cart", "GET /x", 0.0, 1.0, trace_id="t", span_id="a", parent_span_id="b")
+    y = b.hop("products", "GET /y", 0.0, 1.0, trace_id="t", span_id="b", parent_span_id="a")
+    z = b.hop("auth", "GET /z", 0.0, 1.0, trace_id="t", span_id="c", parent_span_id="c")
+    a = analyze_builder(b, tmp_path)
+    parents = links(a)
+    # Exactly one direction survives, and nothing is its own ancestor.
+    assert sorted([parents[x][0] is None, parents[y][0] is None]) == [False, True]
+    assert parents[z][0] != z
+    assert a.hops["depth"].max() <= 2
+
+
+def test_identical_intervals_on_two_services_do_not_loop(tmp_path):
+    b = Builder(entry=None)
+    b.hop("cart", "GET /x", 0.0, 1.0)
+    b.hop("products", "GET /y", 0.0, 1.0)
+    a = analyze_builder(b, tmp_path)
+    assert sorted(a.hops["depth"].tolist()) == [0, 1]
+
+
+def test_two_captures_are_never_linked(tmp_path):
+    b = Builder()
+    root = b.hop("gateway", "GET /a", 0.0, 1.0)
+    other = b.hop("auth", "GET /b", 0.1, 0.2, capture_id=2)
+    path = b.write(tmp_path / "two.db")
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "INSERT INTO captures (id, started_at, routes, entry, hoptrace_version, mitmproxy_version) VALUES (2, 0, '[]', 'gateway', 'x', 'y')"
+        )
+    from hoptrace.analyzer import analyze
+
+    a = analyze(path)
+    assert links(a)[other] == (None, "orphan") and links(a)[root] == (None, "root")
+
+
+def test_link_kinds_are_the_documented_ones(tmp_path):
+    a = analyze_builder(synthetic_stack(3, 1, seed=3), tmp_path)
+    assert set(a.hops["link"]) <= set(LINKS)
+    assert a.hops["parent_id"].dtype == "Int64" and a.hops["trace"].dtype == "int64"
+
+
+@pytest.mark.parametrize("think_s", [0.0, 0.01])
+def test_inference_accuracy_ten_concurrent_users(tmp_path, think_s):
+    b = synthetic_stack(users=10, workflows=3, seed=7, think_s=think_s)
+    a = analyze_builder(b, tmp_path)
+    assert link_accuracy(a.hops, b.truth) >= 0.99
+    assert a.hops["link"].isin(["root", "token"]).all()
+
+
+def test_inference_with_propagated_trace_ids_is_exact(tmp_path):
+    b = synthetic_stack(users=10, workflows=2, seed=11, propagate=True)
+    a = analyze_builder(b, tmp_path)
+    assert link_accuracy(a.hops, b.truth) == 1.0
+    assert (a.hops["link"] == "header").sum() > 0
+
+
+def test_link_accuracy_counts_roots_and_ignores_unknown_hops():
+    hops = pd.DataFrame({"parent_id": pd.array([pd.NA, 1, 1, 2], dtype="Int64")}, index=[1, 2, 3, 4])
+    truth = pd.Series({1: None, 2: 1, 3: 2, 4: 2, 99: 1}, dtype="Int64")
+    assert link_accuracy(hops, truth) == 0.75
+    with pytest.raises(ValueError):
+        link_accuracy(hops, pd.Series({7: 1}, dtype="Int64"))
+
+
+def _grow_tree(b: Builder, draw, start: float, services: list[str]) -> float:
+    """A random call tree under one gateway request starting at ``start``; returns its end."""
+
+    def build(service, s, depth, parent_slot):
+        kids = draw(st.integers(0, 3)) if depth < 3 else 0
+        others = [x for x in services if x not in ("gateway", service)]
+        cursor = s + 0.001
+        children: list = []
+        for _ in range(kids):
+            cursor = build(draw(st.sampled_from(others)), cursor, depth + 1, children) + 0.001
+        end = cursor + 0.001
+        parent_slot.append((service, s, end, children))
+        return end
+
+    top: list = []
+    end = build("gateway", start, 0, top)
+
+    def emit(node, parent):
+        service, s, e, children = node
+        me = b.hop(service, f"GET /{service}", s, e, parent=parent)
+        for child in children:
+            emit(child, me)
+
+    emit(top[0], None)
+    return end
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_nesting_recovers_any_sequential_tree(tmp_path, data):
+    b = Builder()
+    t = 0.0
+    for _ in range(data.draw(st.integers(1, 3))):
+        t = _grow_tree(b, data.draw, t, ["gateway", "a", "b", "c", "d"]) + 0.5
+    hops = rebuild_builder(b, tmp_path)
+    assert link_accuracy(hops, b.truth) == 1.0
+    # Depth-first order: every hop comes after its parent, and ranks are a permutation.
+    for _, tree in hops.groupby("trace"):
+        assert sorted(tree["order"]) == list(range(len(tree)))
+        parents = tree["parent_id"].dropna().astype(int)
+        assert (tree.loc[parents.index, "order"].to_numpy() > tree.loc[parents.to_numpy(), "order"].to_numpy()).all()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(st.tuples(st.integers(0, 50), st.integers(0, 50), st.sampled_from(["gateway", "a", "b"])), min_size=1, max_size=40)
+)
+def test_any_intervals_give_a_forest(tmp_path, spans):
+    b = Builder()
+    for s, length, service in spans:
+        b.hop(service, "GET /", s / 10, (s + length) / 10)
+    h = rebuild_builder(b, tmp_path)
+    has_parent = h["parent_id"].notna()
+    parents = h.loc[h.loc[has_parent, "parent_id"].astype(int).to_numpy()]
+    child = h[has_parent]
+    # A parent contains its child, runs on another service, and the depths add up.
+    assert (parents["started_at"].to_numpy() <= child["started_at"].to_numpy()).all()
+    assert (parents["ended_at"].to_numpy() >= child["ended_at"].to_numpy()).all()
+    assert (parents["service"].to_numpy() != child["service"].to_numpy()).all()
+    assert (parents["depth"].to_numpy() + 1 == child["depth"].to_numpy()).all()
+    assert (h.loc[h["trace"].to_numpy(), "depth"] == 0).all()
