@@ -114,7 +114,8 @@ def demo(out: Path, users: int) -> None:
 
 @cli.command("record-samples")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("sample_traces"), show_default=True, help="Folder for the trace files and their golden analyses.")
-def record_samples(out: Path) -> None:
+@click.option("--goldens-only", is_flag=True, help="Keep the recorded traces; only re-analyze them into the golden files.")
+def record_samples(out: Path, goldens_only: bool) -> None:
     """Re-record every scenario of the sample stack, each with its golden `analyze --format json`.
 
     Example:
@@ -124,7 +125,7 @@ def record_samples(out: Path) -> None:
     from hoptrace.demo import record_samples as record_all
 
     with exit_2_on_bad_input():
-        for path in record_all(out, click.echo):
+        for path in record_all(out, click.echo, goldens_only=goldens_only):
             click.echo(f"  wrote {path}")
 
 

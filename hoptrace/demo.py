@@ -9,7 +9,9 @@ each with its `hoptrace analyze --format json` output as a golden file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,15 +53,24 @@ def run_demo(out: Path, users: int, echo: Echo) -> list[Path]:
     return written
 
 
-def record_samples(out: Path, echo: Echo) -> list[Path]:
-    """Re-record every scenario into ``out/<name>.db`` with its golden ``out/<name>.json``."""
+def record_samples(out: Path, echo: Echo, *, goldens_only: bool = False) -> list[Path]:
+    """Re-record every scenario into ``out/<name>.db`` with its golden ``out/<name>.json``.
+
+    ``goldens_only`` keeps the recorded traces and re-analyzes them: what an analyzer
+    change that is meant to change the output needs.
+    """
     from hoptrace.analyzer import analyze, render_json
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for scenario in SCENARIOS.values():
         db = out / f"{scenario.name}.db"
-        _record(scenario, db, echo)
+        if not goldens_only:
+            _record(scenario, db, echo)
+            # A shipped trace must open read-only from a read-only folder: out of WAL
+            # mode, a reader needs no -shm file beside it.
+            with contextlib.closing(sqlite3.connect(db)) as conn:
+                conn.execute("PRAGMA journal_mode = DELETE")
         golden = out / f"{scenario.name}.json"
         golden.write_text(render_json(analyze(db)) + "\n", encoding="utf-8")
         written += [db, golden]

@@ -1,0 +1,57 @@
+"""The shipped sample traces: recorded by the real proxy, re-analyzed against their golden files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hoptrace.analyzer import analyze, render_json
+from hoptrace.scenarios import SCENARIOS
+
+ROOT = Path(__file__).resolve().parent.parent
+# What each recorded scenario must show, beyond matching its golden file. Runs with
+# no fault switched on must show no error at all.
+EXPECTED_ERRORS = {
+    "checkout-expiry": {"expired_mid_flow"},
+    "clean": set(),
+    "clock-skew": {"rejected_valid_token"},
+    # The leaked token is another user's: their cart answers 403 to it, a rejection of a valid token.
+    "shared-client": {"token_crossover", "rejected_valid_token"},
+    "flaky-retries": set(),
+    "propagated": set(),
+}
+EXPECTED_WARNINGS = {
+    "checkout-expiry": {"duplicate_validation", "token_reuse"},
+    "clock-skew": {"clock_skew"},
+    "flaky-retries": {"retry_storm"},
+}
+
+
+def test_every_scenario_has_a_sample():
+    assert set(EXPECTED_ERRORS) == set(SCENARIOS)
+    for name in SCENARIOS:
+        assert (ROOT / "sample_traces" / f"{name}.db").is_file()
+        assert (ROOT / "sample_traces" / f"{name}.json").is_file()
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_reanalysis_matches_the_golden_file(name, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the golden file names its source as sample_traces/<name>.db
+    analysis = analyze(Path("sample_traces") / f"{name}.db")
+    golden = (ROOT / "sample_traces" / f"{name}.json").read_text(encoding="utf-8")
+    assert json.loads(render_json(analysis)) == json.loads(golden), (
+        f"analysis of {name} changed; if that is intended: python3 dev.py hoptrace record-samples --goldens-only"
+    )
+    findings = analysis.findings
+    errors = set(findings.loc[findings["severity"] == "error", "kind"])
+    assert errors == EXPECTED_ERRORS[name]
+    assert EXPECTED_WARNINGS.get(name, set()) <= set(findings.loc[findings["severity"] == "warning", "kind"])
+
+
+def test_samples_hold_no_raw_token():
+    for db in (ROOT / "sample_traces").glob("*.db"):
+        data = db.read_bytes()
+        # A JWT's header+payload start would be there if a raw token had leaked.
+        assert b"eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJ" not in data, db.name
