@@ -13,6 +13,7 @@ import re
 import zlib
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from functools import lru_cache
 from urllib.parse import parse_qsl
 
 from hoptrace.addons import _redact
@@ -38,65 +39,109 @@ class Sighting:
 
 def hop_row(flow, key: bytes, store_bodies: bool) -> tuple[dict, list[Sighting]]:
     """The `hops` columns this flow fills (ids and service are the writer's), and its tokens."""
-    request, response, error = flow.request, flow.response, flow.error
-    path, _, query_string = request.path.partition("?")
-    request_fields = _fields(request.headers)
-    response_fields = _fields(response.headers) if response is not None else []
-    sightings = _request_tokens(request_fields, query_string)
-    request_text = _body_text(request)
-    sightings += _body_tokens(request_text, request.headers.get("content-type", ""), "validated", "body")
-    response_text = None
-    if response is not None:
-        response_text = _body_text(response)
-        sightings += _response_tokens(response_fields)
-        sightings += _body_tokens(response_text, response.headers.get("content-type", ""), "issued", "response-body")
+    return snapshot_row(snapshot(flow), key, store_bodies)
 
-    started = request.timestamp_start
-    ended = _first_time(
-        response.timestamp_end if response is not None else None,
-        error.timestamp if error is not None else None,
-        response.timestamp_start if response is not None else None,
-        request.timestamp_end,
-        started,
-    )
-    server = flow.server_conn
+
+# What a snapshot holds, by position: plain bytes/str/numbers/tuples only, so that
+# `marshal` can hand it to the row-building process (see _writer.py).
+(
+    _FLOW_ID, _CLIENT, _METHOD, _SCHEME, _HOST, _PORT, _PATH, _HTTP_VERSION,
+    _REQ_FIELDS, _REQ_BODY, _REQ_SIZE, _REQ_START, _REQ_END,
+    _HAS_RESPONSE, _STATUS, _REASON, _RESP_FIELDS, _RESP_BODY, _RESP_SIZE, _RESP_START, _RESP_END,
+    _ERROR, _ERROR_AT, _SERVER_START, _SERVER_TCP,
+) = range(25)  # fmt: skip
+# Bodies longer than this are not copied into a snapshot: an identity body over
+# BODY_SCAN_CAP is never read, and a compressed one this long inflates past it.
+_SNAPSHOT_BODY_CAP = 2 * BODY_SCAN_CAP
+
+
+def snapshot(flow) -> tuple:
+    """Everything :func:`snapshot_row` needs from a finished flow, copied out of it cheaply."""
+    request, response, error, server = flow.request, flow.response, flow.error, flow.server_conn
+    raw = request.raw_content
+    peer = flow.client_conn.peername
+    if response is not None:
+        response_raw = response.raw_content
+        response_part = (
+            True, response.status_code, response.reason, response.headers.fields,
+            response_raw if response_raw is not None and len(response_raw) <= _SNAPSHOT_BODY_CAP else None,
+            len(response_raw) if response_raw is not None else None,
+            response.timestamp_start, response.timestamp_end,
+        )  # fmt: skip
+    else:
+        response_part = (False, None, None, (), None, None, None, None)
+    return (
+        flow.id, f"{peer[0]}:{peer[1]}" if peer else None,
+        request.method, request.scheme, request.host, request.port, request.path, request.http_version,
+        request.headers.fields, raw if raw is not None and len(raw) <= _SNAPSHOT_BODY_CAP else None,
+        len(raw) if raw is not None else None, request.timestamp_start, request.timestamp_end,
+        *response_part,
+        error.msg if error is not None else None, error.timestamp if error is not None else None,
+        server.timestamp_start, server.timestamp_tcp_setup,
+    )  # fmt: skip
+
+
+def snapshot_row(snap: tuple, key: bytes, store_bodies: bool) -> tuple[dict, list[Sighting]]:
+    """:func:`hop_row` on a :func:`snapshot`: the hop's columns and the tokens it carried."""
+    path, _, query_string = snap[_PATH].partition("?")
+    request_fields = _fields(snap[_REQ_FIELDS])
+    request_headers = _lookup(request_fields)
+    has_response = snap[_HAS_RESPONSE]
+    response_fields = _fields(snap[_RESP_FIELDS]) if has_response else []
+    response_headers = _lookup(response_fields)
+    error = snap[_ERROR]
+
+    sightings = _request_tokens(request_fields, query_string)
+    request_type = request_headers.get("content-type")
+    request_text = _body_text(snap[_REQ_BODY], request_headers)
+    sightings += _body_tokens(request_text, request_type or "", "validated", "body")
+    response_text = None
+    response_type = response_headers.get("content-type")
+    if has_response:
+        response_text = _body_text(snap[_RESP_BODY], response_headers)
+        sightings += _response_tokens(response_fields)
+        sightings += _body_tokens(response_text, response_type or "", "issued", "response-body")
+
+    started = snap[_REQ_START]
+    ended = _first_time(snap[_RESP_END], snap[_ERROR_AT], snap[_RESP_START], snap[_REQ_END], started)
     # A reused upstream connection was set up for an earlier flow: its connect
     # time says nothing about this one.
-    fresh_connection = server.timestamp_start is not None and server.timestamp_start >= started
-    server_date = response.headers.get("date") if response is not None else None
+    server_start = snap[_SERVER_START]
+    fresh_connection = server_start is not None and server_start >= started
+    server_date = response_headers.get("date")
     row = {
-        "flow_id": flow.id,
-        "client_addr": _address(flow.client_conn.peername),
-        "method": request.method,
-        "scheme": request.scheme,
-        "host": request.host,
-        "port": request.port,
+        "flow_id": snap[_FLOW_ID],
+        "client_addr": snap[_CLIENT],
+        "method": snap[_METHOD],
+        "scheme": snap[_SCHEME],
+        "host": snap[_HOST],
+        "port": snap[_PORT],
         "path": path,
         "query": _redact.query(key, query_string) or None,
-        "http_version": request.http_version,
-        "status": response.status_code if response is not None else None,
-        "reason": response.reason if response is not None else None,
-        "error": error.msg if error is not None else None,
-        "error_kind": error_kind(error.msg) if error is not None else None,
+        "http_version": snap[_HTTP_VERSION],
+        "status": snap[_STATUS],
+        "reason": snap[_REASON],
+        "error": error,
+        "error_kind": error_kind(error) if error is not None else None,
         "failed": int(error is not None),
-        "request_size": len(request.raw_content) if request.raw_content is not None else None,
-        "response_size": len(response.raw_content) if response is not None and response.raw_content is not None else None,
-        "request_content_type": request.headers.get("content-type"),
-        "response_content_type": response.headers.get("content-type") if response is not None else None,
+        "request_size": snap[_REQ_SIZE],
+        "response_size": snap[_RESP_SIZE],
+        "request_content_type": request_type,
+        "response_content_type": response_type,
         "started_at": started,
-        "request_end_at": request.timestamp_end,
-        "connect_at": server.timestamp_start if fresh_connection else None,
-        "connected_at": server.timestamp_tcp_setup if fresh_connection else None,
-        "response_start_at": response.timestamp_start if response is not None else None,
+        "request_end_at": snap[_REQ_END],
+        "connect_at": server_start if fresh_connection else None,
+        "connected_at": snap[_SERVER_TCP] if fresh_connection else None,
+        "response_start_at": snap[_RESP_START],
         "ended_at": ended,
         "duration_ms": (ended - started) * 1000.0,
-        **trace_context(request.headers),
+        **trace_context(request_headers),
         "server_date": server_date,
         "server_date_ts": _http_date(server_date),
-        "request_headers": json.dumps(_redact.headers(key, request_fields)),
-        "response_headers": json.dumps(_redact.headers(key, response_fields)) if response is not None else None,
-        "request_body": _stored_body(key, request_text, request) if store_bodies else None,
-        "response_body": _stored_body(key, response_text, response) if store_bodies else None,
+        "request_headers": json.dumps(_redacted_headers(key, request_fields)),
+        "response_headers": json.dumps(_redacted_headers(key, response_fields)) if has_response else None,
+        "request_body": _stored_body(key, request_text, request_type) if store_bodies else None,
+        "response_body": _stored_body(key, response_text, response_type) if store_bodies else None,
     }
     return row, sightings
 
@@ -118,7 +163,10 @@ def error_kind(message: str) -> str:
 
 
 def trace_context(headers) -> dict:
-    """Trace ids as the caller sent them: W3C traceparent, B3 (single or multi), request ids."""
+    """Trace ids as the caller sent them: W3C traceparent, B3 (single or multi), request ids.
+
+    ``headers``: anything with ``get(lowercase_name)`` (mitmproxy's Headers, or :func:`_lookup`'s dict).
+    """
     context = {"trace_id": None, "span_id": None, "parent_span_id": None, "trace_source": None}
     if match := _TRACEPARENT.match(headers.get("traceparent", "")):
         context.update(trace_id=match[1].lower(), span_id=match[2].lower(), trace_source="traceparent")
@@ -148,8 +196,20 @@ def trace_context(headers) -> dict:
     return context
 
 
-def _fields(headers) -> list[tuple[str, str]]:
-    return [(name.decode("latin-1"), value.decode("utf-8", "surrogateescape")) for name, value in headers.fields]
+def _fields(raw_fields) -> list[tuple[str, str]]:
+    return [(name.decode("latin-1"), value.decode("utf-8", "surrogateescape")) for name, value in raw_fields]
+
+
+def _lookup(fields: list[tuple[str, str]]) -> dict[str, str]:
+    """Lowercase name -> value, repeated headers folded with ", " (what mitmproxy's Headers.get returns).
+
+    One pass over the fields instead of a scan of them per lookup.
+    """
+    folded: dict[str, str] = {}
+    for name, value in fields:
+        lower = name.lower()
+        folded[lower] = f"{folded[lower]}, {value}" if lower in folded else value
+    return folded
 
 
 def _request_tokens(fields: list[tuple[str, str]], query_string: str) -> list[Sighting]:
@@ -182,7 +242,7 @@ def _response_tokens(fields: list[tuple[str, str]]) -> list[Sighting]:
 
 
 def _header_tokens(name: str, value: str, role: str, where: str) -> list[Sighting]:
-    if _TOKEN_NAME.search(name) and _looks_like_token(name, value):
+    if _token_name(name) and _looks_like_token(name, value):
         return [Sighting(value.strip(), role, f"{where}:{name}")]
     if "eyJ" in value:
         return [Sighting(match, role, f"{where}:{name}") for match in JWT_PATTERN.findall(value)]
@@ -201,7 +261,23 @@ def _cookie_tokens(header: str, role: str, where: str) -> list[Sighting]:
 def _looks_like_token(name: str, value: str) -> bool:
     if len(value) < _MIN_TOKEN_LENGTH or " " in value.strip():
         return False
-    return bool(_TOKEN_NAME.search(name)) or value.startswith("eyJ")
+    return _token_name(name) or value.startswith("eyJ")
+
+
+@lru_cache(maxsize=1024)
+def _token_name(name: str) -> bool:
+    # The same few header and cookie names come back on every hop: match each once.
+    return bool(_TOKEN_NAME.search(name))
+
+
+def _redacted_headers(key: bytes, fields: list[tuple[str, str]]) -> list[list[str]]:
+    """:func:`_redact.headers`, remembering recent answers: most header lines repeat from hop to hop."""
+    return [[name, _redacted_header(key, name, value)] for name, value in fields]
+
+
+@lru_cache(maxsize=4096)
+def _redacted_header(key: bytes, name: str, value: str) -> str:
+    return _redact.header_value(key, name, value)
 
 
 def _body_tokens(text: str | None, content_type: str, role: str, where: str) -> list[Sighting]:
@@ -235,12 +311,11 @@ def _json_string_fields(document: object, depth: int = 0):
             yield from _json_string_fields(value, depth + 1)
 
 
-def _body_text(message) -> str | None:
+def _body_text(raw: bytes | None, headers: dict[str, str]) -> str | None:
     """The body as text, inflated up to BODY_SCAN_CAP: never decompress without a cap."""
-    raw = message.raw_content
     if not raw:
         return None
-    encoding = message.headers.get("content-encoding", "identity").lower().strip()
+    encoding = headers.get("content-encoding", "identity").lower().strip()
     if encoding in ("", "identity"):
         data = raw if len(raw) <= BODY_SCAN_CAP else None
     elif encoding in ("gzip", "deflate", "x-gzip"):
@@ -256,10 +331,10 @@ def _body_text(message) -> str | None:
     return data.decode("utf-8", "replace") if data is not None else None
 
 
-def _stored_body(key: bytes, text: str | None, message) -> str | None:
+def _stored_body(key: bytes, text: str | None, content_type: str | None) -> str | None:
     if text is None:
         return None
-    content_type = message.headers.get("content-type", "").lower()
+    content_type = (content_type or "").lower()
     if "x-www-form-urlencoded" in content_type:
         return _redact.query(key, text)
     try:
@@ -275,11 +350,16 @@ def _first_time(*times: float | None) -> float:
 def _http_date(value: str | None) -> float | None:
     if not value:
         return None
+    # Date has a one-second resolution: consecutive hops mostly repeat the last one.
+    global _last_date
+    if _last_date[0] == value:
+        return _last_date[1]
     try:
-        return parsedate_to_datetime(value).timestamp()
+        parsed = parsedate_to_datetime(value).timestamp()
     except (TypeError, ValueError, IndexError, OverflowError):
-        return None
+        parsed = None
+    _last_date = (value, parsed)
+    return parsed
 
 
-def _address(peername) -> str | None:
-    return f"{peername[0]}:{peername[1]}" if peername else None
+_last_date: tuple[str | None, float | None] = (None, None)

@@ -22,11 +22,12 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
 from hoptrace._errors import HoptraceError
-from hoptrace.addons._writer import Counters, Route, TraceWriter
+from hoptrace.addons._writer import ROW_PROCESS_AFTER, ROW_PROCESS_MODES, Counters, Route, TraceWriter
 
 logger = logging.getLogger("hoptrace")
 
 FINGERPRINT_KEY_ENV = "HOPTRACE_FINGERPRINT_KEY"
+ROW_PROCESS_ENV = "HOPTRACE_ROW_PROCESS"
 
 
 class Recorder:
@@ -53,11 +54,22 @@ class Recorder:
             f"Secret key for token fingerprints, to compare tokens across captures (also ${FINGERPRINT_KEY_ENV}). "
             "Default: a random key per capture, never written anywhere.",
         )
+        default_mode = os.environ.get(ROW_PROCESS_ENV, "auto")
+        loader.add_option(
+            "hoptrace_row_process",
+            str,
+            default_mode if default_mode in ROW_PROCESS_MODES else "auto",
+            "Build rows (token parsing, redaction) in a child process, off the proxy's core and GIL: "
+            f"auto (once a capture has seen {ROW_PROCESS_AFTER} flows), on, off (in the writer thread). "
+            f"Default also from ${ROW_PROCESS_ENV}.",
+            choices=list(ROW_PROCESS_MODES),
+        )
 
     def configure(self, updated: set[str]) -> None:
         if "hoptrace_service" in updated:
             self._service_by_port = parse_service_names(ctx.options.hoptrace_service)
-        if updated & {"hoptrace_db", "hoptrace_store_bodies", "hoptrace_fingerprint_key", "mode"} and ctx.options.hoptrace_db:
+        writer_options = {"hoptrace_db", "hoptrace_store_bodies", "hoptrace_fingerprint_key", "hoptrace_row_process", "mode"}
+        if updated & writer_options and ctx.options.hoptrace_db:
             self.close()
             try:
                 self.writer = TraceWriter(
@@ -66,6 +78,7 @@ class Recorder:
                     entry=ctx.options.hoptrace_entry or next(iter(self._service_by_port.values()), None),
                     key=_fingerprint_key(ctx.options.hoptrace_fingerprint_key),
                     store_bodies=ctx.options.hoptrace_store_bodies,
+                    row_process=ctx.options.hoptrace_row_process,
                 )
             except HoptraceError as exc:
                 raise exceptions.OptionsError(str(exc)) from None
