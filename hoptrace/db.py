@@ -174,7 +174,8 @@ def open_for_reading(path: str | Path) -> sqlite3.Connection:
         conn.execute("PRAGMA busy_timeout = 5000")
         check = conn.execute("PRAGMA quick_check").fetchone()[0]
         if check != "ok":
-            raise TraceFileError(f"{path}: database is corrupt ({check})")
+            first_problem = " ".join(str(check).split())[:200]
+            raise TraceFileError(f"{path}: database is corrupt ({first_problem})")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         missing = set(TABLES) - _table_names(conn)
     except sqlite3.DatabaseError as exc:

@@ -273,11 +273,6 @@ def analyze_builder(b: Builder, tmp_path: Path, name: str = "t.db", **kwargs):
     return analyze(b.write(path), **kwargs)
 
 
-def of_kind(analysis, kind: str) -> pd.DataFrame:
-    """The findings of one kind."""
-    return analysis.findings[analysis.findings["kind"] == kind].reset_index(drop=True)
-
-
 def rebuild_builder(b: Builder, tmp_path: Path) -> pd.DataFrame:
     """Only the trace rebuilding step on ``b``: the hops with their links."""
     from hoptrace.analyzer import load
