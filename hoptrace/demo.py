@@ -32,7 +32,7 @@ def run_demo(out: Path, users: int, echo: Echo) -> list[Path]:
     recording = _record(scenario, db, echo)
     checkouts = [flow.statuses.get("checkout") for flow in recording.flows]
     echo(f"[demo] {len(recording.flows)} users ran register → login → browse → cart → checkout: "
-         f"{checkouts.count(200)} checkouts 200, {checkouts.count(401)} checkouts 401")  # fmt: skip
+         f"checkout answered 200 to {checkouts.count(200)}, 401 to {checkouts.count(401)}")  # fmt: skip
 
     echo("[demo] analyzing the trace")
     analysis = analyze(db)
