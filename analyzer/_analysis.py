@@ -102,6 +102,10 @@ def prepare(
 ) -> Context:
     """Everything the detectors read: rebuilt traces with per-hop facts, token uses, sessions."""
     hops = in_start_order(tables.hops)
+    # The loader makes these Categoricals; hand-made tables may not have.
+    hops = hops.astype(
+        {c: "category" for c in ("service", "method", "path") if not isinstance(hops[c].dtype, pd.CategoricalDtype)}
+    )
     paths = _prepare.paths_of(hops["path"])
     hops = rebuild(hops, tables.hop_tokens, tables.tokens, tables.captures, paths)
     hops["endpoint"] = _prepare.endpoints(hops, paths)

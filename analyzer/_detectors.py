@@ -15,7 +15,7 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
-from hoptrace.analyzer._arrays import run_starts
+from hoptrace.analyzer._arrays import group_quantiles, run_starts
 from hoptrace.analyzer._config import AnalyzerConfig
 from hoptrace.analyzer._latency import is_error
 
@@ -346,10 +346,11 @@ def skew_estimates(ctx: Context) -> pd.DataFrame:
     upper bounds (robust to a few odd samples); the estimate is their middle.
     """
     h = ctx.hops
+    names = h["service"].cat.categories
     date = h[h["server_date_ts"].notna().to_numpy()]
     answered = date["response_start_at"].fillna(date["ended_at"])
     samples = [pd.DataFrame({
-        "service": date["service"].to_numpy(), "source": "date", "hop_id": date.index.to_numpy(),
+        "key": date["service"].cat.codes.to_numpy(np.int64) * 2, "hop_id": date.index.to_numpy(),
         "lo": (date["server_date_ts"] - answered).to_numpy(), "hi": (date["server_date_ts"] + 1 - date["started_at"]).to_numpy(),
         "at": date["started_at"].to_numpy(),
     })]  # fmt: skip
@@ -367,28 +368,31 @@ def skew_estimates(ctx: Context) -> pd.DataFrame:
         origin = origin[origin["iat"].notna().to_numpy() & ~(origin["first_use"] < origin["started_at"]).to_numpy()]
         answered = origin["response_start_at"].fillna(origin["ended_at"])
         samples.append(pd.DataFrame({
-            "service": origin["service"].to_numpy(), "source": "iat", "hop_id": origin["hop_id"].to_numpy(),
+            "key": names.get_indexer(origin["service"].astype(object)) * 2 + 1, "hop_id": origin["hop_id"].to_numpy(),
             "lo": (origin["iat"] - answered).to_numpy(), "hi": (origin["iat"] + 1 - origin["started_at"]).to_numpy(),
             "at": origin["started_at"].to_numpy(),
         }))  # fmt: skip
     frame = pd.concat(samples, ignore_index=True)
+    frame = frame[frame["key"].to_numpy() >= 0].sort_values(["key", "at"], kind="stable")
     columns = ["service", "source", "offset_s", "low_s", "high_s", "samples", "hop_ids", "at"]
     if frame.empty:
         return pd.DataFrame(columns=columns)
-    grouped = frame.groupby(["service", "source"], sort=True)
-    out = grouped.agg(samples=("lo", "size"), at=("at", "min"))
-    out["low_s"] = grouped["lo"].quantile(0.9)
-    out["high_s"] = grouped["hi"].quantile(0.1)
-    crossed = out["low_s"] > out["high_s"]
-    if crossed.any():
-        # Bounds that cross mean inconsistent samples: fall back to the medians.
-        odd = frame.set_index(["service", "source"]).loc[out.index[crossed]].groupby(level=[0, 1])
-        out.loc[crossed, "low_s"] = odd["lo"].median()
-        out.loc[crossed, "high_s"] = odd["hi"].median()
-    out["offset_s"] = (out["low_s"] + out["high_s"]) / 2
+    key = frame["key"].to_numpy()
+    keys, low = group_quantiles(key, frame["lo"].to_numpy(np.float64), (0.9, 0.5))
+    _, high = group_quantiles(key, frame["hi"].to_numpy(np.float64), (0.1, 0.5))
+    # Bounds that cross mean inconsistent samples: fall back to the medians.
+    crossed = low[:, 0] > high[:, 0]
+    starts = np.flatnonzero(run_starts(key))
+    hop_ids = frame["hop_id"].to_numpy()
     limit = ctx.config.max_hop_ids
-    out["hop_ids"] = grouped["hop_id"].agg(lambda ids: [int(i) for i in ids.iloc[:limit]])
-    return out.reset_index()[columns]
+    out = pd.DataFrame({
+        "service": np.asarray(names, dtype=object)[keys // 2], "source": np.where(keys % 2 == 0, "date", "iat"),
+        "low_s": np.where(crossed, low[:, 1], low[:, 0]), "high_s": np.where(crossed, high[:, 1], high[:, 0]),
+        "samples": np.diff(np.r_[starts, len(key)]), "hop_ids": [hop_ids[a : a + limit].tolist() for a in starts],
+        "at": frame["at"].to_numpy()[starts],
+    })  # fmt: skip
+    out["offset_s"] = (out["low_s"] + out["high_s"]) / 2
+    return out[columns]
 
 
 def clock_skew(ctx: Context) -> pd.DataFrame:
@@ -457,12 +461,15 @@ def token_crossover(ctx: Context) -> pd.DataFrame:
     its own credentials (a subject never seen at the entry) is not a crossover.
     """
     u = ctx.used
-    u = u[(u["depth"].to_numpy() > 0) & u["sub"].notna().to_numpy()]
+    u = u[(u["depth"].to_numpy() > 0) & (u["sub_code"].to_numpy() >= 0)]
     roots = ctx.hops[ctx.hops["depth"].to_numpy() == 0]
-    owner = u["trace"].map(roots["token_sub"])
-    users = roots["token_sub"].dropna().unique()
-    cross = owner.notna() & (u["sub"] != owner) & u["sub"].isin(users)
-    g = _Groups(u[cross.to_numpy()].assign(owner=owner[cross]), ["trace", "sub"])
+    # Subjects as the codes token_uses gave them: integer work over a million uses.
+    subjects = pd.Index(pd.factorize(ctx.tokens["sub"])[1])
+    root_code = pd.Series(subjects.get_indexer(roots["token_sub"].astype(object)), index=roots.index)
+    owner = u["trace"].map(root_code).to_numpy()
+    mine = u["sub_code"].to_numpy()
+    cross = (owner >= 0) & (mine != owner) & np.isin(mine, root_code[root_code >= 0].unique())
+    g = _Groups(u[cross].assign(owner=u["trace"][cross].map(roots["token_sub"])), ["trace", "sub"])
     rows = []
     for trace, other, me, request, svc, endpoint, at, services, endpoints, fps, ids in zip(
         g.first("trace"), g.first("sub"), g.first("owner"), g.first("root_endpoint"), g.first("service"),
@@ -565,12 +572,16 @@ def slow_hop(ctx: Context) -> pd.DataFrame:
     """Hops slower than their endpoint's p95 times a factor (or than an absolute limit)."""
     c = ctx.config
     h = ctx.hops
-    grouped = h.groupby(["service", "endpoint"], sort=False)["duration_ms"]
-    p95 = grouped.transform("quantile", 0.95)
-    slow = (grouped.transform("size") >= c.slow_min_samples) & (h["duration_ms"] > c.slow_p95_factor * p95)
+    group = h.groupby(["service", "endpoint"], sort=False, observed=True).ngroup().to_numpy()
+    codes, quantiles = group_quantiles(group, h["duration_ms"].to_numpy(np.float64), (0.95,))
+    p95 = np.full(group.max(initial=-1) + 1, np.nan)
+    p95[codes] = quantiles[:, 0]
+    p95 = p95[group]
+    ms = h["duration_ms"].to_numpy()
+    slow = (np.bincount(group)[group] >= c.slow_min_samples) & (ms > c.slow_p95_factor * p95)
     if c.slow_ms is not None:
-        slow |= h["duration_ms"] > c.slow_ms
-    hits = h[slow.to_numpy()].assign(p95=p95[slow])
+        slow |= ms > c.slow_ms
+    hits = h[slow].assign(p95=p95[slow])
     # The culprit of a request: its slow hop with the most time of its own.
     g = _Groups(hits, ["trace"], by="started_at")
     worst_at = np.array([int(np.argmax(s)) for s in g.lists("self_ms")], dtype=np.int64)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from hoptrace.analyzer._arrays import group_quantiles
+
 
 def parent_positions(hops: pd.DataFrame) -> np.ndarray:
     """Row position of each hop's parent (-1 for roots)."""
@@ -83,28 +85,36 @@ def is_error(hops: pd.DataFrame) -> np.ndarray:
     return (hops["failed"].to_numpy() != 0) | (status >= 500)
 
 
-_QUANTILES = {"p50_ms": 0.5, "p95_ms": 0.95, "p99_ms": 0.99}
-
-
 def latency_table(hops: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """count, errors, error_rate, client_errors, p50/p95/p99/max, self p50/p95, per group of ``keys``."""
+    columns = [
+        *keys,
+        "count",
+        "errors",
+        "error_rate",
+        "client_errors",
+        "p50_ms",
+        "p95_ms",
+        "p99_ms",
+        "max_ms",
+        "self_p50_ms",
+        "self_p95_ms",
+    ]
+    if len(hops) == 0:
+        return pd.DataFrame(columns=columns)
     status = hops["status"].to_numpy(dtype=np.float64, na_value=np.nan)
-    frame = hops[keys].copy()
-    frame["error"] = is_error(hops)
-    frame["client_error"] = (status >= 400) & (status < 500)
-    frame["ms"] = hops["duration_ms"].to_numpy()
-    frame["self"] = hops["self_ms"].to_numpy()
-    columns = ["count", "errors", "error_rate", "client_errors", *_QUANTILES, "max_ms", "self_p50_ms", "self_p95_ms"]
-    if len(frame) == 0:
-        return pd.DataFrame(columns=[*keys, *columns])
-    grouped = frame.groupby(keys, sort=True, observed=True, dropna=False)
-    out = grouped.agg(count=("ms", "size"), errors=("error", "sum"), client_errors=("client_error", "sum"), max_ms=("ms", "max"))
+    group = hops.groupby(keys, sort=True, observed=True, dropna=False).ngroup().to_numpy()
+    n = group.max() + 1
+    out = hops[keys].iloc[np.unique(group, return_index=True)[1]].reset_index(drop=True)
+    out["count"] = np.bincount(group, minlength=n)
+    out["errors"] = np.bincount(group, weights=is_error(hops), minlength=n).astype(np.int64)
     out["error_rate"] = out["errors"] / out["count"]
-    for name, q in _QUANTILES.items():
-        out[name] = grouped["ms"].quantile(q)
-    out["self_p50_ms"] = grouped["self"].quantile(0.5)
-    out["self_p95_ms"] = grouped["self"].quantile(0.95)
-    return out[columns].reset_index()
+    out["client_errors"] = np.bincount(group, weights=(status >= 400) & (status < 500), minlength=n).astype(np.int64)
+    _, ms = group_quantiles(group, hops["duration_ms"].to_numpy(np.float64), (0.5, 0.95, 0.99, 1.0))
+    out[["p50_ms", "p95_ms", "p99_ms", "max_ms"]] = ms
+    _, own = group_quantiles(group, hops["self_ms"].to_numpy(np.float64), (0.5, 0.95))
+    out[["self_p50_ms", "self_p95_ms"]] = own
+    return out[columns]
 
 
 def edges_table(hops: pd.DataFrame, parent: np.ndarray) -> pd.DataFrame:
@@ -116,12 +126,12 @@ def edges_table(hops: pd.DataFrame, parent: np.ndarray) -> pd.DataFrame:
     names = [*map(str, names), "client", "unknown"]
     orphan = (hops["link"] == "orphan").to_numpy()
     caller = np.where(parent >= 0, callee[np.maximum(parent, 0)], np.where(orphan, len(names) - 1, len(names) - 2))
-    frame = pd.DataFrame({"caller": caller, "callee": callee, "ms": hops["duration_ms"].to_numpy(), "error": is_error(hops)})
-    grouped = frame.groupby(["caller", "callee"], sort=False)
-    out = grouped.agg(calls=("ms", "size"), errors=("error", "sum"))
-    out["p50_ms"] = grouped["ms"].quantile(0.5)
-    out["p95_ms"] = grouped["ms"].quantile(0.95)
-    out = out.reset_index()
-    out["caller"] = [names[i] for i in out["caller"]]
-    out["callee"] = [names[i] for i in out["callee"]]
-    return out.sort_values(["caller", "callee"]).reset_index(drop=True)[columns]
+    edge = caller * len(names) + callee
+    codes, quantiles = group_quantiles(edge, hops["duration_ms"].to_numpy(np.float64), (0.5, 0.95))
+    calls = np.bincount(edge)[codes]
+    errors = np.bincount(edge, weights=is_error(hops))[codes].astype(np.int64)
+    out = pd.DataFrame({
+        "caller": [names[c // len(names)] for c in codes], "callee": [names[c % len(names)] for c in codes],
+        "calls": calls, "errors": errors, "p50_ms": quantiles[:, 0], "p95_ms": quantiles[:, 1],
+    })  # fmt: skip
+    return out.sort_values(["caller", "callee"]).reset_index(drop=True)

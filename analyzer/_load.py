@@ -230,13 +230,13 @@ def _read_root_traces(conn, entries: tuple[str, ...], last_id: int, where: str, 
 
 
 _TRACERESPONSE = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}", re.IGNORECASE)
-
-
 _RESPONSE_RANK = {"traceresponse": 0, "x-request-id": 1, "x-correlation-id": 2}
 
 
 def _add_root_traces(hops: pd.DataFrame, rows: list[tuple]) -> None:
+    """Set the trace id (and span id) of entry hops from what their responses said."""
     found: dict[int, tuple[str, str | None, str]] = {}
+    # Worst source first, so that a hop's best one (traceresponse) is written last.
     for hop_id, name, value in sorted(rows, key=lambda row: _RESPONSE_RANK.get(row[1], 9), reverse=True):
         if not isinstance(value, str) or not value.strip():
             continue
@@ -269,13 +269,12 @@ def _read_captures(conn) -> pd.DataFrame:
 def _expr(column: str) -> str:
     # Anything but a number where a number belongs (text, a blob) reads as NULL.
     if column in _TIME_COLUMNS:
-        # Whole microseconds: exact, and parsed without a Python object per value.
-        return _numeric(column, f"CAST(round({column} * 1e6) AS INTEGER)")
+        # Whole microseconds: exact, and parsed without a Python object per value. Adding
+        # 0.5 before the truncating CAST rounds (times are positive) without round()'s call.
+        return _numeric(column, f"CAST({column} * 1e6 + 0.5 AS INTEGER)")
     if column in _REAL_COLUMNS:
-        return _numeric(column, f"CAST(round({column} * 1e3) AS INTEGER)")
-    if column in _SECOND_COLUMNS:
-        return _numeric(column, f"CAST({column} AS INTEGER)")
-    if column in _INT_COLUMNS:
+        return _numeric(column, f"CAST({column} * 1e3 + 0.5 AS INTEGER)")
+    if column in _INT_COLUMNS or column in _SECOND_COLUMNS:
         return _numeric(column, f"CAST({column} AS INTEGER)")
     # CAST: a BLOB where text belongs would make json_group_array fail.
     return f"json_group_array(CAST({column} AS TEXT))"

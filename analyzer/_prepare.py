@@ -103,7 +103,7 @@ def validation_mask(endpoint: pd.Categorical, regex: str) -> np.ndarray:
 def token_uses(hop_tokens: pd.DataFrame, tokens: pd.DataFrame) -> pd.DataFrame:
     """Every token a hop presented or validated, with the token's claims (one row each)."""
     uses = hop_tokens[hop_tokens["role"].isin(tuple(_ROLE_RANK)).to_numpy()]
-    token = tokens.index.get_indexer(uses["fingerprint"])
+    token = token_positions(uses["fingerprint"], tokens)
     # A hop carrying one token in two places (header and cookie) uses it once: keep the best place.
     rank = _rank(uses)
     order = np.lexsort((rank, token, uses["hop_id"].to_numpy()))
@@ -121,10 +121,25 @@ def token_uses(hop_tokens: pd.DataFrame, tokens: pd.DataFrame) -> pd.DataFrame:
         "rank": rank[first],
         "kind": claims["kind"].to_numpy(),
         "sub": claims["sub"].to_numpy(),
+        "sub_code": np.where(token >= 0, subject_codes(tokens)[np.maximum(token, 0)], -1) if len(tokens) else token,
         "exp": claims["exp"].to_numpy(np.float64),
         "iat": claims["iat"].to_numpy(np.float64),
         "nbf": claims["nbf"].to_numpy(np.float64),
     })  # fmt: skip
+
+
+def token_positions(fingerprints: pd.Series, tokens: pd.DataFrame) -> np.ndarray:
+    """Row of each fingerprint in ``tokens`` (-1: none); one lookup per distinct fingerprint."""
+    if isinstance(fingerprints.dtype, pd.CategoricalDtype):
+        at = tokens.index.get_indexer(fingerprints.cat.categories)
+        codes = fingerprints.cat.codes.to_numpy()
+        return np.where(codes >= 0, at[np.maximum(codes, 0)] if len(at) else -1, -1)
+    return tokens.index.get_indexer(fingerprints)
+
+
+def subject_codes(tokens: pd.DataFrame) -> np.ndarray:
+    """A code per token for its subject (-1: none); equal subjects, equal codes."""
+    return pd.factorize(tokens["sub"])[0]
 
 
 def _rank(uses: pd.DataFrame) -> np.ndarray:

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from hoptrace.analyzer._arrays import run_starts
-from hoptrace.analyzer._prepare import Paths, paths_of
+from hoptrace.analyzer._prepare import Paths, paths_of, subject_codes, token_positions
 
 LINKS = ("root", "header", "token", "nesting", "ambiguous", "orphan")
 _ROOT, _HEADER, _TOKEN, _NESTING, _AMBIGUOUS, _ORPHAN = range(len(LINKS))
@@ -68,8 +68,8 @@ def rebuild(
     is_entry = (service == entry_code) & (entry_code >= 0)
 
     positions = pd.Index(hops.index).get_indexer(hop_tokens["hop_id"])
-    token_code = tokens.index.get_indexer(hop_tokens["fingerprint"])
-    subject = pd.factorize(tokens["sub"])[0]
+    token_code = token_positions(hop_tokens["fingerprint"], tokens)
+    subject = subject_codes(tokens)
     sub_code = np.where(token_code >= 0, subject[np.maximum(token_code, 0)], -1) if len(subject) else token_code
     trace_code = pd.factorize(hops["trace_id"])[0].astype(np.int64)
     graph = _Graph(start, end, service)
