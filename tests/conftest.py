@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -111,6 +112,16 @@ def proxy(spawn, tmp_path):
         return proc, {name: f"http://127.0.0.1:{port}" for name, port in listen.items()}, db
 
     return start
+
+
+def query(db: Path, sql: str, *params) -> list[sqlite3.Row]:
+    """Rows of one query on a trace file, opened and closed around it."""
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
 
 
 def file_bytes(db: Path) -> bytes:

@@ -14,27 +14,17 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from .conftest import PYTHON, free_port
+from .conftest import PYTHON, free_port, query
 
 pytestmark = pytest.mark.e2e
 
 
 def hops(db: Path) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute("SELECT * FROM hops ORDER BY id").fetchall()
-    finally:
-        conn.close()
+    return query(db, "SELECT * FROM hops ORDER BY id")
 
 
 def capture(db: Path) -> sqlite3.Row:
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute("SELECT * FROM captures").fetchone()
-    finally:
-        conn.close()
+    return query(db, "SELECT * FROM captures")[0]
 
 
 async def fetch_all(urls: list[str], concurrency: int, headers: dict | None = None) -> list[int]:

@@ -17,7 +17,7 @@ from mitmproxy.test import taddons, tflow, tutils
 from hoptrace.addons import Recorder
 from hoptrace.db import SCHEMA_VERSION
 
-from .conftest import file_bytes
+from .conftest import file_bytes, query
 
 SECRET = "a-32-byte-secret-for-hs256-tests!"
 
@@ -25,15 +25,6 @@ SECRET = "a-32-byte-secret-for-hs256-tests!"
 def make_token(sub: str = "alice", ttl: float = 60) -> str:
     now = int(time.time())
     return jwt.encode({"sub": sub, "iat": now, "exp": now + ttl, "jti": f"{sub}-{now}"}, SECRET, algorithm="HS256")
-
-
-def rows(db, sql: str) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
 
 
 def record(db, *flows, **options) -> "Counters":  # noqa: F821
@@ -56,7 +47,7 @@ def test_one_row_per_flow_with_timings_and_service(tmp_path):
     db = tmp_path / "t.db"
     counters = record(db, tflow.tflow(resp=True), tflow.tflow(err=True))
     assert (counters.seen, counters.recorded, counters.dropped, counters.addon_errors) == (2, 2, 0, 0)
-    hops = rows(db, "SELECT * FROM hops ORDER BY id")
+    hops = query(db, "SELECT * FROM hops ORDER BY id")
     assert [h["status"] for h in hops] == [200, None]
     assert [h["failed"] for h in hops] == [0, 1]
     assert hops[1]["error"] == "error" and hops[1]["error_kind"] == "other"
@@ -65,10 +56,10 @@ def test_one_row_per_flow_with_timings_and_service(tmp_path):
         assert hop["started_at"] <= hop["ended_at"]
         assert hop["duration_ms"] == pytest.approx((hop["ended_at"] - hop["started_at"]) * 1000)
     assert hops[0]["started_at"] <= hops[0]["response_start_at"] <= hops[0]["ended_at"]
-    capture = rows(db, "SELECT * FROM captures")[0]
+    capture = query(db, "SELECT * FROM captures")[0]
     assert (capture["hops_seen"], capture["hops_recorded"], capture["entry"]) == (2, 2, "gateway")
     assert capture["ended_at"] >= capture["started_at"]
-    assert rows(db, "PRAGMA user_version")[0][0] == SCHEMA_VERSION
+    assert query(db, "PRAGMA user_version")[0][0] == SCHEMA_VERSION
 
 
 def test_status_200_with_error_is_recorded_as_both(tmp_path):
@@ -76,7 +67,7 @@ def test_status_200_with_error_is_recorded_as_both(tmp_path):
     flow.error.msg = "peer closed connection without sending complete message body"
     db = tmp_path / "t.db"
     record(db, flow)
-    hop = rows(db, "SELECT status, error, error_kind, failed FROM hops")[0]
+    hop = query(db, "SELECT status, error, error_kind, failed FROM hops")[0]
     assert tuple(hop) == (200, flow.error.msg, "truncated", 1)
 
 
@@ -90,16 +81,16 @@ def test_tokens_found_everywhere_and_stored_only_as_fingerprints(tmp_path):
     db = tmp_path / "t.db"
     record(db, flow)
 
-    links = {(r["role"], r["location"]): r["fingerprint"] for r in rows(db, "SELECT * FROM hop_tokens")}
+    links = {(r["role"], r["location"]): r["fingerprint"] for r in query(db, "SELECT * FROM hop_tokens")}
     assert set(links) == {
         ("presented", "header:authorization"), ("presented", "query:access_token"), ("presented", "cookie:session"),
         ("validated", "body:token"), ("issued", "response-body:access_token"),
         ("issued", "response-header:x-token-refreshed"), ("issued", "set-cookie:session"),
     }  # fmt: skip
     assert links[("presented", "cookie:session")] == links[("issued", "set-cookie:session")]  # one token, stored once
-    subs = {r["sub"] for r in rows(db, "SELECT sub FROM tokens")}
+    subs = {r["sub"] for r in query(db, "SELECT sub FROM tokens")}
     assert subs == {"h", "q", "c", "b", "i", "r"}
-    hop = rows(db, "SELECT * FROM hops")[0]
+    hop = query(db, "SELECT * FROM hops")[0]
     assert (hop["trace_id"], hop["span_id"], hop["trace_source"]) == ("a" * 32, "b" * 16, "traceparent")
     assert hop["server_date"] == "Tue, 15 Nov 1994 08:12:31 GMT" and hop["server_date_ts"] == 784887151.0
     assert hop["path"] == "/cart/1" and "page=2" in hop["query"] and "access_token=[redacted:" in hop["query"]
@@ -118,12 +109,12 @@ def test_bodies_opt_in_and_redacted(tmp_path):
     request.headers["Content-Type"] = "application/x-www-form-urlencoded"
     db = tmp_path / "t.db"
     record(db, tflow.tflow(req=request, resp=True), hoptrace_store_bodies=True)
-    body = rows(db, "SELECT request_body FROM hops")[0][0]
+    body = query(db, "SELECT request_body FROM hops")[0][0]
     assert "user=bob" in body and "hunter2" not in body and "abcdefghijklmnop" not in body
     assert b"hunter2" not in file_bytes(db)
     db2 = tmp_path / "default.db"
     record(db2, tflow.tflow(req=request.copy(), resp=True))
-    assert rows(db2, "SELECT request_body FROM hops")[0][0] is None
+    assert query(db2, "SELECT request_body FROM hops")[0][0] is None
 
 
 def test_bad_options_are_options_errors(tmp_path):
@@ -148,7 +139,7 @@ def test_fingerprint_key_makes_fingerprints_comparable_across_captures(tmp_path)
         flow = tflow.tflow(resp=True)
         flow.request.headers["Authorization"] = "Bearer opaque-token-0123456789abcdef"
         record(tmp_path / name, flow, hoptrace_fingerprint_key=key)
-        fps.append(rows(tmp_path / name, "SELECT fingerprint, kind FROM tokens")[0])
+        fps.append(query(tmp_path / name, "SELECT fingerprint, kind FROM tokens")[0])
     assert fps[0]["fingerprint"] == fps[1]["fingerprint"] and fps[0]["kind"] == "opaque"
 
 
@@ -177,8 +168,8 @@ def test_hostile_authorization_values_never_lose_a_hop(tmp_path_factory, values)
         flows.append(flow)
     counters = record(db, *flows)
     assert counters.addon_errors == 0 and counters.dropped == 0
-    assert rows(db, "SELECT count(*) FROM hops")[0][0] == len(values)
-    for token in rows(db, "SELECT kind, exp, error FROM tokens"):
+    assert query(db, "SELECT count(*) FROM hops")[0][0] == len(values)
+    for token in query(db, "SELECT kind, exp, error FROM tokens"):
         assert token["kind"] in ("jwt", "jwe", "opaque")
         assert token["exp"] is None or token["exp"] == token["exp"]  # never NaN
 
