@@ -108,7 +108,7 @@ class TraceWriter:
         max_pending: int = 200_000,
         batch_size: int = 2_000,
         row_process: str = "auto",
-        linger: float = 0.02,
+        linger: float = 0.1,
     ) -> None:
         if row_process not in ROW_PROCESS_MODES:
             raise ValueError(f"row_process: one of {', '.join(ROW_PROCESS_MODES)}, not {row_process!r}")
@@ -118,8 +118,11 @@ class TraceWriter:
         self._row_process: RowProcess | None = None
         self._submitted = 0
         # After the first flow of a batch, wait this long for more: fewer, larger
-        # batches mean fewer wake-ups of this thread competing for the GIL.
+        # batches mean fewer wake-ups of this thread taking the GIL from the event
+        # loop (measured under mitmdump at 64 clients: 0.02 s cost ~15 % of
+        # throughput, 0.1 s ~5 %). flush() and close() cut the wait short.
         self._linger = linger
+        self._wake = threading.Event()
         self._key = key
         self._store_bodies = store_bodies
         self._max_pending = max_pending
@@ -141,6 +144,8 @@ class TraceWriter:
             ),
         ).lastrowid
         self.closed = False
+        if row_process == "on":
+            self._process()  # its start-up (~0.2 s) then overlaps the proxy's, not the first requests
         self._thread = threading.Thread(target=self._run, name="hoptrace-writer", daemon=True)
         self._thread.start()
 
@@ -157,6 +162,7 @@ class TraceWriter:
         """Wait until everything submitted so far is committed."""
         done = threading.Event()
         self._queue.put(done)
+        self._wake.set()
         return done.wait(timeout)
 
     def close(self, timeout: float = 30.0) -> Counters:
@@ -165,6 +171,7 @@ class TraceWriter:
             return self.counters
         self.closed = True
         self._queue.put(self._STOP)
+        self._wake.set()
         self._thread.join(timeout)
         if self._row_process is not None:
             self._row_process.close()
@@ -197,7 +204,8 @@ class TraceWriter:
         markers: list[threading.Event] = []
         item = self._queue.get()
         if self._linger and item is not self._STOP and not isinstance(item, threading.Event):
-            time.sleep(self._linger)
+            self._wake.wait(self._linger)
+            self._wake.clear()
         while True:
             if item is self._STOP:
                 return batch, markers, True
