@@ -55,7 +55,7 @@ _HOP_FIELDS = HOP_COLUMNS[4:]
 # capture has seen ROW_PROCESS_AFTER flows (sustained load; a short capture never
 # pays for a process), "on" from the start, "off" never (the writer thread).
 ROW_PROCESS_MODES = ("auto", "on", "off")
-ROW_PROCESS_AFTER = 200
+ROW_PROCESS_AFTER = 100
 
 
 @dataclass(frozen=True, slots=True)

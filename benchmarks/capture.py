@@ -376,6 +376,10 @@ def one_run(
             if line.strip() != "warm":
                 raise RuntimeError(f"load generator: expected 'warm', got {line!r}")
             pids = proc_tree(proxy.pid) if proxy else []
+            # Start timing from a quiet proxy: what its start-up and the warm-up set off
+            # (hoptrace's row process starting, a backlog being written) is not the load's.
+            wait_idle(pids, timeout=10.0)
+            pids = proc_tree(proxy.pid) if proxy else []
             cpu_before = cpu_seconds(pids)
             children_before = cpu_seconds(pids[1:])
             service_cpu_before = cpu_seconds([upstream.pid])
@@ -589,7 +593,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("capture")
     group.add_argument("--rounds", type=int, default=None, help="rounds (default 4; --quick: 1)")
     group.add_argument("--requests", type=int, default=None, help="timed requests per run (default 1500; --quick: 400)")
-    group.add_argument("--warmup", type=int, default=None, help="untimed requests per connection first (default 5; --quick: 2)")
+    group.add_argument("--warmup", type=int, default=None, help="untimed requests per connection first (default 8; --quick: 2)")
     group.add_argument("--clients", default="16,64", help="concurrent keep-alive clients, comma-separated (default 16,64)")
     group.add_argument("--configs", default="abcde", help="which configurations, e.g. bd (default abcde)")
     group.add_argument("--max-seconds", type=float, default=120.0, help="cap on one run's load (default 120)")
@@ -609,7 +613,7 @@ def resolve_defaults(args: argparse.Namespace) -> None:
     if args.requests is None:
         args.requests = 400 if quick else 1500
     if args.warmup is None:
-        args.warmup = 2 if quick else 5
+        args.warmup = 2 if quick else 8
     if args.budget is None:
         args.budget = 0 if quick else 270
 
