@@ -372,30 +372,23 @@ def _bare_snapshot_row(snap: tuple) -> dict:
     """The little we can say of a snapshot whose details would not parse."""
     started = snap[_hop._REQ_START]
     if isinstance(started, bool) or not isinstance(started, int | float):
-        started = time.time()
-    row = dict.fromkeys(HOP_COLUMNS)
-    row.update(
-        flow_id=snap[_hop._FLOW_ID],
-        method=snap[_hop._METHOD],
-        path=str(snap[_hop._PATH]).partition("?")[0],
-        error="hoptrace could not read this flow",
-        error_kind="other",
-        failed=1,
-        started_at=started,
-        ended_at=started,
-        duration_ms=0.0,
-    )
-    return row
+        started = None
+    return _bare(snap[_hop._FLOW_ID], snap[_hop._METHOD], str(snap[_hop._PATH]), started)
 
 
 def _bare_row(flow) -> dict:
     """The little we can say of a flow whose details would not parse."""
-    started = getattr(flow.request, "timestamp_start", None) or time.time()
+    request = flow.request
+    return _bare(flow.id, getattr(request, "method", None), getattr(request, "path", ""), getattr(request, "timestamp_start", None))
+
+
+def _bare(flow_id: str, method: str | None, path: str, started: float | None) -> dict:
+    started = started or time.time()
     row = dict.fromkeys(HOP_COLUMNS)
     row.update(
-        flow_id=flow.id,
-        method=getattr(flow.request, "method", None),
-        path=getattr(flow.request, "path", "").partition("?")[0],
+        flow_id=flow_id,
+        method=method,
+        path=path.partition("?")[0],
         error="hoptrace could not read this flow",
         error_kind="other",
         failed=1,
