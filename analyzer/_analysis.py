@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,9 @@ class Analysis:
     notes: list[str] = field(default_factory=list)
     """What the reader should know about the data: ignored rows, orphans, guessed links."""
     source: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds each stage took: ``load`` (by :func:`analyze`), ``rebuild`` (traces, token
+    uses, sessions), ``detectors``, ``tables`` (latency per service, endpoint and edge)."""
 
     def trace_hops(self, trace: int) -> pd.DataFrame:
         """The hops of one request, depth first."""
@@ -84,12 +88,15 @@ def analyze(
     lo, hi = parse_time(since, "since"), parse_time(until, "until")
     if lo is not None and hi is not None and lo > hi:
         raise AnalysisError(f"since ({since}) is after until ({until})")
+    started = time.perf_counter()
     try:
         tables = load(path, since=lo, until=hi, extra_columns=config.extra_hop_columns)
     except ValueError as exc:  # an unknown column name in the config
         raise AnalysisError(str(exc)) from None
+    loaded = time.perf_counter() - started
     analysis = analyze_tables(tables, config, trace=trace, since=lo, until=hi)
     analysis.source = str(path)
+    analysis.timings = {"load": loaded, **analysis.timings}
     return analysis
 
 
@@ -131,9 +138,13 @@ def analyze_tables(
     detectors: tuple[Detector, ...] = DETECTORS,
 ) -> Analysis:
     """The analysis of tables already loaded (see :func:`analyze`)."""
+    clock = time.perf_counter
+    started = clock()
     ctx = prepare(tables, config, since=since, until=until)
+    rebuilt = clock()
     hops, hop_tokens, sessions = ctx.hops, ctx.hop_tokens, ctx.sessions
     findings = run_detectors(ctx, detectors)
+    detected = clock()
     notes = [*tables.notes, *_link_notes(hops)]
     if trace is not None:
         chosen = resolve_trace(hops, trace)
@@ -143,19 +154,24 @@ def analyze_tables(
         touches = findings["hop_ids"].map(lambda ids: not mine.isdisjoint(ids)).astype(bool)
         findings = findings[(findings["trace"] == chosen).fillna(False) | touches].reset_index(drop=True)
         sessions = sessions[sessions["trace"] == chosen].reset_index(drop=True)
-    parent = _latency.parent_positions(hops)
+    tables_started = clock()
+    services = _latency.latency_table(hops, ["service"])
+    endpoints = _latency.latency_table(hops, ["service", "endpoint"])
+    edges = _latency.edges_table(hops, _latency.parent_positions(hops))
+    timings = {"rebuild": rebuilt - started, "detectors": detected - rebuilt, "tables": clock() - tables_started}
     return Analysis(
         captures=tables.captures,
         hops=hops,
         tokens=tables.tokens,
         hop_tokens=hop_tokens,
         findings=findings,
-        services=_latency.latency_table(hops, ["service"]),
-        endpoints=_latency.latency_table(hops, ["service", "endpoint"]),
-        edges=_latency.edges_table(hops, parent),
+        services=services,
+        endpoints=endpoints,
+        edges=edges,
         sessions=sessions,
         config=ctx.config,
         notes=notes,
+        timings=timings,
     )
 
 
