@@ -28,20 +28,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import select
 import signal
 import socket
 import sqlite3
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from common import fmt, machine, median, work_folder
 
 HERE = Path(__file__).resolve().parent
 LOADGEN = HERE / "loadgen.py"
@@ -442,11 +441,6 @@ def one_run(
 # -- summary -----------------------------------------------------------------------
 
 
-def median(values: list[float | None]) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
 def summarize(runs: list[Run], configs: list[str], clients_list: list[int]) -> dict:
     summary: dict = {}
     for clients in clients_list:
@@ -522,10 +516,6 @@ def targets(summary: dict, runs: list[Run]) -> list[dict]:
     return out
 
 
-def _fmt(value, spec: str = ",.0f", none: str = "-") -> str:
-    return none if value is None else format(value, spec)
-
-
 def render(result: dict) -> str:
     meta, summary = result["meta"], result["summary"]
     lines = [
@@ -550,10 +540,10 @@ def render(result: dict) -> str:
     for clients, block in summary.items():
         for key, s in block["configs"].items():
             lines.append(
-                f"{clients:>7}  {f'({key}) ' + s['label']:<34} {_fmt(s['rps']):>7} {_fmt(s['p50_ms'], '.1f'):>7} "
-                f"{_fmt(s['p99_ms'], '.1f'):>7} {_fmt(s['proxy_cpu_ms_per_req'], '.3f'):>10} {_fmt(s['proxy_main_cpu_ms_per_req'], '.3f'):>7} "
-                f"{_fmt(s['proxy_peak_rss_mb'], '.0f'):>11} "
-                f"{s['responses']:>9} {s['served']:>8} {_fmt(s['rows'], 'd'):>8} {s['lost']:>5} {_fmt(s['other_load'], '.2f'):>6}"
+                f"{clients:>7}  {f'({key}) ' + s['label']:<34} {fmt(s['rps']):>7} {fmt(s['p50_ms'], '.1f'):>7} "
+                f"{fmt(s['p99_ms'], '.1f'):>7} {fmt(s['proxy_cpu_ms_per_req'], '.3f'):>10} {fmt(s['proxy_main_cpu_ms_per_req'], '.3f'):>7} "
+                f"{fmt(s['proxy_peak_rss_mb'], '.0f'):>11} "
+                f"{s['responses']:>9} {s['served']:>8} {fmt(s['rows'], 'd'):>8} {s['lost']:>5} {fmt(s['other_load'], '.2f'):>6}"
             )
     lines += [
         "",
@@ -569,7 +559,7 @@ def render(result: dict) -> str:
     for name in ratio_names:
         values = [summary[c]["ratios"].get(name) for c in clients_keys]
         if any(v is not None for v in values):
-            lines.append(f"  {name:<48}" + "  ".join(f"{_fmt(v, '.2f'):>11}" for v in values))
+            lines.append(f"  {name:<48}" + "  ".join(f"{fmt(v, '.2f'):>11}" for v in values))
     lines += ["", f"{'target':<46} {'clients':>7}  {'measured':<34} result", "-" * 96]
     for t in result["targets"]:
         lines.append(f"{t['target']:<46} {t['clients']:>7}  {t['measured']:<34} {t['result'] or '-'}")
@@ -602,8 +592,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds the capture part should take: time to spare goes to waiting for a quiet machine before a run, "
         "and rounds after the third are skipped when they would not fit (default 270; --quick: 0, no waiting)",
     )  # fmt: skip
-    group.add_argument("--keep", action="store_true", help="keep the trace files and logs (in --workdir)")
-    group.add_argument("--workdir", type=Path, default=None, help="where trace files and logs go (default: a temporary folder)")
 
 
 def resolve_defaults(args: argparse.Namespace) -> None:
@@ -618,19 +606,8 @@ def resolve_defaults(args: argparse.Namespace) -> None:
         args.budget = 0 if quick else 270
 
 
-def bench_capture(args: argparse.Namespace, log=print) -> dict:
-    """Run the capture benchmark; returns the JSON-able result (meta, runs, summary, targets, table)."""
-    resolve_defaults(args)
-    configs = [k for k in args.configs if k in CONFIGS]
-    if not configs or len(configs) != len(args.configs):
-        raise SystemExit(f"bench: --configs takes letters from {''.join(CONFIGS)}, got {args.configs!r}")
-    clients_list = [int(c) for c in str(args.clients).split(",") if c.strip()]
-    if args.rounds < 1 or args.requests < 1 or any(c < 1 for c in clients_list):
-        raise SystemExit("bench: --rounds, --requests and --clients must be positive")
-    owned = args.workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="hoptrace-bench-")) if owned else args.workdir
-    workdir.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
+def _run_rounds(args, configs: list[str], clients_list: list[int], workdir: Path, started: float, log) -> list[Run]:
+    """Every run of every round, interleaved, within the time budget."""
     upstream_port = free_port()
     upstream = Child([PYTHON, "-m", "hoptrace.testing", "hello", str(upstream_port)], workdir / "service.log")
     runs: list[Run] = []
@@ -669,7 +646,7 @@ def bench_capture(args: argparse.Namespace, log=print) -> dict:
                     runs.append(run)
                     log(
                         f"  round {round_ + 1}/{args.rounds}  {clients:>3} clients  ({key}) {CONFIGS[key].label:<30}"
-                        f" {run.rps:>7,.0f} req/s  p99 {_fmt(run.p99_ms, '.1f'):>6} ms"
+                        f" {run.rps:>7,.0f} req/s  p99 {fmt(run.p99_ms, '.1f'):>6} ms"
                         + (
                             f"  cpu {run.proxy_cpu_ms_per_req:.3f} ms/req ({run.proxy_main_cpu_ms_per_req:.3f} in the proxy process)"
                             if run.proxy_cpu_ms_per_req is not None
@@ -680,10 +657,21 @@ def bench_capture(args: argparse.Namespace, log=print) -> dict:
                     )
     finally:
         upstream.stop(signal.SIGTERM)
-        if owned and not args.keep:
-            import shutil
+    return runs
 
-            shutil.rmtree(workdir, ignore_errors=True)
+
+def bench_capture(args: argparse.Namespace, log=print) -> dict:
+    """Run the capture benchmark; returns the JSON-able result (meta, runs, summary, targets, table)."""
+    resolve_defaults(args)
+    configs = [k for k in args.configs if k in CONFIGS]
+    if not configs or len(configs) != len(args.configs):
+        raise SystemExit(f"bench: --configs takes letters from {''.join(CONFIGS)}, got {args.configs!r}")
+    clients_list = [int(c) for c in str(args.clients).split(",") if c.strip()]
+    if args.rounds < 1 or args.requests < 1 or any(c < 1 for c in clients_list):
+        raise SystemExit("bench: --rounds, --requests and --clients must be positive")
+    started = time.monotonic()
+    with work_folder(args.workdir, args.keep, "hoptrace-bench-capture-") as workdir:
+        runs = _run_rounds(args, configs, clients_list, workdir, started, log)
     summary = summarize(runs, configs, clients_list)
     result = {
         "meta": _meta(args, time.monotonic() - started),
@@ -699,16 +687,8 @@ def _meta(args, seconds: float) -> dict:
     import jwt
     from mitmproxy import version
 
-    cpu = "?"
-    try:
-        cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)[1].strip()
-    except (OSError, TypeError):
-        pass
     return {
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "cores": os.cpu_count(),
-        "cpu": cpu,
-        "python": platform.python_version(),
+        **machine(),
         "mitmproxy": version.VERSION,
         "pyjwt": jwt.__version__,
         "rounds": args.rounds - getattr(args, "rounds_skipped", 0),

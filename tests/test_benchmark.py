@@ -34,7 +34,7 @@ def test_quick_benchmark_counts_every_hop_and_prints_every_configuration(tmp_pat
     env = {**os.environ, "HOPTRACE_ROW_PROCESS": "on", "PYTHONUNBUFFERED": "1"}
     started = time.monotonic()
     result = subprocess.run(
-        [PYTHON, str(ROOT / "benchmarks" / "run.py"), "--quick", "--requests", "150", "--json", str(out)],
+        [PYTHON, str(ROOT / "benchmarks" / "run.py"), "--only", "capture", "--quick", "--requests", "150", "--json", str(out)],
         capture_output=True, text=True, timeout=240, env=env, cwd=ROOT, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr

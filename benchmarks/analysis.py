@@ -1,0 +1,303 @@
+"""The analysis benchmark: how the analyzer scales, on synthetic trace DBs of 10k, 100k and 1M hops.
+
+For each size, ``synth.py`` writes a DB (``write s``). Then each round runs in a
+fresh process, so that its peak RSS is the analysis's own, and does what
+``hoptrace analyze`` and ``hoptrace report`` do:
+
+    load        hoptrace.analyzer.load: the file checked, the columns read
+    rebuild     requests rebuilt (parent links), token uses, sessions
+    detectors   every detector of DETECTORS
+    tables      latency per service, endpoint and call edge
+    waterfall   the worst request's waterfall, saved as PNG (matplotlib's import included)
+    report      the HTML report (hoptrace.plot.write_report)
+
+``analysis s`` is load + rebuild + detectors + tables: the DB loaded, rebuilt and
+analyzed. Peak RSS is the process's ``ru_maxrss`` after the analysis, and after
+the charts. Figures are medians of the rounds.
+
+Correctness is checked, speed never is: the hops read must equal the hops
+written, and the findings must be the same for every cohort at every size (each
+finding reduced to its kind and its hops' positions within their cohort; the
+findings about a service over the whole capture, such as clock skew, once per DB).
+
+    python benchmarks/analysis.py --measure DB --per-cohort N --out DIR   (one round; JSON on stdout)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import resource
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import synth
+from common import fmt, machine, median, work_folder
+
+STAGES = ("load", "rebuild", "detectors", "tables")
+SIZES = "10000,100000,1000000"
+# Targets from the issue: 10 x the hops in at most 12 x the time; a million hops in 15 s and 2 GB.
+SCALING_SLACK = 1.2
+MILLION_S = 15.0
+MILLION_RSS_MB = 2048
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("analysis")
+    group.add_argument(
+        "--sizes", default=None, help=f"hops per synthetic DB, comma-separated (default {SIZES}; --quick: 10000,100000)"
+    )
+    group.add_argument("--analysis-rounds", type=int, default=None, help="rounds per size (default 3; --quick: 1)")
+
+
+def bench_analysis(args: argparse.Namespace, log=print) -> dict:
+    """Run the analysis benchmark; returns the JSON-able result (meta, sizes, targets, table)."""
+    quick = getattr(args, "quick", False)
+    sizes = sorted(int(s) for s in (args.sizes or ("10000,100000" if quick else SIZES)).split(",") if s.strip())
+    rounds = args.analysis_rounds or (1 if quick else 3)
+    if not sizes or min(sizes) < 1 or rounds < 1:
+        raise SystemExit("bench: --sizes and --analysis-rounds must be positive")
+    started = time.monotonic()
+    results = []
+    with work_folder(args.workdir, args.keep, "hoptrace-bench-analysis-") as folder:
+        for size in sizes:
+            before = time.monotonic()
+            db = synth.write(folder / f"synth-{size}.db", size)
+            written_s = time.monotonic() - before
+            log(
+                f"  {db.hops:>9,} hops ({db.cohorts} cohorts) written in {written_s:.1f} s, {db.path.stat().st_size / 1e6:,.0f} MB"
+            )
+            runs = []
+            for round_ in range(rounds):
+                run = _run_child(db, folder / f"out-{size}-{round_}")
+                runs.append(run)
+                log(
+                    f"  {db.hops:>9,} hops  round {round_ + 1}/{rounds}  "
+                    + (f"!! {run['problem']}" if "problem" in run else _run_line(run))
+                )
+            results.append(_summarize(db, written_s, runs))
+            if not args.keep:
+                db.path.unlink(missing_ok=True)
+    result = {
+        "meta": {**machine(), "rounds": rounds, "users_per_cohort": synth.USERS, "seconds": round(time.monotonic() - started, 1)},
+        "sizes": results,
+    }
+    result["targets"] = targets(results)
+    result["table"] = render(result)
+    return result
+
+
+def _run_line(run: dict) -> str:
+    s = run["stages"]
+    return (
+        f"analysis {sum(s[k] for k in STAGES):6.2f} s (load {s['load']:.2f}, rebuild {s['rebuild']:.2f},"
+        f" detectors {s['detectors']:.2f}, tables {s['tables']:.2f})  waterfall {s['waterfall']:.2f} s"
+        f"  report {s['report']:.2f} s  peak RSS {run['peak_rss_mb']['all']:,.0f} MB"
+    )
+
+
+def _run_child(db: synth.SynthDB, out: Path) -> dict:
+    """One round in a fresh interpreter; a crash is recorded as a problem, not raised."""
+    cmd = [sys.executable, __file__, "--measure", str(db.path), "--per-cohort", str(db.hops_per_cohort), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"problem": f"exit {done.returncode}: {last}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _summarize(db: synth.SynthDB, written_s: float, runs: list[dict]) -> dict:
+    good = [r for r in runs if "problem" not in r]
+    stages = {k: median([r["stages"][k] for r in good]) for k in (*STAGES, "waterfall", "report")}
+    analysis = [sum(r["stages"][k] for k in STAGES) for r in good]
+    return {
+        "hops": db.hops,
+        "cohorts": db.cohorts,
+        "hops_per_cohort": db.hops_per_cohort,
+        "db_mb": round(db.path.stat().st_size / 1e6, 1),
+        "write_s": written_s,
+        "stages": stages,
+        "analysis_s": median(analysis),
+        "peak_rss_mb": {k: median([r["peak_rss_mb"][k] for r in good]) for k in ("analysis", "all")},
+        "hops_read": [r["hops"] for r in good],
+        "findings": good[0]["findings"] if good else None,
+        "signatures": [r["signature"] for r in good],
+        "problems": [r["problem"] for r in runs if "problem" in r],
+    }
+
+
+# -- one round (the child process) ----------------------------------------------------------
+
+
+def measure(db: Path, per_cohort: int, out: Path) -> dict:
+    from hoptrace import plot
+    from hoptrace.analyzer import analyze_tables, load
+
+    out.mkdir(parents=True, exist_ok=True)
+    clock = time.perf_counter
+    started = clock()
+    tables = load(db)
+    stages = {"load": clock() - started}
+    analysis = analyze_tables(tables)
+    stages.update(analysis.timings)
+    rss_analysis = _peak_rss_mb()
+    started = clock()
+    trace, _why = plot.pick_worst_trace(analysis)
+    plot.save_figure(plot.waterfall(analysis, trace), out / "waterfall.png")
+    stages["waterfall"] = clock() - started
+    started = clock()
+    plot.write_report(analysis, out / "report.html")
+    stages["report"] = clock() - started
+    return {
+        "stages": stages,
+        "peak_rss_mb": {"analysis": rss_analysis, "all": _peak_rss_mb()},
+        "hops": len(analysis.hops),
+        "findings": dict(Counter(analysis.findings["kind"])),
+        "signature": cohort_signature(analysis.findings, per_cohort),
+    }
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def cohort_signature(findings, per_cohort: int) -> dict:
+    """The findings as they must repeat: ``cohort`` (one cohort's, as sorted [kind, positions, count]),
+    ``differing`` (how many cohorts found otherwise), ``capture_wide`` (findings with no request)."""
+    by_cohort: dict[int, Counter] = {}
+    capture_wide: Counter = Counter()
+    rows = zip(findings["kind"], findings["trace"].isna(), findings["service"], findings["hop_ids"])
+    for kind, no_request, service, hop_ids in rows:
+        if no_request:  # about a service over the whole capture
+            capture_wide[f"{kind} {service}"] += 1
+            continue
+        cohort = (min(hop_ids) - 1) // per_cohort
+        positions = tuple(int(h) - cohort * per_cohort for h in hop_ids)
+        by_cohort.setdefault(cohort, Counter())[(kind, positions)] += 1
+    first = by_cohort.get(0, Counter())
+    cohorts = max(by_cohort, default=-1) + 1
+    differing = sum(by_cohort.get(c, Counter()) != first for c in range(cohorts))
+    return {
+        "cohort": sorted([kind, list(positions), n] for (kind, positions), n in first.items()),
+        "differing": differing,
+        "capture_wide": dict(capture_wide),
+    }
+
+
+# -- targets and the table ------------------------------------------------------------------
+
+
+def targets(sizes: list[dict]) -> list[dict]:
+    out = []
+
+    def add(name: str, measured: str, ok: bool | None) -> None:
+        out.append({"target": name, "measured": measured, "result": None if ok is None else ("PASS" if ok else "MISS")})
+
+    for small, large in itertools.pairwise(sizes):
+        if small["analysis_s"] and large["analysis_s"]:
+            hops, took = large["hops"] / small["hops"], large["analysis_s"] / small["analysis_s"]
+            add(
+                f"{_short(large['hops'])} vs {_short(small['hops'])}: time x <= {SCALING_SLACK} x hops x",
+                f"hops x{hops:.1f}, time x{took:.1f}",
+                took <= SCALING_SLACK * hops,
+            )
+    million = [s for s in sizes if s["hops"] >= 900_000 and s["analysis_s"] is not None]
+    for s in million:
+        add(
+            f"{_short(s['hops'])} hops analyzed in <= {MILLION_S:.0f} s", f"{s['analysis_s']:.1f} s", s["analysis_s"] <= MILLION_S
+        )
+        rss = s["peak_rss_mb"]["all"]
+        add(f"{_short(s['hops'])} hops: peak RSS <= 2 GB (charts too)", f"{rss:,.0f} MB", rss <= MILLION_RSS_MB)
+    if not million:
+        add("1M hops analyzed in <= 15 s, peak RSS <= 2 GB", "not run (no size of 1M)", None)
+    alike, why = same_findings(sizes)
+    add("same findings in every cohort, at every size", why, alike)
+    read = all(s["hops_read"] and set(s["hops_read"]) == {s["hops"]} and not s["problems"] for s in sizes)
+    add("hops read == hops written, every round", "yes" if read else _unread(sizes), read)
+    return out
+
+
+def same_findings(sizes: list[dict]) -> tuple[bool, str]:
+    signatures = [sig for s in sizes for sig in s["signatures"]]
+    if not signatures:
+        return False, "no round finished"
+    differing = sum(sig["differing"] for sig in signatures)
+    if differing:
+        return False, f"{differing} cohort(s) found otherwise than the first"
+    first = signatures[0]
+    if any(sig["cohort"] != first["cohort"] or sig["capture_wide"] != first["capture_wide"] for sig in signatures):
+        return False, "a size found otherwise than another"
+    per_cohort = sum(n for _, _, n in first["cohort"])
+    return True, f"yes: {per_cohort} per cohort + {sum(first['capture_wide'].values())} capture-wide"
+
+
+def _unread(sizes: list[dict]) -> str:
+    for s in sizes:
+        if s["problems"]:
+            return s["problems"][0]
+        if set(s["hops_read"]) != {s["hops"]}:
+            return f"{_short(s['hops'])}: read {s['hops_read']}"
+    return "no round finished"
+
+
+def _short(hops: int) -> str:
+    return f"{hops / 1e6:.1f}M" if hops >= 950_000 else f"{hops / 1e3:.0f}k"
+
+
+def render(result: dict) -> str:
+    meta, sizes = result["meta"], result["sizes"]
+    per_cohort = sizes[0]["hops_per_cohort"] if sizes else 0
+    lines = [
+        (
+            f"Analysis benchmark, {meta['date']}: synthetic trace DBs (cohorts of {meta['users_per_cohort']} concurrent users,"
+            f" {per_cohort} hops, 5-8 hops a request), {meta['rounds']} round(s) per size, medians; took {meta['seconds']:.0f} s."
+        ),
+        f"Machine: {meta['cores']} cores ({meta['cpu']}), Python {meta['python']}.",
+        "",
+    ]
+    header = (
+        f"{'hops':>9} {'cohorts':>7} {'DB MB':>6} {'write s':>7} {'load s':>6} {'rebuild s':>9} {'detectors s':>11}"
+        f" {'tables s':>8} {'analysis s':>10} {'waterfall s':>11} {'report s':>8} {'RSS MB':>7} {'(all)':>6} {'findings':>8}"
+    )
+    lines += [header, "-" * len(header)]
+    for s in sizes:
+        st = s["stages"]
+        lines.append(
+            f"{s['hops']:>9,} {s['cohorts']:>7,} {s['db_mb']:>6,.0f} {s['write_s']:>7.1f} {fmt(st['load'], '.2f'):>6}"
+            f" {fmt(st['rebuild'], '.2f'):>9} {fmt(st['detectors'], '.2f'):>11} {fmt(st['tables'], '.2f'):>8}"
+            f" {fmt(s['analysis_s'], '.2f'):>10} {fmt(st['waterfall'], '.2f'):>11} {fmt(st['report'], '.2f'):>8}"
+            f" {fmt(s['peak_rss_mb']['analysis']):>7} {fmt(s['peak_rss_mb']['all']):>6}"
+            f" {fmt(sum((s['findings'] or {}).values()) or None, ',d'):>8}"
+        )
+    lines += [
+        "",
+        "analysis s: load + rebuild + detectors + tables. RSS MB: the process's peak after the analysis; (all): after",
+        "the waterfall and the report too. write s: synth.py writing the DB (not part of the analysis).",
+    ]
+    if sizes and sizes[0]["findings"]:
+        cohort = Counter(kind for kind, _, n in sizes[0]["signatures"][0]["cohort"] for _ in range(n))
+        wide = sizes[0]["signatures"][0]["capture_wide"]
+        lines += [
+            "findings per cohort: " + ", ".join(f"{k} {n}" for k, n in cohort.most_common()),
+            "findings per DB (about the whole capture): " + (", ".join(f"{k} {n}" for k, n in wide.items()) or "none"),
+        ]
+    lines += ["", f"{'target':<52} {'measured':<40} result", "-" * 100]
+    for t in result["targets"]:
+        lines.append(f"{t['target']:<52} {t['measured']:<40} {t['result'] or '-'}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--measure", type=Path, required=True, metavar="DB")
+    parser.add_argument("--per-cohort", type=int, required=True)
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR")
+    args = parser.parse_args()
+    print(json.dumps(measure(args.measure, args.per_cohort, args.out)))
