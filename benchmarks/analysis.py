@@ -20,7 +20,12 @@ written, and the findings must be the same for every cohort at every size (each
 finding reduced to its kind and its hops' positions within their cohort; the
 findings about a service over the whole capture, such as clock skew, once per DB).
 
+At the largest size, the loader is also compared with the usual ways of reading
+SQLite into pandas (one fresh process each, the same hop columns):
+``pandas.read_sql`` and ``sqlite3`` ``fetchall`` into ``DataFrame.from_records``.
+
     python benchmarks/analysis.py --measure DB --per-cohort N --out DIR   (one round; JSON on stdout)
+    python benchmarks/analysis.py --measure-load DB --how read_sql         (one way of loading)
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import argparse
 import itertools
 import json
 import resource
+import sqlite3
 import subprocess
 import sys
 import time
@@ -83,6 +89,9 @@ def bench_analysis(args: argparse.Namespace, log=print) -> dict:
                     + (f"!! {run['problem']}" if "problem" in run else _run_line(run))
                 )
             results.append(_summarize(db, written_s, runs))
+            if size == sizes[-1]:
+                results[-1]["loading"] = {how: _load_child(db, how) for how in LOADERS}
+                log("  loading alternatives: " + _loading_line(results[-1]["loading"]))
             if not args.keep:
                 db.path.unlink(missing_ok=True)
     result = {
@@ -111,6 +120,21 @@ def _run_child(db: synth.SynthDB, out: Path) -> dict:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return {"problem": f"exit {done.returncode}: {last}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _load_child(db: synth.SynthDB, how: str) -> dict:
+    cmd = [sys.executable, __file__, "--measure-load", str(db.path), "--how", how]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    if done.returncode != 0:
+        return {"problem": f"exit {done.returncode}: {(done.stderr.strip().splitlines() or ['no output'])[-1]}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _loading_line(loading: dict) -> str:
+    return ", ".join(
+        f"{how} {r['seconds']:.2f} s / {r['peak_rss_mb']:,.0f} MB" if "problem" not in r else f"{how} !! {r['problem']}"
+        for how, r in loading.items()
+    )
 
 
 def _summarize(db: synth.SynthDB, written_s: float, runs: list[dict]) -> dict:
@@ -161,6 +185,55 @@ def measure(db: Path, per_cohort: int, out: Path) -> dict:
         "hops": len(analysis.hops),
         "findings": dict(Counter(analysis.findings["kind"])),
         "signature": cohort_signature(analysis.findings, per_cohort),
+    }
+
+
+def _hop_columns() -> tuple[str, ...]:
+    from hoptrace.analyzer._load import CORE_HOP_COLUMNS
+
+    return ("id", *CORE_HOP_COLUMNS)
+
+
+def _load_with_read_sql(db: Path) -> int:
+    import pandas as pd
+
+    with sqlite3.connect(db) as conn:
+        return len(pd.read_sql(f"SELECT {', '.join(_hop_columns())} FROM hops", conn, index_col="id"))
+
+
+def _load_with_fetchall(db: Path) -> int:
+    import pandas as pd
+
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(f"SELECT {', '.join(_hop_columns())} FROM hops").fetchall()
+    return len(pd.DataFrame.from_records(rows, columns=_hop_columns(), index="id"))
+
+
+def _load_with_hoptrace(db: Path) -> int:
+    from hoptrace.analyzer import load
+
+    return len(load(db).hops)
+
+
+# The loader against the usual ways of getting SQLite rows into pandas (the same hop columns;
+# hoptrace's also checks the file and reads the tokens and the token sightings).
+LOADERS = {
+    "pandas.read_sql": _load_with_read_sql,
+    "fetchall+from_records": _load_with_fetchall,
+    "hoptrace load": _load_with_hoptrace,
+}
+
+
+def measure_load(db: Path, how: str) -> dict:
+    import pandas  # noqa: F401  (imported before the clock starts, as for every loader)
+
+    started = time.perf_counter()
+    rows = LOADERS[how](db)
+    return {
+        "seconds": time.perf_counter() - started,
+        "peak_rss_mb": _peak_rss_mb(),
+        "rows": rows,
+        "columns": len(_hop_columns()) - 1,
     }
 
 
@@ -288,6 +361,15 @@ def render(result: dict) -> str:
             "findings per cohort: " + ", ".join(f"{k} {n}" for k, n in cohort.most_common()),
             "findings per DB (about the whole capture): " + (", ".join(f"{k} {n}" for k, n in wide.items()) or "none"),
         ]
+    loading = sizes[-1].get("loading") if sizes else None
+    if loading:
+        columns = max((r.get("columns", 0) for r in loading.values()), default=0)
+        lines += [
+            "",
+            f"loading the {_short(sizes[-1]['hops'])}-hop DB's {columns} hop columns, each way in a fresh process",
+            "(seconds / peak RSS; hoptrace's load also checks the file and reads the tokens and their sightings):",
+            "  " + _loading_line(loading),
+        ]
     lines += ["", f"{'target':<52} {'measured':<40} result", "-" * 100]
     for t in result["targets"]:
         lines.append(f"{t['target']:<52} {t['measured']:<40} {t['result'] or '-'}")
@@ -296,8 +378,15 @@ def render(result: dict) -> str:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--measure", type=Path, required=True, metavar="DB")
-    parser.add_argument("--per-cohort", type=int, required=True)
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR")
+    parser.add_argument("--measure", type=Path, metavar="DB", help="one round on DB")
+    parser.add_argument("--per-cohort", type=int, help="hops per cohort of DB")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="where the waterfall and the report go")
+    parser.add_argument("--measure-load", type=Path, metavar="DB", help="one way of loading DB")
+    parser.add_argument("--how", choices=LOADERS)
     args = parser.parse_args()
-    print(json.dumps(measure(args.measure, args.per_cohort, args.out)))
+    if args.measure_load:
+        print(json.dumps(measure_load(args.measure_load, args.how)))
+    elif args.measure and args.per_cohort and args.out:
+        print(json.dumps(measure(args.measure, args.per_cohort, args.out)))
+    else:
+        parser.error("give --measure DB --per-cohort N --out DIR, or --measure-load DB --how NAME")
