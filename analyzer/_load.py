@@ -8,11 +8,14 @@ numbers through ``group_concat`` (times as integer microseconds, exact) parsed b
 All aggregates of one query see the rows in the same order, so the columns align;
 every query also returns the ids, so queries on other connections align too.
 
-The file is checked once (:func:`hoptrace.db.open_for_reading`); the columns are
-then read by two threads on their own read-only connections (SQLite works with the
-GIL released). They read the hops with ``id <=`` the largest id the first
+The token sightings and the hops, in id ranges of ``_CHUNK`` rows, are read by a
+thread per core, each read on a read-only connection of its own (SQLite works with
+the GIL released). They read the hops with ``id <=`` the largest id the first
 connection saw: the recorder only appends, committing hops with their token
 sightings, so that bound is one consistent snapshot even while the proxy writes.
+After the reads a thread checks the file's structure (:func:`hoptrace.db.check_structure`)
+while the main one puts together what they read; nothing leaves :func:`load` before
+the check passed.
 """
 
 from __future__ import annotations
@@ -21,15 +24,19 @@ import json
 import os
 import re
 import sqlite3
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from hoptrace._errors import TraceFileError
-from hoptrace.db import HOP_COLUMNS, open_for_reading
+from hoptrace.analyzer._traces import in_start_order
+from hoptrace.db import HOP_COLUMNS, check_structure, open_for_reading
 
 # Hop columns the analysis reads; `extra_columns` adds others (e.g. "reason", or "all").
 CORE_HOP_COLUMNS = (
@@ -93,18 +100,19 @@ def load(
     """
     columns = _hop_columns(extra_columns)
     try:
-        conn = open_for_reading(path)
+        conn = open_for_reading(path, check=False)  # _read checks the structure, alongside its reads
+        try:
+            _lenient(conn)
+            conn.execute("BEGIN")  # captures, tokens and the id bound from one snapshot
+            return _read(conn, Path(path), columns, since, until)
+        except sqlite3.DatabaseError as exc:
+            check_structure(conn, path)  # a corrupt file is the likely cause: then say that
+            raise TraceFileError(f"{path}: cannot read the trace database ({exc})") from None
+        finally:
+            conn.close()
     except TraceFileError as exc:
-        # quick_check's report can span lines ("*** in database main ***\nPage 4: ..."): keep one.
+        # A path, or an error SQLite reports, can span lines: keep one.
         raise TraceFileError(" ".join(str(exc).split())) from None
-    try:
-        _lenient(conn)
-        conn.execute("BEGIN")  # captures, tokens and the id bound from one snapshot
-        return _read(conn, Path(path), columns, since, until)
-    except sqlite3.DatabaseError as exc:
-        raise TraceFileError(f"{path}: cannot read the trace database ({exc})") from None
-    finally:
-        conn.close()
 
 
 def _lenient(conn: sqlite3.Connection) -> None:
@@ -122,7 +130,6 @@ def _hop_columns(extra: tuple[str, ...] | str) -> tuple[str, ...]:
 
 
 def _read(conn, path: Path, columns: tuple[str, ...], since, until) -> Tables:
-    notes: list[str] = []
     captures = _read_captures(conn)
     tokens = _read_tokens(conn)
     last_id = conn.execute("SELECT max(id) FROM hops").fetchone()[0]
@@ -133,21 +140,46 @@ def _read(conn, path: Path, columns: tuple[str, ...], since, until) -> Tables:
     # One capture in the whole table (the hops_capture_started index answers at once): no column to read.
     low, high = conn.execute("SELECT min(capture_id), max(capture_id) FROM hops").fetchone()
     single_capture = isinstance(low, int) and low == high
-    jobs = _jobs(tuple(c for c in columns if not (single_capture and c == "capture_id")), last_id, where, params)
+    hop_columns = tuple(c for c in columns if not (single_capture and c == "capture_id"))
+    bounds = _chunk_bounds(conn, last_id) if last_id is not None else []
+    # The longest read first, so that the chunks of hops even out the threads' ends.
+    reads: list[Callable[[sqlite3.Connection], object]] = [partial(_read_hop_tokens, last_id=last_id)]
     if traced:
-        jobs.append(("root_traces", tuple(captures["entry"].dropna().unique()), last_id, where, params))
-    # More threads than cores on purpose: the jobs differ in length, and SQLite runs without the GIL.
-    workers = len(jobs) if len(os.sched_getaffinity(0)) > 1 else 1
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        parts = list(pool.map(lambda job: _run_job(path, job), jobs))
-    hops = _join_hops(parts[:2])
-    if single_capture:
-        hops["capture_id"] = np.full(len(hops), low, np.int64)
-    hops = hops[list(dict.fromkeys((*columns, *_TRACE_COLUMNS)))]
-    hop_tokens = parts[2]
-    if traced:
-        _add_root_traces(hops, parts[3])
+        entries = tuple(captures["entry"].dropna().unique())
+        reads.append(partial(_read_root_traces, entries=entries, last_id=last_id, where=where, params=params))
+    first_chunk = len(reads)
+    reads += [partial(_read_hop_columns, columns=hop_columns, lo=lo, hi=hi, where=where, params=params) for lo, hi in bounds]
+    with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+        running = [pool.submit(_run_read, path, read) for read in reads]
+        with _checking(pool, path):
+            parts = [future.result() for future in running]
+            hops = _join_hops(hop_columns, parts[first_chunk:])
+            if single_capture:
+                hops["capture_id"] = np.full(len(hops), low, np.int64)
+            hops = hops[list(dict.fromkeys((*columns, *_TRACE_COLUMNS)))]
+            if traced:
+                _add_root_traces(hops, parts[1])
+            return _tables(captures, hops, tokens, parts[0])
 
+
+@contextmanager
+def _checking(pool: ThreadPoolExecutor, path: Path):
+    """:func:`hoptrace.db.check_structure` queued after the reads already in ``pool``, and
+    running while the body puts together what they read (at 1M hops: 1.5 s of CPU that
+    would come first, on the core the reads leave idle once they end).
+
+    Its verdict comes before the body's result or error, so what a corrupt file reads as is never seen.
+    """
+    checked = pool.submit(_run_read, path, partial(check_structure, path=path))
+    try:
+        yield
+    finally:
+        checked.result()  # TraceFileError for a corrupt file, in place of what the body returned or raised
+
+
+def _tables(captures: pd.DataFrame, hops: pd.DataFrame, tokens: pd.DataFrame, hop_tokens: pd.DataFrame) -> Tables:
+    """The tables as read, cleaned: hops without times dropped, durations and failures derived."""
+    notes: list[str] = []
     bad = ~(np.isfinite(hops["started_at"]) & np.isfinite(hops["ended_at"]))
     if bad.any():
         notes.append(f"{int(bad.sum())} hops without a valid start or end time were ignored")
@@ -159,7 +191,7 @@ def _read(conn, path: Path, columns: tuple[str, ...], since, until) -> Tables:
     hops["duration_ms"] = (hops["ended_at"] - hops["started_at"]) * 1000.0
     # An error with a status (a 200 whose body broke off) is a failure all the same.
     hops["failed"] = ((hops["failed"] != 0) | hops["error"].notna()).astype("int64")
-    hops = hops.sort_values(["started_at", "ended_at"], ascending=[True, False], kind="stable")
+    hops = in_start_order(hops)
 
     hop_tokens = hop_tokens[hop_tokens["hop_id"].isin(hops.index)].reset_index(drop=True)
     unknown = ~hop_tokens["fingerprint"].isin(tokens.index)
@@ -183,29 +215,14 @@ def _window(conn, since, until) -> tuple[str, tuple]:
     return " AND ended_at >= ? AND started_at <= ?", (lo, float(last_end))
 
 
-def _jobs(columns, last_id, where, params) -> list[tuple]:
-    """Two halves of the hop columns (so two threads share the work), then the hop_tokens."""
-    ordered = sorted(columns, key=lambda c: c in _TIME_COLUMNS or c in _INT_COLUMNS)
-    halves = [tuple(ordered[0::2]), tuple(ordered[1::2])]
-    hop_jobs = [("hops", half, last_id, where, params) for half in halves]
-    return [*hop_jobs, ("hop_tokens", (), last_id, "", ())]
-
-
-def _run_job(path: Path, job: tuple):
-    kind, columns, last_id, where, params = job
-    if last_id is None:  # no hops at all
-        return _read_hop_tokens_rows([]) if kind == "hop_tokens" else {c: _column(c, []) for c in ("id", *columns)}
-    # The file already passed open_for_reading's checks; this is a second reader of it.
+def _run_read(path: Path, read: Callable[[sqlite3.Connection], object]):
+    """``read`` on a read-only connection of its own."""
     conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     try:
         conn.execute("PRAGMA trusted_schema = OFF")
         conn.execute("PRAGMA busy_timeout = 5000")
         _lenient(conn)
-        if kind == "hop_tokens":
-            return _read_hop_tokens(conn, last_id)
-        if kind == "root_traces":
-            return _read_root_traces(conn, columns, last_id, where, params)
-        return _read_hop_columns(conn, columns, last_id, where, params)
+        return read(conn)
     finally:
         conn.close()
 
@@ -284,7 +301,8 @@ def _numeric(column: str, value: str) -> str:
     return f"group_concat(CASE typeof({column}) WHEN 'integer' THEN {value} WHEN 'real' THEN {value} ELSE {_NULL} END, ',')"
 
 
-def _read_hop_columns(conn, columns: tuple[str, ...], last_id: int, where: str, params: tuple) -> dict:
+def _read_hop_columns(conn, columns: tuple[str, ...], lo: int, hi: int, where: str, params: tuple) -> dict | None:
+    """The hops with ``lo < id <= hi``: per column, an int array (numbers) or a list (text); None if none."""
     sparse = [c for c in columns if c in _SPARSE_COLUMNS]
     names = ("id", *(c for c in columns if c not in sparse))
     exprs = [_expr(c) for c in names]
@@ -292,24 +310,18 @@ def _read_hop_columns(conn, columns: tuple[str, ...], last_id: int, where: str, 
         # The ids of the few hops that have a value: NULLs are left out of group_concat.
         exprs.append(f"group_concat(CASE WHEN {' OR '.join(f'{c} IS NOT NULL' for c in sparse)} THEN id END, ',')")
     select = f"SELECT {', '.join(exprs)} FROM hops NOT INDEXED WHERE id > ? AND id <= ?"
-    parts: dict[str, list] = {c: [] for c in names}
-    having: list[str] = []
-    for lo, hi in _chunk_bounds(conn, last_id):
-        row = conn.execute(select + where, (lo, hi, *params)).fetchone()
-        if row[0] is not None:
-            for name, text in zip(names, row):
-                parts[name].append(text)
-            if sparse and row[-1]:
-                having.append(row[-1])
-    out = {name: _column(name, parts[name]) for name in names}
+    row = conn.execute(select + where, (lo, hi, *params)).fetchone()
+    if row[0] is None:
+        return None
+    out = {name: _ints(text) if _is_numeric(name) else json.loads(text) for name, text in zip(names, row)}
     if sparse:
-        out.update(_sparse(conn, sparse, out["id"], having))
+        out.update(_sparse(conn, sparse, out["id"], row[-1]))
     return out
 
 
-def _sparse(conn, columns: list[str], ids: np.ndarray, having: list[str]) -> dict:
+def _sparse(conn, columns: list[str], ids: np.ndarray, having: str | None) -> dict:
     """Columns set on few hops, by id: a lookup of those hops rather than a value per hop."""
-    found = np.concatenate([_ints(t) for t in having]) if having else np.zeros(0, np.int64)
+    found = _ints(having) if having else np.zeros(0, np.int64)
     rows = conn.execute(
         f"SELECT id, {', '.join(f'CAST({c} AS TEXT)' for c in columns)} FROM hops WHERE id IN (SELECT value FROM json_each(?))",
         (json.dumps(found.tolist()),),
@@ -319,20 +331,15 @@ def _sparse(conn, columns: list[str], ids: np.ndarray, having: list[str]) -> dic
     for i, name in enumerate(columns, 1):
         values = np.full(len(ids), None, dtype=object)
         values[at] = [row[i] for row in rows]
-        out[name] = _strings(values.tolist(), categorical=name in _CATEGORICAL)
+        out[name] = values
     return out
 
 
-def _join_hops(parts: list[dict]) -> pd.DataFrame:
-    ids = parts[0]["id"]
-    data: dict = {"id": ids}
-    for part in parts:
-        # Each connection returned rows in rowid order; align on the ids all the same.
-        at = None if np.array_equal(part["id"], ids) else pd.Index(part["id"]).get_indexer(ids)
-        for name, values in part.items():
-            if name != "id":
-                data[name] = values if at is None else values[at]
-    frame = pd.DataFrame(data).set_index("id")
+def _join_hops(columns: tuple[str, ...], chunks: list[dict | None]) -> pd.DataFrame:
+    """The hops DataFrame from the id ranges' columns (in id order)."""
+    chunks = [chunk for chunk in chunks if chunk is not None]
+    frame = pd.DataFrame({name: _column(name, [chunk[name] for chunk in chunks]) for name in ("id", *columns)})
+    frame = frame.set_index("id")
     for name in _TRACE_COLUMNS:
         if name not in frame:
             frame[name] = pd.Series(np.nan, index=frame.index, dtype="str")
@@ -340,8 +347,16 @@ def _join_hops(parts: list[dict]) -> pd.DataFrame:
 
 
 def _chunk_bounds(conn, last_id: int) -> list[tuple[int, int]]:
-    """Id ranges of about ``_CHUNK`` hops each: rowid range scans, no sort."""
-    first, count = conn.execute("SELECT min(id), count(*) FROM hops WHERE id <= ?", (last_id,)).fetchone()
+    """Id ranges of about ``_CHUNK`` hops each: rowid range scans, no sort.
+
+    ``last_id`` is the snapshot's largest id, so every hop of it counts: a bare
+    ``count(*)`` SQLite answers from the smallest index (10 ms at 1M hops, where
+    ``WHERE id <= ?`` walks the whole table: 0.3 s before any thread can start). The
+    ranges cover every id whatever the count says; an index that disagrees with its
+    table (a hostile file) only changes how many hops a range holds.
+    """
+    first = conn.execute("SELECT min(id) FROM hops").fetchone()[0]
+    count = conn.execute("SELECT count(*) FROM hops").fetchone()[0]
     if count == 0:
         return []
     if last_id - first + 1 == count:  # the recorder's ids are dense: ranges by arithmetic
@@ -355,9 +370,14 @@ def _chunk_bounds(conn, last_id: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _column(name: str, texts: list[str]) -> np.ndarray | pd.Series | pd.api.extensions.ExtensionArray:
-    if name in _INT_COLUMNS or name in _TIME_COLUMNS or name in _REAL_COLUMNS or name in _SECOND_COLUMNS:
-        values = np.concatenate([_ints(t) for t in texts]) if texts else np.zeros(0, np.int64)
+def _is_numeric(name: str) -> bool:
+    return name in _INT_COLUMNS or name in _TIME_COLUMNS or name in _REAL_COLUMNS or name in _SECOND_COLUMNS
+
+
+def _column(name: str, chunks: list) -> np.ndarray | pd.Series | pd.api.extensions.ExtensionArray:
+    """One hop column from its parts as :func:`_read_hop_columns` parsed them."""
+    if _is_numeric(name):
+        values = np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
         null = values == _NULL
         if name in ("id", "capture_id", "failed"):
             return np.where(null, -1 if name != "failed" else 0, values)
@@ -367,9 +387,7 @@ def _column(name: str, texts: list[str]) -> np.ndarray | pd.Series | pd.api.exte
             return array
         scale = 1e6 if name in _TIME_COLUMNS else 1e3 if name in _REAL_COLUMNS else 1.0
         return np.where(null, np.nan, values / scale)
-    items: list = []
-    for text in texts:
-        items.extend(json.loads(text))
+    items = np.concatenate([np.asarray(chunk, dtype=object) for chunk in chunks]) if chunks else np.zeros(0, object)
     return _strings(items, categorical=name in _CATEGORICAL)
 
 
@@ -380,7 +398,7 @@ def _ints(text: str) -> np.ndarray:
 def _strings(items: list, categorical: bool = False) -> pd.api.extensions.ExtensionArray:
     """A str array whose equal values share one object (1M copies of "gateway" are 50 MB),
     or a Categorical (categories sorted) for the columns with few distinct values."""
-    codes, uniques = pd.factorize(np.array(items, dtype=object))
+    codes, uniques = pd.factorize(np.asarray(items, dtype=object))
     if not categorical:
         return pd.array(uniques, dtype="str").take(codes, allow_fill=True)
     order = np.argsort(uniques.astype(str), kind="stable")

@@ -112,7 +112,8 @@ def token_uses(hop_tokens: pd.DataFrame, tokens: pd.DataFrame) -> pd.DataFrame:
     rows = order[first]
     token = token[first]
     # The loader gives every sighted fingerprint a tokens row; hand-made tables may not.
-    claims = tokens.iloc[np.maximum(token, 0)].where(np.repeat((token >= 0)[:, None], len(tokens.columns), axis=1))
+    claims = tokens[["kind", "sub", "exp", "iat", "nbf"]]
+    claims = claims.iloc[np.maximum(token, 0)].where(np.repeat((token >= 0)[:, None], len(claims.columns), axis=1))
     return pd.DataFrame({
         "hop_id": hop[first],
         "fp": uses["fingerprint"].to_numpy()[rows],

@@ -156,12 +156,16 @@ def open_for_writing(path: str | Path) -> sqlite3.Connection:
     return conn
 
 
-def open_for_reading(path: str | Path) -> sqlite3.Connection:
+def open_for_reading(path: str | Path, *, check: bool = True) -> sqlite3.Connection:
     """Open a trace DB read-only, treating it as untrusted (it may come from a bug report).
 
     Raises :class:`TraceFileError` for a missing file, a file that is not SQLite,
     a corrupt one, one without hoptrace's tables, or one of a newer schema.
     Works while the proxy is still writing (WAL readers do not block the writer).
+
+    ``check=False`` leaves out :func:`check_structure`, a pass over every page of the
+    file, for a caller that runs it itself alongside its reads and trusts nothing it
+    read until it passed.
     """
     path = Path(path)
     if not path.exists():
@@ -172,10 +176,8 @@ def open_for_reading(path: str | Path) -> sqlite3.Connection:
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
         conn.execute("PRAGMA trusted_schema = OFF")
         conn.execute("PRAGMA busy_timeout = 5000")
-        check = conn.execute("PRAGMA quick_check").fetchone()[0]
-        if check != "ok":
-            first_problem = " ".join(str(check).split())[:200]
-            raise TraceFileError(f"{path}: database is corrupt ({first_problem})")
+        if check:
+            check_structure(conn, path)
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         missing = set(TABLES) - _table_names(conn)
     except sqlite3.DatabaseError as exc:
@@ -187,6 +189,21 @@ def open_for_reading(path: str | Path) -> sqlite3.Connection:
         conn.close()
         raise TraceFileError(f"{path}: not a hoptrace trace database (missing tables: {', '.join(sorted(missing))})")
     return conn
+
+
+def check_structure(conn: sqlite3.Connection, path: str | Path) -> None:
+    """Raise :class:`TraceFileError` unless ``PRAGMA quick_check`` finds every b-tree of the file sound.
+
+    SQLite reports most damage as an error when it meets it, but a broken b-tree can
+    also read as rows missing or out of place; this rules that out. It reads every
+    page: 1.3 s for a million hops.
+    """
+    try:
+        problem = conn.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise TraceFileError(f"{path}: not a readable SQLite database ({exc})") from None
+    if problem != "ok":
+        raise TraceFileError(f"{path}: database is corrupt ({' '.join(str(problem).split())[:200]})")
 
 
 def _table_names(conn: sqlite3.Connection) -> set[str]:
