@@ -641,30 +641,41 @@ def test_service_graph_edges_and_nodes():
 
 
 class ReportParser(html.parser.HTMLParser):
+    VOID = frozenset({"meta", "img", "br", "link", "hr", "input"})
+
     def __init__(self):
         super().__init__()
-        self.images, self.rows, self.links, self.scripts, self._row, self._cell, self._in = [], [], [], 0, None, None, []
+        self.images, self.rows, self.links, self.scripts, self._row, self._cell, self.open_tags = [], [], [], 0, None, None, []
+        self.more = []  # the "… and N more" rows of the findings table
+        self._rows = self.rows
+        self.misnested = []  # end tags that do not close the innermost open element
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
-        self._in.append(tag)
+        if tag not in self.VOID:
+            self.open_tags.append(tag)
         if tag == "img":
             self.images.append(a)
         if tag == "script":
             self.scripts += 1
         if tag in ("a", "link"):
             self.links.append(a.get("href", ""))
-        if tag == "tr" and "finding" in (a.get("class") or ""):
+        if tag == "tr" and (a.get("class") or "").split()[:1] in (["finding"], ["more-findings"]):
             self._row = []
+            self._rows = self.rows if a["class"].startswith("finding") else self.more
         if tag == "td" and self._row is not None:
             self._cell = ""
 
     def handle_endtag(self, tag):
+        if self.open_tags and self.open_tags[-1] == tag:
+            self.open_tags.pop()
+        else:
+            self.misnested.append(tag)
         if tag == "td" and self._row is not None and self._cell is not None:
             self._row.append(self._cell)
             self._cell = None
         if tag == "tr" and self._row is not None:
-            self.rows.append(self._row)
+            self._rows.append(self._row)
             self._row = None
 
     def handle_data(self, data):
@@ -692,7 +703,8 @@ def test_report_embeds_every_chart_and_lists_findings(tmp_path):
         assert base64.b64decode(img["src"].split(",", 1)[1]).startswith(b"\x89PNG")
         assert img.get("alt")
     # Findings table: one row per finding, errors first, text exactly as in the DB (escaped in the file).
-    assert len(p.rows) == len(a.findings)
+    assert len(p.rows) == len(a.findings) and p.more == []
+    assert p.misnested == [] and p.open_tags == []  # every element closed, in order
     expected = _sorted_findings(a.findings)
     assert [r[0] for r in p.rows] == list(expected["severity"])
     assert [r[1] for r in p.rows] == list(expected["kind"])
@@ -703,6 +715,59 @@ def test_report_embeds_every_chart_and_lists_findings(tmp_path):
     assert "http://" not in text.replace("http-equiv", "") and "https://" not in text
     assert "Content-Security-Policy" in text
     assert 'href="#trace-8"' in text and 'id="trace-8"' in text
+
+
+def many_findings_analysis(errors: int, warnings: int, infos: int) -> FakeAnalysis:
+    """The checkout with ``errors`` expired_mid_flow, ``warnings`` duplicate_validation and ``infos`` slow_hop findings."""
+
+    def finding(kind, severity, i):
+        return {
+            "kind": kind,
+            "severity": severity,
+            "trace": 8,
+            "service": "auth",
+            "hop_ids": [9, 12],
+            "message": f"{kind} number {i}",
+            "details": {},
+            "at": W + 45 + i,  # interleaved in time: the table groups them by kind all the same
+        }
+
+    return make_analysis(
+        findings=[finding("duplicate_validation", "warning", i) for i in range(warnings)]
+        + [finding("expired_mid_flow", "error", i) for i in range(errors)]
+        + [finding("slow_hop", "info", i) for i in range(infos)]
+    )
+
+
+def test_report_findings_table_lists_errors_up_to_a_cap_and_each_other_kind_up_to_n():
+    a = many_findings_analysis(errors=7, warnings=12, infos=3)
+    text = hp.render_report(a, source="big.db", max_waterfalls=0, max_sessions=0, max_error_findings=5, max_findings_per_kind=4)
+    p = parse(text)
+    assert p.misnested == [] and p.open_tags == []  # every element closed, in order
+    # Errors first, then warnings, then info; each kind in one block, in time order.
+    assert [(r[0], r[1]) for r in p.rows] == [("error", "expired_mid_flow")] * 5 + [("warning", "duplicate_validation")] * 4 + [
+        ("info", "slow_hop")
+    ] * 3
+    assert [r[-1] for r in p.rows[:5]] == [f"expired_mid_flow number {i}" for i in range(5)]
+    assert [r[-1] for r in p.rows[5:9]] == [f"duplicate_validation number {i}" for i in range(4)]
+    # One "more" line per kind cut short, saying how many and where the full list is.
+    assert [r[0] for r in p.more] == [
+        "… and 2 more expired_mid_flow findings (error) not listed; hoptrace analyze big.db --format json lists all.",
+        "… and 8 more duplicate_validation findings (warning) not listed; hoptrace analyze big.db --format json lists all.",
+    ]
+    assert "Findings (22)" in text and "Listing 12 of 22 findings" in text
+    # The summary still counts every finding.
+    assert "7 error, 12 warning, 3 info" in text
+    assert "duplicate_validation × 12" in text and "expired_mid_flow × 7" in text
+
+
+def test_report_findings_table_default_caps():
+    from hoptrace.plot._report import MAX_FINDINGS_PER_KIND
+
+    a = many_findings_analysis(errors=3, warnings=MAX_FINDINGS_PER_KIND + 1, infos=0)
+    p = parse(hp.render_report(a, max_waterfalls=0, max_sessions=0))
+    assert len(p.rows) == 3 + MAX_FINDINGS_PER_KIND
+    assert len(p.more) == 1 and p.more[0][0].startswith("… and 1 more duplicate_validation finding (warning)")
 
 
 def test_report_caps_waterfalls_and_handles_one_hop(tmp_path):

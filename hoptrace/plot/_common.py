@@ -63,6 +63,41 @@ def outcome_of(status: Any, failed: Any = 0) -> str:
     return "2xx"
 
 
+def hop_outcomes(hops):
+    """:func:`outcome_of` of every hop of ``hops`` at once: a Series of outcomes on ``hops.index``."""
+    import numpy as np
+    import pandas as pd
+
+    status = finite_floats(col(hops, "status"))
+    failed = truthy_flags(col(hops, "failed", 0))
+    outcome = np.select(
+        [failed | np.isnan(status), status >= 500, status >= 400, status >= 300], ["error", "5xx", "4xx", "3xx"], "2xx"
+    )
+    return pd.Series(outcome, index=hops.index, dtype=object)
+
+
+def finite_floats(values):
+    """:func:`as_float` of each value as a float array, NaN for None."""
+    import numpy as np
+    import pandas as pd
+
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        out = pd.Series(values).to_numpy(dtype=float, na_value=np.nan)
+    else:  # text, objects, bools: one by one, exactly as as_float
+        out = np.array([np.nan if (f := as_float(v)) is None else f for v in values], dtype=float)
+    return np.where(np.isfinite(out), out, np.nan)
+
+
+def truthy_flags(values):
+    """``_truthy`` of each value as a bool array."""
+    import numpy as np
+    import pandas as pd
+
+    if pd.api.types.is_numeric_dtype(values):
+        return pd.Series(values).to_numpy(dtype=float, na_value=0.0) != 0
+    return np.array([_truthy(v) for v in values], dtype=bool)
+
+
 def _truthy(value: Any) -> bool:
     if is_missing(value):
         return False
@@ -205,17 +240,49 @@ def hop_ids_of(value: Any) -> list[int]:
     return out
 
 
-def findings_for(findings, hop_ids: set[int], trace: int | None = None):
-    """The findings about one trace, or touching any of ``hop_ids``."""
+def finding_hop_ids(findings):
+    """Every (row position, hop id) pair of ``findings.hop_ids``: :func:`hop_ids_of` of all rows at once.
+
+    Returns two int arrays of equal length.
+    """
+    import numpy as np
+    import pandas as pd
+
+    whole = col(findings, "hop_ids")
+    ids = whole.reset_index(drop=True).explode()
+    numbers = pd.to_numeric(ids, errors="coerce").astype(float).to_numpy()
+    number = np.isfinite(numbers)
+    # Rows holding anything but numbers (text like "3, 7", junk) go through hop_ids_of.
+    odd = np.unique(ids.index[~number & ids.notna().to_numpy()])
+    plain = number & ~np.isin(ids.index, odd)
+    rows = [ids.index.to_numpy()[plain]]
+    hop_ids = [numbers[plain]]
+    for pos in odd:
+        found = hop_ids_of(whole.iloc[pos])
+        rows.append(np.full(len(found), pos))
+        hop_ids.append(np.array(found, dtype=float))
+    return np.concatenate(rows).astype(np.int64), np.concatenate(hop_ids).astype(np.int64)
+
+
+def findings_for(findings, hop_ids: set[int], trace: int | set[int] | None = None):
+    """The findings about one trace (or any of a set of traces), or touching any of ``hop_ids``."""
+    import numpy as np
+
     if findings is None or len(findings) == 0:
         return findings.iloc[0:0] if findings is not None else None
-    mask = []
-    traces = col(findings, "trace")
-    hops = col(findings, "hop_ids")
-    for t, ids in zip(traces, hops):
-        same = trace is not None and as_int(t) == trace
-        mask.append(same or bool(hop_ids.intersection(hop_ids_of(ids))))
+    traces = list(trace) if isinstance(trace, set | frozenset | list | tuple) else [] if trace is None else [trace]
+    mask = np.isin(np.trunc(finite_floats(col(findings, "trace"))), traces)
+    rows, hops = finding_hop_ids(findings)
+    mask[rows[np.isin(hops, list(hop_ids))]] = True
     return findings[mask]
+
+
+def hops_by_trace(hops, traces) -> dict:
+    """trace -> its rows of ``hops``, for each of ``traces`` (one pass over ``hops``, however many traces)."""
+    if "trace" not in hops.columns:
+        return {}
+    wanted = hops["trace"].isin(list(traces)).to_numpy(dtype=bool)
+    return {int(t): rows for t, rows in hops[wanted].groupby("trace", sort=False)}
 
 
 SEVERITY_RANK = {"error": 0, "warning": 1, "info": 2}
@@ -237,9 +304,8 @@ def resolve_trace(analysis: Any, key: Any) -> int:
     """
     hops = require_hops(analysis)
     traces = col(hops, "trace")
-    known = {int(t) for t in traces.dropna()}
     text = str(key).strip()
-    if re.fullmatch(r"\d+", text) and int(text) in known:
+    if re.fullmatch(r"\d+", text) and bool((traces == int(text)).any()):
         return int(text)
     for column in ("trace_id", "request_id", "correlation_id"):
         if text and column in hops.columns:
@@ -247,9 +313,10 @@ def resolve_trace(analysis: Any, key: Any) -> int:
             hit = hops[(ids == text.lower()).fillna(False).to_numpy(dtype=bool)]
             if len(hit):
                 return int(hit.sort_values("started_at")["trace"].iloc[0])
-    if re.fullmatch(r"\d+", text) and int(text) in set(hops.index):
+    if re.fullmatch(r"\d+", text) and int(text) in hops.index:
         return int(hops.loc[int(text), "trace"])
-    some = ", ".join(str(t) for t in sorted(known)[:8])
+    known = sorted(int(t) for t in traces.dropna().unique())
+    some = ", ".join(str(t) for t in known[:8])
     more = " …" if len(known) > 8 else ""
     raise AnalysisError(
         f"no request with id {text!r} in this trace database "
@@ -263,9 +330,11 @@ def pick_worst_trace(analysis: Any) -> tuple[int, str]:
 
     The first error finding's request; else the first warning's; else the slowest request.
     """
+    import pandas as pd
+
     hops = require_hops(analysis)
     findings = frame(analysis, "findings")
-    known = {int(t) for t in col(hops, "trace").dropna()}
+    known = pd.Index(col(hops, "trace").dropna().unique())
     if len(findings):
         for severity in ("error", "warning"):
             sel = findings[col(findings, "severity") == severity]
@@ -277,7 +346,7 @@ def pick_worst_trace(analysis: Any) -> tuple[int, str]:
                 if t is not None and t in known:
                     msg = clean_text(f.get("message"), 160).replace(r"\$", "$")
                     return t, f"first {severity} finding ({f.get('kind')}): {msg}"
-    roots = hops[hops.index.isin(known)] if known else hops
+    roots = hops[hops.index.isin(known)] if len(known) else hops
     if len(roots) == 0:
         raise AnalysisError("no request found in this trace database")
     worst = durations_ms(roots).fillna(-1.0).idxmax()

@@ -18,11 +18,12 @@ from hoptrace.plot._common import (
     clean_text,
     col,
     durations_ms,
+    finite_floats,
     fmt_ms,
     frame,
+    hop_outcomes,
     new_figure,
     outcome_legend_handles,
-    outcome_of,
     require_hops,
 )
 
@@ -48,7 +49,7 @@ def edges_from_hops(hops: pd.DataFrame) -> pd.DataFrame:
     h = hops.assign(
         caller=callers,
         callee=col(hops, "service").astype(str),
-        _err=[outcome_of(s, f) in ("5xx", "error") for s, f in zip(col(hops, "status"), col(hops, "failed", 0))],
+        _err=hop_outcomes(hops).isin(["5xx", "error"]),
         _d=durations_ms(hops),
     )
     g = h.groupby(["caller", "callee"], sort=True)
@@ -58,11 +59,12 @@ def edges_from_hops(hops: pd.DataFrame) -> pd.DataFrame:
 
 def _callers(hops: pd.DataFrame) -> pd.Series:
     services = col(hops, "service").astype(str)
-    parents = col(hops, "parent_id")
-    lookup = services.to_dict()
-    return pd.Series(
-        [CLIENT if as_int(p) is None or as_int(p) not in lookup else lookup[as_int(p)] for p in parents], index=hops.index
-    )
+    parents = np.trunc(finite_floats(col(hops, "parent_id")))
+    has_parent = ~np.isnan(parents)
+    callers = np.full(len(hops), CLIENT, dtype=object)
+    # A parent id that is no hop here (cut off by a time window) leaves the hop called by the client.
+    callers[has_parent] = services.reindex(parents[has_parent].astype(np.int64)).fillna(CLIENT).to_numpy(dtype=object)
+    return pd.Series(callers, index=hops.index)
 
 
 def service_graph_figure(
@@ -326,12 +328,15 @@ def _node_text(name: str, stats, e: pd.DataFrame, worst: str | None) -> tuple[st
 
 
 def _worst_outcomes(hops: pd.DataFrame) -> dict[tuple[str, str], str]:
-    out = {}
-    callers = _callers(hops)
-    for a, b, s, f in zip(callers, col(hops, "service").astype(str), col(hops, "status"), col(hops, "failed", 0)):
-        o = outcome_of(s, f)
-        if o in WORST:
-            cur = out.get((a, b))
-            if cur is None or WORST.index(o) < WORST.index(cur):
-                out[(a, b)] = o
-    return out
+    """(caller, callee) -> the worst outcome (error, then 5xx, then 4xx) of its calls, for pairs with any."""
+    outcomes = hop_outcomes(hops)
+    bad = outcomes.isin(WORST).to_numpy(dtype=bool)
+    calls = pd.DataFrame(
+        {
+            "caller": _callers(hops)[bad].to_numpy(),
+            "callee": col(hops, "service").astype(str)[bad].to_numpy(),
+            "rank": outcomes[bad].map(WORST.index).to_numpy(),
+        }
+    )
+    worst = calls.groupby(["caller", "callee"], sort=False)["rank"].min()
+    return {pair: WORST[int(rank)] for pair, rank in worst.items()}

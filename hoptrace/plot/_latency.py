@@ -18,9 +18,9 @@ from hoptrace.plot._common import (
     durations_ms,
     fmt_ms,
     frame,
+    hop_outcomes,
     new_figure,
     outcome_legend_handles,
-    outcome_of,
     require_hops,
 )
 
@@ -41,16 +41,15 @@ def service_stats(hops: pd.DataFrame, services: pd.DataFrame | None = None) -> p
     Taken from ``services`` (the analyzer's numbers) where it has them, computed from
     ``hops`` otherwise (an error there is a failed hop or a 5xx). Sorted worst p95 first.
     """
-    dur = durations_ms(hops)
-    h = hops.assign(_d=dur, _o=[outcome_of(s, f) for s, f in zip(col(hops, "status"), col(hops, "failed", 0))])
+    h = pd.DataFrame({"_d": durations_ms(hops), "_err": hop_outcomes(hops).isin(["5xx", "error"])})
     rows = []
-    for svc, g in h.groupby(col(h, "service").astype("string").fillna("?"), sort=True):
+    for svc, g in h.groupby(_service_names(hops), sort=True):
         d = g["_d"].dropna()
         rows.append(
             {
                 "service": str(svc),
                 "count": len(g),
-                "errors": int(g["_o"].isin(["5xx", "error"]).sum()),
+                "errors": int(g["_err"].sum()),
                 **{key: float(np.percentile(d, q)) if len(d) else np.nan for _, key, q, _, _ in PERCENTILES},
             }
         )
@@ -67,21 +66,29 @@ def service_stats(hops: pd.DataFrame, services: pd.DataFrame | None = None) -> p
     return out.sort_values(["p95_ms", "service"], ascending=[False, True], na_position="last").reset_index(drop=True)
 
 
-def latency_figure(hops: pd.DataFrame, services: pd.DataFrame | None = None, *, title: str | None = None):
+def latency_figure(
+    hops: pd.DataFrame, services: pd.DataFrame | None = None, *, title: str | None = None, stats: pd.DataFrame | None = None
+):
     """Draw one row per service: its hops' durations (dots coloured by outcome, a box from
     p25 to p75 with whiskers at p5/p95), p50 / p95 / p99 marked; and beside it the share
     of each outcome with the error rate written out.
 
     ``hops``: ``Analysis.hops`` (service, duration_ms, status, failed). ``services``:
     ``Analysis.services``, whose percentiles and error rates are shown when given.
+    ``stats``: :func:`service_stats` of the two, when the caller has it already.
+
+    Dots are a deterministic sample of at most ``MAX_POINTS`` hops per service; the
+    boxes, whiskers and percentile marks are from all of them.
     """
     if hops is None or len(hops) == 0:
         raise AnalysisError("no hops recorded: no latencies to plot")
-    stats = service_stats(hops, services)
+    stats = service_stats(hops, services) if stats is None else stats
     m = len(stats)
-    dur = durations_ms(hops)
-    svc = col(hops, "service").astype("string").fillna("?")
-    outcomes = pd.Series([outcome_of(s, f) for s, f in zip(col(hops, "status"), col(hops, "failed", 0))], index=hops.index)
+    dur = durations_ms(hops).to_numpy()
+    svc = _service_names(hops)
+    outcomes = hop_outcomes(hops).to_numpy()
+    rows_of = svc.groupby(svc.to_numpy(), sort=False).indices  # service -> positions of its hops
+    none = np.array([], dtype=np.int64)
 
     fig = new_figure(14.0, 1.9 + m * ROW_IN)
     gs = fig.add_gridspec(1, 2, width_ratios=[3.0, 1.25])
@@ -91,9 +98,8 @@ def latency_figure(hops: pd.DataFrame, services: pd.DataFrame | None = None, *, 
     rng = np.random.default_rng(0)
     data = []
     for i, name in enumerate(stats["service"]):
-        mask = (svc == name).to_numpy()
-        d = dur[mask].to_numpy()
-        o = outcomes[mask].to_numpy()
+        mine = rows_of.get(name, none)
+        d, o = dur[mine], outcomes[mine]
         keep = np.isfinite(d)
         d, o = np.maximum(d[keep], 0.01), o[keep]
         data.append(d if len(d) else np.array([np.nan]))
@@ -150,14 +156,10 @@ def latency_figure(hops: pd.DataFrame, services: pd.DataFrame | None = None, *, 
     )
 
     # Outcome shares and error rates.
+    counts = pd.crosstab(svc.to_numpy(), outcomes).reindex(index=stats["service"], columns=OUTCOMES, fill_value=0)
+    shares = 100.0 * counts.to_numpy(dtype=float) / np.maximum(counts.sum(axis=1).to_numpy(dtype=float), 1.0)[:, None]
     left = np.zeros(m)
-    for o in OUTCOMES:
-        share = np.array(
-            [
-                100.0 * float(((svc == name) & (outcomes == o)).sum()) / max(int((svc == name).sum()), 1)
-                for name in stats["service"]
-            ]
-        )
+    for o, share in zip(OUTCOMES, shares.T):
         if share.any():
             axr.barh(y, share, left=left, height=0.55, color=OUTCOME_COLORS[o], label=f"{SHARE_BARS}:{o}", zorder=3)
         left += share
@@ -185,7 +187,7 @@ def latency_figure(hops: pd.DataFrame, services: pd.DataFrame | None = None, *, 
 
     from matplotlib.lines import Line2D
 
-    handles = outcome_legend_handles(set(outcomes))
+    handles = outcome_legend_handles(set(pd.unique(outcomes)))
     handles += [
         Line2D([], [], marker="|", color="black", ls="", markersize=12, markeredgewidth=2.2, label="p50"),
         Line2D([], [], marker="D", markerfacecolor="white", color="black", ls="", markersize=6, label="p95"),
@@ -194,6 +196,10 @@ def latency_figure(hops: pd.DataFrame, services: pd.DataFrame | None = None, *, 
     ]
     fig.legend(handles=handles, loc="outside upper left", ncols=min(len(handles), 5), fontsize=8, frameon=False)
     return fig
+
+
+def _service_names(hops: pd.DataFrame) -> pd.Series:
+    return col(hops, "service").astype("string").fillna("?")
 
 
 def _hops(v) -> str:

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from hoptrace._errors import AnalysisError
@@ -26,16 +27,21 @@ from hoptrace.plot._common import (
     as_int,
     col,
     figure_bytes,
+    findings_for,
+    finite_floats,
     fmt_ms,
     fmt_utc,
     frame,
     hop_ids_of,
+    hops_by_trace,
     is_missing,
     output_format,
     require_hops,
+    truthy_flags,
 )
 
-MAX_FINDINGS_ROWS = 2000
+MAX_ERROR_FINDINGS = 500  # error findings listed in the report at most
+MAX_FINDINGS_PER_KIND = 50  # findings of each warning or info kind listed at most
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 STYLE = """
@@ -69,36 +75,52 @@ def render_report(
     title: str | None = None,
     max_waterfalls: int = 20,
     max_sessions: int = 10,
+    max_error_findings: int = MAX_ERROR_FINDINGS,
+    max_findings_per_kind: int = MAX_FINDINGS_PER_KIND,
     dpi: int = DEFAULT_DPI,
 ) -> str:
     """The HTML report of ``analysis`` as one string (UTF-8 text, no external resources).
 
-    Sections: summary (captures, hops, capture health, findings by severity), the findings
-    table, a waterfall for each request with an error finding (at most ``max_waterfalls``),
-    the workflow view of each affected session (at most ``max_sessions``), latency per
-    service, and the service call graph.
+    Sections: summary (captures, hops, capture health, findings by severity and by kind),
+    the findings table, a waterfall for each request with an error finding (at most
+    ``max_waterfalls``), the workflow view of each affected session (at most
+    ``max_sessions``), latency per service, and the service call graph.
+
+    The findings table lists every error finding up to ``max_error_findings`` (default
+    500) and the first ``max_findings_per_kind`` (default 50) findings of each warning
+    and info kind, grouped by kind; a kind cut short ends with a line saying how many
+    more there are (``hoptrace analyze DB --format json`` lists them all). So the
+    report stays a few MB however many findings the trace has; the summary counts all.
     """
     from hoptrace.plot._graph import service_graph
-    from hoptrace.plot._latency import latency, service_stats
+    from hoptrace.plot._latency import latency_figure, service_stats
     from hoptrace.plot._session import session_figure
-    from hoptrace.plot._waterfall import waterfall
+    from hoptrace.plot._waterfall import waterfall_figure
 
     hops = require_hops(analysis)
     findings = _sorted_findings(frame(analysis, "findings"))
     sessions = frame(analysis, "sessions")
-    known = {int(t) for t in col(hops, "trace").dropna()}
+    tokens = frame(analysis, "tokens")
 
-    error_traces: list[int] = []
-    for t, sev in zip(col(findings, "trace"), col(findings, "severity")):
-        t = as_int(t)
-        if sev == "error" and t is not None and t in known and t not in error_traces:
-            error_traces.append(t)
+    error_traces = _error_traces(findings, hops)
     shown = error_traces[:max_waterfalls]
+    groups, affected = _affected_sessions(sessions, error_traces, max_sessions)
+    # The rows of the charted requests, picked out of the whole trace once: every chart
+    # below then touches only its own request's or session's hops and findings.
+    session_traces = {int(t) for _, rows in groups for t in rows["trace"]}
+    rows_of = hops_by_trace(hops, set(shown) | session_traces)
+    shown_hop_ids = {int(i) for t in shown for i in rows_of[t].index}
+    shown_findings = findings_for(findings, shown_hop_ids, set(shown))
+    session_rows = [rows_of[t] for t in sorted(session_traces) if t in rows_of]
+    session_hops = pd.concat(session_rows) if session_rows else hops.iloc[0:0]
+    hop_tokens = frame(analysis, "hop_tokens")
+    if len(hop_tokens) and "hop_id" in hop_tokens.columns:
+        hop_tokens = hop_tokens[hop_tokens["hop_id"].isin(session_hops.index).to_numpy(dtype=bool)]
 
     parts: list[str] = []
     add = parts.append
-    name = source or Path(str(getattr(analysis, "source", None) or "")).name or "trace database"
-    heading = title or f"hoptrace report: {name}"
+    db_name = source or Path(str(getattr(analysis, "source", None) or "")).name
+    heading = title or f"hoptrace report: {db_name or 'trace database'}"
     add("<!DOCTYPE html>")
     add('<html lang="en"><head><meta charset="utf-8">')
     add(f'<meta http-equiv="Content-Security-Policy" content="{CSP}">')
@@ -115,7 +137,7 @@ def render_report(
     )
 
     add(_summary(analysis, hops, findings, sessions))
-    add(_findings_table(findings, set(shown)))
+    add(_findings_table(findings, set(shown), max_error_findings, max_findings_per_kind, db_name or "DB"))
 
     add(f'<section id="requests"><h2>Requests with an error finding ({len(error_traces)})</h2>')
     if not error_traces:
@@ -125,17 +147,17 @@ def render_report(
             f'<p class="warn">Showing the first {len(shown)} of {len(error_traces)}; '
             f"run <code>hoptrace plot DB --trace ID</code> for the others.</p>"
         )
+    kinds_of = _kinds_by_trace(shown_findings, shown)
     for t in shown:
         root = hops.loc[t] if t in hops.index else None
         what = "" if root is None else f"{root.get('service')} {root.get('method')} {root.get('path')} → {_status(root)}"
-        kinds = sorted({str(k) for k, tr in zip(col(findings, "kind"), col(findings, "trace")) if as_int(tr) == t})
         add(
             _chart(
                 f"trace-{t}",
                 "waterfall",
                 f"Request {t}: {what}",
-                ", ".join(kinds),
-                lambda t=t: waterfall(analysis, t),
+                ", ".join(kinds_of.get(t, [])),
+                lambda t=t: waterfall_figure(rows_of[t], tokens, shown_findings),
                 dpi,
                 data={"trace": t},
             )
@@ -143,10 +165,9 @@ def render_report(
     add("</section>")
 
     add('<section id="workflows"><h2>Affected workflows</h2>')
-    groups = _affected_sessions(sessions, error_traces)
     if not groups:
         add("<p>No workflow has a request with an error finding or one sent with an expired token.</p>")
-    for key, rows in groups[:max_sessions]:
+    for key, rows in groups:
         subjects = ", ".join(sorted({str(s) for s in col(rows, "subject").dropna()})) or "unknown subject"
         add(
             _chart(
@@ -154,18 +175,19 @@ def render_report(
                 "session",
                 f"Session {key} ({subjects}): {len(rows)} requests",
                 "",
-                lambda rows=rows: session_figure(rows, frame(analysis, "tokens"), frame(analysis, "hop_tokens"), hops, findings),
+                lambda rows=rows: session_figure(rows, tokens, hop_tokens, session_hops, findings),
                 dpi,
                 data={"session": key},
             )
         )
-    if len(groups) > max_sessions:
-        add(f'<p class="warn">{len(groups) - max_sessions} more affected workflows not shown.</p>')
+    if affected > len(groups):
+        add(f'<p class="warn">{affected - len(groups)} more affected workflows not shown.</p>')
     add("</section>")
 
     add('<section id="latency"><h2>Latency and errors per service</h2>')
-    add(_chart("latency-chart", "latency", "Latency per service", "", lambda: latency(analysis), dpi))
-    stats = service_stats(hops, frame(analysis, "services"))
+    services = frame(analysis, "services")
+    stats = service_stats(hops, services)
+    add(_chart("latency-chart", "latency", "Latency per service", "", lambda: latency_figure(hops, services, stats=stats), dpi))
     add(
         "<table><thead><tr><th>service</th><th>hops</th><th>errors</th><th>error rate</th><th>p50</th><th>p95</th>"
         "<th>p99</th></tr></thead><tbody>"
@@ -287,41 +309,82 @@ def _summary(analysis, hops, findings, sessions) -> str:
     return "".join(out)
 
 
-def _findings_table(findings: pd.DataFrame, linked: set[int]) -> str:
+def _findings_table(findings: pd.DataFrame, linked: set[int], max_errors: int, per_kind: int, db_name: str) -> str:
+    """The findings grouped by severity and kind, capped (see :func:`render_report`)."""
     out = [f'<section id="findings"><h2>Findings ({len(findings)})</h2>']
     if not len(findings):
         out.append("<p>No findings.</p></section>")
         return "".join(out)
+    severity = col(findings, "severity").astype("string").fillna("").to_numpy(dtype=object)
+    kind = col(findings, "kind").astype("string").fillna("").to_numpy(dtype=object)
+    by_kind = pd.DataFrame({"severity": severity, "kind": kind}).groupby(["severity", "kind"], sort=False)
+    group = by_kind.ngroup().to_numpy()  # numbered in order of each kind's first finding
+    is_error = severity == "error"
+    listed = np.where(is_error, np.cumsum(is_error) <= max_errors, by_kind.cumcount().to_numpy() < per_kind)
+    full_list = f"<code>hoptrace analyze {_e(db_name)} --format json</code>"
+    if not listed.all():
+        out.append(
+            f'<p class="warn">Listing {int(listed.sum())} of {len(findings)} findings: every error finding up to '
+            f"{max_errors} and the first {per_kind} of each other kind. The summary counts them all; "
+            f"{full_list} lists them all.</p>"
+        )
     out.append(
         '<table class="findings"><thead><tr><th>severity</th><th>kind</th><th>service</th><th>request</th>'
         "<th>hops</th><th>at (UTC)</th><th>message</th></tr></thead><tbody>"
     )
-    for _, f in findings.head(MAX_FINDINGS_ROWS).iterrows():
-        sev = str(f.get("severity")) if not is_missing(f.get("severity")) else ""
-        trace = as_int(f.get("trace"))
-        request = "" if trace is None else (f'<a href="#trace-{trace}">{trace}</a>' if trace in linked else _e(trace))
-        hop_list = ", ".join(str(i) for i in hop_ids_of(f.get("hop_ids"))[:20])
-        out.append(
-            f'<tr class="finding sev-{_e(sev)}"><td class="sev">{_e(sev)}</td><td>{_e(f.get("kind"))}</td>'
-            f"<td>{_e(f.get('service'))}</td><td class=num>{request}</td><td>{_e(hop_list)}</td>"
-            f"<td>{_e(fmt_utc(f.get('at')))}</td><td>{_e(f.get('message'))}</td></tr>"
-        )
-    out.append("</tbody></table>")
-    if len(findings) > MAX_FINDINGS_ROWS:
-        out.append(
-            f'<p class="warn">{len(findings) - MAX_FINDINGS_ROWS} more findings not listed; '
-            f"see <code>hoptrace analyze</code>.</p>"
-        )
-    out.append("</section>")
+    for g in range(by_kind.ngroups):
+        mine = group == g
+        for f in findings[mine & listed].to_dict("records"):
+            out.append(_finding_row(f, linked))
+        more = int((mine & ~listed).sum())
+        if more:
+            first = int(np.argmax(mine))
+            out.append(
+                f'<tr class="more-findings"><td colspan="7">… and {more} more {_e(kind[first])} '
+                f"finding{'s' * (more != 1)} ({_e(severity[first])}) not listed; {full_list} lists all.</td></tr>"
+            )
+    out.append("</tbody></table></section>")
     return "".join(out)
 
 
-def _affected_sessions(sessions: pd.DataFrame, error_traces: list[int]) -> list[tuple[Any, pd.DataFrame]]:
-    """(session key, its rows) for sessions with an error-finding request or an expired-token request."""
+def _finding_row(f: dict, linked: set[int]) -> str:
+    sev = "" if is_missing(f.get("severity")) else str(f.get("severity"))
+    trace = as_int(f.get("trace"))
+    request = "" if trace is None else (f'<a href="#trace-{trace}">{trace}</a>' if trace in linked else _e(trace))
+    hop_list = ", ".join(str(i) for i in hop_ids_of(f.get("hop_ids"))[:20])
+    return (
+        f'<tr class="finding sev-{_e(sev)}"><td class="sev">{_e(sev)}</td><td>{_e(f.get("kind"))}</td>'
+        f"<td>{_e(f.get('service'))}</td><td class=num>{request}</td><td>{_e(hop_list)}</td>"
+        f"<td>{_e(fmt_utc(f.get('at')))}</td><td>{_e(f.get('message'))}</td></tr>"
+    )
+
+
+def _error_traces(findings: pd.DataFrame, hops: pd.DataFrame) -> list[int]:
+    """The requests (in ``hops``) with an error finding, each once, in the findings' order."""
+    errors = (col(findings, "severity") == "error").to_numpy(dtype=bool)
+    traces = pd.Series(np.trunc(finite_floats(col(findings, "trace")))[errors]).dropna().drop_duplicates()
+    return [int(t) for t in traces[traces.isin(col(hops, "trace")).to_numpy(dtype=bool)]]
+
+
+def _kinds_by_trace(findings: pd.DataFrame, traces: list[int]) -> dict[int, list[str]]:
+    """trace -> the kinds of the findings about it, sorted."""
+    about = np.trunc(finite_floats(col(findings, "trace")))
+    mine = np.isin(about, traces)
+    kinds: dict[int, set[str]] = {}
+    for t, k in zip(about[mine].tolist(), col(findings, "kind")[mine].tolist()):
+        kinds.setdefault(int(t), set()).add(str(k))
+    return {t: sorted(k) for t, k in kinds.items()}
+
+
+def _affected_sessions(sessions: pd.DataFrame, error_traces: list[int], limit: int) -> tuple[list[tuple[Any, pd.DataFrame]], int]:
+    """(session key, its rows) of the first ``limit`` sessions with an error-finding request or an
+    expired-token request, and how many such sessions there are."""
     if not len(sessions) or "trace" not in sessions.columns:
-        return []
-    expired = col(sessions, "expired", False).map(lambda v: False if is_missing(v) else bool(v))
-    bad = sessions["trace"].isin(error_traces).to_numpy() | expired.to_numpy(dtype=bool)
+        return [], 0
+    bad = sessions["trace"].isin(error_traces).to_numpy(dtype=bool) | truthy_flags(col(sessions, "expired", False))
     key = "session" if "session" in sessions.columns else "subject"
-    affected = list(dict.fromkeys(k for k in sessions.loc[bad, key] if not is_missing(k)))
-    return [(as_int(k) if key == "session" and as_int(k) is not None else k, sessions[sessions[key] == k]) for k in affected]
+    affected = sessions.loc[bad, key].dropna().drop_duplicates().tolist()
+    chosen = affected[:limit]
+    rows_of = dict(tuple(sessions[sessions[key].isin(chosen).to_numpy(dtype=bool)].groupby(key, sort=False)))
+    keys = [as_int(k) if key == "session" and as_int(k) is not None else k for k in chosen]
+    return [(k, rows_of[c]) for k, c in zip(keys, chosen)], len(affected)

@@ -19,6 +19,7 @@ from hoptrace.plot._common import (
     bar_note,
     clean_text,
     col,
+    finite_floats,
     fmt_ms,
     fmt_s,
     fmt_utc,
@@ -354,22 +355,24 @@ def _issued(traces: list[int], hop_tokens: pd.DataFrame, hops: pd.DataFrame) -> 
     out: dict[str, tuple[int, float]] = {}
     if not len(hop_tokens) or not len(hops) or "trace" not in hops.columns:
         return out
-    rows = hop_tokens[col(hop_tokens, "role") == "issued"]
-    wanted = set(traces)
-    for hop_id, fp in zip(rows["hop_id"], rows["fingerprint"]):
-        if hop_id not in hops.index:
-            continue
-        trace = int(hops.at[hop_id, "trace"])
-        when = as_float(hops.at[hop_id, "ended_at"]) or as_float(hops.at[hop_id, "started_at"])
-        if trace in wanted and when is not None and (fp not in out or when < out[fp][1]):
-            out[str(fp)] = (trace, when)
+    issued = hop_tokens[(col(hop_tokens, "role") == "issued").to_numpy(dtype=bool)]
+    issued = issued[issued["hop_id"].isin(hops.index).to_numpy(dtype=bool)]
+    # Only the issuing hops are looked up, all at once: hops may be every hop of the trace DB.
+    where = hops.reindex(issued["hop_id"])
+    trace = where["trace"].isin(traces).to_numpy(dtype=bool)
+    ended, started = finite_floats(col(where, "ended_at")), finite_floats(col(where, "started_at"))
+    when = np.where(np.isnan(ended) | (ended == 0), started, ended)  # as `ended or started`
+    for fp, t, w in zip(issued["fingerprint"][trace].tolist(), where["trace"][trace].tolist(), when[trace].tolist()):
+        if not np.isnan(w) and (fp not in out or w < out[fp][1]):
+            out[str(fp)] = (int(t), w)
     return out
 
 
 def _failed_by_trace(hops: pd.DataFrame, traces: list[int]) -> dict[int, int]:
     if not len(hops) or "failed" not in hops.columns:
         return {}
-    return {t: as_int(hops.at[t, "failed"]) or 0 for t in traces if t in hops.index}
+    roots = hops["failed"].reindex([t for t in traces if t in hops.index])
+    return {int(t): as_int(f) or 0 for t, f in roots.items()}
 
 
 def _status(status: Any, failed: int) -> str:
@@ -383,11 +386,10 @@ def _error_kinds(findings: pd.DataFrame | None, traces: list[int]) -> dict[int, 
     out: dict[int, list[str]] = {}
     if findings is None or not len(findings):
         return out
-    wanted = set(traces)
-    for _, f in findings[col(findings, "severity") == "error"].iterrows():
-        t = as_int(f.get("trace"))
-        if t in wanted:
-            kind = clean_text(f.get("kind"), 30)
-            if kind not in out.setdefault(t, []):
-                out[t].append(kind)
+    errors = (col(findings, "severity") == "error").to_numpy(dtype=bool)
+    mine = errors & np.isin(np.trunc(finite_floats(col(findings, "trace"))), traces)
+    for t, kind in zip(col(findings, "trace")[mine].tolist(), col(findings, "kind")[mine].tolist()):
+        kind = clean_text(kind, 30)
+        if kind not in out.setdefault(int(t), []):
+            out[int(t)].append(kind)
     return out

@@ -75,16 +75,17 @@ def waterfall_figure(
     h = _ordered(hops)
     n = len(h)
     ids = [int(i) for i in h.index]
+    records = h.to_dict("records")  # per-hop text is built from plain dicts, not pandas rows
     root = h.iloc[0]
     t0 = as_float(root.get("started_at"))
     starts_s = pd.to_numeric(h["started_at"], errors="coerce").astype(float)
     if t0 is None:
         t0 = float(starts_s.min())
     ends_s = pd.to_numeric(col(h, "ended_at"), errors="coerce").astype(float)
-    dur = durations_ms(h)
+    dur = durations_ms(h).to_numpy()
     start_ms = ((starts_s - t0) * 1000.0).to_numpy()
     end_ms = ((ends_s - t0) * 1000.0).to_numpy()
-    end_ms = np.where(np.isfinite(end_ms), end_ms, start_ms + np.nan_to_num(dur.to_numpy()))
+    end_ms = np.where(np.isfinite(end_ms), end_ms, start_ms + np.nan_to_num(dur))
     end_ms = np.maximum(end_ms, start_ms)
     lo = float(min(0.0, np.nanmin(start_ms)))
     hi = float(max(np.nanmax(end_ms), lo + 1e-3))
@@ -96,7 +97,8 @@ def waterfall_figure(
 
     # Which hops findings point at.
     mine = findings_for(findings, set(ids), as_int(root.get("trace"))) if findings is not None else None
-    duplicates = _duplicate_hops(mine, set(ids), h)
+    started = dict(zip(ids, starts_s.tolist()))
+    duplicates = _duplicate_hops(mine, started)
     validation = col(h, "is_validation", False).map(lambda v: bool(v) if not is_missing(v) else False).to_numpy()
 
     # Tokens whose expiry matters here.
@@ -127,7 +129,8 @@ def waterfall_figure(
     bottom_in = 0.62 + (notes_in + 0.12 if notes else 0.0)
     height = top_in + plot_in + bottom_in
     max_depth = as_int(pd.to_numeric(col(h, "depth", 0), errors="coerce").max()) or 0
-    width = 13.0 + min(max(len(_label_body(r)) for _, r in h.iterrows()) + 3 * min(max_depth, 12), 110) * 0.055
+    bodies = [_label_body(r) for r in records]
+    width = 13.0 + min(max(len(b) for b in bodies) + 3 * min(max_depth, 12), 110) * 0.055
     fig = new_figure(width, height, layout=None)
     height = fig.get_figheight()  # capped for huge requests
     plot_in = max(height - top_in - bottom_in, 0.5)
@@ -157,7 +160,7 @@ def waterfall_figure(
     # Row labels first: their width decides how wide the plotting area is.
     ax.set_xlim(*xlim)
     ax.set_ylim(n - 0.5, -0.5)  # first hop on top
-    labels = _labels(h)
+    labels = _labels(h, bodies)
     ax.set_yticks(y, labels, fontsize=LABEL_FONT, family="DejaVu Sans Mono")
     for tick, o in zip(ax.get_yticklabels(), outcomes):
         if o in ("4xx", "5xx", "error"):
@@ -172,16 +175,16 @@ def waterfall_figure(
     # Status, duration and flags by each bar.
     remaining = pd.to_numeric(col(h, "remaining_s"), errors="coerce").astype(float).to_numpy()
     hop_exp = pd.to_numeric(col(h, "token_exp"), errors="coerce").astype(float).to_numpy()
-    for k, (_, r) in enumerate(h.iterrows()):
-        text = f"{_status_text(r)} · {fmt_ms(dur.iloc[k] if np.isfinite(dur.iloc[k]) else end_ms[k] - start_ms[k])}"
+    for k, r in enumerate(records):
+        text = f"{_status_text(r)} · {fmt_ms(dur[k] if np.isfinite(dur[k]) else end_ms[k] - start_ms[k])}"
         flags = []
         if validation[k]:
             flags.append("validation")
         if ids[k] in duplicates:
             first = duplicates[ids[k]]
-            gap = (float(starts_s.iloc[k]) - float(h.at[first, "started_at"])) * 1000.0
+            gap = (started[ids[k]] - started[first]) * 1000.0
             flags.append(f"DUPLICATE of hop {first} ({fmt_ms(gap)} later)")
-        left = remaining[k] if np.isfinite(remaining[k]) else (hop_exp[k] - starts_s.iloc[k])
+        left = remaining[k] if np.isfinite(remaining[k]) else (hop_exp[k] - started[ids[k]])
         if np.isfinite(left) and left < 0:
             flags.append(f"token expired {fmt_s(-left)} earlier")
         alarm = any(f.startswith(("DUP", "token")) for f in flags)
@@ -274,8 +277,8 @@ def _label_body(r) -> str:
     return f"{service} {method} {path}"
 
 
-def _labels(h: pd.DataFrame) -> list[str]:
-    """``service METHOD path``, indented by a tree drawn with box characters."""
+def _labels(h: pd.DataFrame, bodies: list[str]) -> list[str]:
+    """``bodies`` (each hop's :func:`_label_body`), indented by a tree drawn with box characters."""
     ids = [int(i) for i in h.index]
     idset = set(ids)
     prefixes: dict[int, str] = {}
@@ -297,14 +300,14 @@ def _labels(h: pd.DataFrame) -> list[str]:
                 stack.append((kids[k], nxt, k == len(kids) - 1, False))
     depths = col(h, "depth", 0)
     out = []
-    for (i, r), d in zip(h.iterrows(), depths):
-        pre = prefixes.get(int(i))
+    for i, body, d in zip(ids, bodies, depths):
+        pre = prefixes.get(i)
         if pre is None:
             d = as_int(d) or 0
             pre = "   " * max(d - 1, 0) + ("└─ " if d > 0 else "")
         if len(pre) > 36:
             pre = "┆" + pre[-35:]
-        out.append(pre + _label_body(r))
+        out.append(pre + body)
     return out
 
 
@@ -359,7 +362,7 @@ def _token_expiries(h: pd.DataFrame, tokens: pd.DataFrame | None) -> list[tuple[
     return out
 
 
-def _duplicate_hops(findings: pd.DataFrame | None, ids: set[int], h: pd.DataFrame) -> dict[int, int]:
+def _duplicate_hops(findings: pd.DataFrame | None, started: dict[int, float]) -> dict[int, int]:
     """Hop id -> the earlier hop it duplicates, from ``duplicate_validation`` findings.
 
     A finding names every validation of the same token in the request; all but the
@@ -369,8 +372,8 @@ def _duplicate_hops(findings: pd.DataFrame | None, ids: set[int], h: pd.DataFram
     if findings is None or len(findings) == 0:
         return out
     for _, f in findings[col(findings, "kind") == "duplicate_validation"].iterrows():
-        members = [i for i in hop_ids_of(f.get("hop_ids")) if i in ids]
-        members.sort(key=lambda i: (float(h.at[i, "started_at"]), i))
+        members = [i for i in hop_ids_of(f.get("hop_ids")) if i in started]
+        members.sort(key=lambda i: (started[i], i))
         for i in members[1:]:
             out.setdefault(i, members[0])
     return out
