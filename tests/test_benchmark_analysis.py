@@ -21,8 +21,8 @@ from .conftest import PYTHON
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import analysis  # noqa: E402  (benchmarks/ is a folder of scripts)
-import synth  # noqa: E402
+import analysis  # benchmarks/ is a folder of scripts, put on the path above
+import synth
 
 
 @pytest.mark.e2e
@@ -74,7 +74,9 @@ def test_synthetic_db_is_what_the_recorder_writes(tmp_path):
     # Odd cohorts propagate traceparent below the gateway; even ones send no trace header.
     traced = dict(conn.execute("SELECT (id - 1) / ? % 2, count(trace_id) FROM hops GROUP BY 1", (db.hops_per_cohort,)))
     assert traced[0] == 0 and traced[1] > 0
-    assert conn.execute("SELECT count(*) FROM hop_tokens WHERE fingerprint NOT IN (SELECT fingerprint FROM tokens)").fetchone() == (0,)
+    assert conn.execute(
+        "SELECT count(*) FROM hop_tokens WHERE fingerprint NOT IN (SELECT fingerprint FROM tokens)"
+    ).fetchone() == (0,)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
 
