@@ -227,6 +227,13 @@ def _run_read(path: Path, read: Callable[[sqlite3.Connection], object]):
         conn.close()
 
 
+# Response headers that give a client request its trace id, best first.
+_RESPONSE_RANK = {"traceresponse": 0, "x-request-id": 1, "x-correlation-id": 2}
+# LIKE (case-insensitive, nothing parsed) keeps the JSON work to the hops whose headers name one:
+# at 1M hops, half of them propagating traceparent, 1.7 s of the load.
+_NAMES_A_RESPONSE_HEADER = " OR ".join(f"h.response_headers LIKE '%{name}%'" for name in _RESPONSE_RANK)
+
+
 def _read_root_traces(conn, entries: tuple[str, ...], last_id: int, where: str, params: tuple) -> list[tuple]:
     """Trace ids that client requests got only in their response (W3C traceresponse, an echoed X-Request-ID).
 
@@ -237,17 +244,20 @@ def _read_root_traces(conn, entries: tuple[str, ...], last_id: int, where: str, 
     if not entries:
         return []
     marks = ", ".join("?" * len(entries))
-    return conn.execute(
-        "SELECT h.id, lower(json_extract(j.value, '$[0]')), json_extract(j.value, '$[1]')"
+    # One row, one JSON string: a row per hop would take the GIL back for every row, and
+    # wait for it each time behind the threads parsing the hop columns (1.2 s alone, 2.8 s among them).
+    rows = conn.execute(
+        "SELECT json_group_array(json_array(h.id, lower(json_extract(j.value, '$[0]')), json_extract(j.value, '$[1]')))"
         " FROM hops h, json_each(CASE WHEN json_valid(h.response_headers) THEN h.response_headers ELSE '[]' END) j"
         f" WHERE h.id <= ? AND h.trace_id IS NULL AND h.service IN ({marks}){where}"
+        f" AND ({_NAMES_A_RESPONSE_HEADER})"
         " AND j.type = 'array' AND lower(json_extract(j.value, '$[0]')) IN ('traceresponse', 'x-request-id', 'x-correlation-id')",
         (last_id, *entries, *params),
-    ).fetchall()
+    ).fetchone()[0]
+    return [tuple(row) for row in json.loads(rows)]
 
 
 _TRACERESPONSE = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}", re.IGNORECASE)
-_RESPONSE_RANK = {"traceresponse": 0, "x-request-id": 1, "x-correlation-id": 2}
 
 
 def _add_root_traces(hops: pd.DataFrame, rows: list[tuple]) -> None:

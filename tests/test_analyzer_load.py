@@ -167,3 +167,26 @@ def test_config_is_validated():
     with pytest.raises(AnalysisError, match="regular expression"):
         AnalyzerConfig(validation_patterns=("(",))
     assert json.dumps(AnalyzerConfig().validation_patterns)
+
+
+def test_entry_hops_take_their_trace_id_from_the_response_whatever_the_header_case(tmp_path):
+    b = Builder()
+    for i in range(3):
+        b.hop("gateway", "GET /a", i, i + 0.5)
+    b.hop("gateway", "GET /b", 5, 5.5)  # no such header: stays without a trace id
+    trace, span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    b.hop("auth", "GET /v", 0.1, 0.2, trace_id=trace, trace_source="traceparent")  # the stack propagates
+    path = b.write(tmp_path / "r.db")
+    with sqlite3.connect(path) as conn:
+        for hop_id, headers in (
+            (1, [["TraceResponse", f"00-{trace.upper()}-{span}-01"]]),
+            (2, [["X-Request-ID", " req-42 "]]),
+            (3, [["x-request-id", "req-7"], ["traceresponse", f"00-{'a' * 32}-{'b' * 16}-01"]]),  # the best source wins
+        ):
+            conn.execute("UPDATE hops SET response_headers = ? WHERE id = ?", (json.dumps(headers), hop_id))
+        conn.execute('UPDATE hops SET response_headers = \'[["server", "x-request-id-less"]]\' WHERE id = 4')
+    hops = load(path).hops
+    assert hops.loc[1, ["trace_id", "span_id", "trace_source"]].tolist() == [trace, span, "traceresponse"]
+    assert hops.loc[2, ["trace_id", "trace_source"]].tolist() == ["req-42", "x-request-id"]
+    assert hops.loc[3, "trace_id"] == "a" * 32
+    assert pd.isna(hops.loc[4, "trace_id"])
