@@ -99,6 +99,14 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
+def _scope(s: dict) -> str:
+    """What the analysis covers, in one line: hops, requests, sessions, captures, time span."""
+    return (
+        f"{_count(s['hops'], 'hop')} in {_count(s['requests'], 'request')}, {_count(s['sessions'], 'session')},"
+        f" {_count(s['captures'], 'capture')}; {_utc(s['started_at'])} to {_utc(s['ended_at'])}"
+    )
+
+
 def _summary(a: Analysis) -> dict:
     hops = a.hops
     counts = a.findings["severity"].value_counts() if len(a.findings) else pd.Series(dtype=int)
@@ -202,11 +210,7 @@ def render_text(analysis: Analysis) -> str:
     s = _summary(a)
     out = [f"hoptrace analysis of {_clean(a.source or 'trace DB')}"]
     if s["hops"]:
-        out.append(
-            f"  {_count(s['hops'], 'hop')} in {_count(s['requests'], 'request')}, {_count(s['sessions'], 'session')},"
-            f" {_count(s['captures'], 'capture')};"
-            f" {_utc(s['started_at'])} to {_utc(s['ended_at'])}"
-        )
+        out.append(f"  {_scope(s)}")
     else:
         out.append("  no hops recorded")
     out += [f"  note: {_clean(n, 300)}" for n in a.notes]
@@ -424,11 +428,7 @@ def render_markdown(analysis: Analysis) -> str:
     s = _summary(a)
     out = [f"# hoptrace analysis of `{_md_cell(a.source or 'trace DB')}`", ""]
     if s["hops"]:
-        out.append(
-            f"{_count(s['hops'], 'hop')} in {_count(s['requests'], 'request')}, {_count(s['sessions'], 'session')},"
-            f" {_count(s['captures'], 'capture')};"
-            f" {_utc(s['started_at'])} to {_utc(s['ended_at'])}."
-        )
+        out.append(f"{_scope(s)}.")
     else:
         out.append("No hops recorded.")
     out += [f"- {_md_cell(n)}" for n in a.notes]
