@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from hoptrace.analyzer import _latency, _prepare
 from hoptrace.analyzer._config import AnalyzerConfig, parse_time
 from hoptrace.analyzer._detectors import DETECTORS, Context, Detector, run_detectors
 from hoptrace.analyzer._load import Tables, load
+from hoptrace.analyzer._model import resolve_trace
 from hoptrace.analyzer._sessions import sessions as build_sessions
 from hoptrace.analyzer._traces import in_start_order, rebuild
 
@@ -214,22 +214,3 @@ def _link_notes(hops: pd.DataFrame) -> list[str]:
     if counts.get("orphan", 0):
         notes.append(f"{counts['orphan']} hops had no caller in the capture (link 'orphan')")
     return notes
-
-
-def resolve_trace(hops: pd.DataFrame, key: object) -> int:
-    """The request (root hop id) that ``key`` names: a request id, a trace id, or a hop id."""
-    text = str(key).strip()
-    roots = hops.index[hops["depth"].to_numpy() == 0]
-    if re.fullmatch(r"\d+", text) and int(text) in roots:
-        return int(text)
-    for column in ("trace_id", "request_id", "correlation_id"):
-        if column in hops and text:
-            hit = hops[(hops[column] == text).fillna(False).to_numpy(bool)]
-            if len(hit):
-                return int(hit.sort_values("started_at")["trace"].iloc[0])
-    if re.fullmatch(r"\d+", text) and int(text) in hops.index:
-        return int(hops.at[int(text), "trace"])
-    raise AnalysisError(
-        f"no request {text!r} in this trace database ({len(roots)} requests);"
-        " use a request id from `hoptrace analyze`, a trace id, or a hop id"
-    )

@@ -17,10 +17,11 @@ import pandas as pd
 
 from hoptrace.analyzer._arrays import group_quantiles, run_starts
 from hoptrace.analyzer._config import AnalyzerConfig
+from hoptrace._format import hop_ended
 from hoptrace.analyzer._latency import is_error
+from hoptrace.analyzer._types import SEVERITIES, SEVERITY_RANK
 
 FINDING_COLUMNS = ("kind", "severity", "trace", "service", "hop_ids", "message", "details", "at")
-SEVERITIES = ("error", "warning", "info")
 
 
 @dataclass
@@ -115,12 +116,7 @@ class _Groups:
         return np.add.reduceat(values, self.starts) if len(self) else np.zeros(0)
 
 
-def _status(status, failed=0, error_kind=None) -> str:
-    """How a hop ended, in a few words: ``401``, ``no response (timeout)``, ``200, then broken (truncated)``."""
-    kind = f" ({error_kind})" if isinstance(error_kind, str) else ""
-    if status is None or pd.isna(status):
-        return f"no response{kind}"
-    return f"{int(status)}, then broken{kind}" if failed else f"{int(status)}"
+_status = hop_ended  # how a hop ended, in the words every report uses
 
 
 def _statuses(g: _Groups) -> list[list[str]]:
@@ -653,7 +649,7 @@ def run_detectors(ctx: Context, detectors: tuple[Detector, ...] = DETECTORS) -> 
     out = pd.concat(frames, ignore_index=True)
     out["trace"] = out["trace"].astype("Int64")
     out["at"] = out["at"].astype("float64")
-    out["rank"] = out["severity"].map({s: i for i, s in enumerate(SEVERITIES)})
+    out["rank"] = out["severity"].map(SEVERITY_RANK)
     out = out.sort_values(["rank", "at", "kind"], kind="stable").drop(columns="rank")
     return out[list(FINDING_COLUMNS)].reset_index(drop=True)
 

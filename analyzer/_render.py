@@ -1,24 +1,23 @@
 """Reports of an analysis: text for a terminal, JSON for programs, Markdown for a PR or a ticket.
 
-Every string that came from the trace DB (services, paths, error messages) is
-untrusted: control characters are replaced before it reaches a terminal, so a
-recorded path cannot carry escape sequences, and Markdown cells are escaped.
+They only format the presentation model (:mod:`hoptrace.analyzer._model`): the text and
+Markdown reports are built from the same sections (:func:`_sections`), each written out
+by its own small formatter. Every string that came from the trace DB is cleaned of
+control characters (:func:`hoptrace._format.clean`) and Markdown cells are escaped.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
-from dataclasses import asdict
-from datetime import UTC, datetime
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
 
+from hoptrace._format import as_float, clean, count, ms, token_left, utc
 from hoptrace.analyzer._analysis import Analysis
 from hoptrace.analyzer._arrays import run_starts
-from hoptrace.analyzer._detectors import SEVERITIES
+from hoptrace.analyzer._model import Model, model, tree_prefixes
 
 JSON_FORMAT = "hoptrace-analysis"
 JSON_VERSION = 1
@@ -26,60 +25,105 @@ JSON_VERSION = 1
 _PER_KIND = 5
 _ENDPOINT_ROWS = 20
 _TREE_LINES = 60
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-# -- helpers ---------------------------------------------------------------------------
+# -- sections shared by text and Markdown -----------------------------------------------
 
 
-def _clean(value, limit: int = 200) -> str:
-    """DB text made safe for a terminal: no control characters, bounded length."""
-    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
-        return ""
-    text = _CONTROL.sub("?", str(value))
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+@dataclass(frozen=True)
+class Table:
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+    right: frozenset[int] = frozenset()  # right-aligned columns (numbers)
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+@dataclass(frozen=True)
+class Tree:
+    title: str
+    lines: list[str]
 
 
-def _ms(value) -> str:
-    if value is None or pd.isna(value):
-        return "-"
-    return f"{value / 1000:.2f} s" if value >= 10_000 else f"{value:.1f} ms"
+def _scope(s: dict) -> str:
+    """What the analysis covers, in one line: hops, requests, sessions, captures, time span."""
+    if not s["hops"]:
+        return "no hops recorded"
+    return (
+        f"{count(s['hops'], 'hop')} in {count(s['requests'], 'request')}, {count(s['sessions'], 'session')},"
+        f" {count(s['captures'], 'capture')}; {utc(s['started_at'])} to {utc(s['ended_at'])}"
+    )
 
 
-def _left(remaining) -> str:
-    """A token's remaining life at a hop, in words."""
-    if remaining is None or pd.isna(remaining):
-        return ""
-    if remaining > 0:
-        return f"token {_seconds(remaining)} left"
-    return "token expired at exp" if remaining == 0 else f"token expired {_seconds(-remaining)} ago"
+def _findings_rows(m: Model, more: str) -> list[list[str]]:
+    rows = []
+    for group in m.finding_groups:
+        for trace, service, message in zip(*(group.rows[c].head(_PER_KIND) for c in ("trace", "service", "message"))):
+            rows.append([group.severity, group.kind, "-" if pd.isna(trace) else str(trace), clean(service, 30), clean(message, 400)])
+        if len(group) > _PER_KIND:
+            rows.append(["", group.kind, "", "", f"… and {len(group) - _PER_KIND} more{more}"])
+    return rows
 
 
-def _seconds(value: float) -> str:
-    if value >= 7200:
-        return f"{value / 3600:.1f} h"
-    if value >= 120:
-        return f"{value / 60:.1f} min"
-    return f"{value:.3f} s" if value < 10 else f"{value:.1f} s"
+def _latency_tables(a: Analysis) -> list[Table]:
+    def stats(r) -> list[str]:
+        return [f"{100 * r.error_rate:.1f}", f"{r.p50_ms:.1f}", f"{r.p95_ms:.1f}", f"{r.p99_ms:.1f}", f"{r.self_p50_ms:.1f}"]
+
+    top = a.endpoints.assign(total=a.endpoints["count"] * a.endpoints["p50_ms"]).nlargest(_ENDPOINT_ROWS, "total")
+    cut = f", the {len(top)} with most time of {len(a.endpoints)}" if len(top) < len(a.endpoints) else ""
+    numbers = ["ERR%", "P50", "P95", "P99", "SELF P50"]
+    return [
+        Table("Latency by service (ms)", ["SERVICE", "COUNT", "ERRORS", *numbers],
+              [[clean(r.service, 30), str(r.count), str(r.errors), *stats(r)] for r in a.services.itertuples()],
+              frozenset(range(1, 8))),
+        Table(f"Latency by endpoint (ms){cut}", ["SERVICE", "ENDPOINT", "COUNT", *numbers],
+              [[clean(r.service, 30), clean(r.endpoint, 60), str(r.count), *stats(r)] for r in top.itertuples()],
+              frozenset(range(2, 8))),
+        Table("Calls between services", ["CALLER", "CALLEE", "CALLS", "ERRORS", "P95 MS"],
+              [[clean(r.caller, 30), clean(r.callee, 30), str(r.calls), str(r.errors), f"{r.p95_ms:.1f}"]
+               for r in a.edges.itertuples()], frozenset({2, 3, 4})),
+    ]  # fmt: skip
 
 
-def _utc(ts) -> str:
-    try:
-        return datetime.fromtimestamp(float(ts), tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    except (TypeError, ValueError, OverflowError, OSError):
-        return "?"
+def _tree(m: Model, trace: int, limit: int = _TREE_LINES) -> list[str]:
+    """One request as an indented tree: service, endpoint, how it ended, time, token life, link."""
+    hops = m.hop_rows(trace)
+    columns = ("service", "endpoint", "ended", "duration_ms", "self_ms", "remaining_s", "link", "on_critical_path")
+    lines = []
+    for prefix, values in zip(tree_prefixes(hops)[:limit], zip(*(hops[c] for c in columns))):
+        service, endpoint, ended, total, own, left, link, critical = values
+        label = f"{prefix}{clean(service, 40)} {clean(endpoint, 80)}"
+        extras = [f"self {ms(own)}" if own != total else "", token_left(left), "" if link in ("root", "token", "header") else link]
+        mark = "*" if critical else " "
+        lines.append(f"    {label:<60} {clean(ended, 40):>4} {ms(total, '-'):>10}{mark} {'  '.join(e for e in extras if e)}".rstrip())
+    if len(hops) > limit:
+        lines.append(f"    … and {len(hops) - limit} more hops")
+    return lines
 
 
-def _status(status, failed) -> str:
-    code = "-" if status is None or pd.isna(status) else str(int(status))
-    return f"{code}!" if failed else code
+def _worst_trees(m: Model) -> list[Tree]:
+    out = []
+    for trace in m.worst(m.analysis.config.worst):
+        r = m.request(trace)
+        found = f"  [{', '.join(r.kinds)}]" if r.kinds else ""
+        title = (
+            f"request {trace}: {clean(r.service, 40)} {clean(r.endpoint, 80)} {clean(r.ended, 60)}"
+            f" in {ms(r.duration_ms, '-')} at {utc(r.started_at)}{found}"
+        )
+        out.append(Tree(title, _tree(m, trace)))
+    return out
 
 
-def _table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:
+def _sections(a: Analysis, more: str) -> tuple[Model, list[list[str]], list[Table], list[Tree]]:
+    """What both the text and the Markdown report show: the model, findings rows, latency tables, worst trees."""
+    m = model(a)
+    tables = _latency_tables(a) if len(a.services) else []
+    return m, _findings_rows(m, more), tables, _worst_trees(m)
+
+
+# -- text --------------------------------------------------------------------------------
+
+
+def _table(headers: list[str], rows: list[list[str]], right: frozenset[int] = frozenset()) -> list[str]:
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
 
     def line(cells):
@@ -89,183 +133,32 @@ def _table(headers: list[str], rows: list[list[str]], right: set[int] = frozense
     return [line(headers), *(line(r) for r in rows)]
 
 
-def _md_cell(value) -> str:
-    return _clean(value).replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
-
-
-def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
-    out += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows]
-    return out
-
-
-def _scope(s: dict) -> str:
-    """What the analysis covers, in one line: hops, requests, sessions, captures, time span."""
-    return (
-        f"{_count(s['hops'], 'hop')} in {_count(s['requests'], 'request')}, {_count(s['sessions'], 'session')},"
-        f" {_count(s['captures'], 'capture')}; {_utc(s['started_at'])} to {_utc(s['ended_at'])}"
-    )
-
-
-def _summary(a: Analysis) -> dict:
-    hops = a.hops
-    counts = a.findings["severity"].value_counts() if len(a.findings) else pd.Series(dtype=int)
-    links = hops["link"].value_counts() if len(hops) else pd.Series(dtype=int)
-    return {
-        "hops": len(hops),
-        "requests": int((hops["depth"] == 0).sum()) if len(hops) else 0,
-        "sessions": int(a.sessions["session"].nunique()) if len(a.sessions) else 0,
-        "captures": len(a.captures),
-        "started_at": _num(hops["started_at"].min()) if len(hops) else None,
-        "ended_at": _num(hops["ended_at"].max()) if len(hops) else None,
-        "findings": {s: int(counts.get(s, 0)) for s in SEVERITIES},
-        "links": {k: int(v) for k, v in links.items()},
-    }
-
-
-def _worst(a: Analysis, n: int) -> list[int]:
-    """The requests most worth a look: by their worst finding, then how many, then duration."""
-    roots = a.hops[a.hops["depth"].to_numpy() == 0]
-    if n == 0 or len(roots) == 0:
-        return []
-    score = pd.DataFrame({"rank": len(SEVERITIES), "count": 0, "ms": roots["duration_ms"].to_numpy()}, index=roots.index)
-    f = a.findings.dropna(subset=["trace"])
-    if len(f):
-        rank = f["severity"].map({s: i for i, s in enumerate(SEVERITIES)})
-        by_trace = pd.DataFrame({"trace": f["trace"].astype("int64"), "rank": rank}).groupby("trace")["rank"]
-        known = by_trace.min().index.intersection(score.index)
-        score.loc[known, "rank"] = by_trace.min()[known]
-        score.loc[known, "count"] = by_trace.size()[known]
-    score = score.sort_values(["rank", "count", "ms"], ascending=[True, False, False])
-    return [int(t) for t in score.index[:n]]
-
-
-def _tree(a: Analysis, trace: int, limit: int = _TREE_LINES) -> list[str]:
-    """One request as an indented tree: service, endpoint, status, time, token life, link."""
-    hops = a.trace_hops(trace)
-    rows = list(
-        zip(
-            hops.index,
-            hops["parent_id"],
-            hops["depth"],
-            hops["service"],
-            hops["endpoint"],
-            hops["status"],
-            hops["failed"],
-            hops["duration_ms"],
-            hops["self_ms"],
-            hops["remaining_s"],
-            hops["link"],
-            hops["on_critical_path"],
-        )
-    )
-    last_child: dict[int, int] = {}
-    for hop, parent, *_ in rows:
-        if not pd.isna(parent):
-            last_child[int(parent)] = hop
-    lines, open_levels = [], []
-    for hop, parent, depth, service, endpoint, status, failed, ms, own, left, link, critical in rows[:limit]:
-        depth = int(depth)
-        del open_levels[max(depth - 1, 0) :]
-        if depth == 0:
-            prefix = ""
-        else:
-            is_last = last_child.get(int(parent)) == hop
-            prefix = "".join("│  " if more else "   " for more in open_levels) + ("└─ " if is_last else "├─ ")
-            open_levels.append(not is_last)
-        label = f"{prefix}{_clean(service, 40)} {_clean(endpoint, 80)}"
-        mark = "*" if critical else " "
-        extras = [f"self {_ms(own)}" if own != ms else "", _left(left), "" if link in ("root", "token", "header") else link]
-        lines.append(
-            f"    {label:<60} {_status(status, failed):>4} {_ms(ms):>10}{mark} {'  '.join(e for e in extras if e)}".rstrip()
-        )
-    if len(rows) > limit:
-        lines.append(f"    … and {len(rows) - limit} more hops")
-    return lines
-
-
-def _num(value):
-    """A JSON-safe number: None for NaN/NA/inf."""
-    if value is None or value is pd.NA:
-        return None
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    if not math.isfinite(f):
-        return None
-    return int(f) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else f
-
-
-# -- text --------------------------------------------------------------------------------
+def _severity_counts(s: dict) -> str:
+    n = s["findings"]
+    return f"{count(n['error'], 'error')}, {count(n['warning'], 'warning')}, {n['info']} info"
 
 
 def render_text(analysis: Analysis) -> str:
     """A report for a terminal: findings, latency, call graph, the worst requests as hop trees.
 
-    In the trees, ``*`` marks the critical path, ``!`` after a status a failed
-    transfer, and the last column the token's remaining life at that hop.
+    In the trees, ``*`` marks the critical path, the column after the endpoint says how the
+    hop ended (``401``, ``no response (timeout)``, ``200, then broken (truncated)``), and
+    the last column the token's remaining life at that hop. The requests are in the
+    model's worst-first order (:mod:`hoptrace.analyzer._model`).
     """
-    a = analysis
-    s = _summary(a)
-    out = [f"hoptrace analysis of {_clean(a.source or 'trace DB')}"]
-    if s["hops"]:
-        out.append(f"  {_scope(s)}")
-    else:
-        out.append("  no hops recorded")
-    out += [f"  note: {_clean(n, 300)}" for n in a.notes]
-
-    f = a.findings
-    n = s["findings"]
-    out += ["", f"Findings: {_count(n['error'], 'error')}, {_count(n['warning'], 'warning')}, {n['info']} info"]
-    if len(f):
-        rows = []
-        for kind, group in f.groupby("kind", sort=False):
-            for _, row in group.head(_PER_KIND).iterrows():
-                trace = "-" if pd.isna(row["trace"]) else str(row["trace"])
-                rows.append([row["severity"], kind, trace, _clean(row["service"], 30), _clean(row["message"], 400)])
-            if len(group) > _PER_KIND:
-                rows.append(["", kind, "", "", f"… and {len(group) - _PER_KIND} more (--format json lists all)"])
-        out += _table(["SEVERITY", "KIND", "TRACE", "SERVICE", "MESSAGE"], rows)
-
-    if len(a.services):
-        out += ["", "Latency by service (ms)"]
-        out += _table(
-            ["SERVICE", "COUNT", "ERRORS", "ERR%", "P50", "P95", "P99", "SELF P50"],
-            [[_clean(r.service, 30), str(r.count), str(r.errors), f"{100 * r.error_rate:.1f}", f"{r.p50_ms:.1f}",
-              f"{r.p95_ms:.1f}", f"{r.p99_ms:.1f}", f"{r.self_p50_ms:.1f}"] for r in a.services.itertuples()],
-            right={1, 2, 3, 4, 5, 6, 7},
-        )  # fmt: skip
-        top = a.endpoints.assign(total=a.endpoints["count"] * a.endpoints["p50_ms"]).nlargest(_ENDPOINT_ROWS, "total")
-        more = len(a.endpoints) - len(top)
-        out += ["", "Latency by endpoint (ms)" + (f", the {len(top)} with most time of {len(a.endpoints)}" if more else "")]
-        out += _table(
-            ["SERVICE", "ENDPOINT", "COUNT", "ERR%", "P50", "P95", "P99", "SELF P50"],
-            [[_clean(r.service, 30), _clean(r.endpoint, 60), str(r.count), f"{100 * r.error_rate:.1f}", f"{r.p50_ms:.1f}",
-              f"{r.p95_ms:.1f}", f"{r.p99_ms:.1f}", f"{r.self_p50_ms:.1f}"] for r in top.itertuples()],
-            right={2, 3, 4, 5, 6, 7},
-        )  # fmt: skip
-        out += ["", "Calls between services"]
-        out += _table(
-            ["CALLER", "CALLEE", "CALLS", "ERRORS", "P95 MS"],
-            [[_clean(r.caller, 30), _clean(r.callee, 30), str(r.calls), str(r.errors), f"{r.p95_ms:.1f}"] for r in a.edges.itertuples()],
-            right={2, 3, 4},
-        )  # fmt: skip
-
-    worst = _worst(a, a.config.worst)
-    if worst:
-        out += ["", f"Worst requests ({len(worst)}; * marks the critical path)"]
-        shown = f[f["trace"].isin(worst).fillna(False).to_numpy(bool)]
-        kinds = {int(t): sorted(set(k)) for t, k in shown.groupby("trace")["kind"]}
-        for trace in worst:
-            root = a.hops.loc[trace]
-            found = ", ".join(kinds.get(trace, []))
-            out.append(
-                f"  request {trace}: {_clean(root['service'], 40)} {_clean(root['endpoint'], 80)}"
-                f" {_status(root['status'], root['failed'])} in {_ms(root['duration_ms'])} at {_utc(root['started_at'])}"
-                + (f"  [{found}]" if found else "")
-            )
-            out += _tree(a, trace)
+    m, findings, tables, trees = _sections(analysis, " (--format json lists all)")
+    s = m.summary
+    out = [f"hoptrace analysis of {clean(analysis.source or 'trace DB')}", f"  {_scope(s)}"]
+    out += [f"  note: {clean(n, 300)}" for n in analysis.notes]
+    out += ["", f"Findings: {_severity_counts(s)}"]
+    if findings:
+        out += _table(["SEVERITY", "KIND", "TRACE", "SERVICE", "MESSAGE"], findings)
+    for t in tables:
+        out += ["", t.title, *_table(t.headers, t.rows, t.right)]
+    if trees:
+        out += ["", f"Worst requests ({len(trees)}; * marks the critical path)"]
+        for tree in trees:
+            out += [f"  {tree.title}", *tree.lines]
     return "\n".join(out) + "\n"
 
 
@@ -273,10 +166,24 @@ def render_text(analysis: Analysis) -> str:
 
 _HOP_FIELDS = (
     ("id", "id"), ("parent", "parent_id"), ("link", "link"), ("depth", "depth"), ("service", "service"),
-    ("endpoint", "endpoint"), ("path", "path"), ("status", "status"), ("failed", "failed"),
-    ("started_at", "started_at"), ("duration_ms", "duration_ms"), ("self_ms", "self_ms"),
-    ("token", "token_fp"), ("remaining_s", "remaining_s"), ("critical", "on_critical_path"),
+    ("method", "method"), ("path", "path"), ("endpoint", "endpoint"), ("status", "status"), ("failed", "failed"),
+    ("error", "error"), ("started_at", "started_at"), ("ended_at", "ended_at"), ("duration_ms", "duration_ms"),
+    ("self_ms", "self_ms"), ("token", "token_fp"), ("subject", "token_sub"), ("token_exp", "token_exp"),
+    ("remaining_s", "remaining_s"), ("critical", "on_critical_path"),
 )  # fmt: skip
+"""(JSON key, hops column) of each hop in ``traces[].hops``: the documented per-hop keys, in order."""
+TOP_KEYS = ("format", "version", "source", "config", "summary", "notes", "findings", "worst", "latency", "sessions", "traces")
+TRACE_KEYS = ("trace", "root", "session", "service", "endpoint", "status", "started_at", "duration_ms", "critical_path", "hops")
+
+
+def _num(value):
+    """A JSON-safe number: None for NaN/NA/inf, an int stays an int."""
+    if isinstance(value, (bool, np.bool_)):
+        return float(value)
+    f = as_float(value)
+    if f is None:
+        return None
+    return int(f) if isinstance(value, (int, np.integer)) else f
 
 
 def render_json(analysis: Analysis) -> str:
@@ -286,15 +193,19 @@ def render_json(analysis: Analysis) -> str:
 
     - ``format``, ``version``: ``"hoptrace-analysis"``, ``1``. A new version only when a
       key changes meaning or disappears; added keys do not make one.
-    - ``source``: the trace DB path. ``config``: the options used (AnalyzerConfig fields).
+    - ``source``: the trace DB path.
+    - ``config``: the options used (AnalyzerConfig fields).
     - ``summary``: ``hops``, ``requests``, ``sessions``, ``captures``, ``started_at``,
       ``ended_at`` (UNIX seconds, proxy clock), ``findings`` (count per severity),
       ``links`` (count of hops per link kind).
     - ``notes``: sentences about the data (ignored rows, guessed links).
-    - ``findings``: list, errors first, then by time. Each: ``kind``, ``severity``
-      (error|warning|info), ``trace`` (request id, null for service-wide findings such
+    - ``findings``: list, by severity (error, warning, info), then by time. Each:
+      ``kind``, ``severity`` (error|warning|info), ``trace`` (request id, null for service-wide findings such
       as clock_skew), ``service``, ``hop_ids``, ``message`` (one line), ``details``
       (kind-specific object), ``at`` (UNIX seconds of the first hop involved).
+    - ``worst``: the ids of the requests most worth a look, worst first (as many as
+      ``config.worst``; the order is :mod:`hoptrace.analyzer._model`'s, the same the
+      text report, `hoptrace plot` and the HTML report use).
     - ``latency``: ``services`` (per service: ``service``, ``count``, ``errors``,
       ``error_rate``, ``client_errors``, ``p50_ms``, ``p95_ms``, ``p99_ms``, ``max_ms``,
       ``self_p50_ms``, ``self_p95_ms``), ``endpoints`` (the same plus ``endpoint``),
@@ -314,14 +225,16 @@ def render_json(analysis: Analysis) -> str:
     Numbers that are unknown are null, never NaN.
     """
     a = analysis
+    m = model(a)
     doc = {
         "format": JSON_FORMAT,
         "version": JSON_VERSION,
         "source": a.source,
         "config": _config(a),
-        "summary": _summary(a),
+        "summary": m.summary,
         "notes": list(a.notes),
         "findings": _findings_json(a.findings),
+        "worst": m.worst(a.config.worst),
         "latency": {
             "services": _records(a.services),
             "endpoints": _records(a.endpoints),
@@ -422,58 +335,30 @@ def _values(column) -> list:
 # -- Markdown ------------------------------------------------------------------------------
 
 
+def _md_cell(value) -> str:
+    return clean(value).replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
+
+
+def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    out += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows]
+    return out
+
+
 def render_markdown(analysis: Analysis) -> str:
-    """A report for a pull request or a ticket: summary, findings, latency, worst requests."""
-    a = analysis
-    s = _summary(a)
-    out = [f"# hoptrace analysis of `{_md_cell(a.source or 'trace DB')}`", ""]
-    if s["hops"]:
-        out.append(f"{_scope(s)}.")
-    else:
-        out.append("No hops recorded.")
-    out += [f"- {_md_cell(n)}" for n in a.notes]
-    out += [
-        "",
-        "## Findings",
-        "",
-        f"{_count(s['findings']['error'], 'error')}, {_count(s['findings']['warning'], 'warning')}, {s['findings']['info']} info.",
-        "",
-    ]
-    if len(a.findings):
-        rows = []
-        for kind, group in a.findings.groupby("kind", sort=False):
-            for _, row in group.head(_PER_KIND).iterrows():
-                trace = "" if pd.isna(row["trace"]) else str(row["trace"])
-                rows.append([row["severity"], kind, trace, row["service"], row["message"]])
-            if len(group) > _PER_KIND:
-                rows.append(["", kind, "", "", f"… and {len(group) - _PER_KIND} more"])
-        out += _md_table(["Severity", "Kind", "Request", "Service", "Message"], rows)
-    if len(a.services):
-        out += ["", "## Latency by service", ""]
-        out += _md_table(
-            ["Service", "Count", "Errors", "Error %", "p50 ms", "p95 ms", "p99 ms", "Self p50 ms"],
-            [[r.service, str(r.count), str(r.errors), f"{100 * r.error_rate:.1f}", f"{r.p50_ms:.1f}",
-              f"{r.p95_ms:.1f}", f"{r.p99_ms:.1f}", f"{r.self_p50_ms:.1f}"] for r in a.services.itertuples()],
-        )  # fmt: skip
-        out += ["", "## Calls between services", ""]
-        out += _md_table(
-            ["Caller", "Callee", "Calls", "Errors", "p95 ms"],
-            [[r.caller, r.callee, str(r.calls), str(r.errors), f"{r.p95_ms:.1f}"] for r in a.edges.itertuples()],
-        )
-    worst = _worst(a, a.config.worst)
-    if worst:
+    """A report for a pull request or a ticket: the text report's sections as Markdown."""
+    m, findings, tables, trees = _sections(analysis, "")
+    s = m.summary
+    out = [f"# hoptrace analysis of `{_md_cell(analysis.source or 'trace DB')}`", "", f"{_scope(s)}."]
+    out += [f"- {_md_cell(n)}" for n in analysis.notes]
+    out += ["", "## Findings", "", f"{_severity_counts(s)}.", ""]
+    if findings:
+        out += _md_table(["Severity", "Kind", "Request", "Service", "Message"], findings)
+    for t in tables:
+        out += ["", f"## {t.title[0]}{t.title[1:]}", "", *_md_table([h.capitalize() for h in t.headers], t.rows)]
+    if trees:
         out += ["", "## Worst requests", ""]
-        for trace in worst:
-            root = a.hops.loc[trace]
-            out += [
-                (
-                    f"### Request {trace}: {_md_cell(root['endpoint'])} → {_status(root['status'], root['failed'])}"
-                    f" in {_ms(root['duration_ms'])}"
-                ),
-                "",
-                "```",
-                *(line.replace("```", "'''") for line in _tree(a, trace)),
-                "```",
-                "",
-            ]
+        for tree in trees:
+            lines = [line.replace("```", "\'\'\'") for line in tree.lines]
+            out += [f"### {_md_cell(tree.title[0].upper() + tree.title[1:])}", "", "```", *lines, "```", ""]
     return "\n".join(out).rstrip() + "\n"

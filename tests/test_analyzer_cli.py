@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from hoptrace.analyzer import DETECTORS
+from hoptrace.analyzer import DETECTORS, render_json
+from hoptrace.analyzer._render import _HOP_FIELDS, TOP_KEYS
 from hoptrace.analyzer._cli import KINDS, analyze
 
 from .analyzer_fixtures import T0, Builder, synthetic_stack
@@ -44,7 +47,7 @@ def test_text_report(scenario_db):
     for section in ("Findings:", "Latency by service", "Calls between services", "Worst requests"):
         assert section in out
     assert "expired_mid_flow" in out and f"request {root}:" in out
-    assert "token expired 0.500 s ago" in out and "└─ auth POST /introspect" in out
+    assert "token expired 0.50 s ago" in out and "└─ auth POST /introspect" in out
     assert "\x1b" not in out and "\x07" not in out
 
 
@@ -54,7 +57,7 @@ def test_json_report(scenario_db):
     assert result.exit_code == 0
     doc = json.loads(result.stdout)
     assert (doc["format"], doc["version"]) == ("hoptrace-analysis", 1)
-    assert list(doc) == ["format", "version", "source", "config", "summary", "notes", "findings", "latency", "sessions", "traces"]
+    assert list(doc) == list(TOP_KEYS)
     kinds = {f["kind"] for f in doc["findings"]}
     assert {"expired_mid_flow", "duplicate_validation", "token_reuse"} <= kinds
     trace = next(t for t in doc["traces"] if t["trace"] == root)
@@ -63,6 +66,30 @@ def test_json_report(scenario_db):
     assert trace["critical_path"][0] == root
     assert doc["summary"]["requests"] == len(doc["traces"])
     assert {"services", "endpoints", "edges"} == set(doc["latency"])
+
+
+def _documented(doc: str, after: str, until: str) -> list[str]:
+    """The ``key`` names in ``doc`` between the phrases ``after`` and ``until``."""
+    text = doc[doc.index(after) + len(after) :]
+    return re.findall(r"``(\w+)``", text[: text.index(until)])
+
+
+def test_json_keys_are_exactly_the_documented_ones(scenario_db):
+    """render_json's docstring is the one place the JSON's keys are documented (the README links it)."""
+    db, root = scenario_db
+    doc = json.loads(run(db, "--format", "json").stdout)
+    documented = render_json.__doc__
+    top = re.findall(r"^    - ``(\w+)``(?:, ``(\w+)``)?", documented, re.M)
+    assert [k for pair in top for k in pair if k] == list(doc) == list(TOP_KEYS)
+    trace = next(t for t in doc["traces"] if t["trace"] == root)
+    assert _documented(documented, "one per request, in time order:", "and ``hops``") == list(trace)[:-1]
+    hop_keys = _documented(documented, "``hops``, depth first, each:", "Numbers that are unknown")
+    assert all(list(h) == hop_keys for t in doc["traces"] for h in t["hops"])
+    assert hop_keys == [key for key, _ in _HOP_FIELDS]
+    assert {"method", "error", "ended_at", "subject", "token_exp"} <= set(hop_keys)
+    # The README lists the same per-hop keys.
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert all(f"`{key}`" in readme for key in hop_keys)
 
 
 def test_markdown_report(scenario_db):
