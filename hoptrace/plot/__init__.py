@@ -1,8 +1,10 @@
 """Charts and a self-contained HTML report of a hoptrace analysis.
 
-Every chart comes in two layers: a function taking an ``Analysis`` (from
-``hoptrace.analyzer.analyze``) and a ``*_figure`` function taking the DataFrames
-themselves, so the charts can be drawn from hand-built or filtered frames::
+Every chart takes an ``Analysis`` (from ``hoptrace.analyzer.analyze``) and is made in
+two steps: a pure ``*_layout`` function deciding everything drawn (rows, positions,
+labels, what was clipped) as data, and a short ``draw_*`` function turning a layout
+into a Figure. ``*_figure`` functions take parts of an analysis (one request's hops,
+some sessions) and do both::
 
     from hoptrace.analyzer import analyze
     from hoptrace import plot
@@ -35,6 +37,14 @@ _EXPORTS = {
     "figure_bytes": "_common",
     "waterfall": "_waterfall",
     "waterfall_figure": "_waterfall",
+    "waterfall_layout": "_waterfall",
+    "draw_waterfall": "_waterfall",
+    "session_layout": "_session",
+    "draw_session": "_session",
+    "latency_layout": "_latency",
+    "draw_latency": "_latency",
+    "graph_layout": "_graph",
+    "draw_graph": "_graph",
     "session_view": "_session",
     "session_figure": "_session",
     "select_session": "_session",
@@ -51,7 +61,13 @@ __all__ = [
     "OUTCOME_COLORS",
     "OUTCOME_LABELS",
     "PlotError",
+    "draw_graph",
+    "draw_latency",
+    "draw_session",
+    "draw_waterfall",
     "figure_bytes",
+    "graph_layout",
+    "latency_layout",
     "latency",
     "latency_figure",
     "outcome_of",
@@ -63,9 +79,11 @@ __all__ = [
     "service_graph",
     "service_graph_figure",
     "session_figure",
+    "session_layout",
     "session_view",
     "waterfall",
     "waterfall_figure",
+    "waterfall_layout",
     "write_report",
 ]
 

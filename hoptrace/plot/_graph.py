@@ -1,233 +1,162 @@
-"""The call graph between services: who calls whom, how often, how slowly, how badly."""
+"""The call graph between services: who calls whom, how often, how slowly, how badly.
+
+:func:`graph_layout` places the boxes and bends the arrows (data, in inches);
+:func:`draw_graph` draws them. The nodes and edges are the presentation model's
+(:func:`hoptrace.analyzer._model.graph_tables`): a 4xx counts where it happened.
+"""
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from hoptrace._errors import AnalysisError
+from hoptrace._format import as_float, as_int
+from hoptrace.analyzer._analysis import Analysis
+from hoptrace.analyzer._model import CLIENT, model
 from hoptrace.plot._common import (
     NEUTRAL,
     OUTCOME_COLORS,
-    as_float,
-    as_int,
     clean_text,
-    col,
-    durations_ms,
-    finite_floats,
     fmt_ms,
-    frame,
-    hop_outcomes,
     new_figure,
     outcome_legend_handles,
-    require_hops,
 )
 
-CLIENT = "client"
 XS, YS = 3.6, 1.55  # inches between layers / between boxes in a layer (data units are inches)
 NODE_GID = "node:"  # + service name
 EDGE_GID = "edge:"  # + "caller->callee"
-WORST = ("error", "5xx", "4xx")
 
 
-def service_graph(analysis: Any, *, title: str | None = None):
+@dataclass
+class Node:
+    name: str
+    x: float
+    y: float
+    text: str
+    color: str  # box outline: the worst failure of the calls it served, grey without
+
+
+@dataclass
+class Edge:
+    caller: str
+    callee: str
+    label: str
+    color: str
+    width: float
+    rad: float  # arc3 bend; 0 for a straight arrow
+    label_xy: tuple[float, float]
+    label_ha: str
+
+
+@dataclass
+class GraphLayout:
+    nodes: list[Node]
+    edges: list[Edge]
+    self_loops: dict[str, list[str]]  # service -> labels of its calls to itself
+    worst: set[str]  # outcomes of the failing edges (for the legend)
+    xlim: tuple[float, float]
+    ylim: tuple[float, float]
+    size: tuple[float, float]  # inches
+    title: str
+
+
+def service_graph(analysis: Analysis, *, title: str | None = None):
     """The call-graph Figure of ``analysis``."""
-    hops = require_hops(analysis)
-    edges = frame(analysis, "edges")
-    if len(edges) == 0:
-        edges = edges_from_hops(hops)
-    return service_graph_figure(edges, frame(analysis, "services"), hops, title=title)
+    nodes, edges = model(analysis).graph
+    return service_graph_figure(edges, nodes, title=title)
 
 
-def edges_from_hops(hops: pd.DataFrame) -> pd.DataFrame:
-    """caller, callee, calls, errors, p95_ms from ``hops`` (needs parent_id; roots are called by ``client``)."""
-    callers = _callers(hops)
-    h = hops.assign(
-        caller=callers,
-        callee=col(hops, "service").astype(str),
-        _err=hop_outcomes(hops).isin(["5xx", "error"]),
-        _d=durations_ms(hops),
-    )
-    g = h.groupby(["caller", "callee"], sort=True)
-    out = g.agg(calls=("callee", "size"), errors=("_err", "sum"), p95_ms=("_d", lambda s: s.quantile(0.95)))
-    return out.reset_index()
-
-
-def _callers(hops: pd.DataFrame) -> pd.Series:
-    services = col(hops, "service").astype(str)
-    parents = np.trunc(finite_floats(col(hops, "parent_id")))
-    has_parent = ~np.isnan(parents)
-    callers = np.full(len(hops), CLIENT, dtype=object)
-    # A parent id that is no hop here (cut off by a time window) leaves the hop called by the client.
-    callers[has_parent] = services.reindex(parents[has_parent].astype(np.int64)).fillna(CLIENT).to_numpy(dtype=object)
-    return pd.Series(callers, index=hops.index)
-
-
-def service_graph_figure(
-    edges: pd.DataFrame, services: pd.DataFrame | None = None, hops: pd.DataFrame | None = None, *, title: str | None = None
-):
+def service_graph_figure(edges: pd.DataFrame, services: pd.DataFrame | None = None, *, title: str | None = None):
     """Draw services as boxes in layers from the client, and one arrow per caller → callee.
 
-    ``edges``: ``Analysis.edges`` (caller, callee, calls, errors, p95_ms). Arrows grow with
-    the call count and are labelled ``N calls · p95``; grey when no call failed, else in
-    the outcome colour of the worst failure (needs ``hops``; 5xx colour without).
-    ``services``: ``Analysis.services`` for the per-box hop count, p95 and error rate.
+    ``edges``: caller, callee, calls, errors, p95_ms, and from the model ``client_errors``
+    and ``worst`` (``Model.graph``). Arrows grow with the call count and are labelled
+    ``N calls · p95``; grey when no call failed, else in the outcome colour of the worst
+    failure. ``services``: the model's nodes (``Analysis.services`` plus ``worst``).
     """
+    return draw_graph(graph_layout(edges, services, title=title))
+
+
+def graph_layout(edges: pd.DataFrame, services: pd.DataFrame | None = None, *, title: str | None = None) -> GraphLayout:
     if edges is None or len(edges) == 0:
         raise AnalysisError("no calls recorded: no service graph to draw")
-    e = edges.copy()
-    e["caller"] = col(e, "caller").astype(str)
-    e["callee"] = col(e, "callee").astype(str)
-    nodes = list(dict.fromkeys([*e["caller"], *e["callee"]]))
-    if services is not None and len(services) and "service" in services.columns:
-        nodes += [str(s) for s in services["service"] if str(s) not in nodes]
+    e = edges.assign(caller=edges["caller"].astype(str), callee=edges["callee"].astype(str))
+    if "worst" not in e:  # plain Analysis.edges: failures are 5xx or broken transfers
+        e = e.assign(client_errors=0, worst=None)
+    services = services if services is not None else pd.DataFrame(columns=["service"])
+    nodes = list(dict.fromkeys([*e["caller"], *e["callee"], *services["service"].astype(str)]))
     layer = _layers(nodes, e)
     pos, widest, depth = _positions(nodes, layer, e)
-
-    stats = {}
-    if services is not None and len(services) and "service" in services.columns:
-        stats = {str(r["service"]): r for _, r in services.iterrows()}
-    worst = _worst_outcomes(hops) if hops is not None and len(hops) else {}
-    worst_node: dict[str, str] = {}
-    for (_, b), o in worst.items():
-        if b not in worst_node or WORST.index(o) < WORST.index(worst_node[b]):
-            worst_node[b] = o
-
-    fig = new_figure(max(8.0, XS * depth + 1.4), max(3.6, YS * widest + 1.8))
-    ax = fig.add_subplot()
-    ax.set_xlim(-0.62 * XS, (depth - 1 + 0.62) * XS)
-    ax.set_ylim(-((widest - 1) / 2 + 0.6) * YS, ((widest - 1) / 2 + 0.6) * YS)
-    ax.set_aspect("equal", adjustable="box")  # so the curve maths below holds in inches
-    ax.axis("off")
-
-    patches = {}
-    for name in nodes:
-        x, y = pos[name]
-        text, ec = _node_text(name, stats.get(name), e, worst_node.get(name))
-        t = ax.text(
-            x,
-            y,
-            text,
-            ha="center",
-            va="center",
-            fontsize=8.5,
-            zorder=2,
-            gid=NODE_GID + name,
-            bbox={
-                "boxstyle": "round,pad=0.55",
-                "fc": "#f7f7f7" if name != CLIENT else "#ffffff",
-                "ec": ec,
-                "lw": 1.6 if ec != NEUTRAL else 1.0,
-            },
-        )
-        patches[name] = t.get_bbox_patch()
-
+    stats = {str(r["service"]): r for _, r in services.iterrows()}
+    placed = [Node(n, *pos[n], *_node_text(n, stats.get(n), e)) for n in nodes]
     pairs = set(zip(e["caller"], e["callee"]))
-    max_calls = max(float(pd.to_numeric(e.get("calls", pd.Series([1]))).max() or 1), 1.0)
-    self_loops = defaultdict(list)
-    for _, r in e.iterrows():
-        a, b = r["caller"], r["callee"]
-        calls = as_int(r.get("calls")) or 0
-        errors = as_int(r.get("errors")) or 0
-        p95 = as_float(r.get("p95_ms"))
-        label = f"{calls} call{'s' * (calls != 1)} · p95 {fmt_ms(p95)}" + (
-            f"\n{errors} error{'s' * (errors != 1)}" if errors else ""
-        )
-        color = NEUTRAL if not errors else OUTCOME_COLORS[worst.get((a, b), "5xx")]
-        if a == b:
-            self_loops[a].append(label.replace("\n", ", "))
-            ax.annotate("", xy=(0, 0), xytext=(0, 0), gid=EDGE_GID + f"{a}->{b}", visible=False)
-            continue
-        (xa, ya), (xb, yb) = pos[a], pos[b]
-        forward = layer[b] == layer[a] + 1 and (b, a) not in pairs
-        length = math.hypot(xb - xa, yb - ya)
-        if forward:
-            rad = 0.0
-        elif layer[a] == layer[b]:
-            # Same column: bulge out to the right, clear of the boxes in between.
-            rad = math.copysign(min(max(1.9 / max(length, 1e-6), 0.25), 0.9), yb - ya)
-            if (b, a) in pairs and ya > yb:
-                rad *= 1.6
-        elif (b, a) in pairs and layer[b] == layer[a] + 1:
-            rad = 0.2  # a pair calling each other: two arcs, one on each side
+    max_calls = max(float(e["calls"].max() or 1), 1.0)
+    drawn, loops = [], defaultdict(list)
+    for r in e.itertuples():
+        label = _edge_label(r)
+        if r.caller == r.callee:
+            loops[r.caller].append(label.replace("\n", ", "))
         else:
-            rad = _skip_rad(pos, layer, a, b, length)
-        lw = 1.0 + 2.2 * math.log10(1 + 9 * calls / max_calls)
-        ax.annotate(
-            "",
-            xy=(xb, yb),
-            xytext=(xa, ya),
-            gid=EDGE_GID + f"{a}->{b}",
-            zorder=3,
-            arrowprops={
-                "arrowstyle": "-|>",
-                "mutation_scale": 14,
-                "lw": lw,
-                "color": color,
-                "shrinkA": 3,
-                "shrinkB": 3,
-                "connectionstyle": f"arc3,rad={rad}",
-                "patchA": patches[a],
-                "patchB": patches[b],
-            },
-        )
-        # Label at the curve's midpoint: the chord's middle, pushed sideways by rad/2 of its length.
-        mx, my = (xa + xb) / 2, (ya + yb) / 2
-        dx, dy = xb - xa, yb - ya
-        lx, ly = mx + 0.5 * rad * dy, my - 0.5 * rad * dx
-        side = {"ha": "center"}
-        if layer[a] == layer[b]:
-            side = {"ha": "left" if rad * (yb - ya) > 0 else "right"}
-            lx += 0.06 if side["ha"] == "left" else -0.06
-        ax.text(
-            lx,
-            ly,
-            "\n".join(clean_text(part, 60) for part in label.split("\n")),
-            **side,
-            va="center",
-            fontsize=7.5,
-            zorder=4,
-            color="#222222" if not errors else color,
-            bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.85},
-        )
-    for name, labels in self_loops.items():
-        x, y = pos[name]
-        ax.annotate(
-            "↻ calls itself: " + "; ".join(labels),
-            xy=(x, y),
-            xytext=(0, -34),
-            textcoords="offset points",
-            ha="center",
-            va="top",
-            fontsize=7.5,
-            color=NEUTRAL,
-            zorder=4,
-        )
-
-    from matplotlib.lines import Line2D
-
-    present = {worst.get((a, b), "5xx") for a, b, er in zip(e["caller"], e["callee"], col(e, "errors", 0)) if (as_int(er) or 0)}
-    handles = [Line2D([], [], color=NEUTRAL, lw=2, label="calls without errors")]
-    handles += [
-        Line2D([], [], color=h.get_facecolor(), lw=2, label=f"calls with errors, worst: {h.get_label()}")
-        for h in outcome_legend_handles(present)
-    ]
-    for text in ax.texts:  # all drawn inside the axes: the layout need not measure them
-        text.set_in_layout(False)
-    fig.legend(handles=handles, loc="outside upper left", ncols=min(len(handles), 4), fontsize=8, frameon=False)
-    total = int(pd.to_numeric(col(e, "calls", 0), errors="coerce").fillna(0).sum())
-    ax.set_title(
-        title
+            drawn.append(_edge(r, label, pos, layer, pairs, max_calls))
+    total = int(pd.to_numeric(e["calls"], errors="coerce").fillna(0).sum())
+    return GraphLayout(
+        nodes=placed,
+        edges=drawn,
+        self_loops=dict(loops),
+        worst={_worst(r) for r in e.itertuples() if _failures(r)},
+        xlim=(-0.62 * XS, (depth - 1 + 0.62) * XS),
+        ylim=(-((widest - 1) / 2 + 0.6) * YS, ((widest - 1) / 2 + 0.6) * YS),
+        size=(max(8.0, XS * depth + 1.4), max(3.6, YS * widest + 1.8)),
+        title=title
         or f"Service call graph: {len(nodes) - (CLIENT in nodes)} services, {len(e)} caller → callee pairs, "
-        f"{total} calls\narrow width ∝ calls; box: hops served, p95 latency, error rate",
-        loc="left",
-        fontsize=11,
+        f"{total} calls\narrow width ∝ calls; box: hops served, p95 latency, error rate (5xx and failed; 4xx beside)",
     )
-    return fig
+
+
+def _failures(r) -> int:
+    return (as_int(r.errors) or 0) + (as_int(r.client_errors) or 0)
+
+
+def _worst(r) -> str:
+    return r.worst if isinstance(r.worst, str) else "5xx"
+
+
+def _edge_label(r) -> str:
+    calls, errors, client = as_int(r.calls) or 0, as_int(r.errors) or 0, as_int(r.client_errors) or 0
+    failed = [f"{errors} error{'s' * (errors != 1)}"] if errors else []
+    failed += [f"{client} 4xx"] if client else []
+    label = f"{calls} call{'s' * (calls != 1)} · p95 {fmt_ms(as_float(r.p95_ms))}"
+    return label + ("\n" + ", ".join(failed) if failed else "")
+
+
+def _edge(r, label: str, pos, layer, pairs, max_calls: float) -> Edge:
+    a, b = r.caller, r.callee
+    (xa, ya), (xb, yb) = pos[a], pos[b]
+    length = math.hypot(xb - xa, yb - ya)
+    if layer[b] == layer[a] + 1 and (b, a) not in pairs:
+        rad = 0.0
+    elif layer[a] == layer[b]:
+        # Same column: bulge out to the right, clear of the boxes in between.
+        rad = math.copysign(min(max(1.9 / max(length, 1e-6), 0.25), 0.9), yb - ya)
+        rad *= 1.6 if (b, a) in pairs and ya > yb else 1.0
+    elif (b, a) in pairs and layer[b] == layer[a] + 1:
+        rad = 0.2  # a pair calling each other: two arcs, one on each side
+    else:
+        rad = _skip_rad(pos, layer, a, b, length)
+    # Label at the curve's midpoint: the chord's middle, pushed sideways by rad/2 of its length.
+    lx, ly = (xa + xb) / 2 + 0.5 * rad * (yb - ya), (ya + yb) / 2 - 0.5 * rad * (xb - xa)
+    ha = "center"
+    if layer[a] == layer[b]:
+        ha = "left" if rad * (yb - ya) > 0 else "right"
+        lx += 0.06 if ha == "left" else -0.06
+    calls = as_int(r.calls) or 0
+    color = OUTCOME_COLORS[_worst(r)] if _failures(r) else NEUTRAL
+    return Edge(a, b, label, color, 1.0 + 2.2 * math.log10(1 + 9 * calls / max_calls), rad, (lx, ly), ha)
 
 
 def _skip_rad(pos, layer, a: str, b: str, length: float) -> float:
@@ -295,7 +224,6 @@ def _positions(nodes, layer, e) -> tuple[dict[str, tuple[float, float]], int, in
     for a, b in zip(e["caller"], e["callee"]):
         preds[b].append(a)
     pos: dict[str, tuple[float, float]] = {}
-    widest = max(len(v) for v in by_layer.values())
     for L in sorted(by_layer):
         members = by_layer[L]
         # Barycentre ordering: a node sits near the average height of its callers.
@@ -306,37 +234,62 @@ def _positions(nodes, layer, e) -> tuple[dict[str, tuple[float, float]], int, in
                 n,
             )
         )
-        k = len(members)
         for i, n in enumerate(members):
-            pos[n] = (float(L) * XS, ((k - 1) / 2 - i) * YS)
-    return pos, widest, max(by_layer) + 1
+            pos[n] = (float(L) * XS, ((len(members) - 1) / 2 - i) * YS)
+    return pos, max(len(v) for v in by_layer.values()), max(by_layer) + 1
 
 
-def _node_text(name: str, stats, e: pd.DataFrame, worst: str | None) -> tuple[str, str]:
+def _node_text(name: str, stats, e: pd.DataFrame) -> tuple[str, str]:
     if name == CLIENT:
-        calls = int(pd.to_numeric(e.loc[e["caller"] == CLIENT, "calls"], errors="coerce").fillna(0).sum()) if "calls" in e else 0
+        calls = int(pd.to_numeric(e.loc[e["caller"] == CLIENT, "calls"], errors="coerce").fillna(0).sum())
         return f"client\n{calls} request{'s' * (calls != 1)}", NEUTRAL
     label = clean_text(name, 28)
     if stats is None:
         return label, NEUTRAL
-    count = as_int(stats.get("count"))
-    rate = as_float(stats.get("error_rate"))
-    lines = [label, f"{'?' if count is None else count} hop{'s' * (count != 1)} · p95 {fmt_ms(stats.get('p95_ms'))}"]
+    count, rate, client = as_int(stats["count"]), as_float(stats["error_rate"]), as_int(stats.get("client_errors"))
+    lines = [label, f"{'?' if count is None else count} hop{'s' * (count != 1)} · p95 {fmt_ms(stats['p95_ms'])}"]
     if rate is not None:
-        lines.append(f"errors {100 * rate:.1f}%")
-    return "\n".join(lines), OUTCOME_COLORS[worst or "5xx"] if rate else NEUTRAL
+        lines.append(f"errors {100 * rate:.1f}%" + (f" + {client} 4xx" if client else ""))
+    worst = stats.get("worst")
+    failing = bool(rate) or bool(client)
+    return "\n".join(lines), OUTCOME_COLORS[worst if isinstance(worst, str) else "5xx"] if failing else NEUTRAL
 
 
-def _worst_outcomes(hops: pd.DataFrame) -> dict[tuple[str, str], str]:
-    """(caller, callee) -> the worst outcome (error, then 5xx, then 4xx) of its calls, for pairs with any."""
-    outcomes = hop_outcomes(hops)
-    bad = outcomes.isin(WORST).to_numpy(dtype=bool)
-    calls = pd.DataFrame(
-        {
-            "caller": _callers(hops)[bad].to_numpy(),
-            "callee": col(hops, "service").astype(str)[bad].to_numpy(),
-            "rank": outcomes[bad].map(WORST.index).to_numpy(),
-        }
-    )
-    worst = calls.groupby(["caller", "callee"], sort=False)["rank"].min()
-    return {pair: WORST[int(rank)] for pair, rank in worst.items()}
+def draw_graph(lay: GraphLayout):
+    """The Figure of a :class:`GraphLayout`."""
+    from matplotlib.lines import Line2D
+
+    fig = new_figure(*lay.size)
+    ax = fig.add_subplot()
+    ax.set(xlim=lay.xlim, ylim=lay.ylim)
+    ax.set_aspect("equal", adjustable="box")  # so the curve maths of the layout holds in inches
+    ax.axis("off")
+    boxes = {}
+    for n in lay.nodes:
+        bbox = {"boxstyle": "round,pad=0.55", "fc": "#f7f7f7" if n.name != CLIENT else "#ffffff", "ec": n.color,
+                "lw": 1.6 if n.color != NEUTRAL else 1.0}  # fmt: skip
+        t = ax.text(n.x, n.y, n.text, ha="center", va="center", fontsize=8.5, zorder=2, gid=NODE_GID + n.name, bbox=bbox)
+        boxes[n.name] = (n, t.get_bbox_patch())
+    for ed in lay.edges:
+        (a, pa), (b, pb) = boxes[ed.caller], boxes[ed.callee]
+        ax.annotate("", xy=(b.x, b.y), xytext=(a.x, a.y), gid=EDGE_GID + f"{ed.caller}->{ed.callee}", zorder=3,
+                    arrowprops={"arrowstyle": "-|>", "mutation_scale": 14, "lw": ed.width, "color": ed.color,
+                                "shrinkA": 3, "shrinkB": 3, "connectionstyle": f"arc3,rad={ed.rad}", "patchA": pa,
+                                "patchB": pb})  # fmt: skip
+        text = "\n".join(clean_text(part, 60) for part in ed.label.split("\n"))
+        ax.text(*ed.label_xy, text, ha=ed.label_ha, va="center", fontsize=7.5, zorder=4,
+                color="#222222" if ed.color == NEUTRAL else ed.color,
+                bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.85})  # fmt: skip
+    for name, labels in lay.self_loops.items():
+        n = boxes[name][0]
+        ax.annotate("", xy=(0, 0), xytext=(0, 0), gid=EDGE_GID + f"{name}->{name}", visible=False)
+        ax.annotate("↻ calls itself: " + "; ".join(labels), xy=(n.x, n.y), xytext=(0, -34), textcoords="offset points",
+                    ha="center", va="top", fontsize=7.5, color=NEUTRAL, zorder=4)  # fmt: skip
+    handles = [Line2D([], [], color=NEUTRAL, lw=2, label="calls without errors")]
+    handles += [Line2D([], [], color=h.get_facecolor(), lw=2, label=f"calls with errors, worst: {h.get_label()}")
+                for h in outcome_legend_handles(lay.worst)]  # fmt: skip
+    for text in ax.texts:  # all drawn inside the axes: the layout need not measure them
+        text.set_in_layout(False)
+    fig.legend(handles=handles, loc="outside upper left", ncols=min(len(handles), 4), fontsize=8, frameon=False)
+    ax.set_title(lay.title, loc="left", fontsize=11)
+    return fig
