@@ -34,9 +34,9 @@ class Builder:
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     _token_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
 
-    def token(self, sub=None, exp=None, *, iat=None, nbf=None, kind="jwt", iss=None, seen=0.0) -> str:
+    def token(self, sub=None, exp=None, *, iat=None, nbf=None, kind="jwt", iss=None, seen=0.0, fingerprint=None) -> str:
         """A token; ``exp``/``iat``/``nbf`` in seconds after T0 (None: no such claim)."""
-        fp = hashlib.sha256(str(next(self._token_ids)).encode()).hexdigest()[:32]
+        fp = fingerprint or hashlib.sha256(str(next(self._token_ids)).encode()).hexdigest()[:32]
         self.tokens.append({
             "fingerprint": fp, "capture_id": 1, "kind": kind, "length": 200 if kind != "opaque" else 32,
             "alg": "HS256" if kind == "jwt" else None, "kid": None, "typ": None, "iss": iss, "sub": sub,
