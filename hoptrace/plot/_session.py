@@ -39,6 +39,7 @@ EXP_GID = "token-exp"
 REFRESH_GID = "refresh"
 ISSUED_GID = "issued"
 EXPIRED_HATCH = "xxx"
+MAX_SPAN_S = 7 * 86_400.0  # a request is cut a week after the first one: beyond it a time is a clock error
 
 
 def select_session(analysis: Analysis, key: Any) -> pd.DataFrame:
@@ -150,7 +151,11 @@ def session_layout(analysis: Analysis, sessions: pd.DataFrame, *, title: str | N
     traces = [int(t) for t in s["trace"]]
     t0 = float(s["started_at"].min())
     start = s["started_at"].to_numpy(dtype=float) - t0
-    end = np.maximum(np.nan_to_num(s["ended_at"].to_numpy(dtype=float) - t0, nan=0.0), start)
+    end = np.nan_to_num(s["ended_at"].to_numpy(dtype=float) - t0, nan=0.0)
+    cut = [f"request {t} claims to end {fmt_s(e)} after the first request: drawn cut at {fmt_s(MAX_SPAN_S)}"
+           for t, e in zip(s["trace"], end) if e > MAX_SPAN_S]  # fmt: skip
+    start = np.minimum(start, MAX_SPAN_S)
+    end = np.maximum(np.minimum(end, MAX_SPAN_S), start)
     issued = _issued(analysis, traces)
     info = _token_info(analysis.tokens, s, issued)
     xlim, clipped = _axis(start, end, info, t0)
@@ -172,9 +177,11 @@ def session_layout(analysis: Analysis, sessions: pd.DataFrame, *, title: str | N
         xlim=xlim,
         t0=t0,
         title="",
-        clipped=clipped,
+        clipped=cut + clipped,
     )
     lay.title = title if title is not None else _title(s, lay, float(end.max()))
+    if cut:  # said on the chart: a bar drawn shorter than it claims
+        lay.title += f"\n{clean_text(cut[0], 160)}" + (f" (and {len(cut) - 1} more)" if len(cut) > 1 else "")
     return lay
 
 

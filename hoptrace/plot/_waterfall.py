@@ -41,6 +41,7 @@ EXPIRED_SPAN_GID = "token-expired"  # gid of the shading after an expiry
 VALIDATION_GID = "validation"  # gid of the validation markers
 DUPLICATE_HATCH = "////"
 LEGEND_COLS = 4
+MAX_SPAN_MS = 86_400_000.0  # a bar is cut a day after the request started: beyond it a time is a clock error
 NOTE_COLORS = {"error": EXPIRED_COLOR, "warning": "#8a5a00", "info": NEUTRAL}
 
 
@@ -91,8 +92,7 @@ def waterfall_layout(
     h = hops.sort_values(["order", "started_at"], kind="stable")
     ids = [int(i) for i in h.index]
     t0 = float(h["started_at"].iloc[0])
-    start = (h["started_at"].to_numpy(dtype=float) - t0) * 1000.0
-    end = np.maximum(np.nan_to_num((h["ended_at"].to_numpy(dtype=float) - t0) * 1000.0, nan=0.0), start)
+    start, end, clipped = _clamped_times(h, t0)
     lo = float(min(0.0, start.min()))
     hi = float(max(end.max(), lo + 1e-3))
     span = hi - lo
@@ -115,10 +115,28 @@ def waterfall_layout(
         validation=h["is_validation"].fillna(False).to_numpy(dtype=bool),
         xlim=xlim,
         exp_lines=exp_lines,
-        notes=_notes(mine, exp_notes),
+        notes=_notes(mine, exp_notes + clipped),
         title=title if title is not None else _title(h, t0),
+        clipped=clipped,
     )
     return layout
+
+
+def _clamped_times(h: pd.DataFrame, t0: float) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Each hop's start and end in ms since ``t0``, within a day of it; and a note naming the hops cut.
+
+    A recorded time a day away from its request is a clock or data error; drawn where it
+    claims to be it would stretch the axis past what the renderer can draw.
+    """
+    start = (h["started_at"].to_numpy(dtype=float) - t0) * 1000.0
+    end = np.nan_to_num((h["ended_at"].to_numpy(dtype=float) - t0) * 1000.0, nan=0.0)
+    off = (np.abs(start) > MAX_SPAN_MS) | (np.abs(end) > MAX_SPAN_MS)
+    start = np.clip(start, -MAX_SPAN_MS, MAX_SPAN_MS)
+    end = np.maximum(np.clip(end, -MAX_SPAN_MS, MAX_SPAN_MS), start)
+    if not off.any():
+        return start, end, []
+    ids = ", ".join(str(i) for i in h.index[off][:5]) + (" …" if off.sum() > 5 else "")
+    return start, end, [f"{int(off.sum())} hop(s) claim times over a day from the request's start (hop {ids}): drawn cut at 24 h"]
 
 
 def _bar_texts(h: pd.DataFrame, duplicates: dict[int, int], started: dict[int, float], dur_ms: np.ndarray):
