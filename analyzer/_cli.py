@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from hoptrace._click import BadInput, OneLineCommand, exit_2_on_bad_input
+from hoptrace._options import output_option, trace_db_argument
 
 # The kinds are listed here rather than imported, so that `hoptrace --help` does not
 # load pandas; a test keeps this tuple equal to DETECTORS.
@@ -28,7 +29,7 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 
 
 @click.command("analyze", cls=OneLineCommand)
-@click.argument("db", type=click.Path(path_type=Path))
+@trace_db_argument(must_exist=False)
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True, help="Report format.")
 @click.option(
     "--trace", "trace", metavar="ID", help="Only this request: its id (the root hop id), a trace id, or any hop id in it."
@@ -57,12 +58,7 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
     help="A path pattern of token validation calls (repeatable; replaces the defaults verify, validate, introspect, userinfo, tokeninfo).",
 )
 @click.option("--worst", type=click.IntRange(0, 1000), metavar="N", help="How many requests to draw as trees (default 5).")
-@click.option(
-    "--output",
-    "-o",
-    type=click.Path(dir_okay=False, writable=True, path_type=Path),
-    help="Write the report here instead of stdout.",
-)
+@output_option("Write the report here instead of stdout.")
 def analyze(
     db: Path,
     fmt: str,
@@ -86,8 +82,8 @@ def analyze(
     token_crossover, upstream_error, near_expiry, duplicate_validation, clock_skew,
     token_reuse, retry_storm, slow_hop.
 
+    \b
     Example:
-
         hoptrace analyze traces.db --format markdown --fail-on expired_mid_flow,token_crossover
     """
     from hoptrace.analyzer import AnalyzerConfig, render_json, render_markdown, render_text

@@ -1,6 +1,6 @@
 """The capture benchmark: what recording costs, against plain mitmproxy and against no proxy.
 
-One aiohttp service (``python -m hoptrace.testing hello``) on 127.0.0.1, loaded by
+One aiohttp service (``python -m hoptrace.stack.upstreams hello``) on 127.0.0.1, loaded by
 ``loadgen.py`` in its own process (keep-alive, a fixed request count, an HS256
 bearer token on every request), five ways:
 
@@ -609,7 +609,7 @@ def resolve_defaults(args: argparse.Namespace) -> None:
 def _run_rounds(args, configs: list[str], clients_list: list[int], workdir: Path, started: float, log) -> list[Run]:
     """Every run of every round, interleaved, within the time budget."""
     upstream_port = free_port()
-    upstream = Child([PYTHON, "-m", "hoptrace.testing", "hello", str(upstream_port)], workdir / "service.log")
+    upstream = Child([PYTHON, "-m", "hoptrace.stack.upstreams", "hello", str(upstream_port)], workdir / "service.log")
     runs: list[Run] = []
     try:
         upstream.wait_for_text("listening", 30)

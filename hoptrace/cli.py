@@ -12,7 +12,7 @@ from hoptrace import __version__
 from hoptrace._click import BadInput, OneLineGroup, exit_2_on_bad_input
 from hoptrace.analyzer._cli import analyze
 from hoptrace.plot._cli import plot, report
-from hoptrace.stack._cli import stack
+from hoptrace.stack._cli import demo, record_samples, stack
 
 
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -88,46 +88,5 @@ def addon_path() -> None:
     click.echo(files("hoptrace.addons") / "mitmdump_recorder.py")
 
 
-@cli.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out/demo"), show_default=True, help="Folder for the trace, the report and the charts.")
-@click.option("--users", type=click.IntRange(2, 50), default=6, show_default=True, help="Concurrent users; one of them checks out as its token is about to expire.")
-def demo(out: Path, users: int) -> None:
-    """Run the bundled stack behind the proxy, drive the checkout flow, analyze and plot it.
-
-    Five aiohttp services (gateway, auth, products, cart, payment) reproduce the
-    scenario of a checkout that answers 401 although the token "validates":
-    the trace, report.html and the charts land in one folder.
-
-    Example:
-
-        hoptrace demo --out out/demo --users 6
-    """
-    from hoptrace.demo import run_demo
-
-    with exit_2_on_bad_input():
-        written = run_demo(out, users, click.echo)
-    click.echo("[demo] files:")
-    for path in written:
-        click.echo(f"  {path}")
-    click.echo(f"Next: open {out / 'report.html'}, or try `hoptrace analyze {out / 'traces.db'} --format markdown`.")
-
-
-@cli.command("record-samples")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("sample_traces"), show_default=True, help="Folder for the trace files and their golden analyses.")
-@click.option("--goldens-only", is_flag=True, help="Keep the recorded traces; only re-analyze them into the golden files.")
-def record_samples(out: Path, goldens_only: bool) -> None:
-    """Re-record every scenario of the sample stack, each with its golden `analyze --format json`.
-
-    Example:
-
-        hoptrace record-samples --out sample_traces
-    """
-    from hoptrace.demo import record_samples as record_all
-
-    with exit_2_on_bad_input():
-        for path in record_all(out, click.echo, goldens_only=goldens_only):
-            click.echo(f"  wrote {path}")
-
-
-for command in (analyze, plot, report, stack):
+for command in (analyze, plot, report, stack, demo, record_samples):
     cli.add_command(command)

@@ -88,11 +88,11 @@ def spawn():
 
 @pytest.fixture
 def upstream(spawn):
-    """Start one of hoptrace.testing's upstreams; returns its base URL."""
+    """Start one of the small upstreams of hoptrace.stack.upstreams; returns its base URL."""
 
     def start(kind: str = "hello") -> str:
         port = free_port()
-        spawn([PYTHON, "-m", "hoptrace.testing", kind, str(port)], ready="listening")
+        spawn([PYTHON, "-m", "hoptrace.stack.upstreams", kind, str(port)], ready="listening")
         return f"http://127.0.0.1:{port}"
 
     return start

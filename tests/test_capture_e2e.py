@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from hoptrace.scenarios import SCENARIOS, record
+from hoptrace.stack.scenarios import SCENARIOS, record
 from hoptrace.stack import SERVICES
 
 from .conftest import file_bytes

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from hoptrace.analyzer import analyze, link_accuracy
-from hoptrace.scenarios import SCENARIOS, record
+from hoptrace.stack.scenarios import SCENARIOS, record
 
 pytestmark = pytest.mark.e2e
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hoptrace.analyzer import analyze, render_json
-from hoptrace.scenarios import SCENARIOS
+from hoptrace.stack.scenarios import SCENARIOS
 
 ROOT = Path(__file__).resolve().parent.parent
 # What each recorded scenario must show, beyond matching its golden file. Runs with

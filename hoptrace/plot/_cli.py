@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from hoptrace._click import BadInput, OneLineCommand, exit_2_on_bad_input
+from hoptrace._options import output_option, trace_db_argument
 
 PLOT_FORMATS = (".png", ".svg")
 REPORT_FORMATS = (".html", ".htm")
@@ -53,14 +54,13 @@ def _analyze(db: Path):
     from hoptrace.analyzer import analyze  # loads pandas: only once a command runs
 
     analysis = analyze(db)
-    hops = getattr(analysis, "hops", None)
-    if hops is None or len(hops) == 0:
+    if len(analysis.hops) == 0:
         raise _no_hops(db)
     return analysis
 
 
 @click.command("plot", cls=OneLineCommand)
-@click.argument("db", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@trace_db_argument()
 @click.option(
     "--trace",
     "trace",
@@ -77,9 +77,7 @@ def _analyze(db: Path):
 )
 @click.option("--latency", "latency", is_flag=True, help="Draw per-service latency (p50/p95/p99) and error rates.")
 @click.option("--services", "services", is_flag=True, help="Draw the call graph between services.")
-@click.option(
-    "-o", "--output", required=True, type=click.Path(path_type=Path), help="File to write; .png or .svg picks the format."
-)
+@output_option("File to write; .png or .svg picks the format.", required=True)
 @click.option("--dpi", default=100, show_default=True, type=click.IntRange(50, 600), help="Resolution of a PNG.")
 def plot(db: Path, trace: str | None, session: str | None, latency: bool, services: bool, output: Path, dpi: int) -> None:
     """Draw a chart of a trace database as PNG or SVG.
@@ -89,10 +87,9 @@ def plot(db: Path, trace: str | None, session: str | None, latency: bool, servic
     expiry as a red line. --session draws a workflow with its tokens' lifetimes,
     --latency per-service latency, --services the call graph.
 
+    \b
     Example:
-
         hoptrace plot traces.db --trace 8 -o checkout.png
-
         hoptrace plot traces.db --session alice -o alice.svg
     """
     chosen = [
@@ -136,14 +133,8 @@ def plot(db: Path, trace: str | None, session: str | None, latency: bool, servic
 
 
 @click.command("report", cls=OneLineCommand)
-@click.argument("db", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option(
-    "-o",
-    "--output",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="HTML file to write (.html); self-contained, viewable offline.",
-)
+@trace_db_argument()
+@output_option("HTML file to write (.html); self-contained, viewable offline.", required=True)
 @click.option(
     "--max-waterfalls",
     default=20,
@@ -166,8 +157,8 @@ def report(db: Path, output: Path, max_waterfalls: int, max_sessions: int, title
     finding, the workflow view of each affected session, latency per service and
     the service call graph; charts are embedded, nothing is fetched when opened.
 
+    \b
     Example:
-
         hoptrace report traces.db -o report.html
     """
     _check_output(output, REPORT_FORMATS)
@@ -176,6 +167,5 @@ def report(db: Path, output: Path, max_waterfalls: int, max_sessions: int, title
         from hoptrace.plot import write_report
 
         write_report(analysis, output, source=db.name, title=title, max_waterfalls=max_waterfalls, max_sessions=max_sessions)
-    findings = getattr(analysis, "findings", None)
-    n = 0 if findings is None else len(findings)
+    n = len(analysis.findings)
     click.echo(f"wrote {output} ({n} finding{'s' * (n != 1)})")

@@ -1,13 +1,16 @@
-"""``hoptrace stack``: run the sample stack in the foreground until SIGINT/SIGTERM."""
+"""The sample stack's commands: ``hoptrace stack`` (run it in the foreground until SIGINT/SIGTERM),
+``hoptrace demo`` (the whole job on it) and ``hoptrace record-samples`` (re-record sample_traces/)."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+from pathlib import Path
 
 import click
 
-from hoptrace._click import BadInput, OneLineCommand
+from hoptrace._click import BadInput, OneLineCommand, exit_2_on_bad_input
+from hoptrace._options import out_folder_option
 from hoptrace.stack.config import PROPAGATION_MODES, SERVICES, StackConfig, StackError
 from hoptrace.stack.runner import RunningStack, start_stack
 
@@ -164,3 +167,44 @@ def _announce(running: RunningStack) -> None:
 
 if __name__ == "__main__":
     stack(prog_name="hoptrace stack")
+
+
+@click.command(cls=OneLineCommand)
+@out_folder_option("out/demo", "Folder for the trace, the report and the charts.")
+@click.option("--users", type=click.IntRange(2, 50), default=6, show_default=True, help="Concurrent users; one of them checks out as its token is about to expire.")
+def demo(out: Path, users: int) -> None:
+    """Run the bundled stack behind the proxy, drive the checkout flow, analyze and plot it.
+
+    Five aiohttp services (gateway, auth, products, cart, payment) reproduce the
+    scenario of a checkout that answers 401 although the token "validates":
+    the trace, report.html and the charts land in one folder.
+
+    \b
+    Example:
+        hoptrace demo --out out/demo --users 6
+    """
+    from hoptrace.stack.demo import run_demo
+
+    with exit_2_on_bad_input():
+        written = run_demo(out, users, click.echo)
+    click.echo("[demo] files:")
+    for path in written:
+        click.echo(f"  {path}")
+    click.echo(f"Next: open {out / 'report.html'}, or try `hoptrace analyze {out / 'traces.db'} --format markdown`.")
+
+
+@click.command("record-samples", cls=OneLineCommand)
+@out_folder_option("sample_traces", "Folder for the trace files and their golden analyses.")
+@click.option("--goldens-only", is_flag=True, help="Keep the recorded traces; only re-analyze them into the golden files.")
+def record_samples(out: Path, goldens_only: bool) -> None:
+    """Re-record every scenario of the sample stack, each with its golden `analyze --format json`.
+
+    \b
+    Example:
+        hoptrace record-samples --out sample_traces
+    """
+    from hoptrace.stack.demo import record_samples as record_all
+
+    with exit_2_on_bad_input():
+        for path in record_all(out, click.echo, goldens_only=goldens_only):
+            click.echo(f"  wrote {path}")

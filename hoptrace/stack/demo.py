@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hoptrace._errors import HoptraceError
-from hoptrace.scenarios import SCENARIOS, Recording, Scenario, record
+from hoptrace.stack.scenarios import SCENARIOS, Recording, Scenario, record
 
 Echo = Callable[[str], None]
 

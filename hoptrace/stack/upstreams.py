@@ -1,7 +1,7 @@
 """Small real upstreams for hoptrace's tests and benchmarks, run as processes.
 
-    python -m hoptrace.testing hello PORT       # answers every request with 200 {"ok": true}
-    python -m hoptrace.testing truncate PORT    # promises 100 bytes, sends 10, closes
+    python -m hoptrace.stack.upstreams hello PORT       # answers every request with 200 {"ok": true}
+    python -m hoptrace.stack.upstreams truncate PORT    # promises 100 bytes, sends 10, closes
 
 Each prints ``listening`` once it accepts connections. Both bind 127.0.0.1 only.
 """
@@ -68,5 +68,5 @@ async def _serve(kind: str, port: int) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or not sys.argv[2].isdigit():
-        raise SystemExit("usage: python -m hoptrace.testing hello|truncate PORT")
+        raise SystemExit("usage: python -m hoptrace.stack.upstreams hello|truncate PORT")
     asyncio.run(_serve(sys.argv[1], int(sys.argv[2])))
