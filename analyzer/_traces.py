@@ -8,16 +8,21 @@ tier   candidates (same capture, another service, earlier)   link
 1      the hop whose span id is this hop's parent span id    ``header``
 2-4    containing hops of the same trace id carrying the     ``header``
        same token, else the same subject, else any
-5-6    containing hops carrying the same token, else the     ``token``
+5      containing hops carrying the same token and naming    ``token``
+       the same long id in their path (a cart id, an
+       order id: ``GET /cart/cart_7f3a…`` at the gateway
+       and at cart)
+6      containing hops naming the same long path id          ``token``
+7-8    containing hops carrying the same token, else the     ``token``
        same subject (fingerprint of any role: presented,
        validated or issued)
-7      containing hops                                       ``nesting``
+9      containing hops                                       ``nesting``
 =====  ====================================================  =======================
 
 "Containing" is on the proxy's clock: the candidate started no later and ended no
 earlier. Among the candidates of the first tier that has any, the innermost wins
 (latest start). When another candidate of that tier is not an ancestor of the
-chosen one, the choice was a guess: a tier 5-7 link is then ``ambiguous``, and
+chosen one, the choice was a guess: a tier 5-9 link is then ``ambiguous``, and
 ``link_candidates`` says among how many unrelated hops. Entry hops are ``root``;
 other hops with no candidate are ``orphan`` (roots of their own tree).
 

@@ -23,6 +23,9 @@ from hoptrace.addons._writer import Route, TraceWriter
 
 from .conftest import PYTHON, file_bytes
 
+# The benchmark's smoke runs: CI runs them (selected by default); `-m "not bench"` leaves them out.
+pytestmark = pytest.mark.bench
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -24,6 +24,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import analysis  # benchmarks/ is a folder of scripts, put on the path above
 import synth
 
+# The benchmark's smoke runs: CI runs them (selected by default); `-m "not bench"` leaves them out.
+pytestmark = pytest.mark.bench
+
 
 @pytest.mark.e2e
 def test_small_analysis_benchmark_finds_the_planted_faults_in_every_cohort_at_every_size(tmp_path):
