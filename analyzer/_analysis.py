@@ -165,19 +165,10 @@ def analyze_tables(
         sessions = sessions[sessions["trace"] == chosen].reset_index(drop=True)
     timings = {"rebuild": rebuilt - started, "detectors": detected - rebuilt, "tables": tables_s}
     return Analysis(
-        captures=tables.captures,
-        hops=hops,
-        tokens=tables.tokens,
-        hop_tokens=hop_tokens,
-        findings=findings,
-        services=services,
-        endpoints=endpoints,
-        edges=edges,
-        sessions=sessions,
-        config=ctx.config,
-        notes=notes,
+        captures=tables.captures, hops=hops, tokens=tables.tokens, hop_tokens=hop_tokens, findings=findings,
+        services=services, endpoints=endpoints, edges=edges, sessions=sessions, config=ctx.config, notes=notes,
         timings=timings,
-    )
+    )  # fmt: skip
 
 
 def _latency_tables(hops: pd.DataFrame) -> tuple[tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame], float]:

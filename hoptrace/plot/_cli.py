@@ -132,23 +132,15 @@ def plot(db: Path, trace: str | None, session: str | None, latency: bool, servic
     click.echo(f"wrote {output} ({what})")
 
 
+def _at_most(name: str, default: int, what: str):
+    return click.option(name, default=default, show_default=True, type=click.IntRange(0, 1000), help=what)
+
+
 @click.command("report", cls=OneLineCommand)
 @trace_db_argument()
 @output_option("HTML file to write (.html); self-contained, viewable offline.", required=True)
-@click.option(
-    "--max-waterfalls",
-    default=20,
-    show_default=True,
-    type=click.IntRange(0, 1000),
-    help="Waterfalls of failed requests to include at most.",
-)
-@click.option(
-    "--max-sessions",
-    default=10,
-    show_default=True,
-    type=click.IntRange(0, 1000),
-    help="Workflow views of affected sessions to include at most.",
-)
+@_at_most("--max-waterfalls", 20, "Waterfalls of failed requests to include at most.")
+@_at_most("--max-sessions", 10, "Workflow views of affected sessions to include at most.")
 @click.option("--title", default=None, help="Title of the report (default: from the DB's name).")
 def report(db: Path, output: Path, max_waterfalls: int, max_sessions: int, title: str | None) -> None:
     """Write one self-contained HTML report of a trace database.

@@ -18,18 +18,8 @@ from hoptrace._format import as_float, as_int, is_missing
 from hoptrace.analyzer._analysis import Analysis
 from hoptrace.analyzer._model import findings_about, hop_endings, outcomes, resolve_trace, sorted_findings, tree_prefixes
 from hoptrace.plot._common import (
-    EXPIRED_COLOR,
-    NEUTRAL,
-    OUTCOME_COLORS,
-    bar_note,
-    clean_text,
-    fmt_ms,
-    fmt_s,
-    fmt_utc,
-    new_figure,
-    outcome_legend_handles,
-    require_hops,
-    short_fp,
+    EXPIRED_COLOR, NEUTRAL, OUTCOME_COLORS, bar_note, clean_text, fmt_ms, fmt_s, fmt_utc, new_figure, outcome_legend_handles,
+    require_hops, short_fp,
 )
 
 ROW_IN = 0.27  # inches per hop row
