@@ -4,8 +4,10 @@
     >>> analysis = analyze("traces.db")
     >>> analysis.findings[["kind", "severity", "message"]]
 
-Everything is a pandas DataFrame (see :class:`Analysis`); the renderers turn an
-analysis into the text, JSON and Markdown reports of ``hoptrace analyze``.
+Everything is a pandas DataFrame (see :class:`Analysis`). :func:`model` derives from an
+analysis, once, what every report shows (the worst-first order, how each hop ended,
+findings grouped by kind, the service graph); the renderers only format it into the
+text, JSON and Markdown reports of ``hoptrace analyze``, and ``hoptrace.plot`` into charts.
 
 The names load on first use, so that ``hoptrace --help`` (which imports the
 ``analyze`` command from ``hoptrace.analyzer._cli``) does not pay for pandas.
@@ -21,32 +23,43 @@ if TYPE_CHECKING:
     from hoptrace.analyzer._config import AnalyzerConfig
     from hoptrace.analyzer._detectors import DETECTORS, KINDS, Detector
     from hoptrace.analyzer._load import load
+    from hoptrace.analyzer._model import FindingGroup, Model, RequestSummary, model, resolve_trace
     from hoptrace.analyzer._render import render_json, render_markdown, render_text
     from hoptrace.analyzer._traces import LINKS, link_accuracy
+    from hoptrace.analyzer._types import SEVERITIES
 
 _WHERE = {
     "Analysis": "_analysis", "analyze": "_analysis", "analyze_tables": "_analysis",
     "AnalyzerConfig": "_config",
     "DETECTORS": "_detectors", "KINDS": "_detectors", "Detector": "_detectors",
     "load": "_load",
+    "FindingGroup": "_model", "Model": "_model", "RequestSummary": "_model", "model": "_model",
+    "resolve_trace": "_model",
     "render_json": "_render", "render_markdown": "_render", "render_text": "_render",
     "LINKS": "_traces", "link_accuracy": "_traces",
+    "SEVERITIES": "_types",
 }  # fmt: skip
 
 __all__ = [
     "DETECTORS",
     "KINDS",
     "LINKS",
+    "SEVERITIES",
     "Analysis",
     "AnalyzerConfig",
     "Detector",
+    "FindingGroup",
+    "Model",
+    "RequestSummary",
     "analyze",
     "analyze_tables",
     "link_accuracy",
     "load",
+    "model",
     "render_json",
     "render_markdown",
     "render_text",
+    "resolve_trace",
 ]
 
 

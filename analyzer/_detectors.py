@@ -19,7 +19,7 @@ from hoptrace.analyzer._arrays import group_quantiles, run_starts
 from hoptrace.analyzer._config import AnalyzerConfig
 from hoptrace._format import hop_ended
 from hoptrace.analyzer._latency import is_error
-from hoptrace.analyzer._types import SEVERITIES, SEVERITY_RANK
+from hoptrace.analyzer._types import SEVERITY_RANK
 
 FINDING_COLUMNS = ("kind", "severity", "trace", "service", "hop_ids", "message", "details", "at")
 

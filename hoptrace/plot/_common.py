@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hoptrace._errors import AnalysisError, HoptraceError
-from hoptrace._format import as_float, as_int, clean, is_missing, ms, seconds, utc
+from hoptrace._format import as_float, clean, is_missing, ms, seconds, utc
 from hoptrace.analyzer._types import OUTCOMES
 
 if TYPE_CHECKING:  # importing the analyzer loads pandas: the CLI imports this module cheaply
