@@ -84,6 +84,10 @@ class Model:
     def worst(self, n: int | None = None) -> list[int]:
         return self.worst_order if n is None else self.worst_order[:n]
 
+    def with_error_findings(self) -> list[int]:
+        """The requests with an error finding (tier 0), worst first."""
+        return [int(t) for t in self._scores.index[self._scores["tier"].to_numpy() == 0]]
+
     @cached_property
     def tiers(self) -> pd.Series:
         """request id -> its tier (index into :data:`TIERS`)."""

@@ -58,7 +58,8 @@ def _findings_rows(m: Model, more: str) -> list[list[str]]:
     rows = []
     for group in m.finding_groups:
         for trace, service, message in zip(*(group.rows[c].head(_PER_KIND) for c in ("trace", "service", "message"))):
-            rows.append([group.severity, group.kind, "-" if pd.isna(trace) else str(trace), clean(service, 30), clean(message, 400)])
+            request = "-" if pd.isna(trace) else str(trace)
+            rows.append([group.severity, group.kind, request, clean(service, 30), clean(message, 400)])
         if len(group) > _PER_KIND:
             rows.append(["", group.kind, "", "", f"… and {len(group) - _PER_KIND} more{more}"])
     return rows
@@ -92,9 +93,10 @@ def _tree(m: Model, trace: int, limit: int = _TREE_LINES) -> list[str]:
     for prefix, values in zip(tree_prefixes(hops)[:limit], zip(*(hops[c] for c in columns))):
         service, endpoint, ended, total, own, left, link, critical = values
         label = f"{prefix}{clean(service, 40)} {clean(endpoint, 80)}"
-        extras = [f"self {ms(own)}" if own != total else "", token_left(left), "" if link in ("root", "token", "header") else link]
+        guessed = "" if link in ("root", "token", "header") else link
+        extras = "  ".join(e for e in (f"self {ms(own)}" if own != total else "", token_left(left), guessed) if e)
         mark = "*" if critical else " "
-        lines.append(f"    {label:<60} {clean(ended, 40):>4} {ms(total, '-'):>10}{mark} {'  '.join(e for e in extras if e)}".rstrip())
+        lines.append(f"    {label:<60} {clean(ended, 40):>4} {ms(total, '-'):>10}{mark} {extras}".rstrip())
     if len(hops) > limit:
         lines.append(f"    … and {len(hops) - limit} more hops")
     return lines

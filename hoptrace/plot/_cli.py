@@ -38,14 +38,19 @@ def _has_hops(db: Path) -> bool | None:
     """Whether the DB has any hop (None: cannot tell here; the analyzer will say why)."""
     import sqlite3
 
+    from hoptrace._errors import TraceFileError
+    from hoptrace.db import open_for_reading  # the one read-only, untrusted opener
+
     try:
-        conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
-        try:
-            return bool(conn.execute("SELECT EXISTS (SELECT 1 FROM hops)").fetchone()[0])
-        finally:
-            conn.close()
+        conn = open_for_reading(db, check=False)  # the analyzer checks every page; this only peeks
+    except TraceFileError:
+        return None
+    try:
+        return bool(conn.execute("SELECT EXISTS (SELECT 1 FROM hops)").fetchone()[0])
     except sqlite3.Error:
         return None
+    finally:
+        conn.close()
 
 
 def _analyze(db: Path):

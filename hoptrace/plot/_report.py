@@ -128,7 +128,7 @@ def _head(heading: str) -> str:
 
 def _charted_requests(m: Model, limit: int) -> tuple[list[int], list[int]]:
     """(the requests to draw, every request with an error finding), both worst first."""
-    error_traces = [t for t in m.worst_order if m.tiers[t] == 0]
+    error_traces = m.with_error_findings()
     shown = error_traces[:limit] if error_traces else m.worst(min(limit, 1))
     return shown, error_traces
 

@@ -262,7 +262,8 @@ def _request_texts(s: pd.DataFrame, roots: pd.DataFrame, findings: pd.DataFrame,
 
 
 def _error_kinds(findings: pd.DataFrame, traces: set[int]) -> dict[int, list[str]]:
-    errors = findings[(findings["severity"] == "error").to_numpy(dtype=bool) & findings["trace"].isin(traces).fillna(False).to_numpy(dtype=bool)]
+    about = findings["trace"].isin(traces).fillna(False).to_numpy(dtype=bool)
+    errors = findings[(findings["severity"] == "error").to_numpy(dtype=bool) & about]
     out: dict[int, list[str]] = {}
     for t, kind in zip(errors["trace"], errors["kind"]):
         if (kind := clean_text(kind, 30)) not in out.setdefault(int(t), []):

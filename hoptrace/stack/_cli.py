@@ -171,7 +171,8 @@ if __name__ == "__main__":
 
 @click.command(cls=OneLineCommand)
 @out_folder_option("out/demo", "Folder for the trace, the report and the charts.")
-@click.option("--users", type=click.IntRange(2, 50), default=6, show_default=True, help="Concurrent users; one of them checks out as its token is about to expire.")
+@click.option("--users", type=click.IntRange(2, 50), default=6, show_default=True,
+              help="Concurrent users; one of them checks out as its token is about to expire.")  # fmt: skip
 def demo(out: Path, users: int) -> None:
     """Run the bundled stack behind the proxy, drive the checkout flow, analyze and plot it.
 
