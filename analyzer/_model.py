@@ -262,6 +262,15 @@ def findings_about(findings: pd.DataFrame, hop_ids, traces) -> pd.DataFrame:
     return findings[about | touches]
 
 
+# -- latency -------------------------------------------------------------------------------
+
+
+def slowest_first(services: pd.DataFrame) -> pd.DataFrame:
+    """``Analysis.services`` (or endpoints) by p95, slowest first, then by name: every latency table and chart."""
+    ordered = services.assign(service=services["service"].astype(str))
+    return ordered.sort_values(["p95_ms", "service"], ascending=[False, True], na_position="last").reset_index(drop=True)
+
+
 # -- resolving a request --------------------------------------------------------------------
 
 

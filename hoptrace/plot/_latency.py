@@ -15,6 +15,7 @@ from hoptrace._errors import AnalysisError
 from hoptrace._format import as_float, as_int
 from hoptrace.analyzer._analysis import Analysis
 from hoptrace.analyzer._model import outcomes as hop_outcomes
+from hoptrace.analyzer._model import slowest_first
 from hoptrace.analyzer._types import OUTCOMES
 from hoptrace.plot._common import (
     OUTCOME_COLORS,
@@ -63,8 +64,7 @@ def latency_figure(hops: pd.DataFrame, services: pd.DataFrame, *, title: str | N
 def latency_layout(hops: pd.DataFrame, services: pd.DataFrame, *, title: str | None = None) -> LatencyLayout:
     if hops is None or len(hops) == 0 or len(services) == 0:
         raise AnalysisError("no hops recorded: no latencies to plot")
-    stats = services.assign(service=services["service"].astype(str))
-    stats = stats.sort_values(["p95_ms", "service"], ascending=[False, True], na_position="last").reset_index(drop=True)
+    stats = slowest_first(services)
     dur = hops["duration_ms"].to_numpy(dtype=float)
     svc = hops["service"].astype(str).to_numpy()
     outcome = hop_outcomes(hops).to_numpy()

@@ -21,7 +21,7 @@ from hoptrace import __version__
 from hoptrace._errors import AnalysisError
 from hoptrace._format import as_float, as_int, is_missing
 from hoptrace.analyzer._analysis import Analysis
-from hoptrace.analyzer._model import Model, model
+from hoptrace.analyzer._model import Model, model, slowest_first
 from hoptrace.analyzer._types import SEVERITIES
 from hoptrace.plot._common import (
     DEFAULT_DPI,
@@ -176,7 +176,7 @@ def _latency_table(services: pd.DataFrame) -> str:
         "<table><thead><tr><th>service</th><th>hops</th><th>errors</th><th>error rate</th><th>p50</th><th>p95</th>"
         "<th>p99</th></tr></thead><tbody>"
     ]
-    for r in services.sort_values(["p95_ms", "service"], ascending=[False, True]).itertuples():
+    for r in slowest_first(services).itertuples():
         rate = as_float(r.error_rate)
         cells = [as_int(r.count), as_int(r.errors), "" if rate is None else f"{100 * rate:.1f}%", fmt_ms(r.p50_ms),
                  fmt_ms(r.p95_ms), fmt_ms(r.p99_ms)]  # fmt: skip
