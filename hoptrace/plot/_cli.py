@@ -71,7 +71,8 @@ def _analyze(db: Path):
     "trace",
     metavar="ID",
     help="Draw this request's waterfall: its id from `hoptrace analyze`, a traceparent/b3/x-request-id "
-    "trace id, or any hop id in it. Default: the request of the first error finding.",
+    "trace id (any letter case), or any hop id in it. Default: the worst request (error findings first, then "
+    "failed requests, then warnings, slowest first).",
 )
 @click.option(
     "--session",
