@@ -7,6 +7,7 @@ model; one test per former disagreement proves they agree on real traces.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 from pathlib import Path
 
@@ -14,8 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import hoptrace.plot as hp
+from hoptrace._errors import AnalysisError
 from hoptrace._format import clean, hop_ended, ms, seconds, utc
 from hoptrace.analyzer import analyze, render_json, render_markdown, render_text
 from hoptrace.analyzer._cli import analyze as analyze_cmd
@@ -207,3 +211,47 @@ def test_no_function_over_80_lines_outside_tests():
                     if lines > MAX_LINES and name not in EXEMPT:
                         long.append(f"{name}:{node.lineno} {node.name} ({lines} lines)")
     assert long == []
+
+
+# ---------------------------------------------------------------- hostile values, as a class
+
+CLAIM = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True), st.floats(-1e12, 1e12))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(exp_a=CLAIM, iat_a=CLAIM, exp_b=CLAIM, iat_b=CLAIM)
+def test_any_token_times_stay_on_the_axis(exp_a, iat_a, exp_b, iat_b):
+    """Whatever a token claims (0, 1e-7, 2e10, inf, NaN, none), every x a layout places lies on its axis."""
+    a = make_analysis()
+    claims = {FP_A: (iat_a, exp_a), "b2c3d4e5f6071829": (iat_b, exp_b)}
+    for fp, (iat, exp) in claims.items():
+        a.tokens.loc[fp, ["iat", "exp"]] = [iat, exp]
+        a.hops.loc[a.hops["token_fp"] == fp, "token_exp"] = exp
+    a.hops["remaining_s"] = a.hops["token_exp"] - a.hops["started_at"]
+    for trace in (8, 17):
+        w = hp.waterfall_layout(a.trace_hops(trace), a.tokens, a.findings)
+        assert np.isfinite(w.xlim).all() and w.xlim[1] - w.xlim[0] < 1e9
+        assert all(x is None or w.xlim[0] <= x <= w.xlim[1] for x, _ in w.exp_lines)
+    s = hp.session_layout(a, hp.select_session(a, "alice"))
+    lo, hi = s.xlim
+    xs = [*s.starts, *(s.starts + s.widths), *(t.left for t in s.tokens), *(t.right for t in s.tokens),
+          *(t.exp_x for t in s.tokens if t.exp_x is not None), *(x for x, *_ in s.issued), *(x for x, *_ in s.refreshes)]  # fmt: skip
+    assert np.isfinite([lo, hi]).all() and all(lo <= x <= hi for x in xs)
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=st.one_of(st.text(max_size=40), st.integers(-(10**30), 10**30)))
+def test_any_request_key_resolves_or_says_why(key):
+    """A --trace value is a request, or one AnalysisError line: never another exception."""
+    a = _checkout()
+    try:
+        trace = hp.resolve_trace(a, key)
+    except AnalysisError as exc:
+        assert "\n" not in str(exc) and "no request" in str(exc)
+    else:
+        assert trace in set(a.hops.index[a.hops["depth"] == 0])
+
+
+@functools.cache
+def _checkout():
+    return make_analysis()
