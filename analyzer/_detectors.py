@@ -15,9 +15,9 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
+from hoptrace._format import hop_ended
 from hoptrace.analyzer._arrays import group_quantiles, run_starts
 from hoptrace.analyzer._config import AnalyzerConfig
-from hoptrace._format import hop_ended
 from hoptrace.analyzer._latency import is_error
 from hoptrace.analyzer._types import SEVERITY_RANK
 
