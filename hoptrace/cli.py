@@ -11,6 +11,7 @@ import click
 from hoptrace import __version__
 from hoptrace._click import BadInput, OneLineGroup, exit_2_on_bad_input
 from hoptrace.analyzer._cli import analyze
+from hoptrace.exchange._cli import export, import_
 from hoptrace.plot._cli import plot, report
 from hoptrace.stack._cli import stack
 
@@ -131,3 +132,5 @@ def record_samples(out: Path, goldens_only: bool) -> None:
 
 for command in (analyze, plot, report, stack):
     cli.add_command(command)
+cli.add_command(import_)
+cli.add_command(export)
