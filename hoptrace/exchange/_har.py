@@ -98,7 +98,7 @@ class Entries:
 
     def _flow(self, entry: object, index: int) -> http.HTTPFlow | None:
         try:
-            return entry_flow(entry, f"{self._digest[:16]}-{index}")
+            return entry_flow(entry, f"{self._digest[:16]}-{index}", connect_overlaps=self.creator == "mitmproxy")
         except _Skip:
             self.skipped += 1
             return None
@@ -110,8 +110,11 @@ class _Skip(Exception):
     """An entry that is not an HTTP exchange (data:, blob:, chrome-extension: URLs)."""
 
 
-def entry_flow(entry: Any, flow_id: str) -> http.HTTPFlow:
-    """One HAR entry as the mitmproxy flow the live proxy would have seen."""
+def entry_flow(entry: Any, flow_id: str, *, connect_overlaps: bool = False) -> http.HTTPFlow:
+    """One HAR entry as the mitmproxy flow the live proxy would have seen.
+
+    ``connect_overlaps``: the file's ``connect`` is not a phase before ``send`` (see :func:`_timeline`).
+    """
     _need(isinstance(entry, dict), "an entry is not an object")
     request, response = entry["request"], entry.get("response")
     _need(isinstance(request, dict), "request is not an object")
@@ -121,7 +124,7 @@ def entry_flow(entry: Any, flow_id: str) -> http.HTTPFlow:
         raise _Skip
     _need(bool(parts.hostname), f"request.url {url[:80]!r} has no host")
     started = _started(entry["startedDateTime"])
-    times = _timeline(started, entry.get("timings") or {}, entry.get("time"))
+    times = _timeline(started, entry.get("timings") or {}, entry.get("time"), connect_overlaps)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     req = http.Request(
         parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
@@ -181,11 +184,16 @@ def _started(value: object) -> float:
     return moment.timestamp()
 
 
-def _timeline(started: float, timings: object, total: object) -> dict[str, float | None]:
+def _timeline(started: float, timings: object, total: object, connect_overlaps: bool) -> dict[str, float | None]:
     """HAR's sequential phases (blocked, dns, connect incl. ssl, send, wait, receive) as times.
 
     A phase of -1 (or absent) did not apply. When ``timings`` says nothing, ``time`` is
-    all wait, so the hop still ends when the entry did.
+    all wait, so the hop still ends when the entry did. mitmproxy's ``savehar`` measures
+    ``connect`` on the upstream connection, which opens either before the request (eager,
+    and then only the first flow on it reports it) or inside ``wait`` (lazy), never
+    between the request's start and its ``send``: with ``connect_overlaps`` it is left out
+    of the timeline, and its start unknown (counting it would push every end, and so the
+    nesting of hops that the parent links rest on, later by the connect time).
     """
     _need(isinstance(timings, dict), "timings is not an object")
     phase = {name: _ms(timings.get(name), f"timings.{name}") for name in ("blocked", "dns", "connect", "send", "wait", "receive")}
@@ -193,9 +201,9 @@ def _timeline(started: float, timings: object, total: object) -> dict[str, float
     if not any(phase.values()) and total_ms:
         phase["wait"] = total_ms
     at = started + (phase["blocked"] + phase["dns"]) / 1000
-    fresh = isinstance(timings.get("connect"), int | float) and timings["connect"] >= 0
+    fresh = isinstance(timings.get("connect"), int | float) and timings["connect"] >= 0 and not connect_overlaps
     connect = at if fresh else None
-    at += phase["connect"] / 1000
+    at += phase["connect"] / 1000 if fresh else 0.0
     connected = at if fresh else None
     request_end = at = at + phase["send"] / 1000
     response_start = at = at + phase["wait"] / 1000
