@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -14,7 +15,7 @@ from typing import BinaryIO
 from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
-from hoptrace._errors import ImportFileError, RouteError
+from hoptrace._errors import ImportFileError, RouteError, TraceFileError
 from hoptrace.db import open_for_writing
 from hoptrace.exchange import _flows, _har
 from hoptrace.exchange._rows import HOP_ROW_COLUMNS, CaptureSink, Rows, atomic, build_hop_rows, imported_as
@@ -103,6 +104,8 @@ def import_file(
             if (existing := imported_as(conn, source)) is not None:
                 return Imported(path, kind, existing, 0, 0, 0, already=True)
             return _import(conn, fileobj, path, kind, digest, names, entry, key, progress)
+        except sqlite3.Error as exc:  # rolled back already: nothing of this file is in the DB
+            raise TraceFileError(f"{db}: could not write the import of {path} ({exc}); nothing of it was written") from None
         finally:
             conn.close()
 

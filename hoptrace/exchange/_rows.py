@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -53,7 +54,28 @@ def build_hop_rows(flows: list[tuple[str, object]], key: bytes, capture_id: int,
             items.append((service, _writer._bare_row(flow)))
     hops, tokens, links, build_errors = _writer.build_rows(items, key, False, capture_id, known)
     known.update(row[0] for row in tokens)
-    return Rows(hops, tokens, links, errors + build_errors)
+    return Rows([_storable(row) for row in hops], [_storable(row) for row in tokens], links, errors + build_errors)
+
+
+def _storable(row: tuple) -> tuple:
+    """What SQLite takes: text as valid UTF-8 (a hostile claim may hold a lone surrogate), finite
+    floats, 64-bit ints; anything else NULL. (The recorder's builder is gaining the same final
+    step; when it has it, this goes.)"""
+    return tuple(_value(v) for v in row)
+
+
+def _value(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and not -(1 << 63) <= value < 1 << 63:
+        return None
+    return value
 
 
 @contextlib.contextmanager
