@@ -96,6 +96,8 @@ def import_file(
     except OSError as exc:
         raise ImportFileError(f"{path}: cannot open ({exc.strerror or exc})") from None
     with fileobj:
+        if os.fstat(fileobj.fileno()).st_size == 0:
+            raise ImportFileError(f"{path}: empty file, neither HAR nor a mitmproxy flow file")
         digest = _har.file_digest(fileobj)
         kind = "har" if _looks_like_json(fileobj) else "flows"
         source = f"import:{kind}:{digest}"
