@@ -30,6 +30,8 @@ from mitmproxy.flow import Error
 from hoptrace._errors import ImportFileError
 
 HAR_VERSIONS = ("1.1", "1.2")
+# Deeper nesting than this is no HAR (an entry needs ~5 levels).
+MAX_DEPTH = 64
 # A HAR duration above this (ms) is not a duration: ~11.6 days.
 _MAX_MS = 1e9
 _HOST_PORT = re.compile(r"^\[?([0-9A-Za-z.:_-]+?)\]?:(\d{1,5})$")
@@ -46,7 +48,7 @@ class Entries:
     """The entries of a HAR file as mitmproxy flows, streamed; :attr:`version` once read."""
 
     def __init__(self, fileobj: BinaryIO, name: str, digest: str) -> None:
-        self._events = ijson.parse(fileobj, use_float=True)
+        self._events = ijson.basic_parse(fileobj, use_float=True)
         self._name = name
         self._digest = digest
         self.version: str | None = None
@@ -69,32 +71,54 @@ class Entries:
             raise ImportFileError(f"{self._name}: HAR version {self.version!r} is not supported (1.1 or 1.2)")
 
     def _flows(self) -> Iterator[http.HTTPFlow]:
-        seen_entries = False
+        # ijson.parse builds a dotted prefix for every event, O(depth) each: a hostile file
+        # of 50,000 nested arrays took 42 s. basic_parse and a bounded stack of our own
+        # keep every event O(1), and a nesting limit stops the bomb early.
+        levels: list[list] = []  # [name, key of the current member], outermost first
         builder: ijson.ObjectBuilder | None = None
-        index = 0
-        for prefix, event, value in self._events:
+        depth = index = 0
+        seen_entries = False
+        for event, value in self._events:
             if builder is not None:
-                if prefix == "log.entries" and event == "end_array":
-                    builder = None
-                    continue
+                if event in ("start_map", "start_array"):
+                    depth += 1
+                    if depth > MAX_DEPTH:
+                        raise ImportFileError(f"{self._name}: entry {index + 1} is nested deeper than {MAX_DEPTH} levels")
+                elif event in ("end_map", "end_array"):
+                    if depth == 0:  # the end of log.entries
+                        builder = None
+                        levels.pop()
+                        continue
+                    depth -= 1
                 builder.event(event, value)
-                # An item is complete at its own end event (or its only one, for a scalar).
-                if prefix == "log.entries.item" and event not in ("start_map", "start_array", "map_key"):
+                if depth == 0 and event not in ("start_map", "start_array", "map_key"):  # an item is complete
                     index += 1
                     flow = self._flow(builder.value, index)
                     builder = ijson.ObjectBuilder()
                     if flow is not None:
                         yield flow
-            elif prefix == "log.version" and event == "string":
-                self.version = value
-            elif prefix == "log.creator.name" and event == "string":
-                self.creator = value
-            elif prefix == "log._hoptrace.entry" and event == "string":
-                self.entry = value
-            elif prefix == "log.entries" and event == "start_array":
-                builder, seen_entries = ijson.ObjectBuilder(), True
+            elif event == "map_key":
+                levels[-1][1] = value
+            elif event in ("start_map", "start_array"):
+                levels.append([_member(levels), None if event == "start_map" else "item"])
+                if len(levels) > MAX_DEPTH:
+                    raise ImportFileError(f"{self._name}: nested deeper than {MAX_DEPTH} levels; not a HAR file")
+                if event == "start_array" and _path(levels) == "log.entries":
+                    builder, seen_entries = ijson.ObjectBuilder(), True
+            elif event in ("end_map", "end_array"):
+                levels.pop()
+            elif isinstance(value, str):
+                self._header_field(f"{_path(levels)}.{_member(levels)}", value)
         if not seen_entries:
             raise ImportFileError(f"{self._name}: not a HAR file (no log.entries array)")
+
+    def _header_field(self, path: str, value: str) -> None:
+        if path == "log.version":
+            self.version = value
+        elif path == "log.creator.name":
+            self.creator = value
+        elif path == "log._hoptrace.entry":
+            self.entry = value
 
     def _flow(self, entry: object, index: int) -> http.HTTPFlow | None:
         try:
@@ -104,6 +128,16 @@ class Entries:
             return None
         except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
             raise ImportFileError(f"{self._name}: entry {index}: {_describe(exc)}") from None
+
+
+def _member(levels: list[list]) -> str:
+    """The name of the value about to start: the current map key, or ``item`` in an array."""
+    return str(levels[-1][1]) if levels else ""
+
+
+def _path(levels: list[list]) -> str:
+    """Dotted path of the innermost open container, as ijson writes prefixes (``log.entries``)."""
+    return ".".join(level[0] for level in levels[1:])
 
 
 class _Skip(Exception):
