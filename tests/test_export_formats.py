@@ -9,7 +9,6 @@ import json
 import shutil
 import sqlite3
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -17,11 +16,13 @@ import duckdb
 import jsonschema
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from referencing import Registry, Resource
 
 from hoptrace.analyzer import analyze
+from hoptrace.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_traces"
@@ -29,7 +30,11 @@ SCHEMA_DIR = Path(__file__).resolve().parent / "data" / "har_schema"
 
 
 def hoptrace(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hoptrace", *map(str, args)], capture_output=True, text=True, timeout=120)
+    """The command, run in this process by click's runner (the e2e tests run it as a child)."""
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
 def har_validator() -> jsonschema.Validator:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 import sqlite3
 import sys
 import time
@@ -22,9 +21,6 @@ from hoptrace.exchange._rows import HOP_ROW_COLUMNS, CaptureSink, Rows, atomic, 
 
 # Flows turned into rows and inserted at a time: bounds memory on a 1 GB file.
 BATCH = 500
-# The fingerprint key's environment variable, as for the recorder: the same key gives
-# the same fingerprints, so tokens can be compared across captures and imports.
-FINGERPRINT_KEY_ENV = "HOPTRACE_FINGERPRINT_KEY"
 _REQUEST_SIZE, _RESPONSE_SIZE = HOP_ROW_COLUMNS.index("request_size"), HOP_ROW_COLUMNS.index("response_size")
 
 
@@ -195,17 +191,16 @@ def _with_port(address: str, url: str) -> str:
 
 
 def fingerprint_key(hex_key: str | None) -> bytes:
-    """The key for token fingerprints: given, from the environment, or random for this import."""
-    hex_key = hex_key or os.environ.get(FINGERPRINT_KEY_ENV)
-    if not hex_key:
-        return secrets.token_bytes(32)
+    """The key for token fingerprints, read as the recorder reads ``hoptrace_fingerprint_key``:
+    given, else from ``$HOPTRACE_FINGERPRINT_KEY``, else random for this import."""
+    from mitmproxy import exceptions
+
+    from hoptrace.addons.recorder import _fingerprint_key
+
     try:
-        key = bytes.fromhex(hex_key)
-    except ValueError:
-        raise ImportFileError("--fingerprint-key: expected a hex string") from None
-    if len(key) < 16:
-        raise ImportFileError("--fingerprint-key: use at least 16 bytes (32 hex digits)")
-    return key
+        return _fingerprint_key(hex_key)
+    except exceptions.OptionsError as exc:
+        raise ImportFileError(f"--fingerprint-key: {str(exc).partition(': ')[2]}") from None
 
 
 class _Ticker:
