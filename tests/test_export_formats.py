@@ -105,6 +105,11 @@ def test_har_filters(exported, tmp_path):
     assert hoptrace("export", db, "--har", tmp_path / "one.har", "--trace", request).returncode == 0
     one = json.loads((tmp_path / "one.har").read_text())["log"]["entries"]
     assert sorted(e["_hoptrace"]["hop_id"] for e in one) == sorted(e["_hoptrace"]["hop_id"] for e in entries)
+    started = sqlite3.connect(db).execute("SELECT started_at FROM hops WHERE id = ?", (request,)).fetchone()[0]
+    window_args = ("--since", f"{started - 0.001:.6f}", "--until", f"{started + 0.001:.6f}")
+    assert hoptrace("export", db, "--har", tmp_path / "window.har", *window_args).returncode == 0
+    window = json.loads((tmp_path / "window.har").read_text())["log"]["entries"]
+    assert {e["_hoptrace"]["request"] for e in window} == {request}
     bad = hoptrace("export", db, "--har", tmp_path / "x.har", "--finding", "no_such_kind")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "not a finding kind" in bad.stderr
     assert not (tmp_path / "x.har").exists()
