@@ -3,7 +3,8 @@
     HoptraceError
     ├── TraceFileError     a trace DB is missing, not SQLite, corrupt, foreign or newer
     ├── RouteError         a --route / --stack spec is malformed or a port is unusable
-    └── AnalysisError      an analysis cannot run on this input (unknown trace id, empty capture)
+    ├── AnalysisError      an analysis cannot run on this input (unknown trace id, empty capture)
+    └── ImportFileError    a HAR or flow file to import is unreadable, malformed or of a newer format
 
 The CLI turns them into ``click.ClickException`` (exit 2) at the edge only.
 """
@@ -23,3 +24,7 @@ class RouteError(HoptraceError):
 
 class AnalysisError(HoptraceError):
     """The analysis cannot answer for this input."""
+
+
+class ImportFileError(HoptraceError):
+    """A capture file to import cannot be read; nothing of it was written."""

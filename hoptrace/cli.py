@@ -11,6 +11,7 @@ import click
 from hoptrace import __version__
 from hoptrace._click import BadInput, OneLineGroup, exit_2_on_bad_input
 from hoptrace.analyzer._cli import analyze
+from hoptrace.exchange._cli import export, import_
 from hoptrace.plot._cli import plot, report
 from hoptrace.stack._cli import demo, record_samples, stack
 
@@ -90,3 +91,5 @@ def addon_path() -> None:
 
 for command in (analyze, plot, report, stack, demo, record_samples):
     cli.add_command(command)
+cli.add_command(import_)
+cli.add_command(export)

@@ -1,0 +1,196 @@
+"""OTLP/JSON: one span per hop, one ``ExportTraceServiceRequest`` per request, one request a line.
+
+The messages are the OpenTelemetry project's own protobuf classes (``opentelemetry-proto``);
+:func:`to_otlp_json` applies the OTLP JSON encoding's differences from protobuf's JSON
+mapping: trace and span ids as hex (protobuf writes bytes as base64), enums as integers,
+lowerCamelCase names; 64-bit integers (the nanosecond times) stay decimal strings.
+:func:`from_otlp_json` is its inverse, for readers and tests.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+
+from google.protobuf import json_format
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+
+from hoptrace import __version__
+
+_ID_FIELDS = ("traceId", "spanId", "parentSpanId")
+_HEX32 = frozenset("0123456789abcdef")
+
+
+def span_id(capture_id: int, hop_id: int) -> bytes:
+    """8 bytes, the same for the same hop of the same capture in every export."""
+    return hashlib.sha256(f"hoptrace-span:{capture_id}:{hop_id}".encode()).digest()[:8]
+
+
+def trace_id(hops: list[dict]) -> bytes:
+    """The services' own W3C trace id when they propagated one, else 16 bytes derived from the request."""
+    for hop in hops:
+        candidate = (hop["trace_id"] or "").lower()
+        if hop["trace_source"] == "traceparent" and len(candidate) == 32 and set(candidate) <= _HEX32 and candidate.strip("0"):
+            return bytes.fromhex(candidate)
+    root = hops[0]
+    return hashlib.sha256(f"hoptrace-trace:{root['capture_id']}:{root['trace']}".encode()).digest()[:16]
+
+
+def requests(hops: Iterable[dict]) -> Iterator[list[dict]]:
+    """Hops grouped by request (the analysis' ``trace``), each request in start order."""
+    by_trace: dict[int, list[dict]] = {}
+    for hop in hops:
+        by_trace.setdefault(hop["trace"], []).append(hop)
+    yield from by_trace.values()
+
+
+def request_message(hops: list[dict], tokens: dict[str, dict]) -> ExportTraceServiceRequest:
+    """One request's hops as spans, grouped by service (the resource's ``service.name``)."""
+    tid = trace_id(hops)
+    root = hops[0]
+    root_failed = bool(root["failed"]) or (root["status"] or 0) >= 400
+    by_service: dict[str, list[Span]] = {}
+    for hop in hops:
+        by_service.setdefault(hop["service"], []).append(_span(hop, tid, tokens, root_failed))
+    message = ExportTraceServiceRequest()
+    for service, spans in by_service.items():
+        message.resource_spans.append(
+            ResourceSpans(
+                resource=Resource(attributes=_attributes({"service.name": service})),
+                scope_spans=[ScopeSpans(scope=InstrumentationScope(name="hoptrace", version=__version__), spans=spans)],
+            )
+        )
+    return message
+
+
+def _span(hop: dict, tid: bytes, tokens: dict[str, dict], root_failed: bool) -> Span:
+    span = Span(
+        trace_id=tid,
+        span_id=span_id(hop["capture_id"], hop["id"]),
+        name=hop["endpoint"] or f"{hop['method']} {hop['path']}",
+        kind=Span.SPAN_KIND_SERVER,
+        start_time_unix_nano=_nanos(hop["started_at"]),
+        end_time_unix_nano=_nanos(max(hop["ended_at"], hop["started_at"])),
+        attributes=_attributes(_hop_attributes(hop, tokens)),
+    )
+    if hop["parent_id"] is not None:
+        span.parent_span_id = span_id(hop["capture_id"], hop["parent_id"])
+    status = hop["status"] or 0
+    if hop["failed"] or status >= 500 or 400 <= status < 500 and root_failed:
+        span.status.CopyFrom(Status(code=Status.STATUS_CODE_ERROR, message=hop["error"] or f"HTTP {status}"))
+    for finding in hop["findings"]:
+        event = span.events.add()
+        event.name = finding["kind"]
+        event.time_unix_nano = _nanos(finding["at"] if isinstance(finding["at"], int | float) else hop["started_at"])
+        event.attributes.extend(_attributes({"hoptrace.finding.severity": finding["severity"], "hoptrace.finding.message": finding["message"]}))
+    return span
+
+
+def _hop_attributes(hop: dict, tokens: dict[str, dict]) -> dict:
+    client_host, _, client_port = (hop["client_addr"] or "").rpartition(":")
+    attributes = {
+        "http.request.method": hop["method"],
+        "url.path": hop["path"],
+        "url.query": hop["query"],  # as stored: redacted
+        "url.scheme": hop["scheme"],
+        "server.address": hop["host"],
+        "server.port": hop["port"],
+        "http.response.status_code": hop["status"],
+        "network.protocol.version": (hop["http_version"] or "").removeprefix("HTTP/") or None,
+        "client.address": client_host or None,
+        "client.port": int(client_port) if client_port.isdigit() else None,
+        "error.type": hop["error_kind"] if hop["failed"] else None,
+        "http.route": (hop["endpoint"] or "").partition(" ")[2] or None,
+        "hoptrace.hop.id": hop["id"],
+        "hoptrace.capture.id": hop["capture_id"],
+        "hoptrace.link": hop["link"],
+        "hoptrace.link.candidates": hop["link_candidates"],
+        "hoptrace.link.confidence": _confidence(hop),
+        "hoptrace.propagated.trace_id": hop["trace_id"],
+        "hoptrace.propagated.span_id": hop["span_id"],
+    }
+    fp = hop["token_fp"]
+    if fp and fp in tokens:
+        token = tokens[fp]
+        attributes.update({
+            "enduser.id": token.get("sub"),
+            "hoptrace.token.fingerprint": fp,
+            "hoptrace.token.kind": token.get("kind"),
+            "hoptrace.token.iss": token.get("iss"),
+            "hoptrace.token.iat": token.get("iat"),
+            "hoptrace.token.exp": token.get("exp"),
+            "hoptrace.token.remaining_s": hop["remaining_s"],
+        })  # fmt: skip
+    return attributes
+
+
+def _confidence(hop: dict) -> float:
+    """How sure the parent is: 1 for a root or a header link, 1/candidates for a guess, 0 for an orphan."""
+    link = hop["link"]
+    if link in ("root", "header"):
+        return 1.0
+    if link == "orphan":
+        return 0.0
+    return 1.0 / max(1, int(hop["link_candidates"] or 1))
+
+
+def _attributes(values: dict) -> list[KeyValue]:
+    out = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            any_value = AnyValue(bool_value=value)
+        elif isinstance(value, int):
+            any_value = AnyValue(int_value=value)
+        elif isinstance(value, float):
+            any_value = AnyValue(double_value=value)
+        else:
+            any_value = AnyValue(string_value=str(value))
+        out.append(KeyValue(key=key, value=any_value))
+    return out
+
+
+def _nanos(seconds: float) -> int:
+    return max(0, round(seconds * 1e9))
+
+
+def to_otlp_json(message: ExportTraceServiceRequest) -> str:
+    """One line of OTLP/JSON (ids hex, enums integers)."""
+    document = json_format.MessageToDict(message, use_integers_for_enums=True)
+    _convert_ids(document, lambda text: base64.b64decode(text).hex())
+    return json.dumps(document, separators=(",", ":"), allow_nan=False)
+
+
+def from_otlp_json(line: str) -> ExportTraceServiceRequest:
+    """The inverse of :func:`to_otlp_json`: hex ids back to protobuf's base64, then ``json_format.Parse``."""
+    document = json.loads(line)
+    _convert_ids(document, lambda text: base64.b64encode(bytes.fromhex(text)).decode())
+    return json_format.ParseDict(document, ExportTraceServiceRequest())
+
+
+def _convert_ids(node: object, convert) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in _ID_FIELDS and isinstance(value, str):
+                node[key] = convert(value)
+            else:
+                _convert_ids(value, convert)
+    elif isinstance(node, list):
+        for item in node:
+            _convert_ids(item, convert)
+
+
+def write_otlp(hops: Iterable[dict], tokens: dict[str, dict], out) -> tuple[int, int]:
+    """Write one line per request; returns (requests, spans)."""
+    lines = spans = 0
+    for request in requests(hops):
+        out.write(to_otlp_json(request_message(request, tokens)).encode() + b"\n")
+        lines += 1
+        spans += len(request)
+    return lines, spans

@@ -1,0 +1,111 @@
+"""Parquet out: the stored tables and hoptrace's analysis, for DuckDB, Polars or Spark.
+
+``hops``, ``tokens``, ``hop_tokens``: the trace DB's tables as stored (already redacted;
+tokens are fingerprints and decoded claims), typed from their declared SQLite types and
+streamed in batches. ``traces``: each hop's rebuilt request, parent and link.
+``findings``: one row per finding, ``hop_ids`` as a list. zstd-compressed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hoptrace.db import open_for_reading
+from hoptrace.exchange._select import Selection, plain
+
+_BATCH = 50_000
+_ARROW_TYPES = {"INTEGER": pa.int64(), "REAL": pa.float64(), "TEXT": pa.string()}
+TABLES = ("hops", "tokens", "hop_tokens", "traces", "findings")
+
+
+def write_parquet(selection: Selection, out: Path) -> dict[str, int]:
+    """Write every table of :data:`TABLES` as ``out/<table>.parquet``; returns rows per table."""
+    out.mkdir(parents=True, exist_ok=True)
+    hop_ids = selection.hop_ids
+    hop_tokens = selection.analysis.hop_tokens
+    fingerprints = set(hop_tokens.loc[hop_tokens["hop_id"].isin(hop_ids), "fingerprint"])
+    counts = {
+        "hops": _copy_table(selection.db, "hops", out, lambda row: row["id"] in hop_ids),
+        "tokens": _copy_table(selection.db, "tokens", out, lambda row: row["fingerprint"] in fingerprints),
+        "hop_tokens": _copy_table(selection.db, "hop_tokens", out, lambda row: row["hop_id"] in hop_ids),
+    }
+    counts["traces"] = _write(_traces(selection), out / "traces.parquet")
+    counts["findings"] = _write(_findings(selection), out / "findings.parquet")
+    return counts
+
+
+def _copy_table(db: Path, table: str, out: Path, keep) -> int:
+    conn = open_for_reading(db, check=False)  # the caller's analysis ran quick_check on it
+    conn.text_factory = lambda data: data.decode("utf-8", "replace")
+    try:
+        columns = [(row[1], (row[2] or "TEXT").upper()) for row in conn.execute(f"PRAGMA table_info({table})")]
+        schema = pa.schema([(name, _ARROW_TYPES.get(kind, pa.string())) for name, kind in columns])
+        names = [name for name, _ in columns]
+        rows = 0
+        with pq.ParquetWriter(out / f"{table}.parquet", schema, compression="zstd") as writer:
+            cursor = conn.execute(f"SELECT {', '.join(names)} FROM {table}")
+            while batch := cursor.fetchmany(_BATCH):
+                kept = [dict(zip(names, values, strict=True)) for values in batch]
+                kept = [row for row in kept if keep(row)]
+                if kept:
+                    writer.write_table(pa.Table.from_pylist([_typed(row, schema) for row in kept], schema=schema))
+                    rows += len(kept)
+        return rows
+    finally:
+        conn.close()
+
+
+def _typed(row: dict, schema: pa.Schema) -> dict:
+    """SQLite is dynamically typed and the file untrusted: a value of another type becomes NULL or text."""
+    for field in schema:
+        value = row[field.name]
+        if value is None:
+            continue
+        if field.type == pa.int64() and (isinstance(value, bool) or not isinstance(value, int) or not -(1 << 63) <= value < 1 << 63):
+            row[field.name] = None
+        elif field.type == pa.float64() and not isinstance(value, int | float):
+            row[field.name] = None
+        elif field.type == pa.string() and not isinstance(value, str):
+            row[field.name] = str(value)
+    return row
+
+
+def _traces(selection: Selection) -> pa.Table:
+    hops = selection.analysis.hops
+    hops = hops[hops.index.isin(selection.hop_ids)]
+    columns = ["trace", "parent_id", "link", "link_candidates", "depth", "order", "endpoint", "service", "token_fp", "token_sub", "token_exp", "remaining_s", "self_ms", "on_critical_path"]
+    frame = hops[[c for c in columns if c in hops.columns]].copy()
+    for name in ("link", "endpoint", "service", "token_fp", "token_sub"):
+        if name in frame:
+            frame[name] = frame[name].astype(object).where(frame[name].notna(), None).map(lambda v: None if v in ("nan", "None") else v)
+    frame.insert(0, "hop_id", frame.index.astype("int64"))
+    return pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
+
+
+def _findings(selection: Selection) -> pa.Table:
+    findings = selection.analysis.findings
+    records = []
+    for record in findings.to_dict("records"):
+        hop_ids = [int(i) for i in record["hop_ids"]]
+        if not selection.hop_ids.intersection(hop_ids):
+            continue
+        records.append({
+            "kind": record["kind"], "severity": record["severity"], "trace": plain(record["trace"]),
+            "service": plain(record["service"]), "hop_ids": hop_ids, "message": record["message"],
+            "details": json.dumps(record["details"], default=str) if record["details"] is not None else None,
+            "at": plain(record["at"]),
+        })  # fmt: skip
+    schema = pa.schema([
+        ("kind", pa.string()), ("severity", pa.string()), ("trace", pa.int64()), ("service", pa.string()),
+        ("hop_ids", pa.list_(pa.int64())), ("message", pa.string()), ("details", pa.string()), ("at", pa.float64()),
+    ])  # fmt: skip
+    return pa.Table.from_pylist(records, schema=schema)
+
+
+def _write(table: pa.Table, path: Path) -> int:
+    pq.write_table(table, path, compression="zstd")
+    return table.num_rows

@@ -1,0 +1,166 @@
+"""Where the importers meet the live recorder's row builder, and how an import is stored.
+
+:func:`build_hop_rows` is the one call into the recorder: mitmproxy flows in, the rows
+of ``hops``, ``tokens`` and ``hop_tokens`` out, built exactly as ``hoptrace proxy``
+builds them (token extraction and decoding, keyed fingerprints, redaction, error
+classes). Everything else here stores those rows, one transaction per imported file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from hoptrace import __version__
+from hoptrace.db import HOP_COLUMNS, HOP_TOKEN_COLUMNS, TOKEN_COLUMNS
+
+# Positions in a hop row as build_hop_rows returns it: HOP_COLUMNS without ``id``.
+HOP_ROW_COLUMNS = HOP_COLUMNS[1:]
+_HOP_INSERT = f"INSERT INTO hops ({', '.join(HOP_COLUMNS)}) VALUES ({', '.join('?' * len(HOP_COLUMNS))})"
+_TOKEN_INSERT = f"INSERT OR IGNORE INTO tokens ({', '.join(TOKEN_COLUMNS)}) VALUES ({', '.join('?' * len(TOKEN_COLUMNS))})"
+_LINK_INSERT = f"INSERT OR IGNORE INTO hop_tokens ({', '.join(HOP_TOKEN_COLUMNS)}) VALUES (?, ?, ?, ?)"
+
+
+@dataclass
+class Rows:
+    """A batch of built rows: hop rows (HOP_ROW_COLUMNS), new token rows, (hop index, link) pairs."""
+
+    hops: list[tuple]
+    tokens: list[tuple]
+    links: list[tuple[int, tuple]]
+    addon_errors: int
+
+
+def build_hop_rows(flows: list[tuple[str, object]], key: bytes, capture_id: int, known: set[str]) -> Rows:
+    """(service, mitmproxy flow) pairs -> rows, through the live recorder's own builder.
+
+    The single adapter to the recorder: re-point it here when the builder moves.
+    Tokens whose fingerprint is in ``known`` are not repeated (``known`` is updated).
+    """
+    from hoptrace.addons import _hop, _writer
+
+    items = []
+    errors = 0
+    for service, flow in flows:
+        try:
+            items.append((service, _hop.snapshot(flow)))
+        except Exception:  # a flow shape the recorder did not foresee: a bare row, counted, as live
+            errors += 1
+            items.append((service, _writer._bare_row(flow)))
+    hops, tokens, links, build_errors = _writer.build_rows(items, key, False, capture_id, known)
+    known.update(row[0] for row in tokens)
+    return Rows([_storable(row) for row in hops], [_storable(row) for row in tokens], links, errors + build_errors)
+
+
+def _storable(row: tuple) -> tuple:
+    """What SQLite takes: text as valid UTF-8 (a hostile claim may hold a lone surrogate), finite
+    floats, 64-bit ints; anything else NULL. (The recorder's builder is gaining the same final
+    step; when it has it, this goes.)"""
+    return tuple(_value(v) for v in row)
+
+
+def _value(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and not -(1 << 63) <= value < 1 << 63:
+        return None
+    return value
+
+
+@contextlib.contextmanager
+def atomic(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One ``BEGIN IMMEDIATE`` transaction: committed whole, or rolled back whole on any exception."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.rollback()
+        raise
+    conn.execute("COMMIT")
+
+
+def ensure_source_column(conn: sqlite3.Connection) -> None:
+    """``captures.source`` (schema v2: where a capture came from, e.g. ``import:har:<sha256>``).
+
+    Added here when an older file lacks it, inside the caller's transaction.
+    """
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(captures)")}
+    if "source" not in columns:
+        conn.execute("ALTER TABLE captures ADD COLUMN source TEXT")
+
+
+def imported_as(conn: sqlite3.Connection, source: str) -> int | None:
+    """The capture id a file with this source tag was already imported as, if any."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(captures)")}
+    if "source" not in columns:
+        return None
+    row = conn.execute("SELECT id FROM captures WHERE source = ?", (source,)).fetchone()
+    return row[0] if row else None
+
+
+@dataclass
+class CaptureSink:
+    """Writes one imported file's rows into an open transaction, as capture ``capture_id``."""
+
+    conn: sqlite3.Connection
+    source: str
+    capture_id: int = 0
+    next_hop_id: int = 0
+    hops: int = 0
+    addon_errors: int = 0
+    first_started: float | None = None
+    last_ended: float | None = None
+    first_service: str | None = None
+    routes: dict[str, dict] = field(default_factory=dict)
+
+    def open(self, mitmproxy_version: str) -> None:
+        ensure_source_column(self.conn)
+        self.capture_id = self.conn.execute(
+            "INSERT INTO captures (started_at, routes, entry, hoptrace_version, mitmproxy_version, source)"
+            " VALUES (?, '[]', NULL, ?, ?, ?)",
+            (time.time(), __version__, mitmproxy_version, self.source),
+        ).lastrowid
+        self.next_hop_id = self.conn.execute("SELECT coalesce(max(id), 0) + 1 FROM hops").fetchone()[0]
+
+    def write(self, rows: Rows) -> None:
+        first = self.next_hop_id
+        self.conn.executemany(_HOP_INSERT, ((first + i, *row) for i, row in enumerate(rows.hops)))
+        self.conn.executemany(_TOKEN_INSERT, rows.tokens)
+        self.conn.executemany(_LINK_INSERT, ((first + i, *link) for i, link in rows.links))
+        self.next_hop_id += len(rows.hops)
+        self.hops += len(rows.hops)
+        self.addon_errors += rows.addon_errors
+        started, ended, service = (HOP_ROW_COLUMNS.index(c) for c in ("started_at", "ended_at", "service"))
+        for row in rows.hops:
+            if self.first_started is None or row[started] < self.first_started:
+                self.first_started, self.first_service = row[started], row[service]
+            self.last_ended = row[ended] if self.last_ended is None else max(self.last_ended, row[ended])
+
+    def close(self, entry: str | None) -> None:
+        """Stamp the capture row: its span of time, routes, entry and counters."""
+        routes = [{"name": name, **route} for name, route in self.routes.items()]
+        self.conn.execute(
+            "UPDATE captures SET started_at = coalesce(?, started_at), ended_at = ?, routes = ?, entry = ?,"
+            " hops_seen = ?, hops_recorded = ?, addon_errors = ? WHERE id = ?",
+            (
+                self.first_started,
+                self.last_ended,
+                json.dumps(routes),
+                entry or self.first_service,
+                self.hops,
+                self.hops,
+                self.addon_errors,
+                self.capture_id,
+            ),
+        )

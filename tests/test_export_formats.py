@@ -1,0 +1,211 @@
+"""`hoptrace export` of recorded sample traces: HAR checked against the HAR 1.2 JSON Schema and
+imported back, OTLP/JSON parsed back into the OpenTelemetry project's protobuf messages,
+Parquet read back with pyarrow and DuckDB."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import sqlite3
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import duckdb
+import jsonschema
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from google.protobuf import json_format
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from referencing import Registry, Resource
+
+from hoptrace.analyzer import analyze
+from hoptrace.cli import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_traces"
+SCHEMA_DIR = Path(__file__).resolve().parent / "data" / "har_schema"
+
+
+def hoptrace(*args: str) -> subprocess.CompletedProcess:
+    """The command, run in this process by click's runner (the e2e tests run it as a child)."""
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
+def har_validator() -> jsonschema.Validator:
+    """The vendored HAR 1.2 schema (npm har-schema), its files linked by their $id."""
+    schemas = {path.name: json.loads(path.read_text()) for path in SCHEMA_DIR.glob("*.json")}
+    registry = Registry().with_resources((f"{name}#", Resource.from_contents(s)) for name, s in schemas.items())
+    registry = registry.with_resources((name, Resource.from_contents(s)) for name, s in schemas.items())
+    # With formats checked: the schema's serverIPAddress is oneOf ipv4/ipv6, which only formats tell apart.
+    return jsonschema.Draft6Validator(schemas["har.json"], registry=registry, format_checker=jsonschema.Draft6Validator.FORMAT_CHECKER)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    db = out / "checkout.db"
+    shutil.copy(SAMPLES / "checkout-expiry.db", db)  # a copy: the sample stays untouched by any reader
+    done = hoptrace("export", db, "--har", out / "all.har", "--otlp", out / "all.jsonl", "--parquet", out / "parquet")
+    assert done.returncode == 0, done.stderr
+    return db, out
+
+
+def test_har_is_valid_har_1_2_with_consistent_timings(exported):
+    db, out = exported
+    document = json.loads((out / "all.har").read_text())
+    errors = sorted(har_validator().iter_errors(document), key=str)
+    assert not errors, errors[:3]
+    entries = document["log"]["entries"]
+    conn = sqlite3.connect(db)
+    hops = {row[0]: row for row in conn.execute("SELECT id, client_addr, duration_ms FROM hops")}
+    assert len(entries) == len(hops)
+    for entry in entries:
+        timings = entry["timings"]
+        assert entry["time"] == pytest.approx(sum(v for v in timings.values() if v != -1), abs=0.002)
+        assert min(timings["send"], timings["wait"], timings["receive"]) >= 0
+        hop_id, client_addr, duration_ms = hops[entry["_hoptrace"]["hop_id"]]
+        assert entry["time"] == pytest.approx(duration_ms, abs=0.01)
+        assert entry["connection"] == client_addr
+        assert entry["response"]["content"]["mimeType"]  # never an empty content object
+
+
+def test_har_carries_the_analysis(exported):
+    db, out = exported
+    entries = json.loads((out / "all.har").read_text())["log"]["entries"]
+    analysis = analyze(db)
+    by_id = {e["_hoptrace"]["hop_id"]: e["_hoptrace"] for e in entries}
+    for hop_id, hop in analysis.hops.iterrows():
+        fields = by_id[hop_id]
+        assert fields["request"] == hop["trace"] and fields["link"] == hop["link"]
+        assert fields["parent_hop"] == (None if pd_na(hop["parent_id"]) else int(hop["parent_id"]))
+    expected = Counter((kind, int(h)) for kind, ids in zip(analysis.findings["kind"], analysis.findings["hop_ids"], strict=True) for h in ids)
+    carried = Counter((f["kind"], hop_id) for hop_id, fields in by_id.items() for f in fields["findings"])
+    assert carried == expected and carried["expired_mid_flow", next(h for k, h in carried if k == "expired_mid_flow")]
+
+
+def pd_na(value) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(value))
+
+
+def test_har_filters(exported, tmp_path):
+    db, _ = exported
+    assert hoptrace("export", db, "--har", tmp_path / "expired.har", "--finding", "expired_mid_flow").returncode == 0
+    entries = json.loads((tmp_path / "expired.har").read_text())["log"]["entries"]
+    requests = {e["_hoptrace"]["request"] for e in entries}
+    assert len(requests) == 1 and any(f["kind"] == "expired_mid_flow" for e in entries for f in e["_hoptrace"]["findings"])
+    (request,) = requests
+    assert hoptrace("export", db, "--har", tmp_path / "one.har", "--trace", request).returncode == 0
+    one = json.loads((tmp_path / "one.har").read_text())["log"]["entries"]
+    assert sorted(e["_hoptrace"]["hop_id"] for e in one) == sorted(e["_hoptrace"]["hop_id"] for e in entries)
+    started = sqlite3.connect(db).execute("SELECT started_at FROM hops WHERE id = ?", (request,)).fetchone()[0]
+    window_args = ("--since", f"{started - 0.001:.6f}", "--until", f"{started + 0.001:.6f}")
+    assert hoptrace("export", db, "--har", tmp_path / "window.har", *window_args).returncode == 0
+    window = json.loads((tmp_path / "window.har").read_text())["log"]["entries"]
+    assert {e["_hoptrace"]["request"] for e in window} == {request}
+    bad = hoptrace("export", db, "--har", tmp_path / "x.har", "--finding", "no_such_kind")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "not a finding kind" in bad.stderr
+    assert not (tmp_path / "x.har").exists()
+
+
+def test_exported_har_imports_to_the_same_hops(exported, tmp_path):
+    db, out = exported
+    again = tmp_path / "again.db"
+    done = hoptrace("import", out / "all.har", "--db", again)
+    assert done.returncode == 0 and "0 addon errors" in done.stdout, done.stdout + done.stderr
+    columns = "service, method, path, query, status, error, client_addr, request_size, response_size, http_version"
+    original = sqlite3.connect(db).execute(f"SELECT {columns}, started_at, ended_at FROM hops ORDER BY started_at, id").fetchall()
+    imported = sqlite3.connect(again).execute(f"SELECT {columns}, started_at, ended_at FROM hops ORDER BY started_at, id").fetchall()
+    assert [row[:-2] for row in imported] == [row[:-2] for row in original]
+    for a, b in zip(imported, original, strict=True):
+        assert a[-2] == pytest.approx(b[-2], abs=2e-6) and a[-1] == pytest.approx(b[-1], abs=5e-6)
+    entry = sqlite3.connect(again).execute("SELECT entry FROM captures").fetchone()[0]
+    assert entry == sqlite3.connect(db).execute("SELECT entry FROM captures").fetchone()[0]
+
+
+def parse_otlp_line(line: str) -> ExportTraceServiceRequest:
+    """OTLP/JSON ids are hex; protobuf's JSON mapping wants base64: convert, then Parse."""
+    document = json.loads(line)
+    for resource in document["resourceSpans"]:
+        for scope in resource["scopeSpans"]:
+            for span in scope["spans"]:
+                for key in ("traceId", "spanId", "parentSpanId"):
+                    if key in span:
+                        assert len(span[key]) == (32 if key == "traceId" else 16) and int(span[key], 16) >= 0
+                        span[key] = base64.b64encode(bytes.fromhex(span[key])).decode()
+                assert isinstance(span["kind"], int) and isinstance(span["startTimeUnixNano"], str)
+    return json_format.Parse(json.dumps(document), ExportTraceServiceRequest())
+
+
+def otlp_spans(path: Path) -> list[tuple[str, object]]:
+    spans = []
+    for line in path.read_text().splitlines():
+        message = parse_otlp_line(line)
+        for resource in message.resource_spans:
+            (service,) = [a.value.string_value for a in resource.resource.attributes if a.key == "service.name"]
+            for scope in resource.scope_spans:
+                spans += [(service, span) for span in scope.spans]
+    return spans
+
+
+def test_otlp_one_span_per_hop_parents_in_the_same_trace_findings_as_events(exported):
+    db, out = exported
+    spans = otlp_spans(out / "all.jsonl")
+    analysis = analyze(db)
+    attrs = [{a.key: a.value for a in span.attributes} for _, span in spans]
+    assert sorted(a["hoptrace.hop.id"].int_value for a in attrs) == sorted(analysis.hops.index)
+    ids = {(span.trace_id, span.span_id) for _, span in spans}
+    for (service, span), attr in zip(spans, attrs, strict=True):
+        assert span.kind == 2 and span.end_time_unix_nano >= span.start_time_unix_nano
+        assert service == analysis.hops.at[attr["hoptrace.hop.id"].int_value, "service"]
+        if span.parent_span_id:
+            assert (span.trace_id, span.parent_span_id) in ids
+        else:
+            assert attr["hoptrace.link"].string_value == "root"
+    events = Counter((e.name, a["hoptrace.hop.id"].int_value) for (_, span), a in zip(spans, attrs, strict=True) for e in span.events)
+    expected = Counter((kind, int(h)) for kind, ids_ in zip(analysis.findings["kind"], analysis.findings["hop_ids"], strict=True) for h in ids_)
+    assert events == expected
+    failed = [span for _, span in spans if span.status.code == 2]
+    assert failed and all(any(a.key == "http.response.status_code" and a.value.int_value >= 400 for a in s.attributes) for s in failed)
+    subs = {a["enduser.id"].string_value for a in attrs if "enduser.id" in a}
+    assert subs == set(analysis.tokens["sub"].dropna()) - {""}
+
+
+def test_otlp_keeps_the_services_own_trace_ids(tmp_path):
+    db = tmp_path / "propagated.db"
+    shutil.copy(SAMPLES / "propagated.db", db)
+    assert hoptrace("export", db, "--otlp", tmp_path / "p.jsonl").returncode == 0
+    spans = otlp_spans(tmp_path / "p.jsonl")
+    propagated = dict(sqlite3.connect(db).execute("SELECT id, trace_id FROM hops WHERE trace_source = 'traceparent'").fetchall())
+    assert propagated
+    checked = 0
+    for _, span in spans:
+        hop_id = next(a.value.int_value for a in span.attributes if a.key == "hoptrace.hop.id")
+        if hop_id in propagated:  # the client's own request to the gateway carries none
+            assert span.trace_id.hex() == propagated[hop_id]
+            checked += 1
+    assert checked == len(propagated)
+
+
+def test_parquet_reads_back_with_pyarrow_and_duckdb(exported):
+    db, out = exported
+    conn = sqlite3.connect(db)
+    for table in ("hops", "tokens", "hop_tokens"):
+        stored = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        assert pq.read_table(out / "parquet" / f"{table}.parquet").num_rows == stored
+        assert duckdb.connect().execute(f"SELECT count(*) FROM '{out / 'parquet' / table}.parquet'").fetchall() == [(stored,)]
+    analysis = analyze(db)
+    assert pq.read_table(out / "parquet" / "traces.parquet").num_rows == len(analysis.hops)
+    assert pq.read_table(out / "parquet" / "findings.parquet").num_rows == len(analysis.findings)
+    expired = duckdb.connect().execute(
+        f"SELECT h.service, h.path, h.status FROM '{out}/parquet/findings.parquet' f, unnest(f.hop_ids) AS u(hop_id)"
+        f" JOIN '{out}/parquet/hops.parquet' h ON h.id = u.hop_id WHERE f.kind = 'expired_mid_flow' ORDER BY h.started_at"
+    ).fetchall()
+    assert ("auth", "/introspect", 401) in expired
