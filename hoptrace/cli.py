@@ -13,6 +13,7 @@ from hoptrace._click import BadInput, OneLineGroup, exit_2_on_bad_input
 from hoptrace.analyzer._cli import analyze
 from hoptrace.plot._cli import plot, report
 from hoptrace.stack._cli import stack
+from hoptrace.ui._cli import ui
 
 
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -131,3 +132,4 @@ def record_samples(out: Path, goldens_only: bool) -> None:
 
 for command in (analyze, plot, report, stack):
     cli.add_command(command)
+cli.add_command(ui)
