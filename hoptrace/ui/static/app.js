@@ -266,7 +266,10 @@ function drawWaterfall() {
         : null,
       s("text", { x: 24 + hop.depth * 14, y: y + 15, class: "hop-label", text: clip(label, 44 - hop.depth * 2) }),
       s("rect", { class: `bar o${statusClass(hop)}${hop.on_critical_path ? " critical" : ""}`, x, y: y + 4, width: w, height: ROW_H - 8 }),
-      s("text", { x: x + w + 4, y: y + 15, class: "bar-note", text: note }));
+      // The note after the bar, or before it when it would run past the chart's edge.
+      x + w + 4 + note.length * 7 > LABEL_W + width + 130
+        ? s("text", { x: x - 4, y: y + 15, "text-anchor": "end", class: "bar-note", text: note })
+        : s("text", { x: x + w + 4, y: y + 15, class: "bar-note", text: note }));
     svg.append(row);
   });
   // The expiry on top of the bars, so a bar never hides it.
@@ -325,9 +328,9 @@ async function showHop(db, id) {
   pane.replaceChildren(
     h("h3", { id: "hop-title", text: `${hop.service} ${hop.method} ${hop.path}` }),
     kvTable(facts, "hop-facts"),
-    h("h3", { text: "Timings" }), timingBar(hop.timings),
     h("h3", { text: `Tokens (${hop.tokens.length})` }),
     ...hop.tokens.map(tokenBlock),
+    h("h3", { text: "Timings" }), timingBar(hop.timings),
     h("h3", { text: "Request headers (redacted)" }), kvTable(hop.request_headers, "request-headers"),
     h("h3", { text: "Response headers (redacted)" }), kvTable(hop.response_headers, "response-headers"),
     h("h3", { text: "curl (secrets as recorded: redacted)" }),
