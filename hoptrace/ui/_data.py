@@ -139,6 +139,8 @@ class Data:
         for column, wanted in (("service", q.service), ("endpoint", q.endpoint), ("token_sub", q.subject)):
             if wanted:
                 traces = hops["trace"].to_numpy()[(hops[column] == wanted).to_numpy()]
+                if column == "token_sub":  # and the requests that issued the subject's token (login)
+                    traces = np.union1d(traces, reqs["trace"][(reqs["subject"] == wanted).to_numpy()])
                 keep &= reqs["trace"].isin(traces).to_numpy()
         if q.status:
             keep &= (reqs["status_class"] == q.status).to_numpy()
@@ -483,7 +485,9 @@ def _requests(a: Analysis, db: int) -> pd.DataFrame:
     status = roots["status"].astype("Float64")
     failed = roots["failed"].astype(bool).to_numpy() | status.isna().to_numpy()
     status_class = np.where(failed, "error", (status.fillna(0) // 100).astype("int64").astype(str) + "xx")
-    subject = roots["token_sub"].astype(object).map(plain)
+    # The token a request carried names its subject; a login carries none, its session does.
+    by_session = a.sessions.drop_duplicates("trace").set_index("trace")["subject"].reindex(roots.index)
+    subject = roots["token_sub"].astype(object).map(plain).fillna(by_session.astype(object).map(plain))
     table = pd.DataFrame(
         {
             "db": db,
