@@ -14,7 +14,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from .ui_browser import WAIT_S, chromium, png_colours, quit_browser, start_ui
+from .conftest import Proc
+from .ui_browser import WAIT_S, chromium, png_colours, quit_browser, start_ui, ui_args, ui_url
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -28,6 +29,16 @@ def browser():
     driver = chromium()
     yield driver
     quit_browser(driver)
+
+
+@pytest.fixture(scope="module")
+def sample_ui():
+    """One `hoptrace ui` on the demo's trace for the tests that only read it."""
+    proc = Proc(ui_args(SAMPLE))
+    try:
+        yield ui_url(proc)
+    finally:
+        proc.stop()
 
 
 @pytest.fixture
@@ -52,8 +63,8 @@ def wait_for(driver, css: str, text: str | None = None):
     return wait.until(found, message=f"no visible {css!r}" + (f" with {text!r}" if text else ""))
 
 
-def test_failing_checkout_from_the_list_to_the_expired_token(browser, spawn, failing_checkout):
-    url = start_ui(spawn, SAMPLE)
+def test_failing_checkout_from_the_list_to_the_expired_token(browser, sample_ui, failing_checkout):
+    url = sample_ui
     browser.get(url)
     wait_for(browser, "#request-list tbody tr")
     everything = int(browser.find_element(By.ID, "request-count").text.split()[0])
@@ -119,8 +130,8 @@ def test_failing_checkout_from_the_list_to_the_expired_token(browser, spawn, fai
     assert "/introspect" in wait_for(browser, "#hop-title").text
 
 
-def test_sessions_latency_and_graph_views(browser, spawn):
-    url = start_ui(spawn, SAMPLE)
+def test_sessions_latency_and_graph_views(browser, sample_ui):
+    url = sample_ui
     browser.get(f"{url}#/sessions")
     first = wait_for(browser, "#session-list tbody tr")
     assert "yes" in first.text  # the expired session is listed first

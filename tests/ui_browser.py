@@ -47,10 +47,19 @@ def quit_browser(driver) -> None:
     shutil.rmtree(driver.profile_dir, ignore_errors=True)
 
 
-def start_ui(spawn, *dbs: Path) -> str:
-    """`hoptrace ui DB... --port 0` as a child process; its URL from what it printed."""
-    proc = spawn([sys.executable, "-m", "hoptrace", "ui", *map(str, dbs), "--port", "0"], ready="hoptrace ui: serving", timeout=60)
+def ui_args(*dbs: Path) -> list[str]:
+    return [sys.executable, "-m", "hoptrace", "ui", *map(str, dbs), "--port", "0"]
+
+
+def ui_url(proc) -> str:
+    """The URL `hoptrace ui` printed once it served."""
+    proc.wait_for("hoptrace ui: serving", timeout=60)
     return re.search(r"at (http://\S+)", proc.output).group(1)
+
+
+def start_ui(spawn, *dbs: Path) -> str:
+    """`hoptrace ui DB... --port 0` as a child process (stopped by ``spawn``); its URL."""
+    return ui_url(spawn(ui_args(*dbs)))
 
 
 def png_colours(png: bytes) -> int:

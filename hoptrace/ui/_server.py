@@ -37,6 +37,7 @@ HEARTBEAT_S = 15.0
 DATA = web.AppKey("data", Data)
 WATCHERS = web.AppKey("watchers", list)
 HOSTS = web.AppKey("hosts", set)
+CLOSING = web.AppKey("closing", asyncio.Event)
 
 
 @web.middleware
@@ -157,7 +158,7 @@ async def api_events(request: web.Request) -> web.StreamResponse:
     request.app[WATCHERS].append(changed)
     try:
         seen = -1
-        while True:
+        while not request.app[CLOSING].is_set():
             data = request.app[DATA]
             if data.version != seen:
                 seen = data.version
@@ -172,6 +173,13 @@ async def api_events(request: web.Request) -> web.StreamResponse:
     finally:
         request.app[WATCHERS].remove(changed)
     return response
+
+
+async def end_event_streams(app: web.Application) -> None:
+    """Let open event streams end, so that stopping does not wait on the browsers still listening."""
+    app[CLOSING].set()
+    for event in list(app[WATCHERS]):
+        event.set()
 
 
 async def watch(app: web.Application) -> None:
@@ -194,6 +202,8 @@ def make_app(data: Data, hosts: set[str], live: bool) -> web.Application:
     app[DATA] = data
     app[WATCHERS] = []
     app[HOSTS] = hosts
+    app[CLOSING] = asyncio.Event()
+    app.on_shutdown.append(end_event_streams)
     app.add_routes(
         [
             web.get("/", index),
