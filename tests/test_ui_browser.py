@@ -63,9 +63,15 @@ def wait_for(driver, css: str, text: str | None = None):
     return wait.until(found, message=f"no visible {css!r}" + (f" with {text!r}" if text else ""))
 
 
+def analysed(driver) -> None:
+    """Wait until the page says the analysis is done (the list shows before it, without findings)."""
+    wait_for(driver, "#live-status", "findings")
+
+
 def test_failing_checkout_from_the_list_to_the_expired_token(browser, sample_ui, failing_checkout):
     url = sample_ui
     browser.get(url)
+    analysed(browser)
     wait_for(browser, "#request-list tbody tr")
     everything = int(browser.find_element(By.ID, "request-count").text.split()[0])
 
@@ -155,6 +161,7 @@ def test_hostile_strings_from_the_trace_are_shown_as_text(browser, spawn, tmp_pa
                      (HOSTILE_PATH, json.dumps([["X-Evil", "<script>window.pwned=2</script>"]])))  # fmt: skip
     url = start_ui(spawn, db)
     browser.get(f"{url}#/?q=onerror")
+    analysed(browser)
     row = wait_for(browser, "#request-list tbody tr", "onerror")
     assert HOSTILE_PATH in row.text  # the markup, as text
     row.click()

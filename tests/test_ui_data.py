@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hoptrace.ui._data import Data, NotFound, align, curl_line, graph_layout, timings
+from hoptrace.ui._data import Data, NotFound, NotReady, align, curl_line, graph_layout, timings
 from hoptrace.ui._query import BadQuery, RequestQuery
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_traces" / "checkout-expiry.db"
@@ -182,3 +182,17 @@ def test_any_query_string_is_a_query_or_a_one_line_bad_query(params):
         assert str(exc) and "\n" not in str(exc)
     else:
         assert 1 <= query.limit <= 500 and query.offset >= 0 and query.sort in ("started", "duration", "status", "hops", "severity")
+
+
+def test_the_preview_lists_the_same_requests_before_any_analysis(data):
+    early = Data([SAMPLE])
+    early.preview()
+    listed = early.request_page(RequestQuery(limit=500))
+    assert listed["analysing"] and early.status()["dbs"][0]["analysing"]
+    analysed = page(data)
+    assert sorted((r["trace"], r["status"], r["status_class"]) for r in listed["items"]) == sorted(
+        (r["trace"], r["status"], r["status_class"]) for r in analysed
+    )
+    assert early.request_page(RequestQuery(severity="error"))["total"] == 0  # findings are not known yet
+    with pytest.raises(NotReady):
+        early.request(0, analysed[0]["trace"])

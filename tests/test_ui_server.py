@@ -7,6 +7,7 @@ import asyncio
 import json
 import re
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -43,7 +44,12 @@ def served():
     thread.start()
     asyncio.run_coroutine_threadsafe(main(), loop).result(60)
     assert ready.is_set()
-    yield started["url"].rstrip("/")
+    url = started["url"].rstrip("/")
+    for _ in range(600):  # start_ui returns with the request list; the analysis follows in the background
+        if not json.loads(call(url + "/api/status")[2])["dbs"][0]["analysing"]:
+            break
+        time.sleep(0.1)
+    yield url
     asyncio.run_coroutine_threadsafe(started["runner"].cleanup(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)

@@ -1,7 +1,9 @@
 """Everything the web view knows about its trace DBs, and the one place it reads the analysis.
 
 The server asks this module for plain dicts and lists (JSON-ready); nothing else in
-``hoptrace.ui`` touches a DataFrame. Each DB is analysed once at start; while a DB is
+``hoptrace.ui`` touches a DataFrame. At start :meth:`Data.preview` lists each DB's
+requests straight from SQL (a second at a million hops), so the first page shows while
+the analysis runs; then each DB is analysed once; while a DB is
 being written, :meth:`Data.refresh` analyses only its tail (the requests that started in
 the last ``LOOKBACK_S`` seconds before the newest hop) and merges it into what it had.
 Headers, query and token claims, which the analysis frames leave out, are read per hop
@@ -50,6 +52,10 @@ class NotFound(LookupError):
     """A request, hop or session the DBs do not hold."""
 
 
+class NotReady(LookupError):
+    """The DB is still being analysed: only the request list (without findings) is there yet."""
+
+
 def plain(value: Any) -> Any:
     """A JSON-ready Python value: numpy scalars unwrapped, NaN / NA / inf as None."""
     if value is None or value is pd.NA or value is pd.NaT:
@@ -74,6 +80,51 @@ class Source:
     max_hop_id: int = 0
     latency: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame] | None = None
     analyse_s: float = 0.0
+    by_trace: pd.DataFrame = field(default_factory=pd.DataFrame)
+    """``requests`` indexed by trace, for one request's lookups."""
+    lookup: Index | None = None
+
+
+class Slices:
+    """Positions of equal values as slices of one sort: a key's rows in O(log n), where a scan of a
+    million-row column costs ~10 ms per lookup."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.order = np.argsort(values, kind="stable")
+        self.keys, self.starts = np.unique(values[self.order], return_index=True)
+
+    def positions(self, key: Any) -> np.ndarray:
+        at = int(np.searchsorted(self.keys, key))
+        if at >= len(self.keys) or self.keys[at] != key:
+            return self.order[0:0]
+        end = self.starts[at + 1] if at + 1 < len(self.starts) else len(self.order)
+        return self.order[self.starts[at] : end]
+
+
+@dataclass
+class Index:
+    """What one request's view looks up, built once per analysis."""
+
+    hops: pd.DataFrame  # the columns a waterfall shows
+    hops_by_trace: Slices
+    findings_by_trace: Slices
+    passing: dict[str, tuple[np.ndarray, np.ndarray]]
+    """endpoint -> (start times, traces) of its requests that passed without an error finding, by time."""
+
+    @classmethod
+    def build(cls, a: Analysis, requests: pd.DataFrame) -> Index:
+        hops = a.hops[["trace", "parent_id", "order", "started_at", *HOP_FIELDS]]
+        found = a.findings["trace"].astype("Float64").fillna(-1).to_numpy("int64")
+        ok = requests[requests["status_class"].isin(["2xx", "3xx"]) & (requests["rank"] > 0)].sort_values("started_at")
+        passing = {ep: (g["started_at"].to_numpy(), g["trace"].to_numpy()) for ep, g in ok.groupby("endpoint", sort=False)}
+        return cls(hops, Slices(hops["trace"].to_numpy()), Slices(found), passing)
+
+    def peer(self, endpoint: str, at: float, trace: int) -> int | None:
+        """The passing request of ``endpoint`` nearest in time to ``at``, other than ``trace``."""
+        times, traces = self.passing.get(endpoint, (np.zeros(0), np.zeros(0, np.int64)))
+        mid = int(np.searchsorted(times, at))
+        near = [i for i in range(max(0, mid - 2), min(len(times), mid + 2)) if traces[i] != trace]
+        return int(traces[min(near, key=lambda i: abs(times[i] - at))]) if near else None
 
 
 class Data:
@@ -100,11 +151,13 @@ class Data:
                 continue
             started = time.perf_counter()
             analysis, merged = self._analyse(source)
+            requests = _requests(analysis, source.index) if analysis is not None else pd.DataFrame()
+            index = Index.build(analysis, requests) if analysis is not None else None
             with self._lock:
-                source.analysis, source.max_hop_id = analysis, newest
+                source.analysis, source.max_hop_id, source.requests, source.lookup = analysis, newest, requests, index
+                source.by_trace = requests.set_index("trace", drop=False) if len(requests) else requests
                 # A merged analysis's latency tables cover only the tail: recompute them on first use.
                 source.latency = None if merged or analysis is None else (analysis.services, analysis.endpoints, analysis.edges)
-                source.requests = _requests(analysis, source.index) if analysis is not None else pd.DataFrame()
                 source.analyse_s = time.perf_counter() - started
                 self.version += 1
             changed = True
@@ -119,31 +172,43 @@ class Data:
         since = float(old.hops["started_at"].max()) - self.lookback_s
         return _merge(old, analyze(source.path, since=since), since), True
 
+    def preview(self) -> None:
+        """List each DB's requests (its entry route's hops) from SQL, before any analysis: no findings yet."""
+        for source in self.sources:
+            if source.analysis is None:
+                source.requests = _quick_requests(source.path, source.index)
+
     # -- the request list ------------------------------------------------------------------
 
     def request_page(self, query: RequestQuery) -> dict[str, Any]:
         frames = [s.requests for s in self.sources if not s.requests.empty]
         if not frames:
-            return {"total": 0, "offset": query.offset, "items": []}
+            return {"total": 0, "offset": query.offset, "items": [], "version": self.version}
         chosen = [self._filter(s, query) for s in self.sources if not s.requests.empty]
         rows = pd.concat(chosen, ignore_index=True) if len(chosen) > 1 else chosen[0]
         rows = rows.sort_values([SORTABLE[query.sort], "started_at"], ascending=[not query.descending, False], kind="stable")
         page = rows.iloc[query.offset : query.offset + query.limit]
         columns = ["db", "trace", "started_at", "endpoint", "service", "status", "status_class", "duration_ms", "hops",
                    "subject", "severity", "kinds"]  # fmt: skip
-        return {"total": len(rows), "offset": query.offset, "items": _records(page[columns])}
+        analysing = any(s.analysis is None and len(s.requests) for s in self.sources)
+        return {"total": len(rows), "offset": query.offset, "items": _records(page[columns]), "version": self.version,
+                "analysing": analysing}  # fmt: skip
 
     def _filter(self, source: Source, q: RequestQuery) -> pd.DataFrame:
-        reqs, hops = source.requests, source.analysis.hops
+        reqs = source.requests
         keep = np.ones(len(reqs), dtype=bool)
+        if source.analysis is None:  # a preview: what needs the analysis matches nothing yet
+            if q.service or q.endpoint or q.subject or q.kind or q.severity:
+                return reqs.iloc[0:0]
+            return reqs[keep & _plain_filters(reqs, q)]
+        hops = source.analysis.hops
         for column, wanted in (("service", q.service), ("endpoint", q.endpoint), ("token_sub", q.subject)):
             if wanted:
                 traces = hops["trace"].to_numpy()[(hops[column] == wanted).to_numpy()]
                 if column == "token_sub":  # and the requests that issued the subject's token (login)
                     traces = np.union1d(traces, reqs["trace"][(reqs["subject"] == wanted).to_numpy()])
                 keep &= reqs["trace"].isin(traces).to_numpy()
-        if q.status:
-            keep &= (reqs["status_class"] == q.status).to_numpy()
+        keep &= _plain_filters(reqs, q)
         if q.kind or q.severity:
             found = source.analysis.findings
             mask = np.ones(len(found), dtype=bool)
@@ -152,12 +217,6 @@ class Data:
             if q.severity:
                 mask &= (found["severity"] == q.severity).to_numpy()
             keep &= reqs["trace"].isin(found["trace"][mask].dropna()).to_numpy()
-        if q.since is not None:
-            keep &= (reqs["started_at"] >= q.since).to_numpy()
-        if q.until is not None:
-            keep &= (reqs["started_at"] <= q.until).to_numpy()
-        if q.text:
-            keep &= reqs["haystack"].str.contains(q.text.lower(), regex=False).to_numpy()
         return reqs[keep]
 
     def facets(self) -> dict[str, list]:
@@ -184,6 +243,7 @@ class Data:
                     "path": str(s.path),
                     "hops": 0 if s.analysis is None else len(s.analysis.hops),
                     "requests": len(s.requests),
+                    "analysing": s.analysis is None and len(s.requests) > 0,
                     "findings": 0 if s.analysis is None else len(s.analysis.findings),
                     "max_hop_id": s.max_hop_id,
                     "analyse_s": round(s.analyse_s, 3),
@@ -195,33 +255,38 @@ class Data:
     # -- one request -----------------------------------------------------------------------
 
     def source(self, db: int) -> Source:
-        if not 0 <= db < len(self.sources) or self.sources[db].analysis is None:
-            raise NotFound(f"no trace database #{db} with hops")
-        return self.sources[db]
+        if not 0 <= db < len(self.sources):
+            raise NotFound(f"no trace database #{db}")
+        source = self.sources[db]
+        if source.analysis is None:
+            if len(source.requests):
+                raise NotReady(f"{source.path.name} is still being analysed; try again in a few seconds")
+            raise NotFound(f"{source.path.name} has no hops yet")
+        return source
 
     def request(self, db: int, trace: int) -> dict[str, Any]:
         """A request as its waterfall needs it: hops depth first, token expiries, findings, a passing peer."""
         source = self.source(db)
-        a = source.analysis
-        rows = a.hops[a.hops["trace"].to_numpy() == trace]
+        rows = source.lookup.hops.iloc[source.lookup.hops_by_trace.positions(trace)]
         if rows.empty or trace not in rows.index:
             raise NotFound(f"no request {trace} in {source.path.name}")
         rows = rows.sort_values("order")
         t0 = float(rows.at[trace, "started_at"])
-        findings = _findings_of(a.findings, trace, set(rows.index))
+        found = source.analysis.findings.iloc[source.lookup.findings_by_trace.positions(trace)]
+        findings = _findings_of(found, set(rows.index))
         flagged: dict[int, list[int]] = {}
         for n, f in enumerate(findings):
             for hop_id in f["hop_ids"]:
                 flagged.setdefault(hop_id, []).append(n)
         hops = []
-        for hop_id, hop in rows.iterrows():
+        for hop_id, hop in zip(rows.index, rows.to_dict("records"), strict=True):
             item = {"id": int(hop_id), "parent": plain(hop["parent_id"])}
             item |= {name: plain(hop[name]) for name in HOP_FIELDS}
             item["start_ms"] = (float(hop["started_at"]) - t0) * 1000
             item["findings"] = flagged.get(int(hop_id), [])
             hops.append(item)
         expiries = sorted({float(e) for e in rows["token_exp"].dropna()})
-        root = source.requests.set_index("trace").loc[trace]
+        root = source.by_trace.loc[trace]
         return {
             "db": db,
             "trace": trace,
@@ -234,18 +299,8 @@ class Data:
             "hops": hops,
             "expiries": [{"at": e, "ms": (e - t0) * 1000} for e in expiries],
             "findings": findings,
-            "peer": self._passing_peer(source, trace),
+            "peer": source.lookup.peer(root["endpoint"], t0, trace),
         }
-
-    def _passing_peer(self, source: Source, trace: int) -> int | None:
-        """The passing request of the same endpoint nearest in time: what to compare a failure with."""
-        reqs = source.requests
-        me = reqs[reqs["trace"] == trace].iloc[0]
-        same = reqs[(reqs["endpoint"] == me["endpoint"]) & (reqs["trace"] != trace) & (reqs["status_class"].isin(["2xx", "3xx"]))]
-        same = same[same["rank"] > 0]  # no error finding
-        if same.empty:
-            return None
-        return int(same.iloc[(same["started_at"] - me["started_at"]).abs().argmin()]["trace"])
 
     def hop(self, db: int, hop_id: int) -> dict[str, Any]:
         """One hop in full: redacted headers and query, timings, its tokens' header and claims, a curl line."""
@@ -475,6 +530,48 @@ def _max_hop_id(path: Path) -> int:
         conn.close()
 
 
+def _plain_filters(reqs: pd.DataFrame, q: RequestQuery) -> np.ndarray:
+    """The filters on a request's own columns (status, time, text)."""
+    keep = np.ones(len(reqs), dtype=bool)
+    if q.status:
+        keep &= (reqs["status_class"] == q.status).to_numpy()
+    if q.since is not None:
+        keep &= (reqs["started_at"] >= q.since).to_numpy()
+    if q.until is not None:
+        keep &= (reqs["started_at"] <= q.until).to_numpy()
+    if q.text:
+        keep &= reqs["haystack"].str.contains(q.text.lower(), regex=False).to_numpy()
+    return keep
+
+
+def _status_class(status: pd.Series, failed: pd.Series) -> np.ndarray:
+    """2xx .. 5xx, or ``error`` for a hop that failed or got no answer."""
+    status = status.astype("Float64")
+    broken = failed.astype(bool).to_numpy() | status.isna().to_numpy()
+    return np.where(broken, "error", (status.fillna(0) // 100).astype("int64").astype(str) + "xx")
+
+
+def _quick_requests(path: Path, db: int) -> pd.DataFrame:
+    """The entry route's hops as the request list, read with one query (no trees, no findings).
+
+    The file's structure check runs with the analysis that follows; until then these rows
+    are only listed (escaped by the page), never used to compute anything.
+    """
+    conn = open_for_reading(path, check=False)
+    try:
+        rows = conn.execute(
+            "SELECT h.id, h.started_at, h.method || ' ' || h.path, h.service, h.status, h.failed, h.duration_ms"
+            " FROM hops h JOIN captures c ON c.id = h.capture_id WHERE h.service = c.entry"
+        ).fetchall()
+    finally:
+        conn.close()
+    t = pd.DataFrame(rows, columns=["trace", "started_at", "endpoint", "service", "status", "failed", "duration_ms"])
+    t["status_class"] = _status_class(t["status"], t["failed"])
+    t = t.assign(db=db, hops=None, subject=None, rank=NO_FINDING_RANK, kinds="", severity=None)
+    t["haystack"] = (t["trace"].astype(str) + " " + t["endpoint"].fillna("")).str.lower()
+    return t.drop(columns="failed")
+
+
 def _requests(a: Analysis, db: int) -> pd.DataFrame:
     """One row per request (root hop) with what the list shows, filters and sorts on."""
     hops = a.hops
@@ -482,9 +579,6 @@ def _requests(a: Analysis, db: int) -> pd.DataFrame:
     found = a.findings.dropna(subset=["trace"])
     ranks = found["severity"].map(SEVERITY_RANK).groupby(found["trace"].astype("int64")).min()
     kinds = found.groupby(found["trace"].astype("int64"))["kind"].agg(lambda k: " ".join(sorted(set(k))))
-    status = roots["status"].astype("Float64")
-    failed = roots["failed"].astype(bool).to_numpy() | status.isna().to_numpy()
-    status_class = np.where(failed, "error", (status.fillna(0) // 100).astype("int64").astype(str) + "xx")
     # The token a request carried names its subject; a login carries none, its session does.
     by_session = a.sessions.drop_duplicates("trace").set_index("trace")["subject"].reindex(roots.index)
     subject = roots["token_sub"].astype(object).map(plain).fillna(by_session.astype(object).map(plain))
@@ -496,7 +590,7 @@ def _requests(a: Analysis, db: int) -> pd.DataFrame:
             "endpoint": roots["endpoint"].astype(str).to_numpy(),
             "service": roots["service"].astype(str).to_numpy(),
             "status": roots["status"].to_numpy(),
-            "status_class": status_class,
+            "status_class": _status_class(roots["status"], roots["failed"]),
             "duration_ms": roots["duration_ms"].to_numpy(),
             "hops": hops["trace"].value_counts().reindex(roots.index).to_numpy(),
             "subject": subject.to_numpy(),
@@ -541,8 +635,7 @@ def _merge(old: Analysis, tail: Analysis, since: float) -> Analysis:
     )
 
 
-def _findings_of(findings: pd.DataFrame, trace: int, hop_ids: set[int]) -> list[dict[str, Any]]:
-    mine = findings[(findings["trace"] == trace).fillna(False).to_numpy()]
+def _findings_of(mine: pd.DataFrame, hop_ids: set[int]) -> list[dict[str, Any]]:
     out = []
     for f in mine.itertuples(index=False):
         ids = [int(h) for h in f.hop_ids if int(h) in hop_ids]

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from hoptrace.ui._data import Data, NotFound
+from hoptrace.ui._data import Data, NotFound, NotReady
 from hoptrace.ui._query import BadQuery, RequestQuery, integer
 
 CSP = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -56,6 +56,8 @@ async def guard(request: web.Request, handler: Callable[[web.Request], Awaitable
             response = _error(400, str(exc))
         except NotFound as exc:
             response = _error(404, str(exc))
+        except NotReady as exc:
+            response = _error(503, str(exc))
     if not response.prepared:  # an event stream sent its headers itself
         response.headers.update(SECURITY_HEADERS)
         if request.path.startswith("/api/"):
@@ -182,19 +184,22 @@ async def end_event_streams(app: web.Application) -> None:
         event.set()
 
 
-async def watch(app: web.Application) -> None:
-    """Poll the DBs for new hops; analyse the tail and wake every event stream when some arrived."""
+async def analyse(app: web.Application, live: bool) -> None:
+    """Analyse the DBs (the page lists their requests meanwhile); then, live, poll them for new hops
+    and analyse each tail. Every event stream wakes when anything changed."""
     data = app[DATA]
     while True:
-        await asyncio.sleep(POLL_S)
         try:
             changed = await _in_thread(data.refresh)
         except Exception as exc:  # noqa: BLE001 - a half-written tail must not stop the live view
             data.last_error = f"{time.strftime('%H:%M:%S')} {exc}"
-            continue
+            changed = False
         if changed:
             for event in list(app[WATCHERS]):
                 event.set()
+        if not live:
+            return
+        await asyncio.sleep(POLL_S)
 
 
 def make_app(data: Data, hosts: set[str], live: bool) -> web.Application:
@@ -221,25 +226,24 @@ def make_app(data: Data, hosts: set[str], live: bool) -> web.Application:
             web.get("/api/events", api_events),
         ]
     )
-    if live:
+    async def background(app: web.Application):
+        task = asyncio.create_task(analyse(app, live))
+        yield
+        task.cancel()
 
-        async def background(app: web.Application):
-            task = asyncio.create_task(watch(app))
-            yield
-            task.cancel()
-
-        app.cleanup_ctx.append(background)
+    app.cleanup_ctx.append(background)
     return app
 
 
 async def start_ui(dbs: list[str | Path], host: str = "127.0.0.1", port: int = 0, live: bool = True) -> tuple[str, web.AppRunner]:
-    """Analyse ``dbs`` and serve the UI on ``host:port`` (0: a free port) in the running loop.
+    """Serve the UI of ``dbs`` on ``host:port`` (0: a free port) in the running loop.
 
-    Returns the URL and the runner; ``await runner.cleanup()`` stops it. With ``live``,
-    hops recorded after the start show up within about ``POLL_S`` plus a tail analysis.
+    Returns once the request lists are read (the analysis goes on in the background) with
+    the URL and the runner; ``await runner.cleanup()`` stops it. With ``live``, hops
+    recorded later show up within about ``POLL_S`` plus a tail analysis.
     """
     data = Data([Path(p) for p in dbs])
-    await _in_thread(data.refresh)
+    await _in_thread(data.preview)
     hosts = {host, "localhost", "127.0.0.1", "::1"} if host in ("127.0.0.1", "localhost", "::1") else {host}
     runner = web.AppRunner(make_app(data, hosts, live), access_log=None)
     await runner.setup()

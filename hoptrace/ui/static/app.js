@@ -128,12 +128,14 @@ async function showRequests(params) {
       h("td", { text: r.kinds }));
   });
   for (const r of page.items) state.listSeen.add(`${r.db}:${r.trace}`);
+  state.version = page.version;
   const offset = page.offset;
   const limit = Number(params.get("limit") || 50);
   const go = (to) => { params.set("offset", String(to)); location.hash = `#/?${params}`; };
   show(
     h("h2", { text: "Requests" }),
     form,
+    page.analysing ? h("p", { id: "analysing", class: "muted", text: "Analysing the trace: findings, the filters by service, endpoint, subject and finding, and the waterfalls appear when it is done." }) : null,
     h("div", { class: "pager" },
       h("span", { id: "request-count", text: `${page.total} requests` + (page.total ? `, ${offset + 1}–${offset + page.items.length} shown` : "") }),
       h("button", { id: "prev-page", disabled: offset <= 0 ? "disabled" : null, text: "← newer", on: { click: () => go(Math.max(0, offset - limit)) } }),
@@ -485,11 +487,12 @@ function live() {
     const hops = status.dbs.reduce((n, d) => n + d.hops, 0);
     const requests = status.dbs.reduce((n, d) => n + d.requests, 0);
     const findings = status.dbs.reduce((n, d) => n + d.findings, 0);
-    label.textContent = `${requests} requests · ${hops} hops · ${findings} findings · updated ${new Date().toLocaleTimeString()}`;
+    const analysing = status.dbs.some((d) => d.analysing);
+    label.textContent = analysing ? `${requests} requests · analysing…` : `${requests} requests · ${hops} hops · ${findings} findings · updated ${new Date().toLocaleTimeString()}`;
     label.classList.add("live");
-    const first = state.version === -1;
-    state.version = status.version;
-    if (!first && (location.hash.replace(/^#\/?/, "") === "" || location.hash.startsWith("#/?"))) {
+    const onList = location.hash.replace(/^#\/?/, "") === "" || location.hash.startsWith("#/?");
+    // A list older than the data, or a view that could not load while the analysis ran: load it again.
+    if (status.version !== state.version && (onList || document.querySelector("#main .error-box"))) {
       facets = null;
       route();
     }
