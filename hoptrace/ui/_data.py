@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import sqlite3
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,12 +28,12 @@ import pandas as pd
 
 from hoptrace.analyzer import Analysis, analyze
 from hoptrace.analyzer._analysis import _latency_tables
-from hoptrace.db import open_for_reading
+from hoptrace.db import SCHEMA, SCHEMA_VERSION, open_for_reading
 from hoptrace.ui._query import RequestQuery
 
 SEVERITY_RANK = {"error": 0, "warning": 1, "info": 2}
 NO_FINDING_RANK = 3
-LOOKBACK_S = 30.0
+LOOKBACK_S = 10.0
 """How far before the newest hop a live refresh re-analyses: a request still running
 after that long is analysed in two parts (its early hops as they were)."""
 SORTABLE = {"started": "started_at", "duration": "duration_ms", "status": "status", "hops": "hops", "severity": "rank"}
@@ -170,7 +172,11 @@ class Data:
             analysis = analyze(source.path)
             return (analysis if len(analysis.hops) else None), False
         since = float(old.hops["started_at"].max()) - self.lookback_s
-        return _merge(old, analyze(source.path, since=since), since), True
+        with tempfile.TemporaryDirectory(prefix="hoptrace-ui-") as folder:
+            tail_db = Path(folder) / "tail.db"
+            copy_tail(source.path, tail_db, since)
+            tail = analyze(tail_db, since=since)
+        return _merge(old, tail, since), True
 
     def preview(self) -> None:
         """List each DB's requests (its entry route's hops) from SQL, before any analysis: no findings yet."""
@@ -522,6 +528,30 @@ def graph_layout(edges: dict[tuple[str, str], dict[str, float]]) -> dict[str, An
 # -- internal ---------------------------------------------------------------------------------
 
 
+def copy_tail(path: Path, into: Path, since: float) -> None:
+    """The hops of ``path`` that started at or after ``since``, their tokens and the captures, as a new trace DB.
+
+    Every hop of a request that started at ``since`` or later started then too (a call
+    starts after its caller), so the copy holds those requests whole. The index on
+    (capture_id, started_at) finds the rows: the cost follows the tail, not the file,
+    where the analyzer's own window still reads every page (and checks the whole file).
+    """
+    conn = sqlite3.connect(f"{into.resolve().as_uri()}", uri=True)
+    try:
+        conn.execute("PRAGMA trusted_schema = OFF")
+        conn.executescript(SCHEMA)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("ATTACH ? AS src", (f"{path.resolve().as_uri()}?mode=ro",))
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO captures SELECT * FROM src.captures")
+        conn.execute("INSERT INTO hops SELECT * FROM src.hops WHERE capture_id IN (SELECT id FROM src.captures) AND started_at >= ?", (since,))
+        conn.execute("INSERT INTO hop_tokens SELECT * FROM src.hop_tokens WHERE hop_id >= (SELECT min(id) FROM hops) AND hop_id IN (SELECT id FROM hops)")
+        conn.execute("INSERT INTO tokens SELECT * FROM src.tokens WHERE fingerprint IN (SELECT fingerprint FROM hop_tokens)")
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
 def _max_hop_id(path: Path) -> int:
     conn = open_for_reading(path, check=False)
     try:
@@ -578,7 +608,12 @@ def _requests(a: Analysis, db: int) -> pd.DataFrame:
     roots = hops[hops.index.to_numpy() == hops["trace"].to_numpy()]
     found = a.findings.dropna(subset=["trace"])
     ranks = found["severity"].map(SEVERITY_RANK).groupby(found["trace"].astype("int64")).min()
-    kinds = found.groupby(found["trace"].astype("int64"))["kind"].agg(lambda k: " ".join(sorted(set(k))))
+    # Each request's finding kinds as one string, built kind by kind (a dozen kinds; a Python
+    # function per request would cost ~1 s at a million hops).
+    kinds = pd.Series("", index=roots.index, dtype=object)
+    for kind in sorted(found["kind"].unique()):
+        has = roots.index.isin(found["trace"][(found["kind"] == kind).to_numpy()].astype("int64"))
+        kinds[has] = kinds[has] + (kinds[has].str.len() > 0).map({True: " ", False: ""}) + kind
     # The token a request carried names its subject; a login carries none, its session does.
     by_session = a.sessions.drop_duplicates("trace").set_index("trace")["subject"].reindex(roots.index)
     subject = roots["token_sub"].astype(object).map(plain).fillna(by_session.astype(object).map(plain))
@@ -595,7 +630,7 @@ def _requests(a: Analysis, db: int) -> pd.DataFrame:
             "hops": hops["trace"].value_counts().reindex(roots.index).to_numpy(),
             "subject": subject.to_numpy(),
             "rank": ranks.reindex(roots.index).fillna(NO_FINDING_RANK).astype(int).to_numpy(),
-            "kinds": kinds.reindex(roots.index).fillna("").to_numpy(),
+            "kinds": kinds.to_numpy(),
         }
     )
     table["severity"] = table["rank"].map({v: k for k, v in SEVERITY_RANK.items()})
@@ -608,8 +643,9 @@ def _requests(a: Analysis, db: int) -> pd.DataFrame:
 def _merge(old: Analysis, tail: Analysis, since: float) -> Analysis:
     """``old`` with every request that started at or after ``since`` replaced by ``tail``'s."""
     kept_hops = old.hops[old.hops["started_at"].reindex(old.hops["trace"].to_numpy()).to_numpy() < since]
-    hops = pd.concat([kept_hops, tail.hops])
-    hops = hops[~hops.index.duplicated(keep="last")]
+    # A hop of an older request, still running, looks like a request of its own in the tail: the old view wins.
+    tail_hops = tail.hops[~tail.hops.index.isin(kept_hops.index)]
+    hops = pd.concat([kept_hops, tail_hops])
     for column in ("service", "method", "path", "endpoint", "link"):
         if column in hops:
             hops[column] = hops[column].astype("category")
@@ -622,8 +658,9 @@ def _merge(old: Analysis, tail: Analysis, since: float) -> Analysis:
     return Analysis(
         captures=tail.captures,
         hops=hops,
-        tokens=tail.tokens,
-        hop_tokens=pd.concat([old.hop_tokens[old.hop_tokens["hop_id"].isin(kept_hops.index)], tail.hop_tokens]),
+        tokens=pd.concat([old.tokens, tail.tokens]).pipe(lambda t: t[~t.index.duplicated(keep="last")]),
+        hop_tokens=pd.concat([old.hop_tokens[old.hop_tokens["hop_id"].isin(kept_hops.index)],
+                              tail.hop_tokens[tail.hop_tokens["hop_id"].isin(tail_hops.index)]]),
         findings=pd.concat([found[keep_found], tail.findings], ignore_index=True),
         services=tail.services,
         endpoints=tail.endpoints,
