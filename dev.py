@@ -55,7 +55,7 @@ def ensure_browser() -> None:
         sys.exit(f"dev.py: {missing} missing; install them with: sudo apt-get install -y {' '.join(BROWSER_PACKAGES)}")
     for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", *BROWSER_PACKAGES]):
         print(f"dev.py: {missing} missing; running: {' '.join(cmd)}", flush=True)
-        if subprocess.run(cmd, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}).returncode != 0:
+        if subprocess.run(cmd, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, check=False).returncode != 0:
             sys.exit(f"dev.py: '{' '.join(cmd)}' failed; the browser tests need {' and '.join(BROWSER_PACKAGES)}")
 
 

@@ -52,6 +52,7 @@ def failing_checkout():
 
 def wait_for(driver, css: str, text: str | None = None):
     """The first element matching ``css`` once it is displayed (and contains ``text``)."""
+
     def found(d):
         for el in d.find_elements(By.CSS_SELECTOR, css):
             if el.is_displayed() and (text is None or text in el.text):
@@ -95,7 +96,7 @@ def test_failing_checkout_from_the_list_to_the_expired_token(browser, sample_ui,
     assert "expired_mid_flow" in wait_for(browser, "#findings li", "expired_mid_flow").text
 
     # Collapse payment's subtree: its /introspect hop leaves the chart; expand brings it back.
-    labels = lambda: [t.text for t in browser.find_elements(By.CSS_SELECTOR, "#waterfall-svg text.hop-label")]  # noqa: E731
+    labels = lambda: [t.text for t in browser.find_elements(By.CSS_SELECTOR, "#waterfall-svg text.hop-label")]
     assert any("/introspect" in t for t in labels())
     payment = next(r for r in browser.find_elements(By.CSS_SELECTOR, "#waterfall-svg g.row") if "payment" in r.text)
     payment.find_element(By.CSS_SELECTOR, "text.toggle").click()

@@ -104,7 +104,12 @@ def test_a_hops_detail_has_claims_life_timings_and_only_redacted_secrets(data):
 
 
 def test_unknown_requests_hops_and_sessions_are_not_found(data):
-    for call in (lambda: data.request(0, 10**9), lambda: data.hop(0, 10**9), lambda: data.session(0, 10**6), lambda: data.request(3, 1)):
+    for call in (
+        lambda: data.request(0, 10**9),
+        lambda: data.hop(0, 10**9),
+        lambda: data.session(0, 10**6),
+        lambda: data.request(3, 1),
+    ):
         with pytest.raises(NotFound):
             call()
 
@@ -166,9 +171,9 @@ def test_a_live_refresh_merges_the_tail_into_what_it_had(tmp_path):
     whole.refresh()
     merged, fresh = (d.request_page(RequestQuery(limit=500))["items"] for d in (live, whole))
     assert early < len(merged)
-    key = lambda r: (r["trace"], r["status"], r["hops"], r["severity"])  # noqa: E731
+    key = lambda r: (r["trace"], r["status"], r["hops"], r["severity"])
     assert sorted(map(key, merged)) == sorted(map(key, fresh))
-    kinds = lambda d: Counter(d.sources[0].analysis.findings["kind"])  # noqa: E731
+    kinds = lambda d: Counter(d.sources[0].analysis.findings["kind"])
     assert kinds(live) == kinds(whole)
     assert sum(s["count"] for s in live.latency()["services"]) == sql("SELECT count(*) FROM hops")[0][0]
 
@@ -181,7 +186,9 @@ def test_any_query_string_is_a_query_or_a_one_line_bad_query(params):
     except BadQuery as exc:
         assert str(exc) and "\n" not in str(exc)
     else:
-        assert 1 <= query.limit <= 500 and query.offset >= 0 and query.sort in ("started", "duration", "status", "hops", "severity")
+        assert (
+            1 <= query.limit <= 500 and query.offset >= 0 and query.sort in ("started", "duration", "status", "hops", "severity")
+        )
 
 
 def test_the_preview_lists_the_same_requests_before_any_analysis(data):

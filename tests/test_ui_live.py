@@ -83,7 +83,7 @@ def test_new_requests_appear_live_and_no_raw_token_reaches_the_ui(spawn, tmp_pat
         url = start_ui(spawn, recorder.db)
         browser = chromium()
         browser.get(url)
-        count = lambda d: d.find_element(By.ID, "request-count").text  # noqa: E731
+        count = lambda d: d.find_element(By.ID, "request-count").text
         wait = WebDriverWait(browser, WAIT_S, ignored_exceptions=(Exception,))
         wait.until(lambda d: count(d).startswith(f"{STEPS} requests"), message="the first user's requests")
         before = {r.get_attribute("data-trace") for r in browser.find_elements(By.CSS_SELECTOR, "#request-list tbody tr")}

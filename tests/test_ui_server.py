@@ -87,7 +87,7 @@ def test_only_get_from_this_host(served):
 
 def test_the_page_has_no_inline_script_and_the_script_never_writes_html(served):
     _, _, page = call(served + "/")
-    scripts = re.findall(rb"<script[^>]*>(.*?)</script>", page, re.S)
+    scripts = re.findall(rb"<script[^>]*>(.*?)</script>", page, re.DOTALL)
     assert scripts == [b""] and b'src="/static/app.js"' in page and b"style=" not in page
     lines = (files("hoptrace.ui") / "static" / "app.js").read_text().splitlines()
     source = "\n".join(line for line in lines if not line.lstrip().startswith("//"))  # the header comment names innerHTML

@@ -13,8 +13,15 @@ from hoptrace._click import BadInput, OneLineCommand, exit_2_on_bad_input
 
 @click.command("ui", cls=OneLineCommand)
 @click.argument("dbs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on. Anything but loopback shows the traces to the network.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8470, show_default=True, help="Port to listen on; 0 picks a free one.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on. Anything but loopback shows the traces to the network.",
+)
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8470, show_default=True, help="Port to listen on; 0 picks a free one."
+)
 @click.option("--no-live", "no_live", is_flag=True, help="Analyse once; do not watch the DBs for new hops.")
 def ui(dbs: tuple[Path, ...], host: str, port: int, no_live: bool) -> None:
     """Browse trace DBs in a local web view: requests, waterfalls, hop details, sessions, compare.

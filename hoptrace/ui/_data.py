@@ -33,6 +33,8 @@ from hoptrace.ui._query import RequestQuery
 
 SEVERITY_RANK = {"error": 0, "warning": 1, "info": 2}
 NO_FINDING_RANK = 3
+PREVIEW_ROWS = 2000
+"""Requests listed per capture before the analysis is done: the newest ones."""
 LOOKBACK_S = 10.0
 """How far before the newest hop a live refresh re-analyses: a request still running
 after that long is analysed in two parts (its early hops as they were)."""
@@ -544,8 +546,13 @@ def copy_tail(path: Path, into: Path, since: float) -> None:
         conn.execute("ATTACH ? AS src", (f"{path.resolve().as_uri()}?mode=ro",))
         conn.execute("BEGIN")
         conn.execute("INSERT INTO captures SELECT * FROM src.captures")
-        conn.execute("INSERT INTO hops SELECT * FROM src.hops WHERE capture_id IN (SELECT id FROM src.captures) AND started_at >= ?", (since,))
-        conn.execute("INSERT INTO hop_tokens SELECT * FROM src.hop_tokens WHERE hop_id >= (SELECT min(id) FROM hops) AND hop_id IN (SELECT id FROM hops)")
+        conn.execute(
+            "INSERT INTO hops SELECT * FROM src.hops WHERE capture_id IN (SELECT id FROM src.captures) AND started_at >= ?",
+            (since,),
+        )
+        conn.execute(
+            "INSERT INTO hop_tokens SELECT * FROM src.hop_tokens WHERE hop_id >= (SELECT min(id) FROM hops) AND hop_id IN (SELECT id FROM hops)"
+        )
         conn.execute("INSERT INTO tokens SELECT * FROM src.tokens WHERE fingerprint IN (SELECT fingerprint FROM hop_tokens)")
         conn.execute("COMMIT")
     finally:
@@ -582,17 +589,25 @@ def _status_class(status: pd.Series, failed: pd.Series) -> np.ndarray:
 
 
 def _quick_requests(path: Path, db: int) -> pd.DataFrame:
-    """The entry route's hops as the request list, read with one query (no trees, no findings).
+    """The newest ``PREVIEW_ROWS`` requests (entry-route hops) of each capture, read through the
+    (capture_id, started_at) index: no trees, no findings, and no full pass over the file, which
+    at a million hops reads ~1 GB.
 
     The file's structure check runs with the analysis that follows; until then these rows
     are only listed (escaped by the page), never used to compute anything.
     """
     conn = open_for_reading(path, check=False)
     try:
-        rows = conn.execute(
-            "SELECT h.id, h.started_at, h.method || ' ' || h.path, h.service, h.status, h.failed, h.duration_ms"
-            " FROM hops h JOIN captures c ON c.id = h.capture_id WHERE h.service = c.entry"
-        ).fetchall()
+        captures = conn.execute("SELECT id, entry FROM captures WHERE entry IS NOT NULL").fetchall()
+        rows = [
+            row
+            for capture, entry in captures
+            for row in conn.execute(
+                "SELECT id, started_at, method || ' ' || path, service, status, failed, duration_ms FROM hops"
+                " WHERE capture_id = ? AND service = ? ORDER BY started_at DESC LIMIT ?",
+                (capture, entry, PREVIEW_ROWS),
+            )
+        ]
     finally:
         conn.close()
     t = pd.DataFrame(rows, columns=["trace", "started_at", "endpoint", "service", "status", "failed", "duration_ms"])
@@ -659,8 +674,12 @@ def _merge(old: Analysis, tail: Analysis, since: float) -> Analysis:
         captures=tail.captures,
         hops=hops,
         tokens=pd.concat([old.tokens, tail.tokens]).pipe(lambda t: t[~t.index.duplicated(keep="last")]),
-        hop_tokens=pd.concat([old.hop_tokens[old.hop_tokens["hop_id"].isin(kept_hops.index)],
-                              tail.hop_tokens[tail.hop_tokens["hop_id"].isin(tail_hops.index)]]),
+        hop_tokens=pd.concat(
+            [
+                old.hop_tokens[old.hop_tokens["hop_id"].isin(kept_hops.index)],
+                tail.hop_tokens[tail.hop_tokens["hop_id"].isin(tail_hops.index)],
+            ]
+        ),
         findings=pd.concat([found[keep_found], tail.findings], ignore_index=True),
         services=tail.services,
         endpoints=tail.endpoints,

@@ -42,7 +42,7 @@ class RequestQuery:
         unknown = set(params) - {"q", "service", "endpoint", "subject", "status", "kind", "severity", "since", "until",
                                  "sort", "order", "offset", "limit"}  # fmt: skip
         if unknown:
-            raise BadQuery(f"unknown query parameter {sorted(unknown)[0]!r}")
+            raise BadQuery(f"unknown query parameter {min(unknown)!r}")
         text = {k: _text(params, k) for k in ("q", "service", "endpoint", "subject", "kind")}
         return cls(
             text=text["q"],

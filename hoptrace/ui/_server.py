@@ -107,12 +107,13 @@ def _static_file(name: str) -> web.Response:
     return web.Response(body=body, content_type=STATIC[name], charset="utf-8")
 
 
-async def api_status(request: web.Request) -> web.Response:
-    return _json(request.app[DATA].status())
+def _whole(method: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A handler answering ``Data.<method>()``, which takes no parameter."""
 
+    async def handler(request: web.Request) -> web.Response:
+        return _json(await _in_thread(getattr(request.app[DATA], method)))
 
-async def api_facets(request: web.Request) -> web.Response:
-    return _json(await _in_thread(request.app[DATA].facets))
+    return handler
 
 
 async def api_requests(request: web.Request) -> web.Response:
@@ -135,20 +136,8 @@ async def api_compare(request: web.Request) -> web.Response:
     return _json(await _in_thread(request.app[DATA].compare, a, b))
 
 
-async def api_sessions(request: web.Request) -> web.Response:
-    return _json(await _in_thread(request.app[DATA].sessions))
-
-
 async def api_session(request: web.Request) -> web.Response:
     return _json(await _in_thread(request.app[DATA].session, _db(request), _id(request, "session")))
-
-
-async def api_latency(request: web.Request) -> web.Response:
-    return _json(await _in_thread(request.app[DATA].latency))
-
-
-async def api_graph(request: web.Request) -> web.Response:
-    return _json(await _in_thread(request.app[DATA].graph))
 
 
 async def api_events(request: web.Request) -> web.StreamResponse:
@@ -202,6 +191,23 @@ async def analyse(app: web.Application, live: bool) -> None:
         await asyncio.sleep(POLL_S)
 
 
+ROUTES = {
+    "/": index,
+    "/static/{name}": static,
+    "/api/status": _whole("status"),
+    "/api/facets": _whole("facets"),
+    "/api/requests": api_requests,
+    "/api/request/{trace}": api_request,
+    "/api/hop/{hop}": api_hop,
+    "/api/compare": api_compare,
+    "/api/sessions": _whole("sessions"),
+    "/api/session/{session}": api_session,
+    "/api/latency": _whole("latency"),
+    "/api/graph": _whole("graph"),
+    "/api/events": api_events,
+}
+
+
 def make_app(data: Data, hosts: set[str], live: bool) -> web.Application:
     app = web.Application(middlewares=[guard])
     app[DATA] = data
@@ -209,23 +215,8 @@ def make_app(data: Data, hosts: set[str], live: bool) -> web.Application:
     app[HOSTS] = hosts
     app[CLOSING] = asyncio.Event()
     app.on_shutdown.append(end_event_streams)
-    app.add_routes(
-        [
-            web.get("/", index),
-            web.get("/static/{name}", static),
-            web.get("/api/status", api_status),
-            web.get("/api/facets", api_facets),
-            web.get("/api/requests", api_requests),
-            web.get("/api/request/{trace}", api_request),
-            web.get("/api/hop/{hop}", api_hop),
-            web.get("/api/compare", api_compare),
-            web.get("/api/sessions", api_sessions),
-            web.get("/api/session/{session}", api_session),
-            web.get("/api/latency", api_latency),
-            web.get("/api/graph", api_graph),
-            web.get("/api/events", api_events),
-        ]
-    )
+    app.add_routes([web.get(path, handler) for path, handler in ROUTES.items()])
+
     async def background(app: web.Application):
         task = asyncio.create_task(analyse(app, live))
         yield

@@ -135,7 +135,7 @@ async function showRequests(params) {
   show(
     h("h2", { text: "Requests" }),
     form,
-    page.analysing ? h("p", { id: "analysing", class: "muted", text: "Analysing the trace: findings, the filters by service, endpoint, subject and finding, and the waterfalls appear when it is done." }) : null,
+    page.analysing ? h("p", { id: "analysing", class: "muted", text: "Analysing the trace: until it is done the list holds the newest requests only, without findings; the filters by service, endpoint, subject and finding and the waterfalls follow." }) : null,
     h("div", { class: "pager" },
       h("span", { id: "request-count", text: `${page.total} requests` + (page.total ? `, ${offset + 1}–${offset + page.items.length} shown` : "") }),
       h("button", { id: "prev-page", disabled: offset <= 0 ? "disabled" : null, text: "← newer", on: { click: () => go(Math.max(0, offset - limit)) } }),
