@@ -203,3 +203,27 @@ def test_the_preview_lists_the_same_requests_before_any_analysis(data):
     assert early.request_page(RequestQuery(severity="error"))["total"] == 0  # findings are not known yet
     with pytest.raises(NotReady):
         early.request(0, analysed[0]["trace"])
+
+
+def test_requests_recorded_live_are_listed_before_their_analysis(tmp_path, data):
+    db = tmp_path / "growing.db"
+    shutil.copy(SAMPLE, db)
+    bad = sql("SELECT id FROM hops WHERE service = 'gateway' AND path = '/checkout' AND status = 401")[0][0]
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM hop_tokens WHERE hop_id >= ?", (bad,))
+        conn.execute("DELETE FROM hops WHERE id >= ?", (bad,))
+    live = Data([db])
+    live.refresh()
+    assert not live.peek()  # nothing new
+    with sqlite3.connect(db) as conn:
+        conn.execute("ATTACH ? AS full", (f"file:{SAMPLE}?mode=ro",))
+        conn.execute("INSERT INTO hops SELECT * FROM full.hops WHERE id >= ?", (bad,))
+        conn.execute("INSERT INTO hop_tokens SELECT * FROM full.hop_tokens WHERE hop_id >= ?", (bad,))
+    assert live.peek()
+    listed = {r["trace"]: r for r in live.request_page(RequestQuery(limit=500))["items"]}
+    assert listed[bad]["status"] == 401 and listed[bad]["severity"] is None  # listed, findings to come
+    with pytest.raises(NotReady):
+        live.request(0, bad)
+    assert live.refresh()
+    listed = {r["trace"]: r for r in live.request_page(RequestQuery(limit=500))["items"]}
+    assert listed[bad]["severity"] == "error" and sorted(listed) == sorted(r["trace"] for r in page(data))

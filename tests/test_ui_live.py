@@ -59,8 +59,17 @@ def get(url: str) -> str:
         return response.read().decode()
 
 
+def wait_analysed(url: str) -> None:
+    """Until every listed request has its analysis (new ones are listed first, analysed a moment later)."""
+    deadline = time.monotonic() + WAIT_S
+    while any(item["hops"] is None for item in json.loads(get(f"{url}api/requests?limit=500"))["items"]):
+        assert time.monotonic() < deadline, "requests listed live were never analysed"
+        time.sleep(0.1)
+
+
 def every_api_answer(url: str) -> list[str]:
     """The body of every API endpoint, for every request, hop and session the UI holds."""
+    wait_analysed(url)
     bodies = [get(f"{url}api/{path}") for path in ("status", "facets", "sessions", "latency", "graph")]
     listing = get(f"{url}api/requests?limit=500")
     bodies.append(listing)
@@ -93,12 +102,21 @@ def test_new_requests_appear_live_and_no_raw_token_reaches_the_ui(spawn, tmp_pat
         wait.until(lambda d: count(d).startswith(f"{2 * STEPS} requests"), message="the second user's requests, live")
         lag = time.monotonic() - recorder.second_done_at
         print(f"live: the second user's last request listed {lag:.2f} s after its response")
-        now = {r.get_attribute("data-trace") for r in browser.find_elements(By.CSS_SELECTOR, "#request-list tbody tr")}
+        wait_analysed(url)
+
+        def rows(d):
+            """Listed traces and the highlighted new ones, read in one go (the list re-renders on each update)."""
+            now = {r.get_attribute("data-trace") for r in d.find_elements(By.CSS_SELECTOR, "#request-list tbody tr")}
+            fresh = {
+                r.get_attribute("data-trace")
+                for r in d.find_elements(By.CSS_SELECTOR, "#request-list tbody tr.new")
+                if r.is_displayed()
+            }
+            return (now, fresh) if len(now) == 2 * STEPS else False
+
+        now, fresh = wait.until(rows)
         assert before < now and len(now - before) == STEPS
-        # The rows that arrived with the latest update are highlighted.
-        fresh = browser.find_elements(By.CSS_SELECTOR, "#request-list tbody tr.new")
-        assert fresh and {r.get_attribute("data-trace") for r in fresh} <= now - before
-        assert all(r.is_displayed() for r in fresh)
+        assert fresh and fresh <= now - before  # the rows of the latest update are highlighted
         assert "live-second" not in browser.page_source  # emails travel in bodies, which are not stored
         assert "12 requests" in browser.find_element(By.ID, "live-status").text
         assert png_colours(browser.get_screenshot_as_png()) > 50

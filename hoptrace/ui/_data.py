@@ -146,6 +146,22 @@ class Data:
 
     # -- loading ---------------------------------------------------------------------------
 
+    def peek(self) -> bool:
+        """List requests recorded since the last analysis at once, read by id from SQL; the tail
+        analysis that follows (a second or more) adds their trees and findings. True when any."""
+        changed = False
+        for source in self.sources:
+            if source.analysis is None or len(source.requests) == 0:
+                continue
+            after = int(source.requests["trace"].max())
+            new = _quick_requests(source.path, source.index, after_id=after)
+            if len(new):
+                with self._lock:
+                    source.requests = pd.concat([source.requests, new], ignore_index=True)
+                    self.version += 1
+                changed = True
+        return changed
+
     def refresh(self) -> bool:
         """Analyse whatever was recorded since the last call; True when anything changed."""
         changed = False
@@ -154,8 +170,7 @@ class Data:
             if newest == source.max_hop_id:
                 continue
             started = time.perf_counter()
-            analysis, merged = self._analyse(source)
-            requests = _requests(analysis, source.index) if analysis is not None else pd.DataFrame()
+            analysis, requests, merged = self._analyse(source)
             index = Index.build(analysis, requests) if analysis is not None else None
             with self._lock:
                 source.analysis, source.max_hop_id, source.requests, source.lookup = analysis, newest, requests, index
@@ -167,18 +182,29 @@ class Data:
             changed = True
         return changed
 
-    def _analyse(self, source: Source) -> tuple[Analysis | None, bool]:
-        """The whole file the first time, then only its tail; and whether the result is a merge."""
+    def _analyse(self, source: Source) -> tuple[Analysis | None, pd.DataFrame, bool]:
+        """The whole file the first time, then only its tail: the analysis, its request list, whether merged."""
         old = source.analysis
         if old is None:
             analysis = analyze(source.path)
-            return (analysis if len(analysis.hops) else None), False
+            if not len(analysis.hops):
+                return None, pd.DataFrame(), False
+            return analysis, _requests(analysis, source.index), False
         since = float(old.hops["started_at"].max()) - self.lookback_s
         with tempfile.TemporaryDirectory(prefix="hoptrace-ui-") as folder:
             tail_db = Path(folder) / "tail.db"
             copy_tail(source.path, tail_db, since)
             tail = analyze(tail_db, since=since)
-        return _merge(old, tail, since), True
+        merged = _merge(old, tail, since)
+        # The older requests' rows stand as they were; only the tail's are built (a pass over
+        # a million hops costs ~1 s).
+        fresh = _requests(tail, source.index)
+        hops = merged.hops
+        roots = (hops.index.to_numpy() == hops["trace"].to_numpy()) & (hops["started_at"].to_numpy() >= since)
+        fresh = fresh[fresh["trace"].isin(hops.index[roots])]
+        kept = source.requests[source.requests["started_at"] < since]
+        kept = kept[kept["trace"].isin(merged.hops.index)]
+        return merged, pd.concat([kept[~kept["trace"].isin(fresh["trace"])], fresh], ignore_index=True), True
 
     def preview(self) -> None:
         """List each DB's requests (its entry route's hops) from SQL, before any analysis: no findings yet."""
@@ -277,6 +303,8 @@ class Data:
         source = self.source(db)
         rows = source.lookup.hops.iloc[source.lookup.hops_by_trace.positions(trace)]
         if rows.empty or trace not in rows.index:
+            if trace in source.requests["trace"].to_numpy():  # listed live, not analysed yet
+                raise NotReady(f"request {trace} is being analysed; try again in a second")
             raise NotFound(f"no request {trace} in {source.path.name}")
         rows = rows.sort_values("order")
         t0 = float(rows.at[trace, "started_at"])
@@ -588,26 +616,34 @@ def _status_class(status: pd.Series, failed: pd.Series) -> np.ndarray:
     return np.where(broken, "error", (status.fillna(0) // 100).astype("int64").astype(str) + "xx")
 
 
-def _quick_requests(path: Path, db: int) -> pd.DataFrame:
+def _quick_requests(path: Path, db: int, after_id: int | None = None) -> pd.DataFrame:
     """The newest ``PREVIEW_ROWS`` requests (entry-route hops) of each capture, read through the
     (capture_id, started_at) index: no trees, no findings, and no full pass over the file, which
     at a million hops reads ~1 GB.
 
-    The file's structure check runs with the analysis that follows; until then these rows
-    are only listed (escaped by the page), never used to compute anything.
+    With ``after_id``: the entry-route hops recorded after that hop id instead (the primary
+    key finds them), for a live view. The file's structure check runs with the analysis
+    that follows; until then these rows are only listed (escaped by the page), never used
+    to compute anything.
     """
+    columns = "h.id, h.started_at, h.method || ' ' || h.path, h.service, h.status, h.failed, h.duration_ms"
     conn = open_for_reading(path, check=False)
     try:
-        captures = conn.execute("SELECT id, entry FROM captures WHERE entry IS NOT NULL").fetchall()
-        rows = [
-            row
-            for capture, entry in captures
-            for row in conn.execute(
-                "SELECT id, started_at, method || ' ' || path, service, status, failed, duration_ms FROM hops"
-                " WHERE capture_id = ? AND service = ? ORDER BY started_at DESC LIMIT ?",
-                (capture, entry, PREVIEW_ROWS),
-            )
-        ]
+        if after_id is not None:
+            rows = conn.execute(
+                f"SELECT {columns} FROM hops h JOIN captures c ON c.id = h.capture_id WHERE h.id > ? AND h.service = c.entry",
+                (after_id,),
+            ).fetchall()
+        else:
+            captures = conn.execute("SELECT id, entry FROM captures WHERE entry IS NOT NULL").fetchall()
+            rows = [
+                row
+                for capture, entry in captures
+                for row in conn.execute(
+                    f"SELECT {columns} FROM hops h WHERE capture_id = ? AND service = ? ORDER BY started_at DESC LIMIT ?",
+                    (capture, entry, PREVIEW_ROWS),
+                )
+            ]
     finally:
         conn.close()
     t = pd.DataFrame(rows, columns=["trace", "started_at", "endpoint", "service", "status", "failed", "duration_ms"])

@@ -173,14 +173,14 @@ async def end_event_streams(app: web.Application) -> None:
         event.set()
 
 
-async def analyse(app: web.Application, live: bool) -> None:
-    """Analyse the DBs (the page lists their requests meanwhile); then, live, poll them for new hops
-    and analyse each tail. Every event stream wakes when anything changed."""
+async def keep_up(app: web.Application, step: Callable[[], bool], live: bool) -> None:
+    """Run ``step`` (in a thread) now and, live, every ``POLL_S`` after it ends; wake every event
+    stream when it changed something. A failing step (a half-written tail) is reported, not fatal."""
     data = app[DATA]
     while True:
         try:
-            changed = await _in_thread(data.refresh)
-        except Exception as exc:  # noqa: BLE001 - a half-written tail must not stop the live view
+            changed = await _in_thread(step)
+        except Exception as exc:  # noqa: BLE001 - the live view must outlive one bad read
             data.last_error = f"{time.strftime('%H:%M:%S')} {exc}"
             changed = False
         if changed:
@@ -218,9 +218,14 @@ def make_app(data: Data, hosts: set[str], live: bool) -> web.Application:
     app.add_routes([web.get(path, handler) for path, handler in ROUTES.items()])
 
     async def background(app: web.Application):
-        task = asyncio.create_task(analyse(app, live))
+        # Two loops: new requests are listed within a poll, while the (slower) tail analysis
+        # that adds their trees and findings runs beside it.
+        tasks = [asyncio.create_task(keep_up(app, data.refresh, live))]
+        if live:
+            tasks.append(asyncio.create_task(keep_up(app, data.peek, live)))
         yield
-        task.cancel()
+        for task in tasks:
+            task.cancel()
 
     app.cleanup_ctx.append(background)
     return app

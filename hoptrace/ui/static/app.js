@@ -7,7 +7,8 @@ const SVG_NS = "http://www.w3.org/2000/svg";
 const ROW_H = 22;
 const LABEL_W = 340;
 const MIN_BAR_W = 2;
-const state = { version: -1, listSeen: new Set(), collapsed: new Set(), request: null, hop: null };
+const NEW_FOR_MS = 10000; // how long a request that arrived live stays highlighted
+const state = { version: -1, serverVersion: -1, firstSeen: new Map(), liveUpdate: false, collapsed: new Set(), request: null, hop: null };
 
 // ---- DOM helpers ---------------------------------------------------------------------
 
@@ -113,9 +114,17 @@ async function showRequests(params) {
       location.hash = `#/?${params}`;
     } } });
   };
-  const rows = page.items.map((r) => {
+  // Rows first seen in a live update are new; rows first seen by paging or filtering are not.
+  const now = Date.now();
+  const live = state.liveUpdate;
+  state.liveUpdate = false;
+  for (const r of page.items) {
     const key = `${r.db}:${r.trace}`;
-    const fresh = state.listSeen.size > 0 && !state.listSeen.has(key);
+    if (!state.firstSeen.has(key)) state.firstSeen.set(key, live ? now : 0);
+  }
+  const rows = page.items.map((r) => {
+    const seen = state.firstSeen.get(`${r.db}:${r.trace}`);
+    const fresh = seen > 0 && now - seen < NEW_FOR_MS;
     return h("tr", { class: `clickable${fresh ? " new" : ""}`, "data-trace": r.trace, "data-db": r.db, on: { click: () => (location.hash = `#${dbPrefix(r.db)}/request/${r.trace}`) } },
       h("td", { class: "num", text: r.trace }),
       h("td", { text: fmtTime(r.started_at) }),
@@ -127,8 +136,8 @@ async function showRequests(params) {
       h("td", {}, r.severity ? h("span", { class: `sev-${r.severity}`, text: r.severity }) : ""),
       h("td", { text: r.kinds }));
   });
-  for (const r of page.items) state.listSeen.add(`${r.db}:${r.trace}`);
   state.version = page.version;
+  if (state.serverVersion > page.version) setTimeout(route, 0); // the data changed while this page loaded
   const offset = page.offset;
   const limit = Number(params.get("limit") || 50);
   const go = (to) => { params.set("offset", String(to)); location.hash = `#/?${params}`; };
@@ -490,10 +499,13 @@ function live() {
     const analysing = status.dbs.some((d) => d.analysing);
     label.textContent = analysing ? `${requests} requests · analysing…` : `${requests} requests · ${hops} hops · ${findings} findings · updated ${new Date().toLocaleTimeString()}`;
     label.classList.add("live");
+    state.serverVersion = status.version;
+    if (state.version === -1) return; // the first render is under way and shows this data or asks again
     const onList = location.hash.replace(/^#\/?/, "") === "" || location.hash.startsWith("#/?");
     // A list older than the data, or a view that could not load while the analysis ran: load it again.
     if (status.version !== state.version && (onList || document.querySelector("#main .error-box"))) {
       facets = null;
+      state.liveUpdate = true;
       route();
     }
   };
