@@ -140,6 +140,8 @@ def test_failing_checkout_from_the_list_to_the_expired_token(browser, sample_ui,
 def test_sessions_latency_and_graph_views(browser, sample_ui):
     url = sample_ui
     browser.get(f"{url}#/sessions")
+    analysed(browser)
+    browser.refresh()
     first = wait_for(browser, "#session-list tbody tr")
     assert "yes" in first.text  # the expired session is listed first
     first.click()
@@ -152,6 +154,7 @@ def test_sessions_latency_and_graph_views(browser, sample_ui):
     graph = wait_for(browser, "#graph-svg")
     names = {t.text for t in graph.find_elements(By.CSS_SELECTOR, "g.node text")}
     assert {"client", "gateway", "auth", "payment", "cart", "products"} <= names
+    assert len(graph.find_elements(By.CSS_SELECTOR, "path.edge.failing")) == 3  # the 401's path: client, gateway, payment, auth
 
 
 def test_hostile_strings_from_the_trace_are_shown_as_text(browser, spawn, tmp_path):

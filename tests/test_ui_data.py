@@ -227,3 +227,9 @@ def test_requests_recorded_live_are_listed_before_their_analysis(tmp_path, data)
     assert live.refresh()
     listed = {r["trace"]: r for r in live.request_page(RequestQuery(limit=500))["items"]}
     assert listed[bad]["severity"] == "error" and sorted(listed) == sorted(r["trace"] for r in page(data))
+
+
+def test_the_graph_counts_the_401_on_the_failing_path(data):
+    rejected = {(e["caller"], e["callee"]): e["rejected"] for e in data.graph()["edges"]}
+    assert rejected[("client", "gateway")] == rejected[("gateway", "payment")] == rejected[("payment", "auth")] == 1
+    assert rejected[("gateway", "auth")] == 0

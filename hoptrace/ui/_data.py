@@ -432,11 +432,13 @@ class Data:
         for s in self.sources:
             if s.analysis is None:
                 continue
+            rejected = _rejected_calls(s.analysis.hops)
             for row in _records(self._latency_of(s)[2].reset_index()):
                 key = (row["caller"], row["callee"])
-                edge = edges.setdefault(key, {"calls": 0, "errors": 0, "p95_ms": 0.0})
+                edge = edges.setdefault(key, {"calls": 0, "errors": 0, "rejected": 0, "p95_ms": 0.0})
                 edge["calls"] += row["calls"] or 0
                 edge["errors"] += row["errors"] or 0
+                edge["rejected"] += rejected.get(key, 0)
                 edge["p95_ms"] = max(edge["p95_ms"], row["p95_ms"] or 0.0)
         return graph_layout(edges)
 
@@ -585,6 +587,23 @@ def copy_tail(path: Path, into: Path, since: float) -> None:
         conn.execute("COMMIT")
     finally:
         conn.close()
+
+
+def _rejected_calls(hops: pd.DataFrame) -> dict[tuple[str, str], int]:
+    """Calls per (caller, callee) answered 4xx: the latency tables count only 5xx and failures as
+    errors, which leaves the 401 on a failing checkout's path out of the graph."""
+    four = (hops["status"].astype("Float64") // 100 == 4).fillna(False).to_numpy(bool)
+    if not four.any():
+        return {}
+    rows = hops[four]
+    callers = hops["service"].astype(object).reindex(rows["parent_id"].astype("Float64").to_numpy()).to_numpy()
+    callers = np.where(pd.isna(callers), "client", callers)
+    counts = (
+        pd.Series(1, index=pd.MultiIndex.from_arrays([callers, rows["service"].astype(object).to_numpy()]))
+        .groupby(level=[0, 1])
+        .sum()
+    )
+    return {(str(a), str(b)): int(n) for (a, b), n in counts.items()}
 
 
 def _max_hop_id(path: Path) -> int:

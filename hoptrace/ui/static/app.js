@@ -476,14 +476,15 @@ async function showGraph() {
     if (!a || !b) continue;
     const x1 = a.x + boxW, y1 = a.y + boxH / 2, x2 = b.x, y2 = b.y + boxH / 2;
     const bend = Math.max(40, Math.abs(x2 - x1) / 2);
-    svg.append(s("path", { class: `edge${e.errors ? " failing" : ""}`, d: `M${x1},${y1} C${x1 + bend},${y1} ${x2 - bend},${y2} ${x2},${y2}` }),
-      s("text", { class: "edge-label", x: (x1 + x2) / 2, y: (y1 + y2) / 2 - 4, "text-anchor": "middle", text: `${e.calls} calls · ${e.errors} err · p95 ${fmtMs(e.p95_ms)}` }));
+    svg.append(s("path", { class: `edge${e.errors || e.rejected ? " failing" : ""}`, d: `M${x1},${y1} C${x1 + bend},${y1} ${x2 - bend},${y2} ${x2},${y2}` }),
+      s("text", { class: "edge-label", x: (x1 + x2) / 2, y: (y1 + y2) / 2 - 4, "text-anchor": "middle",
+        text: `${e.calls} calls · ${e.errors} 5xx/failed · ${e.rejected} 4xx · p95 ${fmtMs(e.p95_ms)}` }));
   }
   for (const n of g.nodes) {
     const p = pos.get(n.name);
     svg.append(s("g", { class: "node" }, s("rect", { x: p.x, y: p.y, width: boxW, height: boxH }), s("text", { x: p.x + boxW / 2, y: p.y + 22, "text-anchor": "middle", text: clip(n.name, 20) })));
   }
-  show(h("h2", { text: "Service graph" }), h("p", { class: "muted", text: "Columns by call depth from the client; red edges carried errors (4xx/5xx or failed)." }), svg);
+  show(h("h2", { text: "Service graph" }), h("p", { class: "muted", text: "Columns by call depth from the client; red edges carried 4xx, 5xx or failed calls." }), svg);
 }
 
 // ---- live ----------------------------------------------------------------------------
