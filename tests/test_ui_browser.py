@@ -4,6 +4,7 @@ the checkout that answers 401 because payment re-validated an expired token."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 from pathlib import Path
@@ -20,7 +21,9 @@ from .ui_browser import WAIT_S, chromium, png_colours, quit_browser, start_ui, u
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_traces" / "checkout-expiry.db"
-SHOTS = Path(__file__).resolve().parent.parent / "docs" / "images"
+README_SHOTS = Path(__file__).resolve().parent.parent / "docs" / "images"
+# HOPTRACE_README_SHOTS=1 saves the checked screenshots as the README's (docs/images/ui-*.png).
+SAVE_SHOTS = os.environ.get("HOPTRACE_README_SHOTS") == "1"
 HOSTILE_PATH = "/<img src=x onerror=window.pwned=1>"
 
 
@@ -67,6 +70,15 @@ def wait_for(driver, css: str, text: str | None = None):
 def analysed(driver) -> None:
     """Wait until the page says the analysis is done (the list shows before it, without findings)."""
     wait_for(driver, "#live-status", "findings")
+
+
+def save_screenshot(driver, name: str) -> None:
+    """A screenshot that shows something (not one flat colour), kept for the README when asked."""
+    png = driver.get_screenshot_as_png()
+    assert png_colours(png) > 50, name
+    if SAVE_SHOTS:
+        README_SHOTS.mkdir(parents=True, exist_ok=True)
+        (README_SHOTS / name).write_bytes(png)
 
 
 def test_failing_checkout_from_the_list_to_the_expired_token(browser, sample_ui, failing_checkout):
@@ -118,10 +130,7 @@ def test_failing_checkout_from_the_list_to_the_expired_token(browser, sample_ui,
     pane = browser.find_element(By.ID, "hop-pane").text
     assert "[redacted:" in pane and "curl" in browser.find_element(By.ID, "curl").text
     assert "eyJ" not in browser.page_source  # no JWT, whole or in part, reached the page
-    png = browser.get_screenshot_as_png()
-    assert png_colours(png) > 50
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    (SHOTS / "ui-waterfall.png").write_bytes(png)
+    save_screenshot(browser, "ui-waterfall.png")
 
     # Compare with the passing checkout of the same endpoint: the differing hops highlighted.
     browser.find_element(By.ID, "compare-peer").click()
@@ -130,7 +139,7 @@ def test_failing_checkout_from_the_list_to_the_expired_token(browser, sample_ui,
     diff_cells = browser.find_elements(By.CSS_SELECTOR, "#compare td.diff")
     assert any("401" in c.text for c in diff_cells) and any("expired" in c.text for c in diff_cells)
     assert any("200" in c.text for c in diff_cells)
-    (SHOTS / "ui-compare.png").write_bytes(browser.get_screenshot_as_png())
+    save_screenshot(browser, "ui-compare.png")
 
     # A deep link opens the same hop in a fresh page load.
     browser.get(f"{url}#/request/{failing_checkout}/hop/{hop_id}")
