@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import tempfile
 import threading
 import time
 import urllib.error
@@ -126,3 +127,14 @@ def test_a_taken_port_exits_2(served):
     port = urllib.parse.urlsplit(served).port
     result = CliRunner().invoke(cli, ["ui", str(SAMPLE), "--port", str(port), "--no-live"])
     assert result.exit_code == 2 and "cannot listen" in result.output
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.binary(max_size=2048), st.sampled_from([b"", b"SQLite format 3\x00"]))
+def test_any_file_that_is_not_a_trace_db_exits_2_with_one_line(content, prefix):
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "bad.db"
+        path.write_bytes(prefix + content)
+        result = CliRunner().invoke(cli, ["ui", str(path), "--port", "0", "--no-live"])
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1 and str(path) in result.output

@@ -1,13 +1,13 @@
 """Everything the web view knows about its trace DBs, and the one place it reads the analysis.
 
 The server asks this module for plain dicts and lists (JSON-ready); nothing else in
-``hoptrace.ui`` touches a DataFrame. At start :meth:`Data.preview` lists each DB's
-requests straight from SQL (a second at a million hops), so the first page shows while
-the analysis runs; then each DB is analysed once; while a DB is
-being written, :meth:`Data.refresh` analyses only its tail (the requests that started in
-the last ``LOOKBACK_S`` seconds before the newest hop) and merges it into what it had.
-Headers, query and token claims, which the analysis frames leave out, are read per hop
-with the project's read-only opener.
+``hoptrace.ui`` touches a DataFrame. At start :meth:`Data.preview` lists each DB's newest
+requests straight from SQL through an index, so the first page shows while the analysis
+runs; then each DB is analysed once. While a DB is being written, :meth:`Data.peek` lists
+the requests recorded since (by hop id) and :meth:`Data.refresh` analyses only the tail
+(the requests that started in the last ``LOOKBACK_S`` seconds before the newest hop) and
+merges it into what it had. Headers, query and token claims, which the analysis frames
+leave out, are read per hop with the project's read-only opener.
 """
 
 from __future__ import annotations

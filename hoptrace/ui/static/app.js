@@ -499,6 +499,7 @@ function live() {
     const findings = status.dbs.reduce((n, d) => n + d.findings, 0);
     const analysing = status.dbs.some((d) => d.analysing);
     label.textContent = analysing ? `${requests} requests · analysing…` : `${requests} requests · ${hops} hops · ${findings} findings · updated ${new Date().toLocaleTimeString()}`;
+    if (status.last_error) label.textContent += ` · analysis failed: ${status.last_error}`;
     label.classList.add("live");
     state.serverVersion = status.version;
     if (state.version === -1) return; // the first render is under way and shows this data or asks again
