@@ -26,9 +26,9 @@ from hoptrace._click import BadInput, OneLineCommand, exit_2_on_bad_input
 def ui(dbs: tuple[Path, ...], host: str, port: int, no_live: bool) -> None:
     """Browse trace DBs in a local web view: requests, waterfalls, hop details, sessions, compare.
 
-    Works on a DB the proxy is still writing: new requests and findings appear within
-    about a second. Everything is served from this process; nothing is fetched from
-    the internet. Ctrl-C stops.
+    Works on a DB the proxy is still writing: new requests appear within about a
+    second, their findings once the tail is analysed (a few seconds). Everything is
+    served from this process; nothing is fetched from the internet. Ctrl-C stops.
 
     Example:
 
