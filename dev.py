@@ -37,6 +37,28 @@ def ensure_installed() -> None:
     STAMP.write_text(wanted)
 
 
+BROWSER_PACKAGES = ("chromium", "chromium-driver")
+BROWSER_FILES = (Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"))
+
+
+def ensure_browser() -> None:
+    """Install Debian's chromium and chromium-driver, which the UI's browser tests drive through Selenium.
+
+    Runs apt-get only when a binary is missing and we are root (CI containers are);
+    otherwise says what to install. A failed install stops the run: the browser
+    tests would otherwise fail one by one with a less clear message.
+    """
+    if all(f.exists() for f in BROWSER_FILES):
+        return
+    missing = ", ".join(str(f) for f in BROWSER_FILES if not f.exists())
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        sys.exit(f"dev.py: {missing} missing; install them with: sudo apt-get install -y {' '.join(BROWSER_PACKAGES)}")
+    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", *BROWSER_PACKAGES]):
+        print(f"dev.py: {missing} missing; running: {' '.join(cmd)}", flush=True)
+        if subprocess.run(cmd, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, check=False).returncode != 0:
+            sys.exit(f"dev.py: '{' '.join(cmd)}' failed; the browser tests need {' and '.join(BROWSER_PACKAGES)}")
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("demo", "test", "bench", "hoptrace"):
         print(__doc__.strip(), file=sys.stderr)
@@ -47,6 +69,7 @@ def main(argv: list[str]) -> int:
     ensure_installed()
     command, args = argv[0], argv[1:]
     if command == "test":
+        ensure_browser()
         cmd = [BIN / "python", "-m", "pytest", *args]
     elif command == "bench":
         cmd = [BIN / "python", ROOT / "benchmarks" / "run.py", *args]

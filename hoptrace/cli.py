@@ -14,6 +14,7 @@ from hoptrace.analyzer._cli import analyze
 from hoptrace.exchange._cli import export, import_
 from hoptrace.plot._cli import plot, report
 from hoptrace.stack._cli import demo, record_samples, stack
+from hoptrace.ui._cli import ui
 
 
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -93,3 +94,4 @@ for command in (analyze, plot, report, stack, demo, record_samples):
     cli.add_command(command)
 cli.add_command(import_)
 cli.add_command(export)
+cli.add_command(ui)

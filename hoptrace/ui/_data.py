@@ -1,0 +1,795 @@
+"""Everything the web view knows about its trace DBs, and the one place it reads the analysis.
+
+The server asks this module for plain dicts and lists (JSON-ready); nothing else in
+``hoptrace.ui`` touches a DataFrame. At start :meth:`Data.preview` lists each DB's newest
+requests straight from SQL through an index, so the first page shows while the analysis
+runs; then each DB is analysed once. While a DB is being written, :meth:`Data.peek` lists
+the requests recorded since (by hop id) and :meth:`Data.refresh` analyses only the tail
+(the requests that started in the last ``LOOKBACK_S`` seconds before the newest hop) and
+merges it into what it had. Headers, query and token claims, which the analysis frames
+leave out, are read per hop with the project's read-only opener.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sqlite3
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from hoptrace.analyzer import Analysis, analyze
+from hoptrace.analyzer._analysis import _latency_tables
+from hoptrace.db import SCHEMA, SCHEMA_VERSION, open_for_reading
+from hoptrace.ui._query import RequestQuery
+
+SEVERITY_RANK = {"error": 0, "warning": 1, "info": 2}
+NO_FINDING_RANK = 3
+PREVIEW_ROWS = 2000
+"""Requests listed per capture before the analysis is done: the newest ones."""
+LOOKBACK_S = 10.0
+"""How far before the newest hop a live refresh re-analyses: a request still running
+after that long is analysed in two parts (its early hops as they were)."""
+SORTABLE = {"started": "started_at", "duration": "duration_ms", "status": "status", "hops": "hops", "severity": "rank"}
+HOP_FIELDS = (
+    "service", "method", "path", "endpoint", "status", "error", "error_kind", "failed", "duration_ms", "link",
+    "link_candidates", "depth", "is_validation", "token_fp", "token_sub", "token_exp", "remaining_s", "self_ms",
+    "on_critical_path",
+)  # fmt: skip
+HOP_COLUMNS = (
+    "id, method, scheme, host, port, path, query, http_version, status, reason, error, error_kind, started_at,"
+    " request_end_at, connect_at, connected_at, response_start_at, ended_at, request_headers, response_headers"
+)
+COMPARED = ("status", "error_kind", "link")
+SLOWER = 2.0  # a hop at least this many times slower (and 5 ms more) than its match counts as a difference
+
+
+class NotFound(LookupError):
+    """A request, hop or session the DBs do not hold."""
+
+
+class NotReady(LookupError):
+    """The DB is still being analysed: only the request list (without findings) is there yet."""
+
+
+def plain(value: Any) -> Any:
+    """A JSON-ready Python value: numpy scalars unwrapped, NaN / NA / inf as None."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, str) and value in ("nan", "None", "<NA>"):  # missing values the analysis cast to str
+        return None
+    return value
+
+
+@dataclass
+class Source:
+    """One trace DB and its analysis."""
+
+    index: int
+    path: Path
+    analysis: Analysis | None = None
+    requests: pd.DataFrame = field(default_factory=pd.DataFrame)
+    max_hop_id: int = 0
+    latency: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame] | None = None
+    analyse_s: float = 0.0
+    by_trace: pd.DataFrame = field(default_factory=pd.DataFrame)
+    """``requests`` indexed by trace, for one request's lookups."""
+    lookup: Index | None = None
+
+
+class Slices:
+    """Positions of equal values as slices of one sort: a key's rows in O(log n), where a scan of a
+    million-row column costs ~10 ms per lookup."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.order = np.argsort(values, kind="stable")
+        self.keys, self.starts = np.unique(values[self.order], return_index=True)
+
+    def positions(self, key: Any) -> np.ndarray:
+        at = int(np.searchsorted(self.keys, key))
+        if at >= len(self.keys) or self.keys[at] != key:
+            return self.order[0:0]
+        end = self.starts[at + 1] if at + 1 < len(self.starts) else len(self.order)
+        return self.order[self.starts[at] : end]
+
+
+@dataclass
+class Index:
+    """What one request's view looks up, built once per analysis."""
+
+    hops: pd.DataFrame  # the columns a waterfall shows
+    hops_by_trace: Slices
+    findings_by_trace: Slices
+    passing: dict[str, tuple[np.ndarray, np.ndarray]]
+    """endpoint -> (start times, traces) of its requests that passed without an error finding, by time."""
+
+    @classmethod
+    def build(cls, a: Analysis, requests: pd.DataFrame) -> Index:
+        hops = a.hops[["trace", "parent_id", "order", "started_at", *HOP_FIELDS]]
+        found = a.findings["trace"].astype("Float64").fillna(-1).to_numpy("int64")
+        ok = requests[requests["status_class"].isin(["2xx", "3xx"]) & (requests["rank"] > 0)].sort_values("started_at")
+        passing = {ep: (g["started_at"].to_numpy(), g["trace"].to_numpy()) for ep, g in ok.groupby("endpoint", sort=False)}
+        return cls(hops, Slices(hops["trace"].to_numpy()), Slices(found), passing)
+
+    def peer(self, endpoint: str, at: float, trace: int) -> int | None:
+        """The passing request of ``endpoint`` nearest in time to ``at``, other than ``trace``."""
+        times, traces = self.passing.get(endpoint, (np.zeros(0), np.zeros(0, np.int64)))
+        mid = int(np.searchsorted(times, at))
+        near = [i for i in range(max(0, mid - 2), min(len(times), mid + 2)) if traces[i] != trace]
+        return int(traces[min(near, key=lambda i: abs(times[i] - at))]) if near else None
+
+
+class Data:
+    """The analyses of ``paths``, queried by the web view. Thread-safe: a refresh swaps frames whole."""
+
+    def __init__(self, paths: list[Path], lookback_s: float = LOOKBACK_S) -> None:
+        self.sources = [Source(i, Path(p)) for i, p in enumerate(paths)]
+        self.lookback_s = lookback_s
+        self.version = 0
+        self.last_error: str | None = None
+        """Why the latest live refresh failed, if it did (shown by the status API)."""
+        self._lock = threading.Lock()
+        for source in self.sources:
+            open_for_reading(source.path, check=False).close()  # a bad file fails here, at start, as one line
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def peek(self) -> bool:
+        """List requests recorded since the last analysis at once, read by id from SQL; the tail
+        analysis that follows (a second or more) adds their trees and findings. True when any."""
+        changed = False
+        for source in self.sources:
+            if source.analysis is None or len(source.requests) == 0:
+                continue
+            after = int(source.requests["trace"].max())
+            new = _quick_requests(source.path, source.index, after_id=after)
+            if len(new):
+                with self._lock:
+                    source.requests = pd.concat([source.requests, new], ignore_index=True)
+                    self.version += 1
+                changed = True
+        return changed
+
+    def refresh(self) -> bool:
+        """Analyse whatever was recorded since the last call; True when anything changed."""
+        changed = False
+        for source in self.sources:
+            newest = _max_hop_id(source.path)
+            if newest == source.max_hop_id:
+                continue
+            started = time.perf_counter()
+            analysis, requests, merged = self._analyse(source)
+            index = Index.build(analysis, requests) if analysis is not None else None
+            with self._lock:
+                source.analysis, source.max_hop_id, source.requests, source.lookup = analysis, newest, requests, index
+                source.by_trace = requests.set_index("trace", drop=False) if len(requests) else requests
+                # A merged analysis's latency tables cover only the tail: recompute them on first use.
+                source.latency = None if merged or analysis is None else (analysis.services, analysis.endpoints, analysis.edges)
+                source.analyse_s = time.perf_counter() - started
+                self.version += 1
+            changed = True
+        return changed
+
+    def _analyse(self, source: Source) -> tuple[Analysis | None, pd.DataFrame, bool]:
+        """The whole file the first time, then only its tail: the analysis, its request list, whether merged."""
+        old = source.analysis
+        if old is None:
+            analysis = analyze(source.path)
+            if not len(analysis.hops):
+                return None, pd.DataFrame(), False
+            return analysis, _requests(analysis, source.index), False
+        since = float(old.hops["started_at"].max()) - self.lookback_s
+        with tempfile.TemporaryDirectory(prefix="hoptrace-ui-") as folder:
+            tail_db = Path(folder) / "tail.db"
+            copy_tail(source.path, tail_db, since)
+            tail = analyze(tail_db, since=since)
+        merged = _merge(old, tail, since)
+        # The older requests' rows stand as they were; only the tail's are built (a pass over
+        # a million hops costs ~1 s).
+        fresh = _requests(tail, source.index)
+        hops = merged.hops
+        roots = (hops.index.to_numpy() == hops["trace"].to_numpy()) & (hops["started_at"].to_numpy() >= since)
+        fresh = fresh[fresh["trace"].isin(hops.index[roots])]
+        kept = source.requests[source.requests["started_at"] < since]
+        kept = kept[kept["trace"].isin(merged.hops.index)]
+        return merged, pd.concat([kept[~kept["trace"].isin(fresh["trace"])], fresh], ignore_index=True), True
+
+    def preview(self) -> None:
+        """List each DB's requests (its entry route's hops) from SQL, before any analysis: no findings yet."""
+        for source in self.sources:
+            if source.analysis is None:
+                source.requests = _quick_requests(source.path, source.index)
+
+    # -- the request list ------------------------------------------------------------------
+
+    def request_page(self, query: RequestQuery) -> dict[str, Any]:
+        frames = [s.requests for s in self.sources if not s.requests.empty]
+        if not frames:
+            return {"total": 0, "offset": query.offset, "items": [], "version": self.version}
+        chosen = [self._filter(s, query) for s in self.sources if not s.requests.empty]
+        rows = pd.concat(chosen, ignore_index=True) if len(chosen) > 1 else chosen[0]
+        rows = rows.sort_values([SORTABLE[query.sort], "started_at"], ascending=[not query.descending, False], kind="stable")
+        page = rows.iloc[query.offset : query.offset + query.limit]
+        columns = ["db", "trace", "started_at", "endpoint", "service", "status", "status_class", "duration_ms", "hops",
+                   "subject", "severity", "kinds"]  # fmt: skip
+        analysing = any(s.analysis is None and len(s.requests) for s in self.sources)
+        return {"total": len(rows), "offset": query.offset, "items": _records(page[columns]), "version": self.version,
+                "analysing": analysing}  # fmt: skip
+
+    def _filter(self, source: Source, q: RequestQuery) -> pd.DataFrame:
+        reqs = source.requests
+        keep = np.ones(len(reqs), dtype=bool)
+        if source.analysis is None:  # a preview: what needs the analysis matches nothing yet
+            if q.service or q.endpoint or q.subject or q.kind or q.severity:
+                return reqs.iloc[0:0]
+            return reqs[keep & _plain_filters(reqs, q)]
+        hops = source.analysis.hops
+        for column, wanted in (("service", q.service), ("endpoint", q.endpoint), ("token_sub", q.subject)):
+            if wanted:
+                traces = hops["trace"].to_numpy()[(hops[column] == wanted).to_numpy()]
+                if column == "token_sub":  # and the requests that issued the subject's token (login)
+                    traces = np.union1d(traces, reqs["trace"][(reqs["subject"] == wanted).to_numpy()])
+                keep &= reqs["trace"].isin(traces).to_numpy()
+        keep &= _plain_filters(reqs, q)
+        if q.kind or q.severity:
+            found = source.analysis.findings
+            mask = np.ones(len(found), dtype=bool)
+            if q.kind:
+                mask &= (found["kind"] == q.kind).to_numpy()
+            if q.severity:
+                mask &= (found["severity"] == q.severity).to_numpy()
+            keep &= reqs["trace"].isin(found["trace"][mask].dropna()).to_numpy()
+        return reqs[keep]
+
+    def facets(self) -> dict[str, list]:
+        """The values each filter of the request list can take."""
+        values: dict[str, set] = {"service": set(), "endpoint": set(), "subject": set(), "kind": set()}
+        for s in self.sources:
+            if s.analysis is None:
+                continue
+            hops = s.analysis.hops
+            values["service"] |= set(hops["service"].dropna().unique())
+            values["endpoint"] |= set(hops["endpoint"].dropna().unique())
+            values["subject"] |= {v for v in hops["token_sub"].unique() if plain(v) is not None}
+            values["kind"] |= set(s.analysis.findings["kind"].unique())
+        out = {name: sorted(str(v) for v in vals) for name, vals in values.items()}
+        return {**out, "severity": list(SEVERITY_RANK), "status": ["2xx", "3xx", "4xx", "5xx", "error"]}
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "last_error": self.last_error,
+            "dbs": [
+                {
+                    "db": s.index,
+                    "path": str(s.path),
+                    "hops": 0 if s.analysis is None else len(s.analysis.hops),
+                    "requests": len(s.requests),
+                    "analysing": s.analysis is None and len(s.requests) > 0,
+                    "findings": 0 if s.analysis is None else len(s.analysis.findings),
+                    "max_hop_id": s.max_hop_id,
+                    "analyse_s": round(s.analyse_s, 3),
+                }
+                for s in self.sources
+            ],
+        }
+
+    # -- one request -----------------------------------------------------------------------
+
+    def source(self, db: int) -> Source:
+        if not 0 <= db < len(self.sources):
+            raise NotFound(f"no trace database #{db}")
+        source = self.sources[db]
+        if source.analysis is None:
+            if len(source.requests):
+                raise NotReady(f"{source.path.name} is still being analysed; try again in a few seconds")
+            raise NotFound(f"{source.path.name} has no hops yet")
+        return source
+
+    def request(self, db: int, trace: int) -> dict[str, Any]:
+        """A request as its waterfall needs it: hops depth first, token expiries, findings, a passing peer."""
+        source = self.source(db)
+        rows = source.lookup.hops.iloc[source.lookup.hops_by_trace.positions(trace)]
+        if rows.empty or trace not in rows.index:
+            if trace in source.requests["trace"].to_numpy():  # listed live, not analysed yet
+                raise NotReady(f"request {trace} is being analysed; try again in a second")
+            raise NotFound(f"no request {trace} in {source.path.name}")
+        rows = rows.sort_values("order")
+        t0 = float(rows.at[trace, "started_at"])
+        found = source.analysis.findings.iloc[source.lookup.findings_by_trace.positions(trace)]
+        findings = _findings_of(found, set(rows.index))
+        flagged: dict[int, list[int]] = {}
+        for n, f in enumerate(findings):
+            for hop_id in f["hop_ids"]:
+                flagged.setdefault(hop_id, []).append(n)
+        hops = []
+        for hop_id, hop in zip(rows.index, rows.to_dict("records"), strict=True):
+            item = {"id": int(hop_id), "parent": plain(hop["parent_id"])}
+            item |= {name: plain(hop[name]) for name in HOP_FIELDS}
+            item["start_ms"] = (float(hop["started_at"]) - t0) * 1000
+            item["findings"] = flagged.get(int(hop_id), [])
+            hops.append(item)
+        expiries = sorted({float(e) for e in rows["token_exp"].dropna()})
+        root = source.by_trace.loc[trace]
+        return {
+            "db": db,
+            "trace": trace,
+            "started_at": t0,
+            "endpoint": plain(root["endpoint"]),
+            "status": plain(root["status"]),
+            "status_class": root["status_class"],
+            "duration_ms": plain(root["duration_ms"]),
+            "subject": plain(root["subject"]),
+            "hops": hops,
+            "expiries": [{"at": e, "ms": (e - t0) * 1000} for e in expiries],
+            "findings": findings,
+            "peer": source.lookup.peer(root["endpoint"], t0, trace),
+        }
+
+    def hop(self, db: int, hop_id: int) -> dict[str, Any]:
+        """One hop in full: redacted headers and query, timings, its tokens' header and claims, a curl line."""
+        source = self.source(db)
+        hops = source.analysis.hops
+        if hop_id not in hops.index:
+            raise NotFound(f"no hop {hop_id} in {source.path.name}")
+        facts = hops.loc[hop_id]
+        conn = open_for_reading(source.path, check=False)  # the analysis checked the file's structure
+        try:
+            conn.row_factory = _dict_row
+            row = conn.execute(f"SELECT {HOP_COLUMNS} FROM hops WHERE id = ?", (hop_id,)).fetchone()
+            tokens = conn.execute(
+                "SELECT t.fingerprint, t.role, t.location, k.kind, k.alg, k.kid, k.typ, k.iss, k.sub, k.iat, k.nbf, k.exp,"
+                " k.claims, k.error FROM hop_tokens t JOIN tokens k USING (fingerprint) WHERE t.hop_id = ?",
+                (hop_id,),
+            ).fetchall()
+        finally:
+            conn.close()
+        request_headers, response_headers = _headers(row["request_headers"]), _headers(row["response_headers"])
+        detail = {name: plain(facts[name]) for name in HOP_FIELDS}
+        detail |= {
+            "db": db,
+            "id": hop_id,
+            "trace": int(facts["trace"]),
+            "parent": plain(facts["parent_id"]),
+            "query": row["query"],
+            "reason": row["reason"],
+            "http_version": row["http_version"],
+            "started_at": row["started_at"],
+            "ended_at": row["ended_at"],
+            "timings": timings(row),
+            "request_headers": request_headers,
+            "response_headers": response_headers,
+            "tokens": [_token(t, row["started_at"]) for t in tokens],
+            "curl": curl_line(row, request_headers),
+        }
+        return detail
+
+    # -- compare, sessions, latency, graph -------------------------------------------------
+
+    def compare(self, a: tuple[int, int], b: tuple[int, int]) -> dict[str, Any]:
+        left, right = self.request(*a), self.request(*b)
+        return {"a": _summary(left), "b": _summary(right), "rows": align(left["hops"], right["hops"])}
+
+    def sessions(self, limit: int = 500) -> list[dict[str, Any]]:
+        """One row per workflow (session): subject, requests, span, whether a token expired in it."""
+        out = []
+        for s in self.sources:
+            if s.analysis is None or s.analysis.sessions.empty:
+                continue
+            grouped = s.analysis.sessions.groupby("session", sort=False)
+            table = grouped.agg(subject=("subject", "first"), requests=("trace", "size"), started_at=("started_at", "min"),
+                                ended_at=("ended_at", "max"), expired=("expired", "any"))  # fmt: skip
+            table["failed"] = grouped["status"].agg(lambda st: int((st.fillna(0) >= 400).sum()))
+            table = table.reset_index().assign(db=s.index)
+            out.extend(_records(table))
+        out.sort(key=lambda r: (not r["expired"], -(r["failed"] or 0), r["started_at"] or 0))
+        return out[:limit]
+
+    def session(self, db: int, session: int) -> dict[str, Any]:
+        """A workflow's requests over wall time and the lifetimes of the tokens they carried."""
+        a = self.source(db).analysis
+        rows = a.sessions[a.sessions["session"] == session]
+        if rows.empty:
+            raise NotFound(f"no session {session}")
+        fps = [fp for fp in rows["token_fp"].unique() if plain(fp) is not None]
+        tokens = a.tokens.reindex(fps)
+        return {
+            "db": db,
+            "session": session,
+            "subject": plain(rows["subject"].iloc[0]),
+            "requests": _records(rows[["trace", "started_at", "ended_at", "status", "endpoint", "token_fp", "expired"]]),
+            "tokens": [
+                {"fingerprint": fp, "iat": plain(t["iat"]), "exp": plain(t["exp"]), "sub": plain(t["sub"])}
+                for fp, t in tokens.iterrows()
+            ],
+        }
+
+    def latency(self) -> dict[str, Any]:
+        services, endpoints = [], []
+        for s in self.sources:
+            if s.analysis is None:
+                continue
+            svc, ep, _ = self._latency_of(s)
+            services += _records(svc.reset_index().assign(db=s.index))
+            endpoints += _records(ep.reset_index().assign(db=s.index))
+        return {"services": services, "endpoints": endpoints}
+
+    def graph(self) -> dict[str, Any]:
+        """Services as nodes in columns by call depth from the client, and the call edges between them."""
+        edges: dict[tuple[str, str], dict[str, float]] = {}
+        for s in self.sources:
+            if s.analysis is None:
+                continue
+            rejected = _rejected_calls(s.analysis.hops)
+            for row in _records(self._latency_of(s)[2].reset_index()):
+                key = (row["caller"], row["callee"])
+                edge = edges.setdefault(key, {"calls": 0, "errors": 0, "rejected": 0, "p95_ms": 0.0})
+                edge["calls"] += row["calls"] or 0
+                edge["errors"] += row["errors"] or 0
+                edge["rejected"] += rejected.get(key, 0)
+                edge["p95_ms"] = max(edge["p95_ms"], row["p95_ms"] or 0.0)
+        return graph_layout(edges)
+
+    def _latency_of(self, source: Source) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+        """The latency tables; after a live merge they are recomputed from the merged hops on first use."""
+        if source.latency is None:
+            source.latency = _latency_tables(source.analysis.hops)[0]
+        return source.latency
+
+
+# -- pure helpers (tested as data) ------------------------------------------------------------
+
+
+def timings(row: dict[str, Any]) -> dict[str, float | None]:
+    """connect / send / wait / receive in ms from the hop's proxy timestamps (the split HAR uses).
+
+    send: request headers to request end; wait: request end to the first response byte;
+    receive: first to last response byte; connect: the upstream TCP set-up (None when the
+    connection was reused). A missing timestamp (the hop failed) leaves its part None.
+    """
+
+    def span(start: str, end: str) -> float | None:
+        a, b = row.get(start), row.get(end)
+        return None if a is None or b is None else max(0.0, (b - a) * 1000)
+
+    return {
+        "connect": span("connect_at", "connected_at"),
+        "send": span("started_at", "request_end_at"),
+        "wait": span("request_end_at", "response_start_at"),
+        "receive": span("response_start_at", "ended_at"),
+    }
+
+
+def curl_line(row: dict[str, Any], headers: list[list[str]]) -> str:
+    """A shell-quoted curl command that repeats the hop against its upstream, secrets as recorded ([redacted:…])."""
+    host = row.get("host") or "127.0.0.1"
+    port = f":{row['port']}" if row.get("port") else ""
+    url = f"{row.get('scheme') or 'http'}://{host}{port}{row.get('path') or '/'}"
+    if row.get("query"):
+        url += f"?{row['query']}"
+    parts = ["curl", "-X", row.get("method") or "GET", url]
+    for name, value in headers:
+        if name.lower() not in ("host", "content-length", "connection"):
+            parts += ["-H", f"{name}: {value}"]
+    return " ".join(shlex.quote(str(p)) for p in parts)
+
+
+def align(a: list[dict], b: list[dict]) -> list[dict[str, Any]]:
+    """Pair the hops of two requests by (service, method, endpoint, n-th occurrence), in a's tree order.
+
+    Each row names the fields that differ: status, error kind, link, ``duration`` (one at
+    least ``SLOWER`` times the other), ``expired`` (the token expired on one side only),
+    ``missing`` (the hop exists on one side only).
+    """
+
+    def keyed(hops: list[dict]) -> dict[tuple, dict]:
+        seen: dict[tuple, int] = {}
+        out = {}
+        for hop in hops:
+            base = (hop["service"], hop["method"], hop["endpoint"])
+            seen[base] = seen.get(base, 0) + 1
+            out[(*base, seen[base])] = hop
+        return out
+
+    left, right = keyed(a), keyed(b)
+    order = list(left) + [k for k in right if k not in left]
+    rows = []
+    for key in order:
+        x, y = left.get(key), right.get(key)
+        differs = ["missing"] if x is None or y is None else _differences(x, y)
+        rows.append({"key": f"{key[0]} {key[2]}" + (f" #{key[3]}" if key[3] > 1 else ""), "a": x, "b": y, "differs": differs})
+    return rows
+
+
+def _differences(x: dict, y: dict) -> list[str]:
+    out = [name for name in COMPARED if x.get(name) != y.get(name)]
+    dx, dy = x.get("duration_ms") or 0.0, y.get("duration_ms") or 0.0
+    if max(dx, dy) >= SLOWER * min(dx, dy) and abs(dx - dy) >= 5:
+        out.append("duration")
+    if _expired(x) != _expired(y):
+        out.append("expired")
+    return out
+
+
+def _expired(hop: dict) -> bool:
+    return hop.get("remaining_s") is not None and hop["remaining_s"] <= 0
+
+
+def graph_layout(edges: dict[tuple[str, str], dict[str, float]]) -> dict[str, Any]:
+    """Columns by the longest call chain from ``client`` (cycles broken), rows in order of first appearance."""
+    callers: dict[str, list[str]] = {}
+    names: list[str] = []
+    for caller, callee in edges:
+        for name in (caller, callee):
+            if name not in names:
+                names.append(name)
+        if caller != callee:
+            callers.setdefault(callee, []).append(caller)
+    depth: dict[str, int] = {}
+
+    def depth_of(name: str, visiting: frozenset = frozenset()) -> int:
+        if name not in depth:
+            ups = [c for c in callers.get(name, []) if c not in visiting]
+            depth[name] = 0 if not ups else 1 + max(depth_of(c, visiting | {name}) for c in ups)
+        return depth[name]
+
+    columns: dict[int, list[str]] = {}
+    for name in names:
+        columns.setdefault(depth_of(name), []).append(name)
+    nodes = [{"name": n, "column": c, "row": i} for c, members in sorted(columns.items()) for i, n in enumerate(members)]
+    return {
+        "nodes": nodes,
+        "edges": [{"caller": k[0], "callee": k[1], **v} for k, v in edges.items()],
+        "columns": len(columns),
+        "rows": max((len(m) for m in columns.values()), default=0),
+    }
+
+
+# -- internal ---------------------------------------------------------------------------------
+
+
+def copy_tail(path: Path, into: Path, since: float) -> None:
+    """The hops of ``path`` that started at or after ``since``, their tokens and the captures, as a new trace DB.
+
+    Every hop of a request that started at ``since`` or later started then too (a call
+    starts after its caller), so the copy holds those requests whole. The index on
+    (capture_id, started_at) finds the rows: the cost follows the tail, not the file,
+    where the analyzer's own window still reads every page (and checks the whole file).
+    """
+    conn = sqlite3.connect(f"{into.resolve().as_uri()}", uri=True)
+    try:
+        conn.execute("PRAGMA trusted_schema = OFF")
+        conn.executescript(SCHEMA)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("ATTACH ? AS src", (f"{path.resolve().as_uri()}?mode=ro",))
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO captures SELECT * FROM src.captures")
+        conn.execute(
+            "INSERT INTO hops SELECT * FROM src.hops WHERE capture_id IN (SELECT id FROM src.captures) AND started_at >= ?",
+            (since,),
+        )
+        conn.execute(
+            "INSERT INTO hop_tokens SELECT * FROM src.hop_tokens WHERE hop_id >= (SELECT min(id) FROM hops) AND hop_id IN (SELECT id FROM hops)"
+        )
+        conn.execute("INSERT INTO tokens SELECT * FROM src.tokens WHERE fingerprint IN (SELECT fingerprint FROM hop_tokens)")
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def _rejected_calls(hops: pd.DataFrame) -> dict[tuple[str, str], int]:
+    """Calls per (caller, callee) answered 4xx: the latency tables count only 5xx and failures as
+    errors, which leaves the 401 on a failing checkout's path out of the graph."""
+    four = (hops["status"].astype("Float64") // 100 == 4).fillna(False).to_numpy(bool)
+    if not four.any():
+        return {}
+    rows = hops[four]
+    callers = hops["service"].astype(object).reindex(rows["parent_id"].astype("Float64").to_numpy()).to_numpy()
+    callers = np.where(pd.isna(callers), "client", callers)
+    counts = (
+        pd.Series(1, index=pd.MultiIndex.from_arrays([callers, rows["service"].astype(object).to_numpy()]))
+        .groupby(level=[0, 1])
+        .sum()
+    )
+    return {(str(a), str(b)): int(n) for (a, b), n in counts.items()}
+
+
+def _max_hop_id(path: Path) -> int:
+    conn = open_for_reading(path, check=False)
+    try:
+        return conn.execute("SELECT coalesce(max(id), 0) FROM hops").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def _plain_filters(reqs: pd.DataFrame, q: RequestQuery) -> np.ndarray:
+    """The filters on a request's own columns (status, time, text)."""
+    keep = np.ones(len(reqs), dtype=bool)
+    if q.status:
+        keep &= (reqs["status_class"] == q.status).to_numpy()
+    if q.since is not None:
+        keep &= (reqs["started_at"] >= q.since).to_numpy()
+    if q.until is not None:
+        keep &= (reqs["started_at"] <= q.until).to_numpy()
+    if q.text:
+        keep &= reqs["haystack"].str.contains(q.text.lower(), regex=False).to_numpy()
+    return keep
+
+
+def _status_class(status: pd.Series, failed: pd.Series) -> np.ndarray:
+    """2xx .. 5xx, or ``error`` for a hop that failed or got no answer."""
+    status = status.astype("Float64")
+    broken = failed.astype(bool).to_numpy() | status.isna().to_numpy()
+    return np.where(broken, "error", (status.fillna(0) // 100).astype("int64").astype(str) + "xx")
+
+
+def _quick_requests(path: Path, db: int, after_id: int | None = None) -> pd.DataFrame:
+    """The newest ``PREVIEW_ROWS`` requests (entry-route hops) of each capture, read through the
+    (capture_id, started_at) index: no trees, no findings, and no full pass over the file, which
+    at a million hops reads ~1 GB.
+
+    With ``after_id``: the entry-route hops recorded after that hop id instead (the primary
+    key finds them), for a live view. The file's structure check runs with the analysis
+    that follows; until then these rows are only listed (escaped by the page), never used
+    to compute anything.
+    """
+    columns = "h.id, h.started_at, h.method || ' ' || h.path, h.service, h.status, h.failed, h.duration_ms"
+    conn = open_for_reading(path, check=False)
+    try:
+        if after_id is not None:
+            rows = conn.execute(
+                f"SELECT {columns} FROM hops h JOIN captures c ON c.id = h.capture_id WHERE h.id > ? AND h.service = c.entry",
+                (after_id,),
+            ).fetchall()
+        else:
+            captures = conn.execute("SELECT id, entry FROM captures WHERE entry IS NOT NULL").fetchall()
+            rows = [
+                row
+                for capture, entry in captures
+                for row in conn.execute(
+                    f"SELECT {columns} FROM hops h WHERE capture_id = ? AND service = ? ORDER BY started_at DESC LIMIT ?",
+                    (capture, entry, PREVIEW_ROWS),
+                )
+            ]
+    finally:
+        conn.close()
+    t = pd.DataFrame(rows, columns=["trace", "started_at", "endpoint", "service", "status", "failed", "duration_ms"])
+    t["status_class"] = _status_class(t["status"], t["failed"])
+    t = t.assign(db=db, hops=None, subject=None, rank=NO_FINDING_RANK, kinds="", severity=None)
+    t["haystack"] = (t["trace"].astype(str) + " " + t["endpoint"].fillna("")).str.lower()
+    return t.drop(columns="failed")
+
+
+def _requests(a: Analysis, db: int) -> pd.DataFrame:
+    """One row per request (root hop) with what the list shows, filters and sorts on."""
+    hops = a.hops
+    roots = hops[hops.index.to_numpy() == hops["trace"].to_numpy()]
+    found = a.findings.dropna(subset=["trace"])
+    ranks = found["severity"].map(SEVERITY_RANK).groupby(found["trace"].astype("int64")).min()
+    # Each request's finding kinds as one string, built kind by kind (a dozen kinds; a Python
+    # function per request would cost ~1 s at a million hops).
+    kinds = pd.Series("", index=roots.index, dtype=object)
+    for kind in sorted(found["kind"].unique()):
+        has = roots.index.isin(found["trace"][(found["kind"] == kind).to_numpy()].astype("int64"))
+        kinds[has] = kinds[has] + (kinds[has].str.len() > 0).map({True: " ", False: ""}) + kind
+    # The token a request carried names its subject; a login carries none, its session does.
+    by_session = a.sessions.drop_duplicates("trace").set_index("trace")["subject"].reindex(roots.index)
+    subject = roots["token_sub"].astype(object).map(plain).fillna(by_session.astype(object).map(plain))
+    table = pd.DataFrame(
+        {
+            "db": db,
+            "trace": roots.index.to_numpy(),
+            "started_at": roots["started_at"].to_numpy(),
+            "endpoint": roots["endpoint"].astype(str).to_numpy(),
+            "service": roots["service"].astype(str).to_numpy(),
+            "status": roots["status"].to_numpy(),
+            "status_class": _status_class(roots["status"], roots["failed"]),
+            "duration_ms": roots["duration_ms"].to_numpy(),
+            "hops": hops["trace"].value_counts().reindex(roots.index).to_numpy(),
+            "subject": subject.to_numpy(),
+            "rank": ranks.reindex(roots.index).fillna(NO_FINDING_RANK).astype(int).to_numpy(),
+            "kinds": kinds.to_numpy(),
+        }
+    )
+    table["severity"] = table["rank"].map({v: k for k, v in SEVERITY_RANK.items()})
+    table["haystack"] = (
+        table["trace"].astype(str) + " " + table["endpoint"] + " " + table["subject"].fillna("") + " " + table["kinds"]
+    ).str.lower()
+    return table
+
+
+def _merge(old: Analysis, tail: Analysis, since: float) -> Analysis:
+    """``old`` with every request that started at or after ``since`` replaced by ``tail``'s."""
+    kept_hops = old.hops[old.hops["started_at"].reindex(old.hops["trace"].to_numpy()).to_numpy() < since]
+    # A hop of an older request, still running, looks like a request of its own in the tail: the old view wins.
+    tail_hops = tail.hops[~tail.hops.index.isin(kept_hops.index)]
+    hops = pd.concat([kept_hops, tail_hops])
+    for column in ("service", "method", "path", "endpoint", "link"):
+        if column in hops:
+            hops[column] = hops[column].astype("category")
+    kept = set(kept_hops["trace"].unique())
+    found = old.findings
+    keep_found = found["trace"].isin(kept) | (found["trace"].isna() & (found["at"] < since))
+    sessions = old.sessions[old.sessions["trace"].isin(kept)]
+    tail_sessions = tail.sessions.copy()
+    tail_sessions["session"] = tail_sessions["session"] + (int(old.sessions["session"].max()) + 1 if len(old.sessions) else 0)
+    return Analysis(
+        captures=tail.captures,
+        hops=hops,
+        tokens=pd.concat([old.tokens, tail.tokens]).pipe(lambda t: t[~t.index.duplicated(keep="last")]),
+        hop_tokens=pd.concat(
+            [
+                old.hop_tokens[old.hop_tokens["hop_id"].isin(kept_hops.index)],
+                tail.hop_tokens[tail.hop_tokens["hop_id"].isin(tail_hops.index)],
+            ]
+        ),
+        findings=pd.concat([found[keep_found], tail.findings], ignore_index=True),
+        services=tail.services,
+        endpoints=tail.endpoints,
+        edges=tail.edges,
+        sessions=pd.concat([sessions, tail_sessions], ignore_index=True),
+        config=tail.config,
+        notes=tail.notes,
+        source=tail.source,
+    )
+
+
+def _findings_of(mine: pd.DataFrame, hop_ids: set[int]) -> list[dict[str, Any]]:
+    out = []
+    for f in mine.itertuples(index=False):
+        ids = [int(h) for h in f.hop_ids if int(h) in hop_ids]
+        details = f.details if isinstance(f.details, dict) else {}
+        out.append({"kind": f.kind, "severity": f.severity, "service": plain(f.service), "message": f.message,
+                    "hop_ids": ids, "details": json.loads(json.dumps(details, default=str))})  # fmt: skip
+    return out
+
+
+def _token(t: dict[str, Any], at: float) -> dict[str, Any]:
+    try:
+        claims = json.loads(t["claims"]) if t["claims"] else None
+    except ValueError:
+        claims = None
+    exp = t["exp"]
+    return {
+        "fingerprint": t["fingerprint"],
+        "role": t["role"],
+        "location": t["location"],
+        "kind": t["kind"],
+        "header": {k: t[k] for k in ("alg", "kid", "typ") if t[k] is not None},
+        "claims": claims,
+        "exp": exp,
+        "remaining_s": None if exp is None else exp - at,
+        "error": t["error"],
+    }
+
+
+def _headers(text: str | None) -> list[list[str]]:
+    try:
+        pairs = json.loads(text) if text else []
+    except ValueError:
+        return []
+    return [[str(p[0]), str(p[1])] for p in pairs if isinstance(p, list) and len(p) == 2]
+
+
+def _summary(request: dict[str, Any]) -> dict[str, Any]:
+    return {k: request[k] for k in ("db", "trace", "started_at", "endpoint", "status", "status_class", "duration_ms", "subject")}
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{k: plain(v) for k, v in row.items()} for row in frame.to_dict("records")]
+
+
+def _dict_row(cursor, row) -> dict[str, Any]:
+    return {d[0]: v for d, v in zip(cursor.description, row, strict=True)}

@@ -1,0 +1,235 @@
+"""The UI's data adapter on the demo's trace: the request list's filters, sort and pages, a request's
+waterfall data, a hop's detail, compare, the live merge; and its pure layout helpers as data."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import sqlite3
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hoptrace.ui._data import Data, NotFound, NotReady, align, curl_line, graph_layout, timings
+from hoptrace.ui._query import BadQuery, RequestQuery
+
+SAMPLE = Path(__file__).resolve().parent.parent / "sample_traces" / "checkout-expiry.db"
+
+
+@pytest.fixture(scope="module")
+def data():
+    d = Data([SAMPLE])
+    assert d.refresh() and not d.refresh()  # the second call finds nothing new
+    return d
+
+
+def page(data, **params) -> list[dict]:
+    return data.request_page(RequestQuery(limit=500, **params))["items"]
+
+
+def sql(query: str, *args):
+    conn = sqlite3.connect(f"file:{SAMPLE}?mode=ro", uri=True)
+    try:
+        return conn.execute(query, args).fetchall()
+    finally:
+        conn.close()
+
+
+def failing(data) -> dict:
+    (item,) = page(data, severity="error")
+    return item
+
+
+def test_the_list_has_one_row_per_request_and_filters_narrow_it(data):
+    everything = page(data)
+    assert len(everything) == sql("SELECT count(*) FROM hops WHERE service = 'gateway'")[0][0]
+    bad = failing(data)
+    assert (bad["endpoint"], bad["status"], bad["status_class"], bad["severity"]) == ("POST /checkout", 401, "4xx", "error")
+    assert "expired_mid_flow" in bad["kinds"]
+    assert {r["trace"] for r in page(data, status="4xx")} == {r["trace"] for r in everything if 400 <= r["status"] < 500}
+    mine = page(data, subject=bad["subject"])
+    assert len(mine) == 6 and bad["trace"] in {r["trace"] for r in mine}  # the user's whole workflow
+    reused = page(data, kind="token_reuse")
+    assert reused and all("token_reuse" in r["kinds"] for r in reused)
+    assert all("checkout" in r["endpoint"].lower() for r in page(data, text="Checkout"))
+    payment = page(data, service="payment")
+    assert payment and all(any(h["service"] == "payment" for h in data.request(0, r["trace"])["hops"]) for r in payment)
+    middle = sorted(r["started_at"] for r in everything)[len(everything) // 2]
+    assert {r["trace"] for r in page(data, since=middle)} == {r["trace"] for r in everything if r["started_at"] >= middle}
+
+
+def test_sorting_and_pages_cover_every_request_once(data):
+    durations = [r["duration_ms"] for r in page(data, sort="duration", descending=False)]
+    assert durations == sorted(durations)
+    worst = page(data, sort="severity", descending=False)
+    assert worst[0]["severity"] == "error"
+    seen: list[int] = []
+    total = data.request_page(RequestQuery(limit=5))["total"]
+    for offset in range(0, total, 5):
+        seen += [r["trace"] for r in data.request_page(RequestQuery(limit=5, offset=offset))["items"]]
+    assert len(seen) == len(set(seen)) == total
+
+
+def test_the_failing_checkouts_waterfall_data(data):
+    bad = failing(data)
+    req = data.request(0, bad["trace"])
+    ids = [h["id"] for h in req["hops"]]
+    assert ids[0] == bad["trace"] and all(h["parent"] in ids[:i] for i, h in enumerate(req["hops"]) if i)  # depth first
+    introspect = next(h for h in req["hops"] if h["path"] == "/introspect")
+    assert introspect["status"] == 401 and introspect["remaining_s"] < 0 and introspect["on_critical_path"]
+    (exp,) = req["expiries"]
+    assert exp["at"] == introspect["token_exp"] and 0 < exp["ms"] < bad["duration_ms"]
+    expired = next(n for n, f in enumerate(req["findings"]) if f["kind"] == "expired_mid_flow")
+    assert expired in introspect["findings"] and introspect["id"] in req["findings"][expired]["hop_ids"]
+    peer = data.request(0, req["peer"])
+    assert (peer["endpoint"], peer["status"]) == ("POST /checkout", 200)
+
+
+def test_a_hops_detail_has_claims_life_timings_and_only_redacted_secrets(data):
+    bad = failing(data)
+    introspect = next(h for h in data.request(0, bad["trace"])["hops"] if h["path"] == "/introspect")
+    hop = data.hop(0, introspect["id"])
+    (token,) = hop["tokens"]
+    assert token["claims"]["sub"] == bad["subject"] and token["header"]["alg"] == "HS256"
+    assert token["remaining_s"] == pytest.approx(token["exp"] - hop["started_at"]) and token["remaining_s"] < 0
+    parts = [v for v in hop["timings"].values() if v is not None]
+    assert len(parts) >= 3 and all(v >= 0 for v in parts) and sum(parts) <= hop["duration_ms"] + 0.01
+    assert any(v.startswith("[redacted:") for _, v in hop["request_headers"])
+    argv = shlex.split(hop["curl"])
+    assert argv[:3] == ["curl", "-X", "POST"] and argv[3].endswith("/introspect")
+    assert any(a.startswith("X-Internal-Key: [redacted:") for a in argv)
+
+
+def test_unknown_requests_hops_and_sessions_are_not_found(data):
+    for call in (
+        lambda: data.request(0, 10**9),
+        lambda: data.hop(0, 10**9),
+        lambda: data.session(0, 10**6),
+        lambda: data.request(3, 1),
+    ):
+        with pytest.raises(NotFound):
+            call()
+
+
+def test_compare_pairs_hops_and_names_what_differs():
+    def hop(service, endpoint, status=200, ms=10.0, remaining=5.0):
+        return {"service": service, "method": endpoint.split()[0], "endpoint": endpoint, "status": status,
+                "error_kind": None, "link": "token", "duration_ms": ms, "remaining_s": remaining}  # fmt: skip
+
+    a = [hop("gateway", "POST /checkout", 401), hop("auth", "GET /verify"), hop("auth", "POST /introspect", 401, 3, -0.6)]
+    b = [hop("gateway", "POST /checkout"), hop("auth", "GET /verify", ms=40), hop("auth", "POST /introspect", 200, 3, 0.9),
+         hop("auth", "GET /verify")]  # fmt: skip
+    rows = {r["key"]: r["differs"] for r in align(a, b)}
+    assert rows == {
+        "gateway POST /checkout": ["status"],
+        "auth GET /verify": ["duration"],
+        "auth POST /introspect": ["status", "expired"],
+        "auth GET /verify #2": ["missing"],
+    }
+
+
+def test_graph_layout_puts_callees_right_of_their_callers_and_survives_cycles():
+    calls = {"calls": 1, "errors": 0, "p95_ms": 1.0}
+    edges = {("client", "gateway"): calls, ("gateway", "auth"): calls, ("gateway", "payment"): calls, ("payment", "auth"): calls,
+             ("a", "b"): calls, ("b", "a"): calls}  # fmt: skip
+    nodes = {n["name"]: n for n in graph_layout(edges)["nodes"]}
+    assert nodes["client"]["column"] < nodes["gateway"]["column"] < nodes["payment"]["column"] < nodes["auth"]["column"]
+    assert {nodes["a"]["column"], nodes["b"]["column"]} == {0, 1}
+    assert len({(n["column"], n["row"]) for n in nodes.values()}) == len(nodes)  # no two boxes on one spot
+
+
+def test_timings_and_curl_from_a_row():
+    row = {"started_at": 10.0, "request_end_at": 10.001, "connect_at": None, "connected_at": None,
+           "response_start_at": 10.004, "ended_at": None, "method": "GET", "scheme": "http", "host": "127.0.0.1",
+           "port": 3001, "path": "/a b", "query": "x=1&y='"}  # fmt: skip
+    t = timings(row)
+    assert t["connect"] is None and t["receive"] is None
+    assert t["send"] == pytest.approx(1.0) and t["wait"] == pytest.approx(3.0)
+    line = curl_line(row, [["Cookie", "session=[redacted:ab]"], ["Host", "x"]])
+    assert shlex.split(line) == ["curl", "-X", "GET", "http://127.0.0.1:3001/a b?x=1&y='", "-H", "Cookie: session=[redacted:ab]"]
+
+
+def test_a_live_refresh_merges_the_tail_into_what_it_had(tmp_path):
+    db = tmp_path / "growing.db"
+    shutil.copy(SAMPLE, db)
+    (last,) = sql("SELECT max(id) FROM hops")[0]
+    with sqlite3.connect(db) as conn:  # the file as it was mid-capture: the last third not yet written
+        conn.execute("DELETE FROM hop_tokens WHERE hop_id > ?", (last * 2 // 3,))
+        conn.execute("DELETE FROM hops WHERE id > ?", (last * 2 // 3,))
+    live = Data([db], lookback_s=1.0)
+    assert live.refresh()
+    early = live.request_page(RequestQuery(limit=500))["total"]
+    with sqlite3.connect(db) as conn:
+        conn.execute("ATTACH ? AS full", (f"file:{SAMPLE}?mode=ro",))
+        conn.execute("INSERT INTO hops SELECT * FROM full.hops WHERE id > ?", (last * 2 // 3,))
+        conn.execute("INSERT INTO hop_tokens SELECT * FROM full.hop_tokens WHERE hop_id > ?", (last * 2 // 3,))
+    assert live.refresh()
+    whole = Data([SAMPLE])
+    whole.refresh()
+    merged, fresh = (d.request_page(RequestQuery(limit=500))["items"] for d in (live, whole))
+    assert early < len(merged)
+    key = lambda r: (r["trace"], r["status"], r["hops"], r["severity"])
+    assert sorted(map(key, merged)) == sorted(map(key, fresh))
+    kinds = lambda d: Counter(d.sources[0].analysis.findings["kind"])
+    assert kinds(live) == kinds(whole)
+    assert sum(s["count"] for s in live.latency()["services"]) == sql("SELECT count(*) FROM hops")[0][0]
+
+
+@given(st.dictionaries(st.sampled_from(["q", "status", "sort", "order", "offset", "limit", "since", "until", "severity", "bogus"]),
+                       st.text(max_size=30)))  # fmt: skip
+def test_any_query_string_is_a_query_or_a_one_line_bad_query(params):
+    try:
+        query = RequestQuery.parse(params)
+    except BadQuery as exc:
+        assert str(exc) and "\n" not in str(exc)
+    else:
+        assert (
+            1 <= query.limit <= 500 and query.offset >= 0 and query.sort in ("started", "duration", "status", "hops", "severity")
+        )
+
+
+def test_the_preview_lists_the_same_requests_before_any_analysis(data):
+    early = Data([SAMPLE])
+    early.preview()
+    listed = early.request_page(RequestQuery(limit=500))
+    assert listed["analysing"] and early.status()["dbs"][0]["analysing"]
+    analysed = page(data)
+    assert sorted((r["trace"], r["status"], r["status_class"]) for r in listed["items"]) == sorted(
+        (r["trace"], r["status"], r["status_class"]) for r in analysed
+    )
+    assert early.request_page(RequestQuery(severity="error"))["total"] == 0  # findings are not known yet
+    with pytest.raises(NotReady):
+        early.request(0, analysed[0]["trace"])
+
+
+def test_requests_recorded_live_are_listed_before_their_analysis(tmp_path, data):
+    db = tmp_path / "growing.db"
+    shutil.copy(SAMPLE, db)
+    bad = sql("SELECT id FROM hops WHERE service = 'gateway' AND path = '/checkout' AND status = 401")[0][0]
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM hop_tokens WHERE hop_id >= ?", (bad,))
+        conn.execute("DELETE FROM hops WHERE id >= ?", (bad,))
+    live = Data([db])
+    live.refresh()
+    assert not live.peek()  # nothing new
+    with sqlite3.connect(db) as conn:
+        conn.execute("ATTACH ? AS full", (f"file:{SAMPLE}?mode=ro",))
+        conn.execute("INSERT INTO hops SELECT * FROM full.hops WHERE id >= ?", (bad,))
+        conn.execute("INSERT INTO hop_tokens SELECT * FROM full.hop_tokens WHERE hop_id >= ?", (bad,))
+    assert live.peek()
+    listed = {r["trace"]: r for r in live.request_page(RequestQuery(limit=500))["items"]}
+    assert listed[bad]["status"] == 401 and listed[bad]["severity"] is None  # listed, findings to come
+    with pytest.raises(NotReady):
+        live.request(0, bad)
+    assert live.refresh()
+    listed = {r["trace"]: r for r in live.request_page(RequestQuery(limit=500))["items"]}
+    assert listed[bad]["severity"] == "error" and sorted(listed) == sorted(r["trace"] for r in page(data))
+
+
+def test_the_graph_counts_the_401_on_the_failing_path(data):
+    rejected = {(e["caller"], e["callee"]): e["rejected"] for e in data.graph()["edges"]}
+    assert rejected[("client", "gateway")] == rejected[("gateway", "payment")] == rejected[("payment", "auth")] == 1
+    assert rejected[("gateway", "auth")] == 0
