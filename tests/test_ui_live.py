@@ -14,7 +14,7 @@ import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from hoptrace.scenarios import SCENARIOS, record
+from hoptrace.stack.scenarios import SCENARIOS, record
 from hoptrace.stack import run_users
 
 from .ui_browser import WAIT_S, chromium, png_colours, quit_browser, start_ui
