@@ -11,6 +11,7 @@ import click
 from hoptrace import __version__
 from hoptrace._click import BadInput, OneLineGroup, exit_2_on_bad_input
 from hoptrace.analyzer._cli import analyze
+from hoptrace.coverage._cli import coverage
 from hoptrace.plot._cli import plot, report
 from hoptrace.stack._cli import stack
 
@@ -131,3 +132,4 @@ def record_samples(out: Path, goldens_only: bool) -> None:
 
 for command in (analyze, plot, report, stack):
     cli.add_command(command)
+cli.add_command(coverage)
