@@ -82,8 +82,8 @@ def failing_request(test, analysis) -> int | None:
     return errors[0] if errors else None
 
 
-def section(test, analysis) -> str:
-    """The report section of a failing test."""
+def section(test, analysis, root: int | None = None) -> str:
+    """The report section of a failing test; the tree drawn is ``root``'s, else :func:`failing_request`'s."""
     counts = pd.Series([f["severity"] for f in test.findings], dtype=object).value_counts()
     how = "by its X-Hoptrace-Test header" if test.by == "header" else "by the test's time window"
     lines = [
@@ -93,9 +93,10 @@ def section(test, analysis) -> str:
     ]
     if test.by == "window" and test.foreign:
         lines.append(f"note: {_count(test.foreign, 'request')} of other tests entered during this test's window")
-    root = failing_request(test, analysis)
+    root = root if root is not None else failing_request(test, analysis)
     if root is not None:
-        lines += ["", f"Failing {_request_line(analysis, root)}"]
+        status = analysis.hops.at[root, "status"]
+        lines += ["", ("Failing " if pd.isna(status) or status >= 400 else "") + _request_line(analysis, root)]
         lines += [f"  {_finding_line(f)}" for f in test.findings if f["trace"] == root]
         lines += _tree(analysis, root, _TREE_LINES)
     others = [f for f in test.findings if f["trace"] != root]
@@ -111,7 +112,7 @@ def matching(test, fail_on: frozenset[str]) -> list[dict]:
 
 def fail_on_message(test, hits: list[dict], fail_on: frozenset[str], analysis) -> str:
     head = f"hoptrace: --hoptrace-fail-on {','.join(sorted(fail_on))}: {_count(len(hits), 'finding')} on this test's requests"
-    return "\n".join([head, *(f"  {_finding_line(f)}" for f in hits), "", section(test, analysis)])
+    return "\n".join([head, "", section(test, analysis, root=hits[0]["trace"])])
 
 
 def properties(test) -> list[tuple[str, str]]:

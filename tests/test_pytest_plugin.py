@@ -114,6 +114,20 @@ def test_browsing_while_another_test_browses(base_url, headers, hoptrace_request
         assert hoptrace_requests.get(f"{base_url}/products?by=b", headers=headers).status_code == 200
         time.sleep(0.05)
     BACKGROUND[0].join(30)
+
+def test_httpx_and_aiohttp_clients_carry_the_header_too(base_url, headers, hoptrace_httpx, hoptrace_aiohttp):
+    import asyncio
+    assert hoptrace_httpx.get(f"{base_url}/products?by=httpx", headers=headers).status_code == 200
+    async def browse():
+        async with hoptrace_aiohttp(headers=headers) as session:
+            async with session.get(f"{base_url}/products?by=aiohttp") as response:
+                assert response.status == 200
+    asyncio.run(browse())
+
+def test_the_capture_can_be_analyzed_during_the_session(hoptrace):
+    analysis = hoptrace.analysis()
+    assert (analysis.hops["depth"] == 0).sum() >= 20
+    assert "duplicate_validation" in set(analysis.findings["kind"])
 '''
 
 
@@ -187,7 +201,7 @@ def test_without_the_fault_every_test_passes_attribution_is_exact_and_coverage_i
         pytester, monkeypatch, None, "--hoptrace", str(stack), *specs, f"--junitxml={tmp_path / 'junit.xml'}",
         f"--hoptrace-report={tmp_path / 'report.html'}", suite=SUITE + INTERLEAVED,
     )  # fmt: skip
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=6)
     out = result.stdout.str()
     summary = out[out.index("= hoptrace ="):]
     assert "no error finding" in summary
@@ -201,9 +215,11 @@ def test_without_the_fault_every_test_passes_attribution_is_exact_and_coverage_i
     # JUnit properties say what was recorded when the test ended; the JSON beside the
     # trace what was recorded in the end (the first test's thread went on after it).
     junit = _junit(tmp_path / "junit.xml")
+    quiet = "test_the_capture_can_be_analyzed_during_the_session"  # sends nothing: found by its window
+    assert junit.pop(quiet)["hoptrace_attribution"] == ["window"]
     assert all(props["hoptrace_attribution"] == ["header"] for props in junit.values())
     tests = {t["nodeid"].rpartition("::")[2]: t for t in json.loads(Path(f"{db}.tests.json").read_text())["tests"]}
-    assert all(t["by"] == "header" for t in tests.values())
+    assert all(t["by"] == "header" for name, t in tests.items() if name != quiet)
     with sqlite3.connect(db) as conn:
         rows = conn.execute("SELECT id, started_at, path, query FROM hops WHERE service = 'gateway' ORDER BY started_at").fetchall()
     by = {hop: query for hop, _, _, query in rows}
@@ -213,6 +229,9 @@ def test_without_the_fault_every_test_passes_attribution_is_exact_and_coverage_i
     assert {h for h, q in by.items() if q == "by=a"} <= set(a) and {h for h, q in by.items() if q == "by=b"} <= set(b)
     assert sorted(h for t in tests.values() for h in t["requests"]) == sorted(by)  # every request is one test's, once
     assert junit["test_browsing_while_another_test_browses"]["hoptrace_requests"] == [" ".join(map(str, b))]
+    clients = tests["test_httpx_and_aiohttp_clients_carry_the_header_too"]["requests"]
+    assert sorted(str(by[h]) for h in clients) == ["None", "None", "by=aiohttp", "by=httpx"]
+    assert tests[quiet]["requests"] == []
     order = "".join(q[-1] for _, _, _, q in rows if q in ("by=a", "by=b"))
     assert "ab" in order and "ba" in order, order  # they did interleave
     assert "test_complete_purchase_flow]" in (tmp_path / "report.html").read_text()
@@ -223,10 +242,15 @@ def test_fail_on_fails_the_checkout_test_whose_asserts_passed(pytester, monkeypa
     result = _run(pytester, monkeypatch, FAULT_OFF, "--hoptrace", str(stack), "--hoptrace-fail-on", "duplicate_validation")
     out = result.stdout.str()
     # Its asserts pass (checkout answers 200), yet the gateway and payment both validated the token.
-    assert "FAILED test_checkout_flow.py::test_complete_purchase_flow - hoptrace: --hoptrace-fail-on" in out
+    assert "FAILED test_checkout_flow.py::test_complete_purchase_flow - hoptrace" in out
     assert "Checkout failed" not in out
-    assert "hoptrace: --hoptrace-fail-on duplicate_validation: 1 finding on this test's requests" in out
-    assert "warning duplicate_validation" in out and "gateway -> auth" in out
+    failure = out[out.index("_ test_complete_purchase_flow _"):]
+    assert failure.startswith("_ test_complete_purchase_flow _")
+    assert "hoptrace: --hoptrace-fail-on duplicate_validation: 1 finding on this test's requests" in failure
+    # The request it is on, with its finding and its tree: two validations of one token.
+    request = failure[failure.index("request ") :]
+    assert request.startswith("request ") and "gateway POST /checkout 200" in request.splitlines()[0]
+    assert "warning duplicate_validation" in request and "├─ auth GET /verify" in request and "└─ auth POST /introspect" in request
 
 
 def test_the_severities_are_the_analyzers():
