@@ -21,16 +21,16 @@ _TREE_LINES = 40
 def attribute(test, entry_hops: list[tuple[int, float, str | None]], analysis) -> None:
     """Fill ``test.roots`` (its requests' root hop ids), ``by``, ``foreign`` and ``findings``.
 
-    A request is the test's when its entry hop carries the test's header; when none
-    does, the untagged requests that entered inside the test's window are.
+    A request is the test's when its entry hop carries the test's header, or when it
+    carries no header and entered inside the test's window. ``by`` says which of the
+    two found them: ``header``, ``window`` or ``header+window``.
     """
     tagged = [hop for hop, _, tag in entry_hops if tag == test.nodeid]
     in_window = [(hop, tag) for hop, started, tag in entry_hops if test.start <= started <= test.end]
+    untagged = [hop for hop, tag in in_window if tag is None]
     test.foreign = sum(1 for _, tag in in_window if tag is not None and tag != test.nodeid)
-    if tagged:
-        test.roots, test.by = sorted(tagged), "header"
-    else:
-        test.roots, test.by = sorted(hop for hop, tag in in_window if tag is None), "window"
+    test.roots = sorted(tagged + untagged)
+    test.by = "+".join(how for how, found in (("header", tagged), ("window", untagged)) if found) or "window"
     test.findings = findings_of(analysis, test.roots)
 
 
@@ -85,13 +85,17 @@ def failing_request(test, analysis) -> int | None:
 def section(test, analysis, root: int | None = None) -> str:
     """The report section of a failing test; the tree drawn is ``root``'s, else :func:`failing_request`'s."""
     counts = pd.Series([f["severity"] for f in test.findings], dtype=object).value_counts()
-    how = "by its X-Hoptrace-Test header" if test.by == "header" else "by the test's time window"
+    how = {"header": "by its X-Hoptrace-Test header", "window": "by the test's time window"}.get(
+        test.by, "by its header, and untagged ones by the test's time window"
+    )
     lines = [
         f"{_count(len(test.roots), 'request')} of this test ({how}): "
         f"{_count(int(counts.get('error', 0)), 'error')}, {_count(int(counts.get('warning', 0)), 'warning')}, "
         f"{int(counts.get('info', 0))} info"
     ]
-    if test.by == "window" and test.foreign:
+    if not test.complete:
+        lines.append("note: the proxy had not written all of them within 5 s; some may be missing")
+    if "window" in test.by and test.foreign:
         lines.append(f"note: {_count(test.foreign, 'request')} of other tests entered during this test's window")
     root = root if root is not None else failing_request(test, analysis)
     if root is not None:

@@ -91,7 +91,7 @@ class Settings:
 
     @classmethod
     def from_options(cls, opt) -> Settings:
-        from hoptrace.coverage import load_specs
+        from hoptrace._openapi import load_specs
         from hoptrace.proxy.routes import load_stack_file, parse_route
 
         entry, db, command = opt.hoptrace_entry, opt.hoptrace_db, None
@@ -237,6 +237,7 @@ class RequestsOfTest:
     roots: list[int] = field(default_factory=list)
     by: str = "window"
     foreign: int = 0  # requests inside its window that carry another test's header
+    complete: bool = True  # False: the proxy had not written all of them when the test was judged
     findings: list[dict] = field(default_factory=list)
 
 
@@ -295,7 +296,7 @@ class CapturePlugin:
             return
         from hoptrace import _pytest_report as diag
 
-        self.wait_for_writes(test.end, item.nodeid, self.sent.get(item.nodeid, 0))
+        test.complete = self.wait_for_writes(test.end, item.nodeid, self.sent.get(item.nodeid, 0))
         analysis = self._analyze(since=test.start)
         diag.attribute(test, self._entry_hops(), analysis)
         item.user_properties.extend(diag.properties(test))
@@ -354,27 +355,35 @@ class CapturePlugin:
         with contextlib.closing(self._connect()) as conn:
             return conn.execute(query, (HEADER, self.capture_id, self.settings.entry)).fetchall()
 
-    def wait_for_writes(self, until: float, nodeid: str | None = None, expected: int = 0) -> None:
-        """Wait (bounded) until the DB holds what the proxy saw up to ``until``.
+    def wait_for_writes(self, until: float, nodeid: str | None = None, expected: int = 0) -> bool:
+        """Wait (at most _FLUSH_TIMEOUT) until the DB holds the flows the proxy saw up to ``until``.
 
-        With ``expected`` (responses a header fixture received for test ``nodeid``): until
-        that many of the test's requests are recorded. Otherwise: until the recorder's linger
-        has passed and its counters say every flow it saw is written.
+        Two conditions. ``expected`` (responses the header fixtures received for test
+        ``nodeid``) of the test's requests are recorded: exact. And, for other clients:
+        the recorder builds a batch at most its linger (0.1 s) after a flow arrives and
+        stamps the capture row with the flows it had seen then, so the ``hops_seen`` read
+        _SETTLE after ``until`` covers the flows before ``until``; they are written once
+        ``hops_recorded + hops_dropped`` reaches it (this holds under continuous traffic,
+        where the two are never equal). False when the wait ran out.
         """
         deadline = time.monotonic() + _FLUSH_TIMEOUT
+        target = None
         while time.monotonic() < deadline:
-            with contextlib.closing(self._connect()) as conn:
-                if expected:
-                    tagged = sum(1 for _, _, tag in self._entry_hops() if tag == nodeid)
-                    if tagged >= expected:
-                        return
-                elif time.time() >= until + _SETTLE:
-                    seen, written = conn.execute(
-                        "SELECT hops_seen, hops_recorded + hops_dropped FROM captures WHERE id = ?", (self.capture_id,)
-                    ).fetchone()
-                    if written >= seen:
-                        return
+            if time.time() >= until + _SETTLE:
+                seen, written = self._counters()
+                target = seen if target is None else target
+                tagged = sum(1 for _, _, tag in self._entry_hops() if tag == nodeid) if expected else 0
+                if written >= target and tagged >= expected:
+                    return True
             time.sleep(0.05)
+        return False
+
+    def _counters(self) -> tuple[int, int]:
+        """(flows the recorder had seen, flows written or dropped) as its capture row says."""
+        with contextlib.closing(self._connect()) as conn:
+            return conn.execute(
+                "SELECT hops_seen, hops_recorded + hops_dropped FROM captures WHERE id = ?", (self.capture_id,)
+            ).fetchone()
 
     def _analyze(self, since: float):
         from hoptrace.analyzer import analyze

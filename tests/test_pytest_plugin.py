@@ -9,13 +9,17 @@ suite's own session fixture (`hoptrace stack` as a child), or by the stack file'
 
 from __future__ import annotations
 
+import argparse
 import json
+import socket
 import sqlite3
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from .conftest import free_port
 
@@ -68,6 +72,8 @@ def headers(base_url, hoptrace_requests):
     assert hoptrace_requests.post(f"{base_url}/auth/register", json=creds).status_code == 201
     response = hoptrace_requests.post(f"{base_url}/auth/login", json=creds)
     assert response.status_code == 200
+    with open("tokens.txt", "a") as canaries:  # for the outer test to grep hoptrace's outputs
+        canaries.write(response.json()["token"] + "\\n")
     return {"Authorization": f"Bearer {response.json()['token']}"}
 
 def test_complete_purchase_flow(base_url, headers, hoptrace_requests):
@@ -123,6 +129,10 @@ def test_httpx_and_aiohttp_clients_carry_the_header_too(base_url, headers, hoptr
             async with session.get(f"{base_url}/products?by=aiohttp") as response:
                 assert response.status == 200
     asyncio.run(browse())
+
+def test_a_plain_client_is_found_by_its_window(base_url, headers):
+    for _ in range(2):
+        assert requests.get(f"{base_url}/products?by=plain", headers=headers).status_code == 200
 
 def test_the_capture_can_be_analyzed_during_the_session(hoptrace):
     analysis = hoptrace.analysis()
@@ -181,6 +191,8 @@ def test_expired_token_fails_checkout_and_its_report_names_the_finding(pytester,
     assert "Failing request" in section and "POST /checkout 401" in section
     assert "error expired_mid_flow" in section and "payment -> auth" in section
     assert "└─ auth POST /introspect" in section
+    section = section[: section.index("= PASSES =")]
+    assert not any(t.rpartition(".")[2] in section for t in (pytester.path / "tokens.txt").read_text().split())
     junit = _junit(tmp_path / "junit.xml")
     findings = junit["test_complete_purchase_flow"]["hoptrace_finding"]
     assert any("expired_mid_flow" in f and "payment -> auth" in f for f in findings)
@@ -201,7 +213,7 @@ def test_without_the_fault_every_test_passes_attribution_is_exact_and_coverage_i
         pytester, monkeypatch, None, "--hoptrace", str(stack), *specs, f"--junitxml={tmp_path / 'junit.xml'}",
         f"--hoptrace-report={tmp_path / 'report.html'}", suite=SUITE + INTERLEAVED,
     )  # fmt: skip
-    result.assert_outcomes(passed=6)
+    result.assert_outcomes(passed=7)
     out = result.stdout.str()
     summary = out[out.index("= hoptrace ="):]
     assert "no error finding" in summary
@@ -217,12 +229,15 @@ def test_without_the_fault_every_test_passes_attribution_is_exact_and_coverage_i
     junit = _junit(tmp_path / "junit.xml")
     quiet = "test_the_capture_can_be_analyzed_during_the_session"  # sends nothing: found by its window
     assert junit.pop(quiet)["hoptrace_attribution"] == ["window"]
+    plain = "test_a_plain_client_is_found_by_its_window"  # register and login by header, then a plain client
+    assert junit.pop(plain)["hoptrace_attribution"] == ["header+window"]
     assert all(props["hoptrace_attribution"] == ["header"] for props in junit.values())
     tests = {t["nodeid"].rpartition("::")[2]: t for t in json.loads(Path(f"{db}.tests.json").read_text())["tests"]}
-    assert all(t["by"] == "header" for name, t in tests.items() if name != quiet)
+    assert all(t["by"] == "header" for name, t in tests.items() if name not in (quiet, plain))
     with sqlite3.connect(db) as conn:
         rows = conn.execute("SELECT id, started_at, path, query FROM hops WHERE service = 'gateway' ORDER BY started_at").fetchall()
     by = {hop: query for hop, _, _, query in rows}
+    assert sorted(str(by[h]) for h in tests[plain]["requests"]) == ["None", "None", "by=plain", "by=plain"]
     a, b = tests["test_background_browsing"]["requests"], tests["test_browsing_while_another_test_browses"]["requests"]
     assert [by[h] for h in a].count("by=a") == 12 and len(a) == 14  # register, login, 12 from the thread
     assert [by[h] for h in b].count("by=b") == 6 and len(b) == 8
@@ -234,7 +249,11 @@ def test_without_the_fault_every_test_passes_attribution_is_exact_and_coverage_i
     assert tests[quiet]["requests"] == []
     order = "".join(q[-1] for _, _, _, q in rows if q in ("by=a", "by=b"))
     assert "ab" in order and "ba" in order, order  # they did interleave
-    assert "test_complete_purchase_flow]" in (tmp_path / "report.html").read_text()
+    report = (tmp_path / "report.html").read_text()
+    assert "test_complete_purchase_flow]" in report
+    outputs = [report, Path(f"{db}.tests.json").read_text(), summary]
+    tokens = (pytester.path / "tokens.txt").read_text().split()
+    assert len(tokens) == 6 and not any(t in o or t.rpartition(".")[2] in o for t in tokens for o in outputs)
 
 
 def test_fail_on_fails_the_checkout_test_whose_asserts_passed(pytester, monkeypatch, tmp_path):
@@ -263,11 +282,47 @@ def test_the_severities_are_the_analyzers():
 def test_bad_options_are_one_usage_error(pytester, tmp_path):
     stack = _stack_file(tmp_path / "stack.toml", tmp_path / "traces.db")
     pytester.makepyfile("def test_nothing(): pass")
-    bad_kind = pytester.runpytest_subprocess("--hoptrace", str(stack), "--hoptrace-fail-on", "expired", timeout=60)
+    # In-process: the options are refused before anything starts.
+    bad_kind = pytester.runpytest("--hoptrace", str(stack), "--hoptrace-fail-on", "expired")
     assert bad_kind.ret == pytest.ExitCode.USAGE_ERROR
     assert "'expired' is neither a finding kind" in bad_kind.stderr.str()
-    bad_route = pytester.runpytest_subprocess("--hoptrace-route", "gateway=ftp://x@1", timeout=60)
+    bad_route = pytester.runpytest("--hoptrace-route", "gateway=ftp://x@1")
     assert bad_route.ret == pytest.ExitCode.USAGE_ERROR and "must be an http://" in bad_route.stderr.str()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = pytester.runpytest_subprocess("--hoptrace-route", f"gateway=http://127.0.0.1:{free_port()}@{port}", timeout=60)
+    assert busy.ret == pytest.ExitCode.USAGE_ERROR
+    assert f"hoptrace: hoptrace proxy did not start (Error: route gateway: port 127.0.0.1:{port} is already in use)" in busy.stdout.str()
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    routes=st.lists(st.text(max_size=40) | st.from_regex(r"[a-z]{1,6}=https?://127\.0\.0\.1:[0-9]{1,6}@[0-9]{1,6}", fullmatch=True), max_size=3),
+    fail_on=st.none() | st.text(max_size=30) | st.sampled_from(["error", "expired_mid_flow,warning", " , "]),
+    stack=st.none() | st.text(max_size=200),
+)
+def test_any_option_value_is_accepted_or_one_clear_error(tmp_path, routes, fail_on, stack):
+    from hoptrace._errors import HoptraceError
+    from hoptrace.pytest_plugin import Settings
+
+    stack_file = None
+    if stack is not None:
+        stack_file = tmp_path / "stack.toml"
+        stack_file.write_text(stack, encoding="utf-8", errors="surrogateescape")
+    opt = argparse.Namespace(
+        hoptrace_stack=stack_file, hoptrace_routes=routes, hoptrace_entry=None, hoptrace_db=None,
+        hoptrace_fail_on=fail_on, hoptrace_report=None, hoptrace_openapi=[],
+    )  # fmt: skip
+    if not routes and stack is None:
+        return  # the plugin stays off
+    try:
+        settings_ = Settings.from_options(opt)
+    except HoptraceError as exc:
+        assert str(exc) and "\n" not in str(exc)
+    else:
+        assert settings_.routes and settings_.entry in {r.name for r in settings_.routes}
 
 
 def test_the_plugin_is_inert_without_its_options(pytester):

@@ -7,15 +7,14 @@ The ``hoptrace coverage`` command lives in ``hoptrace._coverage_cli``, outside t
 package, so that ``hoptrace --help`` does not load pandas.
 """
 
-from hoptrace.coverage._errors import CoverageError
+from hoptrace._openapi import OpenAPIError, Operation, load_spec, load_specs, parse_spec_arg
 from hoptrace.coverage._model import CLIENT, Coverage, caller_services, compare, coverage_of, coverage_of_db
-from hoptrace.coverage._openapi import Operation, load_spec, load_specs, parse_spec_arg
 from hoptrace.coverage._render import render_comparison, render_json, render_markdown, render_text
 
 __all__ = [
     "CLIENT",
     "Coverage",
-    "CoverageError",
+    "OpenAPIError",
     "Operation",
     "caller_services",
     "compare",

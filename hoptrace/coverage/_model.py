@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from hoptrace.analyzer._prepare import normalise_path
-from hoptrace.coverage._openapi import Operation, response_seen
+from hoptrace._openapi import Operation, response_seen
 
 CLIENT = "client"
 

@@ -1,4 +1,8 @@
-"""OpenAPI 3 documents as the operations a service promises: method, path template, response codes."""
+"""OpenAPI 3 documents as the operations a service promises: method, path template, response codes.
+
+Outside the coverage package and free of pandas, so the pytest plugin can check its
+``--hoptrace-openapi`` documents before the session starts.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from hoptrace.coverage._errors import CoverageError
+from hoptrace._errors import HoptraceError
+
+class OpenAPIError(HoptraceError):
+    """An OpenAPI document, or a SERVICE=FILE argument naming one, cannot be used."""
+
 
 _METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 _PARAM = re.compile(r"\{[^/{}]+\}")
@@ -35,35 +43,35 @@ def parse_spec_arg(value: str) -> tuple[str, Path]:
     """``NAME=FILE`` -> (service, path)."""
     name, sep, file = value.partition("=")
     if not sep or not name.strip() or not file.strip():
-        raise CoverageError(f"--openapi {value!r}: expected SERVICE=FILE, e.g. gateway=openapi/gateway.yaml")
+        raise OpenAPIError(f"--openapi {value!r}: expected SERVICE=FILE, e.g. gateway=openapi/gateway.yaml")
     return name.strip(), Path(file.strip())
 
 
 def load_spec(service: str, path: Path) -> list[Operation]:
-    """The operations of one OpenAPI 3 document (YAML or JSON); CoverageError names what is wrong."""
+    """The operations of one OpenAPI 3 document (YAML or JSON); OpenAPIError names what is wrong."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise CoverageError(f"{path}: no such OpenAPI document") from None
+        raise OpenAPIError(f"{path}: no such OpenAPI document") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise CoverageError(f"{path}: cannot read the OpenAPI document ({exc})") from None
+        raise OpenAPIError(f"{path}: cannot read the OpenAPI document ({exc})") from None
     document = _parse(path, text)
     if not isinstance(document, dict) or not str(document.get("openapi", "")).startswith("3"):
-        raise CoverageError(f"{path}: not an OpenAPI 3 document (no 'openapi: 3.x' at the top)")
+        raise OpenAPIError(f"{path}: not an OpenAPI 3 document (no 'openapi: 3.x' at the top)")
     paths = document.get("paths")
     if not isinstance(paths, dict):
-        raise CoverageError(f"{path}: 'paths' must be a mapping of path templates")
+        raise OpenAPIError(f"{path}: 'paths' must be a mapping of path templates")
     operations = []
     for template, item in paths.items():
         if not isinstance(template, str) or not template.startswith("/") or not isinstance(item, dict):
-            raise CoverageError(f"{path}: path {template!r} must start with '/' and hold a mapping of operations")
+            raise OpenAPIError(f"{path}: path {template!r} must start with '/' and hold a mapping of operations")
         for method in _METHODS:
             op = item.get(method)
             if op is None:
                 continue
             responses = op.get("responses") if isinstance(op, dict) else None
             if not isinstance(responses, dict):
-                raise CoverageError(f"{path}: {method.upper()} {template} needs a 'responses' mapping")
+                raise OpenAPIError(f"{path}: {method.upper()} {template} needs a 'responses' mapping")
             op_id = op.get("operationId")
             operations.append(
                 Operation(service, method.upper(), template, str(op_id) if op_id is not None else None, tuple(map(str, responses)))
@@ -76,17 +84,17 @@ def _parse(path: Path, text: str):
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:
-            raise CoverageError(f"{path}: not valid JSON ({exc})") from None
+            raise OpenAPIError(f"{path}: not valid JSON ({exc})") from None
     try:
         import yaml
     except ImportError:
-        raise CoverageError(f"{path}: reading YAML needs PyYAML (pip install 'hoptrace[coverage]'), or give JSON") from None
+        raise OpenAPIError(f"{path}: reading YAML needs PyYAML (pip install 'hoptrace[coverage]'), or give JSON") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""
-        raise CoverageError(f"{path}: not valid YAML{at}") from None
+        raise OpenAPIError(f"{path}: not valid YAML{at}") from None
 
 
 def response_seen(documented: str, statuses: set[int]) -> bool:
