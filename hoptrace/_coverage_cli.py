@@ -34,7 +34,9 @@ FORMATS = ("text", "markdown", "json")
     metavar="OTHER_DB",
     help="Show what DB exercised that OTHER_DB did not, and what it lost.",
 )
-@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True, path_type=Path), help="Write here instead of stdout.")
+@click.option(
+    "--output", "-o", type=click.Path(dir_okay=False, writable=True, path_type=Path), help="Write here instead of stdout."
+)
 def coverage(db: Path, specs: tuple[str, ...], fmt: str, base: Path | None, output: Path | None) -> None:
     """Interaction coverage of a trace file: endpoints exercised per service with the status
     classes seen, each caller -> callee call, and, given OpenAPI documents, the operations

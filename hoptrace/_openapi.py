@@ -6,12 +6,14 @@ Outside the coverage package and free of pandas, so the pytest plugin can check 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from hoptrace._errors import HoptraceError
+
 
 class OpenAPIError(HoptraceError):
     """An OpenAPI document, or a SERVICE=FILE argument naming one, cannot be used."""
@@ -33,6 +35,7 @@ class Operation:
         return method == self.method and _template_regex(self.template).fullmatch(path) is not None
 
 
+@functools.lru_cache(maxsize=1024)
 def _template_regex(template: str) -> re.Pattern:
     # A path parameter is one segment (OpenAPI 3: path parameters never contain "/").
     parts = _PARAM.split(template)
@@ -74,7 +77,9 @@ def load_spec(service: str, path: Path) -> list[Operation]:
                 raise OpenAPIError(f"{path}: {method.upper()} {template} needs a 'responses' mapping")
             op_id = op.get("operationId")
             operations.append(
-                Operation(service, method.upper(), template, str(op_id) if op_id is not None else None, tuple(map(str, responses)))
+                Operation(
+                    service, method.upper(), template, str(op_id) if op_id is not None else None, tuple(map(str, responses))
+                )
             )
     return operations
 
@@ -85,12 +90,16 @@ def _parse(path: Path, text: str):
             return json.loads(text)
         except json.JSONDecodeError as exc:
             raise OpenAPIError(f"{path}: not valid JSON ({exc})") from None
+        except RecursionError:
+            raise OpenAPIError(f"{path}: nested too deeply to read") from None
     try:
         import yaml
     except ImportError:
         raise OpenAPIError(f"{path}: reading YAML needs PyYAML (pip install 'hoptrace[coverage]'), or give JSON") from None
     try:
         return yaml.safe_load(text)
+    except RecursionError:
+        raise OpenAPIError(f"{path}: nested too deeply to read") from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""

@@ -68,7 +68,8 @@ def _finding_line(f: dict) -> str:
 
 def _request_line(analysis, root: int) -> str:
     r = analysis.hops.loc[root]
-    return f"request {root}: {_clean(r['service'], 40)} {_clean(r['endpoint'], 80)} {_status(r['status'], r['failed'])} in {_ms(r['duration_ms'])}"
+    status = _status(r["status"], r["failed"])
+    return f"request {root}: {_clean(r['service'], 40)} {_clean(r['endpoint'], 80)} {status} in {_ms(r['duration_ms'])}"
 
 
 def failing_request(test, analysis) -> int | None:
@@ -88,10 +89,9 @@ def section(test, analysis, root: int | None = None) -> str:
     how = {"header": "by its X-Hoptrace-Test header", "window": "by the test's time window"}.get(
         test.by, "by its header, and untagged ones by the test's time window"
     )
+    errors, warnings = _count(int(counts.get("error", 0)), "error"), _count(int(counts.get("warning", 0)), "warning")
     lines = [
-        f"{_count(len(test.roots), 'request')} of this test ({how}): "
-        f"{_count(int(counts.get('error', 0)), 'error')}, {_count(int(counts.get('warning', 0)), 'warning')}, "
-        f"{int(counts.get('info', 0))} info"
+        f"{_count(len(test.roots), 'request')} of this test ({how}): {errors}, {warnings}, {int(counts.get('info', 0))} info"
     ]
     if not test.complete:
         lines.append("note: the proxy had not written all of them within 5 s; some may be missing")
@@ -132,7 +132,9 @@ def write_attribution(tests, path: Path) -> Path:
          "findings": t.findings}
         for t in tests
     ]  # fmt: skip
-    path.write_text(json.dumps({"format": "hoptrace-tests", "version": 1, "tests": rows}, indent=1, default=str), encoding="utf-8")
+    path.write_text(
+        json.dumps({"format": "hoptrace-tests", "version": 1, "tests": rows}, indent=1, default=str), encoding="utf-8"
+    )
     return path
 
 
@@ -143,7 +145,7 @@ def summary(plugin, analysis) -> list[str]:
     f = analysis.findings
     counts = f["severity"].value_counts()
     lines = [
-        f"trace: {plugin.capture.db}  ({plugin.proxy_summary.removeprefix('hoptrace proxy: ') or 'proxy summary missing'})",
+        f"trace: {plugin.capture.db} ({plugin.proxy_summary})",
         f"{_count(int((analysis.hops['depth'] == 0).sum()), 'request')} from {_count(len(plugin.tests), 'test')}; "
         + ("no error finding" if not counts.get("error", 0) else _count(int(counts['error']), 'error finding'))
         + f", {_count(int(counts.get('warning', 0)), 'warning')}, {int(counts.get('info', 0))} info",

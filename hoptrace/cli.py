@@ -10,8 +10,8 @@ import click
 
 from hoptrace import __version__
 from hoptrace._click import BadInput, OneLineGroup, exit_2_on_bad_input
-from hoptrace.analyzer._cli import analyze
 from hoptrace._coverage_cli import coverage
+from hoptrace.analyzer._cli import analyze
 from hoptrace.plot._cli import plot, report
 from hoptrace.stack._cli import stack
 

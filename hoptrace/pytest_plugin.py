@@ -40,24 +40,39 @@ secret), so it is in ``hops.request_headers`` of the request's entry hop."""
 # recorder batches flows for up to 0.1 s before a write (addons/_writer.py linger).
 _FLUSH_TIMEOUT = 5.0
 _SETTLE = 0.3
-_PROXY_START_TIMEOUT = 60.0
+_START_TIMEOUT = 60.0
 _STOP_TIMEOUT = 30.0
-_TREE_LINES = 40
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("hoptrace", "hoptrace: record the stack under test, diagnose failures between services")
-    group.addoption("--hoptrace", dest="hoptrace_stack", metavar="STACK.toml",
-                    help="Run `hoptrace proxy` with this stack file (its [routes.NAME] tables) for the session.")
-    group.addoption("--hoptrace-route", dest="hoptrace_routes", action="append", default=[], metavar="NAME=URL@PORT",
-                    help="A route of the proxy, instead of a stack file (repeatable).")
-    group.addoption("--hoptrace-entry", metavar="NAME", help="The route client requests enter by (default: the stack file's, or the first).")
-    group.addoption("--hoptrace-db", metavar="PATH", help="Trace file to record into (default: one under pytest's tmp folder).")
-    group.addoption("--hoptrace-fail-on", metavar="KIND|SEVERITY[,...]",
-                    help="Fail a test whose requests carry a finding of these kinds or severities, e.g. expired_mid_flow,error.")
-    group.addoption("--hoptrace-report", metavar="FILE.html", help="Write the HTML report of the session, findings labelled with their test.")
-    group.addoption("--hoptrace-openapi", action="append", default=[], metavar="SERVICE=FILE",
-                    help="An OpenAPI 3 document of a service, for the coverage in the summary (repeatable).")  # fmt: skip
+    option = group.addoption
+    option(
+        "--hoptrace",
+        dest="hoptrace_stack",
+        metavar="STACK.toml",
+        help="Run `hoptrace proxy` with this stack file (its [routes.NAME] tables) for the session.",
+    )
+    option(
+        "--hoptrace-route",
+        dest="hoptrace_routes",
+        action="append",
+        default=[],
+        metavar="NAME=URL@PORT",
+        help="A route of the proxy, instead of a stack file (repeatable).",
+    )
+    option(
+        "--hoptrace-entry", metavar="NAME", help="The route client requests enter by (default: the stack file's, or the first)."
+    )
+    option("--hoptrace-db", metavar="PATH", help="Trace file to record into (default: one under pytest's tmp folder).")
+    option(
+        "--hoptrace-fail-on",
+        metavar="KIND|SEVERITY[,...]",
+        help="Fail a test whose requests carry a finding of these kinds or severities, e.g. expired_mid_flow,error.",
+    )
+    option("--hoptrace-report", metavar="FILE.html", help="Write the session's HTML report, findings labelled with their test.")
+    option("--hoptrace-openapi", action="append", default=[], metavar="SERVICE=FILE",
+           help="An OpenAPI 3 document of a service, for the coverage in the summary (repeatable).")  # fmt: skip
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -145,7 +160,10 @@ def _fail_on(value: str | None) -> frozenset[str]:
 
     names = frozenset(v.strip() for v in (value or "").split(",") if v.strip())
     if unknown := sorted(names - set(KINDS) - set(SEVERITIES)):
-        raise _bad(f"--hoptrace-fail-on: {unknown[0]!r} is neither a finding kind ({', '.join(KINDS)}) nor a severity ({', '.join(SEVERITIES)})")
+        raise _bad(
+            f"--hoptrace-fail-on: {unknown[0]!r} is neither a finding kind ({', '.join(KINDS)})"
+            f" nor a severity ({', '.join(SEVERITIES)})"
+        )
     return names
 
 
@@ -256,6 +274,7 @@ class CapturePlugin:
         self.tests: dict[str, RequestsOfTest] = {}
         self.analysis = None
         self.proxy_summary = ""
+        self.problem: str | None = None
         self._lock = threading.Lock()
 
     # hooks, in the order pytest calls them
@@ -268,9 +287,9 @@ class CapturePlugin:
         if s.command:
             self.stack = _Child(s.command)
         self.proxy = _Child([sys.executable, "-m", "hoptrace", "proxy", "--db", str(db), "--entry", s.entry, *routes])
-        self.proxy.wait_until(lambda: any("proxy ready" in line for line in self.proxy.lines), _PROXY_START_TIMEOUT, "hoptrace proxy")
+        self.proxy.wait_until(lambda: any("proxy ready" in ln for ln in self.proxy.lines), _START_TIMEOUT, "hoptrace proxy")
         if self.stack is not None:
-            self.stack.wait_until(lambda: all(_accepts(r.upstream) for r in s.routes), _PROXY_START_TIMEOUT, "the stack's command")
+            self.stack.wait_until(lambda: all(_accepts(r.upstream) for r in s.routes), _START_TIMEOUT, "the stack's command")
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
             self.capture_id = conn.execute("SELECT max(id) FROM captures").fetchone()[0]
         self.capture = Capture(
@@ -295,9 +314,14 @@ class CapturePlugin:
         if not wanted:
             return
         from hoptrace import _pytest_report as diag
+        from hoptrace._errors import HoptraceError
 
         test.complete = self.wait_for_writes(test.end, item.nodeid, self.sent.get(item.nodeid, 0))
-        analysis = self._analyze(since=test.start)
+        try:
+            analysis = self._analyze(since=test.start)
+        except HoptraceError as exc:  # the trace cannot be read: say so, keep the test's own outcome
+            report.sections.append(("hoptrace: this test's requests", f"hoptrace could not analyze the trace: {exc}"))
+            return
         diag.attribute(test, self._entry_hops(), analysis)
         item.user_properties.extend(diag.properties(test))
         if report.failed:
@@ -307,29 +331,35 @@ class CapturePlugin:
             report.longrepr = diag.fail_on_message(test, hits, self.settings.fail_on, analysis)
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        if self.stack is not None:
-            self.stack.stop()
-        if self.proxy is None:
+        for child in (self.stack, self.proxy):
+            if child is not None:
+                child.stop()
+        if self.capture is None:  # the proxy never started
             return
-        self.proxy.stop()
-        self.proxy_summary = next((ln for ln in reversed(self.proxy.lines) if "hops recorded" in ln), "")
+        summary = next((ln for ln in reversed(self.proxy.lines) if "hops recorded" in ln), "no summary from the proxy")
+        self.proxy_summary = summary.removeprefix("hoptrace proxy: ").partition(" -> ")[0]
         from hoptrace import _pytest_report as diag
+        from hoptrace._errors import HoptraceError
 
-        self.analysis = self._analyze(since=self.started_at)
-        entry_hops = self._entry_hops()
-        for test in self.tests.values():
-            diag.attribute(test, entry_hops, self.analysis)
-        diag.write_attribution(self.tests.values(), self.attribution_path)
-        if self.settings.report is not None:
-            diag.write_report(self.analysis, self.tests.values(), self.settings.report)
+        try:
+            self.analysis = self._analyze(since=self.started_at)
+            entry_hops = self._entry_hops()
+            for test in self.tests.values():
+                diag.attribute(test, entry_hops, self.analysis)
+            diag.write_attribution(self.tests.values(), self.attribution_path)
+            if self.settings.report is not None:
+                diag.write_report(self.analysis, self.tests.values(), self.settings.report)
+        except HoptraceError as exc:  # no usable trace, or no hops for a report: one line in the summary
+            self.problem = str(exc)
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
-        if self.analysis is None:
+        if self.capture is None:
             return
         from hoptrace import _pytest_report as diag
 
         terminalreporter.write_sep("=", "hoptrace")
-        for line in diag.summary(self, self.analysis):
+        lines = diag.summary(self, self.analysis) if self.analysis is not None else []
+        for line in [*lines, *([f"hoptrace: {self.problem}"] if self.problem else [])]:
             terminalreporter.write_line(line)
 
     @property
@@ -462,4 +492,3 @@ def hoptrace_aiohttp(request: pytest.FixtureRequest, hoptrace_headers: dict[str,
         return aiohttp.ClientSession(headers=headers, trace_configs=[trace, *kwargs.pop("trace_configs", [])], **kwargs)
 
     return make
-

@@ -121,6 +121,7 @@ def test_cli_formats(tmp_path):
         (["missing.db"], "missing.db"),
         ([SAMPLES / "clean.db", "--openapi", "gateway"], "expected SERVICE=FILE"),
         ([SAMPLES / "clean.db", "--openapi", "gateway=nowhere.yaml"], "no such OpenAPI document"),
+        ([SAMPLES / "clean.db", "--openapi", f"gateway={SAMPLES / 'clean.db'}"], "cannot read the OpenAPI document"),
     ],
 )
 def test_bad_arguments_are_one_line_and_exit_2(args, message):

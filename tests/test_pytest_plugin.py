@@ -95,7 +95,7 @@ def test_token_validation_direct(base_url, headers, hoptrace_requests):
 # Two tests whose requests interleave: the first leaves a thread browsing (its own
 # requests.Session, marked with the first test's header) that goes on once the second
 # test has started, while the second browses too.
-INTERLEAVED = '''
+INTERLEAVED = """
 import threading, time
 import requests
 
@@ -138,7 +138,7 @@ def test_the_capture_can_be_analyzed_during_the_session(hoptrace):
     analysis = hoptrace.analysis()
     assert (analysis.hops["depth"] == 0).sum() >= 20
     assert "duplicate_validation" in set(analysis.findings["kind"])
-'''
+"""
 
 
 def _stack_file(path: Path, db: Path, stack_args: str | None = None) -> Path:
@@ -174,7 +174,9 @@ def _run(pytester: pytest.Pytester, monkeypatch, stack_args: str | None, *args: 
     else:
         monkeypatch.setenv("STACK_ARGS", stack_args)
     # Without the plugins this suite does not use: hypothesis' summary alone takes seconds.
-    return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-p", "no:anyio", "-rA", *args, timeout=120)
+    return pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-p", "no:anyio", "-rA", *args, timeout=120
+    )
 
 
 def test_expired_token_fails_checkout_and_its_report_names_the_finding(pytester, monkeypatch, tmp_path):
@@ -186,7 +188,7 @@ def test_expired_token_fails_checkout_and_its_report_names_the_finding(pytester,
     assert "FAILED test_checkout_flow.py::test_complete_purchase_flow" in out
     # The failing test's section: its requests found by header, the finding with payment
     # as the caller, the checkout's hop tree.
-    section = out[out.index("hoptrace: this test's requests"):]
+    section = out[out.index("hoptrace: this test's requests") :]
     assert "6 requests of this test (by its X-Hoptrace-Test header)" in section
     assert "Failing request" in section and "POST /checkout 401" in section
     assert "error expired_mid_flow" in section and "payment -> auth" in section
@@ -198,7 +200,7 @@ def test_expired_token_fails_checkout_and_its_report_names_the_finding(pytester,
     assert any("expired_mid_flow" in f and "payment -> auth" in f for f in findings)
     assert not any("expired_mid_flow" in f for f in junit["test_token_validation_direct"].get("hoptrace_finding", []))
     # The session summary, after the proxy stopped and flushed.
-    summary = out[out.index("= hoptrace ="):]
+    summary = out[out.index("= hoptrace =") :]
     assert "1 error finding" in summary and "test_complete_purchase_flow: " in summary
     assert "hops recorded, 0 dropped" in summary
     with sqlite3.connect(db) as conn:
@@ -215,10 +217,10 @@ def test_without_the_fault_every_test_passes_attribution_is_exact_and_coverage_i
     )  # fmt: skip
     result.assert_outcomes(passed=7)
     out = result.stdout.str()
-    summary = out[out.index("= hoptrace ="):]
+    summary = out[out.index("= hoptrace =") :]
     assert "no error finding" in summary
     # Coverage: exactly the documented operations this suite never calls.
-    never = summary[summary.index("Documented operations never called: 6"):].splitlines()[2:8]
+    never = summary[summary.index("Documented operations never called: 6") :].splitlines()[2:8]
     assert sorted(" ".join(line.split()[:3]) for line in never) == sorted(
         ["gateway GET /products/{product_id}", *(f"{n} GET /_stats" for n in SERVICES)]
     )
@@ -235,7 +237,9 @@ def test_without_the_fault_every_test_passes_attribution_is_exact_and_coverage_i
     tests = {t["nodeid"].rpartition("::")[2]: t for t in json.loads(Path(f"{db}.tests.json").read_text())["tests"]}
     assert all(t["by"] == "header" for name, t in tests.items() if name not in (quiet, plain))
     with sqlite3.connect(db) as conn:
-        rows = conn.execute("SELECT id, started_at, path, query FROM hops WHERE service = 'gateway' ORDER BY started_at").fetchall()
+        rows = conn.execute(
+            "SELECT id, started_at, path, query FROM hops WHERE service = 'gateway' ORDER BY started_at"
+        ).fetchall()
     by = {hop: query for hop, _, _, query in rows}
     assert sorted(str(by[h]) for h in tests[plain]["requests"]) == ["None", "None", "by=plain", "by=plain"]
     a, b = tests["test_background_browsing"]["requests"], tests["test_browsing_while_another_test_browses"]["requests"]
@@ -263,13 +267,15 @@ def test_fail_on_fails_the_checkout_test_whose_asserts_passed(pytester, monkeypa
     # Its asserts pass (checkout answers 200), yet the gateway and payment both validated the token.
     assert "FAILED test_checkout_flow.py::test_complete_purchase_flow - hoptrace" in out
     assert "Checkout failed" not in out
-    failure = out[out.index("_ test_complete_purchase_flow _"):]
+    failure = out[out.index("_ test_complete_purchase_flow _") :]
     assert failure.startswith("_ test_complete_purchase_flow _")
     assert "hoptrace: --hoptrace-fail-on duplicate_validation: 1 finding on this test's requests" in failure
     # The request it is on, with its finding and its tree: two validations of one token.
     request = failure[failure.index("request ") :]
     assert request.startswith("request ") and "gateway POST /checkout 200" in request.splitlines()[0]
-    assert "warning duplicate_validation" in request and "├─ auth GET /verify" in request and "└─ auth POST /introspect" in request
+    assert (
+        "warning duplicate_validation" in request and "├─ auth GET /verify" in request and "└─ auth POST /introspect" in request
+    )
 
 
 def test_the_severities_are_the_analyzers():
@@ -294,12 +300,18 @@ def test_bad_options_are_one_usage_error(pytester, tmp_path):
         port = taken.getsockname()[1]
         busy = pytester.runpytest_subprocess("--hoptrace-route", f"gateway=http://127.0.0.1:{free_port()}@{port}", timeout=60)
     assert busy.ret == pytest.ExitCode.USAGE_ERROR
-    assert f"hoptrace: hoptrace proxy did not start (Error: route gateway: port 127.0.0.1:{port} is already in use)" in busy.stdout.str()
+    assert (
+        f"hoptrace: hoptrace proxy did not start (Error: route gateway: port 127.0.0.1:{port} is already in use)"
+        in busy.stdout.str()
+    )
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    routes=st.lists(st.text(max_size=40) | st.from_regex(r"[a-z]{1,6}=https?://127\.0\.0\.1:[0-9]{1,6}@[0-9]{1,6}", fullmatch=True), max_size=3),
+    routes=st.lists(
+        st.text(max_size=40) | st.from_regex(r"[a-z]{1,6}=https?://127\.0\.0\.1:[0-9]{1,6}@[0-9]{1,6}", fullmatch=True),
+        max_size=3,
+    ),
     fail_on=st.none() | st.text(max_size=30) | st.sampled_from(["error", "expired_mid_flow,warning", " , "]),
     stack=st.none() | st.text(max_size=200),
 )

@@ -9,10 +9,11 @@ edge, and checked against the documented operations.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import pandas as pd
 
-from hoptrace.analyzer._prepare import normalise_path
 from hoptrace._openapi import Operation, response_seen
+from hoptrace.analyzer._prepare import normalise_path
 
 CLIENT = "client"
 
@@ -38,7 +39,6 @@ class Coverage:
         """Exercised endpoints that never answered 4xx, 5xx or failed: their error paths went untested."""
         e = self.endpoints
         return e[~e["classes"].map(lambda classes: any(k not in ("2xx", "3xx") for k in classes)).astype(bool)]
-
 
 
 def coverage_of(analysis, operations: list[Operation] = ()) -> Coverage:
@@ -122,8 +122,7 @@ def _edges(hops: pd.DataFrame) -> pd.DataFrame:
 
 def _operations(hops: pd.DataFrame, operations: list[Operation]) -> pd.DataFrame:
     seen = {
-        key: set(group["status"].dropna().astype(int))
-        for key, group in hops.groupby(["service", "method", "path"], sort=False)
+        key: set(group["status"].dropna().astype(int)) for key, group in hops.groupby(["service", "method", "path"], sort=False)
     }
     rows = []
     for op in operations:
@@ -136,6 +135,7 @@ def _operations(hops: pd.DataFrame, operations: list[Operation]) -> pd.DataFrame
 
 def compare(base: Coverage, new: Coverage) -> dict[str, dict[str, list[str]]]:
     """What ``new`` exercised that ``base`` did not (``added``) and the reverse (``lost``)."""
+
     def keys(c: Coverage) -> dict[str, set[str]]:
         return {
             "endpoints": {f"{r.service} {r.method} {r.path}" for r in c.endpoints.itertuples()},

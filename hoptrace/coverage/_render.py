@@ -57,8 +57,10 @@ def _sections(c: Coverage) -> list[tuple[str, list[str], list[list[str]]]]:
         (
             "Error paths never exercised (no 4xx, 5xx or failure seen)",
             ["SERVICE", "ENDPOINT", "STATUSES SEEN"],
-            [[_clean(r.service, 40), f"{r.method} {_clean(r.path, 80)}", ", ".join(map(str, r.statuses))]
-             for r in c.errors_never_seen.itertuples()],
+            [
+                [_clean(r.service, 40), f"{r.method} {_clean(r.path, 80)}", ", ".join(map(str, r.statuses))]
+                for r in c.errors_never_seen.itertuples()
+            ],
         )
     )
     return sections
@@ -106,7 +108,9 @@ def _plain(value):
 
 def render_comparison(diff: dict[str, dict[str, list[str]]], base: str, new: str, fmt: str) -> str:
     if fmt == "json":
-        return json.dumps({"format": f"{JSON_FORMAT}-comparison", "version": JSON_VERSION, "base": base, "new": new, **diff}, indent=2)
+        return json.dumps(
+            {"format": f"{JSON_FORMAT}-comparison", "version": JSON_VERSION, "base": base, "new": new, **diff}, indent=2
+        )
     bullet = "- " if fmt == "markdown" else "  "
     out = [f"{'## ' if fmt == 'markdown' else ''}Coverage of {_clean(new)} compared with {_clean(base)}"]
     for what, change in diff.items():
