@@ -72,6 +72,27 @@ def _request_line(analysis, root: int) -> str:
     return f"request {root}: {_clean(r['service'], 40)} {_clean(r['endpoint'], 80)} {status} in {_ms(r['duration_ms'])}"
 
 
+def token_story(analysis, root: int) -> str | None:
+    """The request's token validations in order, who asked and with how much life left:
+    ``POST /checkout 401: gateway validated the token (auth GET /verify) with 1.6 s left;
+    payment validated it (auth POST /introspect) 0.6 s after exp``."""
+    hops = analysis.trace_hops(root)
+    checks = hops[hops["is_validation"].to_numpy(bool) & (hops["depth"].to_numpy() > 0)]
+    steps = []
+    for hop, service, endpoint, left in zip(checks.index, checks["service"], checks["endpoint"], checks["remaining_s"]):
+        if pd.isna(left):
+            continue
+        caller = caller_of({"hop_ids": [hop]}, analysis.hops) or "?"
+        when = f"with {left:.1f} s left" if left >= 0 else f"{-left:.1f} s after exp"
+        steps.append(
+            f"{_clean(caller, 40)} validated {'it' if steps else 'the token'} ({_clean(service, 40)} {_clean(endpoint, 80)}) {when}"
+        )
+    if not steps:
+        return None
+    r = analysis.hops.loc[root]
+    return f"{_clean(r['endpoint'], 80)} {_status(r['status'], r['failed'])}: " + "; ".join(steps)
+
+
 def failing_request(test, analysis) -> int | None:
     """The request to draw: the test's last one answered >= 400 or not at all, else the one of its first error finding."""
     hops = analysis.hops
@@ -101,6 +122,8 @@ def section(test, analysis, root: int | None = None) -> str:
     if root is not None:
         status = analysis.hops.at[root, "status"]
         lines += ["", ("Failing " if pd.isna(status) or status >= 400 else "") + _request_line(analysis, root)]
+        if story := token_story(analysis, root):
+            lines.append(f"  {story}")
         lines += [f"  {_finding_line(f)}" for f in test.findings if f["trace"] == root]
         lines += _tree(analysis, root, _TREE_LINES)
     others = [f for f in test.findings if f["trace"] != root]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import socket
 import sqlite3
 import sys
@@ -24,7 +25,6 @@ from hypothesis import strategies as st
 from .conftest import free_port
 
 pytest_plugins = ["pytester"]
-pytestmark = pytest.mark.e2e
 
 SERVICES = ("gateway", "auth", "products", "cart", "payment")
 OPENAPI = Path(__file__).resolve().parent.parent / "hoptrace" / "stack" / "openapi"
@@ -179,6 +179,7 @@ def _run(pytester: pytest.Pytester, monkeypatch, stack_args: str | None, *args: 
     )
 
 
+@pytest.mark.e2e
 def test_expired_token_fails_checkout_and_its_report_names_the_finding(pytester, monkeypatch, tmp_path):
     db = tmp_path / "traces.db"
     stack = _stack_file(tmp_path / "stack.toml", db)
@@ -192,6 +193,9 @@ def test_expired_token_fails_checkout_and_its_report_names_the_finding(pytester,
     assert "6 requests of this test (by its X-Hoptrace-Test header)" in section
     assert "Failing request" in section and "POST /checkout 401" in section
     assert "error expired_mid_flow" in section and "payment -> auth" in section
+    story = re.search(r"POST /checkout 401: gateway validated the token \(auth GET /verify\) with (\S+) s left; "
+                      r"payment validated it \(auth POST /introspect\) (\S+) s after exp", section)  # fmt: skip
+    assert story and float(story[1]) > 0 and float(story[2]) > 0, section
     assert "└─ auth POST /introspect" in section
     section = section[: section.index("= PASSES =")]
     assert not any(t.rpartition(".")[2] in section for t in (pytester.path / "tokens.txt").read_text().split())
@@ -207,6 +211,7 @@ def test_expired_token_fails_checkout_and_its_report_names_the_finding(pytester,
         assert conn.execute("SELECT count(*) FROM hops WHERE service = 'gateway'").fetchone()[0] == 9
 
 
+@pytest.mark.e2e
 def test_without_the_fault_every_test_passes_attribution_is_exact_and_coverage_is_printed(pytester, monkeypatch, tmp_path):
     db = tmp_path / "traces.db"
     stack = _stack_file(tmp_path / "stack.toml", db, stack_args=FAULT_OFF)
@@ -260,6 +265,7 @@ def test_without_the_fault_every_test_passes_attribution_is_exact_and_coverage_i
     assert len(tokens) == 6 and not any(t in o or t.rpartition(".")[2] in o for t in tokens for o in outputs)
 
 
+@pytest.mark.e2e
 def test_fail_on_fails_the_checkout_test_whose_asserts_passed(pytester, monkeypatch, tmp_path):
     stack = _stack_file(tmp_path / "stack.toml", tmp_path / "traces.db")
     result = _run(pytester, monkeypatch, FAULT_OFF, "--hoptrace", str(stack), "--hoptrace-fail-on", "duplicate_validation")
@@ -285,6 +291,7 @@ def test_the_severities_are_the_analyzers():
     assert listed == SEVERITIES
 
 
+@pytest.mark.e2e
 def test_bad_options_are_one_usage_error(pytester, tmp_path):
     stack = _stack_file(tmp_path / "stack.toml", tmp_path / "traces.db")
     pytester.makepyfile("def test_nothing(): pass")
@@ -337,6 +344,7 @@ def test_any_option_value_is_accepted_or_one_clear_error(tmp_path, routes, fail_
         assert settings_.routes and settings_.entry in {r.name for r in settings_.routes}
 
 
+@pytest.mark.e2e
 def test_the_plugin_is_inert_without_its_options(pytester):
     pytester.makepyfile(
         """
@@ -350,3 +358,75 @@ def test_the_plugin_is_inert_without_its_options(pytester):
     result.assert_outcomes(passed=1, errors=1)
     assert "the hoptrace fixture needs pytest --hoptrace STACK.toml" in result.stdout.str()
     assert "= hoptrace =" not in result.stdout.str()
+
+
+# -- the report's pure steps, on a trace recorded from the stack (sample_traces/) ---------
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_traces"
+
+
+@pytest.fixture(scope="module")
+def expiry():
+    from hoptrace.analyzer import analyze
+
+    return analyze(SAMPLES / "checkout-expiry.db")
+
+
+def _entry_hops(analysis, tag_of):
+    roots = analysis.hops[analysis.hops["depth"] == 0]
+    return [(int(h), float(t), tag_of(int(h))) for h, t in zip(roots.index, roots["started_at"])]
+
+
+def test_the_caller_is_the_findings_own_else_the_parent_hops_service(expiry):
+    from hoptrace._pytest_report import caller_of
+
+    f = expiry.findings[expiry.findings["kind"] == "expired_mid_flow"].iloc[0].to_dict()
+    assert caller_of(f, expiry.hops) == "payment"
+    assert caller_of({**f, "caller": "billing"}, expiry.hops) == "billing"  # a detector that names it wins
+    assert caller_of({**f, "caller": None}, expiry.hops) == "payment"
+    root = int(f["trace"])
+    assert caller_of({"hop_ids": [root]}, expiry.hops) == "client"
+    assert caller_of({"hop_ids": []}, expiry.hops) is None
+
+
+def test_attribution_by_header_by_window_and_both(expiry):
+    from hoptrace._pytest_report import attribute
+    from hoptrace.pytest_plugin import RequestsOfTest
+
+    entry = _entry_hops(expiry, lambda hop: None)
+    (first, t0, _), (second, t1, _), (third, t2, _) = entry[:3]
+    # Untagged: the window decides.
+    test = RequestsOfTest("t::window", t0, t1)
+    attribute(test, entry, expiry)
+    assert test.roots == [first, second] and test.by == "window" and test.foreign == 0
+    # The header wins over the window: another test's tagged request inside the window is not ours.
+    tags = {first: "t::a", second: "t::b", third: "t::a"}
+    tagged = _entry_hops(expiry, tags.get)
+    test = RequestsOfTest("t::a", t1, t1)
+    attribute(test, tagged, expiry)
+    assert test.roots == [first, third] and test.by == "header" and test.foreign == 1
+    # Tagged requests plus untagged ones in the window.
+    mixed = [(h, t, tags.get(h) if h != third else None) for h, t, _ in entry]
+    test = RequestsOfTest("t::a", t2, t2)
+    attribute(test, mixed, expiry)
+    assert test.roots == [first, third] and test.by == "header+window"
+
+
+def test_the_failing_requests_section_tells_the_token_story(expiry):
+    from hoptrace._pytest_report import attribute, section, token_story
+    from hoptrace.pytest_plugin import RequestsOfTest
+
+    late = int(expiry.findings[expiry.findings["kind"] == "expired_mid_flow"]["trace"].iloc[0])
+    story = token_story(expiry, late)
+    assert re.fullmatch(
+        r"POST /checkout 401: gateway validated the token \(auth GET /verify\) with 0\.\d s left; "
+        r"payment validated it \(auth POST /introspect\) 0\.\d s after exp",
+        story,
+    ), story
+    start = float(expiry.hops.at[late, "started_at"])
+    test = RequestsOfTest("t::checkout", start, start)
+    attribute(test, _entry_hops(expiry, lambda hop: None), expiry)
+    text = section(test, expiry)
+    assert f"Failing request {late}: gateway POST /checkout 401" in text
+    assert "error expired_mid_flow" in text and f"(request {late}, payment -> auth)" in text
+    assert "       └─ auth POST /introspect" in text
