@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from hoptrace.analyzer._render import _clean, _count, _ms, _status, _tree
+from hoptrace.coverage import CLIENT
 
 _TREE_LINES = 40
 
@@ -57,7 +58,7 @@ def caller_of(finding: dict, hops: pd.DataFrame) -> str | None:
         return None
     parent = hops.at[ids[0], "parent_id"]
     if pd.isna(parent):
-        return "client"
+        return CLIENT
     return str(hops.at[int(parent), "service"]) if int(parent) in hops.index else None
 
 
