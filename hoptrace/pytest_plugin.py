@@ -22,6 +22,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tomllib
@@ -281,7 +282,7 @@ class CapturePlugin:
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         s = self.settings
-        db = s.db or Path(self.config._tmp_path_factory.mktemp("hoptrace")) / "traces.db"  # type: ignore[attr-defined]
+        db = s.db or self._tmp_folder() / "traces.db"
         routes = [f"--route={r.name}={r.upstream}@{r.listen_port}" for r in s.routes]
         # The stack's command and the proxy start side by side: both take seconds to import.
         if s.command:
@@ -298,6 +299,12 @@ class CapturePlugin:
             entry=s.entry, db=db, _plugin=self,
         )  # fmt: skip
 
+    def _tmp_folder(self) -> Path:
+        # pytest's own tmp folder (kept for the last few runs, like tmp_path's) unless
+        # its tmpdir plugin is off.
+        factory = getattr(self.config, "_tmp_path_factory", None)
+        return factory.mktemp("hoptrace") if factory is not None else Path(tempfile.mkdtemp(prefix="hoptrace-"))
+
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
         self.tests[item.nodeid] = RequestsOfTest(item.nodeid, time.time(), time.time())
@@ -310,7 +317,7 @@ class CapturePlugin:
             return
         test = self.tests[item.nodeid]
         test.end = time.time()
-        wanted = report.failed or self.settings.fail_on or self.config.option.xmlpath
+        wanted = report.failed or self.settings.fail_on or getattr(self.config.option, "xmlpath", None)
         if not wanted:
             return
         from hoptrace import _pytest_report as diag
