@@ -10,6 +10,7 @@ import click
 
 from hoptrace import __version__
 from hoptrace._click import BadInput, OneLineGroup, exit_2_on_bad_input
+from hoptrace._coverage_cli import coverage
 from hoptrace.analyzer._cli import analyze
 from hoptrace.exchange._cli import export, import_
 from hoptrace.plot._cli import plot, report
@@ -95,3 +96,4 @@ for command in (analyze, plot, report, stack, demo, record_samples):
 cli.add_command(import_)
 cli.add_command(export)
 cli.add_command(ui)
+cli.add_command(coverage)
