@@ -15,6 +15,7 @@ from hoptrace._errors import AnalysisError
 from hoptrace.analyzer import _latency, _prepare
 from hoptrace.analyzer._config import AnalyzerConfig, parse_time
 from hoptrace.analyzer._detectors import DETECTORS, Context, Detector, run_detectors
+from hoptrace.analyzer._headers import read_header_facts
 from hoptrace.analyzer._load import Tables, load
 from hoptrace.analyzer._sessions import sessions as build_sessions
 from hoptrace.analyzer._traces import in_start_order, rebuild
@@ -95,8 +96,9 @@ def analyze(
         tables = load(path, since=lo, until=hi, extra_columns=config.extra_hop_columns)
     except ValueError as exc:  # an unknown column name in the config
         raise AnalysisError(str(exc)) from None
+    headers = read_header_facts(path)
     loaded = time.perf_counter() - started
-    analysis = analyze_tables(tables, config, trace=trace, since=lo, until=hi)
+    analysis = analyze_tables(tables, config, trace=trace, since=lo, until=hi, headers=headers)
     analysis.source = str(path)
     analysis.timings = {"load": loaded, **analysis.timings}
     return analysis
@@ -108,8 +110,10 @@ def prepare(
     *,
     since: float | None = None,
     until: float | None = None,
+    headers: pd.DataFrame | None = None,
 ) -> Context:
-    """Everything the detectors read: rebuilt traces with per-hop facts, token uses, sessions."""
+    """Everything the detectors read: rebuilt traces with per-hop facts, token uses, sessions,
+    and the header lines of :func:`read_header_facts` (none when not given)."""
     hops = in_start_order(tables.hops)
     # The loader makes these Categoricals; hand-made tables may not have.
     hops = hops.astype(
@@ -127,7 +131,10 @@ def prepare(
     config = config or AnalyzerConfig()
     hops = _enrich(hops, uses, config)
     sessions = build_sessions(hops, hop_tokens, tables.tokens, uses)
-    return Context(hops=hops, hop_tokens=hop_tokens, tokens=tables.tokens, uses=uses, sessions=sessions, config=config)
+    ctx = Context(hops=hops, hop_tokens=hop_tokens, tokens=tables.tokens, uses=uses, sessions=sessions, config=config)
+    if headers is not None:
+        ctx.headers = headers[headers["hop_id"].isin(hops.index).to_numpy()].reset_index(drop=True)
+    return ctx
 
 
 def analyze_tables(
@@ -138,11 +145,12 @@ def analyze_tables(
     since: float | None = None,
     until: float | None = None,
     detectors: tuple[Detector, ...] = DETECTORS,
+    headers: pd.DataFrame | None = None,
 ) -> Analysis:
     """The analysis of tables already loaded (see :func:`analyze`)."""
     clock = time.perf_counter
     started = clock()
-    ctx = prepare(tables, config, since=since, until=until)
+    ctx = prepare(tables, config, since=since, until=until, headers=headers)
     rebuilt = clock()
     hops, hop_tokens, sessions = ctx.hops, ctx.hop_tokens, ctx.sessions
     chosen = None if trace is None else resolve_trace(hops, trace)

@@ -357,11 +357,13 @@ def _records(frame: pd.DataFrame) -> list[dict]:
 
 def _findings_json(findings: pd.DataFrame) -> list[dict]:
     return [
-        {"kind": k, "severity": s, "trace": _num(t), "service": _jsonable(svc), "hop_ids": [int(i) for i in ids],
+        {"kind": k, "severity": s, "trace": _num(t), "service": _jsonable(svc), "caller": _jsonable(by),
+         "callee": _jsonable(to), "endpoint": _jsonable(e), "hop_ids": [int(i) for i in ids],
          "message": m, "details": _jsonable(d), "at": _num(at)}
-        for k, s, t, svc, ids, m, d, at in zip(
-            findings["kind"], findings["severity"], findings["trace"], findings["service"], findings["hop_ids"],
-            findings["message"], findings["details"], findings["at"],
+        for k, s, t, svc, by, to, e, ids, m, d, at in zip(
+            findings["kind"], findings["severity"], findings["trace"], findings["service"], findings["caller"],
+            findings["callee"], findings["endpoint"], findings["hop_ids"], findings["message"], findings["details"],
+            findings["at"],
         )
     ]  # fmt: skip
 
