@@ -60,6 +60,11 @@ class Context:
         return callers(self.hops)
 
     @cached_property
+    def keyless(self) -> pd.DataFrame:
+        """Refused calls without the service credential their service requires (see :func:`keyless_refusals`)."""
+        return keyless_refusals(self)
+
+    @cached_property
     def skew(self) -> pd.DataFrame:
         """Clock offset estimates per (service, source), see :func:`skew_estimates`."""
         return skew_estimates(self)
@@ -353,6 +358,7 @@ def rejected_valid_token(ctx: Context) -> pd.DataFrame:
     hits = hits.assign(owner=hits["trace"].map(ctx.hops["token_sub"]).astype(object), caller=hits.index.map(ctx.caller))
     skew = ctx.skew
     date_skew = {svc: off for svc, src, off in zip(skew["service"], skew["source"], skew["offset_s"]) if src == "date"}
+    keyless_names = ctx.keyless["name"].to_dict()
     g = _Groups(hits, ["trace"], by="ended_at")
     rows = []
     for trace, fp, caller, svc, endpoint, code, left, sub, owner, services, starts, ids in zip(
@@ -361,8 +367,11 @@ def rejected_valid_token(ctx: Context) -> pd.DataFrame:
     ):  # fmt: skip
         offset = date_skew.get(svc)
         foreign = isinstance(sub, str) and isinstance(owner, str) and sub != owner
+        keyless = next((keyless_names[i] for i in ids if i in keyless_names), None)
         if foreign:
             hint = f"it is {sub}'s token in a request of {owner}: see token_crossover"
+        elif keyless is not None:
+            hint = f"the call lacked the {keyless} header {svc} requires: see service_key_missing"
         elif offset is not None and offset > left:
             hint = f"{svc}'s clock runs {offset:.1f} s ahead of the proxy's"
         else:
@@ -801,20 +810,28 @@ def _service_keys(ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
     return keys, per.drop(columns="carrying")
 
 
-def service_key_missing(ctx: Context) -> pd.DataFrame:
-    """A call without the service credential most calls to its service carry, refused (401/403)."""
-    keys, guarded = _service_keys(ctx)
+def keyless_refusals(ctx: Context) -> pd.DataFrame:
+    """Calls refused (401/403) that lacked a service credential's header their service
+    requires (see :func:`_service_keys`): the hops, indexed by id, with ``name`` (the header)."""
+    _, guarded = _service_keys(ctx)
     h = ctx.hops
     status = h["status"].to_numpy(dtype=np.float64, na_value=np.nan)
     refused = h[np.isin(status, (401, 403)) & (h["depth"].to_numpy() > 0)]
     if guarded.empty or refused.empty:
-        return _findings([])
+        return refused.assign(name=pd.Series(dtype=object), caller=pd.Series(dtype=object))
     sent = ctx.headers[ctx.headers["side"] == "request"]
     refused = refused.assign(service=refused["service"].astype(object)).reset_index(names="hop_id")
     refused = refused.merge(guarded, on="service")
     had = pd.MultiIndex.from_arrays([sent["hop_id"], sent["name"]])
     refused = refused[~pd.MultiIndex.from_arrays([refused["hop_id"], refused["name"]]).isin(had)]
-    refused = refused.assign(caller=refused["hop_id"].map(ctx.caller).to_numpy()).set_index("hop_id")
+    return refused.assign(caller=refused["hop_id"].map(ctx.caller).to_numpy()).set_index("hop_id")
+
+
+def service_key_missing(ctx: Context) -> pd.DataFrame:
+    """A call without the service credential most calls to its service carry, refused (401/403)."""
+    refused = ctx.keyless
+    if refused.empty:
+        return _findings([])
     g = _Groups(refused, ["caller", "service", "name"])
     rows = []
     for caller, svc, name, trace, endpoints, outcomes, starts, ids in zip(
@@ -902,12 +919,13 @@ def audience_mismatch(ctx: Context) -> pd.DataFrame:
         service=hits["service"].astype(object), endpoint=hits["endpoint"].astype(object),
     ).set_index("hop_id")
     g = _Groups(hits, ["caller", "service", "endpoint", "aud"])
+    keyless = set(ctx.keyless.index)
     rows = []
     for caller, svc, endpoint, aud, trace, outcomes, starts, ids in zip(
         g.first("caller"), g.first("service"), g.first("endpoint"), g.first("aud"), g.first("trace"), _statuses(g),
         g.lists("started_at"), g.ids(),
     ):  # fmt: skip
-        refused = [o for o in outcomes if o in ("401", "403")]
+        refused = [o for o, i in zip(outcomes, ids) if o in ("401", "403") and i not in keyless]
         ids = list(dict.fromkeys(ids))
         rows.append({
             "trace": trace, "service": svc, "caller": caller, "hop_ids": ids[: ctx.config.max_hop_ids],
@@ -949,15 +967,15 @@ def refresh_race(ctx: Context) -> pd.DataFrame:
             continue
         a, b = pair
         refused = b if _is_4xx(codes[b]) else a
-        overlap = "overlapping" if starts[b] < ends[a] else f"{starts[b] - ends[a]:.3f} s apart"
+        overlap = "while the first ran" if starts[b] < ends[a] else f"{starts[b] - ends[a]:.3f} s after it ended"
         found[fp] = {
             "depth": depth,
             "row": {
                 "trace": ctx.hops.at[ids[refused], "trace"], "service": svc, "caller": callers_[refused],
                 "endpoint": endpoints[refused], "hop_ids": [ids[a], ids[b]],
                 "message": (
-                    f"{' and '.join(dict.fromkeys((callers_[a], callers_[b])))} sent one refresh token to {svc} {endpoints[b]} twice"
-                    f" {starts[b] - starts[a]:.3f} s apart ({overlap}); {svc} answered {_status(codes[a])} and"
+                    f"{' and '.join(dict.fromkeys((callers_[a], callers_[b])))} sent one refresh token to {svc} {endpoints[b]} twice,"
+                    f" the second {starts[b] - starts[a]:.3f} s after the first ({overlap}); {svc} answered {_status(codes[a])} and"
                     f" {_status(codes[b])}: the refresh that lost was refused"
                 ),
                 "details": {
