@@ -68,3 +68,29 @@ def test_samples_hold_no_raw_token():
         data = db.read_bytes()
         # A JWT's header+payload start would be there if a raw token had leaked.
         assert b"eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJ" not in data, db.name
+
+
+@pytest.mark.parametrize(
+    "kind", ["service_key_missing", "service_key_leak", "refresh_race", "retry_without_backoff", "rate_limited", "audience_mismatch"]
+)
+def test_fail_on_accepts_each_new_kind(kind):
+    from click.testing import CliRunner
+
+    from hoptrace.analyzer._cli import analyze as analyze_command
+
+    result = CliRunner().invoke(analyze_command, [str(ROOT / "sample_traces" / "service-faults.db"), "--fail-on", kind])
+    assert result.exit_code == 1, result.output
+    assert "failing on" in result.stderr and kind in result.stderr
+
+
+def test_audience_map_from_the_command_line():
+    from click.testing import CliRunner
+
+    from hoptrace.analyzer._cli import analyze as analyze_command
+
+    db = str(ROOT / "sample_traces" / "service-faults.db")
+    runner = CliRunner()
+    told = runner.invoke(analyze_command, [db, "--format", "json", "--audience", "cart=payment", "--fail-on", "audience_mismatch"])
+    assert told.exit_code == 0 and json.loads(told.stdout)["config"]["audiences"] == {"cart": ["payment"]}
+    bad = runner.invoke(analyze_command, [db, "--audience", "cart"])
+    assert bad.exit_code == 2 and "SERVICE=AUD" in bad.output and "Traceback" not in bad.output
