@@ -15,7 +15,7 @@ from hoptrace._errors import AnalysisError
 from hoptrace.analyzer import _latency, _prepare
 from hoptrace.analyzer._config import AnalyzerConfig, parse_time
 from hoptrace.analyzer._detectors import DETECTORS, Context, Detector, run_detectors
-from hoptrace.analyzer._headers import read_header_facts
+from hoptrace.analyzer._headers import HeaderReader
 from hoptrace.analyzer._load import Tables, load
 from hoptrace.analyzer._sessions import sessions as build_sessions
 from hoptrace.analyzer._traces import in_start_order, rebuild
@@ -96,9 +96,8 @@ def analyze(
         tables = load(path, since=lo, until=hi, extra_columns=config.extra_hop_columns)
     except ValueError as exc:  # an unknown column name in the config
         raise AnalysisError(str(exc)) from None
-    headers = read_header_facts(path)
     loaded = time.perf_counter() - started
-    analysis = analyze_tables(tables, config, trace=trace, since=lo, until=hi, headers=headers)
+    analysis = analyze_tables(tables, config, trace=trace, since=lo, until=hi, headers=HeaderReader(path))
     analysis.source = str(path)
     analysis.timings = {"load": loaded, **analysis.timings}
     return analysis
@@ -110,10 +109,10 @@ def prepare(
     *,
     since: float | None = None,
     until: float | None = None,
-    headers: pd.DataFrame | None = None,
+    headers: HeaderReader | None = None,
 ) -> Context:
     """Everything the detectors read: rebuilt traces with per-hop facts, token uses, sessions,
-    and the header lines of :func:`read_header_facts` (none when not given)."""
+    and where to read header lines from (without it, the detectors that need them find nothing)."""
     hops = in_start_order(tables.hops)
     # The loader makes these Categoricals; hand-made tables may not have.
     hops = hops.astype(
@@ -131,10 +130,9 @@ def prepare(
     config = config or AnalyzerConfig()
     hops = _enrich(hops, uses, config)
     sessions = build_sessions(hops, hop_tokens, tables.tokens, uses)
-    ctx = Context(hops=hops, hop_tokens=hop_tokens, tokens=tables.tokens, uses=uses, sessions=sessions, config=config)
-    if headers is not None:
-        ctx.headers = headers[headers["hop_id"].isin(hops.index).to_numpy()].reset_index(drop=True)
-    return ctx
+    return Context(
+        hops=hops, hop_tokens=hop_tokens, tokens=tables.tokens, uses=uses, sessions=sessions, config=config, headers=headers
+    )
 
 
 def analyze_tables(
@@ -145,7 +143,7 @@ def analyze_tables(
     since: float | None = None,
     until: float | None = None,
     detectors: tuple[Detector, ...] = DETECTORS,
-    headers: pd.DataFrame | None = None,
+    headers: HeaderReader | None = None,
 ) -> Analysis:
     """The analysis of tables already loaded (see :func:`analyze`)."""
     clock = time.perf_counter

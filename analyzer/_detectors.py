@@ -22,8 +22,9 @@ import pandas as pd
 
 from hoptrace.analyzer._arrays import group_quantiles, run_starts
 from hoptrace.analyzer._config import AnalyzerConfig
-from hoptrace.analyzer._headers import empty_header_facts
+from hoptrace.analyzer._headers import REDACTED_PREFIX, HeaderReader, empty_lines
 from hoptrace.analyzer._latency import is_error
+from hoptrace.analyzer._prepare import validation_mask
 
 FINDING_COLUMNS = ("kind", "severity", "trace", "service", "caller", "callee", "endpoint", "hop_ids", "message", "details", "at")
 SEVERITIES = ("error", "warning", "info")
@@ -39,8 +40,15 @@ class Context:
     uses: pd.DataFrame  # presented / validated sightings (see _prepare.token_uses)
     sessions: pd.DataFrame
     config: AnalyzerConfig = field(default_factory=AnalyzerConfig)
-    headers: pd.DataFrame = field(default_factory=empty_header_facts)
-    """Redacted header values and Retry-After lines: ``hop_id side name value``."""
+    headers: HeaderReader | None = None
+    """Where the header lines of chosen hops come from (None: no header is read)."""
+
+    def header_lines(self, hop_ids, side: str, **containing) -> pd.DataFrame:
+        """``hop_id name value`` of these hops' headers on ``side`` (none without a reader);
+        see :meth:`HeaderReader.lines`."""
+        if self.headers is None:
+            return empty_lines()
+        return self.headers.lines(hop_ids, side, **containing)
 
     @cached_property
     def used(self) -> pd.DataFrame:
@@ -58,6 +66,11 @@ class Context:
     def caller(self) -> pd.Series:
         """The service that made each hop, by hop id (see :func:`callers`)."""
         return callers(self.hops)
+
+    @cached_property
+    def service_keys(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The service credentials and the services they guard (see :func:`service_keys`)."""
+        return service_keys(self)
 
     @cached_property
     def keyless(self) -> pd.DataFrame:
@@ -555,12 +568,7 @@ def token_crossover(ctx: Context) -> pd.DataFrame:
 
 def retry_storm(ctx: Context) -> pd.DataFrame:
     """The same call (caller hop, service, endpoint) repeated after a 5xx, 429 or error."""
-    h = ctx.hops
-    status = h["status"].to_numpy(dtype=np.float64, na_value=np.nan)
-    bad = (is_error(h) | (status == 429)) & h["parent_id"].notna().to_numpy()
-    # Only the callers that saw a failure can have retried: a small set.
-    calls = h[h["parent_id"].isin(h["parent_id"][bad].unique()).to_numpy()]
-    calls = calls.assign(bad=bad[h.index.get_indexer(calls.index)])
+    calls = _calls_of_failed_callers(ctx.hops)
     same = ["parent_id", "service", "endpoint"]
     calls = calls.sort_values([*same, "started_at"], kind="stable")
     calls = calls.assign(retry=calls.groupby(same, sort=False)["bad"].shift(fill_value=False).astype(bool))
@@ -589,6 +597,17 @@ def retry_storm(ctx: Context) -> pd.DataFrame:
             "at": starts[0],
         })  # fmt: skip
     return _findings(rows)
+
+
+def _calls_of_failed_callers(h: pd.DataFrame) -> pd.DataFrame:
+    """The calls made by hops one of whose calls failed (5xx, 429 or error), each with ``bad``.
+
+    Only the callers that saw a failure can have retried: a small set.
+    """
+    status = h["status"].to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = (is_error(h) | (status == 429)) & h["parent_id"].notna().to_numpy()
+    calls = h[h["parent_id"].isin(h["parent_id"][bad].unique()).to_numpy()]
+    return calls.assign(bad=bad[h.index.get_indexer(calls.index)])
 
 
 def upstream_error(ctx: Context) -> pd.DataFrame:
@@ -683,13 +702,11 @@ def retry_without_backoff(ctx: Context) -> pd.DataFrame:
     """Retries of one call after a 5xx, 429 or error whose gaps do not grow, or that come
     sooner than the failed answer's ``Retry-After``."""
     c = ctx.config
-    h = ctx.hops
-    status = h["status"].to_numpy(dtype=np.float64, na_value=np.nan)
-    bad = (is_error(h) | (status == 429)) & h["parent_id"].notna().to_numpy()
-    calls = h[h["parent_id"].isin(h["parent_id"][bad].unique()).to_numpy()]
-    calls = calls.assign(bad=bad[h.index.get_indexer(calls.index)], caller=calls.index.map(ctx.caller))
-    ra = ctx.headers[(ctx.headers["side"] == "response") & (ctx.headers["name"] == "retry-after")]
-    calls = calls.assign(retry_after=calls.index.map(ra.drop_duplicates("hop_id").set_index("hop_id")["value"]))
+    calls = _calls_of_failed_callers(ctx.hops)
+    calls = calls.assign(caller=calls.index.map(ctx.caller))
+    answers = ctx.header_lines(calls.index[calls["bad"].to_numpy()], "response", containing=("etry-",))
+    ra = answers[answers["name"] == "retry-after"].drop_duplicates("hop_id").set_index("hop_id")["value"]
+    calls = calls.assign(retry_after=calls.index.map(ra))
     g = _Groups(calls, ["parent_id", "service", "endpoint"])
     rows = []
     for trace, caller, svc, endpoint, starts, ends, bads, waits, outcomes, ids in zip(
@@ -787,8 +804,14 @@ def _propagated(h: pd.DataFrame, ids: list[int], caller: pd.Series) -> list[tupl
 # -- service credentials ----------------------------------------------------------------
 
 
-def _service_keys(ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The service credentials the capture shows, and the calls below the entry with their headers.
+# Calls whose headers the service credentials are learned from: a credential most calls
+# to a service carry is in any evenly spread sample this size (5k headers: ~0.2 s to read and parse).
+_KEY_SAMPLE = 5_000
+
+
+def service_keys(ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The service credentials the capture shows (``name value``) and the services they
+    guard (``service name``), learned from an evenly spread sample of the calls below the entry.
 
     A credential is a redacted request header value that calls from at least
     ``key_min_callers`` services carry; it guards the services where at least
@@ -796,9 +819,10 @@ def _service_keys(ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
     """
     c = ctx.config
     h = ctx.hops
-    sent = ctx.headers[ctx.headers["side"] == "request"]
     inner = h[h["depth"].to_numpy() > 0]
-    sent = sent[sent["hop_id"].isin(inner.index).to_numpy()]
+    inner = inner.iloc[:: max(1, len(inner) // _KEY_SAMPLE)]
+    sent = ctx.header_lines(inner.index, "request", containing=(REDACTED_PREFIX,))
+    sent = sent[sent["value"].str.startswith(REDACTED_PREFIX).to_numpy(bool)]
     sent = sent.assign(caller=sent["hop_id"].map(ctx.caller).to_numpy())
     callers_of = sent.groupby(["name", "value"])["caller"].nunique()
     keys = callers_of[callers_of >= c.key_min_callers].reset_index()[["name", "value"]]
@@ -812,14 +836,14 @@ def _service_keys(ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def keyless_refusals(ctx: Context) -> pd.DataFrame:
     """Calls refused (401/403) that lacked a service credential's header their service
-    requires (see :func:`_service_keys`): the hops, indexed by id, with ``name`` (the header)."""
-    _, guarded = _service_keys(ctx)
+    requires (see :func:`service_keys`): the hops, indexed by id, with ``name`` (the header)."""
+    _, guarded = ctx.service_keys
     h = ctx.hops
     status = h["status"].to_numpy(dtype=np.float64, na_value=np.nan)
     refused = h[np.isin(status, (401, 403)) & (h["depth"].to_numpy() > 0)]
     if guarded.empty or refused.empty:
-        return refused.assign(name=pd.Series(dtype=object), caller=pd.Series(dtype=object))
-    sent = ctx.headers[ctx.headers["side"] == "request"]
+        return refused.iloc[:0].assign(name=pd.Series(dtype=object), caller=pd.Series(dtype=object))
+    sent = ctx.header_lines(refused.index, "request")
     refused = refused.assign(service=refused["service"].astype(object)).reset_index(names="hop_id")
     refused = refused.merge(guarded, on="service")
     had = pd.MultiIndex.from_arrays([sent["hop_id"], sent["name"]])
@@ -852,9 +876,12 @@ def service_key_missing(ctx: Context) -> pd.DataFrame:
 
 def service_key_leak(ctx: Context) -> pd.DataFrame:
     """A service credential in a response to the client, or sent by the client to the entry."""
-    keys, _ = _service_keys(ctx)
+    keys, _ = ctx.service_keys
     h = ctx.hops
-    outer = ctx.headers[ctx.headers["hop_id"].isin(h.index[h["depth"].to_numpy() == 0]).to_numpy()]
+    entered = h.index[h["depth"].to_numpy() == 0]
+    outer = pd.concat([
+        ctx.header_lines(entered, side, containing=keys["value"]).assign(side=side) for side in ("request", "response")
+    ])  # fmt: skip
     leaks = outer.merge(keys.rename(columns={"name": "key_name"}), on="value")
     if leaks.empty:
         return _findings([])
@@ -901,22 +928,23 @@ def audience_mismatch(ctx: Context) -> pd.DataFrame:
     """A token presented to a service its ``aud`` does not name (the route's name, or an
     ``audiences`` entry of the config); judged only for an ``aud`` that names some service."""
     u = ctx.used
-    u = u[(u["role"] == "presented").to_numpy() & ~u["is_validation"].to_numpy()]
-    auds = u["fp"].map(ctx.tokens["aud"]).map(_audiences)
+    auds = ctx.tokens["aud"].dropna().map(_audiences)
     known = {str(s) for s in ctx.hops["service"].cat.categories}
     accepted = {svc: {svc, *extra} for svc, extra in ctx.config.audiences.items()}
     vocabulary = known | {a for extra in ctx.config.audiences.values() for a in extra}
-    service = u["service"].astype(object)
-    off = [
-        bool(aud) and not vocabulary.isdisjoint(aud) and accepted.get(svc, {svc}).isdisjoint(aud)
-        for aud, svc in zip(auds, service)
-    ]
-    hits = u[np.asarray(off, dtype=bool)]
+    # Only an aud in the stack's words can be judged: one that names some service or mapped audience.
+    auds = auds[auds.map(lambda aud: not vocabulary.isdisjoint(aud)).astype(bool)]
+    u = u[(u["role"] == "presented").to_numpy() & ~u["is_validation"].to_numpy() & u["fp"].isin(auds.index).to_numpy()]
+    u = u.assign(service=u["service"].astype(object))
+    # Judged once per (token, service) pair: a token is presented at many hops of one service.
+    pairs = u[["fp", "service"]].drop_duplicates()
+    pairs = pairs.assign(aud=pairs["fp"].map(auds).to_numpy())
+    pairs = pairs[np.array([accepted.get(svc, {svc}).isdisjoint(aud) for svc, aud in zip(pairs["service"], pairs["aud"])], dtype=bool)]
+    hits = u.merge(pairs, on=["fp", "service"])
     if hits.empty:
         return _findings([])
     hits = hits.assign(
-        aud=auds[np.asarray(off, dtype=bool)].map(",".join).to_numpy(), caller=hits["hop_id"].map(ctx.caller).to_numpy(),
-        service=hits["service"].astype(object), endpoint=hits["endpoint"].astype(object),
+        aud=hits["aud"].map(",".join), caller=hits["hop_id"].map(ctx.caller).to_numpy(), endpoint=hits["endpoint"].astype(object),
     ).set_index("hop_id")
     g = _Groups(hits, ["caller", "service", "endpoint", "aud"])
     keyless = set(ctx.keyless.index)
@@ -944,7 +972,9 @@ def refresh_race(ctx: Context) -> pd.DataFrame:
     """One refresh token sent to a refresh endpoint twice at once (overlapping, or within
     ``refresh_race_window_s``), one of the two refused with a 4xx."""
     u = ctx.used
-    refresh = u[u["path"].astype(str).str.contains(ctx.config.refresh_regex, case=False, regex=True).to_numpy()]
+    h = ctx.hops
+    at_refresh = h.index[validation_mask(h["endpoint"].array, ctx.config.refresh_regex)]
+    refresh = u[u["hop_id"].isin(at_refresh).to_numpy()]
     refresh = refresh.drop_duplicates(["hop_id", "fp"])
     refresh = refresh[refresh.groupby(["fp", "service"], observed=True)["hop_id"].transform("size").to_numpy() > 1]
     if refresh.empty:

@@ -1,57 +1,76 @@
-"""The few header lines the detectors read, in one small query of their own.
+"""The few header lines the detectors read, fetched for the hops they ask about.
 
-The loader leaves the header columns out (at a million hops they are most of the file);
-the detectors need only two kinds of line: ``Retry-After`` on answers that ask for one
-(``retry_without_backoff``), and values the recorder replaced with ``[redacted:<hash
-prefix>]`` (``service_key_missing`` / ``service_key_leak``: the same secret gives the same
-prefix within a capture). SQLite's JSON functions pick those lines out, so Python sees
-only them; a header column that is not valid JSON (a hostile file) is skipped.
+The loader leaves the header columns out (at a million hops they are most of the file,
+and parsing them all costs more than the whole analysis). The detectors need few:
+``Retry-After`` on failed calls (``retry_without_backoff``), and values the recorder
+replaced with ``[redacted:<hash prefix>]`` (``service_key_*``: within a capture the same
+secret gives the same prefix) on a sample of calls, on refused calls and on requests.
+:class:`HeaderReader` reads just those hops' header columns, by id, on a read-only
+connection of its own; a header column that is not a JSON list of pairs (a hostile
+file) gives no lines.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
 from hoptrace.db import open_for_reading
 
-HEADER_FACT_COLUMNS = ("hop_id", "side", "name", "value")
-
-# LIKE is case-insensitive for ASCII in SQLite; the LIKE on the whole column rules a hop
-# out before json_each splits it, which is most of the cost.
-_QUERY = """
-SELECT h.id, '{side}', lower(CAST(json_extract(j.value, '$[0]') AS TEXT)), CAST(json_extract(j.value, '$[1]') AS TEXT)
-FROM hops h, json_each(h.{side}_headers) j
-WHERE h.{side}_headers LIKE ? AND json_valid(h.{side}_headers) AND j.type = 'array'
-  AND {keep}
-"""
-_REDACTED = "CAST(json_extract(j.value, '$[1]') AS TEXT) LIKE '[redacted:%'"
-_RETRY_AFTER = "lower(CAST(json_extract(j.value, '$[0]') AS TEXT)) = 'retry-after'"
+HEADER_LINE_COLUMNS = ("hop_id", "name", "value")
+REDACTED_PREFIX = "[redacted:"
+SIDES = ("request", "response")
+_ANY: tuple[str, ...] = ()  # no filter on the header text
 
 
-def empty_header_facts() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype="int64" if c == "hop_id" else object) for c in HEADER_FACT_COLUMNS})
+def empty_lines() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="int64" if c == "hop_id" else object) for c in HEADER_LINE_COLUMNS})
 
 
-def read_header_facts(path: str | Path) -> pd.DataFrame:
-    """``hop_id side name value`` (side ``request`` or ``response``, name lower-case) for
-    every redacted header value and every ``Retry-After`` answer of the trace DB."""
-    queries = (
-        (_QUERY.format(side="request", keep=_REDACTED), ("%[redacted:%",)),
-        (_QUERY.format(side="response", keep=_REDACTED), ("%[redacted:%",)),
-        (_QUERY.format(side="response", keep=_RETRY_AFTER), ("%retry-after%",)),
-    )
-    conn = open_for_reading(path, check=False)  # the loader has checked the file already
+class HeaderReader:
+    """The header lines of chosen hops of one trace DB (names lower-cased)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = path
+
+    def lines(self, hop_ids: Iterable[int], side: str, *, containing: Iterable[str] = _ANY) -> pd.DataFrame:
+        """``hop_id name value`` of every header line on ``side`` of these hops; with
+        ``containing``, only of the hops whose header text holds one of those strings
+        (SQLite's ``instr`` rules the others out before Python parses anything)."""
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+        ids = sorted({int(i) for i in hop_ids})
+        wanted = [str(text) for text in dict.fromkeys(containing)]
+        if not ids or (containing is not _ANY and not wanted):
+            return empty_lines()
+        column = f"{side}_headers"
+        match = f" AND ({' OR '.join(f'instr({column}, ?) > 0' for _ in wanted)})" if wanted else ""
+        sql = f"SELECT id, {column} FROM hops WHERE id IN (SELECT value FROM json_each(?)) AND {column} IS NOT NULL{match}"
+        conn = open_for_reading(self.path, check=False)  # the loader has checked the file already
+        try:
+            rows = conn.execute(sql, (json.dumps(ids), *wanted)).fetchall()
+        except sqlite3.DatabaseError:
+            return empty_lines()  # an unreadable header column costs these detectors only
+        finally:
+            conn.close()
+        out = [(hop_id, *line) for hop_id, text in rows for line in _pairs(text)]
+        return pd.DataFrame(out, columns=list(HEADER_LINE_COLUMNS)).astype({"hop_id": "int64"}) if out else empty_lines()
+
+
+def _pairs(text: object) -> list[tuple[str, str]]:
+    """``[[name, value], ...]`` as written by the recorder, names lower-cased; anything else: none."""
     try:
-        rows = [row for sql, params in queries for row in conn.execute(sql, params)]
-    except sqlite3.DatabaseError:
-        return empty_header_facts()  # an unreadable header column costs these detectors only
-    finally:
-        conn.close()
-    if not rows:
-        return empty_header_facts()
-    out = pd.DataFrame(rows, columns=list(HEADER_FACT_COLUMNS))
-    out = out[out["name"].map(lambda v: isinstance(v, str)).to_numpy() & out["value"].map(lambda v: isinstance(v, str)).to_numpy()]
-    return out.astype({"hop_id": "int64"}).reset_index(drop=True)
+        items = json.loads(text) if isinstance(text, str) else None
+    except (ValueError, RecursionError):
+        return []
+    if not isinstance(items, list):
+        return []
+    return [
+        (item[0].lower(), item[1])
+        for item in items
+        if isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], str)
+    ]

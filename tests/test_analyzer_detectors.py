@@ -432,12 +432,12 @@ def detect_with_headers(b: Builder, tmp_path, kind: str, **config):
     from hoptrace.analyzer import DETECTORS, AnalyzerConfig, load
     from hoptrace.analyzer._analysis import prepare
     from hoptrace.analyzer._detectors import run_detectors
-    from hoptrace.analyzer._headers import read_header_facts
+    from hoptrace.analyzer._headers import HeaderReader
 
     path = tmp_path / f"{kind}-h.db"
     path.unlink(missing_ok=True)
     b.write(path)
-    ctx = prepare(load(path), AnalyzerConfig(**config), headers=read_header_facts(path))
+    ctx = prepare(load(path), AnalyzerConfig(**config), headers=HeaderReader(path))
     return run_detectors(ctx, tuple(d for d in DETECTORS if kind in (d.kind, "all")))
 
 
