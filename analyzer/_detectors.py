@@ -11,6 +11,7 @@ A token is expired at ``exp`` itself (RFC 7519: "on or after"), as pyjwt judges 
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -720,7 +721,7 @@ def retry_without_backoff(ctx: Context) -> pd.DataFrame:
         gaps = [starts[i + 1] - ends[i] for i in retries]
         asked = [_retry_after_s(waits[i], ends[i]) if isinstance(waits[i], str) else None for i in retries]
         early = [(gap, want) for gap, want in zip(gaps, asked) if want is not None and gap < want - c.retry_after_tolerance_s]
-        flat = len(gaps) >= 2 and all(b <= c.retry_backoff_growth * a for a, b in zip(gaps, gaps[1:]))
+        flat = len(gaps) >= 2 and all(b <= c.retry_backoff_growth * a for a, b in itertools.pairwise(gaps))
         if not (early or flat):
             continue
         why = []

@@ -478,6 +478,7 @@ def test_retry_with_growing_backoff_is_not_flagged(tmp_path):
 def test_retry_sooner_than_retry_after(tmp_path):
     b = Builder()
     _, ids = timed_calls(b, [(0.1, 0.11, 429), (0.5, 0.51, 200)], retry_after="1")
+    assert len(ids) == 2
     f = detect_with_headers(b, tmp_path, "retry_without_backoff")
     assert len(f) == 1 and f.iloc[0]["details"]["ignored_retry_after"] == 1
     assert "Retry-After of 1 s" in f.iloc[0]["message"]
@@ -514,7 +515,7 @@ def test_rate_limited_not_without_429_and_not_passed_on_when_recovered(tmp_path)
     b = Builder()
     _, ids = timed_calls(b, [(0.1, 0.11, 429), (1.2, 1.21, 200)])  # the caller (200) recovered
     f = detect_with_headers(b, tmp_path, "rate_limited")
-    assert len(f) == 1 and f.iloc[0]["details"]["propagated_by"] == []
+    assert len(f) == 1 and f.iloc[0]["hop_ids"] == ids[:1] and f.iloc[0]["details"]["propagated_by"] == []
 
 
 KEY = ("X-Internal-Key", "[redacted:8bc7e9fce36c]")

@@ -6,6 +6,7 @@ recording relay (a real HTTP hop, like the proxy) on every service's upstream UR
 from __future__ import annotations
 
 import asyncio
+import itertools
 import queue
 import re
 import signal
@@ -38,8 +39,8 @@ from hoptrace.stack import (
     start_stack,
 )
 from hoptrace.stack._cli import stack as stack_command
-from hoptrace.stack.config import StackError
 from hoptrace.stack.client import RETRY_BACKOFF
+from hoptrace.stack.config import StackError
 from hoptrace.stack.services import CATALOG
 from hoptrace.stack.tracing import TraceContext
 
@@ -476,6 +477,9 @@ def _parent(hop: Hop) -> str:
         ["--work-seconds", "-1"],
         ["--flaky-rate", "1.5"],
         ["--propagate", "zipkin"],
+        ["--rate-limit", "-3"],
+        ["--key-missing-caller", "billing"],
+        ["--token-audience", ""],
         ["--bogus"],
     ],
 )
@@ -565,7 +569,7 @@ def test_rate_limit_answers_429_with_retry_after_and_no_backoff_retries_at_once(
         limited = [r for r in results if not r.ok]
         assert limited and all(r.statuses.get("browse") in (200, 429) for r in results)
         # No backoff: a retry follows the 429 within a few ms, far sooner than Retry-After's 1 s.
-        assert min(b - a for a, b in zip(calls, calls[1:])) < 0.2
+        assert min(b - a for a, b in itertools.pairwise(calls)) < 0.2
 
     run(scenario())
 

@@ -119,9 +119,13 @@ def _downstream_clients(
         async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
             app[CLIENTS] = {
                 callee: ServiceClient(
-                    session, callee, upstreams[callee], stats,
-                    backoff=backoff, honour_retry_after=not config.retry_no_backoff,
-                )  # fmt: skip
+                    session,
+                    callee,
+                    upstreams[callee],
+                    stats,
+                    backoff=backoff,
+                    honour_retry_after=not config.retry_no_backoff,
+                )
                 for callee in callees
             }
             yield
