@@ -999,19 +999,23 @@ def refresh_race(ctx: Context) -> pd.DataFrame:
         a, b = pair
         refused = b if _is_4xx(codes[b]) else a
         overlap = "while the first ran" if starts[b] < ends[a] else f"{starts[b] - ends[a]:.3f} s after it ended"
+        # Who sent the two requests the race belongs to (the client, as a rule), and who passed them on.
+        origins = [ctx.caller.get(ctx.hops.at[ids[k], "trace"], "unknown") for k in (a, b)]
+        via = f" through {' and '.join(dict.fromkeys((callers_[a], callers_[b])))}" if depth > 0 else ""
         found[fp] = {
             "depth": depth,
             "row": {
                 "trace": ctx.hops.at[ids[refused], "trace"], "service": svc, "caller": callers_[refused],
                 "endpoint": endpoints[refused], "hop_ids": [ids[a], ids[b]],
                 "message": (
-                    f"{' and '.join(dict.fromkeys((callers_[a], callers_[b])))} sent one refresh token to {svc} {endpoints[b]} twice,"
+                    f"{' and '.join(dict.fromkeys(origins))} sent one refresh token to {svc} {endpoints[b]}{via} twice,"
                     f" the second {starts[b] - starts[a]:.3f} s after the first ({overlap}); {svc} answered {_status(codes[a])} and"
                     f" {_status(codes[b])}: the refresh that lost was refused"
                 ),
                 "details": {
                     "fingerprint": fp, "gap_s": starts[b] - starts[a], "overlapping": bool(starts[b] < ends[a]),
                     "statuses": [_int_or_none(codes[a]), _int_or_none(codes[b])], "callers": [callers_[a], callers_[b]],
+                    "origins": origins,
                 },
                 "at": starts[a],
             },

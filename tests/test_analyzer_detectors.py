@@ -641,7 +641,7 @@ def test_refresh_race(tmp_path):
     row = f.iloc[0]
     assert (row["severity"], row["caller"], row["callee"], row["endpoint"]) == ("error", "gateway", "auth", "POST /refresh")
     assert row["hop_ids"] == ids and row["details"]["statuses"] == [200, 401] and row["details"]["overlapping"]
-    assert row["message"].startswith("gateway sent one refresh token to auth POST /refresh twice")
+    assert row["message"].startswith("client sent one refresh token to auth POST /refresh through gateway twice")
 
 
 def test_refresh_race_edges(tmp_path):
