@@ -40,7 +40,7 @@ class Analysis:
       Times are UNIX seconds on the proxy's clock. Text columns with few distinct values
       (service, method, path, endpoint, link) are Categoricals.
     - ``tokens``: indexed by ``fingerprint``; ``hop_tokens``: hop_id, fingerprint, role, location.
-    - ``findings``: ``kind severity trace service hop_ids message details at``, errors
+    - ``findings``: ``kind severity trace service caller callee endpoint hop_ids message details at``, errors
       first, then by time (see ``DETECTORS``).
     - ``services`` / ``endpoints``: per service (and endpoint): ``count errors error_rate
       client_errors p50_ms p95_ms p99_ms max_ms self_p50_ms self_p95_ms``.

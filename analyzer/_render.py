@@ -293,7 +293,10 @@ def render_json(analysis: Analysis) -> str:
     - ``notes``: sentences about the data (ignored rows, guessed links).
     - ``findings``: list, errors first, then by time. Each: ``kind``, ``severity``
       (error|warning|info), ``trace`` (request id, null for service-wide findings such
-      as clock_skew), ``service``, ``hop_ids``, ``message`` (one line), ``details``
+      as clock_skew), ``service``, ``caller`` (the service that made the call: the parent
+      hop's, ``client`` for a request; null for service-wide findings), ``callee`` (the
+      service called, ``client`` for an answer to it), ``endpoint`` (``METHOD /path/{id}``,
+      or null), ``hop_ids``, ``message`` (one line), ``details``
       (kind-specific object), ``at`` (UNIX seconds of the first hop involved).
     - ``latency``: ``services`` (per service: ``service``, ``count``, ``errors``,
       ``error_rate``, ``client_errors``, ``p50_ms``, ``p95_ms``, ``p99_ms``, ``max_ms``,
