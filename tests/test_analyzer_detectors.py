@@ -685,7 +685,7 @@ _HEADER_LISTS = st.lists(
 )  # fmt: skip
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     hops=st.lists(
         st.tuples(_NAMES, _PATHS, st.floats(0, 3), st.floats(0, 1), _STATUSES, st.integers(-1, 5),
