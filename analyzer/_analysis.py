@@ -14,6 +14,7 @@ from hoptrace._errors import AnalysisError
 from hoptrace.analyzer import _latency, _prepare
 from hoptrace.analyzer._config import AnalyzerConfig, parse_time
 from hoptrace.analyzer._detectors import DETECTORS, Context, Detector, run_detectors
+from hoptrace.analyzer._headers import HeaderReader
 from hoptrace.analyzer._load import Tables, load
 from hoptrace.analyzer._model import resolve_trace
 from hoptrace.analyzer._sessions import sessions as build_sessions
@@ -39,7 +40,7 @@ class Analysis:
       Times are UNIX seconds on the proxy's clock. Text columns with few distinct values
       (service, method, path, endpoint, link) are Categoricals.
     - ``tokens``: indexed by ``fingerprint``; ``hop_tokens``: hop_id, fingerprint, role, location.
-    - ``findings``: ``kind severity trace service hop_ids message details at``, errors
+    - ``findings``: ``kind severity trace service caller callee endpoint hop_ids message details at``, errors
       first, then by time (see ``DETECTORS``).
     - ``services`` / ``endpoints``: per service (and endpoint): ``count errors error_rate
       client_errors p50_ms p95_ms p99_ms max_ms self_p50_ms self_p95_ms``.
@@ -96,7 +97,7 @@ def analyze(
     except ValueError as exc:  # an unknown column name in the config
         raise AnalysisError(str(exc)) from None
     loaded = time.perf_counter() - started
-    analysis = analyze_tables(tables, config, trace=trace, since=lo, until=hi)
+    analysis = analyze_tables(tables, config, trace=trace, since=lo, until=hi, headers=HeaderReader(path))
     analysis.source = str(path)
     analysis.timings = {"load": loaded, **analysis.timings}
     return analysis
@@ -108,8 +109,10 @@ def prepare(
     *,
     since: float | None = None,
     until: float | None = None,
+    headers: HeaderReader | None = None,
 ) -> Context:
-    """Everything the detectors read: rebuilt traces with per-hop facts, token uses, sessions."""
+    """Everything the detectors read: rebuilt traces with per-hop facts, token uses, sessions,
+    and where to read header lines from (without it, the detectors that need them find nothing)."""
     hops = in_start_order(tables.hops)
     # The loader makes these Categoricals; hand-made tables may not have.
     hops = hops.astype(
@@ -127,7 +130,9 @@ def prepare(
     config = config or AnalyzerConfig()
     hops = _enrich(hops, uses, config)
     sessions = build_sessions(hops, hop_tokens, tables.tokens, uses)
-    return Context(hops=hops, hop_tokens=hop_tokens, tokens=tables.tokens, uses=uses, sessions=sessions, config=config)
+    return Context(
+        hops=hops, hop_tokens=hop_tokens, tokens=tables.tokens, uses=uses, sessions=sessions, config=config, headers=headers
+    )
 
 
 def analyze_tables(
@@ -138,11 +143,12 @@ def analyze_tables(
     since: float | None = None,
     until: float | None = None,
     detectors: tuple[Detector, ...] = DETECTORS,
+    headers: HeaderReader | None = None,
 ) -> Analysis:
     """The analysis of tables already loaded (see :func:`analyze`)."""
     clock = time.perf_counter
     started = clock()
-    ctx = prepare(tables, config, since=since, until=until)
+    ctx = prepare(tables, config, since=since, until=until, headers=headers)
     rebuilt = clock()
     hops, hop_tokens, sessions = ctx.hops, ctx.hop_tokens, ctx.sessions
     chosen = None if trace is None else resolve_trace(hops, trace)

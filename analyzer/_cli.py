@@ -13,7 +13,8 @@ from hoptrace._options import output_option, trace_db_argument
 # load pandas; a test keeps this tuple equal to DETECTORS.
 KINDS = (
     "expired_mid_flow", "expired_in_session", "rejected_valid_token", "token_crossover", "upstream_error",
-    "near_expiry", "duplicate_validation", "clock_skew", "token_reuse", "retry_storm", "slow_hop",
+    "service_key_missing", "service_key_leak", "refresh_race", "audience_mismatch", "near_expiry",
+    "duplicate_validation", "clock_skew", "token_reuse", "retry_storm", "retry_without_backoff", "rate_limited", "slow_hop",
 )  # fmt: skip
 FORMATS = ("text", "json", "markdown")
 
@@ -26,6 +27,16 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
     if unknown or not kinds:
         raise click.BadParameter(f"unknown finding kind {unknown[0] if unknown else value!r}; kinds: {', '.join(KINDS)}")
     return kinds
+
+
+def _audiences(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {}
+    for item in value:
+        service, sep, aud = item.partition("=")
+        if not sep or not service.strip() or not aud.strip():
+            raise click.BadParameter(f"{item!r} is not SERVICE=AUD (e.g. payment=https://pay.example.com)")
+        out[service.strip()] = (*out.get(service.strip(), ()), aud.strip())
+    return out
 
 
 @click.command("analyze", cls=OneLineCommand)
@@ -57,6 +68,14 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
     metavar="REGEX",
     help="A path pattern of token validation calls (repeatable; replaces the defaults verify, validate, introspect, userinfo, tokeninfo).",
 )
+@click.option(
+    "--audience",
+    "audiences",
+    multiple=True,
+    metavar="SERVICE=AUD",
+    callback=_audiences,
+    help="audience_mismatch: an aud value SERVICE accepts beyond its own name (repeatable).",
+)
 @click.option("--worst", type=click.IntRange(0, 1000), metavar="N", help="How many requests to draw as trees (default 5).")
 @output_option("Write the report here instead of stdout.")
 def analyze(
@@ -70,6 +89,7 @@ def analyze(
     skew_threshold_s: float | None,
     slow_ms: float | None,
     validation_patterns: tuple[str, ...],
+    audiences: dict[str, tuple[str, ...]],
     worst: int | None,
     output: Path | None,
 ) -> None:
@@ -79,8 +99,9 @@ def analyze(
     (a file that is not a trace DB, an unknown --trace, an unreadable time).
 
     Finding kinds: expired_mid_flow, expired_in_session, rejected_valid_token,
-    token_crossover, upstream_error, near_expiry, duplicate_validation, clock_skew,
-    token_reuse, retry_storm, slow_hop.
+    token_crossover, upstream_error, service_key_missing, service_key_leak,
+    refresh_race, audience_mismatch, near_expiry, duplicate_validation, clock_skew,
+    token_reuse, retry_storm, retry_without_backoff, rate_limited, slow_hop.
 
     \b
     Example:
@@ -91,7 +112,7 @@ def analyze(
 
     options = {
         "near_expiry_s": near_expiry_s, "skew_threshold_s": skew_threshold_s, "slow_ms": slow_ms,
-        "validation_patterns": validation_patterns or None, "worst": worst,
+        "validation_patterns": validation_patterns or None, "audiences": audiences or None, "worst": worst,
     }  # fmt: skip
     with exit_2_on_bad_input():
         config = AnalyzerConfig(**{k: v for k, v in options.items() if v is not None})

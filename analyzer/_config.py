@@ -23,6 +23,26 @@ class AnalyzerConfig:
     the estimate already allows for Date headers and ``iat`` being whole seconds."""
     retry_min: int = 2
     """``retry_storm``: a call repeated at least this many times after a 5xx, 429 or error."""
+    retry_backoff_growth: float = 1.2
+    """``retry_without_backoff``: retries whose every gap is at most this many times the gap
+    before it have no backoff (1.2 leaves room for scheduling jitter; doubling passes)."""
+    retry_after_tolerance_s: float = 0.05
+    """``retry_without_backoff``: a retry this much sooner than ``Retry-After`` still honours it."""
+    rate_window_s: float = 1.0
+    """``rate_limited``: the request rate at the limited service is counted over this many
+    seconds before its first 429."""
+    key_min_callers: int = 2
+    """``service_key_*``: a redacted header value sent to services by at least this many
+    callers is a service credential..."""
+    key_min_share: float = 0.5
+    """...on the services where at least this share of calls carry its header."""
+    audiences: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """``audience_mismatch``: per service, the ``aud`` values it accepts beyond its own name."""
+    refresh_patterns: tuple[str, ...] = ("refresh", r"(?:^|/)(?:oauth2?/)?token$")
+    """``refresh_race``: regular expressions (case-insensitive) searched in a hop's path: a
+    match makes it a token refresh hop."""
+    refresh_race_window_s: float = 0.5
+    """``refresh_race``: two refreshes with one token overlapping or this close are concurrent."""
     slow_p95_factor: float = 2.0
     """``slow_hop``: a hop slower than this many times its endpoint's p95..."""
     slow_min_samples: int = 20
@@ -40,27 +60,47 @@ class AnalyzerConfig:
     """Hop columns to read beyond those the analysis needs, or ``"all"`` (all but headers and bodies)."""
 
     def __post_init__(self) -> None:
-        for name in ("near_expiry_s", "near_expiry_duration_factor", "skew_threshold_s", "slow_p95_factor"):
+        for name in (
+            "near_expiry_s", "near_expiry_duration_factor", "skew_threshold_s", "slow_p95_factor",
+            "retry_backoff_growth", "retry_after_tolerance_s", "rate_window_s", "refresh_race_window_s",
+        ):  # fmt: skip
             value = getattr(self, name)
             if not _finite(value) or value < 0:
                 raise AnalysisError(f"{name} must be a number >= 0, got {value!r}")
         if self.slow_ms is not None and (not _finite(self.slow_ms) or self.slow_ms <= 0):
             raise AnalysisError(f"slow_ms must be a number > 0 or None, got {self.slow_ms!r}")
-        for name in ("retry_min", "slow_min_samples", "worst", "max_hop_ids"):
+        for name in ("retry_min", "slow_min_samples", "worst", "max_hop_ids", "key_min_callers"):
+            least = 1 if name in ("retry_min", "key_min_callers") else 0
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "retry_min" else 0):
-                raise AnalysisError(f"{name} must be a whole number >= {1 if name == 'retry_min' else 0}, got {value!r}")
-        if isinstance(self.validation_patterns, str):
-            raise AnalysisError("validation_patterns must be a tuple of patterns, not one string")
-        for pattern in self.validation_patterns:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise AnalysisError(f"validation pattern {pattern!r} is not a regular expression: {exc}") from None
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise AnalysisError(f"{name} must be a whole number >= {least}, got {value!r}")
+        if not _finite(self.key_min_share) or not 0 < self.key_min_share <= 1:
+            raise AnalysisError(f"key_min_share must be a number in (0, 1], got {self.key_min_share!r}")
+        for name in ("validation_patterns", "refresh_patterns"):
+            _check_patterns(name, getattr(self, name))
+        if not isinstance(self.audiences, dict) or not all(
+            isinstance(k, str) and isinstance(v, (tuple, list)) and all(isinstance(a, str) for a in v)
+            for k, v in self.audiences.items()
+        ):
+            raise AnalysisError(f"audiences must map a service to a list of aud values, got {self.audiences!r}")
 
     @property
     def validation_regex(self) -> str:
         return "|".join(f"(?:{p})" for p in self.validation_patterns) or r"(?!)"
+
+    @property
+    def refresh_regex(self) -> str:
+        return "|".join(f"(?:{p})" for p in self.refresh_patterns) or r"(?!)"
+
+
+def _check_patterns(name: str, patterns: object) -> None:
+    if isinstance(patterns, str):
+        raise AnalysisError(f"{name} must be a tuple of patterns, not one string")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise AnalysisError(f"{name[:-9]} pattern {pattern!r} is not a regular expression: {exc}") from None
 
 
 def _finite(value: object) -> bool:

@@ -1,15 +1,21 @@
 """The detectors: each a small function from the rebuilt traces to findings of one kind.
 
 A detector returns a DataFrame with ``trace``, ``service``, ``hop_ids``, ``message``,
-``details`` and ``at``; :func:`run_detectors` adds ``kind`` and ``severity`` and sorts.
+``details`` and ``at`` (and, where it knows better than the default, ``caller``, ``callee``
+and ``endpoint``); :func:`run_detectors` adds ``kind`` and ``severity``, names the caller
+(the service whose call it was: the parent hop's, ``client`` for a request), the callee
+and the endpoint of each finding's hop, and sorts.
 Token times are judged on the proxy's clock, which is the one clock every hop shares.
 A token is expired at ``exp`` itself (RFC 7519: "on or after"), as pyjwt judges it.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from functools import cached_property
 
 import numpy as np
@@ -18,10 +24,12 @@ import pandas as pd
 from hoptrace._format import hop_ended
 from hoptrace.analyzer._arrays import group_quantiles, run_starts
 from hoptrace.analyzer._config import AnalyzerConfig
+from hoptrace.analyzer._headers import REDACTED_PREFIX, HeaderReader, empty_lines
 from hoptrace.analyzer._latency import is_error
+from hoptrace.analyzer._prepare import validation_mask
 from hoptrace.analyzer._types import SEVERITY_RANK
 
-FINDING_COLUMNS = ("kind", "severity", "trace", "service", "hop_ids", "message", "details", "at")
+FINDING_COLUMNS = ("kind", "severity", "trace", "service", "caller", "callee", "endpoint", "hop_ids", "message", "details", "at")
 
 
 @dataclass
@@ -34,6 +42,15 @@ class Context:
     uses: pd.DataFrame  # presented / validated sightings (see _prepare.token_uses)
     sessions: pd.DataFrame
     config: AnalyzerConfig = field(default_factory=AnalyzerConfig)
+    headers: HeaderReader | None = None
+    """Where the header lines of chosen hops come from (None: no header is read)."""
+
+    def header_lines(self, hop_ids, side: str, **containing) -> pd.DataFrame:
+        """``hop_id name value`` of these hops' headers on ``side`` (none without a reader);
+        see :meth:`HeaderReader.lines`."""
+        if self.headers is None:
+            return empty_lines()
+        return self.headers.lines(hop_ids, side, **containing)
 
     @cached_property
     def used(self) -> pd.DataFrame:
@@ -46,6 +63,21 @@ class Context:
         rows = self.hop_tokens[self.hop_tokens["role"] == "issued"].drop_duplicates(["hop_id", "fingerprint"])
         rows = rows.rename(columns={"fingerprint": "fp"})[["hop_id", "fp", "location"]]
         return _with_hop(rows, self.hops)
+
+    @cached_property
+    def caller(self) -> pd.Series:
+        """The service that made each hop, by hop id (see :func:`callers`)."""
+        return callers(self.hops)
+
+    @cached_property
+    def service_keys(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The service credentials and the services they guard (see :func:`service_keys`)."""
+        return service_keys(self)
+
+    @cached_property
+    def keyless(self) -> pd.DataFrame:
+        """Refused calls without the service credential their service requires (see :func:`keyless_refusals`)."""
+        return keyless_refusals(self)
 
     @cached_property
     def skew(self) -> pd.DataFrame:
@@ -139,30 +171,62 @@ def expired_mid_flow(ctx: Context) -> pd.DataFrame:
         return _findings([])
     issued = ctx.issued
     here = pd.MultiIndex.from_arrays([issued["trace"], issued["fp"]])
-    late = late.assign(mid=pd.MultiIndex.from_arrays([late["trace"], late["fp"]]).isin(here))
+    late = late.assign(
+        mid=pd.MultiIndex.from_arrays([late["trace"], late["fp"]]).isin(here), caller=late["hop_id"].map(ctx.caller).to_numpy()
+    )
     g = _Groups(late, ["trace", "fp"])
+    before = _earlier_check(ctx, late, g)
     rows = []
-    for trace, fp, svc, endpoint, path, status, failed, kind, start, exp, entered, root, mid, ids in zip(
-        g.first("trace"), g.first("fp"), g.first("service"), g.first("endpoint"), g.first("path"),
+    for trace, fp, caller, svc, endpoint, path, status, failed, kind, start, exp, entered, root, mid, checking, ids, prior in zip(
+        g.first("trace"), g.first("fp"), g.first("caller"), g.first("service"), g.first("endpoint"), g.first("path"),
         g.first("status"), g.first("failed"), g.first("error_kind"), g.first("started_at"), g.first("exp"),
-        g.first("root_start"), g.first("root_endpoint"), g.first("mid"), g.lists("hop_id"),
+        g.first("root_start"), g.first("root_endpoint"), g.first("mid"), g.first("is_validation"), g.lists("hop_id"), before,
     ):  # fmt: skip
         late_by, left = start - exp, exp - entered
-        origin = "a token issued during the request" if mid else "a token valid when the request entered"
+        origin = "a token issued during the request" if mid else "the token"
+        if checking:
+            act = f"{'re-validated' if prior is not None and prior[3] else 'validated'} {origin} at"
+        else:
+            act = f"sent {origin} to"
+        if prior is not None:
+            prior_caller, prior_svc, prior_at, prior_checked = prior
+            earlier = (
+                f"{prior_caller} had {'validated it at' if prior_checked else 'sent it to'} {prior_svc}"
+                f" {start - prior_at:.2f} s earlier with {exp - prior_at:.2f} s left"
+            )
+        else:
+            earlier = f"it had {left:.2f} s left when {root} entered"
         rows.append({
-            "trace": trace, "service": svc, "hop_ids": ids,
+            "trace": trace, "service": svc, "caller": caller, "hop_ids": ids,
             "message": (
-                f"{origin} reached {svc} {endpoint} {late_by:.3f} s after it expired"
-                f" (status {_status(status, failed, kind)}); it had {left:.3f} s left when {root} entered"
+                f"{caller} {act} {svc} {endpoint} {late_by:.2f} s after exp ({_status(status, failed, kind)}); {earlier}"
             ),
             "details": {
                 "fingerprint": fp, "exp": exp, "entered_at": entered, "remaining_at_entry_s": left,
                 "late_by_s": late_by, "path": path, "endpoint": endpoint, "status": _int_or_none(status),
-                "late_hops": len(ids), "issued_during_request": bool(mid),
+                "late_hops": len(ids), "issued_during_request": bool(mid), "caller": caller,
+                "earlier_check": None if prior is None else {"caller": prior[0], "service": prior[1], "at": prior[2]},
             },
             "at": entered,
         })  # fmt: skip
     return _findings(rows)
+
+
+def _earlier_check(ctx: Context, late: pd.DataFrame, g: _Groups) -> list[tuple | None]:
+    """Per group of ``g`` (trace, fp): the last hop below the entry that carried the token
+    while it was still valid, a validation preferred: ``(caller, service, started_at, validated)``."""
+    firsts = pd.DataFrame({"trace": g.first("trace"), "fp": g.first("fp"), "late_at": g.first("started_at")})
+    u = ctx.used
+    u = u[(u["depth"].to_numpy() > 0) & u["trace"].isin(firsts["trace"]).to_numpy()]
+    u = u[["trace", "fp", "hop_id", "service", "started_at", "exp", "is_validation"]].merge(firsts, on=["trace", "fp"])
+    u = u[(u["started_at"] < u["late_at"]) & (u["started_at"] < u["exp"])]
+    u = u.assign(caller=u["hop_id"].map(ctx.caller).to_numpy())
+    u = u.sort_values(["is_validation", "started_at"]).drop_duplicates(["trace", "fp"], keep="last")
+    found = {
+        (t, f): (c, str(s), a, bool(v))
+        for t, f, c, s, a, v in zip(u["trace"], u["fp"], u["caller"], u["service"], u["started_at"], u["is_validation"])
+    }
+    return [found.get(key) for key in zip(firsts["trace"], firsts["fp"])]
 
 
 def expired_in_session(ctx: Context) -> pd.DataFrame:
@@ -223,17 +287,17 @@ def near_expiry(ctx: Context) -> pd.DataFrame:
     left = u["exp"] - u["started_at"]
     short = (left < c.near_expiry_s) | (left < c.near_expiry_duration_factor * u["root_duration_s"])
     near = u[((u["depth"] > 0) & (left > 0) & short).to_numpy()]
-    near = near.assign(left=near["exp"] - near["started_at"])
+    near = near.assign(left=near["exp"] - near["started_at"], caller=near["hop_id"].map(ctx.caller).to_numpy())
     g = _Groups(near, ["trace", "fp"])
     rows = []
-    for trace, fp, svc, endpoint, remaining, took, exp, start, ids in zip(
-        g.first("trace"), g.first("fp"), g.first("service"), g.first("endpoint"), g.first("left"),
+    for trace, fp, caller, svc, endpoint, remaining, took, exp, start, ids in zip(
+        g.first("trace"), g.first("fp"), g.first("caller"), g.first("service"), g.first("endpoint"), g.first("left"),
         g.first("root_duration_s"), g.first("exp"), g.first("started_at"), g.lists("hop_id"),
     ):  # fmt: skip
         rows.append({
-            "trace": trace, "service": svc, "hop_ids": ids,
+            "trace": trace, "service": svc, "caller": caller, "hop_ids": ids,
             "message": (
-                f"token forwarded to {svc} {endpoint} with {remaining:.3f} s of life left"
+                f"{caller} forwarded the token to {svc} {endpoint} with {remaining:.3f} s of life left"
                 f" (threshold {c.near_expiry_s:g} s; the request takes {took:.3f} s)"
             ),
             "details": {
@@ -257,7 +321,7 @@ def duplicate_validation(ctx: Context) -> pd.DataFrame:
         ["trace", "token_fp", "parent_id", "service", "endpoint", "started_at", "duration_ms"],
     ]
     v = v[v.groupby(["trace", "token_fp"], observed=True)["service"].transform("size").to_numpy() > 1]
-    caller = v["parent_id"].map(h["service"]).astype(object).fillna("client")
+    caller = v.index.map(ctx.caller)
     # Each (caller, validator, endpoint) once: a request's calls are then a tuple of small ints.
     call, calls = pd.factorize(pd.MultiIndex.from_arrays([caller, v["service"].astype(object), v["endpoint"].astype(object)]))
     g = _Groups(v.assign(call=call), ["trace", "token_fp"])
@@ -270,13 +334,17 @@ def duplicate_validation(ctx: Context) -> pd.DataFrame:
         if pattern not in patterns:
             chain = [calls[i] for i in pattern]
             patterns[pattern] = (
-                ", ".join(f"{c} -> {s} {e}" for c, s, e in chain), chain[1][0],
+                ", ".join(f"{c} -> {s} {e}" for c, s, e in chain), chain[1],
                 list(dict.fromkeys(c for c, _, _ in chain)), list(dict.fromkeys(s for _, s, _ in chain)), [e for _, _, e in chain],
             )  # fmt: skip
-        text, second, callers, validators, endpoints = patterns[pattern]
+        text, (again_caller, second, again_at), callers, validators, endpoints = patterns[pattern]
         rows.append({
-            "trace": trace, "service": second, "hop_ids": ids,
-            "message": f"token validated {len(ids)} times in one request ({text}); {extra_ms:.1f} ms spent beyond the first",
+            # The service is the one that validated again: its code has the redundant check.
+            "trace": trace, "service": again_caller, "caller": again_caller, "callee": second, "endpoint": again_at, "hop_ids": ids,
+            "message": (
+                f"{again_caller} re-validated the token at {second} {again_at}: {len(ids)} validations in one request"
+                f" ({text}); {extra_ms:.1f} ms spent beyond the first"
+            ),
             "details": {
                 "fingerprint": fp, "count": len(ids), "callers": callers, "validators": validators,
                 "endpoints": endpoints, "extra_ms": extra_ms, "span_s": starts[-1] - starts[0],
@@ -297,27 +365,31 @@ def rejected_valid_token(ctx: Context) -> pd.DataFrame:
     nbf = h["token_fp"].map(ctx.tokens["nbf"]).to_numpy(dtype=np.float64, na_value=np.nan)
     valid = (h["token_exp"].to_numpy() > answered) & ~(nbf > h["started_at"].to_numpy())
     hits = h[valid].assign(left=h["token_exp"].to_numpy()[valid] - answered[valid])
-    hits = hits.assign(owner=hits["trace"].map(ctx.hops["token_sub"]).astype(object))
+    hits = hits.assign(owner=hits["trace"].map(ctx.hops["token_sub"]).astype(object), caller=hits.index.map(ctx.caller))
     skew = ctx.skew
     date_skew = {svc: off for svc, src, off in zip(skew["service"], skew["source"], skew["offset_s"]) if src == "date"}
+    keyless_names = ctx.keyless["name"].to_dict()
     g = _Groups(hits, ["trace"], by="ended_at")
     rows = []
-    for trace, fp, svc, endpoint, code, left, sub, owner, services, starts, ids in zip(
-        g.first("trace"), g.first("token_fp"), g.first("service"), g.first("endpoint"), g.first("status"),
+    for trace, fp, caller, svc, endpoint, code, left, sub, owner, services, starts, ids in zip(
+        g.first("trace"), g.first("token_fp"), g.first("caller"), g.first("service"), g.first("endpoint"), g.first("status"),
         g.first("left"), g.first("token_sub"), g.first("owner"), g.lists("service"), g.lists("started_at"), g.ids(),
     ):  # fmt: skip
         offset = date_skew.get(svc)
         foreign = isinstance(sub, str) and isinstance(owner, str) and sub != owner
+        keyless = next((keyless_names[i] for i in ids if i in keyless_names), None)
         if foreign:
             hint = f"it is {sub}'s token in a request of {owner}: see token_crossover"
+        elif keyless is not None:
+            hint = f"the call lacked the {keyless} header {svc} requires: see service_key_missing"
         elif offset is not None and offset > left:
             hint = f"{svc}'s clock runs {offset:.1f} s ahead of the proxy's"
         else:
             hint = "clock skew, another signing key, or the audience?"
         rows.append({
-            "trace": trace, "service": svc, "hop_ids": ids,
+            "trace": trace, "service": svc, "caller": caller, "hop_ids": ids,
             "message": (
-                f"{svc} {endpoint} answered {int(code)} to a token with {left:.3f} s of life left"
+                f"{svc} {endpoint} answered {int(code)} to {caller}'s call with a token with {left:.3f} s of life left"
                 f" on the proxy's clock ({hint})"
             ),
             "details": {
@@ -460,6 +532,7 @@ def token_crossover(ctx: Context) -> pd.DataFrame:
     # The columns read below only: a million uses copied column by column add up.
     columns = ["trace", "sub", "sub_code", "fp", "hop_id", "service", "endpoint", "started_at", "root_endpoint", "root_start"]
     u = u.loc[(u["depth"].to_numpy() > 0) & (u["sub_code"].to_numpy() >= 0), columns]
+    u = u.assign(caller=u["hop_id"].map(ctx.caller).to_numpy())
     root_sub = ctx.hops["token_sub"][ctx.hops["depth"].to_numpy() == 0]
     # Subjects as the codes token_uses gave them: integer work over a million uses.
     subjects = pd.Index(pd.factorize(ctx.tokens["sub"])[1])
@@ -469,15 +542,15 @@ def token_crossover(ctx: Context) -> pd.DataFrame:
     cross = (owner >= 0) & (mine != owner) & np.isin(mine, root_code[root_code >= 0].unique())
     g = _Groups(u[cross].assign(owner=u["trace"][cross].map(root_sub)), ["trace", "sub"])
     rows = []
-    for trace, other, me, request, svc, endpoint, at, services, endpoints, fps, ids in zip(
-        g.first("trace"), g.first("sub"), g.first("owner"), g.first("root_endpoint"), g.first("service"),
+    for trace, other, me, request, caller, svc, endpoint, at, services, endpoints, fps, ids in zip(
+        g.first("trace"), g.first("sub"), g.first("owner"), g.first("root_endpoint"), g.first("caller"), g.first("service"),
         g.first("endpoint"), g.first("root_start"), g.lists("service"), g.lists("endpoint"), g.lists("fp"),
         g.lists("hop_id"),
     ):  # fmt: skip
         more = f", and {len(ids) - 1} more hops" if len(ids) > 1 else ""
         rows.append({
-            "trace": trace, "service": svc, "hop_ids": list(dict.fromkeys(ids)),
-            "message": f"{svc} {endpoint} carried {other}'s token inside a request of {me} ({request}){more}",
+            "trace": trace, "service": svc, "caller": caller, "hop_ids": list(dict.fromkeys(ids)),
+            "message": f"{caller} sent {other}'s token to {svc} {endpoint} inside a request of {me} ({request}){more}",
             "details": {
                 "subject": me, "other_subject": other, "fingerprints": list(dict.fromkeys(fps)),
                 "hops": [f"{s} {e}" for s, e in zip(services, endpoints)],
@@ -492,18 +565,13 @@ def token_crossover(ctx: Context) -> pd.DataFrame:
 
 def retry_storm(ctx: Context) -> pd.DataFrame:
     """The same call (caller hop, service, endpoint) repeated after a 5xx, 429 or error."""
-    h = ctx.hops
-    status = h["status"].to_numpy(dtype=np.float64, na_value=np.nan)
-    bad = (is_error(h) | (status == 429)) & h["parent_id"].notna().to_numpy()
-    # Only the callers that saw a failure can have retried: a small set.
-    calls = h[h["parent_id"].isin(h["parent_id"][bad].unique()).to_numpy()]
-    calls = calls.assign(bad=bad[h.index.get_indexer(calls.index)])
+    calls = _calls_of_failed_callers(ctx.hops)
     same = ["parent_id", "service", "endpoint"]
     calls = calls.sort_values([*same, "started_at"], kind="stable")
     calls = calls.assign(retry=calls.groupby(same, sort=False)["bad"].shift(fill_value=False).astype(bool))
     retries = calls.groupby(same, sort=False)["retry"].transform("sum").to_numpy()
     storms = calls[retries >= ctx.config.retry_min]
-    storms = storms.assign(caller=storms["parent_id"].map(h["service"]))
+    storms = storms.assign(caller=storms.index.map(ctx.caller))
     g = _Groups(storms, same)
     cost = g.sum("duration_ms") - np.asarray(g.first("duration_ms"), dtype=np.float64)
     rows = []
@@ -513,7 +581,7 @@ def retry_storm(ctx: Context) -> pd.DataFrame:
     ):  # fmt: skip
         gaps = [round(s - e, 3) for s, e in zip(starts[1:], ends[:-1])]
         rows.append({
-            "trace": trace, "service": svc, "hop_ids": ids,
+            "trace": trace, "service": svc, "caller": caller, "hop_ids": ids,
             "message": (
                 f"{caller} called {svc} {endpoint} {len(ids)} times in one request ({sum(retried)} retries;"
                 f" statuses {', '.join(outcomes)}; gaps {', '.join(f'{x:.3f}' for x in gaps)} s);"
@@ -528,6 +596,17 @@ def retry_storm(ctx: Context) -> pd.DataFrame:
     return _findings(rows)
 
 
+def _calls_of_failed_callers(h: pd.DataFrame) -> pd.DataFrame:
+    """The calls made by hops one of whose calls failed (5xx, 429 or error), each with ``bad``.
+
+    Only the callers that saw a failure can have retried: a small set.
+    """
+    status = h["status"].to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = (is_error(h) | (status == 429)) & h["parent_id"].notna().to_numpy()
+    calls = h[h["parent_id"].isin(h["parent_id"][bad].unique()).to_numpy()]
+    return calls.assign(bad=bad[h.index.get_indexer(calls.index)])
+
+
 def upstream_error(ctx: Context) -> pd.DataFrame:
     """A hop that failed or answered 5xx while none of its own calls did: where an error began."""
     h = ctx.hops
@@ -536,6 +615,7 @@ def upstream_error(ctx: Context) -> pd.DataFrame:
     origin = h[bad & ~h.index.isin(parents_of_bad)]
     roots = h.reindex(origin["trace"].to_numpy())
     origin = origin.assign(
+        caller=origin.index.map(ctx.caller),
         client_saw=is_error(roots),
         request=roots["endpoint"].to_numpy(),
         request_status=[_status(*t) for t in zip(roots["status"], roots["failed"], roots["error_kind"])],
@@ -543,18 +623,18 @@ def upstream_error(ctx: Context) -> pd.DataFrame:
     )
     g = _Groups(origin, ["trace", "service", "endpoint"])
     rows = []
-    for trace, svc, endpoint, error, request, ended, code, client_saw, outcomes, starts, ids in zip(
-        g.first("trace"), g.first("service"), g.first("endpoint"), g.first("error"), g.first("request"),
+    for trace, caller, svc, endpoint, error, request, ended, code, client_saw, outcomes, starts, ids in zip(
+        g.first("trace"), g.first("caller"), g.first("service"), g.first("endpoint"), g.first("error"), g.first("request"),
         g.first("request_status"), g.first("request_code"), g.first("client_saw"), _statuses(g), g.lists("started_at"), g.ids(),
     ):  # fmt: skip
         error = error if isinstance(error, str) else None
         times = f"{len(ids)} times" if len(ids) > 1 else "once"
         rows.append({
-            "trace": trace, "service": svc, "hop_ids": ids,
+            "trace": trace, "service": svc, "caller": caller, "hop_ids": ids,
             # The client saw the failure, or the request recovered (a retry, a fallback).
             "severity": "error" if client_saw else "warning",
             "message": (
-                f"{svc} {endpoint} failed {times} ({', '.join(outcomes)}{f'; {error}' if error else ''});"
+                f"{svc} {endpoint} failed {times} when {caller} called it ({', '.join(outcomes)}{f'; {error}' if error else ''});"
                 f" the request {request} ended {ended}"
             ),
             "details": {
@@ -601,6 +681,348 @@ def slow_hop(ctx: Context) -> pd.DataFrame:
     return _findings(rows)
 
 
+# -- retries and rate limits ------------------------------------------------------------
+
+
+def _retry_after_s(value: str, answered_at: float) -> float | None:
+    """Seconds a ``Retry-After`` asks for (RFC 9110 10.2.3: whole seconds or an HTTP date), else None."""
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        return parsedate_to_datetime(text).timestamp() - answered_at
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def retry_without_backoff(ctx: Context) -> pd.DataFrame:
+    """Retries of one call after a 5xx, 429 or error whose gaps do not grow, or that come
+    sooner than the failed answer's ``Retry-After``."""
+    c = ctx.config
+    calls = _calls_of_failed_callers(ctx.hops)
+    calls = calls.assign(caller=calls.index.map(ctx.caller))
+    answers = ctx.header_lines(calls.index[calls["bad"].to_numpy()], "response", containing=("etry-",))
+    ra = answers[answers["name"] == "retry-after"].drop_duplicates("hop_id").set_index("hop_id")["value"]
+    calls = calls.assign(retry_after=calls.index.map(ra))
+    g = _Groups(calls, ["parent_id", "service", "endpoint"])
+    rows = []
+    for trace, caller, svc, endpoint, starts, ends, bads, waits, outcomes, ids in zip(
+        g.first("trace"), g.first("caller"), g.first("service"), g.first("endpoint"), g.lists("started_at"),
+        g.lists("ended_at"), g.lists("bad"), g.lists("retry_after"), _statuses(g), g.ids(),
+    ):  # fmt: skip
+        # Retry i follows call i, which failed: its gap, and what that answer asked for.
+        retries = [i for i in range(len(ids) - 1) if bads[i]]
+        if not retries:
+            continue
+        gaps = [starts[i + 1] - ends[i] for i in retries]
+        asked = [_retry_after_s(waits[i], ends[i]) if isinstance(waits[i], str) else None for i in retries]
+        early = [(gap, want) for gap, want in zip(gaps, asked) if want is not None and gap < want - c.retry_after_tolerance_s]
+        flat = len(gaps) >= 2 and all(b <= c.retry_backoff_growth * a for a, b in itertools.pairwise(gaps))
+        if not (early or flat):
+            continue
+        why = []
+        if flat:
+            why.append(f"gaps {', '.join(f'{x:.3f}' for x in gaps)} s do not grow")
+        if early:
+            gap, want = early[0]
+            why.append(f"retried {gap:.3f} s after a Retry-After of {want:g} s")
+        rows.append({
+            "trace": trace, "service": svc, "caller": caller, "hop_ids": ids,
+            "message": (
+                f"{caller} retried {svc} {endpoint} {len(retries)} times without backoff: {'; '.join(why)}"
+                f" (statuses {', '.join(outcomes)})"
+            ),
+            "details": {
+                "caller": caller, "endpoint": endpoint, "retries": len(retries), "gaps_s": [round(x, 4) for x in gaps],
+                "retry_after_s": asked, "ignored_retry_after": len(early), "flat_gaps": flat, "statuses": outcomes,
+            },
+            "at": starts[0],
+        })  # fmt: skip
+    return _findings(rows)
+
+
+def rate_limited(ctx: Context) -> pd.DataFrame:
+    """429s: who hit whose limit, at what request rate, and who passed it on to its callers."""
+    h = ctx.hops
+    status = h["status"].to_numpy(dtype=np.float64, na_value=np.nan)
+    limited = h[status == 429]
+    if limited.empty:
+        return _findings([])
+    # Where a 429 began: the hop none of whose own calls answered 429.
+    limited = limited[~limited.index.isin(limited["parent_id"].dropna().astype("int64"))]
+    limited = limited.assign(caller=limited.index.map(ctx.caller))
+    window = ctx.config.rate_window_s
+    arrivals = {svc: np.sort(h["started_at"].to_numpy()[(h["service"] == svc).to_numpy()]) for svc in limited["service"].unique()}
+    g = _Groups(limited, ["service", "caller"])
+    rows = []
+    for svc, caller, trace, endpoints, starts, ids in zip(
+        g.first("service"), g.first("caller"), g.first("trace"), g.lists("endpoint"), g.lists("started_at"), g.ids(),
+    ):  # fmt: skip
+        times = arrivals[svc]
+        before = int(np.searchsorted(times, starts[0]) - np.searchsorted(times, starts[0] - window))
+        rate = before / window if window > 0 else float("nan")
+        passed = _propagated(h, ids, ctx.caller)
+        told = f"; {', '.join(f'{who} answered {what}' for who, what in passed)} after it" if passed else ""
+        rows.append({
+            "trace": trace, "service": svc, "caller": caller, "hop_ids": ids[: ctx.config.max_hop_ids],
+            "message": (
+                f"{caller} hit {_possessive(svc)} rate limit: {len(ids)} calls answered 429"
+                f" ({', '.join(dict.fromkeys(map(str, endpoints)))}) after {rate:.1f} requests/s to {svc}"
+                f" in the {window:g} s before{told}"
+            ),
+            "details": {
+                "limited_calls": len(ids), "endpoints": list(dict.fromkeys(map(str, endpoints))),
+                "rate_per_s": rate, "window_s": window, "propagated_by": [f"{who} {what}" for who, what in passed],
+            },
+            "at": starts[0],
+        })  # fmt: skip
+    return _findings(rows)
+
+
+def _possessive(name: str) -> str:
+    return f"{name}'" if name.endswith("s") else f"{name}'s"
+
+
+def _propagated(h: pd.DataFrame, ids: list[int], caller: pd.Series) -> list[tuple[str, str]]:
+    """The callers up the tree that answered 429 or 5xx after these 429s: ``(service, "429 to client")``."""
+    seen: dict[tuple[str, str], None] = {}
+    frontier = set(ids)
+    while frontier:
+        parents = h["parent_id"].reindex(list(frontier)).dropna().astype("int64").unique()
+        up = h.loc[parents]
+        code = up["status"].to_numpy(dtype=np.float64, na_value=np.nan)
+        passing = up[(code == 429) | (code >= 500)]
+        for hop, svc, status in zip(passing.index, passing["service"], passing["status"]):
+            seen[(str(svc), f"{int(status)} to {caller.get(hop, 'unknown')}")] = None
+        frontier = set(passing.index.tolist())
+    return list(seen)
+
+
+# -- service credentials ----------------------------------------------------------------
+
+
+# Calls whose headers the service credentials are learned from: a credential most calls
+# to a service carry is in any evenly spread sample this size (5k headers: ~0.2 s to read and parse).
+_KEY_SAMPLE = 5_000
+
+
+def service_keys(ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The service credentials the capture shows (``name value``) and the services they
+    guard (``service name``), learned from an evenly spread sample of the calls below the entry.
+
+    A credential is a redacted request header value that calls from at least
+    ``key_min_callers`` services carry; it guards the services where at least
+    ``key_min_share`` of the calls carry a header of its name.
+    """
+    c = ctx.config
+    h = ctx.hops
+    inner = h[h["depth"].to_numpy() > 0]
+    inner = inner.iloc[:: max(1, len(inner) // _KEY_SAMPLE)]
+    sent = ctx.header_lines(inner.index, "request", containing=(REDACTED_PREFIX,))
+    sent = sent[sent["value"].str.startswith(REDACTED_PREFIX).to_numpy(bool)]
+    sent = sent.assign(caller=sent["hop_id"].map(ctx.caller).to_numpy())
+    callers_of = sent.groupby(["name", "value"])["caller"].nunique()
+    keys = callers_of[callers_of >= c.key_min_callers].reset_index()[["name", "value"]]
+    carrying = sent.merge(keys, on=["name", "value"])
+    carrying = carrying.assign(service=carrying["hop_id"].map(h["service"]).astype(object).to_numpy())
+    calls = inner["service"].astype(object).value_counts()
+    per = carrying.groupby(["service", "name"])["hop_id"].nunique().reset_index(name="carrying")
+    per = per[(per["carrying"] / per["service"].map(calls)).to_numpy() >= c.key_min_share]
+    return keys, per.drop(columns="carrying")
+
+
+def keyless_refusals(ctx: Context) -> pd.DataFrame:
+    """Calls refused (401/403) that lacked a service credential's header their service
+    requires (see :func:`service_keys`): the hops, indexed by id, with ``name`` (the header)."""
+    _, guarded = ctx.service_keys
+    h = ctx.hops
+    status = h["status"].to_numpy(dtype=np.float64, na_value=np.nan)
+    refused = h[np.isin(status, (401, 403)) & (h["depth"].to_numpy() > 0)]
+    if guarded.empty or refused.empty:
+        return refused.iloc[:0].assign(name=pd.Series(dtype=object), caller=pd.Series(dtype=object))
+    sent = ctx.header_lines(refused.index, "request")
+    refused = refused.assign(service=refused["service"].astype(object)).reset_index(names="hop_id")
+    refused = refused.merge(guarded, on="service")
+    had = pd.MultiIndex.from_arrays([sent["hop_id"], sent["name"]])
+    refused = refused[~pd.MultiIndex.from_arrays([refused["hop_id"], refused["name"]]).isin(had)]
+    return refused.assign(caller=refused["hop_id"].map(ctx.caller).to_numpy()).set_index("hop_id")
+
+
+def service_key_missing(ctx: Context) -> pd.DataFrame:
+    """A call without the service credential most calls to its service carry, refused (401/403)."""
+    refused = ctx.keyless
+    if refused.empty:
+        return _findings([])
+    g = _Groups(refused, ["caller", "service", "name"])
+    rows = []
+    for caller, svc, name, trace, endpoints, outcomes, starts, ids in zip(
+        g.first("caller"), g.first("service"), g.first("name"), g.first("trace"), g.lists("endpoint"), _statuses(g),
+        g.lists("started_at"), g.ids(),
+    ):  # fmt: skip
+        rows.append({
+            "trace": trace, "service": svc, "caller": caller, "hop_ids": ids[: ctx.config.max_hop_ids],
+            "message": (
+                f"{caller} called {svc} {endpoints[0]} without the {name} header other callers send it,"
+                f" and was refused ({', '.join(dict.fromkeys(outcomes))}; {len(ids)} calls)"
+            ),
+            "details": {"header": name, "calls": len(ids), "statuses": outcomes, "endpoints": list(dict.fromkeys(map(str, endpoints)))},
+            "at": starts[0],
+        })  # fmt: skip
+    return _findings(rows)
+
+
+def service_key_leak(ctx: Context) -> pd.DataFrame:
+    """A service credential in a response to the client, or sent by the client to the entry."""
+    keys, _ = ctx.service_keys
+    h = ctx.hops
+    entered = h.index[h["depth"].to_numpy() == 0]
+    outer = pd.concat([
+        ctx.header_lines(entered, side, containing=keys["value"]).assign(side=side) for side in ("request", "response")
+    ])  # fmt: skip
+    leaks = outer.merge(keys.rename(columns={"name": "key_name"}), on="value")
+    if leaks.empty:
+        return _findings([])
+    leaks = leaks.set_index("hop_id").join(h[["trace", "service", "endpoint", "started_at"]])
+    leaks = leaks.assign(service=leaks["service"].astype(object), endpoint=leaks["endpoint"].astype(object))
+    g = _Groups(leaks, ["service", "side", "name"])
+    rows = []
+    for svc, side, name, key_name, trace, endpoints, starts, ids in zip(
+        g.first("service"), g.first("side"), g.first("name"), g.first("key_name"), g.first("trace"), g.lists("endpoint"),
+        g.lists("started_at"), g.ids(),
+    ):  # fmt: skip
+        ids = list(dict.fromkeys(ids))
+        if side == "response":
+            caller, what = svc, f"{svc} answered the client with the service credential {key_name} (in its {name} header)"
+        else:
+            caller, what = "client", f"the client sent the service credential {key_name} to {svc} (in its {name} header)"
+        rows.append({
+            "trace": trace, "service": svc, "caller": caller, "callee": "client" if side == "response" else svc,
+            "endpoint": endpoints[0], "hop_ids": ids[: ctx.config.max_hop_ids],
+            "message": f"{what} on {endpoints[0]}, {len(ids)} times: the secret between services left the stack",
+            "details": {"header": name, "credential": key_name, "side": side, "hops": len(ids)},
+            "at": starts[0],
+        })  # fmt: skip
+    return _findings(rows)
+
+
+# -- token scope ------------------------------------------------------------------------
+
+
+def _audiences(value: object) -> tuple[str, ...]:
+    """A token's ``aud`` as stored (a string, or a JSON list of strings), as a tuple."""
+    if not isinstance(value, str) or not value:
+        return ()
+    if value.startswith("["):
+        try:
+            items = json.loads(value)
+        except ValueError:
+            return (value,)
+        return tuple(str(a) for a in items) if isinstance(items, list) else (value,)
+    return (value,)
+
+
+def audience_mismatch(ctx: Context) -> pd.DataFrame:
+    """A token presented to a service its ``aud`` does not name (the route's name, or an
+    ``audiences`` entry of the config); judged only for an ``aud`` that names some service."""
+    u = ctx.used
+    auds = ctx.tokens["aud"].dropna().map(_audiences)
+    known = {str(s) for s in ctx.hops["service"].cat.categories}
+    accepted = {svc: {svc, *extra} for svc, extra in ctx.config.audiences.items()}
+    vocabulary = known | {a for extra in ctx.config.audiences.values() for a in extra}
+    # Only an aud in the stack's words can be judged: one that names some service or mapped audience.
+    auds = auds[auds.map(lambda aud: not vocabulary.isdisjoint(aud)).astype(bool)]
+    u = u[(u["role"] == "presented").to_numpy() & ~u["is_validation"].to_numpy() & u["fp"].isin(auds.index).to_numpy()]
+    u = u.assign(service=u["service"].astype(object))
+    # Judged once per (token, service) pair: a token is presented at many hops of one service.
+    pairs = u[["fp", "service"]].drop_duplicates()
+    pairs = pairs.assign(aud=pairs["fp"].map(auds).to_numpy())
+    pairs = pairs[np.array([accepted.get(svc, {svc}).isdisjoint(aud) for svc, aud in zip(pairs["service"], pairs["aud"])], dtype=bool)]
+    hits = u.merge(pairs, on=["fp", "service"])
+    if hits.empty:
+        return _findings([])
+    hits = hits.assign(
+        aud=hits["aud"].map(",".join), caller=hits["hop_id"].map(ctx.caller).to_numpy(), endpoint=hits["endpoint"].astype(object),
+    ).set_index("hop_id")
+    g = _Groups(hits, ["caller", "service", "endpoint", "aud"])
+    keyless = set(ctx.keyless.index)
+    rows = []
+    for caller, svc, endpoint, aud, trace, outcomes, starts, ids in zip(
+        g.first("caller"), g.first("service"), g.first("endpoint"), g.first("aud"), g.first("trace"), _statuses(g),
+        g.lists("started_at"), g.ids(),
+    ):  # fmt: skip
+        refused = [o for o, i in zip(outcomes, ids) if o in ("401", "403") and i not in keyless]
+        ids = list(dict.fromkeys(ids))
+        rows.append({
+            "trace": trace, "service": svc, "caller": caller, "hop_ids": ids[: ctx.config.max_hop_ids],
+            "severity": "error" if refused else "warning",
+            "message": (
+                f"{caller} sent a token for aud {aud} to {svc} {endpoint} ({len(ids)} calls"
+                f"{f', {len(refused)} refused' if refused else ''}): {svc} is not among its audiences"
+            ),
+            "details": {"aud": aud.split(","), "calls": len(ids), "refused": len(refused), "statuses": outcomes},
+            "at": starts[0],
+        })  # fmt: skip
+    return _findings(rows)
+
+
+def refresh_race(ctx: Context) -> pd.DataFrame:
+    """One refresh token sent to a refresh endpoint twice at once (overlapping, or within
+    ``refresh_race_window_s``), one of the two refused with a 4xx."""
+    u = ctx.used
+    h = ctx.hops
+    at_refresh = h.index[validation_mask(h["endpoint"].array, ctx.config.refresh_regex)]
+    refresh = u[u["hop_id"].isin(at_refresh).to_numpy()]
+    refresh = refresh.drop_duplicates(["hop_id", "fp"])
+    refresh = refresh[refresh.groupby(["fp", "service"], observed=True)["hop_id"].transform("size").to_numpy() > 1]
+    if refresh.empty:
+        return _findings([])
+    refresh = refresh.assign(caller=refresh["hop_id"].map(ctx.caller).to_numpy(), service=refresh["service"].astype(object))
+    g = _Groups(refresh, ["fp", "service"])
+    window = ctx.config.refresh_race_window_s
+    found: dict[str, dict] = {}
+    for fp, svc, depth, callers_, endpoints, starts, ends, codes, ids in zip(
+        g.first("fp"), g.first("service"), g.first("depth"), g.lists("caller"), g.lists("endpoint"), g.lists("started_at"),
+        g.lists("ended_at"), g.lists("status"), g.lists("hop_id"),
+    ):  # fmt: skip
+        pair = next(
+            ((i, i + 1) for i in range(len(ids) - 1)
+             if starts[i + 1] < ends[i] + window and any(_is_4xx(codes[k]) for k in (i, i + 1))),
+            None,
+        )  # fmt: skip
+        # The deepest service seeing the race is where the token was judged.
+        if pair is None or (fp in found and found[fp]["depth"] >= depth):
+            continue
+        a, b = pair
+        refused = b if _is_4xx(codes[b]) else a
+        overlap = "while the first ran" if starts[b] < ends[a] else f"{starts[b] - ends[a]:.3f} s after it ended"
+        # Who sent the two requests the race belongs to (the client, as a rule), and who passed them on.
+        origins = [ctx.caller.get(ctx.hops.at[ids[k], "trace"], "unknown") for k in (a, b)]
+        via = f" through {' and '.join(dict.fromkeys((callers_[a], callers_[b])))}" if depth > 0 else ""
+        found[fp] = {
+            "depth": depth,
+            "row": {
+                "trace": ctx.hops.at[ids[refused], "trace"], "service": svc, "caller": callers_[refused],
+                "endpoint": endpoints[refused], "hop_ids": [ids[a], ids[b]],
+                "message": (
+                    f"{' and '.join(dict.fromkeys(origins))} sent one refresh token to {svc} {endpoints[b]}{via} twice,"
+                    f" the second {starts[b] - starts[a]:.3f} s after the first ({overlap}); {svc} answered {_status(codes[a])} and"
+                    f" {_status(codes[b])}: the refresh that lost was refused"
+                ),
+                "details": {
+                    "fingerprint": fp, "gap_s": starts[b] - starts[a], "overlapping": bool(starts[b] < ends[a]),
+                    "statuses": [_int_or_none(codes[a]), _int_or_none(codes[b])], "callers": [callers_[a], callers_[b]],
+                    "origins": origins,
+                },
+                "at": starts[a],
+            },
+        }  # fmt: skip
+    return _findings([f["row"] for f in found.values()])
+
+
+def _is_4xx(status) -> bool:
+    return status is not None and not pd.isna(status) and 400 <= status < 500
+
+
 # -- the list -------------------------------------------------------------------------------
 
 
@@ -627,11 +1049,18 @@ DETECTORS: tuple[Detector, ...] = (
     Detector("rejected_valid_token", "error", rejected_valid_token),
     Detector("token_crossover", "error", token_crossover),
     Detector("upstream_error", "error", upstream_error),
+    Detector("service_key_missing", "error", service_key_missing),
+    Detector("service_key_leak", "error", service_key_leak),
+    Detector("refresh_race", "error", refresh_race),
+    # An error when the service refused the token, a warning otherwise.
+    Detector("audience_mismatch", "warning", audience_mismatch),
     Detector("near_expiry", "warning", near_expiry),
     Detector("duplicate_validation", "warning", duplicate_validation),
     Detector("clock_skew", "warning", clock_skew),
     Detector("token_reuse", "warning", token_reuse),
     Detector("retry_storm", "warning", retry_storm),
+    Detector("retry_without_backoff", "warning", retry_without_backoff),
+    Detector("rate_limited", "warning", rate_limited),
     Detector("slow_hop", "info", slow_hop),
 )
 KINDS = tuple(d.kind for d in DETECTORS)
@@ -646,12 +1075,44 @@ def run_detectors(ctx: Context, detectors: tuple[Detector, ...] = DETECTORS) -> 
             frames.append(found.assign(kind=detector.kind, severity=found["severity"].astype(object).fillna(detector.severity)))
     if not frames:
         return empty_findings()
-    out = pd.concat(frames, ignore_index=True)
+    out = _name_parties(pd.concat(frames, ignore_index=True), ctx)
     out["trace"] = out["trace"].astype("Int64")
     out["at"] = out["at"].astype("float64")
     out["rank"] = out["severity"].map(SEVERITY_RANK)
     out = out.sort_values(["rank", "at", "kind"], kind="stable").drop(columns="rank")
     return out[list(FINDING_COLUMNS)].reset_index(drop=True)
+
+
+def callers(hops: pd.DataFrame) -> pd.Series:
+    """The service that made each hop, by hop id: its parent's service, ``client`` for a
+    request, ``unknown`` for a hop whose caller is not in the capture."""
+    out = hops["parent_id"].map(hops["service"]).astype(object)
+    entered = hops["parent_id"].isna().to_numpy() & (hops["link"].astype(object) != "orphan").to_numpy()
+    out[entered] = "client"
+    return out.fillna("unknown")
+
+
+def _name_parties(found: pd.DataFrame, ctx: Context) -> pd.DataFrame:
+    """``caller``, ``callee`` and ``endpoint`` where the detector left them empty, from the
+    finding's hop: its first hop at the finding's service (else its first hop). A finding
+    about a whole service (no request) names only the service as the callee."""
+    found, hops = found.copy(), ctx.hops
+    wanted = {i for ids, trace in zip(found["hop_ids"], found["trace"]) if trace is not None and not pd.isna(trace) for i in ids}
+    facts = hops.loc[hops.index.intersection(list(wanted)), ["service", "endpoint", "parent_id", "link"]]
+    facts = facts.assign(caller=ctx.caller.reindex(facts.index), service=facts["service"].astype(object), endpoint=facts["endpoint"].astype(object))
+    by_hop = dict(zip(facts.index.tolist(), zip(facts["service"], facts["caller"], facts["endpoint"])))
+    filled: dict[str, list] = {"caller": [], "callee": [], "endpoint": []}
+    for trace, service, ids, caller, callee, endpoint in zip(
+        found["trace"], found["service"], found["hop_ids"], found["caller"], found["callee"], found["endpoint"],
+    ):  # fmt: skip
+        hop = None if trace is None or pd.isna(trace) else next(
+            (by_hop[i] for i in ids if i in by_hop and by_hop[i][0] == service), next((by_hop[i] for i in ids if i in by_hop), None)
+        )  # fmt: skip
+        hop_callee, hop_caller, hop_endpoint = hop if hop is not None else (service, None, None)
+        filled["caller"].append(caller if isinstance(caller, str) else hop_caller)
+        filled["callee"].append(callee if isinstance(callee, str) else hop_callee)
+        filled["endpoint"].append(endpoint if isinstance(endpoint, str) else hop_endpoint)
+    return found.assign(**filled)
 
 
 def empty_findings() -> pd.DataFrame:

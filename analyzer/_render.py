@@ -201,9 +201,12 @@ def render_json(analysis: Analysis) -> str:
       ``ended_at`` (UNIX seconds, proxy clock), ``findings`` (count per severity),
       ``links`` (count of hops per link kind).
     - ``notes``: sentences about the data (ignored rows, guessed links).
-    - ``findings``: list, by severity (error, warning, info), then by time. Each:
-      ``kind``, ``severity`` (error|warning|info), ``trace`` (request id, null for service-wide findings such
-      as clock_skew), ``service``, ``hop_ids``, ``message`` (one line), ``details``
+    - ``findings``: list, by severity (error, warning, info), then by time. Each: ``kind``, ``severity``
+      (error|warning|info), ``trace`` (request id, null for service-wide findings such
+      as clock_skew), ``service``, ``caller`` (the service that made the call: the parent
+      hop's, ``client`` for a request; null for service-wide findings), ``callee`` (the
+      service called, ``client`` for an answer to it), ``endpoint`` (``METHOD /path/{id}``,
+      or null), ``hop_ids``, ``message`` (one line), ``details``
       (kind-specific object), ``at`` (UNIX seconds of the first hop involved).
     - ``worst``: the ids of the requests most worth a look, worst first (as many as
       ``config.worst``; the order is :mod:`hoptrace.analyzer._model`'s, the same the
@@ -272,11 +275,13 @@ def _records(frame: pd.DataFrame) -> list[dict]:
 
 def _findings_json(findings: pd.DataFrame) -> list[dict]:
     return [
-        {"kind": k, "severity": s, "trace": _num(t), "service": _jsonable(svc), "hop_ids": [int(i) for i in ids],
+        {"kind": k, "severity": s, "trace": _num(t), "service": _jsonable(svc), "caller": _jsonable(by),
+         "callee": _jsonable(to), "endpoint": _jsonable(e), "hop_ids": [int(i) for i in ids],
          "message": m, "details": _jsonable(d), "at": _num(at)}
-        for k, s, t, svc, ids, m, d, at in zip(
-            findings["kind"], findings["severity"], findings["trace"], findings["service"], findings["hop_ids"],
-            findings["message"], findings["details"], findings["at"],
+        for k, s, t, svc, by, to, e, ids, m, d, at in zip(
+            findings["kind"], findings["severity"], findings["trace"], findings["service"], findings["caller"],
+            findings["callee"], findings["endpoint"], findings["hop_ids"], findings["message"], findings["details"],
+            findings["at"],
         )
     ]  # fmt: skip
 

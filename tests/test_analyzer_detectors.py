@@ -3,7 +3,11 @@ concurrent users, overlapping requests, missing headers, tokens issued mid-reque
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from .analyzer_fixtures import T0, Builder, detect
 
@@ -41,7 +45,7 @@ def test_expired_mid_flow_the_scenario(tmp_path):
     assert row["details"]["late_by_s"] == pytest.approx(0.5)
     assert row["details"]["remaining_at_entry_s"] == pytest.approx(1.0)
     assert row["details"]["status"] == 401 and row["details"]["path"] == "/introspect"
-    assert "0.500 s after it expired" in row["message"] and "POST /introspect" in row["message"] and "401" in row["message"]
+    assert row["message"].startswith("payment re-validated the token at auth POST /introspect 0.50 s after exp (401)")
     assert row["at"] == pytest.approx(T0)
 
 
@@ -71,7 +75,7 @@ def test_expired_mid_flow_token_issued_mid_request(tmp_path):
     f = detect(b, tmp_path, "expired_mid_flow")
     assert len(f) == 1 and f.iloc[0]["hop_ids"] == [late]
     assert f.iloc[0]["details"]["issued_during_request"] is True
-    assert f.iloc[0]["message"].startswith("a token issued during the request")
+    assert f.iloc[0]["message"].startswith("gateway sent a token issued during the request to payment POST /checkout")
 
 
 def test_expired_mid_flow_concurrent_users_blame_the_right_request(tmp_path):
@@ -164,7 +168,8 @@ def test_duplicate_validation_header_then_body(tmp_path):
     assert row["trace"] == root and row["service"] == "payment" and len(row["hop_ids"]) == 2
     assert row["details"]["callers"] == ["gateway", "payment"] and row["details"]["count"] == 2
     assert row["details"]["extra_ms"] == pytest.approx(100.0)
-    assert "validated 2 times" in row["message"]
+    assert (row["caller"], row["callee"], row["endpoint"]) == ("payment", "auth", "POST /introspect")
+    assert row["message"].startswith("payment re-validated the token at auth POST /introspect: 2 validations in one request")
 
 
 def test_duplicate_validation_once_or_different_tokens_is_fine(tmp_path):
@@ -417,3 +422,292 @@ def test_clock_skew_with_inconsistent_dates_falls_back_to_medians(tmp_path):
     f = detect(b, tmp_path, "clock_skew")
     assert len(f) == 1 and f.iloc[0]["details"]["samples"] == 12
     assert f.iloc[0]["details"]["low_s"] <= f.iloc[0]["details"]["high_s"]
+
+
+# -- the new detectors: hop tables with headers --------------------------------------------------
+
+
+def detect_with_headers(b: Builder, tmp_path, kind: str, **config):
+    """Like ``detect``, with the header lines the analysis reads beside the loader's tables."""
+    from hoptrace.analyzer import DETECTORS, AnalyzerConfig, load
+    from hoptrace.analyzer._analysis import prepare
+    from hoptrace.analyzer._detectors import run_detectors
+    from hoptrace.analyzer._headers import HeaderReader
+
+    path = tmp_path / f"{kind}-h.db"
+    path.unlink(missing_ok=True)
+    b.write(path)
+    ctx = prepare(load(path), AnalyzerConfig(**config), headers=HeaderReader(path))
+    return run_detectors(ctx, tuple(d for d in DETECTORS if kind in (d.kind, "all")))
+
+
+def headers(*pairs) -> str:
+    return json.dumps([list(p) for p in pairs])
+
+
+def timed_calls(b: Builder, plan, start=0.0, caller="cart", callee="products", retry_after=None):
+    """``caller`` calls ``callee`` at the given (start, end, status) times, under one parent."""
+    parent = b.hop(caller, "POST /cart/items", start, start + 10.0)
+    ids = []
+    for s, e, status in plan:
+        extra = {"response_headers": headers(("Retry-After", retry_after))} if retry_after and status == 429 else {}
+        ids.append(b.hop(callee, "GET /products/p1", start + s, start + e, status=status, parent=parent, **extra))
+    return parent, ids
+
+
+def test_retry_without_backoff_flat_gaps(tmp_path):
+    b = Builder()
+    _, ids = timed_calls(b, [(0.1, 0.11, 503), (0.11, 0.12, 503), (0.12, 0.13, 503), (0.13, 0.14, 200)])
+    f = detect_with_headers(b, tmp_path, "retry_without_backoff")
+    assert len(f) == 1
+    row = f.iloc[0]
+    assert (row["caller"], row["callee"], row["endpoint"], row["severity"]) == ("cart", "products", "GET /products/{id}", "warning")
+    assert row["hop_ids"] == ids and row["details"]["retries"] == 3 and row["details"]["flat_gaps"]
+    assert row["message"].startswith("cart retried products GET /products/{id} 3 times without backoff")
+
+
+def test_retry_with_growing_backoff_is_not_flagged(tmp_path):
+    b = Builder()
+    # Gaps 0.05, 0.1, 0.2: doubling, as RETRY_BACKOFF does.
+    timed_calls(b, [(0.1, 0.11, 503), (0.16, 0.17, 503), (0.27, 0.28, 503), (0.48, 0.49, 200)])
+    # One retry: no growth to judge, and no Retry-After.
+    timed_calls(b, [(0.1, 0.11, 503), (0.11, 0.12, 200)], start=20)
+    assert detect_with_headers(b, tmp_path, "retry_without_backoff").empty
+
+
+def test_retry_sooner_than_retry_after(tmp_path):
+    b = Builder()
+    _, ids = timed_calls(b, [(0.1, 0.11, 429), (0.5, 0.51, 200)], retry_after="1")
+    assert len(ids) == 2
+    f = detect_with_headers(b, tmp_path, "retry_without_backoff")
+    assert len(f) == 1 and f.iloc[0]["details"]["ignored_retry_after"] == 1
+    assert "Retry-After of 1 s" in f.iloc[0]["message"]
+
+
+def test_retry_after_honoured_is_not_flagged(tmp_path):
+    b = Builder()
+    timed_calls(b, [(0.1, 0.11, 429), (1.11, 1.12, 200)], retry_after="1")
+    timed_calls(b, [(0.1, 0.11, 429), (1.08, 1.09, 200)], start=20, retry_after="1")  # within the tolerance
+    timed_calls(b, [(0.1, 0.11, 429), (0.2, 0.21, 200)], start=40, retry_after="soon")  # unreadable: not judged
+    assert detect_with_headers(b, tmp_path, "retry_without_backoff").empty
+
+
+def test_rate_limited_names_who_hit_it_and_who_passed_it_on(tmp_path):
+    b = Builder()
+    for i in range(6):  # 6 requests to products in the second before
+        b.hop("products", "GET /products", 0.1 * i, 0.1 * i + 0.01, parent=None)
+    root = b.hop("gateway", "POST /cart/items", 0.7, 1.0, status=502)
+    cart = b.hop("cart", "POST /cart/items", 0.71, 0.9, status=502, parent=root)
+    limited = b.hop("products", "GET /products/p1", 0.72, 0.73, status=429, parent=cart)
+    f = detect_with_headers(b, tmp_path, "rate_limited")
+    assert len(f) == 1
+    row = f.iloc[0]
+    assert (row["caller"], row["callee"], row["hop_ids"]) == ("cart", "products", [limited])
+    assert row["details"]["rate_per_s"] == pytest.approx(6.0)
+    assert row["details"]["propagated_by"] == ["cart 502 to gateway", "gateway 502 to client"]
+    assert row["message"].startswith("cart hit products' rate limit: 1 calls answered 429")
+
+
+def test_rate_limited_not_without_429_and_not_passed_on_when_recovered(tmp_path):
+    b = Builder()
+    timed_calls(b, [(0.1, 0.11, 503), (0.2, 0.21, 200)])
+    assert detect_with_headers(b, tmp_path, "rate_limited").empty
+    b = Builder()
+    _, ids = timed_calls(b, [(0.1, 0.11, 429), (1.2, 1.21, 200)])  # the caller (200) recovered
+    f = detect_with_headers(b, tmp_path, "rate_limited")
+    assert len(f) == 1 and f.iloc[0]["hop_ids"] == ids[:1] and f.iloc[0]["details"]["propagated_by"] == []
+
+
+KEY = ("X-Internal-Key", "[redacted:8bc7e9fce36c]")
+
+
+def keyed_stack(b: Builder, start: float, *, cart_key=True, cart_status=200, leak=False, client_sends=False):
+    """gateway -> products (with the key), gateway -> cart, cart -> products (key as told)."""
+    client = [("Cookie", "[redacted:aaaaaaaaaaaa]")] + ([KEY] if client_sends else [])
+    answer = [("Content-Type", "application/json")] + ([KEY] if leak else [])
+    root = b.hop("gateway", "POST /cart/items", start, start + 1, request_headers=headers(*client), response_headers=headers(*answer))
+    b.hop("products", "GET /products", start + 0.1, start + 0.2, parent=root, request_headers=headers(KEY))
+    cart = b.hop("cart", "POST /cart/items", start + 0.3, start + 0.9, parent=root, request_headers=headers(KEY))
+    sent = headers(KEY) if cart_key else headers(("Accept", "*/*"))
+    item = b.hop("products", "GET /products/p1", start + 0.4, start + 0.5, parent=cart, status=cart_status, request_headers=sent)
+    return root, item
+
+
+def test_service_key_missing(tmp_path):
+    b = Builder()
+    keyed_stack(b, 0)
+    _, refused = keyed_stack(b, 5, cart_key=False, cart_status=401)
+    f = detect_with_headers(b, tmp_path, "service_key_missing")
+    assert len(f) == 1
+    row = f.iloc[0]
+    assert (row["severity"], row["caller"], row["callee"], row["hop_ids"]) == ("error", "cart", "products", [refused])
+    assert row["details"]["header"] == "x-internal-key" and "without the x-internal-key header" in row["message"]
+
+
+def test_service_key_present_everywhere_or_absent_without_failure_is_not_flagged(tmp_path):
+    b = Builder()
+    keyed_stack(b, 0)
+    keyed_stack(b, 5, cart_status=401)  # refused for another reason: the key was there
+    keyed_stack(b, 10, cart_key=False)  # no key, and it worked: nothing to say
+    assert detect_with_headers(b, tmp_path, "service_key_missing").empty
+    # One caller only: its constant header is not learned as a service credential.
+    b = Builder()
+    root = b.hop("gateway", "GET /products", 0, 1)
+    b.hop("products", "GET /products", 0.1, 0.2, parent=root, request_headers=headers(KEY))
+    b.hop("products", "GET /products", 0.3, 0.4, parent=root, status=401)
+    assert detect_with_headers(b, tmp_path, "service_key_missing").empty
+
+
+def test_service_key_leak_to_and_from_the_client(tmp_path):
+    b = Builder()
+    keyed_stack(b, 0)
+    leaked, _ = keyed_stack(b, 5, leak=True)
+    sent, _ = keyed_stack(b, 10, client_sends=True)
+    f = detect_with_headers(b, tmp_path, "service_key_leak").sort_values("at")
+    assert len(f) == 2 and set(f["severity"]) == {"error"}
+    out, into = f.iloc[0], f.iloc[1]
+    assert (out["caller"], out["callee"], out["hop_ids"], out["details"]["side"]) == ("gateway", "client", [leaked], "response")
+    assert (into["caller"], into["callee"], into["hop_ids"], into["details"]["side"]) == ("client", "gateway", [sent], "request")
+    assert "answered the client with the service credential x-internal-key" in out["message"]
+
+
+def test_no_service_key_leak_without_a_learned_key(tmp_path):
+    b = Builder()
+    keyed_stack(b, 0)
+    # The client's own cookie in a response is a session, not a service credential.
+    b.hop("gateway", "POST /auth/login", 5, 6, response_headers=headers(("Set-Cookie", "[redacted:aaaaaaaaaaaa]")))
+    assert detect_with_headers(b, tmp_path, "service_key_leak").empty
+
+
+def aud_token(b: Builder, aud) -> str:
+    fp = b.token(sub="alice", exp=3600)
+    b.tokens[-1]["aud"] = aud
+    return fp
+
+
+def test_audience_mismatch(tmp_path):
+    b = Builder()
+    t = aud_token(b, json.dumps(["gateway", "products"]))
+    root = b.hop("gateway", "POST /cart/items", 0, 1, presented=t)
+    b.hop("auth", "GET /verify", 0.01, 0.02, presented=t, parent=root)  # the validator: not a use
+    b.hop("products", "GET /products", 0.1, 0.2, presented=t, parent=root)
+    cart = b.hop("cart", "POST /cart/items", 0.3, 0.9, presented=t, parent=root, status=401)
+    f = detect_with_headers(b, tmp_path, "audience_mismatch")
+    assert len(f) == 1
+    row = f.iloc[0]
+    assert (row["severity"], row["caller"], row["callee"], row["hop_ids"]) == ("error", "gateway", "cart", [cart])
+    assert row["details"]["aud"] == ["gateway", "products"]
+    assert row["message"].startswith("gateway sent a token for aud gateway,products to cart POST /cart/items (1 calls, 1 refused)")
+
+
+def test_audience_mismatch_not_refused_is_a_warning_and_the_map_accepts(tmp_path):
+    b = Builder()
+    t = aud_token(b, "gateway")
+    root = b.hop("gateway", "GET /cart/c1", 0, 1, presented=t)
+    b.hop("cart", "GET /cart/c1", 0.1, 0.2, presented=t, parent=root)
+    f = detect_with_headers(b, tmp_path, "audience_mismatch")
+    assert list(f["severity"]) == ["warning"]
+    assert detect_with_headers(b, tmp_path, "audience_mismatch", audiences={"cart": ("gateway",)}).empty
+
+
+def test_audience_mismatch_needs_an_aud_in_the_stacks_words(tmp_path):
+    b = Builder()
+    for i, aud in enumerate((None, "https://api.example.com", json.dumps(["shop-api"]))):
+        t = aud_token(b, aud)
+        root = b.hop("gateway", "GET /cart/c1", 10 * i, 10 * i + 1, presented=t)
+        b.hop("cart", "GET /cart/c1", 10 * i + 0.1, 10 * i + 0.2, presented=t, parent=root)
+    assert detect_with_headers(b, tmp_path, "audience_mismatch").empty
+    # Told that cart answers to shop-api, the same capture is judged: cart accepts its token, the gateway does not.
+    f = detect_with_headers(b, tmp_path, "audience_mismatch", audiences={"cart": ("shop-api",)})
+    assert list(f["callee"]) == ["gateway"]
+    f = detect_with_headers(b, tmp_path, "audience_mismatch", audiences={"products": ("shop-api",)})
+    assert len(f) == 2  # shop-api is now a known audience: gateway and cart are outside it
+
+
+def refreshes(b: Builder, token, times, statuses):
+    ids = []
+    for (s, e), status in zip(times, statuses):
+        root = b.hop("gateway", "POST /auth/refresh", s, e, validated=token, status=status)
+        ids.append(b.hop("auth", "POST /refresh", s + 0.001, e - 0.001, validated=token, parent=root, status=status))
+    return ids
+
+
+def test_refresh_race(tmp_path):
+    b = Builder()
+    t = b.token(kind="opaque")
+    ids = refreshes(b, t, [(0.0, 0.02), (0.001, 0.03)], [200, 401])
+    f = detect_with_headers(b, tmp_path, "refresh_race")
+    assert len(f) == 1
+    row = f.iloc[0]
+    assert (row["severity"], row["caller"], row["callee"], row["endpoint"]) == ("error", "gateway", "auth", "POST /refresh")
+    assert row["hop_ids"] == ids and row["details"]["statuses"] == [200, 401] and row["details"]["overlapping"]
+    assert row["message"].startswith("client sent one refresh token to auth POST /refresh through gateway twice")
+
+
+def test_refresh_race_edges(tmp_path):
+    b = Builder()
+    refreshes(b, b.token(kind="opaque"), [(0.0, 0.02), (0.01, 0.03)], [200, 200])  # both accepted
+    refreshes(b, b.token(kind="opaque"), [(10.0, 10.02), (12.0, 12.03)], [200, 401])  # 2 s apart: reuse, not a race
+    refreshes(b, b.token(kind="opaque"), [(20.0, 20.02)], [401])  # once
+    t = b.token(kind="opaque")  # twice at once, but not at a refresh path
+    b.hop("cart", "GET /cart/c1", 30, 30.02, presented=t, status=200)
+    b.hop("cart", "GET /cart/c1", 30.01, 30.03, presented=t, status=403)
+    assert detect_with_headers(b, tmp_path, "refresh_race").empty
+    # Within the window, not overlapping.
+    b = Builder()
+    refreshes(b, b.token(kind="opaque"), [(0.0, 0.02), (0.3, 0.32)], [200, 401])
+    assert len(detect_with_headers(b, tmp_path, "refresh_race")) == 1
+    assert detect_with_headers(b, tmp_path, "refresh_race", refresh_race_window_s=0.1).empty
+
+
+# -- every finding names its caller; no detector raises on arbitrary small tables -------------------
+
+
+def test_the_seeds_answer_names_payment(tmp_path):
+    b = Builder()
+    t = b.token(sub="alice", exp=1.0)
+    checkout(b, t, exp_status=401)
+    row = detect(b, tmp_path, "expired_mid_flow").iloc[0]
+    assert (row["caller"], row["callee"], row["endpoint"]) == ("payment", "auth", "POST /introspect")
+    assert row["message"] == (
+        "payment re-validated the token at auth POST /introspect 0.50 s after exp (401);"
+        " gateway had validated it at auth 1.49 s earlier with 0.99 s left"
+    )
+
+
+_STATUSES = st.sampled_from([None, 200, 201, 401, 403, 404, 429, 500, 502, 503])
+_NAMES = st.sampled_from(["gateway", "auth", "cart", "products"])
+_PATHS = st.sampled_from(["GET /products", "POST /refresh", "POST /introspect", "GET /verify", "POST /token", "GET /x/1"])
+_HEADER_LISTS = st.lists(
+    st.tuples(st.sampled_from(["X-Internal-Key", "Retry-After", "Set-Cookie", "Accept"]),
+              st.sampled_from(["[redacted:aaaaaaaaaaaa]", "[redacted:bbbbbbbbbbbb]", "1", "0", "Wed, 21 Oct 2015 07:28:00 GMT", "x"])),
+    max_size=3,
+)  # fmt: skip
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    hops=st.lists(
+        st.tuples(_NAMES, _PATHS, st.floats(0, 3), st.floats(0, 1), _STATUSES, st.integers(-1, 5),
+                  st.integers(0, 3), _HEADER_LISTS, _HEADER_LISTS),
+        min_size=1, max_size=12,
+    ),
+    auds=st.lists(st.sampled_from([None, "cart", '["gateway","auth"]', "[not json", "https://x"]), min_size=3, max_size=3),
+)  # fmt: skip
+def test_detectors_never_raise_on_small_tables(tmp_path, hops, auds):
+    from hoptrace.analyzer import DETECTORS
+
+    b = Builder()
+    fps = [aud_token(b, aud) for aud in auds] + [None]
+    ids: list[int] = []
+    for service, endpoint, start, length, status, parent, token, sent, answered in hops:
+        fp = fps[token]
+        ids.append(b.hop(
+            service, endpoint, start, start + length, status=status,
+            parent=ids[parent] if 0 <= parent < len(ids) else None,
+            presented=() if fp is None else fp, request_headers=headers(*sent), response_headers=headers(*answered),
+        ))  # fmt: skip
+    found = detect_with_headers(b, tmp_path, "all")
+    assert set(found["kind"]) <= {d.kind for d in DETECTORS}
+    assert set(found["severity"]) <= {"error", "warning", "info"}
+    assert all(isinstance(c, str) for c in found["callee"])

@@ -6,6 +6,7 @@ recording relay (a real HTTP hop, like the proxy) on every service's upstream UR
 from __future__ import annotations
 
 import asyncio
+import itertools
 import queue
 import re
 import signal
@@ -39,6 +40,7 @@ from hoptrace.stack import (
 )
 from hoptrace.stack._cli import stack as stack_command
 from hoptrace.stack.client import RETRY_BACKOFF
+from hoptrace.stack.config import StackError
 from hoptrace.stack.services import CATALOG
 from hoptrace.stack.tracing import TraceContext
 
@@ -109,6 +111,8 @@ class Relays:
                     status=response.status,
                     body=await response.read(),
                     content_type=response.content_type,
+                    # A limited service's Retry-After must reach the caller as the proxy passes it on.
+                    headers={k: v for k, v in response.headers.items() if k.lower() == "retry-after"},
                 )
 
         return relay
@@ -473,6 +477,9 @@ def _parent(hop: Hop) -> str:
         ["--work-seconds", "-1"],
         ["--flaky-rate", "1.5"],
         ["--propagate", "zipkin"],
+        ["--rate-limit", "-3"],
+        ["--key-missing-caller", "billing"],
+        ["--token-audience", ""],
         ["--bogus"],
     ],
 )
@@ -545,3 +552,134 @@ def test_cli_serves_until_signalled_then_exits_0(signum: signal.Signals) -> None
         proc.send_signal(signum)
         assert proc.wait(timeout=15) == 0
         assert lines.get(timeout=5) == "stack stopped"
+
+
+# --- the faults of seeds 003 and 004 ------------------------------------------------------
+
+
+def test_rate_limit_answers_429_with_retry_after_and_no_backoff_retries_at_once() -> None:
+    async def scenario() -> None:
+        async with relayed_stack(rate_limit=2, retry_no_backoff=True) as (running, relays):
+            results = await run_users(running.urls["gateway"], 4, email_prefix="limited")
+            stats = running.stats()
+        calls = sorted(hop.at for hop in relays.to("products"))
+        # Every GET that met a 429 was retried 3 times: more calls than products served.
+        assert stats["products"]["statuses"]["429"] >= 4
+        assert stats["gateway"]["retries"] + stats["cart"]["retries"] >= 3
+        limited = [r for r in results if not r.ok]
+        assert limited and all(r.statuses.get("browse") in (200, 429) for r in results)
+        # No backoff: a retry follows the 429 within a few ms, far sooner than Retry-After's 1 s.
+        assert min(b - a for a, b in itertools.pairwise(calls)) < 0.2
+
+    run(scenario())
+
+
+def test_a_limited_call_waits_for_retry_after_when_the_client_honours_it() -> None:
+    async def scenario() -> None:
+        async with relayed_stack(rate_limit=1) as (running, relays):
+            started = time.monotonic()
+            status, _body, _headers = await get_json(f"{running.urls['products']}/products")  # uses the one slot
+            result = await run_checkout_flow(running.urls["gateway"], "patient@example.test")
+            took = time.monotonic() - started
+        assert status == 200 and result.statuses["browse"] == 200
+        # The gateway's call met 429, waited Retry-After (1 s), then got through.
+        browse = [hop.at for hop in relays.to("products") if hop.path == "/products"]
+        assert len(browse) == 2 and browse[1] - browse[0] >= 0.95 and took >= 1.0
+
+    run(scenario())
+
+
+def test_missing_internal_key_is_refused_and_a_leaked_one_reaches_the_client() -> None:
+    async def scenario() -> None:
+        key = "canary-internal-key-0123456789"
+        async with relayed_stack(key_missing_caller="payment", leak_internal_key=True, internal_key=key) as (running, relays):
+            result = await run_checkout_flow(running.urls["gateway"], "keyless@example.test")
+            async with aiohttp.ClientSession() as session, session.get(running.urls["gateway"] + "/products") as answer:
+                echoed = answer.headers.get("X-Internal-Key")
+            unkeyed, _body, _ = await get_json(f"{running.urls['cart']}/cart/x")
+        assert result.statuses["add_to_cart"] == 201 and result.statuses["checkout"] == 401
+        assert [h.headers.get("X-Internal-Key") for h in relays.to("cart") if h.headers["User-Agent"].endswith("payment")] == [None]
+        assert echoed == key
+        assert unkeyed == 401
+
+    run(scenario())
+
+
+def test_audience_and_one_time_refresh_tokens() -> None:
+    async def scenario() -> None:
+        async with await start_stack(config(token_audience=("gateway", "products"), refresh_race=True)) as running:
+            result = await run_checkout_flow(running.urls["gateway"], "racer@example.test", refresh_twice=True)
+        assert result.ok, result  # nothing checks aud; the winning refresh's token works on
+        assert sorted(result.refresh_statuses) == [200, 401]
+        claims = jwt.decode(result.token, options={"verify_signature": False})
+        assert claims["aud"] == ["gateway", "products"]
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"rate_limit": -1}, {"rate_limit": True}, {"key_missing_caller": "billing"}, {"token_audience": ("",)}],
+)
+def test_fault_settings_are_checked(overrides: dict[str, Any]) -> None:
+    with pytest.raises(StackError):
+        config(**overrides)
+
+
+@pytest.fixture(scope="module")
+def faulty_recording(tmp_path_factory):
+    """The service-faults scenario through the real `hoptrace proxy`, analyzed."""
+    from hoptrace.analyzer import analyze
+    from hoptrace.scenarios import SCENARIOS, record
+
+    scenario = SCENARIOS["service-faults"]
+    stack_config = scenario.stack_config()
+    db = tmp_path_factory.mktemp("faults") / "faults.db"
+    recording = asyncio.run(record(db, stack_config, scenario.drive))
+    return recording, stack_config, analyze(db)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("kind", "severity", "caller", "callee"),
+    [
+        ("retry_without_backoff", "warning", "cart", "products"),
+        ("rate_limited", "warning", "cart", "products"),
+        ("service_key_missing", "error", "payment", "cart"),
+        ("service_key_leak", "error", "gateway", "client"),
+        ("audience_mismatch", "warning", "gateway", "cart"),
+        ("refresh_race", "error", "gateway", "auth"),
+    ],
+)
+def test_each_planted_fault_is_found_with_its_caller(faulty_recording, kind, severity, caller, callee) -> None:
+    recording, _config, analysis = faulty_recording
+    assert recording.proxy_exit == 0
+    found = analysis.findings[analysis.findings["kind"] == kind]
+    mine = found[(found["caller"] == caller) & (found["callee"] == callee)]
+    assert len(mine), found[["caller", "callee", "message"]].to_dict("records")
+    assert set(mine["severity"]) == {severity}
+    assert all(caller in m.split(":")[0] for m in mine["message"])
+
+
+@pytest.mark.e2e
+def test_planted_faults_leave_no_secret_in_the_file(faulty_recording) -> None:
+    from .conftest import file_bytes
+
+    recording, stack_config, _analysis = faulty_recording
+    stored = file_bytes(recording.db)
+    secrets = [stack_config.internal_key, stack_config.secret, *(f.token for f in recording.flows if f.token)]
+    assert all(secret.encode() not in stored for secret in secrets)
+
+
+@pytest.mark.e2e
+def test_a_run_with_every_fault_off_has_no_error_finding(tmp_path) -> None:
+    from hoptrace.analyzer import analyze
+    from hoptrace.scenarios import SCENARIOS, record
+
+    scenario = SCENARIOS["clean"]
+    defaults = StackConfig()
+    off = {k: getattr(defaults, k) for k in ("rate_limit", "retry_no_backoff", "key_missing_caller", "leak_internal_key", "token_audience", "refresh_race")}
+    recording = asyncio.run(record(tmp_path / "clean.db", scenario.stack_config(**off), scenario.drive))
+    findings = analyze(tmp_path / "clean.db").findings
+    assert all(flow.ok for flow in recording.flows)
+    assert findings[findings["severity"] == "error"].empty, findings["message"].tolist()

@@ -100,6 +100,32 @@ def _ports(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) 
 )
 @click.option("--flaky-seed", type=int, default=0, show_default=True, help="Seed of the 503 draws.")
 @click.option(
+    "--rate-limit",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Fault: products answers 429 (Retry-After: 1) beyond this many requests a second (0: no limit).",
+)
+@click.option("--retry-no-backoff", is_flag=True, help="Fault: callers retry failed GETs at once, ignoring Retry-After.")
+@click.option(
+    "--key-missing-caller",
+    type=click.Choice(SERVICES),
+    help="Fault: this service's calls leave out X-Internal-Key, which the other services then require (401).",
+)
+@click.option("--leak-internal-key", is_flag=True, help="Fault: the gateway echoes X-Internal-Key to the client.")
+@click.option(
+    "--token-audience",
+    "token_audience",
+    multiple=True,
+    metavar="AUD",
+    help="Fault: auth issues tokens with this aud (repeatable); nothing checks it.",
+)
+@click.option(
+    "--refresh-race",
+    is_flag=True,
+    help="Fault: login hands out one-time refresh tokens (POST /auth/refresh); a second use is refused.",
+)
+@click.option(
     "--propagate",
     type=click.Choice(PROPAGATION_MODES),
     default="none",
@@ -115,6 +141,12 @@ def stack(
     shared_client: bool,
     flaky_rate: float,
     flaky_seed: int,
+    rate_limit: int,
+    retry_no_backoff: bool,
+    key_missing_caller: str | None,
+    leak_internal_key: bool,
+    token_audience: tuple[str, ...],
+    refresh_race: bool,
     propagate: str,
 ) -> None:
     """Run the sample e-commerce stack (gateway, auth, products, cart, payment) on 127.0.0.1.
@@ -133,6 +165,12 @@ def stack(
             shared_client=shared_client,
             flaky_rate=flaky_rate,
             flaky_seed=flaky_seed,
+            rate_limit=rate_limit,
+            retry_no_backoff=retry_no_backoff,
+            key_missing_caller=key_missing_caller,
+            leak_internal_key=leak_internal_key,
+            token_audience=token_audience,
+            refresh_race=refresh_race,
             propagate=propagate,
         )
         asyncio.run(_serve(config))

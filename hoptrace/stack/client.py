@@ -20,6 +20,10 @@ from hoptrace.stack.tracing import TraceContext
 
 # Like seed 003's client, scaled down so a retry storm fits in a test: 3 retries, doubling.
 RETRY_BACKOFF: tuple[float, ...] = (0.05, 0.1, 0.2)
+# The no-backoff fault: as many retries, each at once.
+NO_BACKOFF: tuple[float, ...] = (0.0,) * len(RETRY_BACKOFF)
+# A Retry-After longer than this is not waited for: the call gives up with the answer it has.
+_MAX_RETRY_AFTER = 2.0
 # Only methods that are safe to repeat are retried, so a flaky hop never doubles a checkout.
 _RETRIED_METHODS = frozenset({"GET", "HEAD"})
 
@@ -43,6 +47,8 @@ class Reply:
     status: int
     body: bytes
     content_type: str
+    retry_after: float | None = None
+    """Seconds the answer's ``Retry-After`` asked for, when given as seconds."""
 
     def json_object(self) -> dict[str, Any] | None:
         """The body if it is a JSON object, else None (e.g. an error page from a proxy)."""
@@ -57,9 +63,18 @@ class ServiceClient:
     """Client of one downstream service, owned by the calling service (one per app)."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, service: str, base_url: str, stats: ServiceStats
+        self,
+        session: aiohttp.ClientSession,
+        service: str,
+        base_url: str,
+        stats: ServiceStats,
+        *,
+        backoff: tuple[float, ...] = RETRY_BACKOFF,
+        honour_retry_after: bool = True,
     ) -> None:
         self.service = service
+        self._backoff = backoff
+        self._honour_retry_after = honour_retry_after
         self._session = session
         self._base_url = base_url.rstrip("/")
         self._stats = stats
@@ -85,7 +100,7 @@ class ServiceClient:
         if self._auth_token is not None:
             call_headers["Authorization"] = f"Bearer {self._auth_token}"
         call_headers.update(headers or {})
-        backoff = RETRY_BACKOFF if method in _RETRIED_METHODS else ()
+        backoff = self._backoff if method in _RETRIED_METHODS else ()
         delays = iter(backoff)
         while True:
             # Each attempt is its own HTTP call, hence its own span.
@@ -94,6 +109,10 @@ class ServiceClient:
             if not _is_retryable(reply.status):
                 return reply
             delay = next(delays, None)
+            if delay is not None and self._honour_retry_after and reply.retry_after is not None:
+                if reply.retry_after > _MAX_RETRY_AFTER:
+                    return reply
+                delay = max(delay, reply.retry_after)
             if delay is None:
                 if backoff:
                     self._stats.retries_exhausted += 1
@@ -108,6 +127,8 @@ class ServiceClient:
             async with self._session.request(
                 method, self._base_url + path, headers=headers, json=json_body, data=data
             ) as response:
-                return Reply(response.status, await response.read(), response.content_type)
+                wait = response.headers.get("Retry-After", "")
+                retry_after = float(wait) if wait.strip().isdigit() else None
+                return Reply(response.status, await response.read(), response.content_type, retry_after)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise DownstreamError(self.service, exc) from exc

@@ -66,7 +66,23 @@ class StackConfig:
     """Trace context the services forward: "none", "traceparent" or "x-request-id"."""
     internal_key: str = field(default_factory=lambda: secrets.token_hex(16))
     """Shared secret every service-to-service call sends as X-Internal-Key, as seed 004's
-    services do. Nothing checks it; it is the custom secret header a recorder must redact."""
+    services do. Checked only with ``key_missing_caller`` set; it is the custom secret
+    header a recorder must redact."""
+    rate_limit: int = 0
+    """Fault: products answers 429 with ``Retry-After: 1`` once more than this many requests
+    arrived in the last second (0: no limit), like seed 003's 200-per-minute API."""
+    retry_no_backoff: bool = False
+    """Fault: every service client retries a failed GET at once, ignoring ``Retry-After``."""
+    key_missing_caller: str | None = None
+    """Fault: this service's calls leave out X-Internal-Key, and every other service then
+    requires the key, answering 401 without it (seed 004's internal key, forgotten once)."""
+    leak_internal_key: bool = False
+    """Fault: the gateway echoes X-Internal-Key back to the client on every answer."""
+    token_audience: tuple[str, ...] = ()
+    """Fault: auth issues tokens with this ``aud``; no service checks it."""
+    refresh_race: bool = False
+    """Fault: auth hands out one-time refresh tokens at login, and each client refreshes
+    twice at once with its one: auth refuses the slower refresh (401)."""
 
     def __post_init__(self) -> None:
         self.ports = {**DEFAULT_PORTS, **self.ports}
@@ -106,6 +122,15 @@ class StackConfig:
             )
         if not _finite(self.flaky_rate) or not 0.0 <= self.flaky_rate <= 1.0:
             raise StackError(f"flaky_rate must be between 0 and 1, got {self.flaky_rate!r}")
+        if isinstance(self.rate_limit, bool) or not isinstance(self.rate_limit, int) or self.rate_limit < 0:
+            raise StackError(f"rate_limit must be a whole number >= 0, got {self.rate_limit!r}")
+        if self.key_missing_caller is not None and self.key_missing_caller not in SERVICES:
+            raise StackError(
+                f"key_missing_caller must be one of {', '.join(SERVICES)}, got {self.key_missing_caller!r}"
+            )
+        self.token_audience = tuple(self.token_audience)
+        if not all(isinstance(aud, str) and aud for aud in self.token_audience):
+            raise StackError(f"token_audience must be non-empty strings, got {self.token_audience!r}")
         if self.propagate not in PROPAGATION_MODES:
             raise StackError(
                 f"propagate must be one of {', '.join(PROPAGATION_MODES)}, got {self.propagate!r}"

@@ -56,8 +56,8 @@ def run_demo(out: Path, users: int, echo: Echo) -> list[Path]:
 def record_samples(out: Path, echo: Echo, *, goldens_only: bool = False) -> list[Path]:
     """Re-record every scenario into ``out/<name>.db`` with its golden ``out/<name>.json``.
 
-    ``goldens_only`` keeps the recorded traces and re-analyzes them: what an analyzer
-    change that is meant to change the output needs.
+    ``goldens_only`` keeps the recorded traces (recording only scenarios without one) and
+    re-analyzes them: what an analyzer change that is meant to change the output needs.
     """
     from hoptrace.analyzer import analyze, render_json
 
@@ -65,7 +65,7 @@ def record_samples(out: Path, echo: Echo, *, goldens_only: bool = False) -> list
     written = []
     for scenario in SCENARIOS.values():
         db = out / f"{scenario.name}.db"
-        if not goldens_only:
+        if not goldens_only or not db.exists():  # a new scenario is recorded all the same
             _record(scenario, db, echo)
             # A shipped trace must open read-only from a read-only folder: out of WAL
             # mode, a reader needs no -shm file beside it.

@@ -54,7 +54,10 @@ class Scenario:
         return StackConfig(**{"token_ttl": 3, "work_seconds": 1.0, **self.config, **overrides})
 
     async def drive(self, gateway_url: str) -> list[FlowResult]:
-        on_time = run_users(gateway_url, self.users - len(self.late_users), email_prefix=f"{self.name}-user")
+        on_time = run_users(
+            gateway_url, self.users - len(self.late_users), email_prefix=f"{self.name}-user",
+            refresh_twice=self.config.get("refresh_race", False),
+        )  # fmt: skip
         late = [
             run_checkout_flow(gateway_url, f"{self.name}-late-{i}@example.test", checkout_when_remaining=self.late_remaining)
             for i in self.late_users
@@ -91,6 +94,19 @@ SCENARIOS: dict[str, Scenario] = {
             "Products answers 503 a third of the time; the gateway retries with exponential backoff.",
             config={"token_ttl": 3600, "flaky_rate": 0.35, "flaky_seed": 7},
             users=4,
+        ),
+        Scenario(
+            "service-faults",
+            "Seeds 003 and 004's failures at once: products limits requests (429, Retry-After: 1) and"
+            " every client retries at once; payment forgets X-Internal-Key and cart and auth refuse it;"
+            " the gateway echoes the key to the client; tokens name no cart in their aud; each client"
+            " refreshes twice at once with one refresh token.",
+            config={
+                "token_ttl": 3600, "rate_limit": 8, "retry_no_backoff": True, "key_missing_caller": "payment",
+                "leak_internal_key": True, "token_audience": ("gateway", "auth", "products", "payment"),
+                "refresh_race": True,
+            },
+            users=6,
         ),
         Scenario(
             "propagated",

@@ -18,6 +18,7 @@ every hop. Each app also answers ``GET /_stats`` with its own counts (not counte
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import hmac
 import random
@@ -34,7 +35,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from hoptrace.stack.client import DownstreamError, ServiceClient
+from hoptrace.stack.client import NO_BACKOFF, RETRY_BACKOFF, DownstreamError, ServiceClient
 from hoptrace.stack.config import StackConfig
 from hoptrace.stack.stats import ServiceStats
 from hoptrace.stack.tokens import (
@@ -54,6 +55,7 @@ TRACE = web.RequestKey("trace", TraceContext)
 # The identity the gateway vouches for on every forwarded call, from auth's answer.
 USER_ID_HEADER = "X-User-Id"
 INVALID_TOKEN = "Invalid or expired token"  # the scenario's 401 body
+INTERNAL_KEY_HEADER = "X-Internal-Key"
 PAYMENT_CLOCK_EXPIRED = "token expired (payment clock)"
 # Stands in for whatever a handler awaits between setting the shared client's token and
 # using the client (a log write, a cache lookup): any await lets another request run
@@ -86,7 +88,8 @@ def _base_app(
     middlewares: Iterable[Middleware] = (),
 ) -> web.Application:
     stats = ServiceStats(service)
-    app = web.Application(middlewares=[_instrument(stats, config.propagate), *middlewares])
+    checks = [_require_internal_key(config.internal_key)] if config.key_missing_caller and service != "gateway" else []
+    app = web.Application(middlewares=[_instrument(stats, config.propagate), *checks, *middlewares])
     app[STATS] = stats
     app.router.add_get("/_stats", _serve_stats)
     callees = tuple(callees)
@@ -109,10 +112,20 @@ def _downstream_clients(
         # Checkout waits for payment's work, so the bound must outlast it.
         timeout = aiohttp.ClientTimeout(total=config.work_seconds + 30, connect=5)
         # The User-Agent names the caller, so a recorder can tell who made each hop.
-        headers = {"User-Agent": f"hoptrace-stack-{service}", "X-Internal-Key": config.internal_key}
+        headers = {"User-Agent": f"hoptrace-stack-{service}"}
+        if service != config.key_missing_caller:
+            headers[INTERNAL_KEY_HEADER] = config.internal_key
+        backoff = NO_BACKOFF if config.retry_no_backoff else RETRY_BACKOFF
         async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
             app[CLIENTS] = {
-                callee: ServiceClient(session, callee, upstreams[callee], stats)
+                callee: ServiceClient(
+                    session,
+                    callee,
+                    upstreams[callee],
+                    stats,
+                    backoff=backoff,
+                    honour_retry_after=not config.retry_no_backoff,
+                )
                 for callee in callees
             }
             yield
@@ -151,6 +164,19 @@ def _instrument(stats: ServiceStats, propagate: str) -> Middleware:
         return response
 
     return instrument
+
+
+def _require_internal_key(key: str) -> Middleware:
+    """Refuse (401) a call without the stack's internal key, as seed 004's services do."""
+
+    @web.middleware
+    async def require_key(request: web.Request, handler: Handler) -> web.StreamResponse:
+        given = request.headers.get(INTERNAL_KEY_HEADER, "")
+        if request.path != "/_stats" and not hmac.compare_digest(given.encode(), key.encode()):
+            return _error(401, "missing or wrong internal key")
+        return await handler(request)
+
+    return require_key
 
 
 def _route_pattern(request: web.Request) -> str:
@@ -197,6 +223,8 @@ def _identity_headers(request: web.Request) -> dict[str, str]:
 
 def _gateway_app(config: StackConfig, upstreams: dict[str, str]) -> web.Application:
     app = _base_app("gateway", config, upstreams, callees=("auth", "products", "cart", "payment"))
+    if config.leak_internal_key:
+        app.on_response_prepare.append(_echo_internal_key(config.internal_key))
 
     async def forward(
         request: web.Request, service: str, path: str, *, authenticate: bool = True
@@ -248,6 +276,9 @@ def _gateway_app(config: StackConfig, upstreams: dict[str, str]) -> web.Applicat
         # Checking a token *is* auth's job: passed through, not pre-validated.
         return await forward(request, "auth", "/verify", authenticate=False)
 
+    async def refresh(request: web.Request) -> web.Response:
+        return await forward(request, "auth", "/refresh", authenticate=False)
+
     async def list_products(request: web.Request) -> web.Response:
         return await forward(request, "products", "/products")
 
@@ -266,12 +297,22 @@ def _gateway_app(config: StackConfig, upstreams: dict[str, str]) -> web.Applicat
     app.router.add_post("/auth/register", register)
     app.router.add_post("/auth/login", login)
     app.router.add_get("/auth/verify", verify)
+    app.router.add_post("/auth/refresh", refresh)
     app.router.add_get("/products", list_products)
     app.router.add_get("/products/{product_id}", get_product)
     app.router.add_post("/cart/items", add_item)
     app.router.add_get("/cart/{cart_id}", get_cart)
     app.router.add_post("/checkout", checkout)
     return app
+
+
+def _echo_internal_key(key: str) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """The leak fault: a debugging echo of the internal key on every answer to the client."""
+
+    async def echo(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[INTERNAL_KEY_HEADER] = key
+
+    return echo
 
 
 def _segment(request: web.Request, name: str) -> str:
@@ -297,6 +338,7 @@ def _hash_password(salt: bytes, password: str) -> bytes:
 def _auth_app(config: StackConfig, upstreams: dict[str, str]) -> web.Application:
     app = _base_app("auth", config, upstreams)
     accounts: dict[str, _Account] = {}
+    refresh_tokens: dict[str, _Account] = {}  # one-time: used once, then gone
     clock: Clock = time.time  # expiry is judged on auth's clock
 
     def credentials(body: dict[str, Any] | None) -> tuple[str, str] | None:
@@ -308,8 +350,15 @@ def _auth_app(config: StackConfig, upstreams: dict[str, str]) -> web.Application
         return None
 
     def new_token(account: _Account) -> str:
-        account.token = issue_token(config.secret, account.sub, config.token_ttl, clock())
+        account.token = issue_token(config.secret, account.sub, config.token_ttl, clock(), config.token_audience)
         return account.token
+
+    def answer(account: _Account, token: str, status: int = 200) -> web.Response:
+        body = {"token": token}
+        if config.refresh_race:
+            body["refresh_token"] = secrets.token_urlsafe(24)
+            refresh_tokens[body["refresh_token"]] = account
+        return web.json_response(body, status=status)
 
     async def register(request: web.Request) -> web.Response:
         creds = credentials(await _json_object(request))
@@ -340,7 +389,19 @@ def _auth_app(config: StackConfig, upstreams: dict[str, str]) -> web.Application
             token = account.token
         except TokenError:
             token = new_token(account)
-        return web.json_response({"token": token})
+        return answer(account, token)
+
+    async def refresh(request: web.Request) -> web.Response:
+        body = await _json_object(request)
+        given = body.get("refresh_token") if body is not None else None
+        if not isinstance(given, str):
+            return _error(400, "refresh_token is required")
+        # Stands in for the store lookup a real auth awaits; a concurrent refresh gets in here.
+        await asyncio.sleep(0.01)
+        account = refresh_tokens.pop(given, None)
+        if account is None:
+            return _error(401, "refresh token already used or unknown")
+        return answer(account, new_token(account))
 
     async def verify(request: web.Request) -> web.Response:
         token = bearer_token(request.headers.get("Authorization"))
@@ -369,6 +430,7 @@ def _auth_app(config: StackConfig, upstreams: dict[str, str]) -> web.Application
     app.router.add_post("/login", login)
     app.router.add_get("/verify", verify)
     app.router.add_post("/introspect", introspect)
+    app.router.add_post("/refresh", refresh)
     return app
 
 
@@ -384,6 +446,8 @@ CATALOG: tuple[dict[str, Any], ...] = (
 
 def _products_app(config: StackConfig, upstreams: dict[str, str]) -> web.Application:
     middlewares = [_flaky(config.flaky_rate, config.flaky_seed)] if config.flaky_rate > 0 else []
+    if config.rate_limit:
+        middlewares.insert(0, _rate_limited(config.rate_limit))
     app = _base_app("products", config, upstreams, middlewares=middlewares)
     by_id = {product["id"]: product for product in CATALOG}
 
@@ -399,6 +463,26 @@ def _products_app(config: StackConfig, upstreams: dict[str, str]) -> web.Applica
     app.router.add_get("/products", list_products)
     app.router.add_get("/products/{product_id}", get_product)
     return app
+
+
+def _rate_limited(per_second: int) -> Middleware:
+    """Answer 429 with ``Retry-After: 1`` beyond ``per_second`` arrivals in the last second
+    (every arrival counts, refused ones too, so a client retrying at once stays limited)."""
+    arrivals: collections.deque[float] = collections.deque()
+
+    @web.middleware
+    async def limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path == "/_stats":
+            return await handler(request)
+        now = time.monotonic()
+        while arrivals and arrivals[0] <= now - 1.0:
+            arrivals.popleft()
+        arrivals.append(now)
+        if len(arrivals) > per_second:
+            return web.json_response({"error": "rate limit exceeded"}, status=429, headers={"Retry-After": "1"})
+        return await handler(request)
+
+    return limit
 
 
 def _flaky(rate: float, seed: int) -> Middleware:

@@ -24,10 +24,13 @@ class TokenExpired(TokenError):
     """A well-formed, well-signed token whose ``exp`` has passed on the judging clock."""
 
 
-def issue_token(secret: str, sub: str, ttl: int, now: float) -> str:
-    """A token for ``sub`` valid for ``ttl`` seconds from ``now`` (whole seconds, as JWT has)."""
+def issue_token(secret: str, sub: str, ttl: int, now: float, audience: tuple[str, ...] = ()) -> str:
+    """A token for ``sub`` valid for ``ttl`` seconds from ``now`` (whole seconds, as JWT has),
+    for ``audience`` when given (the ``aud`` claim)."""
     iat = int(now)
-    claims = {"sub": sub, "iat": iat, "exp": iat + ttl, "jti": uuid.uuid4().hex, "iss": ISSUER}
+    claims: dict[str, Any] = {"sub": sub, "iat": iat, "exp": iat + ttl, "jti": uuid.uuid4().hex, "iss": ISSUER}
+    if audience:
+        claims["aud"] = list(audience)
     return jwt.encode(claims, secret, algorithm=_ALGORITHM)
 
 
@@ -40,7 +43,8 @@ def check_token(secret: str, token: str, now: float) -> dict[str, Any]:
             algorithms=[_ALGORITHM],
             issuer=ISSUER,
             # Expiry is checked below on the caller's clock instead of pyjwt's.
-            options={"require": _REQUIRED_CLAIMS, "verify_exp": False},
+            # No service of the stack checks aud (pyjwt would refuse any aud without an expected one).
+            options={"require": _REQUIRED_CLAIMS, "verify_exp": False, "verify_aud": False},
         )
     except jwt.PyJWTError as exc:
         raise TokenError(f"invalid token: {exc}") from exc

@@ -30,6 +30,8 @@ class FlowResult:
     statuses: dict[str, int] = field(default_factory=dict)
     sub: str | None = None
     exp: int | None = None
+    refresh_statuses: list[int] = field(default_factory=list)
+    """With ``refresh_twice``: the answers to the two concurrent refreshes (one is refused)."""
     login_reused_token: bool | None = None
     """Whether login answered with the very token register issued (the token-reuse bug)."""
     cart_id: str | None = None
@@ -66,20 +68,23 @@ async def run_checkout_flow(
     think_time: float = 0.0,
     checkout_when_remaining: float | None = None,
     session: aiohttp.ClientSession | None = None,
+    refresh_twice: bool = False,
 ) -> FlowResult:
     """Run one user's purchase flow against ``gateway_url`` and report every step.
 
     ``think_time`` is slept between steps. With ``checkout_when_remaining`` the client reads
     its own token's ``exp`` (unverified: clients don't hold the secret) and waits until only
     that many seconds of its life remain before checking out, which makes the expiry between
-    the gateway's validation and payment's re-validation happen on purpose.
+    the gateway's validation and payment's re-validation happen on purpose. With
+    ``refresh_twice`` the client sends the refresh token login gave it to ``/auth/refresh``
+    twice at once (the refresh-race fault), then goes on with the token that came back.
     """
     if session is None:
         async with aiohttp.ClientSession(timeout=_CLIENT_TIMEOUT) as own_session:
             return await _flow(
-                gateway_url, email, password, think_time, checkout_when_remaining, own_session
+                gateway_url, email, password, think_time, checkout_when_remaining, own_session, refresh_twice
             )
-    return await _flow(gateway_url, email, password, think_time, checkout_when_remaining, session)
+    return await _flow(gateway_url, email, password, think_time, checkout_when_remaining, session, refresh_twice)
 
 
 async def run_users(
@@ -90,6 +95,7 @@ async def run_users(
     think_time: float = 0.0,
     checkout_when_remaining: float | None = None,
     email_prefix: str | None = None,
+    refresh_twice: bool = False,
 ) -> list[FlowResult]:
     """Run ``n_users`` flows, at most ``concurrency`` at a time, with unique emails.
 
@@ -111,6 +117,7 @@ async def run_users(
                     think_time=think_time,
                     checkout_when_remaining=checkout_when_remaining,
                     session=session,
+                    refresh_twice=refresh_twice,
                 )
 
         return list(await asyncio.gather(*(one(i) for i in range(n_users))))
@@ -123,6 +130,7 @@ async def _flow(
     think_time: float,
     checkout_when_remaining: float | None,
     session: aiohttp.ClientSession,
+    refresh_twice: bool = False,
 ) -> FlowResult:
     base = base.rstrip("/")
     result = FlowResult(email)
@@ -153,8 +161,11 @@ async def _flow(
     credentials = {"email": email, "password": password}
     try:
         registered = (await step("register", "POST", "/auth/register", body=credentials))["token"]
-        token = (await step("login", "POST", "/auth/login", body=credentials))["token"]
+        login = await step("login", "POST", "/auth/login", body=credentials)
+        token = login["token"]
         result.login_reused_token = token == registered
+        if refresh_twice and isinstance(login.get("refresh_token"), str):
+            token = await _refresh_twice(session, base, login["refresh_token"], result) or token
         result.token = token
         claims = jwt.decode(token, options={"verify_signature": False})
         result.sub, result.exp = claims.get("sub"), claims.get("exp")
@@ -181,6 +192,21 @@ async def _flow(
         # A 2xx whose body is not what the gateway sends (e.g. something else answered).
         result.error = f"unexpected answer: {exc!r}"
     return result
+
+
+async def _refresh_twice(session: aiohttp.ClientSession, base: str, refresh_token: str, result: FlowResult) -> str | None:
+    """Two refreshes at once with one refresh token, as two tabs of one app might send;
+    the token of the one that succeeded, if one did."""
+
+    async def one() -> tuple[int, Any]:
+        body = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+        async with session.post(base + "/auth/refresh", json=body) as response:
+            return response.status, _parse(await response.read())
+
+    answers = await asyncio.gather(one(), one())
+    result.refresh_statuses = [status for status, _ in answers]
+    won = [body for status, body in answers if status == 200 and isinstance(body, dict)]
+    return won[0].get("token") if won else None
 
 
 def _parse(raw: bytes) -> Any:
