@@ -37,19 +37,18 @@ class Sighting:
     location: str
 
 
-def hop_row(flow, key: bytes, store_bodies: bool) -> tuple[dict, list[Sighting]]:
-    """The `hops` columns this flow fills (ids and service are the writer's), and its tokens."""
-    return snapshot_row(snapshot(flow), key, store_bodies)
-
-
 # What a snapshot holds, by position: plain bytes/str/numbers/tuples only, so that
-# `marshal` can hand it to the row-building process (see _writer.py).
+# `marshal` can hand it to the row-building process (see _rowprocess.py).
 (
     _FLOW_ID, _CLIENT, _METHOD, _SCHEME, _HOST, _PORT, _PATH, _HTTP_VERSION,
     _REQ_FIELDS, _REQ_BODY, _REQ_SIZE, _REQ_START, _REQ_END,
     _HAS_RESPONSE, _STATUS, _REASON, _RESP_FIELDS, _RESP_BODY, _RESP_SIZE, _RESP_START, _RESP_END,
-    _ERROR, _ERROR_AT, _SERVER_START, _SERVER_TCP,
-) = range(25)  # fmt: skip
+    _ERROR, _ERROR_AT, _SERVER_START, _SERVER_TCP, _CLIENT_CONN_ID, _CUT,
+) = range(27)  # fmt: skip
+# Set by hoptrace on a flow it cut itself: (error_kind, why). The recorder's
+# shutdown sets "shutdown", the upstream-timeout watchdog "timeout"; either
+# describes the hop better than the connection error mitmproxy then reports.
+CUT_BY_HOPTRACE = "hoptrace_cut"
 # Bodies longer than this are not copied into a snapshot: an identity body over
 # BODY_SCAN_CAP is never read, and a compressed one this long inflates past it.
 _SNAPSHOT_BODY_CAP = 2 * BODY_SCAN_CAP
@@ -78,18 +77,24 @@ def snapshot(flow) -> tuple:
         *response_part,
         error.msg if error is not None else None, error.timestamp if error is not None else None,
         server.timestamp_start, server.timestamp_tcp_setup,
+        flow.client_conn.id, flow.metadata.get(CUT_BY_HOPTRACE),
     )  # fmt: skip
 
 
 def snapshot_row(snap: tuple, key: bytes, store_bodies: bool) -> tuple[dict, list[Sighting]]:
-    """:func:`hop_row` on a :func:`snapshot`: the hop's columns and the tokens it carried."""
+    """The `hops` columns a :func:`snapshot` fills (ids and service are the writer's), and its tokens."""
     path, _, query_string = snap[_PATH].partition("?")
     request_fields = _fields(snap[_REQ_FIELDS])
     request_headers = _lookup(request_fields)
     has_response = snap[_HAS_RESPONSE]
     response_fields = _fields(snap[_RESP_FIELDS]) if has_response else []
     response_headers = _lookup(response_fields)
-    error = snap[_ERROR]
+    error, kind = snap[_ERROR], None
+    if snap[_CUT] is not None:
+        kind, why = snap[_CUT]
+        error = f"{why} ({error})" if error else why
+    elif error is not None:
+        kind = error_kind(error)
 
     sightings = _request_tokens(request_fields, query_string)
     request_type = request_headers.get("content-type")
@@ -122,7 +127,7 @@ def snapshot_row(snap: tuple, key: bytes, store_bodies: bool) -> tuple[dict, lis
         "status": snap[_STATUS],
         "reason": snap[_REASON],
         "error": error,
-        "error_kind": error_kind(error) if error is not None else None,
+        "error_kind": kind,
         "failed": int(error is not None),
         "request_size": snap[_REQ_SIZE],
         "response_size": snap[_RESP_SIZE],
@@ -142,18 +147,27 @@ def snapshot_row(snap: tuple, key: bytes, store_bodies: bool) -> tuple[dict, lis
         "response_headers": json.dumps(_redacted_headers(key, response_fields)) if has_response else None,
         "request_body": _stored_body(key, request_text, request_type) if store_bodies else None,
         "response_body": _stored_body(key, response_text, response_type) if store_bodies else None,
+        "client_conn_id": snap[_CLIENT_CONN_ID],
+        # mitmproxy (11, 12) does not put the HTTP/2 stream id on the flow.
+        "stream_id": None,
     }
     return row, sightings
 
 
 def error_kind(message: str) -> str:
-    """A coarse class of mitmproxy's error message, for grouping."""
+    """A coarse class of mitmproxy's error message, for grouping.
+
+    refused: no upstream connection; timeout; truncated: the upstream closed part-way
+    through its response (mitmproxy says "unexpected server response: b'HTTP/1.1 2..."
+    for a cut head, "...without sending complete message body" for a cut body);
+    reset: it closed without answering; aborted: the client went away.
+    """
     text = message.lower()
     if "refused" in text or "connect" in text and "fail" in text:
         return "refused"
     if "timed out" in text or "timeout" in text:
         return "timeout"
-    if "complete message body" in text or "incomplete" in text or "truncated" in text:
+    if "complete message body" in text or "incomplete" in text or "truncated" in text or "unexpected server response" in text:
         return "truncated"
     if "reset" in text or "closed" in text or "broken pipe" in text:
         return "reset"
