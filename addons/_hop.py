@@ -17,7 +17,7 @@ from functools import lru_cache
 from urllib.parse import parse_qsl
 
 from hoptrace.addons import _redact
-from hoptrace.addons._tokens import JWT_PATTERN
+from hoptrace.addons._tokens import find_jwts, is_jwt
 
 # Bodies larger than this are not searched for tokens (nor stored when bodies are).
 BODY_SCAN_CAP = 64 * 1024
@@ -258,9 +258,7 @@ def _response_tokens(fields: list[tuple[str, str]]) -> list[Sighting]:
 def _header_tokens(name: str, value: str, role: str, where: str) -> list[Sighting]:
     if _token_name(name) and _looks_like_token(name, value):
         return [Sighting(value.strip(), role, f"{where}:{name}")]
-    if "eyJ" in value:
-        return [Sighting(match, role, f"{where}:{name}") for match in JWT_PATTERN.findall(value)]
-    return []
+    return [Sighting(match, role, f"{where}:{name}") for match in find_jwts(value)]
 
 
 def _cookie_tokens(header: str, role: str, where: str) -> list[Sighting]:
@@ -275,7 +273,7 @@ def _cookie_tokens(header: str, role: str, where: str) -> list[Sighting]:
 def _looks_like_token(name: str, value: str) -> bool:
     if len(value) < _MIN_TOKEN_LENGTH or " " in value.strip():
         return False
-    return _token_name(name) or value.startswith("eyJ")
+    return _token_name(name) or value.startswith("eyJ") or is_jwt(value)
 
 
 @lru_cache(maxsize=1024)
@@ -297,7 +295,7 @@ def _redacted_header(key: bytes, name: str, value: str) -> str:
 def _body_tokens(text: str | None, content_type: str, role: str, where: str) -> list[Sighting]:
     if not text:
         return []
-    content_type = content_type.lower()
+    raw_type, content_type = content_type, content_type.lower()
     if "json" in content_type:
         try:
             document = json.loads(text)
@@ -305,12 +303,12 @@ def _body_tokens(text: str | None, content_type: str, role: str, where: str) -> 
             return []
         return [Sighting(value, role, f"{where}:{name}") for name, value in _json_string_fields(document)]
     if "x-www-form-urlencoded" in content_type:
-        return [
-            Sighting(value, role, f"{where}:{name}")
-            for name, value in parse_qsl(text, keep_blank_values=True)
-            if _looks_like_token(name, value)
-        ]
-    return []
+        pairs = parse_qsl(text, keep_blank_values=True)
+    elif "multipart/form-data" in content_type:
+        pairs = [(name, value) for _, name, value in _redact.multipart_fields(text, raw_type) or ()]
+    else:
+        return []
+    return [Sighting(value, role, f"{where}:{name}") for name, value in pairs if _looks_like_token(name, value)]
 
 
 def _json_string_fields(document: object, depth: int = 0):
@@ -348,9 +346,11 @@ def _body_text(raw: bytes | None, headers: dict[str, str]) -> str | None:
 def _stored_body(key: bytes, text: str | None, content_type: str | None) -> str | None:
     if text is None:
         return None
-    content_type = (content_type or "").lower()
+    raw_type, content_type = content_type or "", (content_type or "").lower()
     if "x-www-form-urlencoded" in content_type:
         return _redact.query(key, text)
+    if "multipart/form-data" in content_type:
+        return _redact.multipart(key, text, raw_type)
     try:
         return json.dumps(_redact.json_body(key, json.loads(text)))
     except (ValueError, RecursionError):

@@ -19,6 +19,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 MAX_TOKEN_BYTES = 16 * 1024
 MAX_CLAIMS_JSON = 8 * 1024
@@ -27,8 +28,11 @@ _MAX_NUMERIC_DATE = 1e11
 _TIME_CLAIMS = ("iat", "nbf", "exp")
 _TEXT_CLAIMS = ("iss", "sub", "jti")
 _B64URL = re.compile(r"^[A-Za-z0-9_-]*={0,2}$")
-# What a token looks like when we meet one in a value with no name to go by.
-JWT_PATTERN = re.compile(r"eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}(?:\.[A-Za-z0-9_-]*){1,3}")
+# Candidates for a token met in a value with no name to go by: three to five
+# base64url segments. Only those whose first segment decodes to a JSON object
+# with "alg" are JWTs (:func:`find_jwts`): a prefix such as "eyJ" misses a header
+# serialised with whitespace first ("ewog..." is '{\n').
+_JWT_CANDIDATE = re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{4,}(?:\.[A-Za-z0-9_-]*){2,4}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +62,34 @@ def fingerprint(key: bytes, token: str) -> str:
     return hmac.new(key, token.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:32]
 
 
+def find_jwts(text: str) -> list[str]:
+    """Every JWT or JWE in free text, recognised by its structure, not its first characters."""
+    return [text[start:end] for start, end in jwt_spans(text)]
+
+
+@lru_cache(maxsize=4096)
+def jwt_spans(text: str) -> tuple[tuple[int, int], ...]:
+    """Where the JWTs (3 segments) and JWEs (5, header with "enc") of ``text`` are.
+
+    Cached: the same header values (user agents, hosts) come back on every hop.
+    """
+    if text.count(".") < 2:
+        return ()
+    spans = []
+    for match in _JWT_CANDIDATE.finditer(text):
+        parts = match.group().split(".")
+        header, error = _segment(parts[0], "header") if len(parts[0]) <= MAX_TOKEN_BYTES else ({}, "too long")
+        if error is None and "alg" in header:
+            count = 5 if len(parts) >= 5 and "enc" in header else 3
+            spans.append((match.start(), match.start() + len(".".join(parts[:count]))))
+    return tuple(spans)
+
+
+def is_jwt(value: str) -> bool:
+    """Three (JWS) or five (JWE) base64url segments, the first a JSON object with "alg"."""
+    return len(value.split(".")) in (3, 5) and jwt_spans(value) == ((0, len(value)),)
+
+
 def decode(token: str) -> TokenInfo:
     """Classify and decode one token. Never raises."""
     length = len(token)
@@ -68,7 +100,7 @@ def decode(token: str) -> TokenInfo:
         # JWE: the payload is encrypted; only the protected header is readable.
         header, error = _segment(parts[0], "header")
         return TokenInfo("jwe", length, **_header_fields(header), error=error)
-    if len(parts) != 3 or not parts[0].startswith("eyJ"):
+    if len(parts) != 3 or not (parts[0].startswith("eyJ") or is_jwt(token)):
         return TokenInfo("opaque", length)
     header, header_error = _segment(parts[0], "header")
     payload, payload_error = _segment(parts[1], "payload")
@@ -119,10 +151,14 @@ def _claims(payload: dict) -> tuple[dict, list[str]]:
 
 
 def _numeric_date(value: object) -> bool:
-    # bool is an int subclass: `"exp": true` must not become 1.0.
+    # bool is an int subclass: `"exp": true` must not become 1.0. An int is
+    # compared as it is: 10**400 is past any float, and math.isfinite(10**400)
+    # raises OverflowError.
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
-    return math.isfinite(value) and 0 <= value <= _MAX_NUMERIC_DATE
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return 0 <= value <= _MAX_NUMERIC_DATE
 
 
 def _text(value: object) -> str | None:
