@@ -59,7 +59,11 @@ def fingerprint(key: bytes, token: str) -> str:
     A plain hash would let anyone with the trace test guesses of a token; the key
     lives only in the recorder's memory (or the user's environment).
     """
-    return hmac.new(key, token.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:32]
+    try:
+        raw = token.encode("utf-8", "surrogateescape")  # the bytes as they came off the wire
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape ("\ud800"): hash its code point
+        raw = token.encode("utf-8", "surrogatepass")
+    return hmac.new(key, raw, hashlib.sha256).hexdigest()[:32]
 
 
 def find_jwts(text: str) -> list[str]:
