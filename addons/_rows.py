@@ -113,12 +113,11 @@ def _bare_of_snapshot(snap, reason: BaseException) -> dict:
 
 
 def _bare(flow_id, method, path, started, reason: BaseException | str) -> dict:
-    if isinstance(started, bool) or not isinstance(started, int | float) or not math.isfinite(started):
-        started = time.time()
+    started = _seconds(started)
     path = path if isinstance(path, str) else repr(path)
     row = dict.fromkeys(HOP_COLUMNS)
     row.update(
-        flow_id=str(flow_id),
+        flow_id="unknown" if flow_id is None else str(flow_id),
         method=method,
         path=path.partition("?")[0],
         error=f"hoptrace could not read this flow: {reason!r}"[:500],
@@ -129,6 +128,18 @@ def _bare(flow_id, method, path, started, reason: BaseException | str) -> dict:
         duration_ms=0.0,
     )
     return row
+
+
+def _seconds(value: object) -> float:
+    """A time that SQLite and every reader take: the value if it is a finite number, else now."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            value = float(value)
+        except OverflowError:
+            return time.time()
+        if math.isfinite(value):
+            return value
+    return time.time()
 
 
 def _get(obj, name: str, default=None):
