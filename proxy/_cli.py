@@ -19,8 +19,9 @@ from hoptrace.addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT
 @click.option("--entry", help="The route where client requests enter (default: the first).")
 @click.option("--listen-host", default="127.0.0.1", show_default=True, help="Address the listeners bind to.")
 @click.option("--store-bodies", is_flag=True, help="Also store bodies (up to 64 KiB, redacted). Off by default: bodies leak.")
+@click.option("--grace", type=click.FloatRange(0, 3600), default=5.0, show_default=True, help="On Ctrl-C/SIGTERM, seconds to let requests already inside finish; those still open are cut and recorded as error_kind 'shutdown'.")
 @click.option("--upstream-timeout", type=click.FloatRange(0, 1e6), default=DEFAULT_UPSTREAM_TIMEOUT, show_default=True, help="Seconds to wait for an upstream's complete response before cutting the request (error_kind 'timeout'); 0 waits forever.")
-def proxy(route_specs: tuple[str, ...], stack_file: Path | None, db: Path | None, entry: str | None, listen_host: str, store_bodies: bool, upstream_timeout: float) -> None:
+def proxy(route_specs: tuple[str, ...], stack_file: Path | None, db: Path | None, entry: str | None, listen_host: str, store_bodies: bool, grace: float, upstream_timeout: float) -> None:
     """Run mitmproxy in front of every service of a stack and record every hop.
 
     Each route gets its own reverse listener; point the services (and the client)
@@ -46,7 +47,7 @@ def proxy(route_specs: tuple[str, ...], stack_file: Path | None, db: Path | None
             routes = [parse_route(spec) for spec in route_specs]
         config = ProxyConfig(
             routes=routes, db=db or Path("traces.db"), entry=entry, listen_host=listen_host, store_bodies=store_bodies,
-            upstream_timeout=upstream_timeout,
+            drain_seconds=grace, upstream_timeout=upstream_timeout,
         )  # fmt: skip
         live = sys.stderr.isatty()
 

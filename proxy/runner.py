@@ -116,15 +116,19 @@ async def run_proxy(
                 on_tick(recorder.writer.counters)
         await _drain(master, recorder, config.drain_seconds)
     finally:
+        # The handlers stay until the file is closed: a second Ctrl-C while the
+        # last hops are written must not interrupt the writing (KeyboardInterrupt).
+        counters = recorder.close()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
-        counters = recorder.close()
     return counters
 
 
 def _stop(master: Master, recorder: Recorder) -> None:
     """On SIGINT/SIGTERM: take no new request from here on, then let mitmproxy wind down."""
-    if recorder.stopping_at is None:
+    if recorder.stopping_at is not None:
+        print("hoptrace proxy: already stopping; letting requests inside finish", file=sys.stderr, flush=True)
+    else:
         recorder.stop_accepting()
         print(f"hoptrace proxy: stopping at {recorder.stopping_at:.6f}; no new requests accepted", file=sys.stderr, flush=True)
         server = master.addons.get("proxyserver")
