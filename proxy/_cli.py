@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 from pathlib import Path
 
 import click
 
-from hoptrace._click import BadInput, exit_2_on_bad_input
+from hoptrace._click import BadInput, OneLineCommand, exit_2_on_bad_input
 from hoptrace.addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT
 
 
-@click.command()
+def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    # FloatRange lets NaN through: every comparison with it is false.
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number of seconds", ctx, param)
+    return value
+
+
+@click.command(cls=OneLineCommand)
 @click.option("--route", "route_specs", multiple=True, metavar="NAME=UPSTREAM_URL@LISTEN_PORT", help="A service and the port to listen on for it. Repeat for each service.")
 @click.option("--stack", "stack_file", type=click.Path(dir_okay=False, path_type=Path), help="A TOML file of [routes.NAME] tables (upstream, listen), instead of --route.")
 @click.option("--db", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Trace file to record into (default: traces.db, or the stack file's db).")
 @click.option("--entry", help="The route where client requests enter (default: the first).")
 @click.option("--listen-host", default="127.0.0.1", show_default=True, help="Address the listeners bind to.")
 @click.option("--store-bodies", is_flag=True, help="Also store bodies (up to 64 KiB, redacted). Off by default: bodies leak.")
-@click.option("--grace", type=click.FloatRange(0, 3600), default=5.0, show_default=True, help="On Ctrl-C/SIGTERM, seconds to let requests already inside finish; those still open are cut and recorded as error_kind 'shutdown'.")
-@click.option("--upstream-timeout", type=click.FloatRange(0, 1e6), default=DEFAULT_UPSTREAM_TIMEOUT, show_default=True, help="Seconds to wait for an upstream's complete response before cutting the request (error_kind 'timeout'); 0 waits forever.")
+@click.option("--grace", type=click.FloatRange(0, 3600), callback=_finite, default=5.0, show_default=True, help="On Ctrl-C/SIGTERM, seconds to let requests already inside finish; those still open are cut and recorded as error_kind 'shutdown'.")
+@click.option("--upstream-timeout", type=click.FloatRange(0, 1e6), callback=_finite, default=DEFAULT_UPSTREAM_TIMEOUT, show_default=True, help="Seconds to wait for an upstream's complete response before cutting the request (error_kind 'timeout'); 0 waits forever.")
 def proxy(route_specs: tuple[str, ...], stack_file: Path | None, db: Path | None, entry: str | None, listen_host: str, store_bodies: bool, grace: float, upstream_timeout: float) -> None:
     """Run mitmproxy in front of every service of a stack and record every hop.
 
@@ -70,7 +78,7 @@ def proxy(route_specs: tuple[str, ...], stack_file: Path | None, db: Path | None
         )
 
 
-@click.command("addon-path")
+@click.command("addon-path", cls=OneLineCommand)
 def addon_path() -> None:
     """Print the path of the recorder script for plain mitmdump / mitmproxy.
 

@@ -121,6 +121,9 @@ async def run_proxy(
         counters = recorder.close()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
+            # The capture is closed: a late signal must not turn a clean stop into a
+            # KeyboardInterrupt (exit 1) while the summary is printed.
+            signal.signal(signum, signal.SIG_IGN)
     return counters
 
 

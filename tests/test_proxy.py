@@ -133,6 +133,7 @@ async def _poll_then_fetch(base: str, count: int) -> list[int]:
         (["--route", "auth"], "expected NAME=UPSTREAM_URL@LISTEN_PORT"),
         (["--route", "auth=ftp://x@13001"], "must be an http:// or https:// URL"),
         (["--route", "auth=http://127.0.0.1:1@99999"], "out of range"),
+        (["--route", "svc=http://[::1@18090"], "Invalid IPv6 URL"),
         (["--route", "a=http://127.0.0.1:1@13001", "--route", "a=http://127.0.0.1:2@13002"], "service name used by more than one route: a"),
         (["--route", "a=http://127.0.0.1:1@13001", "--entry", "zzz"], "entry 'zzz' is not a route"),
         ([], "give either --route"),
