@@ -89,13 +89,7 @@ def snapshot_row(snap: tuple, key: bytes, store_bodies: bool) -> tuple[dict, lis
     has_response = snap[_HAS_RESPONSE]
     response_fields = _fields(snap[_RESP_FIELDS]) if has_response else []
     response_headers = _lookup(response_fields)
-    error, kind = snap[_ERROR], None
-    if snap[_CUT] is not None:
-        kind, why = snap[_CUT]
-        error = f"{why} ({error})" if error else why
-    elif error is not None:
-        kind = error_kind(error)
-
+    error, kind = _error(snap)
     sightings = _request_tokens(request_fields, query_string)
     request_type = request_headers.get("content-type")
     request_text = _body_text(snap[_REQ_BODY], request_headers)
@@ -152,6 +146,15 @@ def snapshot_row(snap: tuple, key: bytes, store_bodies: bool) -> tuple[dict, lis
         "stream_id": None,
     }
     return row, sightings
+
+
+def _error(snap: tuple) -> tuple[str | None, str | None]:
+    """The hop's error message and its kind; a cut hoptrace made itself says so first."""
+    error = snap[_ERROR]
+    if snap[_CUT] is not None:
+        kind, why = snap[_CUT]
+        return (f"{why} ({error})" if error else why), kind
+    return error, error_kind(error) if error is not None else None
 
 
 def error_kind(message: str) -> str:

@@ -74,23 +74,7 @@ async def run_proxy(
     master.addons.add(
         core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(), recorder, UpstreamTimeout(), startup
     )
-    try:
-        master.options.update(
-            mode=[f"reverse:{r.upstream}@{config.listen_host}:{r.listen_port}" for r in config.routes],
-            hoptrace_db=str(config.db),
-            hoptrace_service=[f"{r.name}@{r.listen_port}" for r in config.routes],
-            hoptrace_entry=entry,
-            hoptrace_store_bodies=config.store_bodies,
-            hoptrace_upstream_timeout=config.upstream_timeout,
-            # Connect upstream when a request arrives, not when the client connects: with
-            # "eager", a dead upstream drops the client before any flow exists to record.
-            connection_strategy="lazy",
-            # A proxy is what runs under load: start the row process now, not on the
-            # 100th flow, in the middle of it (the addon's "auto" suits plain mitmdump).
-            hoptrace_row_process=os.environ.get(ROW_PROCESS_ENV, "on"),
-        )
-    except exceptions.OptionsError as exc:
-        raise TraceFileError(str(exc)) from None
+    _configure(master, config, entry)
 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -125,6 +109,27 @@ async def run_proxy(
             # KeyboardInterrupt (exit 1) while the summary is printed.
             signal.signal(signum, signal.SIG_IGN)
     return counters
+
+
+def _configure(master: Master, config: ProxyConfig, entry: str) -> None:
+    """One reverse listener per route, the recorder's options; TraceFileError for an unusable DB."""
+    try:
+        master.options.update(
+            mode=[f"reverse:{r.upstream}@{config.listen_host}:{r.listen_port}" for r in config.routes],
+            hoptrace_db=str(config.db),
+            hoptrace_service=[f"{r.name}@{r.listen_port}" for r in config.routes],
+            hoptrace_entry=entry,
+            hoptrace_store_bodies=config.store_bodies,
+            hoptrace_upstream_timeout=config.upstream_timeout,
+            # Connect upstream when a request arrives, not when the client connects: with
+            # "eager", a dead upstream drops the client before any flow exists to record.
+            connection_strategy="lazy",
+            # A proxy is what runs under load: start the row process now, not on the
+            # 100th flow, in the middle of it (the addon's "auto" suits plain mitmdump).
+            hoptrace_row_process=os.environ.get(ROW_PROCESS_ENV, "on"),
+        )
+    except exceptions.OptionsError as exc:
+        raise TraceFileError(str(exc)) from None
 
 
 def _stop(master: Master, recorder: Recorder) -> None:
