@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from .conftest import PYTHON, free_port, query
+from .test_proxy import mitmdump_args
 
 pytestmark = pytest.mark.e2e
 
@@ -233,13 +232,8 @@ def _assert_valid_utf8(db: Path) -> None:
 
 
 def test_plain_mitmdump_takes_every_vector_too(upstream_url, spawn, tmp_path):
-    mitmdump = shutil.which("mitmdump") or str(Path(sys.executable).with_name("mitmdump"))
-    script = subprocess.run([PYTHON, "-m", "hoptrace", "addon-path"], capture_output=True, text=True, check=True).stdout.strip()
     port, db = free_port(), tmp_path / "mitmdump.db"
-    proc = spawn(
-        [mitmdump, "-q", "-s", script, "--set", f"hoptrace_db={db}", "--set", f"hoptrace_service=up@{port}",
-         "--set", "connection_strategy=lazy", "--mode", f"reverse:{upstream_url}@127.0.0.1:{port}"],
-    )  # fmt: skip
+    proc = spawn(mitmdump_args(upstream_url, "up", port, db))
     capture = Capture(proc, port, db)
     _wait_listening(port)
     for raw in VECTORS.values():
