@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl, urlencode
 from hoptrace.addons._tokens import fingerprint, jwt_spans
 
 # Names are matched by pattern, not a fixed list: custom headers such as
-# X-Internal-Key are exactly what deny-lists miss (FIELD_NOTES, redaction norms).
+# X-Internal-Key are exactly what deny-lists miss.
 SENSITIVE_NAME = re.compile(r"auth|token|key|secret|session|cookie|passw|credential|signature|jwt|(?:^|[-_])sid(?:$|[-_])", re.I)
 # Parameters (query, form, multipart and JSON fields) whose short names the pattern
 # cannot catch: OAuth's code, state and code_verifier, SAS-style `sig`, SAML's

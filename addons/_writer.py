@@ -228,6 +228,7 @@ class TraceWriter:
             logger.warning("hoptrace: row process failed (%s) %d times; writing from the writer thread from now on", exc, MAX_RESTARTS)
         else:
             logger.warning("hoptrace: row process failed (%s); this batch written by the writer thread, a new process for the next", exc)
+            self._process()  # started now, so that the next batch finds it ready
 
     def _process(self) -> RowProcess | None:
         mode = self._row_process_mode

@@ -1,7 +1,7 @@
 """`hoptrace proxy`: mitmproxy embedded as a library, one reverse listener per route, recording.
 
 mitmdump dispatches each of a request's ~8 hook events through ~36 built-in
-addons, ~43 % of its CPU (FIELD_NOTES). A reverse proxy needs five of them, so
+addons, ~43 % of its CPU (profiled under load). A reverse proxy needs five of them, so
 we build the master ourselves with only those and the recorder: that headroom is
 what lets hoptrace record everything and still outrun plain mitmdump.
 """
