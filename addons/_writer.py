@@ -199,15 +199,19 @@ class TraceWriter:
         c.write_errors += written.write_errors
         if written.error is not None:
             c.last_error = written.error
-            self._alarm(f"could not write {written.dropped} of {count} hops ({c.dropped} lost so far): {written.error}")
+            self._alarm(f"could not write {written.dropped} of {count} hops ({c.dropped} lost so far): {written.error}", written.error)
 
-    def _alarm(self, message: str) -> None:
-        """Say it on stderr now, whoever configured logging: the user is losing data."""
+    def _alarm(self, message: str, reason: str | None = None) -> None:
+        """Say it on stderr now, whoever configured logging: the user is losing data.
+
+        The same ``reason`` is repeated at most every few seconds; the counters keep the full count.
+        """
         logger.error("hoptrace: %s", message)
-        kind, said_at = self._alarmed
+        reason = reason or message
+        said, said_at = self._alarmed
         now = time.monotonic()
-        if kind != message.split(":")[0] or now - said_at > _ALARM_EVERY:
-            self._alarmed = (message.split(":")[0], now)
+        if reason != said or now - said_at > _ALARM_EVERY:
+            self._alarmed = (reason, now)
             print(f"hoptrace: RECORDING FAILED: {message}", file=sys.stderr, flush=True)
 
     def _committed(self, items: list) -> bool:
