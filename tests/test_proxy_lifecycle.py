@@ -4,6 +4,7 @@ SIGINT under load, SIGKILL under load, an upstream that hangs, an upstream that 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import re
 import signal
@@ -79,8 +80,17 @@ class Upstreams:
             result = cleanup()
             if asyncio.iscoroutine(result):
                 self.run(result)
+        self.run(self._cancel_the_rest())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
+
+    @staticmethod
+    async def _cancel_the_rest() -> None:
+        """Handlers still sleeping (the /slow/ ones, the hanging servers) end here, not at garbage collection."""
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @pytest.fixture
@@ -155,6 +165,7 @@ def test_sigint_under_load_loses_no_completed_response_and_accepts_nothing_after
         if row["started_at"] > stopped:  # a request that arrived after the signal...
             assert path not in forwarded, path  # ...was never forwarded upstream
             assert (row["status"], row["error_kind"]) == (503, "shutdown")
+            assert ["Connection", "close"] in json.loads(row["response_headers"])  # the client will not reuse it
         assert row["error_kind"] in (None, "shutdown"), dict(row)  # nothing the shutdown cut looks like an upstream error
     slow = [rows[f"/slow/{i}"] for i in range(3)]
     assert [(r["error_kind"], r["status"], r["failed"]) for r in slow] == [("shutdown", None, 1)] * 3

@@ -199,7 +199,9 @@ def test_hostile_requests_never_cost_a_row(hoptrace_proxy, raws):
 def test_the_proxy_stops_with_a_true_summary(hoptrace_proxy):
     """Runs last in this module: stop the proxy that took every hostile request above."""
     capture = hoptrace_proxy
-    assert capture.sent > len(VECTORS)
+    if capture.sent < len(VECTORS):  # run alone (-k): the vectors first
+        for raw in VECTORS.values():
+            capture.send(raw)
     assert capture.proc.stop(signal.SIGINT) == 0, capture.proc.output
     row = query(capture.db, "SELECT * FROM captures")[0]
     rows = query(capture.db, "SELECT count(*) FROM hops")[0][0]
