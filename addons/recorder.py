@@ -169,8 +169,9 @@ class Recorder:
         self.open_flows.pop(flow.id, None)
         try:
             self.writer.submit(self._service(flow), flow)
-        except Exception:  # mitmproxy would swallow it; we count it, and the test keeps it at 0
+        except Exception:  # mitmproxy would swallow it; we count the hop as lost, and the tests keep it at 0
             self.writer.counters.addon_errors += 1
+            self.writer.counters.dropped += 1
             logger.exception("hoptrace: could not queue flow %s", flow.id)
 
     def _service(self, flow: http.HTTPFlow) -> str:
