@@ -17,7 +17,7 @@ from functools import lru_cache
 from urllib.parse import parse_qsl
 
 from hoptrace.addons import _redact
-from hoptrace.addons._tokens import JWT_PATTERN
+from hoptrace.addons._tokens import find_jwts, is_jwt
 
 # Bodies larger than this are not searched for tokens (nor stored when bodies are).
 BODY_SCAN_CAP = 64 * 1024
@@ -37,19 +37,18 @@ class Sighting:
     location: str
 
 
-def hop_row(flow, key: bytes, store_bodies: bool) -> tuple[dict, list[Sighting]]:
-    """The `hops` columns this flow fills (ids and service are the writer's), and its tokens."""
-    return snapshot_row(snapshot(flow), key, store_bodies)
-
-
 # What a snapshot holds, by position: plain bytes/str/numbers/tuples only, so that
-# `marshal` can hand it to the row-building process (see _writer.py).
+# `marshal` can hand it to the row-building process (see _rowprocess.py).
 (
     _FLOW_ID, _CLIENT, _METHOD, _SCHEME, _HOST, _PORT, _PATH, _HTTP_VERSION,
     _REQ_FIELDS, _REQ_BODY, _REQ_SIZE, _REQ_START, _REQ_END,
     _HAS_RESPONSE, _STATUS, _REASON, _RESP_FIELDS, _RESP_BODY, _RESP_SIZE, _RESP_START, _RESP_END,
-    _ERROR, _ERROR_AT, _SERVER_START, _SERVER_TCP,
-) = range(25)  # fmt: skip
+    _ERROR, _ERROR_AT, _SERVER_START, _SERVER_TCP, _CLIENT_CONN_ID, _CUT,
+) = range(27)  # fmt: skip
+# Set by hoptrace on a flow it cut itself: (error_kind, why). The recorder's
+# shutdown sets "shutdown", the upstream-timeout watchdog "timeout"; either
+# describes the hop better than the connection error mitmproxy then reports.
+CUT_BY_HOPTRACE = "hoptrace_cut"
 # Bodies longer than this are not copied into a snapshot: an identity body over
 # BODY_SCAN_CAP is never read, and a compressed one this long inflates past it.
 _SNAPSHOT_BODY_CAP = 2 * BODY_SCAN_CAP
@@ -78,19 +77,19 @@ def snapshot(flow) -> tuple:
         *response_part,
         error.msg if error is not None else None, error.timestamp if error is not None else None,
         server.timestamp_start, server.timestamp_tcp_setup,
+        flow.client_conn.id, flow.metadata.get(CUT_BY_HOPTRACE),
     )  # fmt: skip
 
 
 def snapshot_row(snap: tuple, key: bytes, store_bodies: bool) -> tuple[dict, list[Sighting]]:
-    """:func:`hop_row` on a :func:`snapshot`: the hop's columns and the tokens it carried."""
+    """The `hops` columns a :func:`snapshot` fills (ids and service are the writer's), and its tokens."""
     path, _, query_string = snap[_PATH].partition("?")
     request_fields = _fields(snap[_REQ_FIELDS])
     request_headers = _lookup(request_fields)
     has_response = snap[_HAS_RESPONSE]
     response_fields = _fields(snap[_RESP_FIELDS]) if has_response else []
     response_headers = _lookup(response_fields)
-    error = snap[_ERROR]
-
+    error, kind = _error(snap)
     sightings = _request_tokens(request_fields, query_string)
     request_type = request_headers.get("content-type")
     request_text = _body_text(snap[_REQ_BODY], request_headers)
@@ -122,7 +121,7 @@ def snapshot_row(snap: tuple, key: bytes, store_bodies: bool) -> tuple[dict, lis
         "status": snap[_STATUS],
         "reason": snap[_REASON],
         "error": error,
-        "error_kind": error_kind(error) if error is not None else None,
+        "error_kind": kind,
         "failed": int(error is not None),
         "request_size": snap[_REQ_SIZE],
         "response_size": snap[_RESP_SIZE],
@@ -142,18 +141,36 @@ def snapshot_row(snap: tuple, key: bytes, store_bodies: bool) -> tuple[dict, lis
         "response_headers": json.dumps(_redacted_headers(key, response_fields)) if has_response else None,
         "request_body": _stored_body(key, request_text, request_type) if store_bodies else None,
         "response_body": _stored_body(key, response_text, response_type) if store_bodies else None,
+        "client_conn_id": snap[_CLIENT_CONN_ID],
+        # mitmproxy (11, 12) does not put the HTTP/2 stream id on the flow.
+        "stream_id": None,
     }
     return row, sightings
 
 
+def _error(snap: tuple) -> tuple[str | None, str | None]:
+    """The hop's error message and its kind; a cut hoptrace made itself says so first."""
+    error = snap[_ERROR]
+    if snap[_CUT] is not None:
+        kind, why = snap[_CUT]
+        return (f"{why} ({error})" if error else why), kind
+    return error, error_kind(error) if error is not None else None
+
+
 def error_kind(message: str) -> str:
-    """A coarse class of mitmproxy's error message, for grouping."""
+    """A coarse class of mitmproxy's error message, for grouping.
+
+    refused: no upstream connection; timeout; truncated: the upstream closed part-way
+    through its response (mitmproxy says "unexpected server response: b'HTTP/1.1 2..."
+    for a cut head, "...without sending complete message body" for a cut body);
+    reset: it closed without answering; aborted: the client went away.
+    """
     text = message.lower()
     if "refused" in text or "connect" in text and "fail" in text:
         return "refused"
     if "timed out" in text or "timeout" in text:
         return "timeout"
-    if "complete message body" in text or "incomplete" in text or "truncated" in text:
+    if "complete message body" in text or "incomplete" in text or "truncated" in text or "unexpected server response" in text:
         return "truncated"
     if "reset" in text or "closed" in text or "broken pipe" in text:
         return "reset"
@@ -244,9 +261,7 @@ def _response_tokens(fields: list[tuple[str, str]]) -> list[Sighting]:
 def _header_tokens(name: str, value: str, role: str, where: str) -> list[Sighting]:
     if _token_name(name) and _looks_like_token(name, value):
         return [Sighting(value.strip(), role, f"{where}:{name}")]
-    if "eyJ" in value:
-        return [Sighting(match, role, f"{where}:{name}") for match in JWT_PATTERN.findall(value)]
-    return []
+    return [Sighting(match, role, f"{where}:{name}") for match in find_jwts(value)]
 
 
 def _cookie_tokens(header: str, role: str, where: str) -> list[Sighting]:
@@ -261,7 +276,7 @@ def _cookie_tokens(header: str, role: str, where: str) -> list[Sighting]:
 def _looks_like_token(name: str, value: str) -> bool:
     if len(value) < _MIN_TOKEN_LENGTH or " " in value.strip():
         return False
-    return _token_name(name) or value.startswith("eyJ")
+    return _token_name(name) or value.startswith("eyJ") or is_jwt(value)
 
 
 @lru_cache(maxsize=1024)
@@ -283,7 +298,7 @@ def _redacted_header(key: bytes, name: str, value: str) -> str:
 def _body_tokens(text: str | None, content_type: str, role: str, where: str) -> list[Sighting]:
     if not text:
         return []
-    content_type = content_type.lower()
+    raw_type, content_type = content_type, content_type.lower()
     if "json" in content_type:
         try:
             document = json.loads(text)
@@ -291,12 +306,12 @@ def _body_tokens(text: str | None, content_type: str, role: str, where: str) -> 
             return []
         return [Sighting(value, role, f"{where}:{name}") for name, value in _json_string_fields(document)]
     if "x-www-form-urlencoded" in content_type:
-        return [
-            Sighting(value, role, f"{where}:{name}")
-            for name, value in parse_qsl(text, keep_blank_values=True)
-            if _looks_like_token(name, value)
-        ]
-    return []
+        pairs = parse_qsl(text, keep_blank_values=True)
+    elif "multipart/form-data" in content_type:
+        pairs = [(name, value) for _, name, value in _redact.multipart_fields(text, raw_type) or ()]
+    else:
+        return []
+    return [Sighting(value, role, f"{where}:{name}") for name, value in pairs if _looks_like_token(name, value)]
 
 
 def _json_string_fields(document: object, depth: int = 0):
@@ -334,9 +349,11 @@ def _body_text(raw: bytes | None, headers: dict[str, str]) -> str | None:
 def _stored_body(key: bytes, text: str | None, content_type: str | None) -> str | None:
     if text is None:
         return None
-    content_type = (content_type or "").lower()
+    raw_type, content_type = content_type or "", (content_type or "").lower()
     if "x-www-form-urlencoded" in content_type:
         return _redact.query(key, text)
+    if "multipart/form-data" in content_type:
+        return _redact.multipart(key, text, raw_type)
     try:
         return json.dumps(_redact.json_body(key, json.loads(text)))
     except (ValueError, RecursionError):

@@ -11,13 +11,19 @@ from __future__ import annotations
 import re
 from urllib.parse import parse_qsl, urlencode
 
-from hoptrace.addons._tokens import JWT_PATTERN, fingerprint
+from hoptrace.addons._tokens import fingerprint, jwt_spans
 
 # Names are matched by pattern, not a fixed list: custom headers such as
-# X-Internal-Key are exactly what deny-lists miss (FIELD_NOTES, redaction norms).
+# X-Internal-Key are exactly what deny-lists miss.
 SENSITIVE_NAME = re.compile(r"auth|token|key|secret|session|cookie|passw|credential|signature|jwt|(?:^|[-_])sid(?:$|[-_])", re.I)
-# OAuth's authorization code travels as a bare `code` parameter.
-_SENSITIVE_PARAM = re.compile(SENSITIVE_NAME.pattern + r"|^code$", re.I)
+# Parameters (query, form, multipart and JSON fields) whose short names the pattern
+# cannot catch: OAuth's code, state and code_verifier, SAS-style `sig`, SAML's
+# messages, a client assertion (the 2023 HAR-sanitizer lists name the same).
+SENSITIVE_PARAM = re.compile(
+    SENSITIVE_NAME.pattern + r"|^(?:code|code_verifier|state|sig|assertion|samlresponse|samlrequest)$", re.I
+)
+_BOUNDARY = re.compile(r'boundary="?([^";]{1,200})"?', re.I)
+_PART_NAME = re.compile(r'content-disposition:[^\n]*?\bname="([^"]*)"', re.I)
 # Headers whose value is a URL, whose query may hold its own secrets.
 _URL_HEADERS = frozenset({"location", "referer", "content-location"})
 
@@ -28,10 +34,11 @@ def redacted(key: bytes, value: str) -> str:
 
 
 def scrub_jwts(key: bytes, text: str) -> str:
-    """Replace anything JWT-shaped in free text (a header we had no reason to suspect)."""
-    if "eyJ" not in text:
-        return text
-    return JWT_PATTERN.sub(lambda m: redacted(key, m.group(0)), text)
+    """Replace every JWT in free text (a header we had no reason to suspect), found by its structure."""
+    spans = jwt_spans(text)
+    for start, end in reversed(spans):
+        text = text[:start] + redacted(key, text[start:end]) + text[end:]
+    return text
 
 
 def header_value(key: bytes, name: str, value: str) -> str:
@@ -47,17 +54,13 @@ def header_value(key: bytes, name: str, value: str) -> str:
     return scrub_jwts(key, value)
 
 
-def headers(key: bytes, fields: list[tuple[str, str]]) -> list[list[str]]:
-    return [[name, header_value(key, name, value)] for name, value in fields]
-
-
 def query(key: bytes, query_string: str) -> str:
     """The query string with sensitive parameters' values replaced, order kept."""
     if not query_string:
         return query_string
     pairs = parse_qsl(query_string, keep_blank_values=True)
     return urlencode(
-        [(name, redacted(key, value) if _SENSITIVE_PARAM.search(name) else scrub_jwts(key, value)) for name, value in pairs],
+        [(name, redacted(key, value) if SENSITIVE_PARAM.search(name) else scrub_jwts(key, value)) for name, value in pairs],
         safe="[]:",
     )
 
@@ -68,7 +71,7 @@ def json_body(key: bytes, value: object, depth: int = 0) -> object:
         return "[redacted: nested too deep]"
     if isinstance(value, dict):
         return {
-            name: redacted(key, str(item)) if SENSITIVE_NAME.search(str(name)) else json_body(key, item, depth + 1)
+            name: redacted(key, str(item)) if SENSITIVE_PARAM.search(str(name)) else json_body(key, item, depth + 1)
             for name, item in value.items()
         }
     if isinstance(value, list):
@@ -76,3 +79,37 @@ def json_body(key: bytes, value: object, depth: int = 0) -> object:
     if isinstance(value, str):
         return scrub_jwts(key, value)
     return value
+
+
+def multipart_fields(text: str, content_type: str) -> list[tuple[str, str, str]] | None:
+    """A multipart/form-data body as (part head, field name, value) triples; None if it does not parse."""
+    match = _BOUNDARY.search(content_type)
+    if match is None:
+        return None
+    delimiter = f"--{match[1]}"
+    chunks = text.split(delimiter)
+    if len(chunks) < 3 or not chunks[-1].startswith("--"):
+        return None  # no closing delimiter: cut or not multipart at all
+    fields = []
+    for chunk in chunks[1:-1]:
+        head, sep, value = chunk.partition("\r\n\r\n")
+        if not sep:
+            head, sep, value = chunk.partition("\n\n")
+        name = _PART_NAME.search(head)
+        if not sep or name is None:
+            return None
+        fields.append((head, name[1], value.removesuffix("\r\n").removesuffix("\n")))
+    return fields
+
+
+def multipart(key: bytes, text: str, content_type: str) -> str:
+    """A multipart/form-data body with sensitive fields' values replaced; a body that does not parse is not kept."""
+    fields = multipart_fields(text, content_type)
+    if fields is None:
+        return "[redacted: multipart body that does not parse]"
+    parts = [
+        f"{head}\r\n\r\n{redacted(key, value) if SENSITIVE_PARAM.search(name) else scrub_jwts(key, value)}\r\n"
+        for head, name, value in fields
+    ]
+    boundary = _BOUNDARY.search(content_type)[1]
+    return "".join(f"--{boundary}{part}" for part in parts) + f"--{boundary}--\r\n"

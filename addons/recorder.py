@@ -3,11 +3,17 @@
 Use it from ``hoptrace proxy`` (loaded for you), or from plain mitmproxy::
 
     mitmdump -s addons/mitmdump_recorder.py --set hoptrace_db=traces.db \\
-        --mode reverse:http://127.0.0.1:3001@13001 --set hoptrace_service=auth@13001
+        --mode reverse:http://127.0.0.1:3001@127.0.0.1:13001 --set hoptrace_service=auth@13001
 
 Every flow gets a ``response`` or an ``error`` event, never both, so both hooks
 share :meth:`Recorder._record` and each flow becomes exactly one row. The hooks run
 on mitmproxy's event loop and do nothing but hand the flow to the writer thread.
+
+Every request that reached the proxy becomes a row, also at shutdown: once
+:meth:`Recorder.stop_accepting` ran (``hoptrace proxy`` on SIGINT/SIGTERM, mitmproxy's
+``done`` under mitmdump) a new request is answered 503 with ``Connection: close``
+and never forwarded, responses in flight carry ``Connection: close``, and a request
+still open when the file closes is recorded as cut, ``error_kind = 'shutdown'``.
 """
 
 from __future__ import annotations
@@ -16,13 +22,16 @@ import atexit
 import logging
 import os
 import secrets
+import time
 from collections.abc import Sequence
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
 from hoptrace._errors import HoptraceError
-from hoptrace.addons._writer import ROW_PROCESS_AFTER, ROW_PROCESS_MODES, Counters, Route, TraceWriter
+from hoptrace._types import Counters, Route
+from hoptrace.addons._hop import CUT_BY_HOPTRACE
+from hoptrace.addons._writer import ROW_PROCESS_AFTER, ROW_PROCESS_MODES, TraceWriter
 
 logger = logging.getLogger("hoptrace")
 
@@ -30,11 +39,21 @@ FINGERPRINT_KEY_ENV = "HOPTRACE_FINGERPRINT_KEY"
 ROW_PROCESS_ENV = "HOPTRACE_ROW_PROCESS"
 
 
+SHUTDOWN_CUT = ("shutdown", "cut by the proxy's shutdown")
+_REFUSED_AT_SHUTDOWN = ("shutdown", "not forwarded: the proxy was shutting down")
+
+
 class Recorder:
-    def __init__(self) -> None:
+    def __init__(self, source: str = "mitmdump -s") -> None:
         self.writer: TraceWriter | None = None
+        self.source = source
+        # When the proxy stopped taking new requests (time.time()), or None.
+        self.stopping_at: float | None = None
         self._service_by_port: dict[int, str] = {}
-        self._finished = 0
+        # Flows whose request arrived and that have not finished yet, by id.
+        self.open_flows: dict[str, http.HTTPFlow] = {}
+        self._cut: set[str] = set()
+        self._atexit = False
 
     def load(self, loader) -> None:
         loader.add_option("hoptrace_db", str | None, None, "Record every hop to this SQLite trace file (created if missing).")
@@ -79,18 +98,32 @@ class Recorder:
                     key=_fingerprint_key(ctx.options.hoptrace_fingerprint_key),
                     store_bodies=ctx.options.hoptrace_store_bodies,
                     row_process=ctx.options.hoptrace_row_process,
+                    source=self.source,
                 )
             except HoptraceError as exc:
                 raise exceptions.OptionsError(str(exc)) from None
-            # mitmproxy keeps serving connections after `done`, and their flows
-            # still fire `response` (FIELD_NOTES): close at exit, not in `done`.
-            atexit.register(self._close_at_exit)
+            if not self._atexit:
+                # mitmproxy keeps serving connections after `done`, and their flows
+                # still fire `response`: close at exit, not in `done`.
+                atexit.register(self._close_at_exit)
+                self._atexit = True
 
     # -- hooks (mitmproxy's event loop: keep them trivial) ------------------
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if self.writer is not None:
-            self.writer.counters.seen += 1
+        if self.writer is None:
+            return
+        self.writer.counters.seen += 1
+        self.open_flows[flow.id] = flow
+        if self.stopping_at is not None:
+            flow.metadata[CUT_BY_HOPTRACE] = _REFUSED_AT_SHUTDOWN
+            flow.response = http.Response.make(
+                503, b"proxy shutting down\n", {"Connection": "close", "Retry-After": "1", "Content-Type": "text/plain"}
+            )
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if self.stopping_at is not None and flow.response is not None:
+            flow.response.headers["Connection"] = "close"
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._record(flow)
@@ -99,6 +132,7 @@ class Recorder:
         self._record(flow)
 
     def done(self) -> None:
+        self.stop_accepting()
         if self.writer is not None:
             self.writer.flush()
 
@@ -107,22 +141,37 @@ class Recorder:
     @property
     def in_flight(self) -> int:
         """Flows whose request arrived and that have not finished yet."""
-        return self.writer.counters.seen - self._finished if self.writer is not None else 0
+        return len(self.open_flows)
+
+    def stop_accepting(self) -> None:
+        """From now on, answer new requests 503 + Connection: close, and close connections after their response."""
+        if self.stopping_at is None:
+            self.stopping_at = time.time()
+
+    def cut_open_flows(self) -> None:
+        """Mark every flow still open as cut by the shutdown, so the error it may still get says so."""
+        for flow in list(self.open_flows.values()):
+            flow.metadata.setdefault(CUT_BY_HOPTRACE, SHUTDOWN_CUT)
 
     def close(self) -> Counters | None:
-        """Flush and close the trace file; returns the final counters."""
+        """Record flows still open as cut by the shutdown, flush and close the trace file; returns the final counters."""
         if self.writer is None:
             return None
+        self.cut_open_flows()
+        for flow_id, flow in list(self.open_flows.items()):
+            self._cut.add(flow_id)
+            self._record(flow)
         return self.writer.close()
 
     def _record(self, flow: http.HTTPFlow) -> None:
-        if self.writer is None:
-            return
-        self._finished += 1
+        if self.writer is None or flow.id in self._cut and flow.id not in self.open_flows:
+            return  # already recorded as cut by the shutdown
+        self.open_flows.pop(flow.id, None)
         try:
             self.writer.submit(self._service(flow), flow)
-        except Exception:  # mitmproxy would swallow it; we count it, and the test keeps it at 0
+        except Exception:  # mitmproxy would swallow it; we count the hop as lost, and the tests keep it at 0
             self.writer.counters.addon_errors += 1
+            self.writer.counters.dropped += 1
             logger.exception("hoptrace: could not queue flow %s", flow.id)
 
     def _service(self, flow: http.HTTPFlow) -> str:

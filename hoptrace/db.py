@@ -31,7 +31,8 @@ CREATE TABLE IF NOT EXISTS captures (
     hops_dropped      INTEGER NOT NULL DEFAULT 0,
     addon_errors      INTEGER NOT NULL DEFAULT 0,
     write_errors      INTEGER NOT NULL DEFAULT 0,
-    bodies_stored     INTEGER NOT NULL DEFAULT 0
+    bodies_stored     INTEGER NOT NULL DEFAULT 0,
+    source            TEXT             -- 'hoptrace proxy' | 'mitmdump -s'
 );
 
 CREATE TABLE IF NOT EXISTS hops (
@@ -50,7 +51,7 @@ CREATE TABLE IF NOT EXISTS hops (
     status                INTEGER,         -- NULL when no response arrived
     reason                TEXT,
     error                 TEXT,            -- mitmproxy's error message, if any
-    error_kind            TEXT,            -- refused | timeout | reset | truncated | other
+    error_kind            TEXT,            -- refused | timeout | reset | truncated | aborted | shutdown | other
     failed                INTEGER NOT NULL,  -- 1 when error is set, whatever the status
     request_size          INTEGER,
     response_size         INTEGER,
@@ -74,7 +75,9 @@ CREATE TABLE IF NOT EXISTS hops (
     request_headers       TEXT,            -- JSON [[name, value], ...], redacted
     response_headers      TEXT,
     request_body          TEXT,            -- only with hoptrace_store_bodies, redacted
-    response_body         TEXT
+    response_body         TEXT,
+    client_conn_id        TEXT,            -- mitmproxy's client connection id
+    stream_id             INTEGER          -- HTTP/2 stream id when known, else NULL
 );
 CREATE INDEX IF NOT EXISTS hops_capture_started ON hops (capture_id, started_at);
 CREATE INDEX IF NOT EXISTS hops_trace ON hops (trace_id);
@@ -118,7 +121,7 @@ HOP_COLUMNS = (
     "connected_at", "response_start_at", "ended_at", "duration_ms", "trace_id",
     "span_id", "parent_span_id", "trace_source", "request_id", "correlation_id",
     "server_date", "server_date_ts", "request_headers", "response_headers",
-    "request_body", "response_body",
+    "request_body", "response_body", "client_conn_id", "stream_id",
 )  # fmt: skip
 
 TOKEN_COLUMNS = (

@@ -26,7 +26,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from hoptrace._errors import RouteError
-from hoptrace.addons._writer import Route
+from hoptrace._types import Route
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -42,42 +42,76 @@ def parse_route(spec: str) -> Route:
     """``gateway=http://127.0.0.1:8080@18080`` → Route; RouteError says what is wrong."""
     name, sep, rest = spec.partition("=")
     upstream, at, port = rest.rpartition("@")
-    if not sep or not at:
+    if not sep or not at or not spec.isprintable():
         raise RouteError(f"route {spec!r}: expected NAME=UPSTREAM_URL@LISTEN_PORT, e.g. auth=http://127.0.0.1:3001@13001")
     return make_route(name.strip(), upstream.strip(), port.strip(), where=f"route {spec!r}")
 
 
-def make_route(name: str, upstream: str, port: object, *, where: str) -> Route:
-    if not _NAME.match(name):
+def make_route(name: object, upstream: object, port: object, *, where: str) -> Route:
+    """A Route from its three parts, each checked; RouteError names ``where`` and what is wrong."""
+    if not isinstance(name, str) or not _NAME.match(name):
         raise RouteError(f"{where}: service name {name!r} must be letters, digits, '.', '_' or '-'")
-    parts = urlsplit(upstream)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise RouteError(f"{where}: upstream {upstream!r} must be an http:// or https:// URL")
-    try:
-        listen_port = int(str(port))
-    except ValueError:
-        raise RouteError(f"{where}: listen port {port!r} is not a number") from None
-    if not 0 < listen_port < 65536:
-        raise RouteError(f"{where}: listen port {listen_port} is out of range 1-65535")
+    if not isinstance(upstream, str):
+        raise RouteError(f"{where}: upstream must be a URL string, not {type(upstream).__name__} {upstream!r}")
+    listen_port = _port(port, where)
+    _check_upstream(upstream, where)
     return Route(name, upstream.rstrip("/"), listen_port)
 
 
+def _port(port: object, where: str) -> int:
+    # A route spec gives text, a stack file an integer; TOML's true/1.5/"x" are neither.
+    if isinstance(port, str) and port.isascii() and port.isdigit():
+        port = int(port)
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise RouteError(f"{where}: listen port {port!r} is not a number")
+    if not 0 < port < 65536:
+        raise RouteError(f"{where}: listen port {port} is out of range 1-65535")
+    return port
+
+
+def _check_upstream(upstream: str, where: str) -> None:
+    from mitmproxy.proxy.mode_specs import ProxyMode
+
+    message = f"{where}: upstream {upstream!r} must be an http:// or https:// URL (scheme, host, optional port; no path)"
+    try:
+        parts = urlsplit(upstream)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.port == 0:
+            raise RouteError(message)
+        # mitmproxy's own parser decides what a reverse listener accepts.
+        ProxyMode.parse(f"reverse:{upstream.rstrip('/')}@1")
+    except ValueError as exc:  # urlsplit: "Invalid IPv6 URL"; .port: out of range; mitmproxy: its reasons
+        raise RouteError(f"{message}: {exc}") from None
+
+
+_TOP_KEYS = frozenset({"entry", "db", "routes"})
+_ROUTE_KEYS = frozenset({"upstream", "listen"})
+
+
 def load_stack_file(path: str | Path) -> StackFile:
+    """A stack file's routes, entry and db, every key and type checked; RouteError names the file and the key."""
     path = Path(path)
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RouteError(f"{path}: no such stack file") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise RouteError(f"{path}: not a readable TOML stack file ({exc})") from None
+        raise RouteError(f"{path}: not a readable TOML stack file ({' '.join(str(exc).split())})") from None
+    if unknown := sorted(set(document) - _TOP_KEYS):
+        raise RouteError(f"{path}: unknown key {unknown[0]!r}; a stack file has entry, db and [routes.NAME] tables")
+    for key in ("entry", "db"):
+        if key in document and (not isinstance(document[key], str) or not document[key].strip() or "\0" in document[key]):
+            raise RouteError(f"{path}: {key} must be a non-empty string, not {document[key]!r}")
     tables = document.get("routes")
     if not isinstance(tables, dict) or not tables:
         raise RouteError(f"{path}: no [routes.NAME] tables")
     routes = []
     for name, table in tables.items():
+        where = f"{path}: [routes.{name}]"
         if not isinstance(table, dict) or "upstream" not in table or "listen" not in table:
-            raise RouteError(f"{path}: [routes.{name}] needs upstream = URL and listen = PORT")
-        routes.append(make_route(name, str(table["upstream"]), table["listen"], where=f"{path}: [routes.{name}]"))
+            raise RouteError(f"{where} needs upstream = URL and listen = PORT")
+        if unknown := sorted(set(table) - _ROUTE_KEYS):
+            raise RouteError(f"{where}: unknown key {unknown[0]!r}; a route has upstream and listen")
+        routes.append(make_route(name, table["upstream"], table["listen"], where=where))
     return StackFile(routes, document.get("entry"), document.get("db"))
 
 
@@ -92,6 +126,8 @@ def check_routes(routes: list[Route], entry: str | None, listen_host: str) -> st
     entry = entry or names[0]
     if entry not in names:
         raise RouteError(f"entry {entry!r} is not a route; routes are {', '.join(names)}")
+    if not listen_host.isprintable() or not listen_host:
+        raise RouteError(f"--listen-host {listen_host!r} is not an address")
     for route in routes:
         _check_port_free(listen_host, route)
     return entry
@@ -108,3 +144,5 @@ def _check_port_free(host: str, route: Route) -> None:
         except OSError as exc:
             reason = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
             raise RouteError(f"route {route.name}: port {host}:{route.listen_port} {reason}") from None
+        except ValueError as exc:  # "embedded null character", IDNA's label too long
+            raise RouteError(f"--listen-host {host!r} is not an address ({exc})") from None

@@ -1,7 +1,7 @@
 """`hoptrace proxy`: mitmproxy embedded as a library, one reverse listener per route, recording.
 
 mitmdump dispatches each of a request's ~8 hook events through ~36 built-in
-addons, ~43 % of its CPU (FIELD_NOTES). A reverse proxy needs five of them, so
+addons, ~43 % of its CPU (profiled under load). A reverse proxy needs five of them, so
 we build the master ourselves with only those and the recorder: that headroom is
 what lets hoptrace record everything and still outrun plain mitmdump.
 """
@@ -23,8 +23,9 @@ from mitmproxy.addons import core, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
 from hoptrace._errors import RouteError, TraceFileError
-from hoptrace.addons._writer import Counters, Route
+from hoptrace._types import Counters, Route
 from hoptrace.addons.recorder import ROW_PROCESS_ENV, Recorder
+from hoptrace.addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT, UpstreamTimeout
 from hoptrace.proxy.routes import check_routes
 
 
@@ -37,6 +38,7 @@ class ProxyConfig:
     store_bodies: bool = False
     # How long a stop waits for requests already inside the proxy to finish.
     drain_seconds: float = 5.0
+    upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT
 
 
 class _Startup:
@@ -60,36 +62,23 @@ async def run_proxy(
     on_ready: Callable[[str], None] | None = None,
     on_tick: Callable[[Counters], None] | None = None,
 ) -> Counters:
-    """Serve until SIGINT/SIGTERM (or ``stop`` is set), then drain, flush and return the counters.
+    """Serve until SIGINT/SIGTERM, then drain, flush and return the counters.
 
     ``on_ready(entry)`` runs once every listener is up; ``on_tick(counters)`` about twice a second.
     Raises RouteError / TraceFileError for what the user can fix.
     """
     entry = check_routes(config.routes, config.entry, config.listen_host)
     master = Master(options.Options())
-    recorder = Recorder()
+    recorder = Recorder(source="hoptrace proxy")
     startup = _Startup(len(config.routes))
-    master.addons.add(core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(), recorder, startup)
-    try:
-        master.options.update(
-            mode=[f"reverse:{r.upstream}@{config.listen_host}:{r.listen_port}" for r in config.routes],
-            hoptrace_db=str(config.db),
-            hoptrace_service=[f"{r.name}@{r.listen_port}" for r in config.routes],
-            hoptrace_entry=entry,
-            hoptrace_store_bodies=config.store_bodies,
-            # Connect upstream when a request arrives, not when the client connects: with
-            # "eager", a dead upstream drops the client before any flow exists to record.
-            connection_strategy="lazy",
-            # A proxy is what runs under load: start the row process now, not on the
-            # 200th flow, in the middle of it (the addon's "auto" suits plain mitmdump).
-            hoptrace_row_process=os.environ.get(ROW_PROCESS_ENV, "on"),
-        )
-    except exceptions.OptionsError as exc:
-        raise TraceFileError(str(exc)) from None
+    master.addons.add(
+        core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(), recorder, UpstreamTimeout(), startup
+    )
+    _configure(master, config, entry)
 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, master.shutdown)
+        loop.add_signal_handler(signum, _stop, master, recorder)
     run = asyncio.create_task(master.run())
     try:
         started = await asyncio.wait({run, startup.listening}, return_when=asyncio.FIRST_COMPLETED)
@@ -111,28 +100,90 @@ async def run_proxy(
                 on_tick(recorder.writer.counters)
         await _drain(master, recorder, config.drain_seconds)
     finally:
+        # The handlers stay until the file is closed: a second Ctrl-C while the
+        # last hops are written must not interrupt the writing (KeyboardInterrupt).
+        counters = recorder.close()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
-        counters = recorder.close()
+            # The capture is closed: a late signal must not turn a clean stop into a
+            # KeyboardInterrupt (exit 1) while the summary is printed.
+            signal.signal(signum, signal.SIG_IGN)
     return counters
 
 
+def _configure(master: Master, config: ProxyConfig, entry: str) -> None:
+    """One reverse listener per route, the recorder's options; TraceFileError for an unusable DB."""
+    try:
+        master.options.update(
+            mode=[f"reverse:{r.upstream}@{config.listen_host}:{r.listen_port}" for r in config.routes],
+            hoptrace_db=str(config.db),
+            hoptrace_service=[f"{r.name}@{r.listen_port}" for r in config.routes],
+            hoptrace_entry=entry,
+            hoptrace_store_bodies=config.store_bodies,
+            hoptrace_upstream_timeout=config.upstream_timeout,
+            # Connect upstream when a request arrives, not when the client connects: with
+            # "eager", a dead upstream drops the client before any flow exists to record.
+            connection_strategy="lazy",
+            # A proxy is what runs under load: start the row process now, not on the
+            # 100th flow, in the middle of it (the addon's "auto" suits plain mitmdump).
+            hoptrace_row_process=os.environ.get(ROW_PROCESS_ENV, "on"),
+        )
+    except exceptions.OptionsError as exc:
+        raise TraceFileError(str(exc)) from None
+
+
+def _stop(master: Master, recorder: Recorder) -> None:
+    """On SIGINT/SIGTERM: take no new request from here on, then let mitmproxy wind down."""
+    if recorder.stopping_at is not None:
+        print("hoptrace proxy: already stopping; letting requests inside finish", file=sys.stderr, flush=True)
+    else:
+        recorder.stop_accepting()
+        print(f"hoptrace proxy: stopping at {recorder.stopping_at:.6f}; no new requests accepted", file=sys.stderr, flush=True)
+        server = master.addons.get("proxyserver")
+        # Closing the listeners at once: a connection attempted from now on is refused.
+        asyncio.get_running_loop().create_task(server.servers.update([]))
+    master.shutdown()
+
+
 async def _drain(master: Master, recorder: Recorder, seconds: float) -> None:
-    """Stop accepting, let requests already inside finish and be recorded, then close idle connections."""
+    """Let requests already inside finish and be recorded, closing each connection once idle.
+
+    A request still open after ``seconds`` is cut: its connection is closed and its
+    row says ``error_kind = 'shutdown'``.
+    """
     server = master.addons.get("proxyserver")
     await server.servers.update([])
     deadline = time.monotonic() + seconds
-    while recorder.in_flight > 0 and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    while time.monotonic() < deadline:
+        _close_idle(server, recorder)
+        if not recorder.in_flight:
+            break
+        await asyncio.sleep(0.02)
+    recorder.cut_open_flows()
     # Idle keep-alive connections would otherwise be cancelled by the event loop's
     # teardown, which asyncio reports as a traceback per connection.
-    for handler in list(server.connections.values()):
-        client_io = handler.transports.get(handler.client)
-        if client_io is not None and client_io.handler is not None:
-            client_io.handler.cancel()
+    _close_idle(server, recorder, busy=True)
     deadline = time.monotonic() + 2.0
     while server.connections and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
+
+
+def _close_idle(server, recorder: Recorder, busy: bool = False) -> None:
+    """Close client connections with no request open on them (every one, with ``busy``).
+
+    Idle means: no flow open on it, no hook pending (a response hook still has its
+    response to send), no traffic for 50 ms. A response already handed to the
+    transport is still sent: cancelling the handler closes the writer, which flushes.
+    """
+    open_on = {flow.client_conn.id for flow in recorder.open_flows.values()}
+    quiet_since = time.time() - 0.05
+    for connection_id, handler in list(server.connections.items()):
+        active = connection_id in open_on or handler.hook_tasks or handler.timeout_watchdog.last_activity > quiet_since
+        if active and not busy:
+            continue
+        client_io = handler.transports.get(handler.client)
+        if client_io is not None and client_io.handler is not None:
+            client_io.handler.cancel()
 
 
 def _ports(routes: list[Route]) -> str:

@@ -98,14 +98,17 @@ async def _stats(base: str) -> int:
         return (await response.json())["total"]
 
 
-def test_plain_mitmdump_with_the_recorder_script(upstream, spawn, tmp_path):
+def mitmdump_args(upstream_url: str, service: str, port: int, db: Path) -> list[str]:
+    """Plain mitmdump with the recorder script `hoptrace addon-path` prints, listening on 127.0.0.1 only."""
     mitmdump = shutil.which("mitmdump") or str(Path(sys.executable).with_name("mitmdump"))
     script = subprocess.run([PYTHON, "-m", "hoptrace", "addon-path"], capture_output=True, text=True, check=True).stdout.strip()
+    return [mitmdump, "-q", "-s", script, "--set", f"hoptrace_db={db}", "--set", f"hoptrace_service={service}@{port}",
+            "--set", "connection_strategy=lazy", "--mode", f"reverse:{upstream_url}@127.0.0.1:{port}"]  # fmt: skip
+
+
+def test_plain_mitmdump_with_the_recorder_script(upstream, spawn, tmp_path):
     port, db = free_port(), tmp_path / "mitmdump.db"
-    proc = spawn(
-        [mitmdump, "-q", "-s", script, "--set", f"hoptrace_db={db}", "--set", f"hoptrace_service=hello@{port}",
-         "--mode", f"reverse:{upstream('hello')}@127.0.0.1:{port}"],
-    )  # fmt: skip
+    proc = spawn(mitmdump_args(upstream("hello"), "hello", port, db))
     # mitmdump -q prints nothing when ready: poll the listener.
     statuses = asyncio.run(_poll_then_fetch(f"http://127.0.0.1:{port}", 10))
     assert statuses == [200] * 10
@@ -133,6 +136,7 @@ async def _poll_then_fetch(base: str, count: int) -> list[int]:
         (["--route", "auth"], "expected NAME=UPSTREAM_URL@LISTEN_PORT"),
         (["--route", "auth=ftp://x@13001"], "must be an http:// or https:// URL"),
         (["--route", "auth=http://127.0.0.1:1@99999"], "out of range"),
+        (["--route", "svc=http://[::1@18090"], "Invalid IPv6 URL"),
         (["--route", "a=http://127.0.0.1:1@13001", "--route", "a=http://127.0.0.1:2@13002"], "service name used by more than one route: a"),
         (["--route", "a=http://127.0.0.1:1@13001", "--entry", "zzz"], "entry 'zzz' is not a route"),
         ([], "give either --route"),

@@ -193,3 +193,149 @@ def test_a_full_disk_is_loud_and_counted(tmp_path, caplog):
     assert counters.recorded + counters.dropped == len(flows)
     assert "full" in counters.last_error
     assert any("could not write" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+
+
+# -- the writer cannot die ------------------------------------------------------------------------
+
+from hoptrace.addons import _hop  # noqa: E402
+from hoptrace.addons._rows import build_rows, clean  # noqa: E402
+from hoptrace.addons._store import Counts, write_batch  # noqa: E402
+from hoptrace.db import open_for_writing  # noqa: E402
+
+
+def test_a_flow_that_cannot_be_read_is_a_bare_row_and_an_addon_error(tmp_path):
+    broken = tflow.tflow(resp=True)
+    broken.client_conn.peername = 5  # snapshot() indexes it: TypeError
+    db = tmp_path / "t.db"
+    counters = record(db, tflow.tflow(resp=True), broken, tflow.tflow(resp=True))
+    assert (counters.seen, counters.recorded, counters.addon_errors, counters.dropped) == (3, 3, 1, 0)
+    hops = query(db, "SELECT flow_id, path, error, error_kind, failed FROM hops ORDER BY id")
+    assert hops[1]["flow_id"] == broken.id and hops[1]["path"] == broken.request.path.partition("?")[0]
+    assert hops[1]["error"].startswith("hoptrace could not read this flow: TypeError") and hops[1]["failed"] == 1
+    assert [h["error"] for h in (hops[0], hops[2])] == [None, None]
+
+
+_any_value = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(), st.text(), st.binary(), st.tuples(st.binary(), st.binary()),
+    st.lists(st.tuples(st.binary(max_size=8), st.binary(max_size=8)), max_size=3), st.just(10**400),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(snaps=st.lists(st.lists(_any_value, min_size=27, max_size=27).map(tuple), min_size=1, max_size=4))
+def test_any_snapshot_becomes_a_row_that_sqlite_takes(tmp_path_factory, snaps):
+    """Snapshots with anything in any field: each becomes a row, full or bare, and the batch commits."""
+    conn = open_for_writing(tmp_path_factory.mktemp("rows") / "t.db")
+    capture_id = conn.execute("INSERT INTO captures (started_at, routes, hoptrace_version, mitmproxy_version) VALUES (1, '[]', '0', '0')").lastrowid
+    built = build_rows([("svc", snap) for snap in snaps], b"k" * 32, True, capture_id)
+    written = write_batch(conn, "t.db", capture_id, built.hops, Counts(len(snaps), 0, 0, 0, 0))
+    assert (written.recorded, written.dropped, written.write_errors) == (len(snaps), 0, 0)
+    assert conn.execute("SELECT count(*) FROM hops").fetchone()[0] == len(snaps)
+    conn.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=st.one_of(_any_value, st.text(alphabet=st.characters(min_codepoint=0xD700, max_codepoint=0xE000)), st.integers(-(10**30), 10**30)))
+def test_clean_leaves_only_what_sqlite_and_readers_take(value):
+    cleaned = clean(value)
+    if isinstance(cleaned, str):
+        cleaned.encode("utf-8")  # never raises: no surrogate survives
+    elif isinstance(cleaned, float):
+        assert cleaned == cleaned and abs(cleaned) != float("inf")
+    elif isinstance(cleaned, int):
+        assert -(1 << 63) <= cleaned < (1 << 63)
+    else:
+        assert cleaned is None
+
+
+def test_undecodable_bytes_are_escaped_and_lone_surrogates_replaced():
+    assert clean("a\udcffb") == "a\\xffb"  # a raw 0xff byte, as surrogateescape decoded it
+    assert clean("x\ud800y") == "x\ufffdy"
+    assert clean(float("nan")) is None and clean(10**400) is None and clean(True) == 1
+
+
+def test_a_row_sqlite_refuses_is_isolated_and_its_neighbours_are_written(tmp_path):
+    conn = open_for_writing(tmp_path / "t.db")
+    capture_id = conn.execute("INSERT INTO captures (started_at, routes, hoptrace_version, mitmproxy_version) VALUES (1, '[]', '0', '0')").lastrowid
+    flows = [tflow.tflow(resp=True) for _ in range(9)]
+    built = build_rows([("svc", _hop.snapshot(flow)) for flow in flows], b"k" * 32, False, capture_id)
+    hops = list(built.hops)
+    poisoned = list(hops[5].hop)
+    poisoned[1] = None  # flow_id is NOT NULL: SQLite refuses the whole batch for this one row
+    hops[5] = hops[5]._replace(hop=tuple(poisoned))
+    written = write_batch(conn, tmp_path / "t.db", capture_id, hops, Counts(9, 0, 0, 0, 0))
+    assert (written.recorded, written.dropped, written.addon_errors) == (9, 0, 1)  # the bad one went in bare
+    ids = [row[0] for row in conn.execute("SELECT flow_id FROM hops ORDER BY id")]
+    assert ids == [flow.id if i != 5 else "unknown" for i, flow in enumerate(flows)]
+    poisoned[1], poisoned[20] = "flow-x", None  # started_at NOT NULL: the bare row gets a time of its own
+    hops[5] = hops[5]._replace(hop=tuple(poisoned))
+    written = write_batch(conn, tmp_path / "t.db", capture_id, hops[4:7], Counts(9, 9, 0, 0, 0))
+    assert (written.recorded, written.dropped, written.addon_errors) == (3, 0, 1)
+    bare = conn.execute("SELECT error, started_at FROM hops WHERE flow_id = 'flow-x'").fetchone()
+    assert "IntegrityError" in bare[0] and bare[1] is not None
+    assert conn.execute("SELECT hops_recorded FROM captures").fetchone()[0] >= 9
+    conn.close()
+
+
+def test_capture_counters_in_the_file_never_go_back(tmp_path):
+    from hoptrace.addons._store import update_capture
+
+    conn = open_for_writing(tmp_path / "t.db")
+    capture_id = conn.execute("INSERT INTO captures (started_at, routes, hoptrace_version, mitmproxy_version) VALUES (1, '[]', '0', '0')").lastrowid
+    update_capture(conn, capture_id, Counts(10, 9, 1, 2, 1))
+    update_capture(conn, capture_id, Counts(3, 3, 0, 0, 0))  # an older view landing late
+    assert tuple(conn.execute("SELECT hops_seen, hops_recorded, hops_dropped, addon_errors, write_errors FROM captures").fetchone()) == (10, 9, 1, 2, 1)
+    conn.close()
+
+
+def test_a_dead_row_process_is_restarted_and_nothing_after_it_is_lost(tmp_path, caplog):
+    recorder = Recorder()
+    with taddons.context(recorder) as tctx:
+        tctx.configure(recorder, hoptrace_db=str(tmp_path / "t.db"), hoptrace_row_process="on")
+        for round_ in range(3):
+            for _ in range(10):
+                flow = tflow.tflow(resp=True)
+                recorder.requestheaders(flow)
+                recorder.response(flow)
+            assert recorder.writer.flush()
+            if round_ < 2:
+                recorder.writer._row_process._proc.kill()
+        counters = recorder.close()
+    assert (counters.seen, counters.recorded, counters.dropped, counters.addon_errors) == (30, 30, 0, 0)
+    assert counters.restarts == 2
+    assert query(tmp_path / "t.db", "SELECT count(*) FROM hops")[0][0] == 30
+    assert sum("row process failed" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_a_closed_capture_is_one_self_contained_file_readable_read_only(tmp_path):
+    db = tmp_path / "t.db"
+    record(db, tflow.tflow(resp=True), tflow.tflow(err=True))
+    assert query(db, "PRAGMA journal_mode")[0][0] == "delete"
+    assert not (tmp_path / "t.db-wal").exists() and not (tmp_path / "t.db-shm").exists()
+    copy_dir = tmp_path / "ro"
+    copy_dir.mkdir()
+    (copy_dir / "t.db").write_bytes(db.read_bytes())
+    (copy_dir / "t.db").chmod(0o444)
+    copy_dir.chmod(0o555)
+    try:
+        conn = sqlite3.connect(f"{(copy_dir / 't.db').as_uri()}?mode=ro", uri=True)
+        assert conn.execute("SELECT count(*) FROM hops").fetchone()[0] == 2
+        conn.close()
+    finally:
+        copy_dir.chmod(0o755)
+
+
+def test_a_failing_disk_is_said_on_stderr_at_once(tmp_path, capfd):
+    recorder = Recorder()
+    with taddons.context(recorder) as tctx:
+        tctx.configure(recorder, hoptrace_db=str(tmp_path / "t.db"))
+        recorder.writer._conn.execute("PRAGMA max_page_count = 30")
+        for _ in range(40):
+            flow = tflow.tflow(resp=True)
+            flow.request.headers["X-Padding"] = "p" * 4000
+            recorder.requestheaders(flow)
+            recorder.response(flow)
+        assert recorder.writer.flush()
+        assert "hoptrace: RECORDING FAILED: could not write" in capfd.readouterr().err  # before the end, not at it
+        counters = recorder.close()
+    assert counters.lost and counters.recorded + counters.dropped == 40

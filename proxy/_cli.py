@@ -1,0 +1,95 @@
+"""`hoptrace proxy` and `hoptrace addon-path`: the click commands (registered in hoptrace.cli)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sys
+from pathlib import Path
+
+import click
+
+from hoptrace._click import BadInput, OneLineCommand, exit_2_on_bad_input
+from hoptrace.addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT
+
+
+def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    # FloatRange lets NaN through: every comparison with it is false.
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number of seconds", ctx, param)
+    return value
+
+
+@click.command(cls=OneLineCommand)
+@click.option("--route", "route_specs", multiple=True, metavar="NAME=UPSTREAM_URL@LISTEN_PORT", help="A service and the port to listen on for it. Repeat for each service.")
+@click.option("--stack", "stack_file", type=click.Path(dir_okay=False, path_type=Path), help="A TOML file of [routes.NAME] tables (upstream, listen), instead of --route.")
+@click.option("--db", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Trace file to record into (default: traces.db, or the stack file's db).")
+@click.option("--entry", help="The route where client requests enter (default: the first).")
+@click.option("--listen-host", default="127.0.0.1", show_default=True, help="Address the listeners bind to.")
+@click.option("--store-bodies", is_flag=True, help="Also store bodies (up to 64 KiB, redacted). Off by default: bodies leak.")
+@click.option("--grace", type=click.FloatRange(0, 3600), callback=_finite, default=5.0, show_default=True, help="On Ctrl-C/SIGTERM, seconds to let requests already inside finish; those still open are cut and recorded as error_kind 'shutdown'.")
+@click.option("--upstream-timeout", type=click.FloatRange(0, 1e6), callback=_finite, default=DEFAULT_UPSTREAM_TIMEOUT, show_default=True, help="Seconds to wait for an upstream's complete response before cutting the request (error_kind 'timeout'); 0 waits forever.")
+def proxy(route_specs: tuple[str, ...], stack_file: Path | None, db: Path | None, entry: str | None, listen_host: str, store_bodies: bool, grace: float, upstream_timeout: float) -> None:
+    """Run mitmproxy in front of every service of a stack and record every hop.
+
+    Each route gets its own reverse listener; point the services (and the client)
+    at the listeners instead of at each other. Ctrl-C or SIGTERM stops taking new
+    requests, lets those inside finish, flushes and prints the totals. Exits 1 if
+    any hop could not be recorded.
+
+    Example:
+
+    \b
+        hoptrace proxy --route gateway=http://127.0.0.1:8080@18080 --route auth=http://127.0.0.1:3001@13001 --db traces.db
+    """
+    from hoptrace.proxy.routes import load_stack_file, parse_route
+    from hoptrace.proxy.runner import ProxyConfig, print_routes, run_proxy
+
+    if bool(route_specs) == bool(stack_file):
+        raise BadInput("give either --route (repeatable) or --stack FILE")
+    with exit_2_on_bad_input():
+        if stack_file:
+            stack = load_stack_file(stack_file)
+            routes, entry, db = stack.routes, entry or stack.entry, db or (Path(stack.db) if stack.db else None)
+        else:
+            routes = [parse_route(spec) for spec in route_specs]
+        config = ProxyConfig(
+            routes=routes, db=db or Path("traces.db"), entry=entry, listen_host=listen_host, store_bodies=store_bodies,
+            drain_seconds=grace, upstream_timeout=upstream_timeout,
+        )  # fmt: skip
+        live = sys.stderr.isatty()
+
+        def ready(entry_name: str) -> None:
+            click.echo(f"hoptrace proxy: recording to {config.db}")
+            print_routes(config, entry_name)
+            click.echo("proxy ready (Ctrl-C to stop)", err=True)
+
+        def tick(counters) -> None:
+            if live:
+                click.echo(f"\r  {counters.recorded} hops recorded, {counters.dropped} dropped ", nl=False, err=True)
+
+        counters = asyncio.run(run_proxy(config, on_ready=ready, on_tick=tick))
+    if live:
+        click.echo(err=True)
+    click.echo(f"hoptrace proxy: {counters.summary()} -> {config.db}")
+    if counters.lost:
+        raise click.ClickException(
+            f"{counters.dropped} hops were not recorded ({counters.write_errors} write errors); last error: {counters.last_error}"
+        )
+
+
+@click.command("addon-path", cls=OneLineCommand)
+def addon_path() -> None:
+    """Print the path of the recorder script for plain mitmdump / mitmproxy.
+
+    Example:
+
+    \b
+        mitmdump -s "$(hoptrace addon-path)" --set hoptrace_db=traces.db --mode reverse:http://127.0.0.1:3001@127.0.0.1:13001
+    """
+    from importlib.resources import files
+
+    click.echo(files("hoptrace.addons") / "mitmdump_recorder.py")
+
+
+__all__ = ["addon_path", "proxy"]
