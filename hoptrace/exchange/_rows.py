@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -39,43 +38,22 @@ class Rows:
 def build_hop_rows(flows: list[tuple[str, object]], key: bytes, capture_id: int, known: set[str]) -> Rows:
     """(service, mitmproxy flow) pairs -> rows, through the live recorder's own builder.
 
-    The single adapter to the recorder: re-point it here when the builder moves.
-    Tokens whose fingerprint is in ``known`` are not repeated (``known`` is updated).
+    Snapshots, bare rows for flows the recorder cannot read, token decoding, redaction
+    and the final sanitising step are the recorder's (``hoptrace.addons``); nothing is
+    re-implemented here. Tokens whose fingerprint is in ``known`` are not repeated
+    (``known`` is updated).
     """
-    from hoptrace.addons import _hop, _writer
+    from hoptrace.addons._rows import build_rows, clean_row, snapshots
 
-    items = []
-    errors = 0
-    for service, flow in flows:
-        try:
-            items.append((service, _hop.snapshot(flow)))
-        except Exception:  # a flow shape the recorder did not foresee: a bare row, counted, as live
-            errors += 1
-            items.append((service, _writer._bare_row(flow)))
-    hops, tokens, links, build_errors = _writer.build_rows(items, key, False, capture_id, known)
-    known.update(row[0] for row in tokens)
-    return Rows([_storable(row) for row in hops], [_storable(row) for row in tokens], links, errors + build_errors)
-
-
-def _storable(row: tuple) -> tuple:
-    """What SQLite takes: text as valid UTF-8 (a hostile claim may hold a lone surrogate), finite
-    floats, 64-bit ints; anything else NULL. (The recorder's builder is gaining the same final
-    step; when it has it, this goes.)"""
-    return tuple(_value(v) for v in row)
-
-
-def _value(value: object) -> object:
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-        return value
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, int) and not isinstance(value, bool) and not -(1 << 63) <= value < 1 << 63:
-        return None
-    return value
+    items, unreadable = snapshots(flows)
+    built = build_rows(items, key, False, capture_id, known)
+    known.update(token[0] for rows in built.hops for token in rows.tokens)
+    return Rows(
+        hops=[clean_row(rows.hop) for rows in built.hops],
+        tokens=[clean_row(token) for rows in built.hops for token in rows.tokens],
+        links=[(i, clean_row(link)) for i, rows in enumerate(built.hops) for link in rows.links],
+        addon_errors=unreadable + built.addon_errors,
+    )
 
 
 @contextlib.contextmanager
