@@ -221,89 +221,66 @@ def _identity_headers(request: web.Request) -> dict[str, str]:
 # --- gateway ---------------------------------------------------------------------------
 
 
+# The gateway's routes: (method, its path, the service behind it, the path there, validate the token first).
+# Checking a token *is* auth's job: /auth/verify is passed through, not pre-validated.
+_GATEWAY_ROUTES: tuple[tuple[str, str, str, Callable[[web.Request], str], bool], ...] = (
+    ("POST", "/auth/register", "auth", lambda r: "/register", False),
+    ("POST", "/auth/login", "auth", lambda r: "/login", False),
+    ("GET", "/auth/verify", "auth", lambda r: "/verify", False),
+    ("POST", "/auth/refresh", "auth", lambda r: "/refresh", False),
+    ("GET", "/products", "products", lambda r: "/products", True),
+    ("GET", "/products/{product_id}", "products", lambda r: f"/products/{_segment(r, 'product_id')}", True),
+    ("POST", "/cart/items", "cart", lambda r: "/cart/items", True),
+    ("GET", "/cart/{cart_id}", "cart", lambda r: f"/cart/{_segment(r, 'cart_id')}", True),
+    ("POST", "/checkout", "payment", lambda r: "/checkout", True),
+)
+
+
 def _gateway_app(config: StackConfig, upstreams: dict[str, str]) -> web.Application:
     app = _base_app("gateway", config, upstreams, callees=("auth", "products", "cart", "payment"))
     if config.leak_internal_key:
         app.on_response_prepare.append(_echo_internal_key(config.internal_key))
+    for method, route, service, path_of, authenticate in _GATEWAY_ROUTES:
 
-    async def forward(
-        request: web.Request, service: str, path: str, *, authenticate: bool = True
-    ) -> web.Response:
-        trace = request[TRACE]
-        clients = request.app[CLIENTS]
-        client = clients[service]
-        authorization = request.headers.get("Authorization")
-        headers: dict[str, str] = {}
-        body = await request.read() if request.body_exists else None
-        if body is not None:
-            headers["Content-Type"] = request.headers.get("Content-Type", "application/json")
-        if not authenticate:
-            if authorization is not None:
-                headers["Authorization"] = authorization
-        else:
-            token = bearer_token(authorization)
-            if token is None:
-                return _error(401, "No token provided")
-            verdict = await clients["auth"].request(
-                "GET", "/verify", trace, headers={"Authorization": f"Bearer {token}"}
-            )
-            if verdict.status == 401:
-                return _error(401, INVALID_TOKEN)
-            identity = verdict.json_object()
-            if (
-                verdict.status != 200
-                or identity is None
-                or not isinstance(identity.get("sub"), str)
-            ):
-                return _error(502, f"auth answered {verdict.status} to /verify")
-            headers[USER_ID_HEADER] = identity["sub"]
-            if config.shared_client:
-                # Seed 004's bug: the token lives on a client every request shares.
-                client.set_auth_token(token)
-                await asyncio.sleep(SHARED_CLIENT_GAP)
-            else:
-                headers["Authorization"] = f"Bearer {token}"
-        reply = await client.request(request.method, path, trace, headers=headers, data=body)
-        return web.Response(status=reply.status, body=reply.body, content_type=reply.content_type)
+        async def handler(request: web.Request, service=service, path_of=path_of, authenticate=authenticate) -> web.Response:
+            return await _forward(request, config, service, path_of(request), authenticate=authenticate)
 
-    async def register(request: web.Request) -> web.Response:
-        return await forward(request, "auth", "/register", authenticate=False)
-
-    async def login(request: web.Request) -> web.Response:
-        return await forward(request, "auth", "/login", authenticate=False)
-
-    async def verify(request: web.Request) -> web.Response:
-        # Checking a token *is* auth's job: passed through, not pre-validated.
-        return await forward(request, "auth", "/verify", authenticate=False)
-
-    async def refresh(request: web.Request) -> web.Response:
-        return await forward(request, "auth", "/refresh", authenticate=False)
-
-    async def list_products(request: web.Request) -> web.Response:
-        return await forward(request, "products", "/products")
-
-    async def get_product(request: web.Request) -> web.Response:
-        return await forward(request, "products", f"/products/{_segment(request, 'product_id')}")
-
-    async def add_item(request: web.Request) -> web.Response:
-        return await forward(request, "cart", "/cart/items")
-
-    async def get_cart(request: web.Request) -> web.Response:
-        return await forward(request, "cart", f"/cart/{_segment(request, 'cart_id')}")
-
-    async def checkout(request: web.Request) -> web.Response:
-        return await forward(request, "payment", "/checkout")
-
-    app.router.add_post("/auth/register", register)
-    app.router.add_post("/auth/login", login)
-    app.router.add_get("/auth/verify", verify)
-    app.router.add_post("/auth/refresh", refresh)
-    app.router.add_get("/products", list_products)
-    app.router.add_get("/products/{product_id}", get_product)
-    app.router.add_post("/cart/items", add_item)
-    app.router.add_get("/cart/{cart_id}", get_cart)
-    app.router.add_post("/checkout", checkout)
+        app.router.add_route(method, route, handler)
     return app
+
+
+async def _forward(request: web.Request, config: StackConfig, service: str, path: str, *, authenticate: bool) -> web.Response:
+    """Forward a client request to ``service``; with ``authenticate``, validate its token at auth first."""
+    trace = request[TRACE]
+    clients = request.app[CLIENTS]
+    client = clients[service]
+    authorization = request.headers.get("Authorization")
+    headers: dict[str, str] = {}
+    body = await request.read() if request.body_exists else None
+    if body is not None:
+        headers["Content-Type"] = request.headers.get("Content-Type", "application/json")
+    if not authenticate:
+        if authorization is not None:
+            headers["Authorization"] = authorization
+    else:
+        token = bearer_token(authorization)
+        if token is None:
+            return _error(401, "No token provided")
+        verdict = await clients["auth"].request("GET", "/verify", trace, headers={"Authorization": f"Bearer {token}"})
+        if verdict.status == 401:
+            return _error(401, INVALID_TOKEN)
+        identity = verdict.json_object()
+        if verdict.status != 200 or identity is None or not isinstance(identity.get("sub"), str):
+            return _error(502, f"auth answered {verdict.status} to /verify")
+        headers[USER_ID_HEADER] = identity["sub"]
+        if config.shared_client:
+            # Seed 004's bug: the token lives on a client every request shares.
+            client.set_auth_token(token)
+            await asyncio.sleep(SHARED_CLIENT_GAP)
+        else:
+            headers["Authorization"] = f"Bearer {token}"
+    reply = await client.request(request.method, path, trace, headers=headers, data=body)
+    return web.Response(status=reply.status, body=reply.body, content_type=reply.content_type)
 
 
 def _echo_internal_key(key: str) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
@@ -403,12 +380,25 @@ def _auth_app(config: StackConfig, upstreams: dict[str, str]) -> web.Application
             return _error(401, "refresh token already used or unknown")
         return answer(account, new_token(account))
 
+    verify, introspect = _validation_handlers(config.secret, clock)
+
+    app.router.add_post("/register", register)
+    app.router.add_post("/login", login)
+    app.router.add_get("/verify", verify)
+    app.router.add_post("/introspect", introspect)
+    app.router.add_post("/refresh", refresh)
+    return app
+
+
+def _validation_handlers(secret: str, clock: Clock) -> tuple[Handler, Handler]:
+    """auth's two ways to validate a token: ``GET /verify`` (bearer header) and ``POST /introspect`` (JSON body)."""
+
     async def verify(request: web.Request) -> web.Response:
         token = bearer_token(request.headers.get("Authorization"))
         if token is None:
             return web.json_response({"valid": False, "error": "no bearer token"}, status=401)
         try:
-            claims = check_token(config.secret, token, clock())
+            claims = check_token(secret, token, clock())
         except TokenError as exc:
             return web.json_response({"valid": False, "error": str(exc)}, status=401)
         return web.json_response(
@@ -421,17 +411,12 @@ def _auth_app(config: StackConfig, upstreams: dict[str, str]) -> web.Application
         if not isinstance(token, str):
             return web.json_response({"active": False, "error": "token is required"}, status=400)
         try:
-            claims = check_token(config.secret, token, clock())
+            claims = check_token(secret, token, clock())
         except TokenError as exc:
             return web.json_response({"active": False, "error": str(exc)}, status=401)
         return web.json_response({"active": True, "sub": claims["sub"], "exp": claims["exp"]})
 
-    app.router.add_post("/register", register)
-    app.router.add_post("/login", login)
-    app.router.add_get("/verify", verify)
-    app.router.add_post("/introspect", introspect)
-    app.router.add_post("/refresh", refresh)
-    return app
+    return verify, introspect
 
 
 # --- products --------------------------------------------------------------------------
