@@ -112,7 +112,7 @@ class Capture:
 @pytest.fixture(scope="module")
 def upstream_url():
     port = free_port()
-    proc = subprocess.Popen([PYTHON, "-m", "hoptrace.testing", "hello", str(port)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([PYTHON, "-m", "hoptrace.stack.upstreams", "hello", str(port)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "listening"
     yield f"http://127.0.0.1:{port}"
     proc.terminate()

@@ -630,7 +630,7 @@ def test_fault_settings_are_checked(overrides: dict[str, Any]) -> None:
 def faulty_recording(tmp_path_factory):
     """The service-faults scenario through the real `hoptrace proxy`, analyzed."""
     from hoptrace.analyzer import analyze
-    from hoptrace.scenarios import SCENARIOS, record
+    from hoptrace.stack.scenarios import SCENARIOS, record
 
     scenario = SCENARIOS["service-faults"]
     stack_config = scenario.stack_config()
@@ -674,7 +674,7 @@ def test_planted_faults_leave_no_secret_in_the_file(faulty_recording) -> None:
 @pytest.mark.e2e
 def test_a_run_with_every_fault_off_has_no_error_finding(tmp_path) -> None:
     from hoptrace.analyzer import analyze
-    from hoptrace.scenarios import SCENARIOS, record
+    from hoptrace.stack.scenarios import SCENARIOS, record
 
     scenario = SCENARIOS["clean"]
     defaults = StackConfig()
