@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -37,6 +38,24 @@ def ensure_installed() -> None:
     STAMP.write_text(wanted)
 
 
+SYSTEM_PACKAGES = {"dot": "graphviz"}  # command -> Debian package: the service graph's layout engine
+
+
+def ensure_system_packages() -> None:
+    """Install the Debian packages hoptrace runs (Graphviz `dot`) when missing and we may (root, apt-get)."""
+    missing = sorted({pkg for cmd, pkg in SYSTEM_PACKAGES.items() if shutil.which(cmd) is None})
+    if not missing:
+        return
+    if os.name != "posix" or os.geteuid() != 0 or shutil.which("apt-get") is None:
+        print(f"dev.py: please install {' '.join(missing)} (Debian: apt-get install {' '.join(missing)}); "
+              "the service graph needs Graphviz `dot`", file=sys.stderr)
+        return
+    print(f"dev.py: apt-get update && apt-get install -y {' '.join(missing)}", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("demo", "test", "bench", "hoptrace"):
         print(__doc__.strip(), file=sys.stderr)
@@ -44,6 +63,7 @@ def main(argv: list[str]) -> int:
     if sys.version_info < (3, 11):
         print(f"dev.py: hoptrace needs Python 3.11+, this is {sys.version.split()[0]}", file=sys.stderr)
         return 2
+    ensure_system_packages()
     ensure_installed()
     command, args = argv[0], argv[1:]
     if command == "test":
