@@ -156,7 +156,11 @@ def svg_text(fig) -> str:
 
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "hoptrace"}):
         text = figure_bytes(fig, "svg").decode("utf-8")
-    return text[text.index("<svg") :]  # without the XML declaration and DOCTYPE, which HTML does not take
+    svg = text[text.index("<svg") :]  # without the XML declaration and DOCTYPE, which HTML does not take
+    # Inline in HTML an <svg> needs no namespace declarations, and the RDF metadata only names
+    # matplotlib: both are URLs that would make an offline file look as if it referred outside.
+    svg = re.sub(r"<metadata>.*?</metadata>\s*", "", svg, count=1, flags=re.S)
+    return re.sub(r'\s+xmlns(?::\w+)?="[^"]*"', "", svg)
 
 
 def _metadata(fmt: str) -> dict:
@@ -182,7 +186,8 @@ def bar_note(
     **kwargs,
 ):
     """Write ``text`` beside the bar [start, end] on row ``y``: after it if it fits, else before
-    it if it fits there, else inside the bar from its left edge (never cut by the axes' edge).
+    it if it fits there, else on the side with more room, moved just enough to stay inside
+    the axes (on a white ground where it then covers the bar): never cut at the axes' edge.
 
     ``axes_in`` is the plotting area's width in inches (to estimate how much of the
     axis the text takes: ~0.55 em a character).
@@ -195,9 +200,12 @@ def bar_note(
         x, ha = end + pad, "left"
     elif start - pad - width >= xlim[0]:
         x, ha = start - pad, "right"
-    else:  # a bar as wide as the axis: its text on the bar, on a white ground to stay readable
-        x, ha = max(start, xlim[0]) + pad, "left"
-        kwargs.setdefault("bbox", {"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8})
+    else:
+        if start - xlim[0] >= xlim[1] - end:
+            x, ha = max(xlim[0] + pad, start - pad - width), "left"
+        else:
+            x, ha = min(xlim[1] - pad, end + pad + width), "right"
+        kwargs.setdefault("bbox", {"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.85})
     return ax.text(
         x, y, text, va="center", ha=ha, fontsize=fontsize, color=color, zorder=6, clip_on=True, in_layout=False, **kwargs
     )  # inside the axes: no need to weigh it in the layout

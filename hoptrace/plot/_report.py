@@ -166,11 +166,12 @@ def _answer_section(m: Model, shown: list[int], error_traces: list[int], limit: 
     else:
         warn = [g for g in m.finding_groups if g.severity == "warning"]
         out.append("<h2>No error finding" + ("; the clearest example of each warning kind</h2>" if warn else "</h2>"))
-        examples = [_clearest(m, g) for g in warn]
-        shown = list(dict.fromkeys(as_int(f["trace"]) for f in examples if as_int(f["trace"]) is not None))[:limit]
-        if not examples:
-            out.append("<p>No request has an error or warning finding. The worst request:</p>" if shown else "")
-            shown = shown or m.worst(min(limit, 1))
+        rank = {t: k for k, t in enumerate(m.worst_order)}
+        examples = sorted((_clearest(m, g) for g in warn), key=lambda f: rank.get(as_int(f["trace"]), len(rank)))
+        if examples:
+            shown = list(dict.fromkeys(as_int(f["trace"]) for f in examples if as_int(f["trace"]) is not None))[:limit]
+        elif shown:  # _charted_requests' choice: the worst request
+            out.append("<p>No request has an error or warning finding. The worst request:</p>")
     details = hop_details(m.analysis.source, [h for t in shown for h in _detailed_hops(m, t)])
     drawn: set[int] = set()
     for f in examples[:limit] if examples else []:
