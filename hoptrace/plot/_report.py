@@ -218,7 +218,7 @@ def _hop_list(m: Model, trace: int, details: dict[int, HopDetail]) -> str:
            "each with its headers, token and timings</summary>"]  # fmt: skip
     for prefix, (hop, h) in zip(tree_prefixes(shown), shown.iterrows()):
         line = f"{prefix}{h['service']} {h['method']} {h['path']} → {h['ended']} · {fmt_ms(h['duration_ms'])}"
-        out.append(f'<details class="hop" id="hop-{int(hop)}"><summary>{_e(line)}</summary><div class="panel">'
+        out.append(f'<details class="hop" id="detail-hop-{int(hop)}"><summary>{_e(line)}</summary><div class="panel">'
                    f"{_hop_panel(h, details.get(int(hop)))}</div></details>")  # fmt: skip
     if len(rows) > len(shown):
         out.append(f'<p class="warn">{len(rows) - len(shown)} more hops not detailed here.</p>')

@@ -100,7 +100,7 @@ def waterfall_layout(
         hop_ids=ids,
         labels=_labels(h),
         starts=start,
-        widths=np.maximum(end - start, span * MIN_BAR_FRACTION),
+        widths=np.maximum(end - start, MIN_BAR_FRACTION * (xlim[1] - xlim[0])),
         outcomes=outcomes(h).tolist(),
         texts=texts,
         alarms=alarms,
