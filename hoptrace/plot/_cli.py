@@ -146,7 +146,7 @@ def _at_most(name: str, default: int, what: str):
 @trace_db_argument()
 @output_option("HTML file to write (.html); self-contained, viewable offline.", required=True)
 @_at_most("--max-waterfalls", 20, "Waterfalls of failed requests to include at most.")
-@_at_most("--max-sessions", 10, "Workflow views of affected sessions to include at most.")
+@_at_most("--max-sessions", 3, "Workflow views of affected sessions to include at most.")
 @click.option("--title", default=None, help="Title of the report (default: from the DB's name).")
 def report(db: Path, output: Path, max_waterfalls: int, max_sessions: int, title: str | None) -> None:
     """Write one self-contained HTML report of a trace database.

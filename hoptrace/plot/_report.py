@@ -74,7 +74,7 @@ def render_report(
     source: str | None = None,
     title: str | None = None,
     max_waterfalls: int = 20,
-    max_sessions: int = 10,
+    max_sessions: int = 3,
     max_error_findings: int = MAX_ERROR_FINDINGS,
     max_findings_per_kind: int = MAX_FINDINGS_PER_KIND,
     dpi: int = DEFAULT_DPI,
@@ -197,12 +197,14 @@ def _clearest(m: Model, group) -> dict:
 
 
 def _request_block(m: Model, trace: int, details: dict[int, HopDetail]) -> str:
-    from hoptrace.plot._waterfall import waterfall
+    from hoptrace.plot._svg import waterfall_svg
+    from hoptrace.plot._waterfall import waterfall_layout
 
     r = m.request(trace)
     caption = f"Request {trace}: {r.service} {r.method} {r.path} → {r.ended}"
-    chart = _chart(f"trace-{trace}", "waterfall", caption, ", ".join(r.kinds), lambda: waterfall(m.analysis, trace),
-                   data={"trace": trace})  # fmt: skip
+    a = m.analysis
+    draw = lambda: waterfall_svg(waterfall_layout(a.trace_hops(trace), a.tokens, a.findings))  # noqa: E731
+    chart = _chart(f"trace-{trace}", "waterfall", caption, ", ".join(r.kinds), draw, data={"trace": trace})
     return chart + _hop_list(m, trace, details)
 
 
@@ -313,10 +315,13 @@ def write_report(analysis: Analysis, path: str | Path, **kwargs) -> Path:
 
 
 def _chart(anchor: str, kind: str, caption: str, sub: str, draw: Callable, data: dict | None = None) -> str:
-    """A figure holding the chart as inline SVG (its text kept as text), or a line saying why not."""
+    """A figure holding the chart as inline SVG (its text kept as text), or a line saying why not.
+
+    ``draw`` returns a matplotlib Figure, or SVG text already (the waterfall's direct drawing)."""
     attrs = "".join(f' data-{k}="{_e(v)}"' for k, v in (data or {}).items())
     try:
-        svg = svg_text(draw())
+        drawn = draw()
+        svg = drawn if isinstance(drawn, str) else svg_text(drawn)
     except (AnalysisError, ValueError, KeyError, TypeError, IndexError) as exc:
         warnings.warn(f"hoptrace report: {kind} chart {anchor} not drawn: {exc}", stacklevel=2)
         return (
