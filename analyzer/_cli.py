@@ -29,7 +29,7 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
     unknown = [k for k in names if k not in KINDS and k not in SEVERITIES]
     if unknown or not names:
         raise click.BadParameter(
-            f"unknown finding kind or severity {unknown[0] if unknown else value!r}; "
+            f"unknown finding kind {unknown[0] if unknown else value!r}; "
             f"severities: {', '.join(SEVERITIES)}; kinds: {', '.join(KINDS)}"
         )
     return names
