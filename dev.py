@@ -38,7 +38,8 @@ def ensure_installed() -> None:
     STAMP.write_text(wanted)
 
 
-SYSTEM_PACKAGES = {"dot": "graphviz"}  # command -> Debian package: the service graph's layout engine
+# command -> Debian package: the service graph's layout engine, and the browser the report's test opens it in
+SYSTEM_PACKAGES = {"dot": "graphviz", "chromium": "chromium", "chromedriver": "chromium-driver"}
 
 
 def ensure_system_packages() -> None:
@@ -48,7 +49,7 @@ def ensure_system_packages() -> None:
         return
     if os.name != "posix" or os.geteuid() != 0 or shutil.which("apt-get") is None:
         print(f"dev.py: please install {' '.join(missing)} (Debian: apt-get install {' '.join(missing)}); "
-              "the service graph needs Graphviz `dot`", file=sys.stderr)
+              "hoptrace's service graph needs Graphviz `dot`, its browser tests chromium", file=sys.stderr)
         return
     print(f"dev.py: apt-get update && apt-get install -y {' '.join(missing)}", flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
