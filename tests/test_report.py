@@ -12,6 +12,7 @@ import re
 import shutil
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import jwt
@@ -24,6 +25,7 @@ from hoptrace.analyzer import analyze
 from hoptrace.analyzer._model import model
 from hoptrace.plot._common import svg_text
 from hoptrace.plot._detail import curl_line, scrub, timings
+from hoptrace.plot._story import story
 from hoptrace.stack.config import DEFAULT_SECRET
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_traces"
@@ -269,3 +271,18 @@ def test_graphviz_is_installed_by_the_set_up():
     assert shutil.which("dot"), "run `python3 dev.py test` as root once: it installs graphviz"
     out = subprocess.run(["dot", "-V"], capture_output=True, text=True, check=True)
     assert "graphviz" in (out.stdout + out.stderr).lower()
+
+
+def test_the_story_names_the_hop_the_finding_names_when_several_carried_the_expired_token(tmp_path):
+    """In the benchmark's synthetic checkout both payment's /introspect and the audit call carry
+    the token after exp: the story tells the one the finding names, and counts the other."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import synth
+
+    a = analyze(synth.write(tmp_path / "s.db", 900).path)
+    m = model(a)
+    f = a.findings[a.findings["kind"] == "expired_mid_flow"].iloc[0].to_dict()
+    assert f["details"]["late_hops"] == 2
+    told = story(m, f)
+    assert f"payment sent the token to auth POST /introspect {f['details']['late_by_s']:.2f} s after its exp and got 401" in told
+    assert told.endswith("; 1 more hop carried it after its exp.")

@@ -33,8 +33,10 @@ def _told(m: Model, kind: str, d: dict, ids: list[int], trace: int | None) -> st
     """The sentence for the kinds whose numbers tell the story best; None: use the message."""
     hops = m.analysis.hops
     if kind == "expired_mid_flow" and ids:
-        late = hops.loc[ids[-1]]
-        caller = clean(callers(hops.loc[[ids[-1]]].pipe(_with_parent, hops)).iloc[-1], 40)
+        # The hop the finding names (its endpoint); the others carried the token after exp too.
+        first = next((i for i in ids if str(hops.at[i, "endpoint"]) == str(d.get("endpoint"))), ids[0])
+        late = hops.loc[first]
+        caller = clean(callers(hops.loc[[first]].pipe(_with_parent, hops)).iloc[-1], 40)
         root = hops.loc[trace] if trace is not None and trace in hops.index else None
         late_by, left = as_float(d.get("late_by_s")), as_float(d.get("remaining_at_entry_s"))
         status = as_int(late["status"])
@@ -44,7 +46,9 @@ def _told(m: Model, kind: str, d: dict, ids: list[int], trace: int | None) -> st
         entry = ""
         if root is not None and left is not None:
             entry = f"; the token had {seconds(left)} left when it entered {clean(root['service'], 40)}"
-        return sent + when + got + entry + "."
+        more = (as_int(d.get("late_hops")) or len(ids)) - 1
+        others = f"; {more} more hop{'s' * (more != 1)} carried it after its exp" if more > 0 else ""
+        return sent + when + got + entry + others + "."
     if kind == "near_expiry" and ids:
         hop = hops.loc[ids[-1]]
         left = as_float(d.get("remaining_s"))
