@@ -286,3 +286,32 @@ def test_the_story_names_the_hop_the_finding_names_when_several_carried_the_expi
     told = story(m, f)
     assert f"payment sent the token to auth POST /introspect {f['details']['late_by_s']:.2f} s after its exp and got 401" in told
     assert told.endswith("; 1 more hop carried it after its exp.")
+
+
+def test_the_report_waterfall_keeps_every_text_inside_its_place():
+    """The SVG waterfall: hop labels fit their column (cut with … and the full label as a tooltip),
+    bar texts lie inside the plot, the axis ends with the request."""
+    from hoptrace.plot._svg import FONT, MONO_EM, WIDTH, waterfall_svg
+
+    a = analyze(DEMO)
+    trace = int(a.findings.loc[a.findings["severity"] == "error", "trace"].iloc[0])
+    hops = a.trace_hops(trace).copy()
+    hops["path"] = hops["path"].astype(str)
+    hops.loc[hops.index[-1], "path"] = "/<b>&/" + "very-long-segment/" * 8
+    lay = hp.waterfall_layout(hops, a.tokens, a.findings)
+    svg = waterfall_svg(lay)
+    assert "<b>" not in svg and "&lt;b&gt;&amp;" in svg  # the full label, escaped, in the tooltip
+    x0 = float(re.search(r'<line x1="([\d.]+)" x2="\1" y1="\d+" y2="\d+" stroke="#444"/>', svg)[1])
+    rows = re.findall(r'font-family="DejaVu Sans Mono, monospace"[^>]*>(?:<title>[^<]*</title>)?([^<]*)</text>', svg)
+    assert len(rows) == len(lay.hop_ids) and any(r.endswith("…") for r in rows)
+    assert all(6 + len(html_unescape(r)) * FONT * MONO_EM <= x0 for r in rows)
+    for x, anchor, text in re.findall(r'<text x="([\d.]+)" y="[\d.]+" font-size="11" text-anchor="(start|end)" fill="[^"]+">([^<]*)</text>', svg):
+        width = len(html_unescape(text)) * 11 * 0.56
+        left = float(x) - (width if anchor == "end" else 0)
+        assert x0 <= left + 1 and left + width <= WIDTH, text
+
+
+def html_unescape(text: str) -> str:
+    import html
+
+    return html.unescape(text)

@@ -43,7 +43,9 @@ def nice_ticks(lo: float, hi: float, target: int = 8) -> list[float]:
 def waterfall_svg(lay: WaterfallLayout) -> str:
     """``<svg>`` text of ``lay``: title, legend, one row per hop, token-expiry lines, axis, notes."""
     n = len(lay.hop_ids)
-    label_w = min(max(len(x) for x in lay.labels) * FONT * MONO_EM, MAX_LABEL_PX) + 2 * PAD
+    fit = int(MAX_LABEL_PX / (FONT * MONO_EM))  # characters of a hop label that fit its column
+    labels = [x if len(x) <= fit else x[: fit - 1] + "…" for x in lay.labels]
+    label_w = max(len(x) for x in labels) * FONT * MONO_EM + 2 * PAD
     x0, x1 = label_w, WIDTH - PAD
     lo, hi = lay.xlim
 
@@ -65,7 +67,7 @@ def waterfall_svg(lay: WaterfallLayout) -> str:
     out.append(_legend(lay, PAD, 8 + 18 * len(title_lines) + 14))
     out += _expiry(lay, sx, top, bottom, x1)
     out += _grid_and_axis(lo, hi, sx, top, bottom, x0, x1)
-    out += _rows(lay, sx, top, x0, x1)
+    out += _rows(lay, labels, sx, top, x0, x1)
     for k, (line, color) in enumerate(lay.notes):
         out.append(f'<text x="{PAD}" y="{bottom + 52 + 17 * k}" fill="{color}">{_t(line)}</text>')
     out.append("</svg>")
@@ -119,7 +121,7 @@ def _grid_and_axis(lo: float, hi: float, sx, top: float, bottom: float, x0: floa
     return out
 
 
-def _rows(lay: WaterfallLayout, sx, top: float, x0: float, x1: float) -> list[str]:
+def _rows(lay: WaterfallLayout, labels: list[str], sx, top: float, x0: float, x1: float) -> list[str]:
     out = []
     for k, hop in enumerate(lay.hop_ids):
         y = top + k * ROW
@@ -127,7 +129,7 @@ def _rows(lay: WaterfallLayout, sx, top: float, x0: float, x1: float) -> list[st
         failed = lay.outcomes[k] in ("4xx", "5xx", "error")
         weight = ' font-weight="bold"' if failed else ""
         out.append(f'<text x="{PAD}" y="{mid + 4:.1f}" font-family="DejaVu Sans Mono, monospace" xml:space="preserve"'
-                   f"{weight}>{_t(lay.labels[k])}</text>")  # fmt: skip
+                   f"{weight}><title>{_t(lay.labels[k])}</title>{_t(labels[k])}</text>")  # fmt: skip
         left, right = sx(lay.starts[k]), sx(lay.starts[k] + lay.widths[k])
         if lay.validation[k]:  # drawn first: under the bar, so a 3 ms bar is never hidden by its marker
             out.append(f'<path d="M{left:.1f} {mid - 6:.1f} L{left + 6:.1f} {mid:.1f} L{left:.1f} {mid + 6:.1f} '
