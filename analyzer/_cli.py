@@ -8,7 +8,7 @@ import click
 
 from hoptrace._click import BadInput, OneLineCommand, exit_2_on_bad_input
 from hoptrace._errors import HoptraceError
-from hoptrace._format import colour_severities, use_colour
+from hoptrace._format import Progress, colour_severities, use_colour
 from hoptrace._options import output_option, trace_db_argument
 
 # The kinds are listed here rather than imported, so that `hoptrace --help` does not
@@ -110,9 +110,11 @@ def analyze(
         "near_expiry_s": near_expiry_s, "skew_threshold_s": skew_threshold_s, "slow_ms": slow_ms,
         "validation_patterns": validation_patterns or None, "worst": worst,
     }  # fmt: skip
+    progress = Progress("hoptrace analyze", after_s=2.0)  # a line on a terminal when the analysis ran long
     with exit_2_on_bad_input():
         config = AnalyzerConfig(**{k: v for k, v in options.items() if v is not None})
         analysis = run_analysis(db, config=config, trace=trace, since=since, until=until)
+    progress(f"analysed {len(analysis.hops)} hops; writing the {fmt} report")
     if len(analysis.hops) == 0 and (since is not None or until is not None):
         click.echo(f"hoptrace analyze: {outside_window(db, since, until)}", err=True)
     render = {"text": render_text, "json": render_json, "markdown": render_markdown}[fmt]

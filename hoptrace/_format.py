@@ -148,11 +148,12 @@ def colour_severities(text: str) -> str:
 class Progress:
     """A stderr line per stage of a long command (``hoptrace report: findings (1.2 s)``), on a terminal only."""
 
-    def __init__(self, command: str, stream=None) -> None:
-        self.command, self.started = command, time.perf_counter()
+    def __init__(self, command: str, stream=None, *, after_s: float = 0.0) -> None:
+        """``after_s``: say nothing until the command has run that long (a quick run stays quiet)."""
+        self.command, self.started, self.after_s = command, time.perf_counter(), after_s
         self.stream = sys.stderr if stream is None else stream
         self.on = bool(getattr(self.stream, "isatty", lambda: False)())
 
     def __call__(self, stage: str) -> None:
-        if self.on:
+        if self.on and time.perf_counter() - self.started >= self.after_s:
             print(f"{self.command}: {stage} ({time.perf_counter() - self.started:.1f} s)", file=self.stream, flush=True)

@@ -149,3 +149,19 @@ def test_help_examples_stay_on_one_line():
     lines = [line.strip() for line in out.splitlines()]
     assert "hoptrace analyze traces.db --fail-on error" in lines
     assert "hoptrace analyze traces.db --since 15m --format markdown" in lines
+
+
+def test_a_long_analysis_says_so_on_a_terminal_and_a_quick_one_stays_quiet():
+    import io
+
+    from hoptrace._format import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    quiet, loud = Tty(), Tty()
+    Progress("hoptrace analyze", quiet, after_s=3600)("analysed 5 hops")
+    Progress("hoptrace analyze", loud, after_s=0)("analysed 5 hops")
+    Progress("hoptrace analyze", io.StringIO())("piped")  # not a terminal: nothing to say
+    assert quiet.getvalue() == "" and re.fullmatch(r"hoptrace analyze: analysed 5 hops \(\d+\.\d s\)\n", loud.getvalue())
