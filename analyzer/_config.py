@@ -86,9 +86,13 @@ def parse_time(value: object, name: str = "time", *, now: float | None = None) -
         moment = value if value.tzinfo else value.replace(tzinfo=UTC)
         return moment.timestamp()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise AnalysisError(f"{name}: {value!r} is not a finite time")
-        return float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int beyond any float, such as 10**400
+            seconds = math.inf
+        if not math.isfinite(seconds):
+            raise AnalysisError(f"{name}: {str(value)[:40]} is not a finite time")
+        return seconds
     if isinstance(value, str):
         text = value.strip()
         ago = RELATIVE.fullmatch(text)

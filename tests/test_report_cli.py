@@ -54,6 +54,7 @@ def hoptrace(*args: str, tty: bool = False, env: dict | None = None, timeout: fl
 
 
 @given(st.one_of(st.text(max_size=40), st.floats(allow_nan=True, allow_infinity=True), st.integers(),
+                 st.integers(min_value=-(10**400), max_value=10**400), st.text("0123456789.:-+TZ smhd", max_size=420),
                  st.from_regex(r"\A\s*\d{1,12}(\.\d{1,8})?\s*(s|sec|m|min|h|d|S|M|H|D|ms|w|y)?\s*\Z")))  # fmt: skip
 def test_any_time_is_a_float_or_one_line_naming_the_option(value):
     try:
