@@ -166,3 +166,16 @@ def test_a_long_analysis_says_so_on_a_terminal_and_a_quick_one_stays_quiet():
     Progress("hoptrace analyze", loud, after_s=0)("analysed 5 hops")
     Progress("hoptrace analyze", io.StringIO())("piped")  # not a terminal: nothing to say
     assert quiet.getvalue() == "" and re.fullmatch(r"hoptrace analyze: analysed 5 hops \(\d+\.\d s\)\n", loud.getvalue())
+
+
+def test_the_demo_hint_says_how_to_reach_hoptrace(monkeypatch, tmp_path):
+    from hoptrace.stack.demo import closing_hint
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # hoptrace not on PATH: the hint names the installed script
+    hint = closing_hint(Path("out/demo"))
+    script = Path(sys.executable).parent / "hoptrace"
+    assert script.exists()
+    assert "analyze out/demo/traces.db --format markdown" in hint and "python3 dev.py hoptrace" in hint
+    assert str(script.relative_to(Path.cwd())) in hint if script.is_relative_to(Path.cwd()) else str(script) in hint
+    monkeypatch.setenv("PATH", str(script.parent))
+    assert "`hoptrace analyze out/demo/traces.db" in closing_hint(Path("out/demo"))
