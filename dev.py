@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -37,26 +38,28 @@ def ensure_installed() -> None:
     STAMP.write_text(wanted)
 
 
-BROWSER_PACKAGES = ("chromium", "chromium-driver")
-BROWSER_FILES = (Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"))
+# command -> Debian package: Graphviz `dot` lays out the service graph (every command draws
+# it); chromium and its driver run the browser tests (only `test` needs them).
+RUN_PACKAGES = {"dot": "graphviz"}
+TEST_PACKAGES = {**RUN_PACKAGES, "chromium": "chromium", "chromedriver": "chromium-driver"}
 
 
-def ensure_browser() -> None:
-    """Install Debian's chromium and chromium-driver, which the UI's browser tests drive through Selenium.
+def ensure_system_packages(packages: dict[str, str]) -> None:
+    """Install the Debian packages whose commands are missing, when we may (root, apt-get).
 
-    Runs apt-get only when a binary is missing and we are root (CI containers are);
-    otherwise says what to install. A failed install stops the run: the browser
-    tests would otherwise fail one by one with a less clear message.
+    Otherwise says what to install and stops: a test run without them would fail test by
+    test with a less clear message.
     """
-    if all(f.exists() for f in BROWSER_FILES):
+    missing = sorted({pkg for cmd, pkg in packages.items() if shutil.which(cmd) is None})
+    if not missing:
         return
-    missing = ", ".join(str(f) for f in BROWSER_FILES if not f.exists())
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        sys.exit(f"dev.py: {missing} missing; install them with: sudo apt-get install -y {' '.join(BROWSER_PACKAGES)}")
-    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", *BROWSER_PACKAGES]):
-        print(f"dev.py: {missing} missing; running: {' '.join(cmd)}", flush=True)
-        if subprocess.run(cmd, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, check=False).returncode != 0:
-            sys.exit(f"dev.py: '{' '.join(cmd)}' failed; the browser tests need {' and '.join(BROWSER_PACKAGES)}")
+    if os.name != "posix" or os.geteuid() != 0 or shutil.which("apt-get") is None:
+        sys.exit(f"dev.py: please install {' '.join(missing)} (Debian: sudo apt-get install -y {' '.join(missing)})")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]):
+        print(f"dev.py: running {' '.join(cmd)}", flush=True)
+        if subprocess.run(cmd, env=env, check=False).returncode != 0:
+            sys.exit(f"dev.py: '{' '.join(cmd)}' failed; hoptrace needs {' and '.join(missing)}")
 
 
 def main(argv: list[str]) -> int:
@@ -66,10 +69,10 @@ def main(argv: list[str]) -> int:
     if sys.version_info < (3, 11):
         print(f"dev.py: hoptrace needs Python 3.11+, this is {sys.version.split()[0]}", file=sys.stderr)
         return 2
+    ensure_system_packages(TEST_PACKAGES if argv[0] == "test" else RUN_PACKAGES)
     ensure_installed()
     command, args = argv[0], argv[1:]
     if command == "test":
-        ensure_browser()
         cmd = [BIN / "python", "-m", "pytest", *args]
     elif command == "bench":
         cmd = [BIN / "python", ROOT / "benchmarks" / "run.py", *args]

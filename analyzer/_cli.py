@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 
 from hoptrace._click import BadInput, OneLineCommand, exit_2_on_bad_input
+from hoptrace._errors import HoptraceError
+from hoptrace._format import Progress, colour_severities, use_colour
 from hoptrace._options import output_option, trace_db_argument
 
 # The kinds are listed here rather than imported, so that `hoptrace --help` does not
@@ -17,16 +19,28 @@ KINDS = (
     "duplicate_validation", "clock_skew", "token_reuse", "retry_storm", "retry_without_backoff", "rate_limited", "slow_hop",
 )  # fmt: skip
 FORMATS = ("text", "json", "markdown")
+SEVERITIES = ("error", "warning", "info")  # worst first, as hoptrace.analyzer._types.SEVERITIES (a test keeps them equal)
 
 
 def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...]:
+    """Kinds and severities; a severity stands for itself and every worse one (``warning``: warning or error)."""
     if value is None:
         return ()
-    kinds = tuple(k.strip() for k in value.split(",") if k.strip())
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown or not kinds:
-        raise click.BadParameter(f"unknown finding kind {unknown[0] if unknown else value!r}; kinds: {', '.join(KINDS)}")
-    return kinds
+    names = tuple(k.strip().lower() for k in value.split(",") if k.strip())
+    unknown = [k for k in names if k not in KINDS and k not in SEVERITIES]
+    if unknown or not names:
+        raise click.BadParameter(
+            f"unknown finding kind {unknown[0] if unknown else value!r}; "
+            f"severities: {', '.join(SEVERITIES)}; kinds: {', '.join(KINDS)}"
+        )
+    return names
+
+
+def _failing(findings, fail_on: tuple[str, ...]):
+    """The findings ``--fail-on`` names: by kind, or by severity at least as bad as one named."""
+    worst = max((len(SEVERITIES) - SEVERITIES.index(n) for n in fail_on if n in SEVERITIES), default=0)
+    bad = {s for i, s in enumerate(SEVERITIES) if len(SEVERITIES) - i >= worst} if worst else set()
+    return findings[findings["kind"].isin(fail_on).to_numpy(dtype=bool) | findings["severity"].isin(bad).to_numpy(dtype=bool)]
 
 
 def _audiences(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
@@ -48,15 +62,16 @@ def _audiences(ctx: click.Context, param: click.Parameter, value: tuple[str, ...
 @click.option(
     "--since",
     metavar="T",
-    help="Only requests that started at or after T (UNIX seconds or ISO-8601; UTC unless a zone is given).",
+    help="Only requests that started at or after T: UNIX seconds, ISO-8601 (UTC unless a zone is given), or a time "
+    "ago such as 15m, 2h, 30s.",
 )
-@click.option("--until", metavar="T", help="Only requests that started at or before T.")
+@click.option("--until", metavar="T", help="Only requests that started at or before T (same forms as --since).")
 @click.option(
     "--fail-on",
     "fail_on",
-    metavar="KIND[,KIND...]",
+    metavar="SEVERITY|KIND[,...]",
     callback=_kinds,
-    help="Exit 1 when a finding of one of these kinds is found.",
+    help="Exit 1 when a finding of one of these kinds, or of this severity or worse (error, warning, info), is found.",
 )
 @click.option("--near-expiry", "near_expiry_s", type=float, metavar="SECONDS", help="near_expiry threshold (default 30).")
 @click.option("--skew-threshold", "skew_threshold_s", type=float, metavar="SECONDS", help="clock_skew threshold (default 2).")
@@ -105,7 +120,9 @@ def analyze(
 
     \b
     Example:
-        hoptrace analyze traces.db --format markdown --fail-on expired_mid_flow,token_crossover
+        hoptrace analyze traces.db --fail-on error
+        hoptrace analyze traces.db --since 15m --format markdown
+        hoptrace analyze traces.db --fail-on expired_mid_flow,token_crossover
     """
     from hoptrace.analyzer import AnalyzerConfig, render_json, render_markdown, render_text
     from hoptrace.analyzer import analyze as run_analysis
@@ -114,21 +131,52 @@ def analyze(
         "near_expiry_s": near_expiry_s, "skew_threshold_s": skew_threshold_s, "slow_ms": slow_ms,
         "validation_patterns": validation_patterns or None, "audiences": audiences or None, "worst": worst,
     }  # fmt: skip
+    progress = Progress("hoptrace analyze", after_s=2.0)  # a line on a terminal when the analysis ran long
     with exit_2_on_bad_input():
         config = AnalyzerConfig(**{k: v for k, v in options.items() if v is not None})
         analysis = run_analysis(db, config=config, trace=trace, since=since, until=until)
+    progress(f"analysed {len(analysis.hops)} hops; writing the {fmt} report")
+    if len(analysis.hops) == 0 and (since is not None or until is not None):
+        click.echo(f"hoptrace analyze: {outside_window(db, since, until)}", err=True)
     render = {"text": render_text, "json": render_json, "markdown": render_markdown}[fmt]
     report = render(analysis)
     if output is None:
-        click.echo(report, nl=False)
+        click.echo(colour_severities(report) if fmt == "text" and use_colour() else report, nl=False)
     else:
         try:
             output.write_text(report, encoding="utf-8")
         except OSError as exc:
             raise BadInput(f"{output}: cannot write the report: {exc.strerror or exc}") from None
-    found = sorted(set(analysis.findings["kind"]) & set(fail_on))
-    if found:
-        counts = analysis.findings["kind"].value_counts()
-        summary = ", ".join(f"{counts[k]} {k}" for k in found)
+    failing = _failing(analysis.findings, fail_on)
+    if len(failing):
+        summary = ", ".join(f"{n} {k}" for k, n in failing["kind"].value_counts().sort_index().items())
         click.echo(f"hoptrace analyze: failing on {summary}", err=True)
         raise SystemExit(1)
+
+
+def outside_window(db: Path, since: str | None, until: str | None) -> str:
+    """Why a time window holds no hop: how many hops the capture has before and after it, and its span."""
+    import sqlite3
+
+    from hoptrace._format import utc
+    from hoptrace.analyzer._config import parse_time
+    from hoptrace.db import open_for_reading
+
+    lo, hi = parse_time(since, "since"), parse_time(until, "until")
+    bounds = ([f"at or after {utc(lo)}"] if lo is not None else []) + ([f"at or before {utc(hi)}"] if hi is not None else [])
+    window = "no request started " + " and ".join(bounds)
+    try:
+        conn = open_for_reading(db, check=False)
+        try:
+            n, first, last, before, after = conn.execute(
+                "SELECT count(*), min(started_at), max(started_at), sum(started_at < ?), sum(started_at > ?) FROM hops",
+                (-1.7e308 if lo is None else lo, 1.7e308 if hi is None else hi),
+            ).fetchone()
+        finally:
+            conn.close()
+    except (sqlite3.Error, HoptraceError):
+        return window
+    if not n:
+        return f"{window}; the capture has no hops at all"
+    return (f"{window}; the capture's {n} hops lie outside it ({before or 0} before, {after or 0} after), "
+            f"from {utc(first)} to {utc(last)}")  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -107,8 +108,14 @@ def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def parse_time(value: object, name: str = "time") -> float | None:
-    """UNIX seconds from a number, a numeric string, an ISO-8601 string or a datetime.
+RELATIVE = re.compile(r"(\d{1,9}(?:\.\d{1,6})?)\s*(s|sec|m|min|h|d)", re.IGNORECASE)
+"""A time ago: ``30s``, ``15m``, ``2h``, ``1d`` (``15min``, ``1.5h``)."""
+UNIT_S = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def parse_time(value: object, name: str = "time", *, now: float | None = None) -> float | None:
+    """UNIX seconds from a number, a numeric string, an ISO-8601 string, a datetime, or a
+    time ago (``15m``: 15 minutes before ``now``, default the current time; units s m h d).
 
     A time without a zone is UTC, so that the same command means the same thing on
     every machine. Raises :class:`AnalysisError` with a one-line message otherwise.
@@ -119,11 +126,18 @@ def parse_time(value: object, name: str = "time") -> float | None:
         moment = value if value.tzinfo else value.replace(tzinfo=UTC)
         return moment.timestamp()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise AnalysisError(f"{name}: {value!r} is not a finite time")
-        return float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int beyond any float, such as 10**400
+            seconds = math.inf
+        if not math.isfinite(seconds):
+            raise AnalysisError(f"{name}: {str(value)[:40]} is not a finite time")
+        return seconds
     if isinstance(value, str):
         text = value.strip()
+        ago = RELATIVE.fullmatch(text)
+        if ago:
+            return (time.time() if now is None else now) - float(ago[1]) * UNIT_S[ago[2].lower()]
         try:
             seconds = float(text)
         except ValueError:
@@ -133,10 +147,13 @@ def parse_time(value: object, name: str = "time") -> float | None:
                 return seconds
         try:
             moment = datetime.fromisoformat(text)
-        except ValueError:
-            pass
-        else:
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=UTC)
             return moment.timestamp()
-    raise AnalysisError(f"{name}: cannot read {value!r} as a time (UNIX seconds or ISO-8601, e.g. 2024-01-15T10:23:45Z)")
+        except (ValueError, OverflowError):  # OverflowError: year 1 with a zone east of UTC
+            pass
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    raise AnalysisError(
+        f"{name}: cannot read {shown} as a time (UNIX seconds, ISO-8601 such as 2024-01-15T10:23:45Z, or a time ago "
+        "such as 15m, 2h, 30s)"
+    )

@@ -13,7 +13,10 @@ recorded path cannot carry escape sequences or break a line.
 from __future__ import annotations
 
 import math
+import os
 import re
+import sys
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -117,3 +120,40 @@ def hop_ended(status: Any, failed: Any = 0, error_kind: Any = None) -> str:
     if code is None:
         return f"no response{kind}"
     return f"{code}, then broken{kind}" if not is_missing(failed) and bool(failed) else f"{code}"
+
+
+# -- a terminal ---------------------------------------------------------------------------
+
+SEVERITY_COLOURS = {"error": "1;31", "warning": "33", "info": "36"}  # ANSI SGR: bold red, yellow, cyan
+SEVERITY_WORDS = re.compile(r"(?<![\w-])(errors?|warnings?|info|ERRORS?|WARNINGS?|INFO)(?![\w-])")
+
+
+def use_colour(stream=None) -> bool:
+    """Colour for a terminal only: not when piped or redirected, nor when ``NO_COLOR`` is set (no-color.org)."""
+    stream = sys.stdout if stream is None else stream
+    return "NO_COLOR" not in os.environ and bool(getattr(stream, "isatty", lambda: False)())
+
+
+def colour_severities(text: str) -> str:
+    """``text`` with each severity word (error, warning, info) in its colour, as ANSI escapes."""
+
+    def paint(match: re.Match) -> str:
+        word = match[1]
+        key = word.lower().rstrip("s") if word.lower() != "info" else "info"
+        return f"\x1b[{SEVERITY_COLOURS[key]}m{word}\x1b[0m"
+
+    return SEVERITY_WORDS.sub(paint, text)
+
+
+class Progress:
+    """A stderr line per stage of a long command (``hoptrace report: findings (1.2 s)``), on a terminal only."""
+
+    def __init__(self, command: str, stream=None, *, after_s: float = 0.0) -> None:
+        """``after_s``: say nothing until the command has run that long (a quick run stays quiet)."""
+        self.command, self.started, self.after_s = command, time.perf_counter(), after_s
+        self.stream = sys.stderr if stream is None else stream
+        self.on = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def __call__(self, stage: str) -> None:
+        if self.on and time.perf_counter() - self.started >= self.after_s:
+            print(f"{self.command}: {stage} ({time.perf_counter() - self.started:.1f} s)", file=self.stream, flush=True)

@@ -17,7 +17,8 @@ some sessions) and do both::
     plot.write_report(a, "report.html")                       # all of it, one offline file
 
 Figures are ``matplotlib.figure.Figure`` objects on the Agg canvas: no pyplot, no
-display. matplotlib is imported on first use of a chart, not when this package is.
+display. The HTML report puts charts inline as SVG; its waterfalls are drawn straight
+from their layouts by ``waterfall_svg``. matplotlib is imported on first use of a chart, not when this package is.
 All charts colour outcomes with :data:`OUTCOME_COLORS`.
 """
 
@@ -52,6 +53,7 @@ _EXPORTS = {
     "latency_figure": "_latency",
     "service_graph": "_graph",
     "service_graph_figure": "_graph",
+    "waterfall_svg": "_svg",
     "render_report": "_report",
     "write_report": "_report",
 }
@@ -84,6 +86,7 @@ __all__ = [
     "waterfall",
     "waterfall_figure",
     "waterfall_layout",
+    "waterfall_svg",
     "write_report",
 ]
 

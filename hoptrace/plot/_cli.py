@@ -146,24 +146,31 @@ def _at_most(name: str, default: int, what: str):
 @trace_db_argument()
 @output_option("HTML file to write (.html); self-contained, viewable offline.", required=True)
 @_at_most("--max-waterfalls", 20, "Waterfalls of failed requests to include at most.")
-@_at_most("--max-sessions", 10, "Workflow views of affected sessions to include at most.")
+@_at_most("--max-sessions", 3, "Workflow views of affected sessions to include at most.")
 @click.option("--title", default=None, help="Title of the report (default: from the DB's name).")
 def report(db: Path, output: Path, max_waterfalls: int, max_sessions: int, title: str | None) -> None:
     """Write one self-contained HTML report of a trace database.
 
-    Summary, the findings table, a waterfall for each request with an error
-    finding, the workflow view of each affected session, latency per service and
-    the service call graph; charts are embedded, nothing is fetched when opened.
+    It opens with the answer: each error finding told in one sentence with its
+    request's waterfall (with only warnings, the clearest example of each kind);
+    then the findings grouped by kind, each request's hops with their redacted
+    headers, token claims and timings, the affected workflows, latency per service
+    and the service graph. Charts are inline SVG; nothing is fetched when opened.
 
     \b
     Example:
         hoptrace report traces.db -o report.html
     """
+    from hoptrace._format import Progress
+
     _check_output(output, REPORT_FORMATS)
+    progress = Progress("hoptrace report")
     with exit_2_on_bad_input():
+        progress("analysing")
         analysis = _analyze(db)
         from hoptrace.plot import write_report
 
-        write_report(analysis, output, source=db.name, title=title, max_waterfalls=max_waterfalls, max_sessions=max_sessions)
+        write_report(analysis, output, source=db.name, title=title, max_waterfalls=max_waterfalls, max_sessions=max_sessions,
+                     progress=progress)  # fmt: skip
     n = len(analysis.findings)
     click.echo(f"wrote {output} ({n} finding{'s' * (n != 1)})")

@@ -149,6 +149,20 @@ def figure_bytes(fig, fmt: str = "png", *, dpi: int = DEFAULT_DPI) -> bytes:
     return buf.getvalue()
 
 
+def svg_text(fig) -> str:
+    """``fig`` as an ``<svg>`` element to put inline in HTML: text kept as text (crisp at any
+    zoom, selectable, found by the browser's search), ids stable from run to run."""
+    import matplotlib
+
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "hoptrace"}):
+        text = figure_bytes(fig, "svg").decode("utf-8")
+    svg = text[text.index("<svg") :]  # without the XML declaration and DOCTYPE, which HTML does not take
+    # Inline in HTML an <svg> needs no namespace declarations, and the RDF metadata only names
+    # matplotlib: both are URLs that would make an offline file look as if it referred outside.
+    svg = re.sub(r"<metadata>.*?</metadata>\s*", "", svg, count=1, flags=re.S)
+    return re.sub(r'\s+xmlns(?::\w+)?="[^"]*"', "", svg)
+
+
 def _metadata(fmt: str) -> dict:
     # Reproducible output: no creation date in the file.
     if fmt == "svg":
@@ -171,7 +185,9 @@ def bar_note(
     color: str = "#222222",
     **kwargs,
 ):
-    """Write ``text`` beside the bar [start, end] on row ``y``: after it if it fits, else before it.
+    """Write ``text`` beside the bar [start, end] on row ``y``: after it if it fits, else before
+    it if it fits there, else on the side with more room, moved just enough to stay inside
+    the axes (on a white ground where it then covers the bar): never cut at the axes' edge.
 
     ``axes_in`` is the plotting area's width in inches (to estimate how much of the
     axis the text takes: ~0.55 em a character).
@@ -180,8 +196,16 @@ def bar_note(
     per_in = span / max(axes_in, 0.5)
     width = len(text) * fontsize * 0.55 / 72.0 * per_in
     pad = 0.005 * span
-    after = end + pad + width <= xlim[1] or (xlim[1] - end) >= (start - xlim[0])
-    x, ha = (end + pad, "left") if after else (start - pad, "right")
+    if end + pad + width <= xlim[1]:
+        x, ha = end + pad, "left"
+    elif start - pad - width >= xlim[0]:
+        x, ha = start - pad, "right"
+    else:
+        if start - xlim[0] >= xlim[1] - end:
+            x, ha = max(xlim[0] + pad, start - pad - width), "left"
+        else:
+            x, ha = min(xlim[1] - pad, end + pad + width), "right"
+        kwargs.setdefault("bbox", {"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.85})
     return ax.text(
         x, y, text, va="center", ha=ha, fontsize=fontsize, color=color, zorder=6, clip_on=True, in_layout=False, **kwargs
     )  # inside the axes: no need to weigh it in the layout

@@ -1,14 +1,18 @@
 """The call graph between services: who calls whom, how often, how slowly, how badly.
 
-:func:`graph_layout` places the boxes and bends the arrows (data, in inches);
-:func:`draw_graph` draws them. The nodes and edges are the presentation model's
-(:func:`hoptrace.analyzer._model.graph_tables`): a 4xx counts where it happened.
+:func:`graph_layout` has Graphviz ``dot`` place the boxes and route the arrows (data,
+in inches: ``dot`` routes each edge as a spline around the boxes, and gives each edge
+label its own place, so at 12+ services no arrow runs through a box and no label sits on
+another); :func:`draw_graph` draws them. The nodes and edges are the presentation
+model's (:func:`hoptrace.analyzer._model.graph_tables`): a 4xx counts where it happened.
+Graphviz is Debian's ``graphviz`` package (``python3 dev.py`` installs it as root),
+driven through the ``graphviz`` PyPI package.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,27 +22,23 @@ from hoptrace._errors import AnalysisError
 from hoptrace._format import as_float, as_int
 from hoptrace.analyzer._analysis import Analysis
 from hoptrace.analyzer._model import CLIENT, model
-from hoptrace.plot._common import (
-    NEUTRAL,
-    OUTCOME_COLORS,
-    clean_text,
-    fmt_ms,
-    new_figure,
-    outcome_legend_handles,
-)
+from hoptrace.plot._common import NEUTRAL, OUTCOME_COLORS, PlotError, clean_text, fmt_ms, new_figure, outcome_legend_handles
 
-XS, YS = 3.6, 1.55  # inches between layers / between boxes in a layer (data units are inches)
 NODE_GID = "node:"  # + service name
 EDGE_GID = "edge:"  # + "caller->callee"
+NODE_FONT, EDGE_FONT = 8.5, 7.5  # points, as dot measures them and matplotlib draws them
+TITLE_IN, LEGEND_IN, MARGIN_IN = 0.6, 0.35, 0.15
 
 
 @dataclass
 class Node:
     name: str
-    x: float
+    x: float  # centre, inches from the drawing's bottom left
     y: float
     text: str
     color: str  # box outline: the worst failure of the calls it served, grey without
+    width: float = 1.0  # box, inches
+    height: float = 0.5
 
 
 @dataclass
@@ -47,17 +47,15 @@ class Edge:
     callee: str
     label: str
     color: str
-    width: float
-    rad: float  # arc3 bend; 0 for a straight arrow
+    width: float  # line width, points
+    points: list[tuple[float, float]]  # cubic Bezier control points from caller to callee (1 + 3k), inches
     label_xy: tuple[float, float]
-    label_ha: str
 
 
 @dataclass
 class GraphLayout:
     nodes: list[Node]
     edges: list[Edge]
-    self_loops: dict[str, list[str]]  # service -> labels of its calls to itself
     worst: set[str]  # outcomes of the failing edges (for the legend)
     xlim: tuple[float, float]
     ylim: tuple[float, float]
@@ -89,33 +87,78 @@ def graph_layout(edges: pd.DataFrame, services: pd.DataFrame | None = None, *, t
     if "worst" not in e:  # plain Analysis.edges: failures are 5xx or broken transfers
         e = e.assign(client_errors=0, worst=None)
     services = services if services is not None else pd.DataFrame(columns=["service"])
-    nodes = list(dict.fromkeys([*e["caller"], *e["callee"], *services["service"].astype(str)]))
-    layer = _layers(nodes, e)
-    pos, widest, depth = _positions(nodes, layer, e)
+    names = list(dict.fromkeys([*e["caller"], *e["callee"], *services["service"].astype(str)]))
     stats = {str(r["service"]): r for _, r in services.iterrows()}
-    placed = [Node(n, *pos[n], *_node_text(n, stats.get(n), e)) for n in nodes]
-    pairs = set(zip(e["caller"], e["callee"]))
+    nodes = [Node(n, 0.0, 0.0, *_node_text(n, stats.get(n), e)) for n in names]
     max_calls = max(float(e["calls"].max() or 1), 1.0)
-    drawn, loops = [], defaultdict(list)
-    for r in e.itertuples():
-        label = _edge_label(r)
-        if r.caller == r.callee:
-            loops[r.caller].append(label.replace("\n", ", "))
-        else:
-            drawn.append(_edge(r, label, pos, layer, pairs, max_calls))
+    drawn = [_edge(r, _edge_label(r), max_calls) for r in e.itertuples()]
+    width, height = _place(nodes, drawn)
     total = int(pd.to_numeric(e["calls"], errors="coerce").fillna(0).sum())
     return GraphLayout(
-        nodes=placed,
+        nodes=nodes,
         edges=drawn,
-        self_loops=dict(loops),
         worst={_worst(r) for r in e.itertuples() if _failures(r)},
-        xlim=(-0.62 * XS, (depth - 1 + 0.62) * XS),
-        ylim=(-((widest - 1) / 2 + 0.6) * YS, ((widest - 1) / 2 + 0.6) * YS),
-        size=(max(8.0, XS * depth + 1.4), max(3.6, YS * widest + 1.8)),
+        xlim=(-MARGIN_IN, width + MARGIN_IN),
+        ylim=(-MARGIN_IN, height + MARGIN_IN),
+        size=(max(width + 2 * MARGIN_IN, 6.0), height + 2 * MARGIN_IN + TITLE_IN + LEGEND_IN),
         title=title
-        or f"Service call graph: {len(nodes) - (CLIENT in nodes)} services, {len(e)} caller → callee pairs, "
+        or f"Service call graph: {len(names) - (CLIENT in names)} services, {len(e)} caller → callee pairs, "
         f"{total} calls\narrow width ∝ calls; box: hops served, p95 latency, error rate (5xx and failed; 4xx beside)",
     )
+
+
+def _place(nodes: list[Node], edges: list[Edge]) -> tuple[float, float]:
+    """Run ``dot`` on the graph, then set each node's box and each edge's spline and label
+    place from its answer (points, y up); returns the drawing's size in inches."""
+    import graphviz
+
+    ids = {n.name: f"n{k}" for k, n in enumerate(nodes)}  # untrusted names never reach dot's syntax
+    g = graphviz.Digraph(
+        graph_attr={"rankdir": "LR", "nodesep": "0.35", "ranksep": "0.9", "splines": "spline", "pad": "0"},
+        node_attr={"shape": "box", "style": "rounded", "fontsize": str(NODE_FONT), "fontname": "DejaVu Sans",
+                   "margin": "0.12,0.06"},  # fmt: skip
+        edge_attr={"fontsize": str(EDGE_FONT), "fontname": "DejaVu Sans", "arrowsize": "0.8"},
+    )
+    for n in nodes:
+        g.node(ids[n.name], label=_dot_label(n.text))
+    for k, ed in enumerate(edges):
+        g.edge(ids[ed.caller], ids[ed.callee], label=_dot_label(ed.label), id=f"e{k}", penwidth=f"{ed.width:.2f}")
+    try:
+        answer = json.loads(g.pipe(format="json", encoding="utf-8"))
+    except graphviz.ExecutableNotFound:
+        raise PlotError(
+            "the service graph needs Graphviz `dot`: run `python3 dev.py` set-up as root, or `apt-get install graphviz`"
+        ) from None
+    except graphviz.CalledProcessError as exc:
+        raise PlotError(f"Graphviz dot could not lay out the service graph: {str(exc.stderr or exc)[:200]}") from None
+    by_id = {o["name"]: o for o in answer.get("objects", [])}
+    for n in nodes:
+        o = by_id[ids[n.name]]
+        n.x, n.y = (float(v) / 72.0 for v in o["pos"].split(","))
+        n.width, n.height = float(o["width"]), float(o["height"])
+    for o in answer.get("edges", []):
+        ed = edges[int(o["id"][1:])]
+        ed.points = _spline(o)
+        ed.label_xy = tuple(float(v) / 72.0 for v in o["lp"].split(",")) if o.get("lp") else ed.points[len(ed.points) // 2]
+    x0, y0, x1, y1 = (float(v) / 72.0 for v in answer["bb"].split(","))
+    return x1 - x0, y1 - y0
+
+
+def _spline(o: dict) -> list[tuple[float, float]]:
+    """The edge's Bezier control points (inches), from dot's drawing operations, ending at the arrow's tip."""
+    points = [tuple(float(v) / 72.0 for v in p) for op in o.get("_draw_", []) if op.get("op") in ("b", "B")
+              for p in op["points"]]  # fmt: skip
+    tips = [p for op in o.get("_hdraw_", []) if op.get("op") in ("p", "P") for p in op["points"]]
+    if tips and points:  # the arrowhead's point farthest from the spline's end is its tip
+        end = np.array(points[-1])
+        tip = max((np.array(p, dtype=float) / 72.0 for p in tips), key=lambda p: float(np.hypot(*(p - end))))
+        points[-1] = (float(tip[0]), float(tip[1]))
+    return points
+
+
+def _dot_label(text: str) -> str:
+    """Lines for dot: backslashes doubled (dot reads escapes in labels), centred line breaks."""
+    return "\\n".join(line.replace("\\", "\\\\") for line in text.split("\n")) + "\\n"
 
 
 def _failures(r) -> int:
@@ -134,109 +177,10 @@ def _edge_label(r) -> str:
     return label + ("\n" + ", ".join(failed) if failed else "")
 
 
-def _edge(r, label: str, pos, layer, pairs, max_calls: float) -> Edge:
-    a, b = r.caller, r.callee
-    (xa, ya), (xb, yb) = pos[a], pos[b]
-    length = math.hypot(xb - xa, yb - ya)
-    if layer[b] == layer[a] + 1 and (b, a) not in pairs:
-        rad = 0.0
-    elif layer[a] == layer[b]:
-        # Same column: bulge out to the right, clear of the boxes in between.
-        rad = math.copysign(min(max(1.9 / max(length, 1e-6), 0.25), 0.9), yb - ya)
-        rad *= 1.6 if (b, a) in pairs and ya > yb else 1.0
-    elif (b, a) in pairs and layer[b] == layer[a] + 1:
-        rad = 0.2  # a pair calling each other: two arcs, one on each side
-    else:
-        rad = _skip_rad(pos, layer, a, b, length)
-    # Label at the curve's midpoint: the chord's middle, pushed sideways by rad/2 of its length.
-    lx, ly = (xa + xb) / 2 + 0.5 * rad * (yb - ya), (ya + yb) / 2 - 0.5 * rad * (xb - xa)
-    ha = "center"
-    if layer[a] == layer[b]:
-        ha = "left" if rad * (yb - ya) > 0 else "right"
-        lx += 0.06 if ha == "left" else -0.06
+def _edge(r, label: str, max_calls: float) -> Edge:
     calls = as_int(r.calls) or 0
     color = OUTCOME_COLORS[_worst(r)] if _failures(r) else NEUTRAL
-    return Edge(a, b, label, color, 1.0 + 2.2 * math.log10(1 + 9 * calls / max_calls), rad, (lx, ly), ha)
-
-
-def _skip_rad(pos, layer, a: str, b: str, length: float) -> float:
-    """The bend of an arrow that jumps columns: half a row off the chord, on the side with more room."""
-    (xa, ya), (xb, yb) = pos[a], pos[b]
-    r = min(max(YS / max(length, 1e-6), 0.12), 0.6)
-    lo, hi = sorted((layer[a], layer[b]))
-    between = [p for n, p in pos.items() if lo < layer[n] < hi] or [p for n, p in pos.items() if n not in (a, b)]
-
-    def room(rad: float) -> float:
-        mx, my = (xa + xb) / 2 + 0.5 * rad * (yb - ya), (ya + yb) / 2 - 0.5 * rad * (xb - xa)
-        return min((math.hypot(mx - x, my - y) for x, y in between), default=math.inf)
-
-    up, down = room(r), room(-r)
-    return r if up > down + 1e-9 or (abs(up - down) <= 1e-9 and xb >= xa) else -r
-
-
-def _layers(nodes: list[str], e: pd.DataFrame) -> dict[str, int]:
-    """Longest call path from the client (or from nodes nobody calls), cycles broken.
-
-    Every call then points rightwards: a callee sits in a column after all its
-    callers, so no arrow has to run up or down a column through other boxes.
-    """
-    out_edges: dict[str, list[str]] = defaultdict(list)
-    indeg: dict[str, int] = defaultdict(int)
-    for a, b in dict.fromkeys(zip(e["caller"], e["callee"])):
-        if a != b:
-            out_edges[a].append(b)
-            indeg[b] += 1
-    # Depth-first from the sources: an edge to a node still on the stack closes a cycle.
-    starts = ([CLIENT] if CLIENT in nodes else []) + [n for n in nodes if indeg[n] == 0 and n != CLIENT] + list(nodes)
-    state: dict[str, int] = {}  # 1 on the stack, 2 done
-    back: set[tuple[str, str]] = set()
-    topo: list[str] = []
-    for root in starts:
-        if root in state:
-            continue
-        state[root] = 1
-        stack = [(root, iter(out_edges[root]))]
-        while stack:
-            node, it = stack[-1]
-            nxt = next(it, None)
-            if nxt is None:
-                state[node] = 2
-                topo.append(node)
-                stack.pop()
-            elif state.get(nxt) == 1:
-                back.add((node, nxt))
-            elif nxt not in state:
-                state[nxt] = 1
-                stack.append((nxt, iter(out_edges[nxt])))
-    layer = dict.fromkeys(nodes, 0)
-    for a in reversed(topo):  # topological order of the graph without its back edges
-        for b in out_edges[a]:
-            if (a, b) not in back:
-                layer[b] = max(layer[b], layer[a] + 1)
-    return layer
-
-
-def _positions(nodes, layer, e) -> tuple[dict[str, tuple[float, float]], int, int]:
-    by_layer = defaultdict(list)
-    for n in nodes:
-        by_layer[layer[n]].append(n)
-    preds = defaultdict(list)
-    for a, b in zip(e["caller"], e["callee"]):
-        preds[b].append(a)
-    pos: dict[str, tuple[float, float]] = {}
-    for L in sorted(by_layer):
-        members = by_layer[L]
-        # Barycentre ordering: a node sits near the average height of its callers.
-        members.sort(
-            key=lambda n: (
-                -np.mean([pos[p][1] for p in preds[n] if p in pos]) if any(p in pos for p in preds[n]) else 0.0,
-                n != CLIENT,
-                n,
-            )
-        )
-        for i, n in enumerate(members):
-            pos[n] = (float(L) * XS, ((len(members) - 1) / 2 - i) * YS)
-    return pos, max(len(v) for v in by_layer.values()), max(by_layer) + 1
+    return Edge(r.caller, r.callee, label, color, 1.0 + 2.2 * math.log10(1 + 9 * calls / max_calls), [], (0.0, 0.0))
 
 
 def _node_text(name: str, stats, e: pd.DataFrame) -> tuple[str, str]:
@@ -256,40 +200,32 @@ def _node_text(name: str, stats, e: pd.DataFrame) -> tuple[str, str]:
 
 
 def draw_graph(lay: GraphLayout):
-    """The Figure of a :class:`GraphLayout`."""
+    """The Figure of a :class:`GraphLayout`, one inch of layout to one inch of figure."""
     from matplotlib.lines import Line2D
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+    from matplotlib.path import Path as MPath
 
-    fig = new_figure(*lay.size)
-    ax = fig.add_subplot()
+    fig = new_figure(*lay.size, layout=None)
+    w, h = lay.size
+    plot_w, plot_h = lay.xlim[1] - lay.xlim[0], lay.ylim[1] - lay.ylim[0]
+    ax = fig.add_axes((0, LEGEND_IN / h, plot_w / w, plot_h / h))
     ax.set(xlim=lay.xlim, ylim=lay.ylim)
-    ax.set_aspect("equal", adjustable="box")  # so the curve maths of the layout holds in inches
     ax.axis("off")
-    boxes = {}
     for n in lay.nodes:
-        bbox = {"boxstyle": "round,pad=0.55", "fc": "#f7f7f7" if n.name != CLIENT else "#ffffff", "ec": n.color,
-                "lw": 1.6 if n.color != NEUTRAL else 1.0}  # fmt: skip
-        t = ax.text(n.x, n.y, n.text, ha="center", va="center", fontsize=8.5, zorder=2, gid=NODE_GID + n.name, bbox=bbox)
-        boxes[n.name] = (n, t.get_bbox_patch())
+        ax.add_patch(FancyBboxPatch((n.x - n.width / 2, n.y - n.height / 2), n.width, n.height, zorder=2,
+                                    boxstyle="round,pad=0,rounding_size=0.06", lw=1.6 if n.color != NEUTRAL else 1.0,
+                                    fc="#f7f7f7" if n.name != CLIENT else "#ffffff", ec=n.color))  # fmt: skip
+        ax.text(n.x, n.y, n.text, ha="center", va="center", fontsize=NODE_FONT, zorder=3, gid=NODE_GID + n.name)
     for ed in lay.edges:
-        (a, pa), (b, pb) = boxes[ed.caller], boxes[ed.callee]
-        ax.annotate("", xy=(b.x, b.y), xytext=(a.x, a.y), gid=EDGE_GID + f"{ed.caller}->{ed.callee}", zorder=3,
-                    arrowprops={"arrowstyle": "-|>", "mutation_scale": 14, "lw": ed.width, "color": ed.color,
-                                "shrinkA": 3, "shrinkB": 3, "connectionstyle": f"arc3,rad={ed.rad}", "patchA": pa,
-                                "patchB": pb})  # fmt: skip
+        codes = [MPath.MOVETO] + [MPath.CURVE4] * (len(ed.points) - 1)
+        ax.add_patch(FancyArrowPatch(path=MPath(ed.points, codes), arrowstyle="-|>", mutation_scale=12, lw=ed.width,
+                                     color=ed.color, zorder=1, gid=EDGE_GID + f"{ed.caller}->{ed.callee}"))  # fmt: skip
         text = "\n".join(clean_text(part, 60) for part in ed.label.split("\n"))
-        ax.text(*ed.label_xy, text, ha=ed.label_ha, va="center", fontsize=7.5, zorder=4,
-                color="#222222" if ed.color == NEUTRAL else ed.color,
-                bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.85})  # fmt: skip
-    for name, labels in lay.self_loops.items():
-        n = boxes[name][0]
-        ax.annotate("", xy=(0, 0), xytext=(0, 0), gid=EDGE_GID + f"{name}->{name}", visible=False)
-        ax.annotate("↻ calls itself: " + "; ".join(labels), xy=(n.x, n.y), xytext=(0, -34), textcoords="offset points",
-                    ha="center", va="top", fontsize=7.5, color=NEUTRAL, zorder=4)  # fmt: skip
+        ax.text(*ed.label_xy, text, ha="center", va="center", fontsize=EDGE_FONT, zorder=4,
+                color="#222222" if ed.color == NEUTRAL else ed.color)  # fmt: skip
     handles = [Line2D([], [], color=NEUTRAL, lw=2, label="calls without errors")]
     handles += [Line2D([], [], color=h.get_facecolor(), lw=2, label=f"calls with errors, worst: {h.get_label()}")
                 for h in outcome_legend_handles(lay.worst)]  # fmt: skip
-    for text in ax.texts:  # all drawn inside the axes: the layout need not measure them
-        text.set_in_layout(False)
-    fig.legend(handles=handles, loc="outside upper left", ncols=min(len(handles), 4), fontsize=8, frameon=False)
-    ax.set_title(lay.title, loc="left", fontsize=11)
+    fig.legend(handles=handles, loc="lower left", ncols=min(len(handles), 4), fontsize=8, frameon=False)
+    fig.text(0.1 / w, 1 - 0.1 / h, lay.title, ha="left", va="top", fontsize=11)
     return fig

@@ -125,7 +125,9 @@ def draw_latency(lay: LatencyLayout):
     axr = fig.add_subplot(gs[1], sharey=ax)
     y = np.arange(m)
     for x, jitter, colors in lay.dots:
-        ax.scatter(x, jitter, s=14, c=colors, alpha=0.7, lw=0, zorder=2)
+        # Rasterised: up to MAX_POINTS dots a service are thousands of SVG elements (~1 MB, ~2 s to
+        # write); as one embedded image the cloud costs little, and every label stays vector text.
+        ax.scatter(x, jitter, s=14, c=colors, alpha=0.7, lw=0, zorder=2, rasterized=True)
     ax.boxplot(lay.boxes, positions=y, orientation="horizontal", widths=0.55, showfliers=False, whis=(5, 95),
                patch_artist=True, manage_ticks=False, zorder=3,
                boxprops={"facecolor": "#ffffff00", "edgecolor": "#333333", "lw": 1.0},

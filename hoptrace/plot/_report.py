@@ -1,4 +1,11 @@
-"""One self-contained HTML report: summary, findings, the charts (PNG data URIs), no network needed.
+"""One self-contained HTML report that opens with the answer, no network needed.
+
+First the story of each error finding in one sentence with its numbers, and its
+request's waterfall (for a capture with only warnings: the clearest example of each
+warning kind); then the findings grouped by kind, each group a ``<details>``; each
+drawn request's hops, each a ``<details>`` with what was recorded about it (redacted
+headers and query, the token's header and claims, the time split, a redacted ``curl``).
+Charts are inline SVG with their text kept as text (crisp, selectable, searchable).
 
 Everything that came from the trace database is passed through :func:`html.escape`:
 a DB may come from a bug report and its paths, headers and messages are untrusted.
@@ -7,7 +14,6 @@ A Content-Security-Policy forbids scripts and any fetch: the file only shows.
 
 from __future__ import annotations
 
-import base64
 import html
 import warnings
 from collections.abc import Callable
@@ -19,22 +25,17 @@ import pandas as pd
 
 from hoptrace import __version__
 from hoptrace._errors import AnalysisError
-from hoptrace._format import as_float, as_int, is_missing
+from hoptrace._format import as_float, as_int, is_missing, token_left
 from hoptrace.analyzer._analysis import Analysis
-from hoptrace.analyzer._model import Model, model, slowest_first
+from hoptrace.analyzer._model import Model, model, slowest_first, tree_prefixes
 from hoptrace.analyzer._types import SEVERITIES
-from hoptrace.plot._common import (
-    DEFAULT_DPI,
-    PlotError,
-    figure_bytes,
-    fmt_ms,
-    fmt_utc,
-    output_format,
-    require_hops,
-)
+from hoptrace.plot._common import DEFAULT_DPI, PlotError, fmt_ms, fmt_utc, output_format, require_hops, svg_text
+from hoptrace.plot._detail import HopDetail, curl_line, hop_details, scrub, timings
+from hoptrace.plot._story import story
 
 MAX_ERROR_FINDINGS = 500  # error findings listed in the report at most
 MAX_FINDINGS_PER_KIND = 50  # findings of each warning or info kind listed at most
+MAX_DETAILED_HOPS = 200  # hops of one drawn request given a detail panel at most
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 STYLE = """
@@ -47,7 +48,13 @@ th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: ta
 tr.sev-error td.sev { color: #fff; background: #C00000; font-weight: bold; }
 tr.sev-warning td.sev { background: #ffe3a3; } tr.sev-info td.sev { background: #e8f1fb; }
 figure { margin: 1.2em 0; } figcaption { font-weight: 600; margin-bottom: .3em; }
-img.chart { max-width: 100%; height: auto; border: 1px solid #eee; }
+svg.chart { max-width: 100%; height: auto; border: 1px solid #eee; display: block; }
+.story { font-size: 1.15em; margin: .4em 0 .2em; } .story.sev-error { border-left: 4px solid #C00000; padding-left: .6em; }
+.story.sev-warning { border-left: 4px solid #E69F00; padding-left: .6em; }
+details { margin: .3em 0; } summary { cursor: pointer; } details.kind > summary { font-weight: 600; }
+details.hop > summary { font-family: ui-monospace, "DejaVu Sans Mono", monospace; white-space: pre; font-size: 12.5px; }
+details.hop .panel { margin: .3em 0 .8em 1.4em; } pre.curl { white-space: pre-wrap; word-break: break-all; background: #f5f5f5; padding: .4em; }
+.lede { font-size: 1.05em; margin: .3em 0; }
 .warn { color: #8a5a00; } .bad { color: #C00000; font-weight: bold; }
 code { background: #f5f5f5; padding: 0 .2em; }
 nav a { margin-right: 1em; }
@@ -67,51 +74,63 @@ def render_report(
     source: str | None = None,
     title: str | None = None,
     max_waterfalls: int = 20,
-    max_sessions: int = 10,
+    max_sessions: int = 3,
     max_error_findings: int = MAX_ERROR_FINDINGS,
     max_findings_per_kind: int = MAX_FINDINGS_PER_KIND,
     dpi: int = DEFAULT_DPI,
+    progress: Callable[[str], None] | None = None,
 ) -> str:
     """The HTML report of ``analysis`` as one string (UTF-8 text, no external resources).
 
-    Sections: summary (captures, hops, capture health, findings by severity and by kind),
-    the findings table, a waterfall for each request with an error finding (at most
-    ``max_waterfalls``, worst first in the presentation model's order; with no error
-    finding, the model's worst request, so a capture with only warnings still gets a
-    picture), the workflow view of each affected session (at most ``max_sessions``),
-    latency per service, and the service call graph.
+    Sections: the answer (each error finding's story and its request's waterfall, at
+    most ``max_waterfalls`` requests drawn, worst first in the presentation model's
+    order; without an error finding, the clearest example of each warning kind: the
+    worst request having it), the findings grouped by kind, the summary, the workflow
+    view of each affected session (at most ``max_sessions``), latency per service, and
+    the service call graph. Each drawn request lists its hops, each expandable to what
+    was recorded about it (read from ``analysis.source`` for those hops only).
 
-    The findings table lists every error finding up to ``max_error_findings`` (default
-    500) and the first ``max_findings_per_kind`` (default 50) findings of each warning
-    and info kind, grouped by kind; a kind cut short ends with a line saying how many
-    more there are (``hoptrace analyze DB --format json`` lists them all). So the
-    report stays a few MB however many findings the trace has; the summary counts all.
+    The findings list every error finding up to ``max_error_findings`` (default 500) and
+    the first ``max_findings_per_kind`` (default 50) of each warning and info kind; a
+    kind cut short ends with a line saying how many more there are (``hoptrace analyze
+    DB --format json`` lists them all). ``progress`` is told each stage as it starts.
+    ``dpi`` is kept for callers of the PNG era: SVG charts have no resolution.
     """
     from hoptrace.plot._graph import service_graph
     from hoptrace.plot._latency import latency
 
+    say = progress or (lambda stage: None)
     require_hops(analysis)
     m = model(analysis)
     db_name = source or Path(str(analysis.source or "")).name
     heading = title or f"hoptrace report: {db_name or 'trace database'}"
+    say("stories and waterfalls")
     shown, error_traces = _charted_requests(m, max_waterfalls)
+    answer = _answer_section(m, shown, error_traces, max_waterfalls)
+    say("findings")
+    findings = _findings_table(m, set(shown), max_error_findings, max_findings_per_kind, db_name or "DB")
+    say("workflows")
+    workflows = _workflows_section(analysis, error_traces, max_sessions)
+    say("latency and service graph")
     parts = [
-        _head(heading),
+        _head(heading, m),
+        answer,
+        findings,
         _summary(analysis, m),
-        _findings_table(m, set(shown), max_error_findings, max_findings_per_kind, db_name or "DB"),
-        _requests_section(m, shown, error_traces, dpi),
-        _workflows_section(analysis, error_traces, max_sessions, dpi),
+        workflows,
         '<section id="latency"><h2>Latency and errors per service</h2>',
-        _chart("latency-chart", "latency", "Latency per service", "", lambda: latency(analysis), dpi),
+        _chart("latency-chart", "latency", "Latency per service", "", lambda: latency(analysis)),
         _latency_table(analysis.services),
         '</section><section id="services"><h2>Service call graph</h2>',
-        _chart("services-chart", "services", "Calls between services", "", lambda: service_graph(analysis), dpi),
+        _chart("services-chart", "services", "Calls between services", "", lambda: service_graph(analysis)),
         "</section></body></html>",
     ]
     return "\n".join(parts)
 
 
-def _head(heading: str) -> str:
+def _head(heading: str, m: Model) -> str:
+    sm = m.summary
+    by_sev = ", ".join(f"{sm['findings'][k]} {k}" for k in SEVERITIES)
     return "\n".join([
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -119,10 +138,12 @@ def _head(heading: str) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_e(heading)}</title><style>{STYLE}</style></head><body>",
         f"<h1>{_e(heading)}</h1>",
+        f'<p class="lede">{sm["hops"]} hops in {sm["requests"]} requests, {fmt_utc(sm["started_at"])} to '
+        f'{fmt_utc(sm["ended_at"])}; findings: {_e(by_sev)}.</p>',
+        '<nav><a href="#answer">What went wrong</a><a href="#findings">Findings</a><a href="#summary">Summary</a>'
+        '<a href="#workflows">Workflows</a><a href="#latency">Latency</a><a href="#services">Services</a></nav>',
         f'<p class="meta">Generated {_e(datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"))} by hoptrace '
         f"{_e(__version__)}. Times are the proxy's clock, in UTC.</p>",
-        '<nav><a href="#summary">Summary</a><a href="#findings">Findings</a><a href="#requests">Failed requests</a>'
-        '<a href="#workflows">Workflows</a><a href="#latency">Latency</a><a href="#services">Services</a></nav>',
     ])  # fmt: skip
 
 
@@ -133,27 +154,119 @@ def _charted_requests(m: Model, limit: int) -> tuple[list[int], list[int]]:
     return shown, error_traces
 
 
-def _requests_section(m: Model, shown: list[int], error_traces: list[int], dpi: int) -> str:
-    from hoptrace.plot._waterfall import waterfall
-
-    out = [f'<section id="requests"><h2>Requests with an error finding ({len(error_traces)})</h2>']
-    if not error_traces:
-        out.append("<p>No request has an error finding." + (" The worst request:" if shown else "") + "</p>")
-    elif len(error_traces) > len(shown):
-        out.append(
-            f'<p class="warn">Showing the first {len(shown)} of {len(error_traces)}, worst first; '
-            f"run <code>hoptrace plot DB --trace ID</code> for the others.</p>"
-        )
-    for t in shown:
-        r = m.request(t)
-        caption = f"Request {t}: {r.service} {r.method} {r.path} → {r.ended}"
-        draw = lambda t=t: waterfall(m.analysis, t)  # noqa: E731
-        out.append(_chart(f"trace-{t}", "waterfall", caption, ", ".join(r.kinds), draw, dpi, data={"trace": t}))
+def _answer_section(m: Model, shown: list[int], error_traces: list[int], limit: int) -> str:
+    """Each error finding's story and its request's waterfall; else one example per warning kind."""
+    groups = [g for g in m.finding_groups if g.severity == "error"]
+    out = ['<section id="answer">']
+    if groups:
+        n = sum(len(g) for g in groups)
+        out.append(f"<h2>What went wrong: {n} error finding{'s' * (n != 1)} in {len(error_traces)} "
+                   f"request{'s' * (len(error_traces) != 1)}</h2>")  # fmt: skip
+        examples = [f for g in groups for f in g.rows.to_dict("records")]
+    else:
+        warn = [g for g in m.finding_groups if g.severity == "warning"]
+        out.append("<h2>No error finding" + ("; the clearest example of each warning kind</h2>" if warn else "</h2>"))
+        rank = {t: k for k, t in enumerate(m.worst_order)}
+        examples = sorted((_clearest(m, g) for g in warn), key=lambda f: rank.get(as_int(f["trace"]), len(rank)))
+        if examples:
+            shown = list(dict.fromkeys(as_int(f["trace"]) for f in examples if as_int(f["trace"]) is not None))[:limit]
+        elif shown:  # _charted_requests' choice: the worst request
+            out.append("<p>No request has an error or warning finding. The worst request:</p>")
+    details = hop_details(m.analysis.source, [h for t in shown for h in _detailed_hops(m, t)])
+    drawn: set[int] = set()
+    for f in examples[:limit] if examples else []:
+        out.append(f'<p class="story sev-{_e(f["severity"])}">{_e(story(m, f))}</p>')
+        trace = as_int(f["trace"])
+        if trace in shown and trace not in drawn:
+            drawn.add(trace)
+            out.append(_request_block(m, trace, details))
+    out += [_request_block(m, t, details) for t in shown if t not in drawn and not examples]
+    if len(examples) > limit or len(error_traces) > len(drawn) and groups:
+        out.append(f'<p class="warn">Told {min(len(examples), limit)} of {len(examples)} findings and drew '
+                   f"{len(drawn)} of {len(error_traces)} requests, worst first; the findings below list them, "
+                   "<code>hoptrace plot DB --trace ID</code> draws any request.</p>")  # fmt: skip
     out.append("</section>")
     return "".join(out)
 
 
-def _workflows_section(analysis: Analysis, error_traces: list[int], limit: int, dpi: int) -> str:
+def _clearest(m: Model, group) -> dict:
+    """The finding of ``group`` about the request highest in the worst-first order."""
+    rank = m.tiers.index.get_indexer(group.rows["trace"].fillna(-1).astype("int64"))
+    rank = [r if r >= 0 else len(m.tiers) for r in rank]
+    return group.rows.iloc[int(min(range(len(rank)), key=rank.__getitem__))].to_dict()
+
+
+def _request_block(m: Model, trace: int, details: dict[int, HopDetail]) -> str:
+    from hoptrace.plot._svg import waterfall_svg
+    from hoptrace.plot._waterfall import waterfall_layout
+
+    r = m.request(trace)
+    caption = f"Request {trace}: {r.service} {r.method} {r.path} → {r.ended}"
+    a = m.analysis
+    draw = lambda: waterfall_svg(waterfall_layout(a.trace_hops(trace), a.tokens, a.findings))  # noqa: E731
+    chart = _chart(f"trace-{trace}", "waterfall", caption, ", ".join(r.kinds), draw, data={"trace": trace})
+    return chart + _hop_list(m, trace, details)
+
+
+def _detailed_hops(m: Model, trace: int) -> list[int]:
+    return [int(h) for h in m.hop_rows(trace).index[:MAX_DETAILED_HOPS]]
+
+
+def _hop_list(m: Model, trace: int, details: dict[int, HopDetail]) -> str:
+    """The request's hops, each a ``<details>`` opening onto what was recorded about it."""
+    rows = m.hop_rows(trace)
+    shown = rows.iloc[:MAX_DETAILED_HOPS]
+    out = [f'<details class="hops"><summary>The {len(rows)} hop{"s" * (len(rows) != 1)} of request {trace}, '
+           "each with its headers, token and timings</summary>"]  # fmt: skip
+    for prefix, (hop, h) in zip(tree_prefixes(shown), shown.iterrows()):
+        line = f"{prefix}{h['service']} {h['method']} {h['path']} → {h['ended']} · {fmt_ms(h['duration_ms'])}"
+        out.append(f'<details class="hop" id="detail-hop-{int(hop)}"><summary>{_e(line)}</summary><div class="panel">'
+                   f"{_hop_panel(h, details.get(int(hop)))}</div></details>")  # fmt: skip
+    if len(rows) > len(shown):
+        out.append(f'<p class="warn">{len(rows) - len(shown)} more hops not detailed here.</p>')
+    return "".join([*out, "</details>"])
+
+
+def _hop_panel(h, d: HopDetail | None) -> str:
+    link = f"{h['link']}" + ("" if as_int(h.get("link_candidates")) in (None, 1) else
+                             f" (a guess among {as_int(h['link_candidates'])} candidates)")  # fmt: skip
+    facts = [("hop", int(h.name)), ("started", fmt_utc(h["started_at"])), ("linked to its caller by", link)]
+    left = token_left(h.get("remaining_s"))
+    if left:
+        facts.append(("token at this hop", left))
+    if d is None:
+        return _pairs(facts) + '<p class="meta">Headers and timings: not available (the trace DB could not be read).</p>'
+    facts.append(("query", scrub(d.hop.get("query")) or "(none)"))
+    split = ", ".join(f"{name} {'reused connection' if v is None and name == 'connect' else fmt_ms(v)}"
+                      for name, v in timings(d.hop))  # fmt: skip
+    facts.append(("time split", split))
+    parts = [_pairs(facts), "<p><b>Request headers</b> (redacted when recorded)</p>", _pairs(d.request_headers),
+             "<p><b>Response headers</b></p>", _pairs(d.response_headers)]  # fmt: skip
+    for t in d.tokens:
+        parts.append(_token_panel(t, h["started_at"]))
+    parts.append(f'<p><b>curl</b> (secrets left as variables)</p><pre class="curl">{_e(curl_line(d.hop, d.request_headers))}</pre>')
+    return "".join(parts)
+
+
+def _token_panel(t: dict, at) -> str:
+    exp, start = as_float(t.get("exp")), as_float(at)
+    life = token_left(exp - start) if exp is not None and start is not None else "no exp"
+    head = [("fingerprint", t["fingerprint"]), ("role", f"{t['role']} ({t['location']})"), ("kind", t["kind"]),
+            ("alg", t["alg"]), ("kid", t["kid"]), ("typ", t["typ"]), ("remaining life at this hop", life)]  # fmt: skip
+    claims = [(k, scrub(v if not isinstance(v, float) or k not in ("exp", "iat", "nbf") else f"{v} ({fmt_utc(v)})"))
+              for k, v in t["claims"].items()]  # fmt: skip
+    note = f'<p class="warn">{_e(scrub(t["error"]))}</p>' if t.get("error") else ""
+    return f"<p><b>Token</b>: header</p>{_pairs(head)}<p>claims (decoded; no signature is stored)</p>{_pairs(claims)}{note}"
+
+
+def _pairs(rows) -> str:
+    if not rows:
+        return '<p class="meta">(none recorded)</p>'
+    cells = "".join(f"<tr><th>{_e(k)}</th><td>{_e(scrub(v))}</td></tr>" for k, v in rows if not is_missing(v))
+    return f'<table class="kv"><tbody>{cells}</tbody></table>'
+
+
+def _workflows_section(analysis: Analysis, error_traces: list[int], limit: int) -> str:
     from hoptrace.plot._session import session_figure
 
     groups, affected = _affected_sessions(analysis.sessions, error_traces, limit)
@@ -164,7 +277,7 @@ def _workflows_section(analysis: Analysis, error_traces: list[int], limit: int, 
         subjects = ", ".join(sorted({str(s) for s in rows["subject"].dropna()})) or "unknown subject"
         caption = f"Session {key} ({subjects}): {len(rows)} requests"
         draw = lambda rows=rows: session_figure(analysis, rows)  # noqa: E731
-        out.append(_chart(f"session-{key}", "session", caption, "", draw, dpi, data={"session": key}))
+        out.append(_chart(f"session-{key}", "session", caption, "", draw, data={"session": key}))
     if affected > len(groups):
         out.append(f'<p class="warn">{affected - len(groups)} more affected workflows not shown.</p>')
     out.append("</section>")
@@ -192,6 +305,8 @@ def write_report(analysis: Analysis, path: str | Path, **kwargs) -> Path:
     if not path.parent.exists():
         raise PlotError(f"{path}: folder {path.parent} does not exist")
     text = render_report(analysis, **kwargs)
+    if kwargs.get("progress"):
+        kwargs["progress"]("writing")
     try:
         path.write_text(text, encoding="utf-8")
     except OSError as exc:
@@ -199,22 +314,26 @@ def write_report(analysis: Analysis, path: str | Path, **kwargs) -> Path:
     return path
 
 
-def _chart(anchor: str, kind: str, caption: str, sub: str, draw: Callable, dpi: int, data: dict | None = None) -> str:
+def _chart(anchor: str, kind: str, caption: str, sub: str, draw: Callable, data: dict | None = None) -> str:
+    """A figure holding the chart as inline SVG (its text kept as text), or a line saying why not.
+
+    ``draw`` returns a matplotlib Figure, or SVG text already (the waterfall's direct drawing)."""
     attrs = "".join(f' data-{k}="{_e(v)}"' for k, v in (data or {}).items())
     try:
-        png = figure_bytes(draw(), "png", dpi=dpi)
+        drawn = draw()
+        svg = drawn if isinstance(drawn, str) else svg_text(drawn)
     except (AnalysisError, ValueError, KeyError, TypeError, IndexError) as exc:
         warnings.warn(f"hoptrace report: {kind} chart {anchor} not drawn: {exc}", stacklevel=2)
         return (
             f'<figure id="{_e(anchor)}"><figcaption>{_e(caption)}</figcaption>'
             f'<p class="bad">This chart could not be drawn: {_e(exc)}</p></figure>'
         )
-    uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
     extra = f' <span class="meta">({_e(sub)})</span>' if sub else ""
+    label = f'class="chart" role="img" data-chart="{_e(kind)}"{attrs} aria-label="{_e(kind)} chart: {_e(caption)}"'
     return (
         f'<figure id="{_e(anchor)}"><figcaption>{_e(caption)}{extra}</figcaption>'
-        f'<img class="chart" data-chart="{_e(kind)}"{attrs} alt="{_e(kind)} chart: {_e(caption)}" src="{uri}">'
-        f"</figure>"
+        + svg.replace("<svg ", f"<svg {label} ", 1)
+        + "</figure>"
     )
 
 
@@ -261,12 +380,17 @@ def _findings_table(m: Model, linked: set[int], max_errors: int, per_kind: int, 
         return "".join([*out, "<p>No findings.</p></section>"])
     errors_left = max_errors
     rows, listed = [], 0
+    head = ('<table class="findings"><thead><tr><th>severity</th><th>kind</th><th>service</th><th>request</th>'
+            "<th>hops</th><th>at (UTC)</th><th>message</th></tr></thead><tbody>")  # fmt: skip
     full_list = f"<code>hoptrace analyze {_e(db_name)} --format json</code>"
     for group in m.finding_groups:
         cap = errors_left if group.severity == "error" else per_kind
         shown = group.rows.head(max(cap, 0))
         errors_left -= len(shown) if group.severity == "error" else 0
         listed += len(shown)
+        opened = " open" if group.severity == "error" else ""
+        rows.append(f'<details class="kind sev-{_e(group.severity)}"{opened}><summary>{_e(group.kind)} × {len(group)} '
+                    f"({_e(group.severity)})</summary>{head}")  # fmt: skip
         rows += [_finding_row(f, linked) for f in shown.to_dict("records")]
         more = len(group) - len(shown)
         if more:
@@ -274,17 +398,14 @@ def _findings_table(m: Model, linked: set[int], max_errors: int, per_kind: int, 
                 f'<tr class="more-findings"><td colspan="7">… and {more} more {_e(group.kind)} '
                 f"finding{'s' * (more != 1)} ({_e(group.severity)}) not listed; {full_list} lists all.</td></tr>"
             )
+        rows.append("</tbody></table></details>")
     if listed < total:
         out.append(
             f'<p class="warn">Listing {listed} of {total} findings: every error finding up to '
             f"{max_errors} and the first {per_kind} of each other kind. The summary counts them all; "
             f"{full_list} lists them all.</p>"
         )
-    out.append(
-        '<table class="findings"><thead><tr><th>severity</th><th>kind</th><th>service</th><th>request</th>'
-        "<th>hops</th><th>at (UTC)</th><th>message</th></tr></thead><tbody>"
-    )
-    return "".join([*out, *rows, "</tbody></table></section>"])
+    return "".join([*out, *rows, "</section>"])
 
 
 def _finding_row(f: dict, linked: set[int]) -> str:

@@ -31,6 +31,9 @@ EXPIRED_SPAN_GID = "token-expired"  # gid of the shading after an expiry
 VALIDATION_GID = "validation"  # gid of the validation markers
 DUPLICATE_HATCH = "////"
 LEGEND_COLS = 4
+MIN_BAR_FRACTION = 0.006  # ~6 px of a 1000 px axis: a 3 ms bar in a 1.4 s request stays visible
+RIGHT_MARGIN = 0.03  # of the span after the last bar or exp line: a bar's text goes before or inside it when it
+# does not fit after, so the axis ends with the request instead of running ~40 % past it
 MAX_SPAN_MS = 86_400_000.0  # a bar is cut a day after the request started: beyond it a time is a clock error
 NOTE_COLORS = {"error": EXPIRED_COLOR, "warning": "#8a5a00", "info": NEUTRAL}
 
@@ -42,7 +45,7 @@ class WaterfallLayout:
     hop_ids: list[int]
     labels: list[str]  # tree-indented "service METHOD /path"
     starts: np.ndarray  # bar left edges
-    widths: np.ndarray  # bar widths (at least 0.2 % of the span, so a 0 ms hop shows)
+    widths: np.ndarray  # bar widths (at least MIN_BAR_FRACTION of the span, so a 0 ms hop shows)
     outcomes: list[str]
     texts: list[str]  # "401 · 1400 ms  ⚠ DUPLICATE of hop 9 …" beside each bar
     alarms: list[bool]  # text in the expiry colour
@@ -91,13 +94,13 @@ def waterfall_layout(
     duplicates = _duplicate_hops(mine, started)
     exp_lines, exp_notes = _expiry_lines(h, tokens, t0, lo, hi)
     right = max([hi] + [x for x, _ in exp_lines if x is not None])
-    xlim = (lo - 0.01 * span, right + 0.42 * (right - lo))
+    xlim = (lo - 0.01 * span, right + RIGHT_MARGIN * (right - lo))
     texts, alarms = _bar_texts(h, duplicates, started, end - start)
     layout = WaterfallLayout(
         hop_ids=ids,
         labels=_labels(h),
         starts=start,
-        widths=np.maximum(end - start, span * 0.002),
+        widths=np.maximum(end - start, MIN_BAR_FRACTION * (xlim[1] - xlim[0])),
         outcomes=outcomes(h).tolist(),
         texts=texts,
         alarms=alarms,
@@ -293,7 +296,8 @@ def _draw_bars(ax, lay: WaterfallLayout) -> np.ndarray:
         if hop in lay.duplicates:
             bar.set_hatch(DUPLICATE_HATCH)
     if lay.validation.any():
-        ax.scatter(lay.starts[lay.validation], y[lay.validation], marker="D", s=30, color="black", zorder=5,
+        # Under the bars (zorder 2 < 3), at their left edge: a 3 ms failing bar is never hidden by its marker.
+        ax.scatter(lay.starts[lay.validation], y[lay.validation], marker="D", s=30, color="black", zorder=2,
                    gid=VALIDATION_GID, label="token validation")  # fmt: skip
     ax.set_xlim(*lay.xlim)
     ax.set_ylim(len(y) - 0.5, -0.5)  # first hop on top

@@ -222,14 +222,14 @@ def demo(out: Path, users: int) -> None:
     Example:
         hoptrace demo --out out/demo --users 6
     """
-    from hoptrace.stack.demo import run_demo
+    from hoptrace.stack.demo import closing_hint, run_demo
 
     with exit_2_on_bad_input():
         written = run_demo(out, users, click.echo)
     click.echo("[demo] files:")
     for path in written:
         click.echo(f"  {path}")
-    click.echo(f"Next: open {out / 'report.html'}, or try `hoptrace analyze {out / 'traces.db'} --format markdown`.")
+    click.echo(closing_hint(out))
 
 
 @click.command("record-samples", cls=OneLineCommand)

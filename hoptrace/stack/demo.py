@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import shutil
 import sqlite3
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,6 +53,25 @@ def run_demo(out: Path, users: int, echo: Echo) -> list[Path]:
     written.append(plot.save_figure(plot.service_graph(analysis), out / "services.png"))
     written.append(plot.write_report(analysis, out / "report.html"))
     return written
+
+
+def closing_hint(out: Path) -> str:
+    """The demo's last line: what to open, and how to reach `hoptrace` from this shell.
+
+    dev.py installs the CLI into the checkout's ``.venv/bin``, which is not on PATH unless
+    that virtualenv is activated; the hint names the command as this shell can run it.
+    """
+    command = "hoptrace"
+    if shutil.which("hoptrace") is None:
+        script = Path(sys.executable).parent / "hoptrace"
+        try:
+            command = str(script.relative_to(Path.cwd()))
+        except ValueError:
+            command = str(script)
+    return (
+        f"Next: open {out / 'report.html'} in a browser, or run `{command} analyze {out / 'traces.db'} --format markdown`"
+        f" (`{command}` is the CLI dev.py installed; `python3 dev.py hoptrace ...` runs it too)."
+    )
 
 
 def record_samples(out: Path, echo: Echo, *, goldens_only: bool = False) -> list[Path]:
