@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from hoptrace._format import as_float, clean, count, ms, token_left, utc
+from hoptrace._format import as_float, clean, count, md_cell, md_table, ms, text_table, token_left, utc
 from hoptrace.analyzer._analysis import Analysis
 from hoptrace.analyzer._arrays import run_starts
 from hoptrace.analyzer._model import Model, model, tree_prefixes
@@ -85,7 +85,7 @@ def _latency_tables(a: Analysis) -> list[Table]:
     ]  # fmt: skip
 
 
-def _tree(m: Model, trace: int, limit: int = _TREE_LINES) -> list[str]:
+def request_tree(m: Model, trace: int, limit: int = _TREE_LINES) -> list[str]:
     """One request as an indented tree: service, endpoint, how it ended, time, token life, link."""
     hops = m.hop_rows(trace)
     columns = ("service", "endpoint", "ended", "duration_ms", "self_ms", "remaining_s", "link", "on_critical_path")
@@ -111,7 +111,7 @@ def _worst_trees(m: Model) -> list[Tree]:
             f"request {trace}: {clean(r.service, 40)} {clean(r.endpoint, 80)} {clean(r.ended, 60)}"
             f" in {ms(r.duration_ms, '-')} at {utc(r.started_at)}{found}"
         )
-        out.append(Tree(title, _tree(m, trace)))
+        out.append(Tree(title, request_tree(m, trace)))
     return out
 
 
@@ -123,16 +123,6 @@ def _sections(a: Analysis, more: str) -> tuple[Model, list[list[str]], list[Tabl
 
 
 # -- text --------------------------------------------------------------------------------
-
-
-def _table(headers: list[str], rows: list[list[str]], right: frozenset[int] = frozenset()) -> list[str]:
-    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
-
-    def line(cells):
-        out = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
-        return "  " + "  ".join(out).rstrip()
-
-    return [line(headers), *(line(r) for r in rows)]
 
 
 def _severity_counts(s: dict) -> str:
@@ -154,9 +144,9 @@ def render_text(analysis: Analysis) -> str:
     out += [f"  note: {clean(n, 300)}" for n in analysis.notes]
     out += ["", f"Findings: {_severity_counts(s)}"]
     if findings:
-        out += _table(["SEVERITY", "KIND", "TRACE", "SERVICE", "MESSAGE"], findings)
+        out += text_table(["SEVERITY", "KIND", "TRACE", "SERVICE", "MESSAGE"], findings)
     for t in tables:
-        out += ["", t.title, *_table(t.headers, t.rows, t.right)]
+        out += ["", t.title, *text_table(t.headers, t.rows, t.right)]
     if trees:
         out += ["", f"Worst requests ({len(trees)}; * marks the critical path)"]
         for tree in trees:
@@ -342,30 +332,20 @@ def _values(column) -> list:
 # -- Markdown ------------------------------------------------------------------------------
 
 
-def _md_cell(value) -> str:
-    return clean(value).replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
-
-
-def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
-    out += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows]
-    return out
-
-
 def render_markdown(analysis: Analysis) -> str:
     """A report for a pull request or a ticket: the text report's sections as Markdown."""
     m, findings, tables, trees = _sections(analysis, "")
     s = m.summary
-    out = [f"# hoptrace analysis of `{_md_cell(analysis.source or 'trace DB')}`", "", f"{_scope(s)}."]
-    out += [f"- {_md_cell(n)}" for n in analysis.notes]
+    out = [f"# hoptrace analysis of `{md_cell(analysis.source or 'trace DB')}`", "", f"{_scope(s)}."]
+    out += [f"- {md_cell(n)}" for n in analysis.notes]
     out += ["", "## Findings", "", f"{_severity_counts(s)}.", ""]
     if findings:
-        out += _md_table(["Severity", "Kind", "Request", "Service", "Message"], findings)
+        out += md_table(["Severity", "Kind", "Request", "Service", "Message"], findings)
     for t in tables:
-        out += ["", f"## {t.title[0]}{t.title[1:]}", "", *_md_table([h.capitalize() for h in t.headers], t.rows)]
+        out += ["", f"## {t.title[0]}{t.title[1:]}", "", *md_table([h.capitalize() for h in t.headers], t.rows)]
     if trees:
         out += ["", "## Worst requests", ""]
         for tree in trees:
             lines = [line.replace("```", "\'\'\'") for line in tree.lines]
-            out += [f"### {_md_cell(tree.title[0].upper() + tree.title[1:])}", "", "```", *lines, "```", ""]
+            out += [f"### {md_cell(tree.title[0].upper() + tree.title[1:])}", "", "```", *lines, "```", ""]
     return "\n".join(out).rstrip() + "\n"

@@ -124,6 +124,31 @@ def hop_ended(status: Any, failed: Any = 0, error_kind: Any = None) -> str:
 
 # -- a terminal ---------------------------------------------------------------------------
 
+# -- tables ----------------------------------------------------------------------------
+
+
+def text_table(headers: list[str], rows: list[list[str]], right: frozenset[int] = frozenset()) -> list[str]:
+    """Rows as aligned columns for a terminal, two spaces apart; ``right``: the right-aligned columns."""
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+
+    def line(cells):
+        out = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return "  " + "  ".join(out).rstrip()
+
+    return [line(headers), *(line(r) for r in rows)]
+
+
+def md_cell(value) -> str:
+    """A Markdown table cell: cleaned, with the characters that would end or format it escaped."""
+    return clean(value).replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
+
+
+def md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    out += ["| " + " | ".join(md_cell(c) for c in r) + " |" for r in rows]
+    return out
+
+
 SEVERITY_COLOURS = {"error": "1;31", "warning": "33", "info": "36"}  # ANSI SGR: bold red, yellow, cyan
 SEVERITY_WORDS = re.compile(r"(?<![\w-])(errors?|warnings?|info|ERRORS?|WARNINGS?|INFO)(?![\w-])")
 

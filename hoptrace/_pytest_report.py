@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from hoptrace.analyzer._render import _clean, _count, _ms, _status, _tree
+from hoptrace._format import clean, count, hop_ended, ms
+from hoptrace.analyzer._model import model
+from hoptrace.analyzer._render import request_tree
 from hoptrace.coverage import CLIENT
 
 _TREE_LINES = 40
@@ -64,13 +66,13 @@ def caller_of(finding: dict, hops: pd.DataFrame) -> str | None:
 
 def _finding_line(f: dict) -> str:
     where = f"{f['caller']} -> {f['service']}" if f["caller"] else str(f["service"])
-    return f"{f['severity']} {f['kind']} (request {f['trace']}, {_clean(where, 80)}): {_clean(f['message'], 400)}"
+    return f"{f['severity']} {f['kind']} (request {f['trace']}, {clean(where, 80)}): {clean(f['message'], 400)}"
 
 
 def _request_line(analysis, root: int) -> str:
     r = analysis.hops.loc[root]
-    status = _status(r["status"], r["failed"])
-    return f"request {root}: {_clean(r['service'], 40)} {_clean(r['endpoint'], 80)} {status} in {_ms(r['duration_ms'])}"
+    status = hop_ended(r["status"], r["failed"])
+    return f"request {root}: {clean(r['service'], 40)} {clean(r['endpoint'], 80)} {status} in {ms(r['duration_ms'])}"
 
 
 def token_story(analysis, root: int) -> str | None:
@@ -86,12 +88,12 @@ def token_story(analysis, root: int) -> str | None:
         caller = caller_of({"hop_ids": [hop]}, analysis.hops) or "?"
         when = f"with {left:.1f} s left" if left >= 0 else f"{-left:.1f} s after exp"
         steps.append(
-            f"{_clean(caller, 40)} validated {'it' if steps else 'the token'} ({_clean(service, 40)} {_clean(endpoint, 80)}) {when}"
+            f"{clean(caller, 40)} validated {'it' if steps else 'the token'} ({clean(service, 40)} {clean(endpoint, 80)}) {when}"
         )
     if not steps:
         return None
     r = analysis.hops.loc[root]
-    return f"{_clean(r['endpoint'], 80)} {_status(r['status'], r['failed'])}: " + "; ".join(steps)
+    return f"{clean(r['endpoint'], 80)} {hop_ended(r['status'], r['failed'])}: " + "; ".join(steps)
 
 
 def failing_request(test, analysis) -> int | None:
@@ -111,14 +113,14 @@ def section(test, analysis, root: int | None = None) -> str:
     how = {"header": "by its X-Hoptrace-Test header", "window": "by the test's time window"}.get(
         test.by, "by its header, and untagged ones by the test's time window"
     )
-    errors, warnings = _count(int(counts.get("error", 0)), "error"), _count(int(counts.get("warning", 0)), "warning")
+    errors, warnings = count(int(counts.get("error", 0)), "error"), count(int(counts.get("warning", 0)), "warning")
     lines = [
-        f"{_count(len(test.roots), 'request')} of this test ({how}): {errors}, {warnings}, {int(counts.get('info', 0))} info"
+        f"{count(len(test.roots), 'request')} of this test ({how}): {errors}, {warnings}, {int(counts.get('info', 0))} info"
     ]
     if not test.complete:
         lines.append("note: the proxy had not written all of them within 5 s; some may be missing")
     if "window" in test.by and test.foreign:
-        lines.append(f"note: {_count(test.foreign, 'request')} of other tests entered during this test's window")
+        lines.append(f"note: {count(test.foreign, 'request')} of other tests entered during this test's window")
     root = root if root is not None else failing_request(test, analysis)
     if root is not None:
         status = analysis.hops.at[root, "status"]
@@ -126,7 +128,7 @@ def section(test, analysis, root: int | None = None) -> str:
         if story := token_story(analysis, root):
             lines.append(f"  {story}")
         lines += [f"  {_finding_line(f)}" for f in test.findings if f["trace"] == root]
-        lines += _tree(analysis, root, _TREE_LINES)
+        lines += request_tree(model(analysis), root, _TREE_LINES)
     others = [f for f in test.findings if f["trace"] != root]
     if others:
         lines += ["", "Findings of its other requests:"]
@@ -139,7 +141,7 @@ def matching(test, fail_on: frozenset[str]) -> list[dict]:
 
 
 def fail_on_message(test, hits: list[dict], fail_on: frozenset[str], analysis) -> str:
-    head = f"hoptrace: --hoptrace-fail-on {','.join(sorted(fail_on))}: {_count(len(hits), 'finding')} on this test's requests"
+    head = f"hoptrace: --hoptrace-fail-on {','.join(sorted(fail_on))}: {count(len(hits), 'finding')} on this test's requests"
     return "\n".join([head, "", section(test, analysis, root=hits[0]["trace"])])
 
 
@@ -170,9 +172,9 @@ def summary(plugin, analysis) -> list[str]:
     counts = f["severity"].value_counts()
     lines = [
         f"trace: {plugin.capture.db} ({plugin.proxy_summary})",
-        f"{_count(int((analysis.hops['depth'] == 0).sum()), 'request')} from {_count(len(plugin.tests), 'test')}; "
-        + ("no error finding" if not counts.get("error", 0) else _count(int(counts['error']), 'error finding'))
-        + f", {_count(int(counts.get('warning', 0)), 'warning')}, {int(counts.get('info', 0))} info",
+        f"{count(int((analysis.hops['depth'] == 0).sum()), 'request')} from {count(len(plugin.tests), 'test')}; "
+        + ("no error finding" if not counts.get("error", 0) else count(int(counts['error']), 'error finding'))
+        + f", {count(int(counts.get('warning', 0)), 'warning')}, {int(counts.get('info', 0))} info",
     ]  # fmt: skip
     attributed: set[int] = set()
     for test in plugin.tests.values():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from hoptrace.analyzer._render import _clean, _md_table, _table
+from hoptrace._format import clean, md_table, text_table
 from hoptrace.coverage._model import Coverage
 
 JSON_FORMAT = "hoptrace-coverage"
@@ -29,13 +29,13 @@ def _sections(c: Coverage) -> list[tuple[str, list[str], list[list[str]]]]:
         (
             "Endpoints exercised",
             ["SERVICE", "ENDPOINT", "CALLS", "STATUS CLASSES", "CALLERS"],
-            [[_clean(r.service, 40), f"{r.method} {_clean(r.path, 80)}" + ("" if r.documented is not False else " (undocumented)"),
+            [[clean(r.service, 40), f"{r.method} {clean(r.path, 80)}" + ("" if r.documented is not False else " (undocumented)"),
               str(r.calls), " ".join(r.classes), ", ".join(map(str, r.callers))] for r in c.endpoints.itertuples()],
         ),
         (
             "Calls between services",
             ["CALLER", "CALLEE", "ENDPOINT", "CALLS", "STATUS CLASSES"],
-            [[_clean(r.caller, 40), _clean(r.callee, 40), f"{r.method} {_clean(r.path, 80)}", str(r.calls), " ".join(r.classes)]
+            [[clean(r.caller, 40), clean(r.callee, 40), f"{r.method} {clean(r.path, 80)}", str(r.calls), " ".join(r.classes)]
              for r in c.edges.itertuples()],
         ),
     ]  # fmt: skip
@@ -58,7 +58,7 @@ def _sections(c: Coverage) -> list[tuple[str, list[str], list[list[str]]]]:
             "Error paths never exercised (no 4xx, 5xx or failure seen)",
             ["SERVICE", "ENDPOINT", "STATUSES SEEN"],
             [
-                [_clean(r.service, 40), f"{r.method} {_clean(r.path, 80)}", ", ".join(map(str, r.statuses))]
+                [clean(r.service, 40), f"{r.method} {clean(r.path, 80)}", ", ".join(map(str, r.statuses))]
                 for r in c.errors_never_seen.itertuples()
             ],
         )
@@ -67,19 +67,19 @@ def _sections(c: Coverage) -> list[tuple[str, list[str], list[list[str]]]]:
 
 
 def render_text(c: Coverage) -> str:
-    out = [f"hoptrace interaction coverage of {_clean(c.source or 'trace DB')}", *(f"  {line}" for line in _headline(c))]
+    out = [f"hoptrace interaction coverage of {clean(c.source or 'trace DB')}", *(f"  {line}" for line in _headline(c))]
     for title, headers, rows in _sections(c):
         out += ["", f"{title}: {len(rows)}"]
         if rows:
-            out += _table(headers, rows)
+            out += text_table(headers, rows)
     return "\n".join(out) + "\n"
 
 
 def render_markdown(c: Coverage) -> str:
-    out = [f"## Interaction coverage of `{_clean(c.source or 'trace DB')}`", "", *(f"- {line}" for line in _headline(c))]
+    out = [f"## Interaction coverage of `{clean(c.source or 'trace DB')}`", "", *(f"- {line}" for line in _headline(c))]
     for title, headers, rows in _sections(c):
         out += ["", f"### {title} ({len(rows)})", ""]
-        out += _md_table(headers, rows) if rows else ["none"]
+        out += md_table(headers, rows) if rows else ["none"]
     return "\n".join(out) + "\n"
 
 
@@ -112,9 +112,9 @@ def render_comparison(diff: dict[str, dict[str, list[str]]], base: str, new: str
             {"format": f"{JSON_FORMAT}-comparison", "version": JSON_VERSION, "base": base, "new": new, **diff}, indent=2
         )
     bullet = "- " if fmt == "markdown" else "  "
-    out = [f"{'## ' if fmt == 'markdown' else ''}Coverage of {_clean(new)} compared with {_clean(base)}"]
+    out = [f"{'## ' if fmt == 'markdown' else ''}Coverage of {clean(new)} compared with {clean(base)}"]
     for what, change in diff.items():
         for verb, sign in (("added", "+"), ("lost", "-")):
             out += ["", f"{what} {verb}: {len(change[verb])}"]
-            out += [f"{bullet}{sign} {_clean(item, 200)}" for item in change[verb]]
+            out += [f"{bullet}{sign} {clean(item, 200)}" for item in change[verb]]
     return "\n".join(out) + "\n"
