@@ -8,18 +8,28 @@ import click
 
 from hoptrace._click import BadInput, OneLineCommand, exit_2_on_bad_input
 
-# The kinds are listed here rather than imported, so that `hoptrace --help` does not
-# load pandas; a test keeps this tuple equal to DETECTORS.
-KINDS = (
-    "expired_mid_flow", "expired_in_session", "rejected_valid_token", "token_crossover", "upstream_error",
-    "near_expiry", "duplicate_validation", "clock_skew", "token_reuse", "retry_storm", "slow_hop",
-)  # fmt: skip
 FORMATS = ("text", "json", "markdown")
+
+
+def _detector_kinds() -> tuple[str, ...]:
+    # The one list of kinds is the detector tuple's; imported only when needed, so that
+    # `hoptrace --help` and the other commands do not load pandas.
+    from hoptrace.analyzer._detectors import KINDS
+
+    return KINDS
+
+
+class _AnalyzeCommand(OneLineCommand):
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Finding kinds (for --fail-on)"):
+            formatter.write_text(", ".join(_detector_kinds()))
+        super().format_epilog(ctx, formatter)
 
 
 def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...]:
     if value is None:
         return ()
+    KINDS = _detector_kinds()
     kinds = tuple(k.strip() for k in value.split(",") if k.strip())
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
@@ -27,7 +37,7 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
     return kinds
 
 
-@click.command("analyze", cls=OneLineCommand)
+@click.command("analyze", cls=_AnalyzeCommand)
 @click.argument("db", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True, help="Report format.")
 @click.option(
@@ -81,10 +91,6 @@ def analyze(
 
     Exit status: 0 when done, 1 when a --fail-on kind was found, 2 for bad input
     (a file that is not a trace DB, an unknown --trace, an unreadable time).
-
-    Finding kinds: expired_mid_flow, expired_in_session, rejected_valid_token,
-    token_crossover, upstream_error, near_expiry, duplicate_validation, clock_skew,
-    token_reuse, retry_storm, slow_hop.
 
     Example:
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from hoptrace._click import BadInput, OneLineCommand, exit_2_on_bad_input
+from hoptrace._errors import HoptraceError
 
 PLOT_FORMATS = (".png", ".svg")
 REPORT_FORMATS = (".html", ".htm")
@@ -37,13 +38,15 @@ def _has_hops(db: Path) -> bool | None:
     """Whether the DB has any hop (None: cannot tell here; the analyzer will say why)."""
     import sqlite3
 
+    from hoptrace.db import open_for_reading
+
     try:
-        conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
+        conn = open_for_reading(db, check=False)  # the analyzer checks the file's structure
         try:
             return bool(conn.execute("SELECT EXISTS (SELECT 1 FROM hops)").fetchone()[0])
         finally:
             conn.close()
-    except sqlite3.Error:
+    except (sqlite3.Error, HoptraceError):
         return None
 
 
