@@ -147,7 +147,10 @@ def _read(conn, path: Path, columns: tuple[str, ...], since, until) -> Tables:
         entries = tuple(captures["entry"].dropna().unique())
         reads.append(partial(_read_root_traces, entries=entries, last_id=last_id, where=where, params=params))
     first_chunk = len(reads)
-    reads += [partial(_read_hop_columns, columns=hop_columns, lo=lo, hi=hi, where=where, params=params) for lo, hi in bounds]
+    reads += [
+        partial(_read_hop_columns, columns=hop_columns, lo=lo, hi=hi, where=where, params=params, unique_ids=shape.rowid_ids)
+        for lo, hi in bounds
+    ]
     with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
         running = [pool.submit(_run_read, conn.uri, read) for read in reads]
         with _checking(pool, conn.uri, path):
@@ -448,9 +451,14 @@ def _numeric(column: str, value: str) -> str:
     return f"group_concat(CASE typeof({column}) WHEN 'integer' THEN {value} WHEN 'real' THEN {value} ELSE {_NULL} END, ',')"
 
 
-def _read_hop_columns(conn, columns: tuple[str, ...], lo: int, hi: int, where: str, params: tuple) -> dict | None:
-    """The hops with ``lo < id <= hi``: per column, an int array (numbers) or a list (text); None if none."""
-    sparse = [c for c in columns if c in _SPARSE_COLUMNS]
+def _read_hop_columns(
+    conn, columns: tuple[str, ...], lo: int, hi: int, where: str, params: tuple, unique_ids: bool = True
+) -> dict | None:
+    """The hops with ``lo < id <= hi``: per column, an int array (numbers) or a list (text); None if none.
+
+    ``unique_ids=False`` (a hops table without its primary key): no column is looked up by id.
+    """
+    sparse = [c for c in columns if c in _SPARSE_COLUMNS and unique_ids]
     names = ("id", *(c for c in columns if c not in sparse))
     exprs = [_expr(c) for c in names]
     if sparse:
@@ -503,7 +511,8 @@ def _chunk_bounds(conn, last_id: int, shape: _Shape) -> list[tuple[int, int]]:
     table (a hostile file) only changes how many hops a range holds.
     """
     ids = shape.integer_ids
-    first = conn.execute(f"SELECT min(id) FROM hops{ids}").fetchone()[0]
+    # Ranges start after `first - 1`, which must be a 64-bit integer too (and ids stay above _NULL).
+    first = max(conn.execute(f"SELECT min(id) FROM hops{ids}").fetchone()[0], _NULL + 1)
     count = conn.execute(f"SELECT count(*) FROM hops{ids}").fetchone()[0]
     if count == 0:
         return []

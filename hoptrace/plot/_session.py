@@ -231,7 +231,7 @@ def session_figure(
         left, right, notes = [], [], []
         for fp in fps:
             iat, exp, _ = info[fp]
-            a = xlim[0] if iat is None else max(iat - t0, xlim[0])
+            a = xlim[0] if iat is None else min(max(iat - t0, xlim[0]), xlim[1])  # a label beyond the axes overflows the rasteriser
             b = xlim[1] if exp is None else min(exp - t0, xlim[1])
             left.append(a)
             right.append(max(b, a))
