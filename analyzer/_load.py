@@ -317,18 +317,15 @@ def capture_notes(captures: pd.DataFrame) -> list[str]:
     for capture_id, row in captures[captures["ended_at"].isna()].iterrows():
         counts = [_count(row.get(name)) for name in ("hops_seen", "hops_recorded", "hops_dropped")]
         if None in counts:
-            missing = "its counters are unreadable, so how many hops are missing is unknown"
+            missing = "its counters are unreadable: how many hops are missing is unknown"
         else:
             seen, recorded, dropped = counts
             missing = (
-                f"at its last write it had seen {seen} hops, written {recorded} and dropped {dropped}: up to"
-                f" {max(seen - recorded - dropped, 0)} hops may be missing, plus those seen after that write"
-                f" (at most one batch, {_WRITER_BATCH:,} hops)"
+                f"at its last write {seen} hops seen, {recorded} written, {dropped} dropped; up to"
+                f" {max(seen - recorded - dropped, 0)} missing, plus up to {_WRITER_BATCH:,} seen after it"
             )
-        notes.append(
-            f"capture {capture_id} did not end cleanly, or is still recording: it has no end time (the proxy"
-            f" crashed or was killed, or is still running); {missing}"
-        )
+        # Renderers shorten a note past 200 characters: this one stays under.
+        notes.append(f"capture {capture_id} did not end cleanly (crashed, killed) or is still running: {missing}")
     return notes
 
 

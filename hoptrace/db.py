@@ -14,11 +14,15 @@ from __future__ import annotations
 import json
 import sqlite3
 import sys
+from contextlib import closing
+from functools import cache
 from pathlib import Path
-
-import sqlite_utils
+from typing import TYPE_CHECKING
 
 from hoptrace._errors import TraceFileError
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 SCHEMA_VERSION = 2
 
@@ -225,8 +229,8 @@ def _v1_to_v2(db: sqlite_utils.Database) -> None:
     Nullable columns at the end of their tables: ALTER TABLE ADD COLUMN, no copy of the rows.
     """
     for table, columns in ADDED_COLUMNS.items():
-        for column in columns:
-            if column not in db[table].columns_dict:
+        for column in columns:  # a table the file lacks is made whole by _create_tables
+            if db[table].exists() and column not in db[table].columns_dict:
                 db[table].add_column(column, COLUMNS[table][column][0])
 
 
@@ -235,18 +239,21 @@ def _v1_to_v2(db: sqlite_utils.Database) -> None:
 MIGRATIONS = (_v1_to_v2,)
 
 
+@cache
 def _schema_sql() -> str:
-    """The DDL of the current schema, as SQLite stores it: for test fixtures and benchmarks that
-    build a file with ``executescript`` (then set ``PRAGMA user_version`` to :data:`SCHEMA_VERSION`)."""
-    db = sqlite_utils.Database(memory=True, execute_plugins=False)
-    _create_tables(db)
-    _create_views(db)
-    rows = db.execute("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY type = 'view', rowid").fetchall()
-    db.close()
+    with closing(sqlite3.connect(":memory:", isolation_level=None)) as conn:
+        migrate(conn, 0)
+        rows = conn.execute("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY type = 'view', rowid").fetchall()
     return "".join(f"{sql};\n" for (sql,) in rows)
 
 
-SCHEMA = _schema_sql()
+def __getattr__(name: str) -> str:
+    # SCHEMA, the DDL of the current schema as SQLite stores it: for test fixtures and benchmarks
+    # that build a file with ``executescript`` (then set ``PRAGMA user_version``). Made on first
+    # use: sqlite-utils imports pandas (0.3 s, 40 MB), which the recorder's row process never needs.
+    if name == "SCHEMA":
+        return _schema_sql()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_for_writing(path: str | Path) -> sqlite3.Connection:
@@ -268,7 +275,8 @@ def open_for_writing(path: str | Path) -> sqlite3.Connection:
         _refuse_newer(path, version)
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
-        migrate(conn, max(version, 1) if existing else 0)
+        if version < SCHEMA_VERSION or not set(TABLES) <= existing:
+            migrate(conn, max(version, 1) if existing else 0)
     except sqlite3.DatabaseError as exc:
         raise TraceFileError(f"{path}: cannot open for writing: {exc}") from None
     return conn
@@ -276,8 +284,12 @@ def open_for_writing(path: str | Path) -> sqlite3.Connection:
 
 def migrate(conn: sqlite3.Connection, version: int) -> None:
     """Bring a file at schema ``version`` (0: empty) to :data:`SCHEMA_VERSION`, in one transaction."""
+    import sqlite_utils  # here, not at the top: it imports pandas (see SCHEMA)
+
     db = sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
     with db.atomic():
+        for name in VIEWS:  # a view naming a table would stop a step from rebuilding it; made again below
+            db.execute(f"DROP VIEW IF EXISTS {name}")
         for step in MIGRATIONS[max(version, 1) - 1 :] if version else ():
             step(db)
         _create_tables(db)  # a new file; and a table an older one lacks

@@ -77,6 +77,9 @@ def _rebuild(conn: sqlite3.Connection, table: str, dropped: set[str]) -> None:
     db = sqlite_utils.Database(conn, execute_plugins=False)
     keep = [c for c in _columns(conn, table) if c not in dropped]
     if dropped and not dropped & set(db[table].pks):
+        for index in db[table].indexes:  # transform keeps indexes, so none may name a dropped column
+            if dropped & set(index.columns):
+                conn.execute(f"DROP INDEX {index.name}")
         db[table].transform(drop=dropped)
         return
     conn.execute(f"CREATE TABLE {table}_rebuilt AS SELECT {', '.join(keep)} FROM {table}")
