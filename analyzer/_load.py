@@ -109,7 +109,9 @@ def load(
             raise TraceFileError(f"{path}: cannot read the trace database ({exc})") from None
         except (ValueError, TypeError, OverflowError, KeyError) as exc:
             # Content no check above foresaw: still a statement about the file, not a traceback.
-            raise TraceFileError(f"{path}: cannot read the trace database: unexpected content ({type(exc).__name__}: {exc})") from None
+            raise TraceFileError(
+                f"{path}: cannot read the trace database: unexpected content ({type(exc).__name__}: {exc})"
+            ) from None
         finally:
             conn.close()
     except TraceFileError as exc:
@@ -132,11 +134,14 @@ def _read(conn, path: Path, columns: tuple[str, ...], since, until) -> Tables:
     tokens = _read_tokens(conn)
     last_id = conn.execute(f"SELECT max(id) FROM hops{shape.integer_ids}").fetchone()[0]
     where, params = _window(conn, since, until)
-    traced = "trace_id" in shape.hops and conn.execute("SELECT 1 FROM hops WHERE trace_id IS NOT NULL LIMIT 1").fetchone() is not None
+    traced = "trace_id" in shape.hops
+    traced = traced and conn.execute("SELECT 1 FROM hops WHERE trace_id IS NOT NULL LIMIT 1").fetchone() is not None
     if not traced:
         columns = tuple(c for c in columns if c not in _TRACE_COLUMNS)
     # One capture in the whole table (the hops_capture_started index answers at once): no column to read.
-    low, high = conn.execute("SELECT min(capture_id), max(capture_id) FROM hops").fetchone() if "capture_id" in shape.hops else (None, 0)
+    low, high = (None, 0)
+    if "capture_id" in shape.hops:
+        low, high = conn.execute("SELECT min(capture_id), max(capture_id) FROM hops").fetchone()
     single_capture = isinstance(low, int) and low == high
     hop_columns = tuple(c for c in columns if c in shape.hops and not (single_capture and c == "capture_id"))
     bounds = _chunk_bounds(conn, last_id, shape) if last_id is not None else []

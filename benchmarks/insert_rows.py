@@ -33,7 +33,8 @@ def rows(n: int) -> list[dict]:
             id=i, capture_id=1, flow_id=f"flow-{i}", service="gateway", method="GET", scheme="http", host="127.0.0.1",
             port=8080, path=f"/orders/{i % 500}", http_version="HTTP/1.1", status=200, reason="OK", failed=0,
             request_size=0, response_size=512, started_at=t, ended_at=t + 0.004, duration_ms=4.0,
-            request_headers='[["accept", "*/*"], ["authorization", "Bearer <redacted>"]]', response_headers='[["content-type", "application/json"]]',
+            request_headers='[["accept", "*/*"], ["authorization", "Bearer <redacted>"]]',
+            response_headers='[["content-type", "application/json"]]',
         )  # fmt: skip
         out.append(row)
     return out
@@ -41,7 +42,9 @@ def rows(n: int) -> list[dict]:
 
 def _fresh(folder: Path, name: str):
     conn = open_for_writing(folder / name)
-    conn.execute("INSERT INTO captures (id, started_at, routes, hoptrace_version, mitmproxy_version) VALUES (1, 0, '[]', 'x', 'y')")
+    conn.execute(
+        "INSERT INTO captures (id, started_at, routes, hoptrace_version, mitmproxy_version) VALUES (1, 0, '[]', 'x', 'y')"
+    )
     return conn
 
 

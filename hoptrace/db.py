@@ -129,7 +129,9 @@ _CREATE: dict[str, dict] = {
         "pk": "id",
         "not_null": ["started_at", "routes", "hoptrace_version", "mitmproxy_version",
                      "hops_seen", "hops_recorded", "hops_dropped", "addon_errors", "write_errors", "bodies_stored"],
-        "defaults": dict.fromkeys(("hops_seen", "hops_recorded", "hops_dropped", "addon_errors", "write_errors", "bodies_stored"), 0),
+        "defaults": dict.fromkeys(
+            ("hops_seen", "hops_recorded", "hops_dropped", "addon_errors", "write_errors", "bodies_stored"), 0
+        ),
     },
     "hops": {
         "pk": "id",

@@ -193,7 +193,9 @@ def test_entry_hops_take_their_trace_id_from_the_response_whatever_the_header_ca
     assert pd.isna(hops.loc[4, "trace_id"])
 
 
-@pytest.mark.parametrize(("table", "column"), [("captures", "entry"), ("tokens", "exp"), ("hops", "error_kind"), ("hop_tokens", "role")])
+@pytest.mark.parametrize(
+    ("table", "column"), [("captures", "entry"), ("tokens", "exp"), ("hops", "error_kind"), ("hop_tokens", "role")]
+)
 def test_a_missing_column_reads_as_empty_and_says_so(tmp_path, table, column):
     path = small().write(tmp_path / "t.db")
     with sqlite3.connect(path) as conn:

@@ -48,7 +48,8 @@ def test_a_new_file_has_types_keys_defaults_and_indexes(tmp_path):
         db = sqlite_utils.Database(conn)
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert {(fk.column, fk.other_table) for fk in db["hop_tokens"].foreign_keys} == {("hop_id", "hops"), ("fingerprint", "tokens")}
+        links = {(fk.column, fk.other_table) for fk in db["hop_tokens"].foreign_keys}
+        assert links == {("hop_id", "hops"), ("fingerprint", "tokens")}
         assert db["hops"].pks == ["id"] and db["hop_tokens"].pks == list(HOP_TOKEN_COLUMNS)
         assert {i.name for i in db["hops"].indexes} == {"hops_capture_started", "hops_trace"}
         assert db["hops"].columns_dict["started_at"] is float and db["hops"].columns_dict["stream_id"] is int
@@ -209,8 +210,8 @@ def _open_capture(path: Path, *, seen: int, recorded: int, dropped: int) -> sqli
     """A capture row as the recorder leaves it between batches: counters of the last write, no ended_at."""
     conn = open_for_writing(path)
     conn.execute(
-        "INSERT INTO captures (id, started_at, routes, entry, hoptrace_version, mitmproxy_version, hops_seen, hops_recorded, hops_dropped)"
-        " VALUES (1, ?, '[]', 'gateway', 'x', 'y', ?, ?, ?)",
+        "INSERT INTO captures (id, started_at, routes, entry, hoptrace_version, mitmproxy_version,"
+        " hops_seen, hops_recorded, hops_dropped) VALUES (1, ?, '[]', 'gateway', 'x', 'y', ?, ?, ?)",
         (T0, seen, recorded, dropped),
     )
     for i in range(1, recorded + 1):
