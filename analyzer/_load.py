@@ -36,7 +36,15 @@ import pandas as pd
 
 from hoptrace._errors import TraceFileError
 from hoptrace.analyzer._traces import in_start_order
-from hoptrace.db import ADDED_COLUMNS, COLUMNS, HOP_COLUMNS, check_structure, connect_read_only, open_for_reading
+from hoptrace.db import (
+    ADDED_COLUMNS,
+    COLUMNS,
+    HOP_COLUMNS,
+    SQLITE_ERRORS,
+    check_structure,
+    connect_read_only,
+    open_for_reading,
+)
 
 # Hop columns the analysis reads; `extra_columns` adds others (e.g. "reason", or "all").
 CORE_HOP_COLUMNS = (
@@ -104,7 +112,7 @@ def load(
         try:
             conn.execute("BEGIN")  # captures, tokens and the id bound from one snapshot
             return _read(conn, Path(path), columns, since, until)
-        except sqlite3.DatabaseError as exc:
+        except SQLITE_ERRORS as exc:
             check_structure(conn, path)  # a corrupt file is the likely cause: then say that
             raise TraceFileError(f"{path}: cannot read the trace database ({exc})") from None
         except (ValueError, TypeError, OverflowError, KeyError) as exc:

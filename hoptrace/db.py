@@ -207,6 +207,11 @@ HOP_TOKEN_COLUMNS = ("hop_id", "fingerprint", "role", "location")
 TABLES = ("captures", "hops", "tokens", "hop_tokens")
 
 
+# What SQLite raises for a damaged or hostile file. Python decodes SQLite's error messages as
+# UTF-8, so a message quoting damaged schema text raises UnicodeDecodeError in its place.
+SQLITE_ERRORS = (sqlite3.DatabaseError, UnicodeDecodeError)
+
+
 def _create_tables(db: sqlite_utils.Database) -> None:
     """The current schema, in one step: what a new file gets."""
     for name in TABLES:
@@ -279,7 +284,7 @@ def open_for_writing(path: str | Path) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous = NORMAL")
         if version < SCHEMA_VERSION or not set(TABLES) <= existing:
             migrate(conn, max(version, 1) if existing else 0)
-    except sqlite3.DatabaseError as exc:
+    except SQLITE_ERRORS as exc:
         raise TraceFileError(f"{path}: cannot open for writing: {exc}") from None
     return conn
 
@@ -328,7 +333,7 @@ def open_for_reading(path: str | Path, *, check: bool = True) -> ReadConnection:
             check_structure(conn, path)
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         missing = set(TABLES) - _table_names(conn)
-    except sqlite3.DatabaseError as exc:
+    except SQLITE_ERRORS as exc:
         raise TraceFileError(f"{path}: not a readable SQLite database ({exc})") from None
     if version > SCHEMA_VERSION or missing:
         conn.close()
@@ -399,7 +404,7 @@ def check_structure(conn: sqlite3.Connection, path: str | Path) -> None:
     """
     try:
         problem = conn.execute("PRAGMA quick_check").fetchone()[0]
-    except sqlite3.DatabaseError as exc:
+    except SQLITE_ERRORS as exc:
         raise TraceFileError(f"{path}: not a readable SQLite database ({exc})") from None
     if problem != "ok":
         raise TraceFileError(f"{path}: database is corrupt ({' '.join(str(problem).split())[:200]})")

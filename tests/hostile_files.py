@@ -63,7 +63,10 @@ def absurd_values(conn: sqlite3.Connection, rng: random.Random) -> None:
         table = rng.choice(["tokens", "tokens", "hops", "hops", "captures", "hop_tokens"])
         column = rng.choice([c for c in NUMBER_COLUMNS[table] if c in _columns(conn, table)])
         value = rng.choice(ABSURD + SANE_LOOKING)
-        conn.execute(f"UPDATE OR IGNORE {table} SET {column} = ? WHERE rowid % ? = 0", (value, rng.randint(1, 3)))
+        try:
+            conn.execute(f"UPDATE OR IGNORE {table} SET {column} = ? WHERE rowid % ? = 0", (value, rng.randint(1, 3)))
+        except sqlite3.IntegrityError:  # "datatype mismatch": an INTEGER PRIMARY KEY takes only integers
+            pass
     if rng.random() < 0.5:  # hops that end before they start
         conn.execute("UPDATE hops SET ended_at = started_at - ? WHERE id % 3 = 0", (rng.choice((0.5, 1e6, 1e9)),))
 

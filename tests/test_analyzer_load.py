@@ -7,9 +7,11 @@ import sqlite3
 
 import pandas as pd
 import sqlite_utils
+from click.testing import CliRunner
 import pytest
 
 from hoptrace._errors import AnalysisError, TraceFileError
+from hoptrace.cli import cli
 from hoptrace.analyzer import AnalyzerConfig, analyze, load
 from hoptrace.db import HOP_COLUMNS, open_for_writing
 
@@ -249,3 +251,15 @@ def test_absurd_times_read_as_unknown(tmp_path):
     assert "2 hop times outside 2000-2100 were read as unknown" in a.notes
     assert "1 token times (iat, nbf, exp, first seen) outside 2000-2100 were read as unknown" in a.notes
     assert "1 token nbf claims later than the token's exp were ignored" in a.notes
+
+
+def test_a_schema_whose_error_message_is_not_utf8(tmp_path):
+    """SQLite quotes the damaged name in its error; Python then raises UnicodeDecodeError, not sqlite3.Error."""
+    path = small().write(tmp_path / "t.db")
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA writable_schema = ON")
+        damaged = "name = CAST(X'82' AS TEXT), sql = CAST(X'435245415445204920827E' AS TEXT)"  # "CREATE I \x82~"
+        conn.execute(f"UPDATE sqlite_master SET {damaged} WHERE name = 'tokens_sub'")
+    for args in (["analyze", str(path)], ["plot", str(path), "-o", str(tmp_path / "x.png")]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2 and result.stderr.startswith(f"Error: {path}: not a readable SQLite database"), result.stderr

@@ -46,7 +46,7 @@ def _has_hops(db: Path) -> bool | None:
             return bool(conn.execute("SELECT EXISTS (SELECT 1 FROM hops)").fetchone()[0])
         finally:
             conn.close()
-    except (sqlite3.Error, HoptraceError):
+    except (sqlite3.Error, UnicodeDecodeError, HoptraceError):  # SQLite's message about a damaged file may not be UTF-8
         return None
 
 
