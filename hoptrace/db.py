@@ -285,7 +285,7 @@ def open_for_writing(path: str | Path) -> sqlite3.Connection:
         if version < SCHEMA_VERSION or not set(TABLES) <= existing:
             migrate(conn, max(version, 1) if existing else 0)
     except SQLITE_ERRORS as exc:
-        raise TraceFileError(f"{path}: cannot open for writing: {exc}") from None
+        raise TraceFileError(f"{path}: cannot open for writing: {_reason(exc)}") from None
     return conn
 
 
@@ -334,7 +334,7 @@ def open_for_reading(path: str | Path, *, check: bool = True) -> ReadConnection:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         missing = set(TABLES) - _table_names(conn)
     except SQLITE_ERRORS as exc:
-        raise TraceFileError(f"{path}: not a readable SQLite database ({exc})") from None
+        raise TraceFileError(f"{path}: not a readable SQLite database ({_reason(exc)})") from None
     if version > SCHEMA_VERSION or missing:
         conn.close()
     _refuse_newer(path, version)
@@ -405,9 +405,15 @@ def check_structure(conn: sqlite3.Connection, path: str | Path) -> None:
     try:
         problem = conn.execute("PRAGMA quick_check").fetchone()[0]
     except SQLITE_ERRORS as exc:
-        raise TraceFileError(f"{path}: not a readable SQLite database ({exc})") from None
+        raise TraceFileError(f"{path}: not a readable SQLite database ({_reason(exc)})") from None
     if problem != "ok":
         raise TraceFileError(f"{path}: database is corrupt ({' '.join(str(problem).split())[:200]})")
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return "its schema is damaged: SQLite's message about it is not even text"
+    return str(exc)
 
 
 def _refuse_newer(path: Path, version: int) -> None:
