@@ -10,22 +10,31 @@ from hoptrace._click import BadInput, OneLineCommand, exit_2_on_bad_input
 from hoptrace._errors import HoptraceError
 from hoptrace._format import Progress, colour_severities, use_colour
 from hoptrace._options import output_option, trace_db_argument
+from hoptrace.analyzer._types import SEVERITIES  # no pandas: `hoptrace --help` stays fast
 
-# The kinds are listed here rather than imported, so that `hoptrace --help` does not
-# load pandas; a test keeps this tuple equal to DETECTORS.
-KINDS = (
-    "expired_mid_flow", "expired_in_session", "rejected_valid_token", "token_crossover", "upstream_error",
-    "service_key_missing", "service_key_leak", "refresh_race", "audience_mismatch", "near_expiry",
-    "duplicate_validation", "clock_skew", "token_reuse", "retry_storm", "retry_without_backoff", "rate_limited", "slow_hop",
-)  # fmt: skip
 FORMATS = ("text", "json", "markdown")
-SEVERITIES = ("error", "warning", "info")  # worst first, as hoptrace.analyzer._types.SEVERITIES (a test keeps them equal)
+
+
+def _detector_kinds() -> tuple[str, ...]:
+    # The one list of kinds is the detector tuple's; imported only when needed, so that
+    # `hoptrace --help` and the other commands do not load pandas.
+    from hoptrace.analyzer._detectors import KINDS
+
+    return KINDS
+
+
+class _AnalyzeCommand(OneLineCommand):
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Finding kinds (for --fail-on)"):
+            formatter.write_text(", ".join(_detector_kinds()))
+        super().format_epilog(ctx, formatter)
 
 
 def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...]:
     """Kinds and severities; a severity stands for itself and every worse one (``warning``: warning or error)."""
     if value is None:
         return ()
+    KINDS = _detector_kinds()
     names = tuple(k.strip().lower() for k in value.split(",") if k.strip())
     unknown = [k for k in names if k not in KINDS and k not in SEVERITIES]
     if unknown or not names:
@@ -53,7 +62,7 @@ def _audiences(ctx: click.Context, param: click.Parameter, value: tuple[str, ...
     return out
 
 
-@click.command("analyze", cls=OneLineCommand)
+@click.command("analyze", cls=_AnalyzeCommand)
 @trace_db_argument(must_exist=False)
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True, help="Report format.")
 @click.option(
@@ -112,11 +121,6 @@ def analyze(
 
     Exit status: 0 when done, 1 when a --fail-on kind was found, 2 for bad input
     (a file that is not a trace DB, an unknown --trace, an unreadable time).
-
-    Finding kinds: expired_mid_flow, expired_in_session, rejected_valid_token,
-    token_crossover, upstream_error, service_key_missing, service_key_leak,
-    refresh_race, audience_mismatch, near_expiry, duplicate_validation, clock_skew,
-    token_reuse, retry_storm, retry_without_backoff, rate_limited, slow_hop.
 
     \b
     Example:

@@ -36,7 +36,15 @@ import pandas as pd
 
 from hoptrace._errors import TraceFileError
 from hoptrace.analyzer._traces import in_start_order
-from hoptrace.db import HOP_COLUMNS, check_structure, open_for_reading
+from hoptrace.db import (
+    ADDED_COLUMNS,
+    COLUMNS,
+    HOP_COLUMNS,
+    SQLITE_ERRORS,
+    check_structure,
+    connect_read_only,
+    open_for_reading,
+)
 
 # Hop columns the analysis reads; `extra_columns` adds others (e.g. "reason", or "all").
 CORE_HOP_COLUMNS = (
@@ -102,22 +110,21 @@ def load(
     try:
         conn = open_for_reading(path, check=False)  # _read checks the structure, alongside its reads
         try:
-            _lenient(conn)
             conn.execute("BEGIN")  # captures, tokens and the id bound from one snapshot
             return _read(conn, Path(path), columns, since, until)
-        except sqlite3.DatabaseError as exc:
+        except SQLITE_ERRORS as exc:
             check_structure(conn, path)  # a corrupt file is the likely cause: then say that
             raise TraceFileError(f"{path}: cannot read the trace database ({exc})") from None
+        except (ValueError, TypeError, OverflowError, KeyError) as exc:
+            # Content no check above foresaw: still a statement about the file, not a traceback.
+            raise TraceFileError(
+                f"{path}: cannot read the trace database: unexpected content ({type(exc).__name__}: {exc})"
+            ) from None
         finally:
             conn.close()
     except TraceFileError as exc:
         # A path, or an error SQLite reports, can span lines: keep one.
         raise TraceFileError(" ".join(str(exc).split())) from None
-
-
-def _lenient(conn: sqlite3.Connection) -> None:
-    # A hostile file may hold invalid UTF-8: decode it with replacement characters.
-    conn.text_factory = lambda raw: raw.decode("utf-8", "replace")
 
 
 def _hop_columns(extra: tuple[str, ...] | str) -> tuple[str, ...]:
@@ -130,47 +137,118 @@ def _hop_columns(extra: tuple[str, ...] | str) -> tuple[str, ...]:
 
 
 def _read(conn, path: Path, columns: tuple[str, ...], since, until) -> Tables:
+    shape = _shape(conn, path)
     captures = _read_captures(conn)
     tokens = _read_tokens(conn)
-    last_id = conn.execute("SELECT max(id) FROM hops").fetchone()[0]
+    last_id = conn.execute(f"SELECT max(id) FROM hops{shape.integer_ids}").fetchone()[0]
     where, params = _window(conn, since, until)
-    traced = conn.execute("SELECT 1 FROM hops WHERE trace_id IS NOT NULL LIMIT 1").fetchone() is not None
+    traced = "trace_id" in shape.hops
+    traced = traced and conn.execute("SELECT 1 FROM hops WHERE trace_id IS NOT NULL LIMIT 1").fetchone() is not None
     if not traced:
         columns = tuple(c for c in columns if c not in _TRACE_COLUMNS)
     # One capture in the whole table (the hops_capture_started index answers at once): no column to read.
-    low, high = conn.execute("SELECT min(capture_id), max(capture_id) FROM hops").fetchone()
+    low, high = (None, 0)
+    if "capture_id" in shape.hops:
+        low, high = conn.execute("SELECT min(capture_id), max(capture_id) FROM hops").fetchone()
     single_capture = isinstance(low, int) and low == high
-    hop_columns = tuple(c for c in columns if not (single_capture and c == "capture_id"))
-    bounds = _chunk_bounds(conn, last_id) if last_id is not None else []
+    hop_columns = tuple(c for c in columns if c in shape.hops and not (single_capture and c == "capture_id"))
+    bounds = _chunk_bounds(conn, last_id, shape) if last_id is not None else []
     # The longest read first, so that the chunks of hops even out the threads' ends.
-    reads: list[Callable[[sqlite3.Connection], object]] = [partial(_read_hop_tokens, last_id=last_id)]
-    if traced:
+    reads: list[Callable[[sqlite3.Connection], object]] = [partial(_read_hop_tokens, last_id=last_id, shape=shape)]
+    root_traces = traced and {"service", "response_headers"} <= shape.hops
+    if root_traces:
         entries = tuple(captures["entry"].dropna().unique())
         reads.append(partial(_read_root_traces, entries=entries, last_id=last_id, where=where, params=params))
     first_chunk = len(reads)
-    reads += [partial(_read_hop_columns, columns=hop_columns, lo=lo, hi=hi, where=where, params=params) for lo, hi in bounds]
+    reads += [
+        partial(_read_hop_columns, columns=hop_columns, lo=lo, hi=hi, where=where, params=params, unique_ids=shape.rowid_ids)
+        for lo, hi in bounds
+    ]
     with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
-        running = [pool.submit(_run_read, path, read) for read in reads]
-        with _checking(pool, path):
+        running = [pool.submit(_run_read, conn.uri, read) for read in reads]
+        with _checking(pool, conn.uri, path):
             parts = [future.result() for future in running]
             hops = _join_hops(hop_columns, parts[first_chunk:])
             if single_capture:
                 hops["capture_id"] = np.full(len(hops), low, np.int64)
+            for name in columns:
+                if name not in hops:  # a column this file lacks: NULL throughout (shape.notes say so)
+                    hops[name] = _column(name, [np.full(len(hops), _NULL, np.int64) if _is_numeric(name) else [None] * len(hops)])
             hops = hops[list(dict.fromkeys((*columns, *_TRACE_COLUMNS)))]
-            if traced:
+            if root_traces:
                 _add_root_traces(hops, parts[1])
-            return _tables(captures, hops, tokens, parts[0])
+            hops, repeated = _unique_ids(hops, shape)
+            tables = _tables(captures, hops, tokens, parts[0])
+    tables.notes[:0] = [*shape.notes, *_unread_ids(conn, shape), *repeated]
+    tables.notes += capture_notes(tables.captures)
+    return tables
+
+
+@dataclass
+class _Shape:
+    """The columns each table of a file has, and whether ``hops.id`` is its rowid (unique whole numbers)."""
+
+    columns: dict[str, frozenset[str]]
+    rowid_ids: bool
+    notes: list[str]
+
+    @property
+    def hops(self) -> frozenset[str]:
+        return self.columns["hops"]
+
+    @property
+    def integer_ids(self) -> str:
+        """A WHERE clause keeping the hops whose id is a whole number (every hop when the id is the rowid)."""
+        return "" if self.rowid_ids else " WHERE typeof(id) = 'integer'"
+
+
+# Without these a hop cannot be placed at all.
+_REQUIRED_HOP_COLUMNS = ("id", "service", "started_at", "ended_at")
+
+
+def _shape(conn, path: Path) -> _Shape:
+    """What the file's tables look like; a hostile or damaged file may lack columns or its primary key."""
+    info = {table: conn.execute(f"PRAGMA table_info({table})").fetchall() for table in COLUMNS}
+    columns = {table: frozenset(row[1] for row in rows) for table, rows in info.items()}
+    lacking = [c for c in _REQUIRED_HOP_COLUMNS if c not in columns["hops"]]
+    if lacking:
+        raise TraceFileError(f"{path}: table hops has no column {', '.join(lacking)}; not a usable trace database")
+    # A rowid alias: a single-column INTEGER PRIMARY KEY (table_info: name, type, ..., pk at 5).
+    keys = [row for row in info["hops"] if row[5]]
+    rowid_ids = len(keys) == 1 and keys[0][1] == "id" and str(keys[0][2]).upper() == "INTEGER"
+    notes = []
+    for table, expected in COLUMNS.items():
+        # A file of an older schema lacks the columns later versions added: not worth a note.
+        missing = [c for c in expected if c not in columns[table] and c not in ADDED_COLUMNS.get(table, ())]
+        if missing:
+            notes.append(f"table {table} has no column {', '.join(missing)}: read as empty")
+    return _Shape(columns, rowid_ids, notes)
+
+
+def _unread_ids(conn, shape: _Shape) -> list[str]:
+    if shape.rowid_ids:
+        return []
+    count = conn.execute("SELECT count(*) FROM hops WHERE typeof(id) != 'integer'").fetchone()[0]
+    return [f"{count} hops without a whole-number id were ignored"] if count else []
+
+
+def _unique_ids(hops: pd.DataFrame, shape: _Shape) -> tuple[pd.DataFrame, list[str]]:
+    """The hops with the first of each id (ids repeat only in a hops table without its primary key)."""
+    repeated = np.zeros(len(hops), bool) if shape.rowid_ids else hops.index.duplicated()
+    if not repeated.any():
+        return hops, []
+    return hops[~repeated], [f"{int(repeated.sum())} hops whose id repeated an earlier one were ignored"]
 
 
 @contextmanager
-def _checking(pool: ThreadPoolExecutor, path: Path):
+def _checking(pool: ThreadPoolExecutor, uri: str, path: Path):
     """:func:`hoptrace.db.check_structure` queued after the reads already in ``pool``, and
     running while the body puts together what they read (at 1M hops: 1.5 s of CPU that
     would come first, on the core the reads leave idle once they end).
 
     Its verdict comes before the body's result or error, so what a corrupt file reads as is never seen.
     """
-    checked = pool.submit(_run_read, path, partial(check_structure, path=path))
+    checked = pool.submit(_run_read, uri, partial(check_structure, path=path))
     try:
         yield
     finally:
@@ -178,12 +256,23 @@ def _checking(pool: ThreadPoolExecutor, path: Path):
 
 
 def _tables(captures: pd.DataFrame, hops: pd.DataFrame, tokens: pd.DataFrame, hop_tokens: pd.DataFrame) -> Tables:
-    """The tables as read, cleaned: hops without times dropped, durations and failures derived."""
+    """The tables as read, cleaned: hops without times dropped, durations and failures derived,
+    times outside :data:`SANE_TIMES` read as unknown."""
     notes: list[str] = []
-    bad = ~(np.isfinite(hops["started_at"]) & np.isfinite(hops["ended_at"]))
+    bad = ~(_sane(hops["started_at"]) & _sane(hops["ended_at"]))
     if bad.any():
-        notes.append(f"{int(bad.sum())} hops without a valid start or end time were ignored")
+        notes.append(f"{int(bad.sum())} hops without a valid start or end time (a time between 2000 and 2100) were ignored")
         hops = hops[~bad]
+    notes += _clear_insane(hops, [c for c in (*_TIME_COLUMNS, *_SECOND_COLUMNS) if c in hops], "hop times")
+    tokens, captures = tokens.copy(), captures.copy()
+    notes += _clear_insane(tokens, ["iat", "nbf", "exp", "first_seen_at"], "token times (iat, nbf, exp, first seen)")
+    # A token cannot start being valid after it expires: such an iat or nbf would draw its life backwards.
+    for claim in ("iat", "nbf"):
+        after = (tokens[claim] > tokens["exp"]).to_numpy()
+        if after.any():
+            notes.append(f"{int(after.sum())} token {claim} claims later than the token's exp were ignored")
+            tokens.loc[after, claim] = np.nan
+    notes += _clear_insane(captures, ["started_at", "ended_at"], "capture times")
     backwards = hops["ended_at"] < hops["started_at"]
     if backwards.any():
         notes.append(f"{int(backwards.sum())} hops ending before they started were given zero duration")
@@ -203,25 +292,80 @@ def _tables(captures: pd.DataFrame, hops: pd.DataFrame, tokens: pd.DataFrame, ho
     return Tables(captures=captures, hops=hops, tokens=tokens, hop_tokens=hop_tokens, notes=notes)
 
 
+# Times hoptrace can have recorded, in UNIX seconds: 2000-01-01 to 2100-01-01 UTC. A value outside is
+# damage or a hostile claim (iat 2e10, exp 1e-7): read as unknown, with a note, so that no analysis or
+# chart is asked to span centuries.
+SANE_TIMES = (946_684_800.0, 4_102_444_800.0)
+
+
+def _sane(values: pd.Series) -> np.ndarray:
+    array = values.to_numpy(dtype="float64", na_value=np.nan)
+    return (array >= SANE_TIMES[0]) & (array <= SANE_TIMES[1])
+
+
+def _clear_insane(frame: pd.DataFrame, columns: list[str], what: str) -> list[str]:
+    """Set values outside :data:`SANE_TIMES` to NaN in place; a note when there were any."""
+    cleared = 0
+    for name in columns:
+        wrong = frame[name].notna().to_numpy() & ~_sane(frame[name])
+        if wrong.any():
+            cleared += int(wrong.sum())
+            frame.loc[wrong, name] = np.nan
+    return [f"{cleared} {what} outside 2000-2100 were read as unknown"] if cleared else []
+
+
+# The most hops one commit of the recorder holds (TraceWriter's default batch_size): what a
+# crash can lose beyond what the capture's counters show.
+_WRITER_BATCH = 2_000
+
+
+def capture_notes(captures: pd.DataFrame) -> list[str]:
+    """A note for each capture without an end time: its proxy was killed or crashed, or is still recording.
+
+    The recorder updates a capture's counters in the transaction of each batch it writes, so at
+    the last write ``hops_seen - hops_recorded - hops_dropped`` hops had been seen and not written;
+    those seen after it are not counted anywhere, but were at most one batch.
+    """
+    notes = []
+    for capture_id, row in captures[captures["ended_at"].isna()].iterrows():
+        counts = [_count(row.get(name)) for name in ("hops_seen", "hops_recorded", "hops_dropped")]
+        if None in counts:
+            missing = "its counters are unreadable: how many hops are missing is unknown"
+        else:
+            seen, recorded, dropped = counts
+            missing = (
+                f"at its last write {seen} hops seen, {recorded} written, {dropped} dropped; up to"
+                f" {max(seen - recorded - dropped, 0)} missing, plus up to {_WRITER_BATCH:,} seen after it"
+            )
+        # Renderers shorten a note past 200 characters: this one stays under.
+        notes.append(f"capture {capture_id} did not end cleanly (crashed, killed) or is still running: {missing}")
+    return notes
+
+
+def _count(value: object) -> int | None:
+    return int(value) if isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= 0 else None
+
+
 def _window(conn, since, until) -> tuple[str, tuple]:
     if since is None and until is None:
         return "", ()
     lo = -1.7e308 if since is None else float(since)
     hi = 1.7e308 if until is None else float(until)
     # Every hop of a request that started in the window ends by the last such request's end.
-    last_end = conn.execute("SELECT max(ended_at) FROM hops WHERE started_at >= ? AND started_at <= ?", (lo, hi)).fetchone()[0]
+    last_end = conn.execute(
+        "SELECT max(CASE WHEN typeof(ended_at) IN ('integer', 'real') THEN ended_at END) FROM hops"
+        " WHERE started_at >= ? AND started_at <= ?",
+        (lo, hi),
+    ).fetchone()[0]
     if last_end is None:
         return " AND 0", ()
     return " AND ended_at >= ? AND started_at <= ?", (lo, float(last_end))
 
 
-def _run_read(path: Path, read: Callable[[sqlite3.Connection], object]):
-    """``read`` on a read-only connection of its own."""
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+def _run_read(uri: str, read: Callable[[sqlite3.Connection], object]):
+    """``read`` on a read-only connection of its own, opened as the first one was."""
+    conn = connect_read_only(uri)
     try:
-        conn.execute("PRAGMA trusted_schema = OFF")
-        conn.execute("PRAGMA busy_timeout = 5000")
-        _lenient(conn)
         return read(conn)
     finally:
         conn.close()
@@ -283,14 +427,20 @@ def _add_root_traces(hops: pd.DataFrame, rows: list[tuple]) -> None:
 
 
 def _read_captures(conn) -> pd.DataFrame:
-    cur = conn.execute("SELECT * FROM captures ORDER BY id")
-    names = [d[0] for d in cur.description]
-    frame = pd.DataFrame.from_records(cur.fetchall(), columns=names)
+    frame = _read_all(conn, "captures")
     for name in ("started_at", "ended_at"):
         frame[name] = pd.to_numeric(frame[name], errors="coerce").astype("float64")
     frame["id"] = pd.to_numeric(frame["id"], errors="coerce")
     frame["entry"] = frame["entry"].map(lambda v: v if isinstance(v, str) else None)
-    return frame.dropna(subset=["id"]).astype({"id": "int64"}).set_index("id")
+    frame = frame.dropna(subset=["id"]).astype({"id": "int64"}).drop_duplicates("id")
+    return frame.set_index("id").sort_index()
+
+
+def _read_all(conn, table: str) -> pd.DataFrame:
+    """Every row of ``table`` with the columns of the current schema: NULL for those the file lacks."""
+    cur = conn.execute(f"SELECT * FROM {table}")
+    names = [d[0] for d in cur.description]
+    return pd.DataFrame.from_records(cur.fetchall(), columns=names).reindex(columns=list(COLUMNS[table]))
 
 
 def _expr(column: str) -> str:
@@ -311,9 +461,14 @@ def _numeric(column: str, value: str) -> str:
     return f"group_concat(CASE typeof({column}) WHEN 'integer' THEN {value} WHEN 'real' THEN {value} ELSE {_NULL} END, ',')"
 
 
-def _read_hop_columns(conn, columns: tuple[str, ...], lo: int, hi: int, where: str, params: tuple) -> dict | None:
-    """The hops with ``lo < id <= hi``: per column, an int array (numbers) or a list (text); None if none."""
-    sparse = [c for c in columns if c in _SPARSE_COLUMNS]
+def _read_hop_columns(
+    conn, columns: tuple[str, ...], lo: int, hi: int, where: str, params: tuple, unique_ids: bool = True
+) -> dict | None:
+    """The hops with ``lo < id <= hi``: per column, an int array (numbers) or a list (text); None if none.
+
+    ``unique_ids=False`` (a hops table without its primary key): no column is looked up by id.
+    """
+    sparse = [c for c in columns if c in _SPARSE_COLUMNS and unique_ids]
     names = ("id", *(c for c in columns if c not in sparse))
     exprs = [_expr(c) for c in names]
     if sparse:
@@ -356,7 +511,7 @@ def _join_hops(columns: tuple[str, ...], chunks: list[dict | None]) -> pd.DataFr
     return frame
 
 
-def _chunk_bounds(conn, last_id: int) -> list[tuple[int, int]]:
+def _chunk_bounds(conn, last_id: int, shape: _Shape) -> list[tuple[int, int]]:
     """Id ranges of about ``_CHUNK`` hops each: rowid range scans, no sort.
 
     ``last_id`` is the snapshot's largest id, so every hop of it counts: a bare
@@ -365,15 +520,19 @@ def _chunk_bounds(conn, last_id: int) -> list[tuple[int, int]]:
     ranges cover every id whatever the count says; an index that disagrees with its
     table (a hostile file) only changes how many hops a range holds.
     """
-    first = conn.execute("SELECT min(id) FROM hops").fetchone()[0]
-    count = conn.execute("SELECT count(*) FROM hops").fetchone()[0]
+    ids = shape.integer_ids
+    # Ranges start after `first - 1`, which must be a 64-bit integer too (and ids stay above _NULL).
+    first = max(conn.execute(f"SELECT min(id) FROM hops{ids}").fetchone()[0], _NULL + 1)
+    count = conn.execute(f"SELECT count(*) FROM hops{ids}").fetchone()[0]
     if count == 0:
         return []
     if last_id - first + 1 == count:  # the recorder's ids are dense: ranges by arithmetic
         return [(lo, min(lo + _CHUNK, last_id)) for lo in range(first - 1, last_id, _CHUNK)]
     bounds, lo = [], first - 1
     while lo < last_id:
-        hi = conn.execute("SELECT id FROM hops WHERE id > ? ORDER BY id LIMIT 1 OFFSET ?", (lo, _CHUNK - 1)).fetchone()
+        hi = conn.execute(
+            f"SELECT id FROM hops{ids or ' WHERE 1'} AND id > ? ORDER BY id LIMIT 1 OFFSET ?", (lo, _CHUNK - 1)
+        ).fetchone()
         hi = last_id if hi is None else min(hi[0], last_id)
         bounds.append((lo, hi))
         lo = hi
@@ -418,11 +577,14 @@ def _strings(items: list, categorical: bool = False) -> pd.api.extensions.Extens
     return pd.Categorical.from_codes(rank[codes], pd.Index(uniques[order], dtype="str"))
 
 
-def _read_hop_tokens(conn, last_id: int) -> pd.DataFrame:
+def _read_hop_tokens(conn, last_id: int, shape: _Shape) -> pd.DataFrame:
+    if not {"hop_id", "fingerprint", "role"} <= shape.columns["hop_tokens"]:
+        return _read_hop_tokens_rows([])  # sightings without their hop, token or role say nothing
+    location = "location" if "location" in shape.columns["hop_tokens"] else "NULL"
     row = conn.execute(
         "SELECT group_concat(ifnull(CAST(hop_id AS INTEGER), ?), ','),"
         " json_group_array(CAST(fingerprint AS TEXT)), json_group_array(CAST(role AS TEXT)),"
-        " json_group_array(CAST(location AS TEXT)) FROM hop_tokens WHERE hop_id <= ?",
+        f" json_group_array(CAST({location} AS TEXT)) FROM hop_tokens WHERE hop_id <= ?",
         (_NULL, last_id),
     ).fetchone()
     return _read_hop_tokens_rows(row if row[0] is not None else [])
@@ -439,9 +601,7 @@ def _read_hop_tokens_rows(row) -> pd.DataFrame:
 
 
 def _read_tokens(conn) -> pd.DataFrame:
-    cur = conn.execute("SELECT * FROM tokens")
-    names = [d[0] for d in cur.description]
-    frame = pd.DataFrame.from_records(cur.fetchall(), columns=names)
+    frame = _read_all(conn, "tokens")
     for name in ("iat", "nbf", "exp", "first_seen_at"):
         frame[name] = pd.to_numeric(frame[name], errors="coerce").astype("float64")
     for name in ("kind", "sub", "iss", "aud", "alg", "kid", "typ", "jti", "error"):

@@ -32,7 +32,6 @@ import re
 import select
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -41,6 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from common import fmt, machine, median, work_folder
+
+from hoptrace.db import open_for_reading
 
 HERE = Path(__file__).resolve().parent
 LOADGEN = HERE / "loadgen.py"
@@ -333,7 +334,7 @@ def count_rows(config: Config, record: Path | None) -> tuple[int | None, dict | 
             return sum(1 for _ in io.FlowReader(f).stream()), None
     if not record.exists():
         return 0, None
-    conn = sqlite3.connect(f"file:{record}?mode=ro", uri=True)
+    conn = open_for_reading(record, check=False)
     try:
         rows = conn.execute("SELECT count(*) FROM hops").fetchone()[0]
         names = ("hops_seen", "hops_recorded", "hops_dropped", "addon_errors", "write_errors")

@@ -1,118 +1,191 @@
-"""The trace database: schema, opening for writing, opening untrusted files for reading.
+"""The trace database: its schema (defined and migrated with sqlite-utils), opening it to write, opening untrusted files to read.
 
 One SQLite file holds any number of captures. Times are UNIX seconds (REAL) on
 the proxy's clock; the one exception is ``hops.server_date``, the upstream's own
 ``Date`` header as it was sent, kept for clock-skew analysis.
 
-``PRAGMA user_version`` holds :data:`SCHEMA_VERSION`; readers refuse a newer one.
+``PRAGMA user_version`` holds :data:`SCHEMA_VERSION`. :func:`open_for_writing` brings
+an older file up to it, one step of :data:`MIGRATIONS` per version; readers accept
+every version up to it and refuse a newer one.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import sys
+from contextlib import closing
+from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hoptrace._errors import TraceFileError
 
-SCHEMA_VERSION = 1
+if TYPE_CHECKING:
+    import sqlite_utils
 
-# Column order here is the order the recorder inserts in; keep them in step.
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS captures (
-    id                INTEGER PRIMARY KEY,
-    started_at        REAL NOT NULL,
-    ended_at          REAL,
-    routes            TEXT NOT NULL,   -- JSON: [{"name", "upstream", "listen_port"}]
-    entry             TEXT,            -- route where client requests enter
-    hoptrace_version  TEXT NOT NULL,
-    mitmproxy_version TEXT NOT NULL,
-    hops_seen         INTEGER NOT NULL DEFAULT 0,  -- requestheaders events
-    hops_recorded     INTEGER NOT NULL DEFAULT 0,
-    hops_dropped      INTEGER NOT NULL DEFAULT 0,
-    addon_errors      INTEGER NOT NULL DEFAULT 0,
-    write_errors      INTEGER NOT NULL DEFAULT 0,
-    bodies_stored     INTEGER NOT NULL DEFAULT 0,
-    source            TEXT             -- 'hoptrace proxy' | 'mitmdump -s'
-);
+SCHEMA_VERSION = 2
 
-CREATE TABLE IF NOT EXISTS hops (
-    id                    INTEGER PRIMARY KEY,
-    capture_id            INTEGER NOT NULL REFERENCES captures(id),
-    flow_id               TEXT NOT NULL,
-    service               TEXT NOT NULL,   -- route (listener) name the flow arrived on
-    client_addr           TEXT,
-    method                TEXT,
-    scheme                TEXT,
-    host                  TEXT,
-    port                  INTEGER,
-    path                  TEXT,            -- without the query string
-    query                 TEXT,            -- redacted
-    http_version          TEXT,
-    status                INTEGER,         -- NULL when no response arrived
-    reason                TEXT,
-    error                 TEXT,            -- mitmproxy's error message, if any
-    error_kind            TEXT,            -- refused | timeout | reset | truncated | aborted | shutdown | other
-    failed                INTEGER NOT NULL,  -- 1 when error is set, whatever the status
-    request_size          INTEGER,
-    response_size         INTEGER,
-    request_content_type  TEXT,
-    response_content_type TEXT,
-    started_at            REAL NOT NULL,   -- request headers received
-    request_end_at        REAL,
-    connect_at            REAL,            -- upstream connection started (NULL if reused)
-    connected_at          REAL,            -- upstream TCP set up
-    response_start_at     REAL,
-    ended_at              REAL NOT NULL,   -- response end, or the error's time
-    duration_ms           REAL NOT NULL,
-    trace_id              TEXT,
-    span_id               TEXT,
-    parent_span_id        TEXT,
-    trace_source          TEXT,            -- traceparent | b3 | x-b3 | x-request-id | x-correlation-id
-    request_id            TEXT,
-    correlation_id        TEXT,
-    server_date           TEXT,            -- upstream Date header, as sent
-    server_date_ts        REAL,            -- the same, parsed (whole seconds)
-    request_headers       TEXT,            -- JSON [[name, value], ...], redacted
-    response_headers      TEXT,
-    request_body          TEXT,            -- only with hoptrace_store_bodies, redacted
-    response_body         TEXT,
-    client_conn_id        TEXT,            -- mitmproxy's client connection id
-    stream_id             INTEGER          -- HTTP/2 stream id when known, else NULL
-);
-CREATE INDEX IF NOT EXISTS hops_capture_started ON hops (capture_id, started_at);
-CREATE INDEX IF NOT EXISTS hops_trace ON hops (trace_id);
+# Each table: {column: (type, description)} in column order. The descriptions are the
+# schema's documentation: Datasette shows them (see `metadata`), the README lists them.
+COLUMNS: dict[str, dict[str, tuple[type, str]]] = {
+    "captures": {
+        "id": (int, "capture number"),
+        "started_at": (float, "when the proxy started recording"),
+        "ended_at": (float, "when it stopped cleanly; NULL after a crash or SIGKILL, or while it still records"),
+        "routes": (str, 'JSON: [{"name", "upstream", "listen_port"}]'),
+        "entry": (str, "route where client requests enter"),
+        "hoptrace_version": (str, "hoptrace that recorded it"),
+        "mitmproxy_version": (str, "mitmproxy that recorded it"),
+        "hops_seen": (int, "requestheaders events: every request the proxy saw"),
+        "hops_recorded": (int, "rows written to hops"),
+        "hops_dropped": (int, "hops the recorder could not write"),
+        "addon_errors": (int, "flows recorded without their details because they could not be read"),
+        "write_errors": (int, "failed writes"),
+        "bodies_stored": (int, "1 when request and response bodies were stored (redacted)"),
+        "source": (str, "what recorded it: 'hoptrace proxy' | 'mitmdump -s' (schema 2)"),
+    },
+    "hops": {
+        "id": (int, "hop number, in the order the recorder wrote them"),
+        "capture_id": (int, "the capture it belongs to"),
+        "flow_id": (str, "mitmproxy's flow id"),
+        "service": (str, "route (listener) name the flow arrived on"),
+        "client_addr": (str, "caller's address"),
+        "method": (str, "HTTP method"),
+        "scheme": (str, "http or https"),
+        "host": (str, "Host the caller asked for"),
+        "port": (int, "port the caller asked for"),
+        "path": (str, "request path, without the query string"),
+        "query": (str, "query string, redacted"),
+        "http_version": (str, "HTTP version"),
+        "status": (int, "response status; NULL when no response arrived"),
+        "reason": (str, "response reason phrase"),
+        "error": (str, "mitmproxy's error message, if any"),
+        "error_kind": (str, "refused | timeout | reset | truncated | aborted | shutdown | other"),
+        "failed": (int, "1 when error is set, whatever the status"),
+        "request_size": (int, "request body bytes"),
+        "response_size": (int, "response body bytes"),
+        "request_content_type": (str, "request Content-Type"),
+        "response_content_type": (str, "response Content-Type"),
+        "started_at": (float, "request headers received"),
+        "request_end_at": (float, "request body received"),
+        "connect_at": (float, "upstream connection started (NULL if reused)"),
+        "connected_at": (float, "upstream TCP set up"),
+        "response_start_at": (float, "response headers received"),
+        "ended_at": (float, "response end, or the error's time"),
+        "duration_ms": (float, "ended_at - started_at, in milliseconds"),
+        "trace_id": (str, "propagated trace id, as sent"),
+        "span_id": (str, "the caller's span id for this call"),
+        "parent_span_id": (str, "the parent span id, when the header carries one"),
+        "trace_source": (str, "traceparent | b3 | x-b3 | x-request-id | x-correlation-id"),
+        "request_id": (str, "X-Request-ID"),
+        "correlation_id": (str, "X-Correlation-ID"),
+        "server_date": (str, "upstream Date header, as sent"),
+        "server_date_ts": (float, "the same, parsed (whole seconds)"),
+        "request_headers": (str, "JSON [[name, value], ...], redacted"),
+        "response_headers": (str, "JSON [[name, value], ...], redacted"),
+        "request_body": (str, "only with hoptrace_store_bodies, redacted"),
+        "response_body": (str, "only with hoptrace_store_bodies, redacted"),
+        "client_conn_id": (str, "mitmproxy's client connection id (schema 2)"),
+        "stream_id": (int, "HTTP/2 stream id when known, else NULL (schema 2)"),
+    },
+    "tokens": {
+        "fingerprint": (str, "keyed hash of the token; the key never reaches the file"),
+        "capture_id": (int, "the capture that first saw it"),
+        "kind": (str, "jwt | jwe | opaque"),
+        "length": (int, "characters in the token"),
+        "alg": (str, "JWT header alg"),
+        "kid": (str, "JWT header kid"),
+        "typ": (str, "JWT header typ"),
+        "iss": (str, "issuer claim"),
+        "sub": (str, "subject claim"),
+        "aud": (str, "audience claim (JSON when a list)"),
+        "jti": (str, "token id claim"),
+        "iat": (float, "issued at (UNIX seconds, the issuer's clock)"),
+        "nbf": (float, "not before"),
+        "exp": (float, "expires at"),
+        "claims": (str, "JSON of the payload, no signature"),
+        "error": (str, "why decoding failed or a claim was dropped"),
+        "first_seen_at": (float, "when the proxy first saw it"),
+    },
+    "hop_tokens": {
+        "hop_id": (int, "the hop"),
+        "fingerprint": (str, "the token"),
+        "role": (str, "presented | validated | issued"),
+        "location": (str, "e.g. header:authorization, body:token, response-body:access_token"),
+    },
+}
 
-CREATE TABLE IF NOT EXISTS tokens (
-    fingerprint   TEXT PRIMARY KEY,  -- keyed hash; the key never reaches the file
-    capture_id    INTEGER NOT NULL REFERENCES captures(id),
-    kind          TEXT NOT NULL,     -- jwt | jwe | opaque
-    length        INTEGER NOT NULL,
-    alg           TEXT,
-    kid           TEXT,
-    typ           TEXT,
-    iss           TEXT,
-    sub           TEXT,
-    aud           TEXT,
-    jti           TEXT,
-    iat           REAL,
-    nbf           REAL,
-    exp           REAL,
-    claims        TEXT,              -- JSON of the payload, no signature
-    error         TEXT,              -- why decoding failed or a claim was dropped
-    first_seen_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS tokens_sub ON tokens (sub);
+TABLE_DOCS = {
+    "captures": "One row per run of the proxy, with its counters.",
+    "hops": "One row per HTTP exchange the proxy relayed (a flow).",
+    "tokens": "One row per distinct token: decoded claims, never the token or its signature.",
+    "hop_tokens": "Which token each hop presented, had validated, or was issued.",
+}
 
-CREATE TABLE IF NOT EXISTS hop_tokens (
-    hop_id      INTEGER NOT NULL REFERENCES hops(id),
-    fingerprint TEXT NOT NULL REFERENCES tokens(fingerprint),
-    role        TEXT NOT NULL,       -- presented | validated | issued
-    location    TEXT NOT NULL,       -- e.g. header:authorization, body:token, response-body:access_token
-    PRIMARY KEY (hop_id, fingerprint, role, location)
-);
-CREATE INDEX IF NOT EXISTS hop_tokens_fingerprint ON hop_tokens (fingerprint);
-"""
+# How each table is created: sqlite-utils' `Table.create` arguments besides the columns.
+_CREATE: dict[str, dict] = {
+    "captures": {
+        "pk": "id",
+        "not_null": ["started_at", "routes", "hoptrace_version", "mitmproxy_version",
+                     "hops_seen", "hops_recorded", "hops_dropped", "addon_errors", "write_errors", "bodies_stored"],
+        "defaults": dict.fromkeys(
+            ("hops_seen", "hops_recorded", "hops_dropped", "addon_errors", "write_errors", "bodies_stored"), 0
+        ),
+    },
+    "hops": {
+        "pk": "id",
+        "not_null": ["capture_id", "flow_id", "service", "failed", "started_at", "ended_at", "duration_ms"],
+        "foreign_keys": [("capture_id", "captures", "id")],
+    },
+    "tokens": {
+        "pk": "fingerprint",
+        "not_null": ["capture_id", "kind", "length", "first_seen_at"],
+        "foreign_keys": [("capture_id", "captures", "id")],
+    },
+    "hop_tokens": {
+        "pk": ("hop_id", "fingerprint", "role", "location"),
+        "not_null": ["hop_id", "fingerprint", "role", "location"],
+        "foreign_keys": [("hop_id", "hops", "id"), ("fingerprint", "tokens", "fingerprint")],
+    },
+}  # fmt: skip
 
+_INDEXES = (
+    ("hops", ("capture_id", "started_at"), "hops_capture_started"),
+    ("hops", ("trace_id",), "hops_trace"),
+    ("tokens", ("sub",), "tokens_sub"),
+    ("hop_tokens", ("fingerprint",), "hop_tokens_fingerprint"),
+)
+
+
+def _iso(column: str) -> str:
+    # strftime gives NULL for a value it cannot read as a time: no error in a view.
+    return f"strftime('%Y-%m-%dT%H:%M:%fZ', {column}, 'unixepoch')"
+
+
+# Views for people reading the file with sqlite3, Datasette or sqlite-utils; hoptrace reads the tables.
+VIEWS = {
+    "hops_readable": f"""SELECT h.id, h.capture_id, h.service, h.method, h.path, h.status, h.error_kind, h.failed,
+  {_iso('h.started_at')} AS started, {_iso('h.ended_at')} AS ended, h.duration_ms,
+  h.trace_id, h.span_id, h.client_conn_id, h.stream_id,
+  t.fingerprint AS token_fingerprint, t.sub AS token_sub, {_iso('t.exp')} AS token_exp,
+  round(t.exp - h.started_at, 3) AS token_remaining_s
+FROM hops h
+LEFT JOIN tokens t ON t.fingerprint = (
+  SELECT ht.fingerprint FROM hop_tokens ht
+  WHERE ht.hop_id = h.id AND ht.role = 'presented' ORDER BY ht.location, ht.fingerprint LIMIT 1
+)""",
+    "tokens_readable": f"""SELECT fingerprint, capture_id, kind, alg, iss, sub, aud,
+  {_iso('iat')} AS iat, {_iso('nbf')} AS nbf, {_iso('exp')} AS exp, round(exp - iat, 3) AS lifetime_s,
+  {_iso('first_seen_at')} AS first_seen, error
+FROM tokens""",
+}
+VIEW_DOCS = {
+    "hops_readable": "Hops with ISO-8601 UTC times and the token each presented: its subject, expiry, and life left at the hop.",
+    "tokens_readable": "Tokens with ISO-8601 UTC iat, nbf, exp and their lifetime.",
+}
+
+# Column order is the order the recorder inserts in; COLUMNS keeps them in step (a test checks).
 HOP_COLUMNS = (
     "id", "capture_id", "flow_id", "service", "client_addr", "method", "scheme",
     "host", "port", "path", "query", "http_version", "status", "reason", "error",
@@ -134,11 +207,69 @@ HOP_TOKEN_COLUMNS = ("hop_id", "fingerprint", "role", "location")
 TABLES = ("captures", "hops", "tokens", "hop_tokens")
 
 
-def open_for_writing(path: str | Path) -> sqlite3.Connection:
-    """Open (creating if needed) a trace DB for the recorder: WAL, NORMAL sync, schema applied.
+# What SQLite raises for a damaged or hostile file. Python decodes SQLite's error messages as
+# UTF-8, so a message quoting damaged schema text raises UnicodeDecodeError in its place.
+SQLITE_ERRORS = (sqlite3.DatabaseError, UnicodeDecodeError)
 
-    WAL + synchronous=NORMAL keeps every committed batch through a process crash
-    at ~15 µs a commit (FIELD_NOTES), and lets `hoptrace analyze` read while we write.
+
+def _create_tables(db: sqlite_utils.Database) -> None:
+    """The current schema, in one step: what a new file gets."""
+    for name in TABLES:
+        columns = {column: kind for column, (kind, _) in COLUMNS[name].items()}
+        db[name].create(columns, **_CREATE[name], if_not_exists=True)
+    for table, columns, index_name in _INDEXES:
+        db[table].create_index(columns, index_name=index_name, if_not_exists=True)
+
+
+def _create_views(db: sqlite_utils.Database) -> None:
+    for name, sql in VIEWS.items():
+        db.create_view(name, sql, replace=True)
+
+
+# Columns schema 2 added (a version-1 file lacks them; readers take them as NULL).
+ADDED_COLUMNS = {"hops": ("client_conn_id", "stream_id"), "captures": ("source",)}
+
+
+def _v1_to_v2(db: sqlite_utils.Database) -> None:
+    """Schema 2: which client connection (and HTTP/2 stream) a hop came on; what recorded a capture.
+
+    Nullable columns at the end of their tables: ALTER TABLE ADD COLUMN, no copy of the rows.
+    """
+    for table, columns in ADDED_COLUMNS.items():
+        for column in columns:  # a table the file lacks is made whole by _create_tables
+            if db[table].exists() and column not in db[table].columns_dict:
+                db[table].add_column(column, COLUMNS[table][column][0])
+
+
+# MIGRATIONS[v - 1] takes a file from version v to v + 1. A step that reorders, retypes or
+# drops columns uses Table.transform (a copy of the table in the same transaction).
+MIGRATIONS = (_v1_to_v2,)
+
+
+@cache
+def _schema_sql() -> str:
+    with closing(sqlite3.connect(":memory:", isolation_level=None)) as conn:
+        migrate(conn, 0)
+        rows = conn.execute("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY type = 'view', rowid").fetchall()
+    return "".join(f"{sql};\n" for (sql,) in rows)
+
+
+def __getattr__(name: str) -> str:
+    # SCHEMA, the DDL of the current schema as SQLite stores it: for test fixtures and benchmarks
+    # that build a file with ``executescript`` (then set ``PRAGMA user_version``). Made on first
+    # use: sqlite-utils imports pandas (0.3 s, 40 MB), which the recorder's row process never needs.
+    if name == "SCHEMA":
+        return _schema_sql()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def open_for_writing(path: str | Path) -> sqlite3.Connection:
+    """Open (creating if needed) a trace DB for the recorder: WAL, NORMAL sync, schema current.
+
+    A new file gets the current schema; an older one is migrated in one transaction.
+    WAL + synchronous=NORMAL keeps every committed batch through a process crash at
+    ~15 µs a commit (against ~690 µs with the rollback journal), and lets
+    `hoptrace analyze` read while the recorder writes.
     """
     path = Path(path)
     try:
@@ -148,23 +279,44 @@ def open_for_writing(path: str | Path) -> sqlite3.Connection:
         existing = _table_names(conn)
         if existing and not existing & set(TABLES):
             raise TraceFileError(f"{path}: not a hoptrace trace database (tables: {', '.join(sorted(existing))})")
-        if version > SCHEMA_VERSION:
-            raise TraceFileError(f"{path}: schema version {version} is newer than this hoptrace ({SCHEMA_VERSION}); upgrade hoptrace")
+        _refuse_newer(path, version)
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
-        conn.executescript(SCHEMA)
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-    except sqlite3.DatabaseError as exc:
-        raise TraceFileError(f"{path}: cannot open for writing: {exc}") from None
+        if version < SCHEMA_VERSION or not set(TABLES) <= existing:
+            migrate(conn, max(version, 1) if existing else 0)
+    except SQLITE_ERRORS as exc:
+        raise TraceFileError(f"{path}: cannot open for writing: {_reason(exc)}") from None
     return conn
 
 
-def open_for_reading(path: str | Path, *, check: bool = True) -> sqlite3.Connection:
+def migrate(conn: sqlite3.Connection, version: int) -> None:
+    """Bring a file at schema ``version`` (0: empty) to :data:`SCHEMA_VERSION`, in one transaction."""
+    import sqlite_utils  # here, not at the top: it imports pandas (see SCHEMA)
+
+    db = sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
+    with db.atomic():
+        for name in VIEWS:  # a view naming a table would stop a step from rebuilding it; made again below
+            db.execute(f"DROP VIEW IF EXISTS {name}")
+        for step in MIGRATIONS[max(version, 1) - 1 :] if version else ():
+            step(db)
+        _create_tables(db)  # a new file; and a table an older one lacks
+        _create_views(db)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+class ReadConnection(sqlite3.Connection):
+    """A read-only connection that knows the URI it was opened with, so that other threads can open their own alike."""
+
+    uri: str
+
+
+def open_for_reading(path: str | Path, *, check: bool = True) -> ReadConnection:
     """Open a trace DB read-only, treating it as untrusted (it may come from a bug report).
 
     Raises :class:`TraceFileError` for a missing file, a file that is not SQLite,
     a corrupt one, one without hoptrace's tables, or one of a newer schema.
-    Works while the proxy is still writing (WAL readers do not block the writer).
+    Works while the proxy is still writing (WAL readers do not block the writer), and on a
+    read-only copy in a folder the reader cannot write (see :func:`reading_uri`).
 
     ``check=False`` leaves out :func:`check_structure`, a pass over every page of the
     file, for a caller that runs it itself alongside its reads and trusts nothing it
@@ -176,22 +328,71 @@ def open_for_reading(path: str | Path, *, check: bool = True) -> sqlite3.Connect
     if path.is_dir():
         raise TraceFileError(f"{path}: is a directory, not a trace database")
     try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-        conn.execute("PRAGMA trusted_schema = OFF")
-        conn.execute("PRAGMA busy_timeout = 5000")
+        conn = connect_read_only(reading_uri(path))
         if check:
             check_structure(conn, path)
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         missing = set(TABLES) - _table_names(conn)
-    except sqlite3.DatabaseError as exc:
-        raise TraceFileError(f"{path}: not a readable SQLite database ({exc})") from None
-    if version > SCHEMA_VERSION:
+    except SQLITE_ERRORS as exc:
+        raise TraceFileError(f"{path}: not a readable SQLite database ({_reason(exc)})") from None
+    if version > SCHEMA_VERSION or missing:
         conn.close()
-        raise TraceFileError(f"{path}: schema version {version} is newer than this hoptrace ({SCHEMA_VERSION}); upgrade hoptrace")
+    _refuse_newer(path, version)
     if missing:
-        conn.close()
         raise TraceFileError(f"{path}: not a hoptrace trace database (missing tables: {', '.join(sorted(missing))})")
     return conn
+
+
+def connect_read_only(uri: str) -> ReadConnection:
+    """A connection for untrusted data: read-only, no schema-defined code trusted, invalid UTF-8 decoded with U+FFFD."""
+    conn = sqlite3.connect(uri, uri=True, factory=ReadConnection, check_same_thread=False)
+    conn.uri = uri
+    # trusted_schema=OFF: views and triggers of a hostile file cannot call functions with side effects.
+    conn.execute("PRAGMA trusted_schema = OFF")
+    conn.execute("PRAGMA busy_timeout = 5000")
+    conn.text_factory = lambda raw: raw.decode("utf-8", "replace")
+    return conn
+
+
+def reading_uri(path: Path) -> str:
+    """The URI that opens ``path`` read-only without needing write access anywhere.
+
+    SQLite facts this relies on: a database in WAL mode (byte 18 of its header is 2) is read
+    through its ``-shm`` index; a read-only connection uses an existing ``-shm`` or creates
+    one, which needs write access to the folder, and fails otherwise ("attempt to write a
+    readonly database", "unable to open database file"). ``immutable=1`` reads the main
+    file alone, with no ``-shm`` and no locks, ignoring any ``-wal``: right when no ``-wal``
+    holds frames (every commit is in the main file: a closed capture), wrong otherwise (the
+    commits in the ``-wal`` would be missed), and then the file cannot be read in place.
+    """
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    try:
+        probe = sqlite3.connect(uri, uri=True)
+        try:
+            probe.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return uri
+        finally:
+            probe.close()
+    except sqlite3.OperationalError:
+        if not _is_wal(path):
+            raise
+    wal = Path(f"{path}-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        raise TraceFileError(
+            f"{path}: in WAL mode with commits still in {wal.name}, and this folder cannot be written"
+            " (SQLite needs a -shm file beside it); copy both files to a folder you can write, or open"
+            " it once where it was recorded"
+        )
+    return f"{uri}&immutable=1"
+
+
+def _is_wal(path: Path) -> bool:
+    try:
+        with path.open("rb") as file:
+            header = file.read(20)
+    except OSError:
+        return False
+    return header.startswith(b"SQLite format 3\x00") and header[18:20] == b"\x02\x02"
 
 
 def check_structure(conn: sqlite3.Connection, path: str | Path) -> None:
@@ -203,11 +404,36 @@ def check_structure(conn: sqlite3.Connection, path: str | Path) -> None:
     """
     try:
         problem = conn.execute("PRAGMA quick_check").fetchone()[0]
-    except sqlite3.DatabaseError as exc:
-        raise TraceFileError(f"{path}: not a readable SQLite database ({exc})") from None
+    except SQLITE_ERRORS as exc:
+        raise TraceFileError(f"{path}: not a readable SQLite database ({_reason(exc)})") from None
     if problem != "ok":
         raise TraceFileError(f"{path}: database is corrupt ({' '.join(str(problem).split())[:200]})")
 
 
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return "its schema is damaged: SQLite's message about it is not even text"
+    return str(exc)
+
+
+def _refuse_newer(path: Path, version: int) -> None:
+    if version > SCHEMA_VERSION:
+        raise TraceFileError(f"{path}: schema version {version} is newer than this hoptrace ({SCHEMA_VERSION}); upgrade hoptrace")
+
+
 def _table_names(conn: sqlite3.Connection) -> set[str]:
     return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def metadata(database: str = "traces") -> dict:
+    """Datasette metadata for a trace file named ``database`` (its file name without .db):
+    a description of every table, view and column."""
+    tables = {
+        name: {"description": TABLE_DOCS[name], "columns": {c: doc for c, (_, doc) in COLUMNS[name].items()}} for name in TABLES
+    }
+    tables.update({name: {"description": VIEW_DOCS[name]} for name in VIEWS})
+    return {"databases": {database: {"tables": tables}}}
+
+
+if __name__ == "__main__":  # python -m hoptrace.db [DATABASE_NAME] > metadata.json
+    print(json.dumps(metadata(*sys.argv[1:2]), indent=2))

@@ -151,14 +151,11 @@ def _stack_command(path: Path) -> list[str] | None:
     raise _bad(f"{path}: command must be a string or a list of strings")
 
 
-# The analyzer's severities (analyzer/_detectors.py SEVERITIES), listed here so that
-# checking the option does not load pandas; a test keeps the two equal.
-SEVERITIES = ("error", "warning", "info")
-
-
 def _fail_on(value: str | None) -> frozenset[str]:
-    from hoptrace.analyzer._cli import KINDS
+    from hoptrace.analyzer._cli import _detector_kinds
+    from hoptrace.analyzer._types import SEVERITIES
 
+    KINDS = _detector_kinds()
     names = frozenset(v.strip() for v in (value or "").split(",") if v.strip())
     if unknown := sorted(names - set(KINDS) - set(SEVERITIES)):
         raise _bad(

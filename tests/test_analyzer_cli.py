@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from hoptrace.analyzer import DETECTORS, render_json
+from hoptrace.analyzer._cli import analyze
 from hoptrace.analyzer._render import _HOP_FIELDS, TOP_KEYS
-from hoptrace.analyzer._cli import KINDS, analyze
 
 from .analyzer_fixtures import T0, Builder, synthetic_stack
 from .test_analyzer_load import corrupt_db
@@ -35,8 +35,12 @@ def run(*args):
     return CliRunner().invoke(analyze, [str(a) for a in args], catch_exceptions=False)
 
 
-def test_kinds_match_the_detectors():
-    assert KINDS == tuple(d.kind for d in DETECTORS)
+def test_kinds_come_from_the_detectors():
+    kinds = tuple(d.kind for d in DETECTORS)
+    help_text = " ".join(CliRunner().invoke(analyze, ["--help"]).output.split())
+    assert ", ".join(kinds) in help_text
+    bad = CliRunner().invoke(analyze, ["x.db", "--fail-on", "nope"])
+    assert bad.exit_code == 2 and ", ".join(kinds) in " ".join(bad.output.split())
 
 
 def test_text_report(scenario_db):

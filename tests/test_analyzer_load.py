@@ -6,9 +6,12 @@ import json
 import sqlite3
 
 import pandas as pd
+import sqlite_utils
+from click.testing import CliRunner
 import pytest
 
 from hoptrace._errors import AnalysisError, TraceFileError
+from hoptrace.cli import cli
 from hoptrace.analyzer import AnalyzerConfig, analyze, load
 from hoptrace.db import HOP_COLUMNS, open_for_writing
 
@@ -190,3 +193,74 @@ def test_entry_hops_take_their_trace_id_from_the_response_whatever_the_header_ca
     assert hops.loc[2, ["trace_id", "trace_source"]].tolist() == ["req-42", "x-request-id"]
     assert hops.loc[3, "trace_id"] == "a" * 32
     assert pd.isna(hops.loc[4, "trace_id"])
+
+
+@pytest.mark.parametrize(
+    ("table", "column"), [("captures", "entry"), ("tokens", "exp"), ("hops", "error_kind"), ("hop_tokens", "role")]
+)
+def test_a_missing_column_reads_as_empty_and_says_so(tmp_path, table, column):
+    path = small().write(tmp_path / "t.db")
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"DROP INDEX IF EXISTS {'tokens_sub' if table == 'tokens' else 'none'}")
+        if column == "role":  # part of the primary key: no transform keeps the table whole without it
+            _rebuild_without_key(conn, "hop_tokens", "hop_id, fingerprint, location")
+        else:
+            sqlite_utils.Database(conn)[table].transform(drop={column})
+    a = analyze(path)
+    assert f"table {table} has no column {column}: read as empty" in a.notes
+    assert list(a.hops.index) == [1, 2]
+    if column == "exp":
+        assert a.hops["token_exp"].isna().all()
+
+
+def _rebuild_without_key(conn, table: str, columns: str) -> None:
+    """``table`` made again from ``columns`` with CREATE TABLE ... AS: no primary key, no constraint."""
+    conn.execute("DROP VIEW hops_readable")  # it names the tables: SQLite refuses a rename under it
+    conn.execute(f"CREATE TABLE rebuilt AS SELECT {columns} FROM {table}")
+    conn.execute(f"DROP TABLE {table}")
+    conn.execute(f"ALTER TABLE rebuilt RENAME TO {table}")
+
+
+def test_a_hops_table_without_its_primary_key(tmp_path):
+    path = small().write(tmp_path / "t.db")
+    with sqlite3.connect(path) as conn:
+        _rebuild_without_key(conn, "hops", "*")
+        conn.execute("INSERT INTO hops SELECT * FROM hops WHERE id = 2")  # id 2 twice
+        conn.execute("INSERT INTO hops SELECT * FROM hops WHERE id = 1 LIMIT 1")
+        conn.execute("UPDATE hops SET id = 'three' WHERE rowid = 4")
+    a = analyze(path)
+    assert list(a.hops.index) == [1, 2]
+    assert "1 hops whose id repeated an earlier one were ignored" in a.notes
+    assert "1 hops without a whole-number id were ignored" in a.notes
+    with sqlite3.connect(path) as conn:
+        conn.execute("ALTER TABLE hops DROP COLUMN started_at")
+    with pytest.raises(TraceFileError, match="table hops has no column started_at"):
+        analyze(path)
+
+
+def test_absurd_times_read_as_unknown(tmp_path):
+    path = small().write(tmp_path / "t.db")
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE tokens SET iat = 2e10, nbf = exp + 5")
+        conn.execute("UPDATE hops SET response_start_at = 1e-7, server_date_ts = 9e300 WHERE id = 1")
+        conn.execute("UPDATE hops SET started_at = 1e20 WHERE id = 2")
+    a = analyze(path)
+    assert list(a.hops.index) == [1]
+    fp = a.hop_tokens["fingerprint"].iloc[0]
+    assert pd.isna(a.tokens.loc[fp, "iat"]) and pd.isna(a.tokens.loc[fp, "nbf"]) and a.tokens.loc[fp, "exp"] == T0 + 100
+    assert pd.isna(a.hops.loc[1, "response_start_at"])
+    assert "2 hop times outside 2000-2100 were read as unknown" in a.notes
+    assert "1 token times (iat, nbf, exp, first seen) outside 2000-2100 were read as unknown" in a.notes
+    assert "1 token nbf claims later than the token's exp were ignored" in a.notes
+
+
+def test_a_schema_whose_error_message_is_not_utf8(tmp_path):
+    """SQLite quotes the damaged name in its error; Python then raises UnicodeDecodeError, not sqlite3.Error."""
+    path = small().write(tmp_path / "t.db")
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA writable_schema = ON")
+        damaged = "name = CAST(X'82' AS TEXT), sql = CAST(X'435245415445204920827E' AS TEXT)"  # "CREATE I \x82~"
+        conn.execute(f"UPDATE sqlite_master SET {damaged} WHERE name = 'tokens_sub'")
+    for args in (["analyze", str(path)], ["plot", str(path), "-o", str(tmp_path / "x.png")]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2 and result.stderr.startswith(f"Error: {path}: not a readable SQLite database"), result.stderr

@@ -284,13 +284,6 @@ def test_fail_on_fails_the_checkout_test_whose_asserts_passed(pytester, monkeypa
     )
 
 
-def test_the_severities_are_the_analyzers():
-    from hoptrace.analyzer._detectors import SEVERITIES
-    from hoptrace.pytest_plugin import SEVERITIES as listed
-
-    assert listed == SEVERITIES
-
-
 @pytest.mark.e2e
 def test_bad_options_are_one_usage_error(pytester, tmp_path):
     stack = _stack_file(tmp_path / "stack.toml", tmp_path / "traces.db")

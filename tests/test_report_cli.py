@@ -102,13 +102,6 @@ def test_fail_on_takes_severities_and_kinds():
     assert code == 2 and "severities: error, warning, info" in err and "Traceback" not in err
 
 
-def test_the_cli_severities_are_the_analyzers():
-    from hoptrace.analyzer._cli import SEVERITIES
-    from hoptrace.analyzer._types import SEVERITIES as ANALYZER
-
-    assert tuple(SEVERITIES) == tuple(ANALYZER)
-
-
 # ---------------------------------------------------------------- a terminal
 
 

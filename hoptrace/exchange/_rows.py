@@ -68,21 +68,8 @@ def atomic(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("COMMIT")
 
 
-def ensure_source_column(conn: sqlite3.Connection) -> None:
-    """``captures.source`` (schema v2: where a capture came from, e.g. ``import:har:<sha256>``).
-
-    Added here when an older file lacks it, inside the caller's transaction.
-    """
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(captures)")}
-    if "source" not in columns:
-        conn.execute("ALTER TABLE captures ADD COLUMN source TEXT")
-
-
 def imported_as(conn: sqlite3.Connection, source: str) -> int | None:
     """The capture id a file with this source tag was already imported as, if any."""
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(captures)")}
-    if "source" not in columns:
-        return None
     row = conn.execute("SELECT id FROM captures WHERE source = ?", (source,)).fetchone()
     return row[0] if row else None
 
@@ -103,7 +90,6 @@ class CaptureSink:
     routes: dict[str, dict] = field(default_factory=dict)
 
     def open(self, mitmproxy_version: str) -> None:
-        ensure_source_column(self.conn)
         self.capture_id = self.conn.execute(
             "INSERT INTO captures (started_at, routes, entry, hoptrace_version, mitmproxy_version, source)"
             " VALUES (?, '[]', NULL, ?, ?, ?)",

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from hoptrace._click import BadInput, OneLineCommand, exit_2_on_bad_input
+from hoptrace._errors import HoptraceError
 from hoptrace._options import output_option, trace_db_argument
 
 PLOT_FORMATS = (".png", ".svg")
@@ -38,16 +39,15 @@ def _has_hops(db: Path) -> bool | None:
     """Whether the DB has any hop (None: cannot tell here; the analyzer will say why)."""
     import sqlite3
 
-    from hoptrace._errors import TraceFileError
-    from hoptrace.db import open_for_reading  # the one read-only, untrusted opener
+    from hoptrace.db import open_for_reading
 
     try:
-        conn = open_for_reading(db, check=False)  # the analyzer checks every page; this only peeks
-    except TraceFileError:
-        return None
-    try:
-        return bool(conn.execute("SELECT EXISTS (SELECT 1 FROM hops)").fetchone()[0])
-    except sqlite3.Error:
+        conn = open_for_reading(db, check=False)  # the analyzer checks the file's structure
+        try:
+            return bool(conn.execute("SELECT EXISTS (SELECT 1 FROM hops)").fetchone()[0])
+        finally:
+            conn.close()
+    except (sqlite3.Error, UnicodeDecodeError, HoptraceError):  # SQLite's message about a damaged file may not be UTF-8
         return None
     finally:
         conn.close()
