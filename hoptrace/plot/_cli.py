@@ -49,8 +49,6 @@ def _has_hops(db: Path) -> bool | None:
             conn.close()
     except (sqlite3.Error, UnicodeDecodeError, HoptraceError):  # SQLite's message about a damaged file may not be UTF-8
         return None
-    finally:
-        conn.close()
 
 
 def _analyze(db: Path):
