@@ -113,22 +113,35 @@ def test_waterfall_layout_rows_positions_labels():
     assert lay.notes[0][0].startswith("ERROR  expired_mid_flow")
 
 
-def _absurd_times() -> Builder:
-    """One request whose token claims an exp of 1e-7 s, another's an iat of 2e10 s, one hop ending in 2e10."""
+YEAR = 365 * 86_400
+
+
+def _far_times(exp=T0 - 10 * YEAR, iat=T0 + 20 * YEAR, ended=T0 + 5 * 86_400) -> Builder:
+    """One request whose token expired years before it, another's issued decades after, one hop ending days later."""
     rows = checkout_hops()[:7]
     b = scenario_builder(rows)
-    b.tokens[0]["exp"] = 1e-7
-    b.tokens[1]["iat"] = 2e10
-    b.hops[1]["ended_at"] = 2e10
-    bad = b.token("bob", 2e10 - T0, iat=2e10 - T0)
+    b.tokens[0]["exp"] = exp
+    b.tokens[1]["iat"] = iat
+    b.hops[1]["ended_at"] = ended
+    bad = b.token("bob", iat - T0, iat=iat - T0)
     b.hop("gateway", "GET /late", 30.0, 30.1, presented=bad, trace_id="late", span_id="s-late")
     return b
 
 
-def test_layouts_clamp_absurd_times_and_say_so(tmp_path):
-    a = analyze(_absurd_times().write(tmp_path / "absurd.db"))
+def test_the_loader_reads_impossible_times_as_unknown_and_says_so(tmp_path):
+    """exp 1e-7, iat 2e10, a hop ending in 2e10: no clock had them; the charts never see them."""
+    a = analyze(_far_times(exp=1e-7, iat=2e10, ended=2e10).write(tmp_path / "absurd.db"))
+    assert any("token times" in n and "read as unknown" in n for n in a.notes), a.notes
+    assert any("without a valid start or end time" in n for n in a.notes), a.notes
     lay = hp.waterfall_layout(a.trace_hops(1), a.tokens, a.findings)
-    assert any("had expired 472222.5 h before" in text for text, _ in lay.notes)  # the 1e-7 exp: a note, not a line
+    assert lay.exp_lines == [] and np.isfinite(lay.xlim).all()
+    hp.figure_bytes(hp.draw_waterfall(lay))
+
+
+def test_layouts_clamp_far_times_and_say_so(tmp_path):
+    a = analyze(_far_times().write(tmp_path / "far.db"))
+    lay = hp.waterfall_layout(a.trace_hops(1), a.tokens, a.findings)
+    assert any("had expired" in text and "h before" in text for text, _ in lay.notes)  # years before: a note, not a line
     assert lay.exp_lines == [(None, "token a1b2c3d4 (sub alice)")]
     hp.figure_bytes(hp.draw_waterfall(lay))
     # Hop 2 no longer fits in its caller (an orphan): its own request, cut at a day.
