@@ -320,6 +320,7 @@ def duplicate_validation(ctx: Context) -> pd.DataFrame:
         h["is_validation"].to_numpy() & h["token_fp"].notna().to_numpy(),
         ["trace", "token_fp", "parent_id", "service", "endpoint", "started_at", "duration_ms"],
     ]
+    v = v.drop(index=_forwarding_validations(v))
     v = v[v.groupby(["trace", "token_fp"], observed=True)["service"].transform("size").to_numpy() > 1]
     caller = v.index.map(ctx.caller)
     # Each (caller, validator, endpoint) once: a request's calls are then a tuple of small ints.
@@ -352,6 +353,15 @@ def duplicate_validation(ctx: Context) -> pd.DataFrame:
             "at": starts[0],
         })  # fmt: skip
     return _findings(rows)
+
+
+def _forwarding_validations(v: pd.DataFrame) -> pd.Index:
+    """Validation hops that only passed the same token on to another validation (a gateway's
+    ``/auth/verify`` forwarding to auth's ``/verify``): one validation, counted at the innermost."""
+    child = v[v["parent_id"].isin(v.index).to_numpy()]
+    parents = child["parent_id"].astype("int64")
+    same = child["token_fp"].to_numpy() == v.loc[parents, "token_fp"].to_numpy()
+    return pd.Index(parents[same].unique())
 
 
 def rejected_valid_token(ctx: Context) -> pd.DataFrame:

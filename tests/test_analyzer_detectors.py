@@ -191,6 +191,19 @@ def test_duplicate_validation_opaque_tokens_and_custom_paths(tmp_path):
     assert len(f) == 1 and f.iloc[0]["details"]["count"] == 2
 
 
+def test_duplicate_validation_passed_through_is_one_validation(tmp_path):
+    """A client's GET /auth/verify at the gateway, forwarded to auth's /verify: one check, not two."""
+    b = Builder()
+    t = b.token(sub="a", exp=100)
+    root = b.hop("gateway", "GET /auth/verify", 0, 1, presented=t)
+    b.hop("auth", "GET /verify", 0.1, 0.2, presented=t, parent=root)
+    assert detect(b, tmp_path, "duplicate_validation").empty
+    b.hop("auth", "GET /verify", 0.3, 0.4, presented=t, parent=root)  # a second real check still counts
+    (tmp_path / "again").mkdir()
+    f = detect(b, tmp_path / "again", "duplicate_validation")
+    assert len(f) == 1 and f.iloc[0]["details"]["count"] == 2
+
+
 # -- rejected_valid_token ------------------------------------------------------------------------
 
 
