@@ -3,16 +3,21 @@ waterfall data, a hop's detail, compare, the live merge; and its pure layout hel
 
 from __future__ import annotations
 
+import json
+import re
 import shlex
 import shutil
 import sqlite3
 from collections import Counter
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from hoptrace.analyzer import analyze, model, render_json, render_text
+from hoptrace.analyzer._model import TIERS
 from hoptrace.ui._data import Data, NotFound, NotReady, align, curl_line, graph_layout, timings
 from hoptrace.ui._query import BadQuery, RequestQuery
 
@@ -187,7 +192,7 @@ def test_any_query_string_is_a_query_or_a_one_line_bad_query(params):
         assert str(exc) and "\n" not in str(exc)
     else:
         assert (
-            1 <= query.limit <= 500 and query.offset >= 0 and query.sort in ("started", "duration", "status", "hops", "severity")
+            1 <= query.limit <= 500 and query.offset >= 0 and query.sort in ("worst", "started", "duration", "status", "hops", "severity")
         )
 
 
@@ -230,6 +235,41 @@ def test_requests_recorded_live_are_listed_before_their_analysis(tmp_path, data)
 
 
 def test_the_graph_counts_the_401_on_the_failing_path(data):
-    rejected = {(e["caller"], e["callee"]): e["rejected"] for e in data.graph()["edges"]}
+    graph = data.graph()
+    rejected = {(e["caller"], e["callee"]): e["client_errors"] for e in graph["edges"]}
     assert rejected[("client", "gateway")] == rejected[("gateway", "payment")] == rejected[("payment", "auth")] == 1
     assert rejected[("gateway", "auth")] == 0
+    assert {n["name"]: n["worst"] for n in graph["nodes"]}["auth"] == "4xx"
+
+
+@pytest.mark.parametrize("name, worst", [("flaky-retries.db", 62), ("checkout-expiry.db", None)])
+def test_the_ui_shows_the_presentation_models_order_phrasing_groups_and_graph(name, worst):
+    """The list's default order, each hop's ending, the finding groups and the graph are the model's,
+    so the UI and `hoptrace analyze` name the same worst request in the same words."""
+    db = SAMPLE.parent / name
+    ui = Data([db])
+    ui.refresh()
+    a = analyze(db)
+    m = model(a)
+    listed = ui.request_page(RequestQuery(limit=500))["items"]  # the default order
+    assert [r["trace"] for r in listed] == m.worst_order[:500]
+    assert [r["worst"] for r in listed] == list(range(len(listed)))
+    assert listed[0]["trace"] == (worst or m.with_error_findings()[0])
+    text = render_text(a)
+    assert [int(t) for t in re.findall(r"^ *request (\d+): ", text, re.M)] == [r["trace"] for r in listed[: a.config.worst]]
+    assert json.loads(render_json(a))["worst"] == [r["trace"] for r in listed[: a.config.worst]]
+    for item in listed[:5]:
+        summary, req, rows = m.request(item["trace"]), ui.request(0, item["trace"]), m.hop_rows(item["trace"])
+        assert item["ended"] == req["ended"] == summary.ended and req["tier"] == TIERS[summary.tier]
+        assert f"request {summary.trace}: {summary.service} {summary.endpoint} {summary.ended}" in text
+        assert [h["id"] for h in req["hops"]] == list(rows.index)
+        assert [(h["ended"], h["outcome"]) for h in req["hops"]] == list(zip(rows["ended"], rows["outcome"]))
+    kinds = [(k["kind"], k["severity"], k["count"]) for k in ui.facets()["kinds"]]
+    assert kinds == [(g.kind, g.severity, len(g)) for g in m.finding_groups] and kinds
+    nodes, edges = m.graph
+    shown = {(e["caller"], e["callee"]): e for e in ui.graph()["edges"]}
+    assert len(shown) == len(edges)
+    for e in edges.itertuples():
+        mine = shown[(e.caller, e.callee)]
+        assert (mine["calls"], mine["errors"], mine["client_errors"]) == (e.calls, e.errors, e.client_errors)
+        assert mine["worst"] == (None if pd.isna(e.worst) else e.worst)

@@ -12,6 +12,7 @@ leave out, are read per hop with the project's read-only opener.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shlex
@@ -26,19 +27,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hoptrace.analyzer import Analysis, analyze
-from hoptrace.analyzer._analysis import _latency_tables
+from hoptrace._format import hop_ended
+from hoptrace.analyzer import Analysis, analyze, latency_tables
+from hoptrace.analyzer._model import TIERS, Model, group_findings, hop_endings, model, outcomes, slowest_first
+from hoptrace.analyzer._types import OUTCOMES, SEVERITIES, SEVERITY_RANK
 from hoptrace.db import SCHEMA, SCHEMA_VERSION, open_for_reading
 from hoptrace.ui._query import RequestQuery
 
-SEVERITY_RANK = {"error": 0, "warning": 1, "info": 2}
-NO_FINDING_RANK = 3
+NO_FINDING_RANK = len(SEVERITIES)
 PREVIEW_ROWS = 2000
 """Requests listed per capture before the analysis is done: the newest ones."""
 LOOKBACK_S = 10.0
 """How far before the newest hop a live refresh re-analyses: a request still running
 after that long is analysed in two parts (its early hops as they were)."""
-SORTABLE = {"started": "started_at", "duration": "duration_ms", "status": "status", "hops": "hops", "severity": "rank"}
+SORTABLE = {"worst": "worst", "started": "started_at", "duration": "duration_ms", "status": "status", "hops": "hops", "severity": "rank"}
 HOP_FIELDS = (
     "service", "method", "path", "endpoint", "status", "error", "error_kind", "failed", "duration_ms", "link",
     "link_candidates", "depth", "is_validation", "token_fp", "token_sub", "token_exp", "remaining_s", "self_ms",
@@ -80,9 +82,12 @@ class Source:
     index: int
     path: Path
     analysis: Analysis | None = None
+    model: Model | None = None
+    """The presentation model of ``analysis``: the worst-first order, hop endings, finding groups, graph."""
+    tables_stale: bool = False
+    """A merged analysis's latency tables cover only the tail: :meth:`Data.model_of` recomputes them."""
     requests: pd.DataFrame = field(default_factory=pd.DataFrame)
     max_hop_id: int = 0
-    latency: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame] | None = None
     analyse_s: float = 0.0
     by_trace: pd.DataFrame = field(default_factory=pd.DataFrame)
     """``requests`` indexed by trace, for one request's lookups."""
@@ -174,9 +179,9 @@ class Data:
             index = Index.build(analysis, requests) if analysis is not None else None
             with self._lock:
                 source.analysis, source.max_hop_id, source.requests, source.lookup = analysis, newest, requests, index
+                source.model = None if analysis is None else model(analysis)
                 source.by_trace = requests.set_index("trace", drop=False) if len(requests) else requests
-                # A merged analysis's latency tables cover only the tail: recompute them on first use.
-                source.latency = None if merged or analysis is None else (analysis.services, analysis.endpoints, analysis.edges)
+                source.tables_stale = merged
                 source.analyse_s = time.perf_counter() - started
                 self.version += 1
             changed = True
@@ -189,7 +194,7 @@ class Data:
             analysis = analyze(source.path)
             if not len(analysis.hops):
                 return None, pd.DataFrame(), False
-            return analysis, _requests(analysis, source.index), False
+            return analysis, _requests(model(analysis), source.index), False
         since = float(old.hops["started_at"].max()) - self.lookback_s
         with tempfile.TemporaryDirectory(prefix="hoptrace-ui-") as folder:
             tail_db = Path(folder) / "tail.db"
@@ -198,13 +203,14 @@ class Data:
         merged = _merge(old, tail, since)
         # The older requests' rows stand as they were; only the tail's are built (a pass over
         # a million hops costs ~1 s).
-        fresh = _requests(tail, source.index)
+        fresh = _requests(model(tail), source.index)
         hops = merged.hops
         roots = (hops.index.to_numpy() == hops["trace"].to_numpy()) & (hops["started_at"].to_numpy() >= since)
         fresh = fresh[fresh["trace"].isin(hops.index[roots])]
         kept = source.requests[source.requests["started_at"] < since]
         kept = kept[kept["trace"].isin(merged.hops.index)]
-        return merged, pd.concat([kept[~kept["trace"].isin(fresh["trace"])], fresh], ignore_index=True), True
+        requests = pd.concat([kept[~kept["trace"].isin(fresh["trace"])], fresh], ignore_index=True)
+        return merged, _ranked(requests, model(merged)), True
 
     def preview(self) -> None:
         """List each DB's requests (its entry route's hops) from SQL, before any analysis: no findings yet."""
@@ -222,8 +228,8 @@ class Data:
         rows = pd.concat(chosen, ignore_index=True) if len(chosen) > 1 else chosen[0]
         rows = rows.sort_values([SORTABLE[query.sort], "started_at"], ascending=[not query.descending, False], kind="stable")
         page = rows.iloc[query.offset : query.offset + query.limit]
-        columns = ["db", "trace", "started_at", "endpoint", "service", "status", "status_class", "duration_ms", "hops",
-                   "subject", "severity", "kinds"]  # fmt: skip
+        columns = ["db", "trace", "started_at", "endpoint", "service", "status", "status_class", "ended", "duration_ms",
+                   "hops", "subject", "severity", "kinds", "worst", "tier"]  # fmt: skip
         analysing = any(s.analysis is None and len(s.requests) for s in self.sources)
         return {"total": len(rows), "offset": query.offset, "items": _records(page[columns]), "version": self.version,
                 "analysing": analysing}  # fmt: skip
@@ -255,7 +261,8 @@ class Data:
 
     def facets(self) -> dict[str, list]:
         """The values each filter of the request list can take."""
-        values: dict[str, set] = {"service": set(), "endpoint": set(), "subject": set(), "kind": set()}
+        values: dict[str, set] = {"service": set(), "endpoint": set(), "subject": set()}
+        groups: dict[str, dict[str, Any]] = {}
         for s in self.sources:
             if s.analysis is None:
                 continue
@@ -263,9 +270,13 @@ class Data:
             values["service"] |= set(hops["service"].dropna().unique())
             values["endpoint"] |= set(hops["endpoint"].dropna().unique())
             values["subject"] |= {v for v in hops["token_sub"].unique() if plain(v) is not None}
-            values["kind"] |= set(s.analysis.findings["kind"].unique())
+            for g in s.model.finding_groups:
+                group = groups.setdefault(g.kind, {"kind": g.kind, "severity": g.severity, "count": 0})
+                group["count"] += len(g)
         out = {name: sorted(str(v) for v in vals) for name, vals in values.items()}
-        return {**out, "severity": list(SEVERITY_RANK), "status": ["2xx", "3xx", "4xx", "5xx", "error"]}
+        # Finding kinds in the model's group order (errors first, then by first occurrence), with counts.
+        return {**out, "kind": list(groups), "kinds": list(groups.values()), "severity": list(SEVERITIES),
+                "status": list(OUTCOMES)}  # fmt: skip
 
     def status(self) -> dict[str, Any]:
         return {
@@ -309,7 +320,8 @@ class Data:
         rows = rows.sort_values("order")
         t0 = float(rows.at[trace, "started_at"])
         found = source.analysis.findings.iloc[source.lookup.findings_by_trace.positions(trace)]
-        findings = _findings_of(found, set(rows.index))
+        findings = _findings_of(group_findings(found), set(rows.index))
+        ended, outcome = hop_endings(rows), outcomes(rows)
         flagged: dict[int, list[int]] = {}
         for n, f in enumerate(findings):
             for hop_id in f["hop_ids"]:
@@ -318,6 +330,7 @@ class Data:
         for hop_id, hop in zip(rows.index, rows.to_dict("records"), strict=True):
             item = {"id": int(hop_id), "parent": plain(hop["parent_id"])}
             item |= {name: plain(hop[name]) for name in HOP_FIELDS}
+            item["ended"], item["outcome"] = ended[hop_id], outcome[hop_id]
             item["start_ms"] = (float(hop["started_at"]) - t0) * 1000
             item["findings"] = flagged.get(int(hop_id), [])
             hops.append(item)
@@ -330,6 +343,8 @@ class Data:
             "endpoint": plain(root["endpoint"]),
             "status": plain(root["status"]),
             "status_class": root["status_class"],
+            "ended": root["ended"],
+            "tier": TIERS[int(root["tier"])],
             "duration_ms": plain(root["duration_ms"]),
             "subject": plain(root["subject"]),
             "hops": hops,
@@ -359,6 +374,7 @@ class Data:
         request_headers, response_headers = _headers(row["request_headers"]), _headers(row["response_headers"])
         detail = {name: plain(facts[name]) for name in HOP_FIELDS}
         detail |= {
+            "ended": hop_ended(facts["status"], facts["failed"], facts["error_kind"]),
             "db": db,
             "id": hop_id,
             "trace": int(facts["trace"]),
@@ -405,11 +421,13 @@ class Data:
             raise NotFound(f"no session {session}")
         fps = [fp for fp in rows["token_fp"].unique() if plain(fp) is not None]
         tokens = a.tokens.reindex(fps)
+        roots = a.hops.loc[rows["trace"].to_numpy()]
+        rows = rows.assign(outcome=outcomes(roots).to_numpy(), ended=hop_endings(roots).to_numpy())
         return {
             "db": db,
             "session": session,
             "subject": plain(rows["subject"].iloc[0]),
-            "requests": _records(rows[["trace", "started_at", "ended_at", "status", "endpoint", "token_fp", "expired"]]),
+            "requests": _records(rows[["trace", "started_at", "ended_at", "status", "outcome", "ended", "endpoint", "token_fp", "expired"]]),
             "tokens": [
                 {"fingerprint": fp, "iat": plain(t["iat"]), "exp": plain(t["exp"]), "sub": plain(t["sub"])}
                 for fp, t in tokens.iterrows()
@@ -421,32 +439,41 @@ class Data:
         for s in self.sources:
             if s.analysis is None:
                 continue
-            svc, ep, _ = self._latency_of(s)
-            services += _records(svc.reset_index().assign(db=s.index))
-            endpoints += _records(ep.reset_index().assign(db=s.index))
+            a = self.model_of(s).analysis
+            services += _records(slowest_first(a.services).assign(db=s.index))
+            endpoints += _records(slowest_first(a.endpoints).assign(db=s.index))
         return {"services": services, "endpoints": endpoints}
 
     def graph(self) -> dict[str, Any]:
-        """Services as nodes in columns by call depth from the client, and the call edges between them."""
-        edges: dict[tuple[str, str], dict[str, float]] = {}
+        """The model's call graph (DBs summed), its services in columns by call depth from the client."""
+        edges: dict[tuple[str, str], dict[str, Any]] = {}
+        worst: dict[str, str | None] = {}
         for s in self.sources:
             if s.analysis is None:
                 continue
-            rejected = _rejected_calls(s.analysis.hops)
-            for row in _records(self._latency_of(s)[2].reset_index()):
-                key = (row["caller"], row["callee"])
-                edge = edges.setdefault(key, {"calls": 0, "errors": 0, "rejected": 0, "p95_ms": 0.0})
-                edge["calls"] += row["calls"] or 0
-                edge["errors"] += row["errors"] or 0
-                edge["rejected"] += rejected.get(key, 0)
+            nodes, found = self.model_of(s).graph
+            for name, outcome in zip(nodes["service"], nodes["worst"]):
+                worst[name] = _worse(worst.get(name), plain(outcome))
+            for row in _records(found):
+                edge = edges.setdefault((row["caller"], row["callee"]), {"calls": 0, "errors": 0, "client_errors": 0,
+                                                                          "p95_ms": 0.0, "worst": None})  # fmt: skip
+                for name in ("calls", "errors", "client_errors"):
+                    edge[name] += row[name] or 0
                 edge["p95_ms"] = max(edge["p95_ms"], row["p95_ms"] or 0.0)
-        return graph_layout(edges)
+                edge["worst"] = _worse(edge["worst"], row["worst"])
+        return graph_layout(edges, worst)
 
-    def _latency_of(self, source: Source) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-        """The latency tables; after a live merge they are recomputed from the merged hops on first use."""
-        if source.latency is None:
-            source.latency = _latency_tables(source.analysis.hops)[0]
-        return source.latency
+    def model_of(self, source: Source) -> Model:
+        """The source's model, its latency tables recomputed from the merged hops after a live merge (on first use)."""
+        if source.tables_stale:
+            analysis = source.analysis
+            tables = dict(zip(("services", "endpoints", "edges"), latency_tables(analysis.hops), strict=True))
+            fixed = model(dataclasses.replace(analysis, **tables))
+            with self._lock:
+                if source.analysis is analysis:  # no refresh swapped it meanwhile
+                    source.analysis, source.model, source.tables_stale = fixed.analysis, fixed, False
+            return fixed
+        return source.model
 
 
 # -- pure helpers (tested as data) ------------------------------------------------------------
@@ -527,8 +554,14 @@ def _expired(hop: dict) -> bool:
     return hop.get("remaining_s") is not None and hop["remaining_s"] <= 0
 
 
-def graph_layout(edges: dict[tuple[str, str], dict[str, float]]) -> dict[str, Any]:
-    """Columns by the longest call chain from ``client`` (cycles broken), rows in order of first appearance."""
+def _worse(a: str | None, b: str | None) -> str | None:
+    """The worse of two outcomes (later in :data:`OUTCOMES`), None counting as none."""
+    return max(a, b, key=lambda o: -1 if o is None else OUTCOMES.index(o))
+
+
+def graph_layout(edges: dict[tuple[str, str], dict[str, Any]], worst: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """Columns by the longest call chain from ``client`` (cycles broken), rows in order of first appearance;
+    each node with ``worst``, the worst outcome of the calls it answered (from ``worst``)."""
     callers: dict[str, list[str]] = {}
     names: list[str] = []
     for caller, callee in edges:
@@ -548,7 +581,10 @@ def graph_layout(edges: dict[tuple[str, str], dict[str, float]]) -> dict[str, An
     columns: dict[int, list[str]] = {}
     for name in names:
         columns.setdefault(depth_of(name), []).append(name)
-    nodes = [{"name": n, "column": c, "row": i} for c, members in sorted(columns.items()) for i, n in enumerate(members)]
+    worst = worst or {}
+    nodes = [
+        {"name": n, "column": c, "row": i, "worst": worst.get(n)} for c, members in sorted(columns.items()) for i, n in enumerate(members)
+    ]
     return {
         "nodes": nodes,
         "edges": [{"caller": k[0], "callee": k[1], **v} for k, v in edges.items()],
@@ -589,23 +625,6 @@ def copy_tail(path: Path, into: Path, since: float) -> None:
         conn.close()
 
 
-def _rejected_calls(hops: pd.DataFrame) -> dict[tuple[str, str], int]:
-    """Calls per (caller, callee) answered 4xx: the latency tables count only 5xx and failures as
-    errors, which leaves the 401 on a failing checkout's path out of the graph."""
-    four = (hops["status"].astype("Float64") // 100 == 4).fillna(False).to_numpy(bool)
-    if not four.any():
-        return {}
-    rows = hops[four]
-    callers = hops["service"].astype(object).reindex(rows["parent_id"].astype("Float64").to_numpy()).to_numpy()
-    callers = np.where(pd.isna(callers), "client", callers)
-    counts = (
-        pd.Series(1, index=pd.MultiIndex.from_arrays([callers, rows["service"].astype(object).to_numpy()]))
-        .groupby(level=[0, 1])
-        .sum()
-    )
-    return {(str(a), str(b)): int(n) for (a, b), n in counts.items()}
-
-
 def _max_hop_id(path: Path) -> int:
     conn = open_for_reading(path, check=False)
     try:
@@ -628,13 +647,6 @@ def _plain_filters(reqs: pd.DataFrame, q: RequestQuery) -> np.ndarray:
     return keep
 
 
-def _status_class(status: pd.Series, failed: pd.Series) -> np.ndarray:
-    """2xx .. 5xx, or ``error`` for a hop that failed or got no answer."""
-    status = status.astype("Float64")
-    broken = failed.astype(bool).to_numpy() | status.isna().to_numpy()
-    return np.where(broken, "error", (status.fillna(0) // 100).astype("int64").astype(str) + "xx")
-
-
 def _quick_requests(path: Path, db: int, after_id: int | None = None) -> pd.DataFrame:
     """The newest ``PREVIEW_ROWS`` requests (entry-route hops) of each capture, read through the
     (capture_id, started_at) index: no trees, no findings, and no full pass over the file, which
@@ -645,7 +657,7 @@ def _quick_requests(path: Path, db: int, after_id: int | None = None) -> pd.Data
     that follows; until then these rows are only listed (escaped by the page), never used
     to compute anything.
     """
-    columns = "h.id, h.started_at, h.method || ' ' || h.path, h.service, h.status, h.failed, h.duration_ms"
+    columns = "h.id, h.started_at, h.method || ' ' || h.path, h.service, h.status, h.failed, h.error_kind, h.duration_ms"
     conn = open_for_reading(path, check=False)
     try:
         if after_id is not None:
@@ -665,17 +677,19 @@ def _quick_requests(path: Path, db: int, after_id: int | None = None) -> pd.Data
             ]
     finally:
         conn.close()
-    t = pd.DataFrame(rows, columns=["trace", "started_at", "endpoint", "service", "status", "failed", "duration_ms"])
-    t["status_class"] = _status_class(t["status"], t["failed"])
-    t = t.assign(db=db, hops=None, subject=None, rank=NO_FINDING_RANK, kinds="", severity=None)
+    t = pd.DataFrame(rows, columns=["trace", "started_at", "endpoint", "service", "status", "failed", "error_kind", "duration_ms"])
+    t = t.assign(status_class=outcomes(t).to_numpy(), ended=hop_endings(t).to_numpy())
+    # Not analysed: no findings, and no place in the worst-first order yet (listed after those that have one).
+    t = t.assign(db=db, hops=None, subject=None, rank=NO_FINDING_RANK, kinds="", severity=None, worst=np.nan, tier=np.nan)
     t["haystack"] = (t["trace"].astype(str) + " " + t["endpoint"].fillna("")).str.lower()
-    return t.drop(columns="failed")
+    return t.drop(columns=["failed", "error_kind"])
 
 
-def _requests(a: Analysis, db: int) -> pd.DataFrame:
-    """One row per request (root hop) with what the list shows, filters and sorts on."""
+def _requests(m: Model, db: int) -> pd.DataFrame:
+    """One row per request (root hop) with what the list shows, filters and sorts on, in the model's words."""
+    a = m.analysis
     hops = a.hops
-    roots = hops[hops.index.to_numpy() == hops["trace"].to_numpy()]
+    roots = m.roots
     found = a.findings.dropna(subset=["trace"])
     ranks = found["severity"].map(SEVERITY_RANK).groupby(found["trace"].astype("int64")).min()
     # Each request's finding kinds as one string, built kind by kind (a dozen kinds; a Python
@@ -695,7 +709,8 @@ def _requests(a: Analysis, db: int) -> pd.DataFrame:
             "endpoint": roots["endpoint"].astype(str).to_numpy(),
             "service": roots["service"].astype(str).to_numpy(),
             "status": roots["status"].to_numpy(),
-            "status_class": _status_class(roots["status"], roots["failed"]),
+            "status_class": outcomes(roots).to_numpy(),
+            "ended": hop_endings(roots).to_numpy(),
             "duration_ms": roots["duration_ms"].to_numpy(),
             "hops": hops["trace"].value_counts().reindex(roots.index).to_numpy(),
             "subject": subject.to_numpy(),
@@ -703,11 +718,18 @@ def _requests(a: Analysis, db: int) -> pd.DataFrame:
             "kinds": kinds.to_numpy(),
         }
     )
-    table["severity"] = table["rank"].map({v: k for k, v in SEVERITY_RANK.items()})
+    table["severity"] = table["rank"].map(dict(enumerate(SEVERITIES)))
     table["haystack"] = (
         table["trace"].astype(str) + " " + table["endpoint"] + " " + table["subject"].fillna("") + " " + table["kinds"]
     ).str.lower()
-    return table
+    return _ranked(table, m)
+
+
+def _ranked(requests: pd.DataFrame, m: Model) -> pd.DataFrame:
+    """``requests`` with ``worst`` (the place in the model's worst-first order, 0 = worst) and ``tier``."""
+    place = pd.Series(np.arange(len(m.worst_order)), index=m.worst_order)
+    traces = requests["trace"].to_numpy()
+    return requests.assign(worst=place.reindex(traces).to_numpy(), tier=m.tiers.reindex(traces).to_numpy())
 
 
 def _merge(old: Analysis, tail: Analysis, since: float) -> Analysis:
@@ -746,9 +768,10 @@ def _merge(old: Analysis, tail: Analysis, since: float) -> Analysis:
     )
 
 
-def _findings_of(mine: pd.DataFrame, hop_ids: set[int]) -> list[dict[str, Any]]:
+def _findings_of(groups: list, hop_ids: set[int]) -> list[dict[str, Any]]:
+    """The findings of :func:`group_findings`, group by group, as JSON-ready dicts."""
     out = []
-    for f in mine.itertuples(index=False):
+    for f in (f for g in groups for f in g.rows.itertuples(index=False)):
         ids = [int(h) for h in f.hop_ids if int(h) in hop_ids]
         details = f.details if isinstance(f.details, dict) else {}
         out.append({"kind": f.kind, "severity": f.severity, "service": plain(f.service), "message": f.message,
@@ -784,7 +807,8 @@ def _headers(text: str | None) -> list[list[str]]:
 
 
 def _summary(request: dict[str, Any]) -> dict[str, Any]:
-    return {k: request[k] for k in ("db", "trace", "started_at", "endpoint", "status", "status_class", "duration_ms", "subject")}
+    keys = ("db", "trace", "started_at", "endpoint", "status", "status_class", "ended", "duration_ms", "subject")
+    return {k: request[k] for k in keys}
 
 
 def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
