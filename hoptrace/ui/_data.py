@@ -50,6 +50,8 @@ HOP_COLUMNS = (
     "id, method, scheme, host, port, path, query, http_version, status, reason, error, error_kind, started_at,"
     " request_end_at, connect_at, connected_at, response_start_at, ended_at, request_headers, response_headers"
 )
+SUMMARY = ("db", "trace", "started_at", "endpoint", "status", "status_class", "ended", "duration_ms", "subject")
+"""What names a request: the head of its waterfall and each side of a compare."""
 COMPARED = ("status", "error_kind", "link")
 SLOWER = 2.0  # a hop at least this many times slower (and 5 ms more) than its match counts as a difference
 
@@ -337,16 +339,8 @@ class Data:
         expiries = sorted({float(e) for e in rows["token_exp"].dropna()})
         root = source.by_trace.loc[trace]
         return {
-            "db": db,
-            "trace": trace,
-            "started_at": t0,
-            "endpoint": plain(root["endpoint"]),
-            "status": plain(root["status"]),
-            "status_class": root["status_class"],
-            "ended": root["ended"],
+            **{name: plain(root[name]) for name in SUMMARY},
             "tier": TIERS[int(root["tier"])],
-            "duration_ms": plain(root["duration_ms"]),
-            "subject": plain(root["subject"]),
             "hops": hops,
             "expiries": [{"at": e, "ms": (e - t0) * 1000} for e in expiries],
             "findings": findings,
@@ -807,8 +801,7 @@ def _headers(text: str | None) -> list[list[str]]:
 
 
 def _summary(request: dict[str, Any]) -> dict[str, Any]:
-    keys = ("db", "trace", "started_at", "endpoint", "status", "status_class", "ended", "duration_ms", "subject")
-    return {k: request[k] for k in keys}
+    return {k: request[k] for k in SUMMARY}
 
 
 def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
