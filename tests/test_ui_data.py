@@ -8,6 +8,8 @@ import re
 import shlex
 import shutil
 import sqlite3
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from hypothesis import strategies as st
 from hoptrace.analyzer import analyze, model, render_json, render_text
 from hoptrace.analyzer._model import TIERS
 from hoptrace.ui._data import Data, NotFound, NotReady, align, curl_line, graph_layout, timings
+from hoptrace.ui._preview import Preview
 from hoptrace.ui._query import BadQuery, RequestQuery
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_traces" / "checkout-expiry.db"
@@ -273,3 +276,24 @@ def test_the_ui_shows_the_presentation_models_order_phrasing_groups_and_graph(na
         mine = shown[(e.caller, e.callee)]
         assert (mine["calls"], mine["errors"], mine["client_errors"]) == (e.calls, e.errors, e.client_errors)
         assert mine["worst"] == (None if pd.isna(e.worst) else e.worst)
+
+
+def test_the_first_page_comes_from_sql_without_pandas(data):
+    """The server and its preview import neither pandas nor the analyzer (seconds of imports), and
+    the preview lists what the loaded Data lists before its analysis, newest first."""
+    code = (
+        "import json, sys; from pathlib import Path; import hoptrace.ui._server;"
+        " from hoptrace.ui._preview import Preview; from hoptrace.ui._query import RequestQuery;"
+        f" page = Preview([Path({str(SAMPLE)!r})]).request_page(RequestQuery(limit=500));"
+        " print(json.dumps([page, sorted(m for m in ('pandas', 'numpy', 'hoptrace.analyzer._analysis') if m in sys.modules)]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    page, heavy = json.loads(done.stdout)
+    assert heavy == []
+    early = Data([SAMPLE])
+    early.preview()
+    listed = early.request_page(RequestQuery(limit=500, sort="started", descending=True))["items"]
+    assert [(r["trace"], r["ended"]) for r in page["items"]] == [(r["trace"], r["ended"]) for r in listed]
+    assert page["total"] == len(listed) and page["analysing"]
+    with pytest.raises(NotReady):  # a filter needs the analysis
+        Preview([SAMPLE]).request_page(RequestQuery(status="4xx"))

@@ -32,11 +32,12 @@ from hoptrace.analyzer import Analysis, analyze, latency_tables
 from hoptrace.analyzer._model import TIERS, Model, group_findings, hop_endings, model, outcomes, slowest_first
 from hoptrace.analyzer._types import OUTCOMES, SEVERITIES, SEVERITY_RANK
 from hoptrace.db import SCHEMA, SCHEMA_VERSION, open_for_reading
+from hoptrace.ui._preview import COLUMNS, NotFound, NotReady, entry_requests
 from hoptrace.ui._query import RequestQuery
 
+__all__ = ["Data", "NotFound", "NotReady", "align", "curl_line", "graph_layout", "timings"]
+
 NO_FINDING_RANK = len(SEVERITIES)
-PREVIEW_ROWS = 2000
-"""Requests listed per capture before the analysis is done: the newest ones."""
 LOOKBACK_S = 10.0
 """How far before the newest hop a live refresh re-analyses: a request still running
 after that long is analysed in two parts (its early hops as they were)."""
@@ -54,14 +55,6 @@ SUMMARY = ("db", "trace", "started_at", "endpoint", "status", "status_class", "e
 """What names a request: the head of its waterfall and each side of a compare."""
 COMPARED = ("status", "error_kind", "link")
 SLOWER = 2.0  # a hop at least this many times slower (and 5 ms more) than its match counts as a difference
-
-
-class NotFound(LookupError):
-    """A request, hop or session the DBs do not hold."""
-
-
-class NotReady(LookupError):
-    """The DB is still being analysed: only the request list (without findings) is there yet."""
 
 
 def plain(value: Any) -> Any:
@@ -219,6 +212,7 @@ class Data:
         for source in self.sources:
             if source.analysis is None:
                 source.requests = _quick_requests(source.path, source.index)
+        self.version += 1
 
     # -- the request list ------------------------------------------------------------------
 
@@ -642,38 +636,11 @@ def _plain_filters(reqs: pd.DataFrame, q: RequestQuery) -> np.ndarray:
 
 
 def _quick_requests(path: Path, db: int, after_id: int | None = None) -> pd.DataFrame:
-    """The newest ``PREVIEW_ROWS`` requests (entry-route hops) of each capture, read through the
-    (capture_id, started_at) index: no trees, no findings, and no full pass over the file, which
-    at a million hops reads ~1 GB.
-
-    With ``after_id``: the entry-route hops recorded after that hop id instead (the primary
-    key finds them), for a live view. The file's structure check runs with the analysis
-    that follows; until then these rows are only listed (escaped by the page), never used
-    to compute anything.
-    """
-    columns = "h.id, h.started_at, h.method || ' ' || h.path, h.service, h.status, h.failed, h.error_kind, h.duration_ms"
-    conn = open_for_reading(path, check=False)
-    try:
-        if after_id is not None:
-            rows = conn.execute(
-                f"SELECT {columns} FROM hops h JOIN captures c ON c.id = h.capture_id WHERE h.id > ? AND h.service = c.entry",
-                (after_id,),
-            ).fetchall()
-        else:
-            captures = conn.execute("SELECT id, entry FROM captures WHERE entry IS NOT NULL").fetchall()
-            rows = [
-                row
-                for capture, entry in captures
-                for row in conn.execute(
-                    f"SELECT {columns} FROM hops h WHERE capture_id = ? AND service = ? ORDER BY started_at DESC LIMIT ?",
-                    (capture, entry, PREVIEW_ROWS),
-                )
-            ]
-    finally:
-        conn.close()
-    t = pd.DataFrame(rows, columns=["trace", "started_at", "endpoint", "service", "status", "failed", "error_kind", "duration_ms"])
+    """:func:`entry_requests` as the request list's rows: listed, not analysed (no findings, no place
+    in the worst-first order: listed after the requests that have one)."""
+    rows = entry_requests(path, after_id)
+    t = pd.DataFrame(rows, columns=list(COLUMNS))
     t = t.assign(status_class=outcomes(t).to_numpy(), ended=hop_endings(t).to_numpy())
-    # Not analysed: no findings, and no place in the worst-first order yet (listed after those that have one).
     t = t.assign(db=db, hops=None, subject=None, rank=NO_FINDING_RANK, kinds="", severity=None, worst=np.nan, tier=np.nan)
     t["haystack"] = (t["trace"].astype(str) + " " + t["endpoint"].fillna("")).str.lower()
     return t.drop(columns=["failed", "error_kind"])

@@ -88,7 +88,11 @@ function route() {
     : view === "latency" ? showLatency()
     : view === "graph" ? showGraph()
     : showRequests(params);
-  run.catch((err) => show(h("p", { class: "error-box", text: `Could not load this view: ${err.message}` })));
+  run.catch((err) => {
+    // A first view that needs the analysis while only the SQL preview is loaded: the next data change reloads it.
+    if (state.version === -1) state.version = -2;
+    show(h("p", { class: "error-box", text: `Could not load this view: ${err.message}` }));
+  });
 }
 
 // ---- request list --------------------------------------------------------------------
