@@ -191,6 +191,9 @@ class Data:
                 return None, pd.DataFrame(), False
             return analysis, _requests(model(analysis), source.index), False
         since = float(old.hops["started_at"].max()) - self.lookback_s
+        # Requests listed live but not analysed yet are in this pass, however long the last one took.
+        waiting = source.requests["started_at"][source.requests["hops"].isna().to_numpy()]
+        since = min(since, float(waiting.min())) if len(waiting) else since
         with tempfile.TemporaryDirectory(prefix="hoptrace-ui-") as folder:
             tail_db = Path(folder) / "tail.db"
             copy_tail(source.path, tail_db, since)
@@ -695,14 +698,8 @@ def _ranked(requests: pd.DataFrame, m: Model) -> pd.DataFrame:
 
 def _merge(old: Analysis, tail: Analysis, since: float) -> Analysis:
     """``old`` with every request that started at or after ``since`` replaced by ``tail``'s."""
-    kept_hops = old.hops[old.hops["started_at"].reindex(old.hops["trace"].to_numpy()).to_numpy() < since]
-    # A hop of an older request, still running, looks like a request of its own in the tail: the old view wins.
-    tail_hops = tail.hops[~tail.hops.index.isin(kept_hops.index)]
-    hops = pd.concat([kept_hops, tail_hops])
-    for column in ("service", "method", "path", "endpoint", "link"):
-        if column in hops:
-            hops[column] = hops[column].astype("category")
-    kept = set(kept_hops["trace"].unique())
+    hops, kept_ids, tail_hops = _merged_hops(old.hops, tail.hops, since)
+    kept = set(hops["trace"].unique()) - set(tail_hops["trace"].unique())
     found = old.findings
     keep_found = found["trace"].isin(kept) | (found["trace"].isna() & (found["at"] < since))
     sessions = old.sessions[old.sessions["trace"].isin(kept)]
@@ -714,7 +711,7 @@ def _merge(old: Analysis, tail: Analysis, since: float) -> Analysis:
         tokens=pd.concat([old.tokens, tail.tokens]).pipe(lambda t: t[~t.index.duplicated(keep="last")]),
         hop_tokens=pd.concat(
             [
-                old.hop_tokens[old.hop_tokens["hop_id"].isin(kept_hops.index)],
+                old.hop_tokens[old.hop_tokens["hop_id"].isin(kept_ids)],
                 tail.hop_tokens[tail.hop_tokens["hop_id"].isin(tail_hops.index)],
             ]
         ),
@@ -727,6 +724,40 @@ def _merge(old: Analysis, tail: Analysis, since: float) -> Analysis:
         notes=tail.notes,
         source=tail.source,
     )
+
+
+def _merged_hops(old: pd.DataFrame, tail: pd.DataFrame, since: float) -> tuple[pd.DataFrame, pd.Index, pd.DataFrame]:
+    """(merged, the ids kept, the hops added): ``old``'s hops of the requests that started before ``since``, and ``tail``'s
+    others, in start order.
+
+    ``Analysis.hops`` is in start order and a call starts after its caller, so every hop
+    before the first one started at ``since`` is kept as it is: only the rows after it are
+    looked at (at a million hops a boolean pass over every column costs about a second).
+    """
+    started = old["started_at"].to_numpy()
+    first = int(np.searchsorted(started, since)) if old["started_at"].is_monotonic_increasing else 0
+    prefix, rest = old.iloc[:first], old.iloc[first:]
+    rest = rest[old["started_at"].reindex(rest["trace"].to_numpy()).to_numpy() < since]
+    # A hop of an older request, still running, looks like a request of its own in the tail: the old view wins.
+    # (A tail hop started at `since` or later: it is never among the prefix's.)
+    added = tail[~tail.index.isin(rest.index)]
+    recent = pd.concat(_same_categories([rest, added])).sort_values("started_at", kind="stable")
+    prefix, recent = _same_categories([prefix, recent])
+    return pd.concat([prefix, recent]), prefix.index.append(rest.index), added
+
+
+def _same_categories(frames: list[pd.DataFrame]) -> list[pd.DataFrame]:
+    """``frames`` with each categorical column given the union of their categories, so that a concat keeps
+    it categorical (unequal categories would turn a million rows to strings and back)."""
+    out = [f.copy(deep=False) for f in frames]
+    for column, dtype in frames[0].dtypes.items():
+        if isinstance(dtype, pd.CategoricalDtype) and all(isinstance(f[column].dtype, pd.CategoricalDtype) for f in frames):
+            union = frames[0][column].cat.categories
+            for f in frames[1:]:
+                union = union.union(f[column].cat.categories)
+            for f in out:
+                f[column] = f[column].cat.set_categories(union)
+    return out
 
 
 def _findings_of(groups: list, hop_ids: set[int]) -> list[dict[str, Any]]:
