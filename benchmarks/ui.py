@@ -234,7 +234,7 @@ def _sql(db: Path, query: str, args: tuple = ()) -> list[tuple]:
 
 def targets(result: dict) -> list[dict]:
     o, live, hops = result["open"], result["live"], result["meta"]["hops"]
-    size = f"{hops / 1e6:g}M" if hops >= 1e6 else f"{hops / 1e3:g}k"
+    size = f"{hops / 1e6:.0f}M" if hops >= 900_000 else f"{hops / 1e3:.0f}k"
     rows = [
         (f"{size} hops: first page <= {FIRST_PAGE_S:g} s after start", f"{o['first_page_s']:.2f} s", o["first_page_s"] <= FIRST_PAGE_S),
         (f"{size} hops: any waterfall <= {WATERFALL_MS:g} ms", f"max {o['waterfall_ms']['max']:.0f} ms, median "

@@ -756,7 +756,8 @@ def _same_categories(frames: list[pd.DataFrame]) -> list[pd.DataFrame]:
             for f in frames[1:]:
                 union = union.union(f[column].cat.categories)
             for f in out:
-                f[column] = f[column].cat.set_categories(union)
+                if not f[column].cat.categories.equals(union):  # the usual case: no new service or endpoint
+                    f[column] = f[column].cat.set_categories(union)
     return out
 
 
