@@ -395,10 +395,12 @@ class Data:
         for s in self.sources:
             if s.analysis is None or s.analysis.sessions.empty:
                 continue
-            grouped = s.analysis.sessions.groupby("session", sort=False)
+            rows = s.analysis.sessions
+            # A request failed as the model says: its root ended 4xx, 5xx or without a whole answer.
+            failed = ~np.isin(outcomes(s.analysis.hops.loc[rows["trace"].to_numpy()]).to_numpy(), ["2xx", "3xx"])
+            grouped = rows.assign(failed=failed).groupby("session", sort=False)
             table = grouped.agg(subject=("subject", "first"), requests=("trace", "size"), started_at=("started_at", "min"),
-                                ended_at=("ended_at", "max"), expired=("expired", "any"))  # fmt: skip
-            table["failed"] = grouped["status"].agg(lambda st: int((st.fillna(0) >= 400).sum()))
+                                ended_at=("ended_at", "max"), expired=("expired", "any"), failed=("failed", "sum"))  # fmt: skip
             table = table.reset_index().assign(db=s.index)
             out.extend(_records(table))
         out.sort(key=lambda r: (not r["expired"], -(r["failed"] or 0), r["started_at"] or 0))
