@@ -1,9 +1,11 @@
 """Everything the web view knows about its trace DBs, and the one place it reads the analysis.
 
 The server asks this module for plain dicts and lists (JSON-ready); nothing else in
-``hoptrace.ui`` touches a DataFrame. At start :meth:`Data.preview` lists each DB's newest
-requests straight from SQL through an index, so the first page shows while the analysis
-runs; then each DB is analysed once. While a DB is being written, :meth:`Data.peek` lists
+``hoptrace.ui`` touches a DataFrame. What the view shows is the presentation model's
+(:mod:`hoptrace.analyzer._model`): the worst-first order, how each hop ended, the finding
+groups, the call graph; this module only indexes and pages it. :meth:`Data.preview` lists
+each DB's newest requests straight from SQL (see :mod:`hoptrace.ui._preview`, which the
+server answers with while this module loads); then each DB is analysed once. While a DB is being written, :meth:`Data.peek` lists
 the requests recorded since (by hop id) and :meth:`Data.refresh` analyses only the tail
 (the requests that started in the last ``LOOKBACK_S`` seconds before the newest hop) and
 merges it into what it had. Headers, query and token claims, which the analysis frames
