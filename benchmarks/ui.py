@@ -236,7 +236,8 @@ def targets(result: dict) -> list[dict]:
     o, live, hops = result["open"], result["live"], result["meta"]["hops"]
     size = f"{hops / 1e6:.0f}M" if hops >= 900_000 else f"{hops / 1e3:.0f}k"
     rows = [
-        (f"{size} hops: first page <= {FIRST_PAGE_S:g} s after start", f"{o['first_page_s']:.2f} s", o["first_page_s"] <= FIRST_PAGE_S),
+        (f"{size} hops: first page <= {FIRST_PAGE_S:g} s after start", f"{o['first_page_s']:.2f} s",
+         o["first_page_s"] <= FIRST_PAGE_S),
         (f"{size} hops: any waterfall <= {WATERFALL_MS:g} ms", f"max {o['waterfall_ms']['max']:.0f} ms, median "
          f"{o['waterfall_ms']['median']:.0f} ms", o["waterfall_ms"]["max"] <= WATERFALL_MS),
         (f"live at {RATE} hops/s: listed <= {LIVE_LISTED_S:g} s", _p(live["listed_s"]),

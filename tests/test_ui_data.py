@@ -194,9 +194,8 @@ def test_any_query_string_is_a_query_or_a_one_line_bad_query(params):
     except BadQuery as exc:
         assert str(exc) and "\n" not in str(exc)
     else:
-        assert (
-            1 <= query.limit <= 500 and query.offset >= 0 and query.sort in ("worst", "started", "duration", "status", "hops", "severity")
-        )
+        sorts = ("worst", "started", "duration", "status", "hops", "severity")
+        assert 1 <= query.limit <= 500 and query.offset >= 0 and query.sort in sorts
 
 
 def test_the_preview_lists_the_same_requests_before_any_analysis(data):

@@ -43,7 +43,9 @@ NO_FINDING_RANK = len(SEVERITIES)
 LOOKBACK_S = 10.0
 """How far before the newest hop a live refresh re-analyses: a request still running
 after that long is analysed in two parts (its early hops as they were)."""
-SORTABLE = {"worst": "worst", "started": "started_at", "duration": "duration_ms", "status": "status", "hops": "hops", "severity": "rank"}
+SORTABLE = {
+    "worst": "worst", "started": "started_at", "duration": "duration_ms", "status": "status", "hops": "hops", "severity": "rank",
+}  # fmt: skip
 HOP_FIELDS = (
     "service", "method", "path", "endpoint", "status", "error", "error_kind", "failed", "duration_ms", "link",
     "link_candidates", "depth", "is_validation", "token_fp", "token_sub", "token_exp", "remaining_s", "self_ms",
@@ -422,7 +424,9 @@ class Data:
             "db": db,
             "session": session,
             "subject": plain(rows["subject"].iloc[0]),
-            "requests": _records(rows[["trace", "started_at", "ended_at", "status", "outcome", "ended", "endpoint", "token_fp", "expired"]]),
+            "requests": _records(
+                rows[["trace", "started_at", "ended_at", "status", "outcome", "ended", "endpoint", "token_fp", "expired"]]
+            ),
             "tokens": [
                 {"fingerprint": fp, "iat": plain(t["iat"]), "exp": plain(t["exp"]), "sub": plain(t["sub"])}
                 for fp, t in tokens.iterrows()
@@ -578,7 +582,9 @@ def graph_layout(edges: dict[tuple[str, str], dict[str, Any]], worst: dict[str, 
         columns.setdefault(depth_of(name), []).append(name)
     worst = worst or {}
     nodes = [
-        {"name": n, "column": c, "row": i, "worst": worst.get(n)} for c, members in sorted(columns.items()) for i, n in enumerate(members)
+        {"name": n, "column": c, "row": i, "worst": worst.get(n)}
+        for c, members in sorted(columns.items())
+        for i, n in enumerate(members)
     ]
     return {
         "nodes": nodes,
