@@ -159,11 +159,13 @@ class Data:
                 continue
             after = int(source.requests["trace"].max())
             new = _quick_requests(source.path, source.index, after_id=after)
-            if len(new):
-                with self._lock:
+            with self._lock:
+                # A refresh may have swapped the list in meanwhile, with some of these analysed: keep those.
+                new = new[~new["trace"].isin(source.requests["trace"])]
+                if len(new):
                     source.requests = pd.concat([source.requests, new], ignore_index=True)
                     self.version += 1
-                changed = True
+                    changed = True
         return changed
 
     def refresh(self) -> bool:
@@ -177,6 +179,11 @@ class Data:
             analysis, requests, merged = self._analyse(source)
             index = Index.build(analysis, requests) if analysis is not None else None
             with self._lock:
+                # Rows listed by peek() while this ran, past what it analysed, stay listed.
+                listed = source.requests
+                if analysis is not None and len(listed):
+                    waiting = listed[listed["hops"].isna().to_numpy() & ~listed["trace"].isin(requests["trace"]).to_numpy()]
+                    requests = pd.concat([requests, waiting[waiting["trace"] > requests["trace"].max()]], ignore_index=True)
                 source.analysis, source.max_hop_id, source.requests, source.lookup = analysis, newest, requests, index
                 source.model = None if analysis is None else model(analysis)
                 source.by_trace = requests.set_index("trace", drop=False) if len(requests) else requests
