@@ -19,7 +19,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from hoptrace.analyzer._analysis import Analysis, analyze, analyze_tables
+    from hoptrace.analyzer._analysis import Analysis, analyze, analyze_tables, latency_tables
     from hoptrace.analyzer._config import AnalyzerConfig
     from hoptrace.analyzer._detectors import DETECTORS, KINDS, Detector
     from hoptrace.analyzer._load import load
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from hoptrace.analyzer._types import SEVERITIES
 
 _WHERE = {
-    "Analysis": "_analysis", "analyze": "_analysis", "analyze_tables": "_analysis",
+    "Analysis": "_analysis", "analyze": "_analysis", "analyze_tables": "_analysis", "latency_tables": "_analysis",
     "AnalyzerConfig": "_config",
     "DETECTORS": "_detectors", "KINDS": "_detectors", "Detector": "_detectors",
     "load": "_load",
@@ -53,6 +53,7 @@ __all__ = [
     "RequestSummary",
     "analyze",
     "analyze_tables",
+    "latency_tables",
     "link_accuracy",
     "load",
     "model",

@@ -177,13 +177,18 @@ def analyze_tables(
     )  # fmt: skip
 
 
-def _latency_tables(hops: pd.DataFrame) -> tuple[tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame], float]:
-    """Latency per service, per endpoint and per call edge, and the seconds they took."""
-    started = time.perf_counter()
+def latency_tables(hops: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """``Analysis.services``, ``endpoints`` and ``edges`` of ``hops`` (rebuilt, as in ``Analysis.hops``):
+    for hops put together from several analyses, such as a live tail merged into what was there."""
     services = _latency.latency_table(hops, ["service"])
     endpoints = _latency.latency_table(hops, ["service", "endpoint"])
-    edges = _latency.edges_table(hops, _latency.parent_positions(hops))
-    return (services, endpoints, edges), time.perf_counter() - started
+    return services, endpoints, _latency.edges_table(hops, _latency.parent_positions(hops))
+
+
+def _latency_tables(hops: pd.DataFrame) -> tuple[tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame], float]:
+    """:func:`latency_tables` and the seconds they took."""
+    started = time.perf_counter()
+    return latency_tables(hops), time.perf_counter() - started
 
 
 def _enrich(hops: pd.DataFrame, uses: pd.DataFrame, config: AnalyzerConfig) -> pd.DataFrame:

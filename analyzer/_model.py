@@ -133,11 +133,7 @@ class Model:
     @cached_property
     def finding_groups(self) -> list[FindingGroup]:
         """Findings grouped by (severity, kind): groups by :data:`SEVERITIES`, then their first finding's time."""
-        f = sorted_findings(self.analysis.findings)
-        if not len(f):
-            return []
-        groups = f.groupby(["severity", "kind"], sort=False, observed=True)
-        return [FindingGroup(kind=str(k), severity=str(s), rows=rows) for (s, k), rows in groups]
+        return group_findings(self.analysis.findings)
 
     @cached_property
     def summary(self) -> dict:
@@ -249,6 +245,15 @@ def sorted_findings(findings: pd.DataFrame) -> pd.DataFrame:
     rank = findings["severity"].map(SEVERITY_RANK).fillna(len(SEVERITIES)).to_numpy()
     order = np.lexsort((pd.to_numeric(findings["at"], errors="coerce").to_numpy(dtype=float), rank))
     return findings.iloc[order]
+
+
+def group_findings(findings: pd.DataFrame) -> list[FindingGroup]:
+    """``findings`` grouped by (severity, kind): groups by :data:`SEVERITIES`, then their first finding's time."""
+    f = sorted_findings(findings)
+    if not len(f):
+        return []
+    groups = f.groupby(["severity", "kind"], sort=False, observed=True)
+    return [FindingGroup(kind=str(k), severity=str(s), rows=rows) for (s, k), rows in groups]
 
 
 def findings_about(findings: pd.DataFrame, hop_ids, traces) -> pd.DataFrame:

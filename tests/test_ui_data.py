@@ -3,17 +3,25 @@ waterfall data, a hop's detail, compare, the live merge; and its pure layout hel
 
 from __future__ import annotations
 
+import json
+import re
 import shlex
 import shutil
 import sqlite3
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from hoptrace.analyzer import analyze, model, render_json, render_text
+from hoptrace.analyzer._model import TIERS
 from hoptrace.ui._data import Data, NotFound, NotReady, align, curl_line, graph_layout, timings
+from hoptrace.ui._preview import Preview
 from hoptrace.ui._query import BadQuery, RequestQuery
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_traces" / "checkout-expiry.db"
@@ -186,9 +194,8 @@ def test_any_query_string_is_a_query_or_a_one_line_bad_query(params):
     except BadQuery as exc:
         assert str(exc) and "\n" not in str(exc)
     else:
-        assert (
-            1 <= query.limit <= 500 and query.offset >= 0 and query.sort in ("started", "duration", "status", "hops", "severity")
-        )
+        sorts = ("worst", "started", "duration", "status", "hops", "severity")
+        assert 1 <= query.limit <= 500 and query.offset >= 0 and query.sort in sorts
 
 
 def test_the_preview_lists_the_same_requests_before_any_analysis(data):
@@ -230,6 +237,62 @@ def test_requests_recorded_live_are_listed_before_their_analysis(tmp_path, data)
 
 
 def test_the_graph_counts_the_401_on_the_failing_path(data):
-    rejected = {(e["caller"], e["callee"]): e["rejected"] for e in data.graph()["edges"]}
+    graph = data.graph()
+    rejected = {(e["caller"], e["callee"]): e["client_errors"] for e in graph["edges"]}
     assert rejected[("client", "gateway")] == rejected[("gateway", "payment")] == rejected[("payment", "auth")] == 1
     assert rejected[("gateway", "auth")] == 0
+    assert {n["name"]: n["worst"] for n in graph["nodes"]}["auth"] == "4xx"
+
+
+@pytest.mark.parametrize("name, worst", [("flaky-retries.db", 62), ("checkout-expiry.db", None)])
+def test_the_ui_shows_the_presentation_models_order_phrasing_groups_and_graph(name, worst):
+    """The list's default order, each hop's ending, the finding groups and the graph are the model's,
+    so the UI and `hoptrace analyze` name the same worst request in the same words."""
+    db = SAMPLE.parent / name
+    ui = Data([db])
+    ui.refresh()
+    a = analyze(db)
+    m = model(a)
+    listed = ui.request_page(RequestQuery(limit=500))["items"]  # the default order
+    assert [r["trace"] for r in listed] == m.worst_order[:500]
+    assert [r["worst"] for r in listed] == list(range(len(listed)))
+    assert listed[0]["trace"] == (worst or m.with_error_findings()[0])
+    text = render_text(a)
+    assert [int(t) for t in re.findall(r"^ *request (\d+): ", text, re.M)] == [r["trace"] for r in listed[: a.config.worst]]
+    assert json.loads(render_json(a))["worst"] == [r["trace"] for r in listed[: a.config.worst]]
+    for item in listed[:5]:
+        summary, req, rows = m.request(item["trace"]), ui.request(0, item["trace"]), m.hop_rows(item["trace"])
+        assert item["ended"] == req["ended"] == summary.ended and req["tier"] == TIERS[summary.tier]
+        assert f"request {summary.trace}: {summary.service} {summary.endpoint} {summary.ended}" in text
+        assert [h["id"] for h in req["hops"]] == list(rows.index)
+        assert [(h["ended"], h["outcome"]) for h in req["hops"]] == list(zip(rows["ended"], rows["outcome"]))
+    kinds = [(k["kind"], k["severity"], k["count"]) for k in ui.facets()["kinds"]]
+    assert kinds == [(g.kind, g.severity, len(g)) for g in m.finding_groups] and kinds
+    nodes, edges = m.graph
+    shown = {(e["caller"], e["callee"]): e for e in ui.graph()["edges"]}
+    assert len(shown) == len(edges)
+    for e in edges.itertuples():
+        mine = shown[(e.caller, e.callee)]
+        assert (mine["calls"], mine["errors"], mine["client_errors"]) == (e.calls, e.errors, e.client_errors)
+        assert mine["worst"] == (None if pd.isna(e.worst) else e.worst)
+
+
+def test_the_first_page_comes_from_sql_without_pandas(data):
+    """The server and its preview import neither pandas nor the analyzer (seconds of imports), and
+    the preview lists what the loaded Data lists before its analysis, newest first."""
+    code = (
+        "import json, sys; from pathlib import Path; import hoptrace.ui._server;"
+        " from hoptrace.ui._preview import Preview; from hoptrace.ui._query import RequestQuery;"
+        f" page = Preview([Path({str(SAMPLE)!r})]).request_page(RequestQuery(limit=500));"
+        " print(json.dumps([page, sorted(m for m in ('pandas', 'numpy', 'hoptrace.analyzer._analysis') if m in sys.modules)]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    page, heavy = json.loads(done.stdout)
+    assert heavy == []
+    early = Data([SAMPLE])
+    early.preview()
+    listed = early.request_page(RequestQuery(limit=500, sort="started", descending=True))["items"]
+    assert [(r["trace"], r["ended"]) for r in page["items"]] == [(r["trace"], r["ended"]) for r in listed]
+    assert page["total"] == len(listed) and page["analysing"]
+    with pytest.raises(NotReady):  # a filter needs the analysis
+        Preview([SAMPLE]).request_page(RequestQuery(status="4xx"))

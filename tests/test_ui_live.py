@@ -95,7 +95,14 @@ def test_new_requests_appear_live_and_no_raw_token_reaches_the_ui(spawn, tmp_pat
         count = lambda d: d.find_element(By.ID, "request-count").text
         wait = WebDriverWait(browser, WAIT_S, ignored_exceptions=(Exception,))
         wait.until(lambda d: count(d).startswith(f"{STEPS} requests"), message="the first user's requests")
-        before = {r.get_attribute("data-trace") for r in browser.find_elements(By.CSS_SELECTOR, "#request-list tbody tr")}
+
+        def listed(d):
+            """The listed traces, read inside the wait: the list re-renders when the analysis takes over
+            from the SQL preview, and a row read across a re-render is stale (the wait reads again)."""
+            traces = {r.get_attribute("data-trace") for r in d.find_elements(By.CSS_SELECTOR, "#request-list tbody tr")}
+            return traces if len(traces) == STEPS else False
+
+        before = wait.until(listed, message="the first user's rows")
 
         recorder.go.set()
         assert recorder.second_done.wait(60)

@@ -1,9 +1,11 @@
 """Everything the web view knows about its trace DBs, and the one place it reads the analysis.
 
 The server asks this module for plain dicts and lists (JSON-ready); nothing else in
-``hoptrace.ui`` touches a DataFrame. At start :meth:`Data.preview` lists each DB's newest
-requests straight from SQL through an index, so the first page shows while the analysis
-runs; then each DB is analysed once. While a DB is being written, :meth:`Data.peek` lists
+``hoptrace.ui`` touches a DataFrame. What the view shows is the presentation model's
+(:mod:`hoptrace.analyzer._model`): the worst-first order, how each hop ended, the finding
+groups, the call graph; this module only indexes and pages it. :meth:`Data.preview` lists
+each DB's newest requests straight from SQL (see :mod:`hoptrace.ui._preview`, which the
+server answers with while this module loads); then each DB is analysed once. While a DB is being written, :meth:`Data.peek` lists
 the requests recorded since (by hop id) and :meth:`Data.refresh` analyses only the tail
 (the requests that started in the last ``LOOKBACK_S`` seconds before the newest hop) and
 merges it into what it had. Headers, query and token claims, which the analysis frames
@@ -12,6 +14,7 @@ leave out, are read per hop with the project's read-only opener.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shlex
@@ -26,19 +29,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hoptrace.analyzer import Analysis, analyze
-from hoptrace.analyzer._analysis import _latency_tables
+from hoptrace._format import hop_ended
+from hoptrace.analyzer import Analysis, analyze, latency_tables
+from hoptrace.analyzer._model import TIERS, Model, group_findings, hop_endings, model, outcomes, slowest_first
+from hoptrace.analyzer._types import OUTCOMES, SEVERITIES, SEVERITY_RANK
 from hoptrace.db import SCHEMA, SCHEMA_VERSION, open_for_reading
+from hoptrace.ui._preview import COLUMNS, NotFound, NotReady, entry_requests
 from hoptrace.ui._query import RequestQuery
 
-SEVERITY_RANK = {"error": 0, "warning": 1, "info": 2}
-NO_FINDING_RANK = 3
-PREVIEW_ROWS = 2000
-"""Requests listed per capture before the analysis is done: the newest ones."""
+__all__ = ["Data", "NotFound", "NotReady", "align", "curl_line", "graph_layout", "timings"]
+
+NO_FINDING_RANK = len(SEVERITIES)
 LOOKBACK_S = 10.0
 """How far before the newest hop a live refresh re-analyses: a request still running
 after that long is analysed in two parts (its early hops as they were)."""
-SORTABLE = {"started": "started_at", "duration": "duration_ms", "status": "status", "hops": "hops", "severity": "rank"}
+SORTABLE = {
+    "worst": "worst", "started": "started_at", "duration": "duration_ms", "status": "status", "hops": "hops", "severity": "rank",
+}  # fmt: skip
 HOP_FIELDS = (
     "service", "method", "path", "endpoint", "status", "error", "error_kind", "failed", "duration_ms", "link",
     "link_candidates", "depth", "is_validation", "token_fp", "token_sub", "token_exp", "remaining_s", "self_ms",
@@ -48,16 +55,10 @@ HOP_COLUMNS = (
     "id, method, scheme, host, port, path, query, http_version, status, reason, error, error_kind, started_at,"
     " request_end_at, connect_at, connected_at, response_start_at, ended_at, request_headers, response_headers"
 )
+SUMMARY = ("db", "trace", "started_at", "endpoint", "status", "status_class", "ended", "duration_ms", "subject")
+"""What names a request: the head of its waterfall and each side of a compare."""
 COMPARED = ("status", "error_kind", "link")
 SLOWER = 2.0  # a hop at least this many times slower (and 5 ms more) than its match counts as a difference
-
-
-class NotFound(LookupError):
-    """A request, hop or session the DBs do not hold."""
-
-
-class NotReady(LookupError):
-    """The DB is still being analysed: only the request list (without findings) is there yet."""
 
 
 def plain(value: Any) -> Any:
@@ -80,9 +81,12 @@ class Source:
     index: int
     path: Path
     analysis: Analysis | None = None
+    model: Model | None = None
+    """The presentation model of ``analysis``: the worst-first order, hop endings, finding groups, graph."""
+    tables_stale: bool = False
+    """A merged analysis's latency tables cover only the tail: :meth:`Data.model_of` recomputes them."""
     requests: pd.DataFrame = field(default_factory=pd.DataFrame)
     max_hop_id: int = 0
-    latency: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame] | None = None
     analyse_s: float = 0.0
     by_trace: pd.DataFrame = field(default_factory=pd.DataFrame)
     """``requests`` indexed by trace, for one request's lookups."""
@@ -155,11 +159,13 @@ class Data:
                 continue
             after = int(source.requests["trace"].max())
             new = _quick_requests(source.path, source.index, after_id=after)
-            if len(new):
-                with self._lock:
+            with self._lock:
+                # A refresh may have swapped the list in meanwhile, with some of these analysed: keep those.
+                new = new[~new["trace"].isin(source.requests["trace"])]
+                if len(new):
                     source.requests = pd.concat([source.requests, new], ignore_index=True)
                     self.version += 1
-                changed = True
+                    changed = True
         return changed
 
     def refresh(self) -> bool:
@@ -173,10 +179,15 @@ class Data:
             analysis, requests, merged = self._analyse(source)
             index = Index.build(analysis, requests) if analysis is not None else None
             with self._lock:
+                # Rows listed by peek() while this ran, past what it analysed, stay listed.
+                listed = source.requests
+                if analysis is not None and len(listed):
+                    waiting = listed[listed["hops"].isna().to_numpy() & ~listed["trace"].isin(requests["trace"]).to_numpy()]
+                    requests = pd.concat([requests, waiting[waiting["trace"] > requests["trace"].max()]], ignore_index=True)
                 source.analysis, source.max_hop_id, source.requests, source.lookup = analysis, newest, requests, index
+                source.model = None if analysis is None else model(analysis)
                 source.by_trace = requests.set_index("trace", drop=False) if len(requests) else requests
-                # A merged analysis's latency tables cover only the tail: recompute them on first use.
-                source.latency = None if merged or analysis is None else (analysis.services, analysis.endpoints, analysis.edges)
+                source.tables_stale = merged
                 source.analyse_s = time.perf_counter() - started
                 self.version += 1
             changed = True
@@ -189,8 +200,11 @@ class Data:
             analysis = analyze(source.path)
             if not len(analysis.hops):
                 return None, pd.DataFrame(), False
-            return analysis, _requests(analysis, source.index), False
+            return analysis, _requests(model(analysis), source.index), False
         since = float(old.hops["started_at"].max()) - self.lookback_s
+        # Requests listed live but not analysed yet are in this pass, however long the last one took.
+        waiting = source.requests["started_at"][source.requests["hops"].isna().to_numpy()]
+        since = min(since, float(waiting.min())) if len(waiting) else since
         with tempfile.TemporaryDirectory(prefix="hoptrace-ui-") as folder:
             tail_db = Path(folder) / "tail.db"
             copy_tail(source.path, tail_db, since)
@@ -198,19 +212,21 @@ class Data:
         merged = _merge(old, tail, since)
         # The older requests' rows stand as they were; only the tail's are built (a pass over
         # a million hops costs ~1 s).
-        fresh = _requests(tail, source.index)
+        fresh = _requests(model(tail), source.index)
         hops = merged.hops
         roots = (hops.index.to_numpy() == hops["trace"].to_numpy()) & (hops["started_at"].to_numpy() >= since)
         fresh = fresh[fresh["trace"].isin(hops.index[roots])]
         kept = source.requests[source.requests["started_at"] < since]
         kept = kept[kept["trace"].isin(merged.hops.index)]
-        return merged, pd.concat([kept[~kept["trace"].isin(fresh["trace"])], fresh], ignore_index=True), True
+        requests = pd.concat([kept[~kept["trace"].isin(fresh["trace"])], fresh], ignore_index=True)
+        return merged, _ranked(requests, model(merged)), True
 
     def preview(self) -> None:
         """List each DB's requests (its entry route's hops) from SQL, before any analysis: no findings yet."""
         for source in self.sources:
             if source.analysis is None:
                 source.requests = _quick_requests(source.path, source.index)
+        self.version += 1
 
     # -- the request list ------------------------------------------------------------------
 
@@ -222,8 +238,8 @@ class Data:
         rows = pd.concat(chosen, ignore_index=True) if len(chosen) > 1 else chosen[0]
         rows = rows.sort_values([SORTABLE[query.sort], "started_at"], ascending=[not query.descending, False], kind="stable")
         page = rows.iloc[query.offset : query.offset + query.limit]
-        columns = ["db", "trace", "started_at", "endpoint", "service", "status", "status_class", "duration_ms", "hops",
-                   "subject", "severity", "kinds"]  # fmt: skip
+        columns = ["db", "trace", "started_at", "endpoint", "service", "status", "status_class", "ended", "duration_ms",
+                   "hops", "subject", "severity", "kinds", "worst", "tier"]  # fmt: skip
         analysing = any(s.analysis is None and len(s.requests) for s in self.sources)
         return {"total": len(rows), "offset": query.offset, "items": _records(page[columns]), "version": self.version,
                 "analysing": analysing}  # fmt: skip
@@ -255,7 +271,8 @@ class Data:
 
     def facets(self) -> dict[str, list]:
         """The values each filter of the request list can take."""
-        values: dict[str, set] = {"service": set(), "endpoint": set(), "subject": set(), "kind": set()}
+        values: dict[str, set] = {"service": set(), "endpoint": set(), "subject": set()}
+        groups: dict[str, dict[str, Any]] = {}
         for s in self.sources:
             if s.analysis is None:
                 continue
@@ -263,9 +280,13 @@ class Data:
             values["service"] |= set(hops["service"].dropna().unique())
             values["endpoint"] |= set(hops["endpoint"].dropna().unique())
             values["subject"] |= {v for v in hops["token_sub"].unique() if plain(v) is not None}
-            values["kind"] |= set(s.analysis.findings["kind"].unique())
+            for g in s.model.finding_groups:
+                group = groups.setdefault(g.kind, {"kind": g.kind, "severity": g.severity, "count": 0})
+                group["count"] += len(g)
         out = {name: sorted(str(v) for v in vals) for name, vals in values.items()}
-        return {**out, "severity": list(SEVERITY_RANK), "status": ["2xx", "3xx", "4xx", "5xx", "error"]}
+        # Finding kinds in the model's group order (errors first, then by first occurrence), with counts.
+        return {**out, "kind": list(groups), "kinds": list(groups.values()), "severity": list(SEVERITIES),
+                "status": list(OUTCOMES)}  # fmt: skip
 
     def status(self) -> dict[str, Any]:
         return {
@@ -309,7 +330,8 @@ class Data:
         rows = rows.sort_values("order")
         t0 = float(rows.at[trace, "started_at"])
         found = source.analysis.findings.iloc[source.lookup.findings_by_trace.positions(trace)]
-        findings = _findings_of(found, set(rows.index))
+        findings = _findings_of(group_findings(found), set(rows.index))
+        ended, outcome = hop_endings(rows), outcomes(rows)
         flagged: dict[int, list[int]] = {}
         for n, f in enumerate(findings):
             for hop_id in f["hop_ids"]:
@@ -318,20 +340,15 @@ class Data:
         for hop_id, hop in zip(rows.index, rows.to_dict("records"), strict=True):
             item = {"id": int(hop_id), "parent": plain(hop["parent_id"])}
             item |= {name: plain(hop[name]) for name in HOP_FIELDS}
+            item["ended"], item["outcome"] = ended[hop_id], outcome[hop_id]
             item["start_ms"] = (float(hop["started_at"]) - t0) * 1000
             item["findings"] = flagged.get(int(hop_id), [])
             hops.append(item)
         expiries = sorted({float(e) for e in rows["token_exp"].dropna()})
         root = source.by_trace.loc[trace]
         return {
-            "db": db,
-            "trace": trace,
-            "started_at": t0,
-            "endpoint": plain(root["endpoint"]),
-            "status": plain(root["status"]),
-            "status_class": root["status_class"],
-            "duration_ms": plain(root["duration_ms"]),
-            "subject": plain(root["subject"]),
+            **{name: plain(root[name]) for name in SUMMARY},
+            "tier": TIERS[int(root["tier"])],
             "hops": hops,
             "expiries": [{"at": e, "ms": (e - t0) * 1000} for e in expiries],
             "findings": findings,
@@ -359,6 +376,7 @@ class Data:
         request_headers, response_headers = _headers(row["request_headers"]), _headers(row["response_headers"])
         detail = {name: plain(facts[name]) for name in HOP_FIELDS}
         detail |= {
+            "ended": hop_ended(facts["status"], facts["failed"], facts["error_kind"]),
             "db": db,
             "id": hop_id,
             "trace": int(facts["trace"]),
@@ -388,10 +406,12 @@ class Data:
         for s in self.sources:
             if s.analysis is None or s.analysis.sessions.empty:
                 continue
-            grouped = s.analysis.sessions.groupby("session", sort=False)
+            rows = s.analysis.sessions
+            # A request failed as the model says: its root ended 4xx, 5xx or without a whole answer.
+            failed = ~np.isin(outcomes(s.analysis.hops.loc[rows["trace"].to_numpy()]).to_numpy(), ["2xx", "3xx"])
+            grouped = rows.assign(failed=failed).groupby("session", sort=False)
             table = grouped.agg(subject=("subject", "first"), requests=("trace", "size"), started_at=("started_at", "min"),
-                                ended_at=("ended_at", "max"), expired=("expired", "any"))  # fmt: skip
-            table["failed"] = grouped["status"].agg(lambda st: int((st.fillna(0) >= 400).sum()))
+                                ended_at=("ended_at", "max"), expired=("expired", "any"), failed=("failed", "sum"))  # fmt: skip
             table = table.reset_index().assign(db=s.index)
             out.extend(_records(table))
         out.sort(key=lambda r: (not r["expired"], -(r["failed"] or 0), r["started_at"] or 0))
@@ -405,11 +425,15 @@ class Data:
             raise NotFound(f"no session {session}")
         fps = [fp for fp in rows["token_fp"].unique() if plain(fp) is not None]
         tokens = a.tokens.reindex(fps)
+        roots = a.hops.loc[rows["trace"].to_numpy()]
+        rows = rows.assign(outcome=outcomes(roots).to_numpy(), ended=hop_endings(roots).to_numpy())
         return {
             "db": db,
             "session": session,
             "subject": plain(rows["subject"].iloc[0]),
-            "requests": _records(rows[["trace", "started_at", "ended_at", "status", "endpoint", "token_fp", "expired"]]),
+            "requests": _records(
+                rows[["trace", "started_at", "ended_at", "status", "outcome", "ended", "endpoint", "token_fp", "expired"]]
+            ),
             "tokens": [
                 {"fingerprint": fp, "iat": plain(t["iat"]), "exp": plain(t["exp"]), "sub": plain(t["sub"])}
                 for fp, t in tokens.iterrows()
@@ -421,32 +445,41 @@ class Data:
         for s in self.sources:
             if s.analysis is None:
                 continue
-            svc, ep, _ = self._latency_of(s)
-            services += _records(svc.reset_index().assign(db=s.index))
-            endpoints += _records(ep.reset_index().assign(db=s.index))
+            a = self.model_of(s).analysis
+            services += _records(slowest_first(a.services).assign(db=s.index))
+            endpoints += _records(slowest_first(a.endpoints).assign(db=s.index))
         return {"services": services, "endpoints": endpoints}
 
     def graph(self) -> dict[str, Any]:
-        """Services as nodes in columns by call depth from the client, and the call edges between them."""
-        edges: dict[tuple[str, str], dict[str, float]] = {}
+        """The model's call graph (DBs summed), its services in columns by call depth from the client."""
+        edges: dict[tuple[str, str], dict[str, Any]] = {}
+        worst: dict[str, str | None] = {}
         for s in self.sources:
             if s.analysis is None:
                 continue
-            rejected = _rejected_calls(s.analysis.hops)
-            for row in _records(self._latency_of(s)[2].reset_index()):
-                key = (row["caller"], row["callee"])
-                edge = edges.setdefault(key, {"calls": 0, "errors": 0, "rejected": 0, "p95_ms": 0.0})
-                edge["calls"] += row["calls"] or 0
-                edge["errors"] += row["errors"] or 0
-                edge["rejected"] += rejected.get(key, 0)
+            nodes, found = self.model_of(s).graph
+            for name, outcome in zip(nodes["service"], nodes["worst"]):
+                worst[name] = _worse(worst.get(name), plain(outcome))
+            for row in _records(found):
+                edge = edges.setdefault((row["caller"], row["callee"]), {"calls": 0, "errors": 0, "client_errors": 0,
+                                                                          "p95_ms": 0.0, "worst": None})  # fmt: skip
+                for name in ("calls", "errors", "client_errors"):
+                    edge[name] += row[name] or 0
                 edge["p95_ms"] = max(edge["p95_ms"], row["p95_ms"] or 0.0)
-        return graph_layout(edges)
+                edge["worst"] = _worse(edge["worst"], row["worst"])
+        return graph_layout(edges, worst)
 
-    def _latency_of(self, source: Source) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-        """The latency tables; after a live merge they are recomputed from the merged hops on first use."""
-        if source.latency is None:
-            source.latency = _latency_tables(source.analysis.hops)[0]
-        return source.latency
+    def model_of(self, source: Source) -> Model:
+        """The source's model, its latency tables recomputed from the merged hops after a live merge (on first use)."""
+        if source.tables_stale:
+            analysis = source.analysis
+            tables = dict(zip(("services", "endpoints", "edges"), latency_tables(analysis.hops), strict=True))
+            fixed = model(dataclasses.replace(analysis, **tables))
+            with self._lock:
+                if source.analysis is analysis:  # no refresh swapped it meanwhile
+                    source.analysis, source.model, source.tables_stale = fixed.analysis, fixed, False
+            return fixed
+        return source.model
 
 
 # -- pure helpers (tested as data) ------------------------------------------------------------
@@ -527,8 +560,14 @@ def _expired(hop: dict) -> bool:
     return hop.get("remaining_s") is not None and hop["remaining_s"] <= 0
 
 
-def graph_layout(edges: dict[tuple[str, str], dict[str, float]]) -> dict[str, Any]:
-    """Columns by the longest call chain from ``client`` (cycles broken), rows in order of first appearance."""
+def _worse(a: str | None, b: str | None) -> str | None:
+    """The worse of two outcomes (later in :data:`OUTCOMES`), None counting as none."""
+    return max(a, b, key=lambda o: -1 if o is None else OUTCOMES.index(o))
+
+
+def graph_layout(edges: dict[tuple[str, str], dict[str, Any]], worst: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """Columns by the longest call chain from ``client`` (cycles broken), rows in order of first appearance;
+    each node with ``worst``, the worst outcome of the calls it answered (from ``worst``)."""
     callers: dict[str, list[str]] = {}
     names: list[str] = []
     for caller, callee in edges:
@@ -548,7 +587,12 @@ def graph_layout(edges: dict[tuple[str, str], dict[str, float]]) -> dict[str, An
     columns: dict[int, list[str]] = {}
     for name in names:
         columns.setdefault(depth_of(name), []).append(name)
-    nodes = [{"name": n, "column": c, "row": i} for c, members in sorted(columns.items()) for i, n in enumerate(members)]
+    worst = worst or {}
+    nodes = [
+        {"name": n, "column": c, "row": i, "worst": worst.get(n)}
+        for c, members in sorted(columns.items())
+        for i, n in enumerate(members)
+    ]
     return {
         "nodes": nodes,
         "edges": [{"caller": k[0], "callee": k[1], **v} for k, v in edges.items()],
@@ -589,23 +633,6 @@ def copy_tail(path: Path, into: Path, since: float) -> None:
         conn.close()
 
 
-def _rejected_calls(hops: pd.DataFrame) -> dict[tuple[str, str], int]:
-    """Calls per (caller, callee) answered 4xx: the latency tables count only 5xx and failures as
-    errors, which leaves the 401 on a failing checkout's path out of the graph."""
-    four = (hops["status"].astype("Float64") // 100 == 4).fillna(False).to_numpy(bool)
-    if not four.any():
-        return {}
-    rows = hops[four]
-    callers = hops["service"].astype(object).reindex(rows["parent_id"].astype("Float64").to_numpy()).to_numpy()
-    callers = np.where(pd.isna(callers), "client", callers)
-    counts = (
-        pd.Series(1, index=pd.MultiIndex.from_arrays([callers, rows["service"].astype(object).to_numpy()]))
-        .groupby(level=[0, 1])
-        .sum()
-    )
-    return {(str(a), str(b)): int(n) for (a, b), n in counts.items()}
-
-
 def _max_hop_id(path: Path) -> int:
     conn = open_for_reading(path, check=False)
     try:
@@ -628,54 +655,22 @@ def _plain_filters(reqs: pd.DataFrame, q: RequestQuery) -> np.ndarray:
     return keep
 
 
-def _status_class(status: pd.Series, failed: pd.Series) -> np.ndarray:
-    """2xx .. 5xx, or ``error`` for a hop that failed or got no answer."""
-    status = status.astype("Float64")
-    broken = failed.astype(bool).to_numpy() | status.isna().to_numpy()
-    return np.where(broken, "error", (status.fillna(0) // 100).astype("int64").astype(str) + "xx")
-
-
 def _quick_requests(path: Path, db: int, after_id: int | None = None) -> pd.DataFrame:
-    """The newest ``PREVIEW_ROWS`` requests (entry-route hops) of each capture, read through the
-    (capture_id, started_at) index: no trees, no findings, and no full pass over the file, which
-    at a million hops reads ~1 GB.
-
-    With ``after_id``: the entry-route hops recorded after that hop id instead (the primary
-    key finds them), for a live view. The file's structure check runs with the analysis
-    that follows; until then these rows are only listed (escaped by the page), never used
-    to compute anything.
-    """
-    columns = "h.id, h.started_at, h.method || ' ' || h.path, h.service, h.status, h.failed, h.duration_ms"
-    conn = open_for_reading(path, check=False)
-    try:
-        if after_id is not None:
-            rows = conn.execute(
-                f"SELECT {columns} FROM hops h JOIN captures c ON c.id = h.capture_id WHERE h.id > ? AND h.service = c.entry",
-                (after_id,),
-            ).fetchall()
-        else:
-            captures = conn.execute("SELECT id, entry FROM captures WHERE entry IS NOT NULL").fetchall()
-            rows = [
-                row
-                for capture, entry in captures
-                for row in conn.execute(
-                    f"SELECT {columns} FROM hops h WHERE capture_id = ? AND service = ? ORDER BY started_at DESC LIMIT ?",
-                    (capture, entry, PREVIEW_ROWS),
-                )
-            ]
-    finally:
-        conn.close()
-    t = pd.DataFrame(rows, columns=["trace", "started_at", "endpoint", "service", "status", "failed", "duration_ms"])
-    t["status_class"] = _status_class(t["status"], t["failed"])
-    t = t.assign(db=db, hops=None, subject=None, rank=NO_FINDING_RANK, kinds="", severity=None)
+    """:func:`entry_requests` as the request list's rows: listed, not analysed (no findings, no place
+    in the worst-first order: listed after the requests that have one)."""
+    rows = entry_requests(path, after_id)
+    t = pd.DataFrame(rows, columns=list(COLUMNS))
+    t = t.assign(status_class=outcomes(t).to_numpy(), ended=hop_endings(t).to_numpy())
+    t = t.assign(db=db, hops=None, subject=None, rank=NO_FINDING_RANK, kinds="", severity=None, worst=np.nan, tier=np.nan)
     t["haystack"] = (t["trace"].astype(str) + " " + t["endpoint"].fillna("")).str.lower()
-    return t.drop(columns="failed")
+    return t.drop(columns=["failed", "error_kind"])
 
 
-def _requests(a: Analysis, db: int) -> pd.DataFrame:
-    """One row per request (root hop) with what the list shows, filters and sorts on."""
+def _requests(m: Model, db: int) -> pd.DataFrame:
+    """One row per request (root hop) with what the list shows, filters and sorts on, in the model's words."""
+    a = m.analysis
     hops = a.hops
-    roots = hops[hops.index.to_numpy() == hops["trace"].to_numpy()]
+    roots = m.roots
     found = a.findings.dropna(subset=["trace"])
     ranks = found["severity"].map(SEVERITY_RANK).groupby(found["trace"].astype("int64")).min()
     # Each request's finding kinds as one string, built kind by kind (a dozen kinds; a Python
@@ -695,7 +690,8 @@ def _requests(a: Analysis, db: int) -> pd.DataFrame:
             "endpoint": roots["endpoint"].astype(str).to_numpy(),
             "service": roots["service"].astype(str).to_numpy(),
             "status": roots["status"].to_numpy(),
-            "status_class": _status_class(roots["status"], roots["failed"]),
+            "status_class": outcomes(roots).to_numpy(),
+            "ended": hop_endings(roots).to_numpy(),
             "duration_ms": roots["duration_ms"].to_numpy(),
             "hops": hops["trace"].value_counts().reindex(roots.index).to_numpy(),
             "subject": subject.to_numpy(),
@@ -703,23 +699,24 @@ def _requests(a: Analysis, db: int) -> pd.DataFrame:
             "kinds": kinds.to_numpy(),
         }
     )
-    table["severity"] = table["rank"].map({v: k for k, v in SEVERITY_RANK.items()})
+    table["severity"] = table["rank"].map(dict(enumerate(SEVERITIES)))
     table["haystack"] = (
         table["trace"].astype(str) + " " + table["endpoint"] + " " + table["subject"].fillna("") + " " + table["kinds"]
     ).str.lower()
-    return table
+    return _ranked(table, m)
+
+
+def _ranked(requests: pd.DataFrame, m: Model) -> pd.DataFrame:
+    """``requests`` with ``worst`` (the place in the model's worst-first order, 0 = worst) and ``tier``."""
+    place = pd.Series(np.arange(len(m.worst_order)), index=m.worst_order)
+    traces = requests["trace"].to_numpy()
+    return requests.assign(worst=place.reindex(traces).to_numpy(), tier=m.tiers.reindex(traces).to_numpy())
 
 
 def _merge(old: Analysis, tail: Analysis, since: float) -> Analysis:
     """``old`` with every request that started at or after ``since`` replaced by ``tail``'s."""
-    kept_hops = old.hops[old.hops["started_at"].reindex(old.hops["trace"].to_numpy()).to_numpy() < since]
-    # A hop of an older request, still running, looks like a request of its own in the tail: the old view wins.
-    tail_hops = tail.hops[~tail.hops.index.isin(kept_hops.index)]
-    hops = pd.concat([kept_hops, tail_hops])
-    for column in ("service", "method", "path", "endpoint", "link"):
-        if column in hops:
-            hops[column] = hops[column].astype("category")
-    kept = set(kept_hops["trace"].unique())
+    hops, kept_ids, tail_hops = _merged_hops(old.hops, tail.hops, since)
+    kept = set(hops["trace"].unique()) - set(tail_hops["trace"].unique())
     found = old.findings
     keep_found = found["trace"].isin(kept) | (found["trace"].isna() & (found["at"] < since))
     sessions = old.sessions[old.sessions["trace"].isin(kept)]
@@ -731,7 +728,7 @@ def _merge(old: Analysis, tail: Analysis, since: float) -> Analysis:
         tokens=pd.concat([old.tokens, tail.tokens]).pipe(lambda t: t[~t.index.duplicated(keep="last")]),
         hop_tokens=pd.concat(
             [
-                old.hop_tokens[old.hop_tokens["hop_id"].isin(kept_hops.index)],
+                old.hop_tokens[old.hop_tokens["hop_id"].isin(kept_ids)],
                 tail.hop_tokens[tail.hop_tokens["hop_id"].isin(tail_hops.index)],
             ]
         ),
@@ -746,9 +743,45 @@ def _merge(old: Analysis, tail: Analysis, since: float) -> Analysis:
     )
 
 
-def _findings_of(mine: pd.DataFrame, hop_ids: set[int]) -> list[dict[str, Any]]:
+def _merged_hops(old: pd.DataFrame, tail: pd.DataFrame, since: float) -> tuple[pd.DataFrame, pd.Index, pd.DataFrame]:
+    """(merged, the ids kept, the hops added): ``old``'s hops of the requests that started before ``since``, and ``tail``'s
+    others, in start order.
+
+    ``Analysis.hops`` is in start order and a call starts after its caller, so every hop
+    before the first one started at ``since`` is kept as it is: only the rows after it are
+    looked at (at a million hops a boolean pass over every column costs about a second).
+    """
+    started = old["started_at"].to_numpy()
+    first = int(np.searchsorted(started, since)) if old["started_at"].is_monotonic_increasing else 0
+    prefix, rest = old.iloc[:first], old.iloc[first:]
+    rest = rest[old["started_at"].reindex(rest["trace"].to_numpy()).to_numpy() < since]
+    # A hop of an older request, still running, looks like a request of its own in the tail: the old view wins.
+    # (A tail hop started at `since` or later: it is never among the prefix's.)
+    added = tail[~tail.index.isin(rest.index)]
+    recent = pd.concat(_same_categories([rest, added])).sort_values("started_at", kind="stable")
+    prefix, recent = _same_categories([prefix, recent])
+    return pd.concat([prefix, recent]), prefix.index.append(rest.index), added
+
+
+def _same_categories(frames: list[pd.DataFrame]) -> list[pd.DataFrame]:
+    """``frames`` with each categorical column given the union of their categories, so that a concat keeps
+    it categorical (unequal categories would turn a million rows to strings and back)."""
+    out = [f.copy(deep=False) for f in frames]
+    for column, dtype in frames[0].dtypes.items():
+        if isinstance(dtype, pd.CategoricalDtype) and all(isinstance(f[column].dtype, pd.CategoricalDtype) for f in frames):
+            union = frames[0][column].cat.categories
+            for f in frames[1:]:
+                union = union.union(f[column].cat.categories)
+            for f in out:
+                if not f[column].cat.categories.equals(union):  # the usual case: no new service or endpoint
+                    f[column] = f[column].cat.set_categories(union)
+    return out
+
+
+def _findings_of(groups: list, hop_ids: set[int]) -> list[dict[str, Any]]:
+    """The findings of :func:`group_findings`, group by group, as JSON-ready dicts."""
     out = []
-    for f in mine.itertuples(index=False):
+    for f in (f for g in groups for f in g.rows.itertuples(index=False)):
         ids = [int(h) for h in f.hop_ids if int(h) in hop_ids]
         details = f.details if isinstance(f.details, dict) else {}
         out.append({"kind": f.kind, "severity": f.severity, "service": plain(f.service), "message": f.message,
@@ -784,7 +817,7 @@ def _headers(text: str | None) -> list[list[str]]:
 
 
 def _summary(request: dict[str, Any]) -> dict[str, Any]:
-    return {k: request[k] for k in ("db", "trace", "started_at", "endpoint", "status", "status_class", "duration_ms", "subject")}
+    return {k: request[k] for k in SUMMARY}
 
 
 def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 from hoptrace._errors import HoptraceError
 from hoptrace.analyzer._config import parse_time
+from hoptrace.analyzer._types import OUTCOMES, SEVERITIES
 
 MAX_LIMIT = 500
 MAX_TEXT = 200
-SORTS = ("started", "duration", "status", "hops", "severity")
-STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx", "error")
-SEVERITIES = ("error", "warning", "info")
+SORTS = ("worst", "started", "duration", "status", "hops", "severity")
+"""``worst``: the presentation model's worst-first order (ascending: the worst first), the default."""
 
 
 class BadQuery(HoptraceError):
@@ -32,8 +32,8 @@ class RequestQuery:
     severity: str = ""
     since: float | None = None
     until: float | None = None
-    sort: str = "started"
-    descending: bool = True
+    sort: str = "worst"
+    descending: bool = False
     offset: int = 0
     limit: int = 50
 
@@ -44,21 +44,27 @@ class RequestQuery:
         if unknown:
             raise BadQuery(f"unknown query parameter {min(unknown)!r}")
         text = {k: _text(params, k) for k in ("q", "service", "endpoint", "subject", "kind")}
+        sort = _choice(params, "sort", SORTS) or "worst"
         return cls(
             text=text["q"],
             service=text["service"],
             endpoint=text["endpoint"],
             subject=text["subject"],
             kind=text["kind"],
-            status=_choice(params, "status", STATUS_CLASSES),
+            status=_choice(params, "status", OUTCOMES),
             severity=_choice(params, "severity", SEVERITIES),
             since=_time(params, "since"),
             until=_time(params, "until"),
-            sort=_choice(params, "sort", SORTS) or "started",
-            descending=(_choice(params, "order", ("asc", "desc")) or "desc") == "desc",
+            sort=sort,
+            descending=(_choice(params, "order", ("asc", "desc")) or default_order(sort)) == "desc",
             offset=integer(params, "offset", 0, 0, 10**9),
             limit=integer(params, "limit", 50, 1, MAX_LIMIT),
         )
+
+
+def default_order(sort: str) -> str:
+    """``asc`` for the worst-first order (its first place is the worst), ``desc`` (newest, slowest, ...) otherwise."""
+    return "asc" if sort == "worst" else "desc"
 
 
 def integer(params: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:

@@ -12,14 +12,18 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from hoptrace.ui._data import Data, NotFound, NotReady
+from hoptrace.ui._preview import NotFound, NotReady, Preview
 from hoptrace.ui._query import BadQuery, RequestQuery, integer
+
+if TYPE_CHECKING:  # imported in the background: pandas and the analyzer take seconds to load
+    from hoptrace.ui._data import Data
 
 CSP = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 SECURITY_HEADERS = {
@@ -34,7 +38,16 @@ STATIC = {"app.js": "text/javascript", "app.css": "text/css", "index.html": "tex
 POLL_S = 0.2
 """How often a live view looks for new hops: one indexed max(id) query, ~0.1 ms."""
 HEARTBEAT_S = 15.0
-DATA = web.AppKey("data", Data)
+
+
+@dataclass
+class Current:
+    """What answers the API: the SQL preview while pandas and the analyzer load, then their Data."""
+
+    data: Preview | Data
+
+
+DATA = web.AppKey("data", Current)
 WATCHERS = web.AppKey("watchers", list)
 HOSTS = web.AppKey("hosts", set)
 CLOSING = web.AppKey("closing", asyncio.Event)
@@ -111,33 +124,33 @@ def _whole(method: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     """A handler answering ``Data.<method>()``, which takes no parameter."""
 
     async def handler(request: web.Request) -> web.Response:
-        return _json(await _in_thread(getattr(request.app[DATA], method)))
+        return _json(await _in_thread(getattr(request.app[DATA].data, method)))
 
     return handler
 
 
 async def api_requests(request: web.Request) -> web.Response:
     query = RequestQuery.parse(request.query)
-    return _json(await _in_thread(request.app[DATA].request_page, query))
+    return _json(await _in_thread(request.app[DATA].data.request_page, query))
 
 
 async def api_request(request: web.Request) -> web.Response:
-    return _json(await _in_thread(request.app[DATA].request, _db(request), _id(request, "trace")))
+    return _json(await _in_thread(request.app[DATA].data.request, _db(request), _id(request, "trace")))
 
 
 async def api_hop(request: web.Request) -> web.Response:
-    return _json(await _in_thread(request.app[DATA].hop, _db(request), _id(request, "hop")))
+    return _json(await _in_thread(request.app[DATA].data.hop, _db(request), _id(request, "hop")))
 
 
 async def api_compare(request: web.Request) -> web.Response:
     q = request.query
     a = (integer(q, "adb", 0, 0, 1000), integer(q, "a", 0, 0, 2**62))
     b = (integer(q, "bdb", 0, 0, 1000), integer(q, "b", 0, 0, 2**62))
-    return _json(await _in_thread(request.app[DATA].compare, a, b))
+    return _json(await _in_thread(request.app[DATA].data.compare, a, b))
 
 
 async def api_session(request: web.Request) -> web.Response:
-    return _json(await _in_thread(request.app[DATA].session, _db(request), _id(request, "session")))
+    return _json(await _in_thread(request.app[DATA].data.session, _db(request), _id(request, "session")))
 
 
 async def api_events(request: web.Request) -> web.StreamResponse:
@@ -150,7 +163,7 @@ async def api_events(request: web.Request) -> web.StreamResponse:
     try:
         seen = -1
         while not request.app[CLOSING].is_set():
-            data = request.app[DATA]
+            data = request.app[DATA].data
             if data.version != seen:
                 seen = data.version
                 await response.write(f"data: {json.dumps(data.status())}\n\n".encode())
@@ -176,7 +189,7 @@ async def end_event_streams(app: web.Application) -> None:
 async def keep_up(app: web.Application, step: Callable[[], bool], live: bool) -> None:
     """Run ``step`` (in a thread) now and, live, every ``POLL_S`` after it ends; wake every event
     stream when it changed something. A failing step (a half-written tail) is reported, not fatal."""
-    data = app[DATA]
+    data = app[DATA].data
     while True:
         try:
             changed = await _in_thread(step)
@@ -184,8 +197,7 @@ async def keep_up(app: web.Application, step: Callable[[], bool], live: bool) ->
             data.last_error = f"{time.strftime('%H:%M:%S')} {exc}"
             changed = False
         if changed:
-            for event in list(app[WATCHERS]):
-                event.set()
+            _wake(app)
         if not live:
             return
         await asyncio.sleep(POLL_S)
@@ -208,9 +220,38 @@ ROUTES = {
 }
 
 
-def make_app(data: Data, hosts: set[str], live: bool) -> web.Application:
+def _wake(app: web.Application) -> None:
+    for event in list(app[WATCHERS]):
+        event.set()
+
+
+def _load_data(paths: list[Path]) -> Data:
+    """The analysis side, imported here (pandas, numpy, the analyzer), listing the same requests."""
+    from hoptrace.ui._data import Data
+
+    data = Data(paths)
+    data.preview()
+    return data
+
+
+async def load_and_keep_up(app: web.Application, paths: list[Path], live: bool) -> None:
+    """Swap the preview for the loaded Data, then keep it up: new requests are listed within a
+    poll, while the (slower) tail analysis that adds their trees and findings runs beside it."""
+    try:
+        data = await _in_thread(_load_data, paths)
+    except Exception as exc:  # noqa: BLE001 - shown in the status line; the listing stays
+        app[DATA].data.last_error = f"{time.strftime('%H:%M:%S')} {exc}"
+        _wake(app)
+        return
+    app[DATA].data = data
+    _wake(app)
+    steps = [keep_up(app, data.refresh, live)] + ([keep_up(app, data.peek, live)] if live else [])
+    await asyncio.gather(*steps)
+
+
+def make_app(first: Preview, hosts: set[str], live: bool) -> web.Application:
     app = web.Application(middlewares=[guard])
-    app[DATA] = data
+    app[DATA] = Current(first)
     app[WATCHERS] = []
     app[HOSTS] = hosts
     app[CLOSING] = asyncio.Event()
@@ -218,14 +259,9 @@ def make_app(data: Data, hosts: set[str], live: bool) -> web.Application:
     app.add_routes([web.get(path, handler) for path, handler in ROUTES.items()])
 
     async def background(app: web.Application):
-        # Two loops: new requests are listed within a poll, while the (slower) tail analysis
-        # that adds their trees and findings runs beside it.
-        tasks = [asyncio.create_task(keep_up(app, data.refresh, live))]
-        if live:
-            tasks.append(asyncio.create_task(keep_up(app, data.peek, live)))
+        task = asyncio.create_task(load_and_keep_up(app, first.paths, live))
         yield
-        for task in tasks:
-            task.cancel()
+        task.cancel()
 
     app.cleanup_ctx.append(background)
     return app
@@ -234,14 +270,14 @@ def make_app(data: Data, hosts: set[str], live: bool) -> web.Application:
 async def start_ui(dbs: list[str | Path], host: str = "127.0.0.1", port: int = 0, live: bool = True) -> tuple[str, web.AppRunner]:
     """Serve the UI of ``dbs`` on ``host:port`` (0: a free port) in the running loop.
 
-    Returns once the request lists are read (the analysis goes on in the background) with
-    the URL and the runner; ``await runner.cleanup()`` stops it. With ``live``, hops
-    recorded later show up within about ``POLL_S`` plus a tail analysis.
+    Returns once the newest requests are read from SQL (pandas, the analyzer and the
+    analysis load in the background) with the URL and the runner; ``await runner.cleanup()``
+    stops it. With ``live``, hops recorded later show up within about ``POLL_S`` plus a
+    tail analysis. A file that is not a trace DB raises ``TraceFileError`` here.
     """
-    data = Data([Path(p) for p in dbs])
-    await _in_thread(data.preview)
+    first = await _in_thread(Preview, [Path(p) for p in dbs])
     hosts = {host, "localhost", "127.0.0.1", "::1"} if host in ("127.0.0.1", "localhost", "::1") else {host}
-    runner = web.AppRunner(make_app(data, hosts, live), access_log=None)
+    runner = web.AppRunner(make_app(first, hosts, live), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -59,8 +59,8 @@ async function api(path) {
 const fmtMs = (ms) => (ms === null || ms === undefined ? "–" : ms >= 1000 ? `${(ms / 1000).toFixed(2)} s` : `${ms.toFixed(ms < 10 ? 1 : 0)} ms`);
 const fmtTime = (t) => (t === null || t === undefined ? "–" : new Date(t * 1000).toISOString().replace("T", " ").replace("Z", " UTC"));
 const fmtRemaining = (r) => (r === null || r === undefined ? "–" : r <= 0 ? `${r.toFixed(2)} s (expired ${(-r).toFixed(2)} s before)` : `${r.toFixed(2)} s left`);
-const statusClass = (hop) => (hop.failed || hop.status === null ? "error" : `${Math.floor(hop.status / 100)}xx`);
-const badge = (hop) => h("span", { class: `badge s${statusClass(hop)}`, text: hop.status === null || hop.status === undefined ? hop.error_kind || "error" : hop.status });
+// outcome (2xx .. error) and ended ("401", "no response (timeout)") come from the server's presentation model.
+const badge = (hop) => h("span", { class: `badge s${hop.outcome}`, text: hop.ended });
 
 function dbPrefix(db) {
   return db ? `/db/${db}` : "";
@@ -88,7 +88,11 @@ function route() {
     : view === "latency" ? showLatency()
     : view === "graph" ? showGraph()
     : showRequests(params);
-  run.catch((err) => show(h("p", { class: "error-box", text: `Could not load this view: ${err.message}` })));
+  run.catch((err) => {
+    // A first view that needs the analysis while only the SQL preview is loaded: the next data change reloads it.
+    if (state.version === -1) state.version = -2;
+    show(h("p", { class: "error-box", text: `Could not load this view: ${err.message}` }));
+  });
 }
 
 // ---- request list --------------------------------------------------------------------
@@ -102,14 +106,16 @@ async function showRequests(params) {
   for (const [k, v] of params) if (v) query.set(k, v);
   const page = await api(`/api/requests?${query}`);
   const form = filterForm(params);
-  const sort = params.get("sort") || "started";
-  const order = params.get("order") || "desc";
+  // The default: the presentation model's worst-first order, the same as `hoptrace analyze`.
+  const sort = params.get("sort") || "worst";
+  const defaultOrder = (key) => (key === "worst" ? "asc" : "desc");
+  const order = params.get("order") || defaultOrder(sort);
   const header = (label, key, cls) => {
     if (!key) return h("th", { class: cls, text: label });
     const sorted = key === sort ? ` sorted-${order}` : "";
     return h("th", { class: `sortable${sorted} ${cls || ""}`, "data-sort": key, text: label, on: { click: () => {
       params.set("sort", key);
-      params.set("order", key === sort && order === "desc" ? "asc" : "desc");
+      params.set("order", key === sort ? (order === "desc" ? "asc" : "desc") : defaultOrder(key));
       params.delete("offset");
       location.hash = `#/?${params}`;
     } } });
@@ -126,10 +132,11 @@ async function showRequests(params) {
     const seen = state.firstSeen.get(`${r.db}:${r.trace}`);
     const fresh = seen > 0 && now - seen < NEW_FOR_MS;
     return h("tr", { class: `clickable${fresh ? " new" : ""}`, "data-trace": r.trace, "data-db": r.db, on: { click: () => (location.hash = `#${dbPrefix(r.db)}/request/${r.trace}`) } },
+      h("td", { class: "num", text: r.worst === null ? "–" : r.worst + 1 }),
       h("td", { class: "num", text: r.trace }),
       h("td", { text: fmtTime(r.started_at) }),
       h("td", { text: r.endpoint }),
-      h("td", {}, h("span", { class: `badge s${r.status_class}`, text: r.status ?? "error" })),
+      h("td", {}, badge({ outcome: r.status_class, ended: r.ended })),
       h("td", { class: "num", text: fmtMs(r.duration_ms) }),
       h("td", { class: "num", text: r.hops }),
       h("td", { class: "mono", text: r.subject || "" }),
@@ -150,22 +157,22 @@ async function showRequests(params) {
       h("button", { id: "prev-page", disabled: offset <= 0 ? "disabled" : null, text: "← newer", on: { click: () => go(Math.max(0, offset - limit)) } }),
       h("button", { id: "next-page", disabled: offset + limit >= page.total ? "disabled" : null, text: "older →", on: { click: () => go(offset + limit) } })),
     h("table", { id: "request-list" },
-      h("thead", {}, h("tr", {}, header("#", null, "num"), header("started", "started"), header("endpoint"), header("status", "status"),
-        header("duration", "duration", "num"), header("hops", "hops", "num"), header("subject"), header("worst", "severity"), header("findings"))),
+      h("thead", {}, h("tr", {}, header("worst", "worst", "num"), header("#", null, "num"), header("started", "started"), header("endpoint"), header("status", "status"),
+        header("duration", "duration", "num"), header("hops", "hops", "num"), header("subject"), header("severity", "severity"), header("findings"))),
       h("tbody", {}, rows)));
 }
 
 function filterForm(params) {
-  const select = (name, values, label) => h("label", {}, label,
+  const select = (name, values, label, texts) => h("label", {}, label,
     h("select", { id: `filter-${name}`, name }, h("option", { value: "", text: "any" }),
-      values.map((v) => h("option", { value: v, text: v, selected: params.get(name) === v ? "selected" : null }))));
+      values.map((v, i) => h("option", { value: v, text: texts ? texts[i] : v, selected: params.get(name) === v ? "selected" : null }))));
   const input = (name, label, placeholder) => h("label", {}, label, h("input", { id: `filter-${name}`, name, value: params.get(name) || "", placeholder }));
   const form = h("form", { class: "filters", id: "filters" },
     input("q", "search", "path, subject, finding, id"),
     select("status", facets.status, "status"),
     select("service", facets.service, "service"),
     select("endpoint", facets.endpoint, "endpoint"),
-    select("kind", facets.kind, "finding"),
+    select("kind", facets.kind, "finding", facets.kinds.map((k) => `${k.kind} × ${k.count}`)),
     select("severity", facets.severity, "severity"),
     select("subject", facets.subject, "subject"),
     input("since", "since", "ISO time or UNIX s"),
@@ -203,7 +210,7 @@ async function showRequest(db, trace, hopId) {
     ? h("a", { id: "compare-peer", href: `#/compare/${db}:${trace}/${db}:${req.peer}`, text: `Compare with passing request #${req.peer}` })
     : h("span", { class: "muted", text: "no passing request of this endpoint to compare with" });
   show(
-    h("h2", {}, `Request #${req.trace} `, h("span", { text: req.endpoint }), " ", badge({ status: req.status, failed: req.status_class === "error" }),
+    h("h2", {}, `Request #${req.trace} `, h("span", { text: req.endpoint }), " ", badge({ outcome: req.status_class, ended: req.ended }),
       h("span", { class: "muted", text: ` ${fmtMs(req.duration_ms)} · ${req.hops.length} hops · ${fmtTime(req.started_at)}${req.subject ? ` · ${req.subject}` : ""}` })),
     h("div", { class: "toolbar" },
       h("a", { href: "#/", text: "← requests" }),
@@ -266,7 +273,7 @@ function drawWaterfall() {
     const label = `${hop.service} ${hop.method || ""} ${hop.path || ""}`;
     const x = LABEL_W + scale(hop.start_ms);
     const w = Math.max(MIN_BAR_W, scale(hop.start_ms + (hop.duration_ms || 0)) - scale(hop.start_ms));
-    const note = `${hop.status ?? hop.error_kind ?? "error"} · ${fmtMs(hop.duration_ms)}${hop.is_validation ? " · validation" : ""}`;
+    const note = `${hop.ended} · ${fmtMs(hop.duration_ms)}${hop.is_validation ? " · validation" : ""}`;
     row.append(
       s("rect", { class: "band", x: 0, y, width: LABEL_W + width + 130, height: ROW_H }),
       s("title", { text: `${label}\n${note}\nlink: ${hop.link}${hop.remaining_s !== null ? `\ntoken: ${fmtRemaining(hop.remaining_s)}` : ""}` }),
@@ -276,7 +283,7 @@ function drawWaterfall() {
             on: { click: (ev) => { ev.stopPropagation(); toggle(hop.id); } } })
         : null,
       s("text", { x: 24 + hop.depth * 14, y: y + 15, class: "hop-label", text: clip(label, 44 - hop.depth * 2) }),
-      s("rect", { class: `bar o${statusClass(hop)}${hop.on_critical_path ? " critical" : ""}`, x, y: y + 4, width: w, height: ROW_H - 8 }),
+      s("rect", { class: `bar o${hop.outcome}${hop.on_critical_path ? " critical" : ""}`, x, y: y + 4, width: w, height: ROW_H - 8 }),
       // The note after the bar, or before it when it would run past the chart's edge.
       x + w + 4 + note.length * 7 > LABEL_W + width + 130
         ? s("text", { x: x - 4, y: y + 15, "text-anchor": "end", class: "bar-note", text: note })
@@ -330,7 +337,7 @@ async function showHop(db, id) {
     ["service", hop.service],
     ["request", `${hop.method} ${hop.path}`],
     ["query", hop.query || "–"],
-    ["status", `${hop.status ?? "no response"} ${hop.reason || ""}${hop.error ? ` · ${hop.error}` : ""}`],
+    ["status", `${hop.ended} ${hop.reason || ""}${hop.error ? ` · ${hop.error}` : ""}`],
     ["duration", fmtMs(hop.duration_ms)],
     ["started", fmtTime(hop.started_at)],
     ["link", `${hop.link}${hop.link_candidates > 1 ? ` (chosen among ${hop.link_candidates})` : ""}`],
@@ -400,7 +407,7 @@ async function showCompare(left, right) {
        h("td", { class: differs.includes("expired") ? "diff" : "", text: fmtRemaining(hop.remaining_s) }),
        h("td", { class: differs.includes("link") ? "diff" : "", text: hop.link })]
     : [h("td", { colspan: 4, text: "(no such hop)" })];
-  const title = (r) => `#${r.trace} ${r.endpoint} → ${r.status ?? "error"} in ${fmtMs(r.duration_ms)}${r.subject ? ` (${r.subject})` : ""}`;
+  const title = (r) => `#${r.trace} ${r.endpoint} → ${r.ended} in ${fmtMs(r.duration_ms)}${r.subject ? ` (${r.subject})` : ""}`;
   const differing = cmp.rows.filter((r) => r.differs.length).length;
   show(
     h("h2", { text: "Compare two requests" }),
@@ -444,8 +451,8 @@ async function showSession(db, id) {
   for (const r of ses.requests) {
     const g = s("g", { class: "row", on: { click: () => (location.hash = `#${dbPrefix(db)}/request/${r.trace}`) } });
     g.append(s("text", { x: 4, y: y + 15, text: clip(`#${r.trace} ${r.endpoint}`, 28) }),
-      s("rect", { class: `bar o${statusClass(r)}`, x: x(r.started_at), y: y + 4, width: Math.max(MIN_BAR_W, x(r.ended_at) - x(r.started_at)), height: ROW_H - 8 }),
-      s("text", { x: x(r.ended_at) + 4, y: y + 15, text: `${r.status ?? "error"}${r.expired ? " · token expired" : ""}` }));
+      s("rect", { class: `bar o${r.outcome}`, x: x(r.started_at), y: y + 4, width: Math.max(MIN_BAR_W, x(r.ended_at) - x(r.started_at)), height: ROW_H - 8 }),
+      s("text", { x: x(r.ended_at) + 4, y: y + 15, text: `${r.ended}${r.expired ? " · token expired" : ""}` }));
     svg.append(g);
     y += ROW_H;
   }
@@ -476,13 +483,13 @@ async function showGraph() {
     if (!a || !b) continue;
     const x1 = a.x + boxW, y1 = a.y + boxH / 2, x2 = b.x, y2 = b.y + boxH / 2;
     const bend = Math.max(40, Math.abs(x2 - x1) / 2);
-    svg.append(s("path", { class: `edge${e.errors || e.rejected ? " failing" : ""}`, d: `M${x1},${y1} C${x1 + bend},${y1} ${x2 - bend},${y2} ${x2},${y2}` }),
+    svg.append(s("path", { class: `edge${e.worst ? " failing" : ""}`, d: `M${x1},${y1} C${x1 + bend},${y1} ${x2 - bend},${y2} ${x2},${y2}` }),
       s("text", { class: "edge-label", x: (x1 + x2) / 2, y: (y1 + y2) / 2 - 4, "text-anchor": "middle",
-        text: `${e.calls} calls · ${e.errors} 5xx/failed · ${e.rejected} 4xx · p95 ${fmtMs(e.p95_ms)}` }));
+        text: `${e.calls} calls · ${e.errors} 5xx/failed · ${e.client_errors} 4xx · p95 ${fmtMs(e.p95_ms)}` }));
   }
   for (const n of g.nodes) {
     const p = pos.get(n.name);
-    svg.append(s("g", { class: "node" }, s("rect", { x: p.x, y: p.y, width: boxW, height: boxH }), s("text", { x: p.x + boxW / 2, y: p.y + 22, "text-anchor": "middle", text: clip(n.name, 20) })));
+    svg.append(s("g", { class: `node${n.worst ? ` o${n.worst}` : ""}` }, s("rect", { x: p.x, y: p.y, width: boxW, height: boxH }), s("text", { x: p.x + boxW / 2, y: p.y + 22, "text-anchor": "middle", text: clip(n.name, 20) })));
   }
   show(h("h2", { text: "Service graph" }), h("p", { class: "muted", text: "Columns by call depth from the client; red edges carried 4xx, 5xx or failed calls." }), svg);
 }
