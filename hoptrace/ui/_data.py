@@ -619,18 +619,32 @@ def copy_tail(path: Path, into: Path, since: float) -> None:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("ATTACH ? AS src", (f"{path.resolve().as_uri()}?mode=ro",))
         conn.execute("BEGIN")
-        conn.execute("INSERT INTO captures SELECT * FROM src.captures")
+        # Column by column, by name: a file of an older schema has fewer columns (NULL here).
+        copy = {table: _shared_columns(conn, table) for table in ("captures", "hops", "hop_tokens", "tokens")}
+        conn.execute(f"INSERT INTO captures ({copy['captures']}) SELECT {copy['captures']} FROM src.captures")
         conn.execute(
-            "INSERT INTO hops SELECT * FROM src.hops WHERE capture_id IN (SELECT id FROM src.captures) AND started_at >= ?",
+            f"INSERT INTO hops ({copy['hops']}) SELECT {copy['hops']} FROM src.hops"
+            " WHERE capture_id IN (SELECT id FROM src.captures) AND started_at >= ?",
             (since,),
         )
         conn.execute(
-            "INSERT INTO hop_tokens SELECT * FROM src.hop_tokens WHERE hop_id >= (SELECT min(id) FROM hops) AND hop_id IN (SELECT id FROM hops)"
+            f"INSERT INTO hop_tokens ({copy['hop_tokens']}) SELECT {copy['hop_tokens']} FROM src.hop_tokens"
+            " WHERE hop_id >= (SELECT min(id) FROM hops) AND hop_id IN (SELECT id FROM hops)"
         )
-        conn.execute("INSERT INTO tokens SELECT * FROM src.tokens WHERE fingerprint IN (SELECT fingerprint FROM hop_tokens)")
+        conn.execute(
+            f"INSERT INTO tokens ({copy['tokens']}) SELECT {copy['tokens']} FROM src.tokens"
+            " WHERE fingerprint IN (SELECT fingerprint FROM hop_tokens)"
+        )
         conn.execute("COMMIT")
     finally:
         conn.close()
+
+
+def _shared_columns(conn: sqlite3.Connection, table: str) -> str:
+    """The columns ``table`` has both here and in the attached ``src``, quoted, comma-separated."""
+    ours = [row[1] for row in conn.execute(f"PRAGMA main.table_info({table})")]
+    theirs = {row[1] for row in conn.execute(f"PRAGMA src.table_info({table})")}
+    return ", ".join(f'"{name}"' for name in ours if name in theirs)
 
 
 def _max_hop_id(path: Path) -> int:
