@@ -16,6 +16,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from click.testing import CliRunner
+
+from hoptrace.cli import cli
 
 from .conftest import PYTHON, free_port, query
 
@@ -191,6 +194,8 @@ def test_sigkill_under_load_leaves_a_sound_file_marked_unfinished(run, upstreams
     assert query(db, "SELECT ended_at FROM captures")[0][0] is None  # never stamped: did not end cleanly
     recorded = query(db, "SELECT count(*), sum(status = 200) FROM hops")[0]
     assert recorded[0] <= sum(1 for *_, status in results if status is not None) + 64
+    analyzed = CliRunner().invoke(cli, ["analyze", str(db)])  # read-only, beside the -wal the kill left
+    assert analyzed.exit_code == 0 and "did not end cleanly" in analyzed.output, analyzed.output
 
 
 # -- upstreams that hang or stop half-way ----------------------------------------------------------------
