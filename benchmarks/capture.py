@@ -9,6 +9,7 @@ bearer token on every request), five ways:
     c  mitmdump -w FILE (mitmproxy's own recording)
     d  hoptrace proxy, recording every hop
     e  mitmdump -s <hoptrace's recorder addon>
+    f  hoptrace proxy --workers 2 (two processes sharing the port, a shard each)
 
 Each proxy is started fresh for each run and stopped after it; configurations
 are interleaved within a round (their order rotates between rounds) so that drift
@@ -63,9 +64,10 @@ CONFIGS = {
         Config("c", "mitmdump -w FILE", "flows"),
         Config("d", "hoptrace proxy", "hoptrace"),
         Config("e", "mitmdump -s hoptrace recorder", "hoptrace"),
+        Config("f", "hoptrace proxy --workers 2", "hoptrace"),
     )
 }
-RATIOS = [("b", "a"), ("c", "b"), ("d", "b"), ("d", "c"), ("e", "b")]
+RATIOS = [("b", "a"), ("c", "b"), ("d", "b"), ("d", "c"), ("e", "b"), ("f", "d")]
 # Within a round, configurations compared by a target run next to each other (c-d,
 # d-b, b-e): a neighbour's burst then hits both sides of a ratio alike. Odd rounds run
 # the order backwards (ABBA), so that no configuration always runs first.
@@ -276,9 +278,10 @@ def start_proxy(config: Config, upstream_port: int, listen: int, workdir: Path, 
     elif config.key == "c":
         record = workdir / f"{tag}.flows"
         child = Child([mitmdump_path(), "-q", "-w", str(record), "--mode", mode], log)
-    elif config.key == "d":
+    elif config.key in ("d", "f"):
         record = workdir / f"{tag}.db"
-        child = Child([PYTHON, "-m", "hoptrace", "proxy", "--route", f"svc={upstream}@{listen}", "--db", str(record)], log)
+        workers = ["--workers", "2"] if config.key == "f" else []
+        child = Child([PYTHON, "-m", "hoptrace", "proxy", "--route", f"svc={upstream}@{listen}", "--db", str(record), *workers], log)
         child.wait_for_text("proxy ready", 60)
         return child, signal.SIGINT, record
     elif config.key == "e":
@@ -331,16 +334,28 @@ def count_rows(config: Config, record: Path | None) -> tuple[int | None, dict | 
             return 0, None
         with open(record, "rb") as f:
             return sum(1 for _ in io.FlowReader(f).stream()), None
-    if not record.exists():
+    files = [path for path in record_files(record) if path.exists()]
+    if not files:
         return 0, None
-    conn = sqlite3.connect(f"file:{record}?mode=ro", uri=True)
-    try:
-        rows = conn.execute("SELECT count(*) FROM hops").fetchone()[0]
-        names = ("hops_seen", "hops_recorded", "hops_dropped", "addon_errors", "write_errors")
-        capture = conn.execute(f"SELECT {', '.join(names)} FROM captures ORDER BY id DESC LIMIT 1").fetchone()
-        return rows, dict(zip(names, capture)) if capture else None
-    finally:
-        conn.close()
+    rows, totals = 0, None
+    names = ("hops_seen", "hops_recorded", "hops_dropped", "addon_errors", "write_errors")
+    for path in files:  # a --workers capture: its shards' rows and counters, summed
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows += conn.execute("SELECT count(*) FROM hops").fetchone()[0]
+            capture = conn.execute(f"SELECT {', '.join(names)} FROM captures ORDER BY id DESC LIMIT 1").fetchone()
+        finally:
+            conn.close()
+        if capture:
+            totals = {name: (totals or {}).get(name, 0) + value for name, value in zip(names, capture)}
+    return rows, totals
+
+
+def record_files(record: Path) -> list[Path]:
+    """The record file, or the shards a --workers proxy wrote beside it."""
+    from hoptrace.proxy.workers import capture_shards
+
+    return capture_shards(record) or [record]
 
 
 def read_line(stream, timeout: float) -> str:
@@ -427,8 +442,9 @@ def one_run(
         if proxy:
             proxy.kill()
         if record is not None and not args.keep:
-            for path in (record, Path(f"{record}-wal"), Path(f"{record}-shm")):
-                path.unlink(missing_ok=True)
+            for file in record_files(record):
+                for path in (file, Path(f"{file}-wal"), Path(f"{file}-shm")):
+                    path.unlink(missing_ok=True)
     if run.timed_out:
         run.problems.append("load generator hit --max-seconds")
     if run.lost:

@@ -39,6 +39,8 @@ class ProxyConfig:
     # How long a stop waits for requests already inside the proxy to finish.
     drain_seconds: float = 5.0
     upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT
+    # What the capture row's `source` says (a worker of `--workers N` names its capture there).
+    source: str = "hoptrace proxy"
 
 
 class _Startup:
@@ -69,7 +71,7 @@ async def run_proxy(
     """
     entry = check_routes(config.routes, config.entry, config.listen_host)
     master = Master(options.Options())
-    recorder = Recorder(source="hoptrace proxy")
+    recorder = Recorder(source=config.source)
     startup = _Startup(len(config.routes))
     master.addons.add(
         core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(), recorder, UpstreamTimeout(), startup
