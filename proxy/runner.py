@@ -41,6 +41,8 @@ class ProxyConfig:
     upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT
     # What the capture row's `source` says (a worker of `--workers N` names its capture there).
     source: str = "hoptrace proxy"
+    # A worker of `--workers N`: its listeners share their ports with its siblings (SO_REUSEPORT).
+    share_ports: bool = False
 
 
 class _Startup:
@@ -69,7 +71,7 @@ async def run_proxy(
     ``on_ready(entry)`` runs once every listener is up; ``on_tick(counters)`` about twice a second.
     Raises RouteError / TraceFileError for what the user can fix.
     """
-    entry = check_routes(config.routes, config.entry, config.listen_host)
+    entry = check_routes(config.routes, config.entry, config.listen_host, config.share_ports)
     master = Master(options.Options())
     recorder = Recorder(source=config.source)
     startup = _Startup(len(config.routes))

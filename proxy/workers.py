@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import multiprocessing.connection
 import os
-import queue
 import re
 import secrets
 import signal
@@ -36,6 +36,7 @@ from pathlib import Path
 from hoptrace._errors import HoptraceError, RouteError
 from hoptrace._types import Counters
 from hoptrace.addons.recorder import FINGERPRINT_KEY_ENV
+from hoptrace.proxy.routes import check_routes
 
 _SOURCE = re.compile(r"^hoptrace proxy --workers (\d+): capture ([0-9a-f]{32}), worker (\d+)$")
 
@@ -127,24 +128,30 @@ def run_workers(
 
     Raises the first worker's RouteError / TraceFileError if one cannot start (the others are stopped).
     """
+    # Checked here, once, without SO_REUSEPORT: a port someone else holds (even another
+    # `--workers` capture, whose sockets would let ours in) is refused before any worker starts.
+    check_routes(config.routes, config.entry, config.listen_host)
     capture = uuid.uuid4().hex
     # One key for every shard, so a token's fingerprint is the same in all of them;
     # handed to the workers in their environment, never written to a file.
     key = os.environ.get(FINGERPRINT_KEY_ENV) or secrets.token_hex(32)
     context = multiprocessing.get_context("spawn")
-    messages = context.Queue()
+    # One pipe per worker, not one shared queue: a queue's writers share a lock, and a
+    # worker killed while holding it would leave the others unable to report, or exit.
+    pipes = {index: context.Pipe(duplex=False) for index in range(1, workers + 1)}
     processes = {
         index: context.Process(
-            target=_worker, args=(index, workers, capture, key, config, messages), name=f"hoptrace-w{index}", daemon=False
+            target=_worker, args=(index, workers, capture, key, config, pipes[index][1]), name=f"hoptrace-w{index}"
         )
-        for index in range(1, workers + 1)
+        for index in pipes
     }
-    for process in processes.values():
+    for index, process in processes.items():
         process.start()
+        pipes[index][1].close()  # the worker's end: once the worker is gone, our end reads EOF
     forward = _Forward(processes)
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _supervise(config, processes, messages, forward, on_ready, on_tick)
+        return _supervise(config, processes, {pipes[i][0]: i for i in pipes}, forward, on_ready, on_tick)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -164,29 +171,31 @@ class _Forward:
                 os.kill(process.pid, signum)
 
 
-def _supervise(config, processes, messages, forward: _Forward, on_ready, on_tick) -> WorkersResult:
+def _supervise(config, processes, pipes: dict, forward: _Forward, on_ready, on_tick) -> WorkersResult:
     latest: dict[int, Counters] = {index: Counters() for index in processes}
     final: dict[int, Counters] = {}
     ready: set[int] = set()
     error: str | None = None
-    while len(final) < len(processes) and any(p.is_alive() for p in processes.values()) or not messages.empty():
-        try:
-            kind, index, payload = messages.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        if kind == "ready":
-            ready.add(index)
-            if len(ready) == len(processes) and on_ready is not None:
-                on_ready(payload, [shard_path(config.db, i) for i in processes])
-        elif kind == "tick":
-            latest[index] = payload
-            if on_tick is not None:
-                on_tick(combine(list(latest.values())))
-        elif kind == "done":
-            final[index] = payload
-        elif kind == "error" and error is None:
-            error = payload
-            forward(signal.SIGTERM)
+    while pipes:
+        for pipe in multiprocessing.connection.wait(list(pipes), timeout=0.5):
+            try:
+                kind, index, payload = pipe.recv()
+            except (EOFError, OSError):  # the worker is gone
+                del pipes[pipe]
+                continue
+            if kind == "ready":
+                ready.add(index)
+                if len(ready) == len(processes) and on_ready is not None:
+                    on_ready(payload, [shard_path(config.db, i) for i in processes])
+            elif kind == "tick":
+                latest[index] = payload
+                if on_tick is not None:
+                    on_tick(combine(list(latest.values())))
+            elif kind == "done":
+                final[index] = payload
+            elif kind == "error" and error is None:
+                error = payload
+                forward(signal.SIGTERM)
     for process in processes.values():
         process.join()
     if error is not None:
@@ -196,28 +205,28 @@ def _supervise(config, processes, messages, forward: _Forward, on_ready, on_tick
     return WorkersResult(counters, final, crashed)
 
 
-def _worker(index: int, workers: int, capture: str, key: str, config, messages) -> None:
-    """One worker process: the single proxy, on a shard, with shared ports; reports to the parent's queue."""
+def _worker(index: int, workers: int, capture: str, key: str, config, pipe) -> None:
+    """One worker process: the single proxy, on a shard, with shared ports; reports to the parent through its pipe."""
     from hoptrace.proxy.runner import run_proxy
 
     # The parent forwards Ctrl-C: a terminal's SIGINT to the whole group would reach us twice.
     os.setpgrp()
     os.environ[FINGERPRINT_KEY_ENV] = key
     parent = os.getppid()
-    config = replace(config, db=shard_path(config.db, index), source=worker_source(workers, capture, index))
+    config = replace(config, db=shard_path(config.db, index), source=worker_source(workers, capture, index), share_ports=True)
 
     def tick(counters: Counters) -> None:
-        messages.put(("tick", index, replace(counters)))
+        pipe.send(("tick", index, replace(counters)))
         if os.getppid() != parent:  # the parent died (SIGKILL): stop rather than serve unsupervised
             os.kill(os.getpid(), signal.SIGTERM)
 
     try:
         share_listen_ports()
-        counters = asyncio.run(run_proxy(config, on_ready=lambda entry: messages.put(("ready", index, entry)), on_tick=tick))
+        counters = asyncio.run(run_proxy(config, on_ready=lambda entry: pipe.send(("ready", index, entry)), on_tick=tick))
     except HoptraceError as exc:
-        messages.put(("error", index, f"worker {index}: {exc}"))
+        pipe.send(("error", index, f"worker {index}: {exc}"))
         sys.exit(2)
-    messages.put(("done", index, replace(counters)))
+    pipe.send(("done", index, replace(counters)))
 
 
 __all__ = [
