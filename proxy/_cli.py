@@ -39,7 +39,8 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int:
 @click.option("--grace", type=click.FloatRange(0, 3600), callback=_finite, default=5.0, show_default=True, help="On Ctrl-C/SIGTERM, seconds to let requests already inside finish; those still open are cut and recorded as error_kind 'shutdown'.")
 @click.option("--upstream-timeout", type=click.FloatRange(0, 1e6), callback=_finite, default=DEFAULT_UPSTREAM_TIMEOUT, show_default=True, help="Seconds to wait for an upstream's complete response before cutting the request (error_kind 'timeout'); 0 waits forever.")
 @click.option("--workers", default="1", callback=_workers, show_default=True, metavar="N|auto", help="Linux: N proxy processes share each listen port (SO_REUSEPORT), each recording into its own shard next to the DB (traces.w1.db, ...); auto = one per core.")
-def proxy(route_specs: tuple[str, ...], stack_file: Path | None, db: Path | None, entry: str | None, listen_host: str, store_bodies: bool, grace: float, upstream_timeout: float, workers: int) -> None:
+@click.option("--otlp-endpoint", metavar="URL", help="Also stream every hop as a span to this OTLP/HTTP receiver (POST URL/v1/traces, protobuf), a request once its tree is complete (2 s after its entry hop ended).")
+def proxy(route_specs: tuple[str, ...], stack_file: Path | None, db: Path | None, entry: str | None, listen_host: str, store_bodies: bool, grace: float, upstream_timeout: float, workers: int, otlp_endpoint: str | None) -> None:
     """Run mitmproxy in front of every service of a stack and record every hop.
 
     Each route gets its own reverse listener; point the services (and the client)
@@ -52,6 +53,7 @@ def proxy(route_specs: tuple[str, ...], stack_file: Path | None, db: Path | None
     \b
         hoptrace proxy --route gateway=http://127.0.0.1:8080@18080 --route auth=http://127.0.0.1:3001@13001 --db traces.db
         hoptrace proxy --stack stack.toml --workers auto
+        hoptrace proxy --stack stack.toml --otlp-endpoint http://127.0.0.1:4318
     """
     from hoptrace.proxy.routes import load_stack_file, parse_route
     from hoptrace.proxy.runner import ProxyConfig, print_routes, run_proxy
@@ -60,6 +62,15 @@ def proxy(route_specs: tuple[str, ...], stack_file: Path | None, db: Path | None
         raise BadInput("give either --route (repeatable) or --stack FILE")
     if workers > 1 and not sys.platform.startswith("linux"):
         raise BadInput("--workers: sharing a port between processes (SO_REUSEPORT balancing) needs Linux")
+    if otlp_endpoint is not None:
+        from hoptrace.proxy.otlp_stream import traces_url
+
+        if workers > 1:
+            raise BadInput("--otlp-endpoint with --workers: not yet (each shard numbers its hops from 1, so span ids would collide)")
+        try:
+            traces_url(otlp_endpoint)
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
     with exit_2_on_bad_input():
         if stack_file:
             stack = load_stack_file(stack_file)
@@ -68,7 +79,7 @@ def proxy(route_specs: tuple[str, ...], stack_file: Path | None, db: Path | None
             routes = [parse_route(spec) for spec in route_specs]
         config = ProxyConfig(
             routes=routes, db=db or Path("traces.db"), entry=entry, listen_host=listen_host, store_bodies=store_bodies,
-            drain_seconds=grace, upstream_timeout=upstream_timeout,
+            drain_seconds=grace, upstream_timeout=upstream_timeout, otlp_endpoint=otlp_endpoint,
         )  # fmt: skip
         live = sys.stderr.isatty()
 

@@ -12,7 +12,8 @@ recorder), and hands each complete request's spans to a sender thread, in batche
 When a request is complete: a hop is a row only once it ended, a caller's hop ends
 after its callees' hops, and the recorder commits a hop within its batching delay
 (0.1 s, a batch). So a request is sent once its root hop ended ``SETTLE`` (2 s) ago
-and the root is a hop on the entry service. A root on another service may be a call
+and the root is a hop on the entry service, at the next analysis (every second, or
+every 5x the CPU time the last one took, ~2.5 s: this process keeps under a fifth of a core). A root on another service may be a call
 whose caller is still open (its parent is not in the file yet): it waits
 ``ORPHAN_SETTLE`` (10 s) before it is sent on its own. At the proxy's stop, after the
 recorder closed the file, everything left is sent at once.
@@ -26,7 +27,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import queue
+import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -35,11 +39,14 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from hoptrace._errors import HoptraceError
+
 logger = logging.getLogger("hoptrace")
 
 SETTLE = 2.0
 ORPHAN_SETTLE = 10.0
 INTERVAL = 1.0
+CPU_SHARE_INVERSE = 5
 BATCH_SPANS = 512
 QUEUE_BATCHES = 256
 # A request whose root is not complete after this long is sent as it stands: the window never reaches further back.
@@ -52,24 +59,37 @@ def traces_url(endpoint: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"--otlp-endpoint: expected an http:// or https:// URL, got {endpoint!r}")
     path = parts.path.rstrip("/")
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path if path.endswith("/v1/traces") else f"{path}/v1/traces", "", ""))
+    return urllib.parse.urlunsplit(
+        (parts.scheme, parts.netloc, path if path.endswith("/v1/traces") else f"{path}/v1/traces", "", "")
+    )
 
 
 class OtlpStream:
-    """The proxy's handle on the streaming process: start it, then ``close()`` once the trace file is closed."""
+    """The proxy's handle on the streaming process.
+
+    ``pause()`` before the recorder closes the file (a reader holding it open would
+    keep it in WAL mode), ``finish()`` after: the last requests are sent then.
+    """
 
     def __init__(self, db: Path, endpoint: str, capture_id: int, entry: str | None) -> None:
         context = multiprocessing.get_context("spawn")
-        self._stop = context.Event()
+        self._stop, self._paused, self._closed = context.Event(), context.Event(), context.Event()
         self._results = context.Queue()
+        events = (self._stop, self._paused, self._closed)
         self._process = context.Process(
-            target=_stream, args=(str(db), traces_url(endpoint), capture_id, entry, self._stop, self._results), name="hoptrace-otlp"
+            target=_stream, args=(str(db), traces_url(endpoint), capture_id, entry, events, self._results), name="hoptrace-otlp"
         )
         self._process.start()
 
-    def close(self, timeout: float = 30.0) -> tuple[int, int]:
-        """Send what is left, stop; returns (spans sent, spans dropped). Unsent spans of a stuck process count as dropped."""
+    def pause(self, timeout: float = 30.0) -> None:
+        """Stop reading the file (the tick under way ends first)."""
         self._stop.set()
+        self._paused.wait(timeout)
+
+    def finish(self, timeout: float = 30.0) -> tuple[int, int]:
+        """The file is closed: send what is left; returns (spans sent, spans dropped); -1 dropped if it never answered."""
+        self._stop.set()
+        self._closed.set()
         try:
             sent, dropped = self._results.get(timeout=timeout)
         except queue.Empty:
@@ -80,12 +100,29 @@ class OtlpStream:
         return sent, dropped
 
 
-def _stream(db: str, url: str, capture_id: int, entry: str | None, stop, results) -> None:
+def _stream(db: str, url: str, capture_id: int, entry: str | None, events, results) -> None:
     """The streaming process (see the module's docstring)."""
+    stop, paused, closed = events
+    # Ctrl-C reaches the whole process group: the proxy decides when we stop, through `stop`.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    # This process's warnings go to the proxy's stderr (inherited), where the user looks.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    parent = os.getppid()
     sender = _Sender(url)
     follower = _Follower(Path(db), capture_id, entry, sender)
-    while not stop.wait(INTERVAL):
+    interval = INTERVAL
+    while not stop.wait(interval):
+        if os.getppid() != parent:  # the proxy died: nobody will read our counts
+            return
+        used = time.process_time()
         follower.tick(time.time())
+        # An analysis costs ~0.5 s of CPU whatever the window (its detectors' fixed cost,
+        # measured on 2 cores): ticking no more often than 5x that keeps this process
+        # under a fifth of a core, which the proxy shares the machine with.
+        interval = max(INTERVAL, CPU_SHARE_INVERSE * (time.process_time() - used))
+    paused.set()
+    closed.wait()
     follower.tick(float("inf"))  # the recorder closed the file: every request is complete
     results.put(sender.close())
 
@@ -95,7 +132,8 @@ class _Follower:
 
     def __init__(self, db: Path, capture_id: int, entry: str | None, sender: _Sender) -> None:
         self.db, self.capture_id, self.entry, self.sender = db, capture_id, entry, sender
-        self.since: float | None = None
+        # Requests that started before this are all sent; None before the first tick.
+        self.frontier: float | None = None
         self.sent: dict[int, float] = {}  # hop id -> started_at, for hops already sent
         self.longest = 0.0  # the longest hop of the capture so far, seconds
         self._last_id = 0
@@ -107,10 +145,17 @@ class _Follower:
         until = now - SETTLE
         try:
             self._grow_longest()
-            selection = select(self.db, since=self.since, until=None if now == float("inf") else until)
+            # A request is in the file only once it ended: one that started before the
+            # frontier may land now, at most the longest hop so far earlier than that.
+            since = None if self.frontier is None else self.frontier - self.longest - 0.5
+            selection = select(self.db, since=since, until=None if now == float("inf") else until)
             hops = [hop for hop in selection.hops() if hop["capture_id"] == self.capture_id]
             tokens = selection.tokens() if hops else {}
-        except Exception as exc:  # a file still being created, a busy moment: the next tick tries again
+        except (
+            HoptraceError,
+            sqlite3.Error,
+            OSError,
+        ) as exc:  # a file still being created, a busy moment: the next tick tries again
             logger.warning("hoptrace: OTLP stream could not read %s: %s", self.db, exc)
             return
         pending_from = until
@@ -125,19 +170,16 @@ class _Follower:
                 self.sender.add(request_message(unsent, tokens), len(unsent))
                 self.sent.update((hop["id"], hop["started_at"]) for hop in unsent)
         self.sender.flush()
-        # A request waiting as an orphan may have a caller that is still open; once that
-        # caller is in the file it started at most one hop's length before: keep it in the window.
-        self.since = pending_from - self.longest - 0.5
-        self.sent = {hop: started for hop, started in self.sent.items() if started >= self.since - HORIZON}
+        self.frontier = pending_from
+        self.sent = {hop: started for hop, started in self.sent.items() if started >= pending_from - self.longest - HORIZON}
 
     def _grow_longest(self) -> None:
         """The longest hop so far, from the rows written since the last tick (by id: an index range, not a scan)."""
-        import sqlite3
-
         conn = sqlite3.connect(f"{self.db.resolve().as_uri()}?mode=ro", uri=True)
         try:
             last, longest = conn.execute(
-                "SELECT max(id), max(ended_at - started_at) FROM hops WHERE id > ? AND capture_id = ?", (self._last_id, self.capture_id)
+                "SELECT max(id), max(ended_at - started_at) FROM hops WHERE id > ? AND capture_id = ?",
+                (self._last_id, self.capture_id),
             ).fetchone()
         finally:
             conn.close()
