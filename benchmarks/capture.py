@@ -10,6 +10,7 @@ bearer token on every request), five ways:
     d  hoptrace proxy, recording every hop
     e  mitmdump -s <hoptrace's recorder addon>
     f  hoptrace proxy --workers 2 (two processes sharing the port, a shard each)
+    g  hoptrace proxy --otlp-endpoint (d, also streaming spans to an OTLP/HTTP receiver on 127.0.0.1)
 
 Each proxy is started fresh for each run and stopped after it; configurations
 are interleaved within a round (their order rotates between rounds) so that drift
@@ -65,9 +66,10 @@ CONFIGS = {
         Config("d", "hoptrace proxy", "hoptrace"),
         Config("e", "mitmdump -s hoptrace recorder", "hoptrace"),
         Config("f", "hoptrace proxy --workers 2", "hoptrace"),
+        Config("g", "hoptrace proxy --otlp-endpoint", "hoptrace"),
     )
 }
-RATIOS = [("b", "a"), ("c", "b"), ("d", "b"), ("d", "c"), ("e", "b"), ("f", "d")]
+RATIOS = [("b", "a"), ("c", "b"), ("d", "b"), ("d", "c"), ("e", "b"), ("f", "d"), ("g", "d")]
 # Within a round, configurations compared by a target run next to each other (c-d,
 # d-b, b-e): a neighbour's burst then hits both sides of a ratio alike. Odd rounds run
 # the order backwards (ABBA), so that no configuration always runs first.
@@ -106,6 +108,7 @@ class Run:
     # processes on the machine), in cores: a busy neighbour skews a run.
     other_load: float | None = None
     recorder: dict | None = None  # the capture row's counters (hoptrace configurations)
+    otlp_spans: int | None = None  # spans the OTLP receiver decoded (configuration g), warm-up included
     timed_out: bool = False
     settled_s: float = 0.0  # waited for a quiet machine before the run
     seconds: float = 0.0  # the whole run: start, load, stop, count
@@ -267,7 +270,9 @@ def service_count(port: int) -> int:
         return json.load(response)["total"]
 
 
-def start_proxy(config: Config, upstream_port: int, listen: int, workdir: Path, tag: str) -> tuple[Child, int, Path | None]:
+def start_proxy(
+    config: Config, upstream_port: int, listen: int, workdir: Path, tag: str, otlp_port: int | None = None
+) -> tuple[Child, int, Path | None]:
     """Start configuration ``config``'s proxy; returns it, the signal that stops it cleanly, its record file."""
     upstream = f"http://127.0.0.1:{upstream_port}"
     mode = f"reverse:{upstream}@127.0.0.1:{listen}"
@@ -278,10 +283,10 @@ def start_proxy(config: Config, upstream_port: int, listen: int, workdir: Path, 
     elif config.key == "c":
         record = workdir / f"{tag}.flows"
         child = Child([mitmdump_path(), "-q", "-w", str(record), "--mode", mode], log)
-    elif config.key in ("d", "f"):
+    elif config.key in ("d", "f", "g"):
         record = workdir / f"{tag}.db"
-        workers = ["--workers", "2"] if config.key == "f" else []
-        child = Child([PYTHON, "-m", "hoptrace", "proxy", "--route", f"svc={upstream}@{listen}", "--db", str(record), *workers], log)
+        extra = {"f": ["--workers", "2"], "g": ["--otlp-endpoint", f"http://127.0.0.1:{otlp_port}"]}.get(config.key, [])
+        child = Child([PYTHON, "-m", "hoptrace", "proxy", "--route", f"svc={upstream}@{listen}", "--db", str(record), *extra], log)
         child.wait_for_text("proxy ready", 60)
         return child, signal.SIGINT, record
     elif config.key == "e":
@@ -372,14 +377,18 @@ def one_run(
 ) -> Run:
     run = Run(config.key, clients, round_, order)
     tag = f"r{round_}-{config.key}-{clients}"
-    proxy = stop_signal = record = None
+    proxy = stop_signal = record = receiver = otlp_port = None
     served_before = service_count(upstream_port)
     try:
+        if config.key == "g":  # the receiver a Collector would be, in its own process
+            otlp_port = free_port()
+            receiver = Child([PYTHON, "-m", "hoptrace.stack.upstreams", "otlp", str(otlp_port)], workdir / f"{tag}.otlp.log")
+            receiver.wait_for_text("listening", 30)
         if config.key == "a":
             port = upstream_port
         else:
             port = free_port()
-            proxy, stop_signal, record = start_proxy(config, upstream_port, port, workdir, tag)
+            proxy, stop_signal, record = start_proxy(config, upstream_port, port, workdir, tag, otlp_port)
         load = subprocess.Popen(
             [PYTHON, str(LOADGEN), "--port", str(port), "--clients", str(clients), "--requests", str(args.requests),
              "--warmup", str(args.warmup), "--max-seconds", str(args.max_seconds)],
@@ -438,7 +447,13 @@ def one_run(
                     run.problems.append(f"recorder counters {counters}")
                 if "hops recorded" not in proxy.output():
                     run.problems.append("proxy printed no summary")
+            if receiver is not None:
+                run.otlp_spans = service_count(otlp_port)
+                if run.otlp_spans != run.rows:
+                    run.problems.append(f"OTLP receiver got {run.otlp_spans} spans for {run.rows} rows")
     finally:
+        if receiver is not None:
+            receiver.kill()
         if proxy:
             proxy.kill()
         if record is not None and not args.keep:
