@@ -13,7 +13,7 @@ When a request is complete: a hop is a row only once it ended, a caller's hop en
 after its callees' hops, and the recorder commits a hop within its batching delay
 (0.1 s, a batch). So a request is sent once its root hop ended ``SETTLE`` (2 s) ago
 and the root is a hop on the entry service, at the next analysis (every second, or
-every 5x the CPU time the last one took, ~2.5 s: this process keeps under a fifth of a core). A root on another service may be a call
+every 10x the CPU time the last one took, ~5 s: this process keeps under a tenth of a core). A root on another service may be a call
 whose caller is still open (its parent is not in the file yet): it waits
 ``ORPHAN_SETTLE`` (10 s) before it is sent on its own. At the proxy's stop, after the
 recorder closed the file, everything left is sent at once.
@@ -46,7 +46,7 @@ logger = logging.getLogger("hoptrace")
 SETTLE = 2.0
 ORPHAN_SETTLE = 10.0
 INTERVAL = 1.0
-CPU_SHARE_INVERSE = 5
+CPU_SHARE_INVERSE = 10
 BATCH_SPANS = 512
 QUEUE_BATCHES = 256
 # A request whose root is not complete after this long is sent as it stands: the window never reaches further back.
@@ -109,6 +109,9 @@ def _stream(db: str, url: str, capture_id: int, entry: str | None, events, resul
     # This process's warnings go to the proxy's stderr (inherited), where the user looks.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     parent = os.getppid()
+    # The analysis' imports (pandas, ~1 s of CPU) now, while the proxy starts, not under load.
+    from hoptrace.analyzer import analyze  # noqa: F401
+
     sender = _Sender(url)
     follower = _Follower(Path(db), capture_id, entry, sender)
     interval = INTERVAL
@@ -118,8 +121,9 @@ def _stream(db: str, url: str, capture_id: int, entry: str | None, events, resul
         used = time.process_time()
         follower.tick(time.time())
         # An analysis costs ~0.5 s of CPU whatever the window (its detectors' fixed cost,
-        # measured on 2 cores): ticking no more often than 5x that keeps this process
-        # under a fifth of a core, which the proxy shares the machine with.
+        # measured on 2 cores): ticking no more often than 10x that keeps this process
+        # under a tenth of a core, which the proxy shares the machine with (at 1 s per
+        # tick and a fifth of a core, the benchmark lost a third of its throughput).
         interval = max(INTERVAL, CPU_SHARE_INVERSE * (time.process_time() - used))
     paused.set()
     closed.wait()
