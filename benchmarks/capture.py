@@ -9,6 +9,8 @@ bearer token on every request), five ways:
     c  mitmdump -w FILE (mitmproxy's own recording)
     d  hoptrace proxy, recording every hop
     e  mitmdump -s <hoptrace's recorder addon>
+    f  hoptrace proxy --workers 2 (two processes sharing the port, a shard each)
+    g  hoptrace proxy --otlp-endpoint (d, also streaming spans to an OTLP/HTTP receiver on 127.0.0.1)
 
 Each proxy is started fresh for each run and stopped after it; configurations
 are interleaved within a round (their order rotates between rounds) so that drift
@@ -64,9 +66,11 @@ CONFIGS = {
         Config("c", "mitmdump -w FILE", "flows"),
         Config("d", "hoptrace proxy", "hoptrace"),
         Config("e", "mitmdump -s hoptrace recorder", "hoptrace"),
+        Config("f", "hoptrace proxy --workers 2", "hoptrace"),
+        Config("g", "hoptrace proxy --otlp-endpoint", "hoptrace"),
     )
 }
-RATIOS = [("b", "a"), ("c", "b"), ("d", "b"), ("d", "c"), ("e", "b")]
+RATIOS = [("b", "a"), ("c", "b"), ("d", "b"), ("d", "c"), ("e", "b"), ("f", "d"), ("g", "d")]
 # Within a round, configurations compared by a target run next to each other (c-d,
 # d-b, b-e): a neighbour's burst then hits both sides of a ratio alike. Odd rounds run
 # the order backwards (ABBA), so that no configuration always runs first.
@@ -105,6 +109,7 @@ class Run:
     # processes on the machine), in cores: a busy neighbour skews a run.
     other_load: float | None = None
     recorder: dict | None = None  # the capture row's counters (hoptrace configurations)
+    otlp_spans: int | None = None  # spans the OTLP receiver decoded (configuration g), warm-up included
     timed_out: bool = False
     settled_s: float = 0.0  # waited for a quiet machine before the run
     seconds: float = 0.0  # the whole run: start, load, stop, count
@@ -266,7 +271,9 @@ def service_count(port: int) -> int:
         return json.load(response)["total"]
 
 
-def start_proxy(config: Config, upstream_port: int, listen: int, workdir: Path, tag: str) -> tuple[Child, int, Path | None]:
+def start_proxy(
+    config: Config, upstream_port: int, listen: int, workdir: Path, tag: str, otlp_port: int | None = None
+) -> tuple[Child, int, Path | None]:
     """Start configuration ``config``'s proxy; returns it, the signal that stops it cleanly, its record file."""
     upstream = f"http://127.0.0.1:{upstream_port}"
     mode = f"reverse:{upstream}@127.0.0.1:{listen}"
@@ -277,9 +284,10 @@ def start_proxy(config: Config, upstream_port: int, listen: int, workdir: Path, 
     elif config.key == "c":
         record = workdir / f"{tag}.flows"
         child = Child([mitmdump_path(), "-q", "-w", str(record), "--mode", mode], log)
-    elif config.key == "d":
+    elif config.key in ("d", "f", "g"):
         record = workdir / f"{tag}.db"
-        child = Child([PYTHON, "-m", "hoptrace", "proxy", "--route", f"svc={upstream}@{listen}", "--db", str(record)], log)
+        extra = {"f": ["--workers", "2"], "g": ["--otlp-endpoint", f"http://127.0.0.1:{otlp_port}"]}.get(config.key, [])
+        child = Child([PYTHON, "-m", "hoptrace", "proxy", "--route", f"svc={upstream}@{listen}", "--db", str(record), *extra], log)
         child.wait_for_text("proxy ready", 60)
         return child, signal.SIGINT, record
     elif config.key == "e":
@@ -332,16 +340,28 @@ def count_rows(config: Config, record: Path | None) -> tuple[int | None, dict | 
             return 0, None
         with open(record, "rb") as f:
             return sum(1 for _ in io.FlowReader(f).stream()), None
-    if not record.exists():
+    files = [path for path in record_files(record) if path.exists()]
+    if not files:
         return 0, None
-    conn = open_for_reading(record, check=False)
-    try:
-        rows = conn.execute("SELECT count(*) FROM hops").fetchone()[0]
-        names = ("hops_seen", "hops_recorded", "hops_dropped", "addon_errors", "write_errors")
-        capture = conn.execute(f"SELECT {', '.join(names)} FROM captures ORDER BY id DESC LIMIT 1").fetchone()
-        return rows, dict(zip(names, capture)) if capture else None
-    finally:
-        conn.close()
+    rows, totals = 0, None
+    names = ("hops_seen", "hops_recorded", "hops_dropped", "addon_errors", "write_errors")
+    for path in files:  # a --workers capture: its shards' rows and counters, summed
+        conn = open_for_reading(path, check=False)
+        try:
+            rows += conn.execute("SELECT count(*) FROM hops").fetchone()[0]
+            capture = conn.execute(f"SELECT {', '.join(names)} FROM captures ORDER BY id DESC LIMIT 1").fetchone()
+        finally:
+            conn.close()
+        if capture:
+            totals = {name: (totals or {}).get(name, 0) + value for name, value in zip(names, capture)}
+    return rows, totals
+
+
+def record_files(record: Path) -> list[Path]:
+    """The record file, or the shards a --workers proxy wrote beside it."""
+    from hoptrace.proxy.workers import capture_shards
+
+    return capture_shards(record) or [record]
 
 
 def read_line(stream, timeout: float) -> str:
@@ -358,14 +378,18 @@ def one_run(
 ) -> Run:
     run = Run(config.key, clients, round_, order)
     tag = f"r{round_}-{config.key}-{clients}"
-    proxy = stop_signal = record = None
+    proxy = stop_signal = record = receiver = otlp_port = None
     served_before = service_count(upstream_port)
     try:
+        if config.key == "g":  # the receiver a Collector would be, in its own process
+            otlp_port = free_port()
+            receiver = Child([PYTHON, "-m", "hoptrace.stack.upstreams", "otlp", str(otlp_port)], workdir / f"{tag}.otlp.log")
+            receiver.wait_for_text("listening", 30)
         if config.key == "a":
             port = upstream_port
         else:
             port = free_port()
-            proxy, stop_signal, record = start_proxy(config, upstream_port, port, workdir, tag)
+            proxy, stop_signal, record = start_proxy(config, upstream_port, port, workdir, tag, otlp_port)
         load = subprocess.Popen(
             [PYTHON, str(LOADGEN), "--port", str(port), "--clients", str(clients), "--requests", str(args.requests),
              "--warmup", str(args.warmup), "--max-seconds", str(args.max_seconds)],
@@ -424,12 +448,19 @@ def one_run(
                     run.problems.append(f"recorder counters {counters}")
                 if "hops recorded" not in proxy.output():
                     run.problems.append("proxy printed no summary")
+            if receiver is not None:
+                run.otlp_spans = service_count(otlp_port)
+                if run.otlp_spans != run.rows:
+                    run.problems.append(f"OTLP receiver got {run.otlp_spans} spans for {run.rows} rows")
     finally:
+        if receiver is not None:
+            receiver.kill()
         if proxy:
             proxy.kill()
         if record is not None and not args.keep:
-            for path in (record, Path(f"{record}-wal"), Path(f"{record}-shm")):
-                path.unlink(missing_ok=True)
+            for file in record_files(record):
+                for path in (file, Path(f"{file}-wal"), Path(f"{file}-shm")):
+                    path.unlink(missing_ok=True)
     if run.timed_out:
         run.problems.append("load generator hit --max-seconds")
     if run.lost:

@@ -24,6 +24,7 @@ class Counters:
     ``addon_errors``: flows the recorder could not fully read; each is still a row, with the reason.
     ``write_errors``: times the trace file refused a write (disk full, I/O error, ...).
     ``restarts``: times the row process died and was replaced.
+    ``otlp_sent`` / ``otlp_dropped``: spans streamed to ``--otlp-endpoint``, and those that could not be.
     """
 
     seen: int = 0
@@ -32,6 +33,8 @@ class Counters:
     addon_errors: int = 0
     write_errors: int = 0
     restarts: int = 0
+    otlp_sent: int = 0
+    otlp_dropped: int = 0
     last_error: str | None = field(default=None, repr=False)
 
     def summary(self) -> str:
@@ -41,6 +44,8 @@ class Counters:
         )
         if unfinished := self.seen - self.recorded - self.dropped:
             text += f", {unfinished} unfinished"
+        if self.otlp_sent or self.otlp_dropped:
+            text += f"; {self.otlp_sent} spans streamed over OTLP, {self.otlp_dropped} dropped"
         if self.restarts:
             text += f", row process restarted {self.restarts} times"
         return text

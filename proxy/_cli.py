@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,14 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
     return value
 
 
+def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    if value == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not value.isdigit() or not 1 <= int(value) <= 256:
+        raise click.BadParameter(f"expected a number of processes from 1 to 256, or auto; got {value!r}", ctx, param)
+    return int(value)
+
+
 @click.command(cls=OneLineCommand)
 @click.option("--route", "route_specs", multiple=True, metavar="NAME=UPSTREAM_URL@LISTEN_PORT", help="A service and the port to listen on for it. Repeat for each service.")
 @click.option("--stack", "stack_file", type=click.Path(dir_okay=False, path_type=Path), help="A TOML file of [routes.NAME] tables (upstream, listen), instead of --route.")
@@ -29,7 +38,9 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
 @click.option("--store-bodies", is_flag=True, help="Also store bodies (up to 64 KiB, redacted). Off by default: bodies leak.")
 @click.option("--grace", type=click.FloatRange(0, 3600), callback=_finite, default=5.0, show_default=True, help="On Ctrl-C/SIGTERM, seconds to let requests already inside finish; those still open are cut and recorded as error_kind 'shutdown'.")
 @click.option("--upstream-timeout", type=click.FloatRange(0, 1e6), callback=_finite, default=DEFAULT_UPSTREAM_TIMEOUT, show_default=True, help="Seconds to wait for an upstream's complete response before cutting the request (error_kind 'timeout'); 0 waits forever.")
-def proxy(route_specs: tuple[str, ...], stack_file: Path | None, db: Path | None, entry: str | None, listen_host: str, store_bodies: bool, grace: float, upstream_timeout: float) -> None:
+@click.option("--workers", default="1", callback=_workers, show_default=True, metavar="N|auto", help="Linux: N proxy processes share each listen port (SO_REUSEPORT), each recording into its own shard next to the DB (traces.w1.db, ...); auto = one per core.")
+@click.option("--otlp-endpoint", metavar="URL", help="Also stream every hop as a span to this OTLP/HTTP receiver (POST URL/v1/traces, protobuf), a request once its tree is complete (2 s after its entry hop ended).")
+def proxy(route_specs: tuple[str, ...], stack_file: Path | None, db: Path | None, entry: str | None, listen_host: str, store_bodies: bool, grace: float, upstream_timeout: float, workers: int, otlp_endpoint: str | None) -> None:
     """Run mitmproxy in front of every service of a stack and record every hop.
 
     Each route gets its own reverse listener; point the services (and the client)
@@ -41,12 +52,25 @@ def proxy(route_specs: tuple[str, ...], stack_file: Path | None, db: Path | None
 
     \b
         hoptrace proxy --route gateway=http://127.0.0.1:8080@18080 --route auth=http://127.0.0.1:3001@13001 --db traces.db
+        hoptrace proxy --stack stack.toml --workers auto
+        hoptrace proxy --stack stack.toml --otlp-endpoint http://127.0.0.1:4318
     """
     from hoptrace.proxy.routes import load_stack_file, parse_route
     from hoptrace.proxy.runner import ProxyConfig, print_routes, run_proxy
 
     if bool(route_specs) == bool(stack_file):
         raise BadInput("give either --route (repeatable) or --stack FILE")
+    if workers > 1 and not sys.platform.startswith("linux"):
+        raise BadInput("--workers: sharing a port between processes (SO_REUSEPORT balancing) needs Linux")
+    if otlp_endpoint is not None:
+        from hoptrace.proxy.otlp_stream import traces_url
+
+        if workers > 1:
+            raise BadInput("--otlp-endpoint with --workers: not yet (each shard numbers its hops from 1, so span ids would collide)")
+        try:
+            traces_url(otlp_endpoint)
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
     with exit_2_on_bad_input():
         if stack_file:
             stack = load_stack_file(stack_file)
@@ -55,7 +79,7 @@ def proxy(route_specs: tuple[str, ...], stack_file: Path | None, db: Path | None
             routes = [parse_route(spec) for spec in route_specs]
         config = ProxyConfig(
             routes=routes, db=db or Path("traces.db"), entry=entry, listen_host=listen_host, store_bodies=store_bodies,
-            drain_seconds=grace, upstream_timeout=upstream_timeout,
+            drain_seconds=grace, upstream_timeout=upstream_timeout, otlp_endpoint=otlp_endpoint,
         )  # fmt: skip
         live = sys.stderr.isatty()
 
@@ -68,10 +92,37 @@ def proxy(route_specs: tuple[str, ...], stack_file: Path | None, db: Path | None
             if live:
                 click.echo(f"\r  {counters.recorded} hops recorded, {counters.dropped} dropped ", nl=False, err=True)
 
+        if workers > 1:
+            return _run_workers(config, workers, tick, live)
         counters = asyncio.run(run_proxy(config, on_ready=ready, on_tick=tick))
     if live:
         click.echo(err=True)
     click.echo(f"hoptrace proxy: {counters.summary()} -> {config.db}")
+    _fail_if_lost(counters)
+
+
+def _run_workers(config, workers: int, tick, live: bool) -> None:
+    from hoptrace.proxy.runner import print_routes
+    from hoptrace.proxy.workers import run_workers
+
+    def ready(entry_name: str, shards: list[Path]) -> None:
+        click.echo(f"hoptrace proxy: {workers} workers recording to {', '.join(map(str, shards))}")
+        print_routes(config, entry_name)
+        click.echo("proxy ready (Ctrl-C to stop)", err=True)
+
+    result = run_workers(config, workers, on_ready=ready, on_tick=tick)
+    if live:
+        click.echo(err=True)
+    for index, counters in sorted(result.per_worker.items()):
+        click.echo(f"  worker {index}: {counters.summary()}")
+    click.echo(f"hoptrace proxy: {workers} workers: {result.counters.summary()}")
+    if result.crashed:
+        died = ", ".join(f"worker {i} (exit {code})" for i, code in sorted(result.crashed.items()))
+        raise click.ClickException(f"{died} ended without closing its shard; its last hops may be missing")
+    _fail_if_lost(result.counters)
+
+
+def _fail_if_lost(counters) -> None:
     if counters.lost:
         raise click.ClickException(
             f"{counters.dropped} hops were not recorded ({counters.write_errors} write errors); last error: {counters.last_error}"

@@ -115,8 +115,11 @@ def load_stack_file(path: str | Path) -> StackFile:
     return StackFile(routes, document.get("entry"), document.get("db"))
 
 
-def check_routes(routes: list[Route], entry: str | None, listen_host: str) -> str:
-    """Validate a route set before mitmproxy sees it; returns the entry route's name."""
+def check_routes(routes: list[Route], entry: str | None, listen_host: str, shared: bool = False) -> str:
+    """Validate a route set before mitmproxy sees it; returns the entry route's name.
+
+    ``shared``: the ports are bound with SO_REUSEPORT (a worker of ``--workers``).
+    """
     if not routes:
         raise RouteError("no routes: give at least one --route NAME=UPSTREAM_URL@LISTEN_PORT or --stack FILE")
     for kind, values in (("service name", [r.name for r in routes]), ("listen port", [r.listen_port for r in routes])):
@@ -129,16 +132,20 @@ def check_routes(routes: list[Route], entry: str | None, listen_host: str) -> st
     if not listen_host.isprintable() or not listen_host:
         raise RouteError(f"--listen-host {listen_host!r} is not an address")
     for route in routes:
-        _check_port_free(listen_host, route)
+        _check_port_free(listen_host, route, shared)
     return entry
 
 
-def _check_port_free(host: str, route: Route) -> None:
+def _check_port_free(host: str, route: Route, shared: bool) -> None:
     # Binding the way asyncio's server will (SO_REUSEADDR) tells a port in use
     # apart from one in TIME_WAIT, and gives a clear message before mitmproxy
-    # starts any listener.
+    # starts any listener. A worker of `--workers` binds with SO_REUSEPORT, as its
+    # listener will: its siblings may already listen there (the parent checked the
+    # port was free before starting any of them).
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if shared:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             probe.bind((host, route.listen_port))
         except OSError as exc:

@@ -26,6 +26,7 @@ from hoptrace._errors import RouteError, TraceFileError
 from hoptrace._types import Counters, Route
 from hoptrace.addons.recorder import ROW_PROCESS_ENV, Recorder
 from hoptrace.addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT, UpstreamTimeout
+from hoptrace.proxy.otlp_stream import OtlpStream
 from hoptrace.proxy.routes import check_routes
 
 
@@ -39,6 +40,12 @@ class ProxyConfig:
     # How long a stop waits for requests already inside the proxy to finish.
     drain_seconds: float = 5.0
     upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT
+    # What the capture row's `source` says (a worker of `--workers N` names its capture there).
+    source: str = "hoptrace proxy"
+    # A worker of `--workers N`: its listeners share their ports with its siblings (SO_REUSEPORT).
+    share_ports: bool = False
+    # Stream each request's spans to this OTLP/HTTP receiver once its tree is complete.
+    otlp_endpoint: str | None = None
 
 
 class _Startup:
@@ -67,9 +74,9 @@ async def run_proxy(
     ``on_ready(entry)`` runs once every listener is up; ``on_tick(counters)`` about twice a second.
     Raises RouteError / TraceFileError for what the user can fix.
     """
-    entry = check_routes(config.routes, config.entry, config.listen_host)
+    entry = check_routes(config.routes, config.entry, config.listen_host, config.share_ports)
     master = Master(options.Options())
-    recorder = Recorder(source="hoptrace proxy")
+    recorder = Recorder(source=config.source)
     startup = _Startup(len(config.routes))
     master.addons.add(
         core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(), recorder, UpstreamTimeout(), startup
@@ -80,6 +87,7 @@ async def run_proxy(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, _stop, master, recorder)
     run = asyncio.create_task(master.run())
+    stream = None
     try:
         started = await asyncio.wait({run, startup.listening}, return_when=asyncio.FIRST_COMPLETED)
         if startup.listening not in started[0] or not startup.listening.result():
@@ -90,6 +98,8 @@ async def run_proxy(
         # until exit: out of the collector's sight, a full collection under load
         # scans only what the traffic allocates. Measured: the worst GC pause fell
         # from ~60 ms to a few ms, and it was what set p99 (benchmarks/README.md).
+        if config.otlp_endpoint:
+            stream = OtlpStream(config.db, config.otlp_endpoint, recorder.writer.capture_id, entry)
         gc.collect()
         gc.freeze()
         if on_ready is not None:
@@ -102,7 +112,11 @@ async def run_proxy(
     finally:
         # The handlers stay until the file is closed: a second Ctrl-C while the
         # last hops are written must not interrupt the writing (KeyboardInterrupt).
+        if stream is not None:
+            stream.pause()
         counters = recorder.close()
+        if stream is not None:
+            counters.otlp_sent, counters.otlp_dropped = stream.finish()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
             # The capture is closed: a late signal must not turn a clean stop into a

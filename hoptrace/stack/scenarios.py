@@ -124,8 +124,9 @@ async def record(
     drive: Drive,
     *,
     progress: Callable[[str], None] = lambda message: None,
+    proxy_args: tuple[str, ...] = (),
 ) -> Recording:
-    """Run the stack behind `hoptrace proxy` into ``db`` while ``drive(gateway_listener_url)`` runs."""
+    """Run the stack behind `hoptrace proxy` (given ``proxy_args`` too) into ``db`` while ``drive(gateway_listener_url)`` runs."""
     listen = {name: _free_port() for name in SERVICES}
     config.upstreams = {name: f"http://127.0.0.1:{port}" for name, port in listen.items()}
     config.ports = dict.fromkeys(SERVICES, 0)
@@ -134,7 +135,7 @@ async def record(
         routes = [f"--route={name}={stack.urls[name]}@{listen[name]}" for name in SERVICES]
         progress("starting hoptrace proxy in front of every service")
         proxy = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "hoptrace", "proxy", "--db", str(db), "--entry", "gateway", *routes,
+            sys.executable, "-m", "hoptrace", "proxy", "--db", str(db), "--entry", "gateway", *routes, *proxy_args,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
         output: list[str] = []

@@ -1,0 +1,113 @@
+"""`hoptrace proxy --otlp-endpoint`: a live sample-stack run streamed to an OTLP/HTTP receiver started here
+(aiohttp on 127.0.0.1), which decodes every body with the OpenTelemetry project's protobuf messages."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+import time
+
+import pytest
+from aiohttp import web
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
+
+from hoptrace.cli import cli
+from hoptrace.exchange._otlp import span_id
+from hoptrace.proxy.otlp_stream import traces_url
+from hoptrace.stack.scenarios import SCENARIOS, record
+
+
+class Receiver:
+    """An OTLP/HTTP trace receiver: POST /v1/traces, application/x-protobuf."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        self.arrived: list[float] = []
+        self.content_types: set[str] = set()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.content_types.add(request.content_type)
+        self.bodies.append(await request.read())
+        self.arrived.append(time.time())
+        return web.Response(body=ExportTraceServiceResponse().SerializeToString(), content_type="application/x-protobuf")
+
+    def spans(self) -> list:
+        return [
+            span
+            for body in self.bodies
+            for resource in ExportTraceServiceRequest.FromString(body).resource_spans
+            for scope in resource.scope_spans
+            for span in scope.spans
+        ]
+
+
+async def _record_streaming(db, receiver: Receiver):
+    app = web.Application()
+    app.router.add_post("/v1/traces", receiver.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    scenario = SCENARIOS["checkout-expiry"]
+
+    async def drive(gateway_url: str):
+        flows = await scenario.drive(gateway_url)
+        # Keep the proxy running until spans arrive (bounded): they must come while it records, not at its stop.
+        deadline = time.monotonic() + 20
+        while not receiver.bodies and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return flows
+
+    try:
+        return await record(db, scenario.stack_config(), drive, proxy_args=("--otlp-endpoint", f"http://127.0.0.1:{port}"))
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.e2e
+def test_every_hop_of_a_live_run_reaches_the_receiver_as_a_span_with_its_parent(tmp_path):
+    receiver = Receiver()
+    db = tmp_path / "stream.db"
+    recording = asyncio.run(_record_streaming(db, receiver))
+    assert recording.proxy_exit == 0, recording.proxy_output
+
+    conn = sqlite3.connect(db)
+    capture_id, hop_ids = conn.execute("SELECT max(capture_id), group_concat(id) FROM hops").fetchone()
+    conn.close()
+    hop_ids = [int(i) for i in hop_ids.split(",")]
+    spans = receiver.spans()
+    assert receiver.content_types == {"application/x-protobuf"}
+    # Every hop once, no more.
+    assert sorted(span.span_id for span in spans) == sorted(span_id(capture_id, hop) for hop in hop_ids)
+    in_trace = {(span.trace_id, span.span_id) for span in spans}
+    assert all((span.trace_id, span.parent_span_id) in in_trace for span in spans if span.parent_span_id)
+    roots = [span for span in spans if not span.parent_span_id]
+    assert len(roots) < len(spans) / 2, "the calls between services came with their inferred parents"
+    # The checkout that outlived its token: its finding travels as an event on a hop.
+    assert any(event.name == "expired_mid_flow" for span in spans for event in span.events)
+    match = re.search(r"(\d+) spans streamed over OTLP, (\d+) dropped", recording.proxy_output)
+    assert match and (int(match[1]), int(match[2])) == (len(hop_ids), 0), recording.proxy_output
+    # Streamed while the proxy ran, not only at its stop.
+    stopped_at = float(re.search(r"stopping at (\d+\.\d+)", recording.proxy_output)[1])
+    assert min(receiver.arrived) < stopped_at, recording.proxy_output
+    # Canary: no bearer token (a JWT starts eyJ, base64 of '{"') in anything the receiver got.
+    assert not any(b"eyJ" in body for body in receiver.bodies)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.text(max_size=30).filter(lambda v: not re.match(r"^[\x00-\x20]*https?://", v, re.IGNORECASE)))
+def test_an_endpoint_that_is_not_an_http_url_exits_2_with_one_line(value):
+    result = CliRunner().invoke(cli, ["proxy", "--route", "a=http://127.0.0.1:1@18080", "--otlp-endpoint", value])
+    assert result.exit_code == 2, result.output
+    assert "--otlp-endpoint" in result.output and "Traceback" not in result.output
+
+
+def test_the_traces_path_is_added_once():
+    assert traces_url("http://127.0.0.1:4318") == "http://127.0.0.1:4318/v1/traces"
+    assert traces_url("http://127.0.0.1:4318/") == "http://127.0.0.1:4318/v1/traces"
+    assert traces_url("https://collector.example:4318/v1/traces") == "https://collector.example:4318/v1/traces"
