@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,8 +40,10 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int:
 @click.option("--grace", type=click.FloatRange(0, 3600), callback=_finite, default=5.0, show_default=True, help="On Ctrl-C/SIGTERM, seconds to let requests already inside finish; those still open are cut and recorded as error_kind 'shutdown'.")
 @click.option("--upstream-timeout", type=click.FloatRange(0, 1e6), callback=_finite, default=DEFAULT_UPSTREAM_TIMEOUT, show_default=True, help="Seconds to wait for an upstream's complete response before cutting the request (error_kind 'timeout'); 0 waits forever.")
 @click.option("--workers", default="1", callback=_workers, show_default=True, metavar="N|auto", help="Linux: N proxy processes share each listen port (SO_REUSEPORT), each recording into its own shard next to the DB (traces.w1.db, ...); auto = one per core.")
+@click.option("--ui", "web_view", is_flag=True, help="Also serve `hoptrace ui` on the capture, live, in its own process (its analysis never takes the proxy's core).")
+@click.option("--ui-port", type=click.IntRange(0, 65535), default=8470, show_default=True, help="Port of the --ui web view on 127.0.0.1; 0 picks a free one.")
 @click.option("--otlp-endpoint", metavar="URL", help="Also stream every hop as a span to this OTLP/HTTP receiver (POST URL/v1/traces, protobuf), a request once its tree is complete (2 s after its entry hop ended).")
-def proxy(route_specs: tuple[str, ...], stack_file: Path | None, db: Path | None, entry: str | None, listen_host: str, store_bodies: bool, grace: float, upstream_timeout: float, workers: int, otlp_endpoint: str | None) -> None:
+def proxy(route_specs: tuple[str, ...], stack_file: Path | None, db: Path | None, entry: str | None, listen_host: str, store_bodies: bool, grace: float, upstream_timeout: float, workers: int, web_view: bool, ui_port: int, otlp_endpoint: str | None) -> None:
     """Run mitmproxy in front of every service of a stack and record every hop.
 
     Each route gets its own reverse listener; point the services (and the client)
@@ -53,6 +56,7 @@ def proxy(route_specs: tuple[str, ...], stack_file: Path | None, db: Path | None
     \b
         hoptrace proxy --route gateway=http://127.0.0.1:8080@18080 --route auth=http://127.0.0.1:3001@13001 --db traces.db
         hoptrace proxy --stack stack.toml --workers auto
+        hoptrace proxy --stack stack.toml --ui
         hoptrace proxy --stack stack.toml --otlp-endpoint http://127.0.0.1:4318
     """
     from hoptrace.proxy.routes import load_stack_file, parse_route
@@ -82,32 +86,41 @@ def proxy(route_specs: tuple[str, ...], stack_file: Path | None, db: Path | None
             drain_seconds=grace, upstream_timeout=upstream_timeout, otlp_endpoint=otlp_endpoint,
         )  # fmt: skip
         live = sys.stderr.isatty()
+        web = _WebView(ui_port) if web_view else None
 
         def ready(entry_name: str) -> None:
             click.echo(f"hoptrace proxy: recording to {config.db}")
             print_routes(config, entry_name)
+            if web is not None:
+                web.start([config.db])
             click.echo("proxy ready (Ctrl-C to stop)", err=True)
 
         def tick(counters) -> None:
             if live:
                 click.echo(f"\r  {counters.recorded} hops recorded, {counters.dropped} dropped ", nl=False, err=True)
 
-        if workers > 1:
-            return _run_workers(config, workers, tick, live)
-        counters = asyncio.run(run_proxy(config, on_ready=ready, on_tick=tick))
+        try:
+            if workers > 1:
+                return _run_workers(config, workers, tick, live, web)
+            counters = asyncio.run(run_proxy(config, on_ready=ready, on_tick=tick))
+        finally:
+            if web is not None:
+                web.stop()
     if live:
         click.echo(err=True)
     click.echo(f"hoptrace proxy: {counters.summary()} -> {config.db}")
     _fail_if_lost(counters)
 
 
-def _run_workers(config, workers: int, tick, live: bool) -> None:
+def _run_workers(config, workers: int, tick, live: bool, web: _WebView | None) -> None:
     from hoptrace.proxy.runner import print_routes
     from hoptrace.proxy.workers import run_workers
 
     def ready(entry_name: str, shards: list[Path]) -> None:
         click.echo(f"hoptrace proxy: {workers} workers recording to {', '.join(map(str, shards))}")
         print_routes(config, entry_name)
+        if web is not None:
+            web.start(shards)
         click.echo("proxy ready (Ctrl-C to stop)", err=True)
 
     result = run_workers(config, workers, on_ready=ready, on_tick=tick)
@@ -120,6 +133,28 @@ def _run_workers(config, workers: int, tick, live: bool) -> None:
         died = ", ".join(f"worker {i} (exit {code})" for i, code in sorted(result.crashed.items()))
         raise click.ClickException(f"{died} ended without closing its shard; its last hops may be missing")
     _fail_if_lost(result.counters)
+
+
+class _WebView:
+    """``--ui``: ``hoptrace ui`` on the capture as a child process. Its analysis runs pandas
+    in threads: in the proxy's own process it would hold the GIL the event loop needs."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.process: subprocess.Popen | None = None
+
+    def start(self, dbs: list[Path]) -> None:
+        command = [sys.executable, "-m", "hoptrace", "ui", *map(str, dbs), "--host", "127.0.0.1", "--port", str(self.port)]
+        # Its own process group: a Ctrl-C meant for the proxy does not stop the view before the proxy's summary.
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
 
 
 def _fail_if_lost(counters) -> None:
