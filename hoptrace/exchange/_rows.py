@@ -15,14 +15,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import sqlite_utils
+
 from hoptrace import __version__
 from hoptrace.db import HOP_COLUMNS, HOP_TOKEN_COLUMNS, TOKEN_COLUMNS
 
 # Positions in a hop row as build_hop_rows returns it: HOP_COLUMNS without ``id``.
 HOP_ROW_COLUMNS = HOP_COLUMNS[1:]
-_HOP_INSERT = f"INSERT INTO hops ({', '.join(HOP_COLUMNS)}) VALUES ({', '.join('?' * len(HOP_COLUMNS))})"
-_TOKEN_INSERT = f"INSERT OR IGNORE INTO tokens ({', '.join(TOKEN_COLUMNS)}) VALUES ({', '.join('?' * len(TOKEN_COLUMNS))})"
-_LINK_INSERT = f"INSERT OR IGNORE INTO hop_tokens ({', '.join(HOP_TOKEN_COLUMNS)}) VALUES (?, ?, ?, ?)"
 
 
 @dataclass
@@ -98,10 +97,14 @@ class CaptureSink:
         self.next_hop_id = self.conn.execute("SELECT coalesce(max(id), 0) + 1 FROM hops").fetchone()[0]
 
     def write(self, rows: Rows) -> None:
+        # sqlite-utils inside the file's one transaction (its writes nest as savepoints); an
+        # import's cost is mitmproxy building flows, not these inserts, unlike the recorder's.
+        db = sqlite_utils.Database(self.conn)
         first = self.next_hop_id
-        self.conn.executemany(_HOP_INSERT, ((first + i, *row) for i, row in enumerate(rows.hops)))
-        self.conn.executemany(_TOKEN_INSERT, rows.tokens)
-        self.conn.executemany(_LINK_INSERT, ((first + i, *link) for i, link in rows.links))
+        db["hops"].insert_all((dict(zip(HOP_COLUMNS, (first + i, *row))) for i, row in enumerate(rows.hops)), batch_size=500)
+        db["tokens"].insert_all((dict(zip(TOKEN_COLUMNS, row)) for row in rows.tokens), ignore=True, batch_size=500)
+        links = (dict(zip(HOP_TOKEN_COLUMNS, (first + i, *link))) for i, link in rows.links)
+        db["hop_tokens"].insert_all(links, ignore=True, batch_size=500)
         self.next_hop_id += len(rows.hops)
         self.hops += len(rows.hops)
         self.addon_errors += rows.addon_errors
