@@ -99,7 +99,8 @@ CREATE TABLE IF NOT EXISTS tokens (
     exp           REAL,
     claims        TEXT,              -- JSON of the payload, no signature
     error         TEXT,              -- why decoding failed or a claim was dropped
-    first_seen_at REAL NOT NULL
+    first_seen_at REAL NOT NULL,
+    verdict       TEXT               -- signature against the JWKS served so far: valid | invalid | unknown_kid | unverifiable
 );
 CREATE INDEX IF NOT EXISTS tokens_sub ON tokens (sub);
 
@@ -127,6 +128,7 @@ HOP_COLUMNS = (
 TOKEN_COLUMNS = (
     "fingerprint", "capture_id", "kind", "length", "alg", "kid", "typ", "iss",
     "sub", "aud", "jti", "iat", "nbf", "exp", "claims", "error", "first_seen_at",
+    "verdict",
 )  # fmt: skip
 
 HOP_TOKEN_COLUMNS = ("hop_id", "fingerprint", "role", "location")
@@ -153,6 +155,7 @@ def open_for_writing(path: str | Path) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.executescript(SCHEMA)
+        _add_new_columns(conn)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except sqlite3.DatabaseError as exc:
         raise TraceFileError(f"{path}: cannot open for writing: {exc}") from None
@@ -207,6 +210,14 @@ def check_structure(conn: sqlite3.Connection, path: str | Path) -> None:
         raise TraceFileError(f"{path}: not a readable SQLite database ({exc})") from None
     if problem != "ok":
         raise TraceFileError(f"{path}: database is corrupt ({' '.join(str(problem).split())[:200]})")
+
+
+def _add_new_columns(conn: sqlite3.Connection) -> None:
+    """Columns added at the end of a table since its file was made: CREATE IF NOT EXISTS leaves
+    an existing table as it was, and the recorder writes every column of the definition."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(tokens)")}
+    if "verdict" not in have:
+        conn.execute("ALTER TABLE tokens ADD COLUMN verdict TEXT")
 
 
 def _table_names(conn: sqlite3.Connection) -> set[str]:
