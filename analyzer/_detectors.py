@@ -965,6 +965,41 @@ def audience_mismatch(ctx: Context) -> pd.DataFrame:
     return _findings(rows)
 
 
+def unknown_signing_key(ctx: Context) -> pd.DataFrame:
+    """A JWT signed with a key (``kid``) in none of the key sets (JWKS) served in the capture
+    before it was first seen: the recorder's verdict ``unknown_kid``."""
+    tokens = ctx.tokens
+    if "verdict" not in tokens:  # a file recorded before signatures were checked
+        return _findings([])
+    kid = tokens["kid"][(tokens["verdict"] == "unknown_kid").to_numpy()]
+    u = ctx.used
+    u = u[u["fp"].isin(kid.index).to_numpy()]
+    if u.empty:
+        return _findings([])
+    hits = u.assign(
+        kid=u["fp"].map(kid).astype(object).to_numpy(), caller=u["hop_id"].map(ctx.caller).to_numpy(),
+        service=u["service"].astype(object), endpoint=u["endpoint"].astype(object),
+    ).drop_duplicates("hop_id").set_index("hop_id")
+    g = _Groups(hits, ["caller", "service", "endpoint", "kid"])
+    rows = []
+    for caller, svc, endpoint, kid_, trace, outcomes, starts, ids in zip(
+        g.first("caller"), g.first("service"), g.first("endpoint"), g.first("kid"), g.first("trace"), _statuses(g),
+        g.lists("started_at"), g.ids(),
+    ):  # fmt: skip
+        refused = [o for o in outcomes if o in ("401", "403")]
+        rows.append({
+            "trace": trace, "service": svc, "caller": caller, "hop_ids": ids[: ctx.config.max_hop_ids],
+            "severity": "error" if refused else "warning",
+            "message": (
+                f"{caller} sent {svc} {endpoint} a token signed with key {kid_!r}, which no key set served in the capture"
+                f" holds ({len(ids)} calls{f', {len(refused)} refused' if refused else ''})"
+            ),
+            "details": {"kid": kid_, "calls": len(ids), "refused": len(refused), "statuses": outcomes},
+            "at": starts[0],
+        })  # fmt: skip
+    return _findings(rows)
+
+
 def refresh_race(ctx: Context) -> pd.DataFrame:
     """One refresh token sent to a refresh endpoint twice at once (overlapping, or within
     ``refresh_race_window_s``), one of the two refused with a 4xx."""
@@ -1054,6 +1089,7 @@ DETECTORS: tuple[Detector, ...] = (
     Detector("refresh_race", "error", refresh_race),
     # An error when the service refused the token, a warning otherwise.
     Detector("audience_mismatch", "warning", audience_mismatch),
+    Detector("unknown_signing_key", "warning", unknown_signing_key),
     Detector("near_expiry", "warning", near_expiry),
     Detector("duplicate_validation", "warning", duplicate_validation),
     Detector("clock_skew", "warning", clock_skew),
