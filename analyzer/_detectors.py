@@ -943,24 +943,34 @@ def audience_mismatch(ctx: Context) -> pd.DataFrame:
     hits = hits.assign(
         aud=hits["aud"].map(",".join), caller=hits["hop_id"].map(ctx.caller).to_numpy(), endpoint=hits["endpoint"].astype(object),
     ).set_index("hop_id")
-    g = _Groups(hits, ["caller", "service", "endpoint", "aud"])
+
+    def describe(caller, svc, endpoint, aud, calls, refused):
+        refusals = f", {refused} refused" if refused else ""
+        message = f"{caller} sent a token for aud {aud} to {svc} {endpoint} ({calls} calls{refusals})"
+        return f"{message}: {svc} is not among its audiences", {"aud": aud.split(",")}
+
+    return _token_calls(ctx, hits, "aud", describe)
+
+
+def _token_calls(ctx: Context, hits: pd.DataFrame, label: str, describe) -> pd.DataFrame:
+    """One finding per (caller, callee, endpoint, ``label``) of ``hits`` (token uses indexed by
+    hop id): an error when a call was refused (401/403, not for a missing service key), else a
+    warning. ``describe(caller, callee, endpoint, value, calls, refused)`` gives the message
+    and the kind's own details."""
+    g = _Groups(hits, ["caller", "service", "endpoint", label])
     keyless = set(ctx.keyless.index)
     rows = []
-    for caller, svc, endpoint, aud, trace, outcomes, starts, ids in zip(
-        g.first("caller"), g.first("service"), g.first("endpoint"), g.first("aud"), g.first("trace"), _statuses(g),
+    for caller, svc, endpoint, value, trace, outcomes, starts, ids in zip(
+        g.first("caller"), g.first("service"), g.first("endpoint"), g.first(label), g.first("trace"), _statuses(g),
         g.lists("started_at"), g.ids(),
     ):  # fmt: skip
         refused = [o for o, i in zip(outcomes, ids) if o in ("401", "403") and i not in keyless]
         ids = list(dict.fromkeys(ids))
+        message, details = describe(caller, svc, endpoint, value, len(ids), len(refused))
         rows.append({
             "trace": trace, "service": svc, "caller": caller, "hop_ids": ids[: ctx.config.max_hop_ids],
-            "severity": "error" if refused else "warning",
-            "message": (
-                f"{caller} sent a token for aud {aud} to {svc} {endpoint} ({len(ids)} calls"
-                f"{f', {len(refused)} refused' if refused else ''}): {svc} is not among its audiences"
-            ),
-            "details": {"aud": aud.split(","), "calls": len(ids), "refused": len(refused), "statuses": outcomes},
-            "at": starts[0],
+            "severity": "error" if refused else "warning", "message": message,
+            "details": {**details, "calls": len(ids), "refused": len(refused), "statuses": outcomes}, "at": starts[0],
         })  # fmt: skip
     return _findings(rows)
 
@@ -980,24 +990,13 @@ def unknown_signing_key(ctx: Context) -> pd.DataFrame:
         kid=u["fp"].map(kid).astype(object).to_numpy(), caller=u["hop_id"].map(ctx.caller).to_numpy(),
         service=u["service"].astype(object), endpoint=u["endpoint"].astype(object),
     ).drop_duplicates("hop_id").set_index("hop_id")
-    g = _Groups(hits, ["caller", "service", "endpoint", "kid"])
-    rows = []
-    for caller, svc, endpoint, kid_, trace, outcomes, starts, ids in zip(
-        g.first("caller"), g.first("service"), g.first("endpoint"), g.first("kid"), g.first("trace"), _statuses(g),
-        g.lists("started_at"), g.ids(),
-    ):  # fmt: skip
-        refused = [o for o in outcomes if o in ("401", "403")]
-        rows.append({
-            "trace": trace, "service": svc, "caller": caller, "hop_ids": ids[: ctx.config.max_hop_ids],
-            "severity": "error" if refused else "warning",
-            "message": (
-                f"{caller} sent {svc} {endpoint} a token signed with key {kid_!r}, which no key set served in the capture"
-                f" holds ({len(ids)} calls{f', {len(refused)} refused' if refused else ''})"
-            ),
-            "details": {"kid": kid_, "calls": len(ids), "refused": len(refused), "statuses": outcomes},
-            "at": starts[0],
-        })  # fmt: skip
-    return _findings(rows)
+
+    def describe(caller, svc, endpoint, kid_, calls, refused):
+        refusals = f", {refused} refused" if refused else ""
+        message = f"{caller} sent {svc} {endpoint} a token signed with key {kid_!r}, which no key set served in the capture holds"
+        return f"{message} ({calls} calls{refusals})", {"kid": kid_}
+
+    return _token_calls(ctx, hits, "kid", describe)
 
 
 def refresh_race(ctx: Context) -> pd.DataFrame:
