@@ -13,7 +13,7 @@ from hoptrace._options import output_option, trace_db_argument
 # load pandas; a test keeps this tuple equal to DETECTORS.
 KINDS = (
     "expired_mid_flow", "expired_in_session", "rejected_valid_token", "token_crossover", "upstream_error",
-    "service_key_missing", "service_key_leak", "refresh_race", "audience_mismatch", "near_expiry",
+    "service_key_missing", "service_key_leak", "refresh_race", "audience_mismatch", "unknown_signing_key", "near_expiry",
     "duplicate_validation", "clock_skew", "token_reuse", "retry_storm", "retry_without_backoff", "rate_limited", "slow_hop",
 )  # fmt: skip
 FORMATS = ("text", "json", "markdown")
