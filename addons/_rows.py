@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 from hoptrace.addons import _hop
 from hoptrace.addons._hop import snapshot, snapshot_row
+from hoptrace.addons._signatures import KEY_SETS
 from hoptrace.addons._tokens import TokenInfo, decode, fingerprint
 from hoptrace.db import HOP_COLUMNS, TOKEN_COLUMNS
 
@@ -51,7 +52,9 @@ def build_rows(
     """Snapshots in, rows out; tokens whose fingerprint is in ``known`` are not repeated.
 
     An item is (service, snapshot), or (service, row dict) for a flow already reduced
-    to a bare row (see :func:`bare_row_of_flow`). No state but the arguments.
+    to a bare row (see :func:`bare_row_of_flow`). No state but the arguments, and the key
+    sets (JWKS) served so far in the capture, that each new JWT's signature is checked
+    against (:mod:`hoptrace.addons._signatures`).
     """
     built: list[HopRows] = []
     errors = 0
@@ -71,11 +74,14 @@ def _hop_rows(service, snap, key, store_bodies, capture_id, known, new_tokens: s
     if isinstance(snap, dict):
         return HopRows(bare_hop(capture_id, service, snap), [], [])
     row, sightings = snapshot_row(snap, key, store_bodies)
+    KEY_SETS.learn(capture_id, _jwks_text(snap, row))
     tokens, links, linked = [], [], set()
     for sighting in sightings:
         fp = fingerprint(key, sighting.token)
         if fp not in known and fp not in new_tokens:
-            tokens.append(_token_row(fp, capture_id, decode(sighting.token), row["started_at"]))
+            info = decode(sighting.token)
+            verdict = KEY_SETS.verdict(capture_id, sighting.token, info)
+            tokens.append(_token_row(fp, capture_id, info, row["started_at"], verdict))
         link = (fp, sighting.role, sighting.location)
         if link not in linked:
             linked.add(link)
@@ -85,8 +91,16 @@ def _hop_rows(service, snap, key, store_bodies, capture_id, known, new_tokens: s
     return HopRows(hop, tokens, links)
 
 
-def _token_row(fp: str, capture_id: int, info: TokenInfo, seen_at: float) -> tuple:
-    values = {"fingerprint": fp, "capture_id": capture_id, "first_seen_at": seen_at}
+def _jwks_text(snap: tuple, row: dict) -> str | None:
+    """The response body of a successful JSON answer that may be a key set (it names "keys"), else None."""
+    raw = snap[_hop._RESP_BODY] if snap[_hop._HAS_RESPONSE] else None
+    if row["status"] != 200 or not raw or b'"keys"' not in raw or "json" not in (row["response_content_type"] or ""):
+        return None
+    return _hop._body_text(raw, _hop._lookup(_hop._fields(snap[_hop._RESP_FIELDS])))
+
+
+def _token_row(fp: str, capture_id: int, info: TokenInfo, seen_at: float, verdict: str | None = None) -> tuple:
+    values = {"fingerprint": fp, "capture_id": capture_id, "first_seen_at": seen_at, "verdict": verdict}
     return tuple(values[name] if name in values else getattr(info, name) for name in TOKEN_COLUMNS)
 
 

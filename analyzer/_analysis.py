@@ -29,10 +29,11 @@ class Analysis:
     - ``hops``: indexed by hop ``id``, in start order. The hops columns the analysis reads
       (``capture_id service method path status error error_kind failed started_at
       response_start_at ended_at duration_ms server_date_ts trace_id span_id parent_span_id
-      trace_source``; more with ``AnalyzerConfig(extra_hop_columns=...)``), plus:
+      trace_source client_conn_id``; more with ``AnalyzerConfig(extra_hop_columns=...)``), plus:
       ``trace`` (int: id of the request's root hop), ``parent_id`` (Int64, <NA> for roots),
-      ``link`` (root, header, token, nesting, ambiguous, orphan), ``link_candidates``
-      (unrelated hops the parent was chosen among; 1 when sure), ``depth`` (root 0),
+      ``link`` (root, header, token, connection, nesting, ambiguous, orphan), ``link_candidates``
+      (unrelated hops the parent was chosen among; 1 when sure), ``link_confidence``
+      (0-1, how sure the link is), ``depth`` (root 0),
       ``order`` (depth-first rank in its request, root 0), ``endpoint`` (``METHOD
       /path/{id}``), ``is_validation``, ``token_fp`` / ``token_sub`` / ``token_exp`` (the
       token the hop presented or validated), ``remaining_s`` (``token_exp - started_at``),

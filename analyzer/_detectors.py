@@ -953,26 +953,60 @@ def audience_mismatch(ctx: Context) -> pd.DataFrame:
     hits = hits.assign(
         aud=hits["aud"].map(",".join), caller=hits["hop_id"].map(ctx.caller).to_numpy(), endpoint=hits["endpoint"].astype(object),
     ).set_index("hop_id")
-    g = _Groups(hits, ["caller", "service", "endpoint", "aud"])
+
+    def describe(caller, svc, endpoint, aud, calls, refused):
+        refusals = f", {refused} refused" if refused else ""
+        message = f"{caller} sent a token for aud {aud} to {svc} {endpoint} ({calls} calls{refusals})"
+        return f"{message}: {svc} is not among its audiences", {"aud": aud.split(",")}
+
+    return _token_calls(ctx, hits, "aud", describe)
+
+
+def _token_calls(ctx: Context, hits: pd.DataFrame, label: str, describe) -> pd.DataFrame:
+    """One finding per (caller, callee, endpoint, ``label``) of ``hits`` (token uses indexed by
+    hop id): an error when a call was refused (401/403, not for a missing service key), else a
+    warning. ``describe(caller, callee, endpoint, value, calls, refused)`` gives the message
+    and the kind's own details."""
+    g = _Groups(hits, ["caller", "service", "endpoint", label])
     keyless = set(ctx.keyless.index)
     rows = []
-    for caller, svc, endpoint, aud, trace, outcomes, starts, ids in zip(
-        g.first("caller"), g.first("service"), g.first("endpoint"), g.first("aud"), g.first("trace"), _statuses(g),
+    for caller, svc, endpoint, value, trace, outcomes, starts, ids in zip(
+        g.first("caller"), g.first("service"), g.first("endpoint"), g.first(label), g.first("trace"), _statuses(g),
         g.lists("started_at"), g.ids(),
     ):  # fmt: skip
         refused = [o for o, i in zip(outcomes, ids) if o in ("401", "403") and i not in keyless]
         ids = list(dict.fromkeys(ids))
+        message, details = describe(caller, svc, endpoint, value, len(ids), len(refused))
         rows.append({
             "trace": trace, "service": svc, "caller": caller, "hop_ids": ids[: ctx.config.max_hop_ids],
-            "severity": "error" if refused else "warning",
-            "message": (
-                f"{caller} sent a token for aud {aud} to {svc} {endpoint} ({len(ids)} calls"
-                f"{f', {len(refused)} refused' if refused else ''}): {svc} is not among its audiences"
-            ),
-            "details": {"aud": aud.split(","), "calls": len(ids), "refused": len(refused), "statuses": outcomes},
-            "at": starts[0],
+            "severity": "error" if refused else "warning", "message": message,
+            "details": {**details, "calls": len(ids), "refused": len(refused), "statuses": outcomes}, "at": starts[0],
         })  # fmt: skip
     return _findings(rows)
+
+
+def unknown_signing_key(ctx: Context) -> pd.DataFrame:
+    """A JWT signed with a key (``kid``) in none of the key sets (JWKS) served in the capture
+    before it was first seen: the recorder's verdict ``unknown_kid``."""
+    tokens = ctx.tokens
+    if "verdict" not in tokens:  # a file recorded before signatures were checked
+        return _findings([])
+    kid = tokens["kid"][(tokens["verdict"] == "unknown_kid").to_numpy()]
+    u = ctx.used
+    u = u[u["fp"].isin(kid.index).to_numpy()]
+    if u.empty:
+        return _findings([])
+    hits = u.assign(
+        kid=u["fp"].map(kid).astype(object).to_numpy(), caller=u["hop_id"].map(ctx.caller).to_numpy(),
+        service=u["service"].astype(object), endpoint=u["endpoint"].astype(object),
+    ).drop_duplicates("hop_id").set_index("hop_id")
+
+    def describe(caller, svc, endpoint, kid_, calls, refused):
+        refusals = f", {refused} refused" if refused else ""
+        message = f"{caller} sent {svc} {endpoint} a token signed with key {kid_!r}, which no key set served in the capture holds"
+        return f"{message} ({calls} calls{refusals})", {"kid": kid_}
+
+    return _token_calls(ctx, hits, "kid", describe)
 
 
 def refresh_race(ctx: Context) -> pd.DataFrame:
@@ -1064,6 +1098,7 @@ DETECTORS: tuple[Detector, ...] = (
     Detector("refresh_race", "error", refresh_race),
     # An error when the service refused the token, a warning otherwise.
     Detector("audience_mismatch", "warning", audience_mismatch),
+    Detector("unknown_signing_key", "warning", unknown_signing_key),
     Detector("near_expiry", "warning", near_expiry),
     Detector("duplicate_validation", "warning", duplicate_validation),
     Detector("clock_skew", "warning", clock_skew),

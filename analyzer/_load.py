@@ -50,8 +50,10 @@ from hoptrace.db import (
 CORE_HOP_COLUMNS = (
     "capture_id", "service", "method", "path", "status", "error", "error_kind", "failed",
     "started_at", "response_start_at", "ended_at", "trace_id", "span_id", "parent_span_id",
-    "trace_source", "server_date_ts",
+    "trace_source", "server_date_ts", "client_conn_id",
 )  # fmt: skip
+# Newer than some trace files: read only where the file has them.
+_OPTIONAL_COLUMNS = ("client_conn_id",)
 # Read only when some hop has a trace id (the hops_trace index answers that at once).
 _TRACE_COLUMNS = ("trace_id", "span_id", "parent_span_id", "trace_source")
 _HEAVY = ("request_headers", "response_headers", "request_body", "response_body")
@@ -146,6 +148,8 @@ def _read(conn, path: Path, columns: tuple[str, ...], since, until) -> Tables:
     traced = traced and conn.execute("SELECT 1 FROM hops WHERE trace_id IS NOT NULL LIMIT 1").fetchone() is not None
     if not traced:
         columns = tuple(c for c in columns if c not in _TRACE_COLUMNS)
+    present = {row[1] for row in conn.execute("PRAGMA table_info(hops)")}
+    columns = tuple(c for c in columns if c in present or c not in _OPTIONAL_COLUMNS)
     # One capture in the whole table (the hops_capture_started index answers at once): no column to read.
     low, high = (None, 0)
     if "capture_id" in shape.hops:
@@ -604,7 +608,9 @@ def _read_tokens(conn) -> pd.DataFrame:
     frame = _read_all(conn, "tokens")
     for name in ("iat", "nbf", "exp", "first_seen_at"):
         frame[name] = pd.to_numeric(frame[name], errors="coerce").astype("float64")
-    for name in ("kind", "sub", "iss", "aud", "alg", "kid", "typ", "jti", "error"):
+    if "verdict" not in frame:  # a file from before signatures were checked
+        frame["verdict"] = None
+    for name in ("kind", "sub", "iss", "aud", "alg", "kid", "typ", "jti", "error", "verdict"):
         frame[name] = frame[name].map(lambda v: v if isinstance(v, str) else None).astype("str")
     frame = frame[frame["fingerprint"].map(lambda v: isinstance(v, str)).astype(bool)]
     return frame.drop_duplicates("fingerprint").set_index("fingerprint")

@@ -16,13 +16,23 @@ tier   candidates (same capture, another service, earlier)   link
 7-8    containing hops carrying the same token, else the     ``token``
        same subject (fingerprint of any role: presented,
        validated or issued)
-9      containing hops                                       ``nesting``
+10     containing hops of the service that owns the hop's    ``connection``
+       client connection (learnt from the header- and
+       token-linked hops on that connection, else from the
+       other connections calling the same endpoint), whose
+       known calls do not overlap it: the first to end
+11     containing hops                                       ``nesting``
 =====  ====================================================  =======================
+
+Tier 10 (:func:`_by_connection`) needs ``client_conn_id``; without it, it does nothing.
+Every link has a ``link_confidence`` in 0-1: 1 for a root or a header link, 1/candidates
+for a token or nesting link, the owner's vote share / candidates for a connection link;
+0 for an orphan.
 
 "Containing" is on the proxy's clock: the candidate started no later and ended no
 earlier. Among the candidates of the first tier that has any, the innermost wins
 (latest start). When another candidate of that tier is not an ancestor of the
-chosen one, the choice was a guess: a tier 5-9 link is then ``ambiguous``, and
+chosen one, the choice was a guess: a tier 5-11 link except 10 is then ``ambiguous``, and
 ``link_candidates`` says among how many unrelated hops. Entry hops are ``root``;
 other hops with no candidate are ``orphan`` (roots of their own tree).
 
@@ -35,18 +45,61 @@ concurrently, and the whole pass is O(n log n).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
 from hoptrace.analyzer._arrays import run_starts
 from hoptrace.analyzer._prepare import Paths, paths_of, subject_codes, token_positions
 
-LINKS = ("root", "header", "token", "nesting", "ambiguous", "orphan")
-_ROOT, _HEADER, _TOKEN, _NESTING, _AMBIGUOUS, _ORPHAN = range(len(LINKS))
+LINKS = ("root", "header", "token", "connection", "nesting", "ambiguous", "orphan")
+_ROOT, _HEADER, _TOKEN, _CONNECTION, _NESTING, _AMBIGUOUS, _ORPHAN = range(len(LINKS))
 _BASE_S = 0.001
 _RATIO = 4.0
 # Pairs examined at once: bounds memory whatever the concurrency.
 _MAX_PAIRS = 4_000_000
+
+
+@dataclass
+class _Hops:
+    """What every tier reads about the hops, in start order."""
+
+    n: int
+    capture: np.ndarray
+    service: np.ndarray
+    is_entry: np.ndarray
+    has_entry: np.ndarray
+    trace_code: np.ndarray
+    graph: _Graph
+
+
+@dataclass
+class _Links:
+    """The links found so far: parent position, kind, candidate count, confidence, and what is left."""
+
+    parent: np.ndarray
+    link: np.ndarray
+    candidates: np.ndarray
+    confidence: np.ndarray
+    todo: np.ndarray
+
+    @classmethod
+    def start(cls, is_entry: np.ndarray) -> _Links:
+        n = len(is_entry)
+        link = np.where(is_entry, _ROOT, _ORPHAN).astype(np.int8)
+        return cls(np.full(n, -1, np.int64), link, np.zeros(n, np.int64), is_entry.astype(np.float64), ~is_entry)
+
+    def set(self, q: np.ndarray, best: np.ndarray, count: np.ndarray, kind: int, confidence=None) -> None:
+        """Link hops ``q`` to ``best``; a tier after the header ones that had rivals is ``ambiguous``."""
+        self.parent[q], self.candidates[q] = best, count
+        self.link[q] = kind if kind == _HEADER else np.where(count > 1, _AMBIGUOUS, kind)
+        self.confidence[q] = 1.0 / np.maximum(count, 1) if confidence is None else confidence
+        self.todo[q] = False
+
+    def confident(self) -> np.ndarray:
+        """Hops linked by a header, or by a token with no rival."""
+        return (self.parent >= 0) & ((self.link == _HEADER) | (self.link == _TOKEN))
 
 
 def rebuild(
@@ -57,11 +110,29 @@ def rebuild(
     paths: Paths | None = None,
 ) -> pd.DataFrame:
     """``hops`` (as loaded) sorted by start, with ``parent_id``, ``link``, ``link_candidates``,
-    ``trace``, ``depth`` and ``order`` added. ``paths`` (of these hops, in start order) saves a pass."""
+    ``link_confidence``, ``trace``, ``depth`` and ``order`` added. ``paths`` (of these hops, in
+    start order) saves a pass."""
     ordered = in_start_order(hops)
     if ordered is not hops:  # the given paths were in the old order
         hops, paths = ordered, None
-    n = len(hops)
+    ctx = _hops_of(hops, captures)
+    links = _Links.start(ctx.is_entry)
+    if "span_id" in hops and "parent_span_id" in hops:
+        found_q, found_c = _by_span(hops, ctx.capture, ctx.trace_code, links.todo)
+        links.set(found_q, found_c, np.ones(len(found_q), np.int64), _HEADER)
+    for kind, elements in _key_tiers(hops, hop_tokens, tokens, paths, ctx):
+        _run_tier(ctx, links, kind, *elements())
+    if "client_conn_id" in hops and links.todo.any():
+        _by_connection(ctx, links, _connection_codes(hops, ctx.capture), _endpoint_codes(hops, ctx.capture))
+    if links.todo.any():
+        _run_tier(ctx, links, _NESTING, np.arange(ctx.n), np.zeros(ctx.n, np.int64))
+    # With no entry route known, a hop nothing contains is where a request entered.
+    unrooted = links.todo & ~ctx.has_entry
+    links.link[unrooted], links.confidence[unrooted] = _ROOT, 1.0
+    return _with_links(hops, links)
+
+
+def _hops_of(hops: pd.DataFrame, captures: pd.DataFrame) -> _Hops:
     start = hops["started_at"].to_numpy(np.float64)
     end = hops["ended_at"].to_numpy(np.float64)
     capture = pd.factorize(hops["capture_id"])[0].astype(np.int64)
@@ -71,26 +142,17 @@ def rebuild(
     entry_code = hops["capture_id"].map(entry).fillna(-1).to_numpy(np.int64)
     has_entry = hops["capture_id"].map(captures["entry"].notna()).fillna(False).to_numpy(bool)
     is_entry = (service == entry_code) & (entry_code >= 0)
+    trace_code = pd.factorize(hops["trace_id"])[0].astype(np.int64)
+    return _Hops(len(hops), capture, service, is_entry, has_entry, trace_code, _Graph(start, end, service))
 
+
+def _key_tiers(hops, hop_tokens, tokens, paths, ctx: _Hops):
+    """The tiers keyed by a trace id, a token or a path id, in order: (kind, elements)."""
+    n = ctx.n
     positions = pd.Index(hops.index).get_indexer(hop_tokens["hop_id"])
     token_code = token_positions(hop_tokens["fingerprint"], tokens)
     subject = subject_codes(tokens)
     sub_code = np.where(token_code >= 0, subject[np.maximum(token_code, 0)], -1) if len(subject) else token_code
-    trace_code = pd.factorize(hops["trace_id"])[0].astype(np.int64)
-    graph = _Graph(start, end, service)
-
-    parent = np.full(n, -1, np.int64)
-    link = np.full(n, _ORPHAN, np.int8)
-    candidates = np.zeros(n, np.int64)
-    link[is_entry] = _ROOT
-    todo = ~is_entry
-
-    if "span_id" in hops and "parent_span_id" in hops:
-        found_q, found_c = _by_span(hops, capture, trace_code, todo)
-        parent[found_q], link[found_q], candidates[found_q] = found_c, _HEADER, 1
-        todo[found_q] = False
-
-    hop_pos = np.arange(n)
     known = positions >= 0
     positions, token_code, sub_code = positions[known], token_code[known], sub_code[known]
     paths = paths or paths_of(hops["path"])
@@ -100,35 +162,163 @@ def rebuild(
         (_TOKEN, lambda: (id_pos, id_code)),
         (_TOKEN, lambda: (positions, token_code)),
         (_TOKEN, lambda: (positions, sub_code)),
-        (_NESTING, lambda: (hop_pos, np.zeros(n, np.int64))),
     ]
+    trace_code = ctx.trace_code
     if (trace_code >= 0).any():
         traced = trace_code[positions]
         tiers[:0] = [
             (_HEADER, lambda: (positions, _pair_code(traced, token_code))),
             (_HEADER, lambda: (positions, _pair_code(traced, sub_code))),
-            (_HEADER, lambda: (hop_pos, trace_code)),
+            (_HEADER, lambda: (np.arange(n), trace_code)),
         ]
-    for kind, elements in tiers:
-        if not todo.any():
-            break
-        elem_pos, elem_group = elements()
-        # The capture is part of every group: hops of two captures are never related.
-        group = _pair_code(capture[elem_pos], elem_group)
-        q, best, count = graph.innermost(elem_pos, group, todo)
-        parent[q], candidates[q] = best, count
-        link[q] = kind if kind == _HEADER else np.where(count > 1, _AMBIGUOUS, kind)
-        todo[q] = False
+    return tiers
 
-    # With no entry route known, a hop nothing contains is where a request entered.
-    link[todo & ~has_entry] = _ROOT
+
+def _run_tier(ctx: _Hops, links: _Links, kind: int, elem_pos: np.ndarray, elem_group: np.ndarray) -> None:
+    """Link the hops still to do to their innermost container among the elements of their group."""
+    if not links.todo.any():
+        return
+    # The capture is part of every group: hops of two captures are never related.
+    group = _pair_code(ctx.capture[elem_pos], elem_group)
+    q, best, count = ctx.graph.innermost(elem_pos, group, links.todo)
+    links.set(q, best, count, kind)
+
+
+def _connection_codes(hops: pd.DataFrame, capture: np.ndarray) -> np.ndarray:
+    """One code per (capture, client connection); -1 where the connection is unknown."""
+    conn = pd.factorize(hops["client_conn_id"].astype(object))[0].astype(np.int64)
+    return _pair_code(capture, conn)
+
+
+def _endpoint_codes(hops: pd.DataFrame, capture: np.ndarray) -> np.ndarray:
+    """One code per (capture, service, method, path) of the hops that have a client connection."""
+    keys = hops[["service", "method", "path"]].astype(object).assign(capture=capture)
+    code = keys.groupby(["capture", "service", "method", "path"], sort=False, dropna=False).ngroup().to_numpy(np.int64)
+    return np.where(hops["client_conn_id"].notna().to_numpy(), code, -1)
+
+
+def _by_connection(ctx: _Hops, links: _Links, conn: np.ndarray, endpoint: np.ndarray) -> None:
+    """Tier 10, for hops no header or token linked: their client connection's owner.
+
+    On HTTP/1.1 the requests on one client connection never overlap and come from one
+    calling process, so the service the header- and token-linked hops of a connection
+    were called by is where the parent of every other hop on it must be. A connection
+    that carried no such hop (a pool grows under load) takes the owner of the other
+    connections that called the same endpoint: a caller's pool serves all its calls.
+    Among the owner's hops containing the hop, those still free are candidates: a handler
+    makes its calls one after another, so a hop whose known calls (or a call given it in
+    this pass) overlap this one is not. Of the free ones the first to end is chosen: a
+    service works off concurrent requests in the order it took them in, so the request it
+    served first both makes its calls first and answers first. (The proxy's start times
+    may order them otherwise: it timestamps a request before it forwards it.)
+    """
+    conn_owner, conn_share = _owners(conn, ctx.service[np.maximum(links.parent, 0)], links.confident())
+    hop_owner, hop_share = _per_hop(conn, conn_owner, conn_share)
+    # Each hop on an owned connection votes for its endpoint with its connection's owner.
+    end_owner, end_share = _owners(endpoint, hop_owner, hop_owner >= 0)
+    fallback, fallback_share = _per_hop(endpoint, end_owner, end_share)
+    unowned = hop_owner < 0
+    hop_owner[unowned], hop_share[unowned] = fallback[unowned], fallback_share[unowned]
+    asking = np.flatnonzero(links.todo & (hop_owner >= 0))
+    if not len(asking):
+        return
+    q, c = _owner_candidates(ctx, asking, hop_owner)
+    q_out, c_out, count = _first_free(ctx.graph, q, c, _busy_children(ctx, links))
+    links.parent[q_out], links.candidates[q_out] = c_out, count
+    links.link[q_out] = _CONNECTION
+    links.confidence[q_out] = hop_share[q_out] / count
+    links.todo[q_out] = False
+
+
+def _per_hop(key: np.ndarray, owner: np.ndarray, share: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if not len(owner):
+        return np.full(len(key), -1, np.int64), np.zeros(len(key))
+    at = np.maximum(key, 0)
+    return np.where(key >= 0, owner[at], -1), np.where(key >= 0, share[at], 0.0)
+
+
+def _owner_candidates(ctx: _Hops, asking: np.ndarray, hop_owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(hop, candidate) pairs: every hop of the owner service of ``asking``'s connection containing it."""
+    graph = ctx.graph
+    # Every hop is a candidate under its own service; the hops asking, under their connection's owner.
+    elem_pos = np.concatenate([np.arange(ctx.n), asking])
+    elem_group = _pair_code(ctx.capture[elem_pos], np.concatenate([ctx.service.astype(np.int64), hop_owner[asking]]))
+    key = np.sort(elem_group * ctx.n + elem_pos)
+    key = key[run_starts(key)]
+    group, elem_pos = key // ctx.n, key % ctx.n
+    asks = np.zeros(ctx.n, bool)
+    asks[asking] = True
+    owner_group = _pair_code(ctx.capture[asking], hop_owner[asking])
+    wanted = pd.Series(owner_group, index=asking)
+    is_query = asks[elem_pos] & (group == wanted.reindex(elem_pos).fillna(-2).to_numpy(np.int64))
+    pairs_q, pairs_c = [], []
+    for c_pos, qp, lo, hi in graph._classes(elem_pos, group, elem_pos[is_query], group[is_query]):
+        for qq, _, cc in _expand(qp, lo, hi, c_pos):
+            ok = (graph.end[cc] >= graph.end[qq]) & (graph.service[cc] != graph.service[qq])
+            pairs_q.append(qq[ok])
+            pairs_c.append(cc[ok])
+    if not pairs_q:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(pairs_q), np.concatenate(pairs_c)
+
+
+def _busy_children(ctx: _Hops, links: _Links) -> dict[int, list[tuple[float, float]]]:
+    """The intervals of each hop's header- or token-linked children."""
+    kids = np.flatnonzero(links.confident())
+    busy: dict[int, list[tuple[float, float]]] = {}
+    for kid, parent in zip(kids.tolist(), links.parent[kids].tolist()):
+        busy.setdefault(parent, []).append((ctx.graph.start[kid], ctx.graph.end[kid]))
+    return busy
+
+
+def _first_free(graph: _Graph, q: np.ndarray, c: np.ndarray, busy: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per hop (in start order): the first-ending candidate whose children do not overlap it
+    (and make it busy for the hops after)."""
+    order = np.lexsort((c, q))
+    q, c = q[order], c[order]
+    bounds = np.flatnonzero(run_starts(q)).tolist() + [len(q)]
+    out_q, out_c, out_n = [], [], []
+    start, end = graph.start, graph.end
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        hop = int(q[lo])
+        s, e = start[hop], end[hop]
+        free = [int(cand) for cand in c[lo:hi] if not any(b_s < e and s < b_e for b_s, b_e in busy.get(int(cand), ()))]
+        if free:
+            chosen = min(free, key=end.__getitem__)
+            out_q.append(hop)
+            out_c.append(chosen)
+            out_n.append(len(free))
+            busy.setdefault(chosen, []).append((s, e))
+    return np.array(out_q, np.int64), np.array(out_c, np.int64), np.array(out_n, np.int64)
+
+
+def _owners(conn: np.ndarray, caller: np.ndarray, voting: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per code of ``conn`` (a connection, an endpoint): the service that called over it
+    (-1: unknown), by majority of the ``caller`` of its ``voting`` hops, and the share of them that agree."""
+    n_conn = int(conn.max(initial=-1)) + 1
+    owner, share = np.full(n_conn, -1, np.int64), np.zeros(n_conn)
+    voters = np.flatnonzero(voting & (conn >= 0))
+    if not len(voters):
+        return owner, share
+    votes = pd.DataFrame({"conn": conn[voters], "caller": caller[voters]})
+    counts = votes.value_counts().reset_index(name="count").sort_values(["conn", "count"], ascending=[True, False])
+    total = counts.groupby("conn")["count"].transform("sum")
+    first = ~counts["conn"].duplicated()
+    owner[counts.loc[first, "conn"].to_numpy()] = counts.loc[first, "caller"].to_numpy()
+    share[counts.loc[first, "conn"].to_numpy()] = (counts["count"] / total)[first].to_numpy()
+    return owner, share
+
+
+def _with_links(hops: pd.DataFrame, links: _Links) -> pd.DataFrame:
+    parent = links.parent
     trace, depth, order = _tree(parent)
     ids = hops.index.to_numpy()
     out = hops.copy(deep=False)  # copy-on-write: new columns, shared old ones
     out["parent_id"] = pd.array(np.where(parent >= 0, ids[np.maximum(parent, 0)], 0), dtype="Int64")
     out.loc[parent < 0, "parent_id"] = pd.NA
-    out["link"] = pd.Categorical.from_codes(link, pd.Index(LINKS, dtype="str"))
-    out["link_candidates"] = candidates
+    out["link"] = pd.Categorical.from_codes(links.link, pd.Index(LINKS, dtype="str"))
+    out["link_candidates"] = links.candidates
+    out["link_confidence"] = links.confidence
     out["trace"] = ids[trace]
     out["depth"] = depth
     out["order"] = order

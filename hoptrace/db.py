@@ -107,6 +107,7 @@ COLUMNS: dict[str, dict[str, tuple[type, str]]] = {
         "claims": (str, "JSON of the payload, no signature"),
         "error": (str, "why decoding failed or a claim was dropped"),
         "first_seen_at": (float, "when the proxy first saw it"),
+        "verdict": (str, "its signature against the key sets (JWKS) the capture served so far: valid | invalid | unknown_kid | unverifiable (schema 2)"),
     },
     "hop_tokens": {
         "hop_id": (int, "the hop"),
@@ -200,6 +201,7 @@ HOP_COLUMNS = (
 TOKEN_COLUMNS = (
     "fingerprint", "capture_id", "kind", "length", "alg", "kid", "typ", "iss",
     "sub", "aud", "jti", "iat", "nbf", "exp", "claims", "error", "first_seen_at",
+    "verdict",
 )  # fmt: skip
 
 HOP_TOKEN_COLUMNS = ("hop_id", "fingerprint", "role", "location")
@@ -227,11 +229,11 @@ def _create_views(db: sqlite_utils.Database) -> None:
 
 
 # Columns schema 2 added (a version-1 file lacks them; readers take them as NULL).
-ADDED_COLUMNS = {"hops": ("client_conn_id", "stream_id"), "captures": ("source",)}
+ADDED_COLUMNS = {"hops": ("client_conn_id", "stream_id"), "captures": ("source",), "tokens": ("verdict",)}
 
 
 def _v1_to_v2(db: sqlite_utils.Database) -> None:
-    """Schema 2: which client connection (and HTTP/2 stream) a hop came on; what recorded a capture.
+    """Schema 2: which client connection (and HTTP/2 stream) a hop came on; what recorded a capture; a token's signature verdict.
 
     Nullable columns at the end of their tables: ALTER TABLE ADD COLUMN, no copy of the rows.
     """

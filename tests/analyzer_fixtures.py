@@ -41,7 +41,7 @@ class Builder:
             "fingerprint": fp, "capture_id": 1, "kind": kind, "length": 200 if kind != "opaque" else 32,
             "alg": "HS256" if kind == "jwt" else None, "kid": None, "typ": None, "iss": iss, "sub": sub,
             "aud": None, "jti": None, "iat": _abs(iat), "nbf": _abs(nbf), "exp": _abs(exp), "claims": None,
-            "error": None, "first_seen_at": T0 + seen,
+            "error": None, "first_seen_at": T0 + seen, "verdict": None,
         })  # fmt: skip
         return fp
 

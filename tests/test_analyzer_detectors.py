@@ -724,3 +724,51 @@ def test_detectors_never_raise_on_small_tables(tmp_path, hops, auds):
     assert set(found["kind"]) <= {d.kind for d in DETECTORS}
     assert set(found["severity"]) <= {"error", "warning", "info"}
     assert all(isinstance(c, str) for c in found["callee"])
+
+
+def signed_token(b: Builder, kid, verdict) -> str:
+    fp = b.token(sub="alice", exp=3600)
+    b.tokens[-1].update(alg="RS256", kid=kid, verdict=verdict)
+    return fp
+
+
+def test_unknown_signing_key(tmp_path):
+    b = Builder()
+    old = signed_token(b, "2024-rotated", "unknown_kid")
+    root = b.hop("gateway", "POST /checkout", 0, 2, presented=old)
+    pay = b.hop("payment", "POST /checkout", 0.1, 1.9, presented=old, parent=root)
+    intro = b.hop("auth", "POST /introspect", 1.5, 1.6, validated=old, parent=pay, status=401)
+    f = detect_with_headers(b, tmp_path, "unknown_signing_key")
+    # Every call that carried it: the client's to the gateway, the gateway's to payment, payment's to auth.
+    assert sorted(zip(f["caller"], f["callee"])) == [("client", "gateway"), ("gateway", "payment"), ("payment", "auth")]
+    refused = f[f["callee"] == "auth"].iloc[0]
+    assert (refused["severity"], refused["caller"], refused["hop_ids"]) == ("error", "payment", [intro])
+    assert refused["details"] == {"kid": "2024-rotated", "calls": 1, "refused": 1, "statuses": ["401"]}
+    assert refused["message"].startswith("payment sent auth POST /introspect a token signed with key '2024-rotated'")
+    passed = f[f["callee"] == "payment"].iloc[0]
+    assert (passed["severity"], passed["caller"], passed["hop_ids"]) == ("warning", "gateway", [pay])
+
+
+@pytest.mark.parametrize("verdict", [None, "valid", "invalid", "unverifiable"])
+def test_unknown_signing_key_only_for_that_verdict(tmp_path, verdict):
+    b = Builder()
+    t = signed_token(b, "k1", verdict)
+    root = b.hop("gateway", "GET /cart/c1", 0, 1, presented=t)
+    b.hop("cart", "GET /cart/c1", 0.1, 0.2, presented=t, parent=root, status=401)
+    assert detect_with_headers(b, tmp_path, "unknown_signing_key").empty
+
+
+def test_unknown_signing_key_tolerates_a_file_without_verdicts(tmp_path):
+    import sqlite3
+
+    b = Builder()
+    t = signed_token(b, "k1", "unknown_kid")
+    b.hop("gateway", "GET /cart/c1", 0, 1, presented=t)
+    path = b.write(tmp_path / "old.db")
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE tokens DROP COLUMN verdict")  # as a file from before the column
+    conn.commit()
+    conn.close()
+    from hoptrace.analyzer import analyze
+
+    assert "unknown_signing_key" not in set(analyze(path).findings["kind"])

@@ -83,6 +83,10 @@ class StackConfig:
     refresh_race: bool = False
     """Fault: auth hands out one-time refresh tokens at login, and each client refreshes
     twice at once with its one: auth refuses the slower refresh (401)."""
+    tokenless_calls: bool = False
+    """Calls that carry no token, as real services make them: payment fetches auth's key set
+    (``GET /.well-known/jwks.json``) whenever its cache of it is older than
+    ``KEYSET_CACHE_SECONDS``, and cart reads products' ``GET /config`` before each add."""
 
     def __post_init__(self) -> None:
         self.ports = {**DEFAULT_PORTS, **self.ports}

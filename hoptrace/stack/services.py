@@ -21,6 +21,7 @@ import asyncio
 import collections
 import hashlib
 import hmac
+import math
 import random
 import secrets
 import time
@@ -51,6 +52,7 @@ from hoptrace.stack.tracing import TraceContext
 STATS = web.AppKey("stats", ServiceStats)
 CLIENTS = web.AppKey("clients", dict[str, ServiceClient])  # keyed by callee
 TRACE = web.RequestKey("trace", TraceContext)
+TOKENLESS = web.AppKey("tokenless_calls", bool)
 
 # The identity the gateway vouches for on every forwarded call, from auth's answer.
 USER_ID_HEADER = "X-User-Id"
@@ -61,6 +63,10 @@ PAYMENT_CLOCK_EXPIRED = "token expired (payment clock)"
 # using the client (a log write, a cache lookup): any await lets another request run
 # set_auth_token in between, which is all seed 004's bug needs.
 SHARED_CLIENT_GAP = 0.005
+
+# Short, so that under load some checkouts find payment's cached key set stale at once and
+# fetch it concurrently: the token-less calls whose parents only timing and connections tell.
+KEYSET_CACHE_SECONDS = 0.3
 
 Clock = Callable[[], float]
 
@@ -387,7 +393,18 @@ def _auth_app(config: StackConfig, upstreams: dict[str, str]) -> web.Application
     app.router.add_get("/verify", verify)
     app.router.add_post("/introspect", introspect)
     app.router.add_post("/refresh", refresh)
+    # HS256 keys are secret: the key set auth publishes is empty, but callers still fetch it.
+    app.router.add_get("/.well-known/jwks.json", _answer_with({"keys": []}))
     return app
+
+
+def _answer_with(body: dict[str, Any]) -> Handler:
+    """A handler that answers every request with the same JSON."""
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response(body)
+
+    return answer
 
 
 def _validation_handlers(secret: str, clock: Clock) -> tuple[Handler, Handler]:
@@ -446,6 +463,7 @@ def _products_app(config: StackConfig, upstreams: dict[str, str]) -> web.Applica
         return web.json_response(product)
 
     app.router.add_get("/products", list_products)
+    app.router.add_get("/config", _answer_with({"currency": "EUR", "max_quantity": 99}))
     app.router.add_get("/products/{product_id}", get_product)
     return app
 
@@ -499,6 +517,7 @@ class _Cart:
 
 def _cart_app(config: StackConfig, upstreams: dict[str, str]) -> web.Application:
     app = _base_app("cart", config, upstreams, callees=("products",))
+    app[TOKENLESS] = config.tokenless_calls
     carts: dict[str, _Cart] = {}
 
     def caller(request: web.Request) -> str | None:
@@ -519,6 +538,8 @@ def _cart_app(config: StackConfig, upstreams: dict[str, str]) -> web.Application
         if isinstance(quantity, bool) or not isinstance(quantity, int) or not 1 <= quantity <= 99:
             return _error(400, "quantity must be an integer 1-99")
         cart_id = body.get("cart_id")  # absent: a new cart
+        if request.app[TOKENLESS]:
+            await request.app[CLIENTS]["products"].request("GET", "/config", request[TRACE])
         cart: _Cart | None = None
         if cart_id is not None:
             cart = carts.get(cart_id) if isinstance(cart_id, str) else None
@@ -572,6 +593,7 @@ def _cart_app(config: StackConfig, upstreams: dict[str, str]) -> web.Application
 def _payment_app(config: StackConfig, upstreams: dict[str, str]) -> web.Application:
     app = _base_app("payment", config, upstreams, callees=("cart", "auth"))
     offset = config.payment_clock_offset
+    keyset = _KeySetCache(config.tokenless_calls)
 
     def clock() -> float:
         return time.time() + offset
@@ -609,6 +631,7 @@ def _payment_app(config: StackConfig, upstreams: dict[str, str]) -> web.Applicat
                 return _error(401, PAYMENT_CLOCK_EXPIRED)
             except TokenError:
                 return _error(401, INVALID_TOKEN)
+        await keyset.refresh(clients["auth"], trace)
         # The scenario's redundant re-validation: by now the token may have expired.
         verdict = await clients["auth"].request(
             "POST", "/introspect", trace, json_body={"token": token}
@@ -628,6 +651,20 @@ def _payment_app(config: StackConfig, upstreams: dict[str, str]) -> web.Applicat
 
     app.router.add_post("/checkout", checkout)
     return app
+
+
+class _KeySetCache:
+    """payment's copy of auth's key set, fetched (with no token) when older than KEYSET_CACHE_SECONDS."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.fetched_at = -math.inf
+
+    async def refresh(self, auth: ServiceClient, trace: TraceContext) -> None:
+        if self.enabled and time.monotonic() - self.fetched_at > KEYSET_CACHE_SECONDS:
+            reply = await auth.request("GET", "/.well-known/jwks.json", trace)
+            if reply.status == 200:
+                self.fetched_at = time.monotonic()
 
 
 def _date_from(clock: Clock) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
