@@ -110,7 +110,7 @@ def _hop_attributes(hop: dict, tokens: dict[str, dict]) -> dict:
         "hoptrace.capture.id": hop["capture_id"],
         "hoptrace.link": hop["link"],
         "hoptrace.link.candidates": hop["link_candidates"],
-        "hoptrace.link.confidence": _confidence(hop),
+        "hoptrace.link.confidence": hop["link_confidence"],  # the analysis's own, 0-1
         "hoptrace.propagated.trace_id": hop["trace_id"],
         "hoptrace.propagated.span_id": hop["span_id"],
     }
@@ -127,16 +127,6 @@ def _hop_attributes(hop: dict, tokens: dict[str, dict]) -> dict:
             "hoptrace.token.remaining_s": hop["remaining_s"],
         })  # fmt: skip
     return attributes
-
-
-def _confidence(hop: dict) -> float:
-    """How sure the parent is: 1 for a root or a header link, 1/candidates for a guess, 0 for an orphan."""
-    link = hop["link"]
-    if link in ("root", "header"):
-        return 1.0
-    if link == "orphan":
-        return 0.0
-    return 1.0 / max(1, int(hop["link_candidates"] or 1))
 
 
 def _attributes(values: dict) -> list[KeyValue]:

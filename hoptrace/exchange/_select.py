@@ -12,7 +12,7 @@ from hoptrace._errors import AnalysisError
 from hoptrace.db import open_for_reading
 
 # Analysis columns carried to every export, beside the stored hop.
-ANALYSIS_COLUMNS = ("trace", "parent_id", "link", "link_candidates", "depth", "endpoint", "token_fp", "token_sub", "token_exp", "remaining_s")
+ANALYSIS_COLUMNS = ("trace", "parent_id", "link", "link_candidates", "link_confidence", "depth", "endpoint", "token_fp", "token_sub", "token_exp", "remaining_s")
 
 
 @dataclass
