@@ -46,6 +46,11 @@ def _ports(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) 
     return ports
 
 
+def _number(flag: str, kind: type, default: float, help: str):
+    """A numeric option of the stack, its default shown in --help."""
+    return click.option(flag, type=kind, default=default, show_default=True, help=help)
+
+
 @click.command(
     "stack",
     cls=OneLineCommand,
@@ -70,42 +75,17 @@ def _ports(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) 
     help="Base URL the other services use to reach SERVICE, e.g. a proxy listener "
     "(repeatable, loopback only). Default: the service's own port.",
 )
-@click.option("--ttl", type=int, default=3600, show_default=True, help="Token lifetime in seconds.")
-@click.option(
-    "--work-seconds",
-    type=float,
-    default=1.0,
-    show_default=True,
-    help="How long payment works before re-validating the token with auth.",
-)
-@click.option(
-    "--payment-clock-offset",
-    type=float,
-    default=0.0,
-    show_default=True,
-    help="Fault: payment's clock runs this many seconds ahead "
-    "(its Date header and its own expiry check).",
-)
+@_number("--ttl", int, 3600, "Token lifetime in seconds.")
+@_number("--work-seconds", float, 1.0, "How long payment works before re-validating the token with auth.")
+@_number("--payment-clock-offset", float, 0.0, "Fault: payment's clock runs this many seconds ahead (its Date header and its own expiry check).")
 @click.option(
     "--shared-client",
     is_flag=True,
     help="Fault: the gateway sets tokens on one client shared by all requests (token crossover).",
 )
-@click.option(
-    "--flaky-rate",
-    type=float,
-    default=0.0,
-    show_default=True,
-    help="Fault: share of products requests answered 503; callers retry with backoff.",
-)
-@click.option("--flaky-seed", type=int, default=0, show_default=True, help="Seed of the 503 draws.")
-@click.option(
-    "--rate-limit",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Fault: products answers 429 (Retry-After: 1) beyond this many requests a second (0: no limit).",
-)
+@_number("--flaky-rate", float, 0.0, "Fault: share of products requests answered 503; callers retry with backoff.")
+@_number("--flaky-seed", int, 0, "Seed of the 503 draws.")
+@_number("--rate-limit", int, 0, "Fault: products answers 429 (Retry-After: 1) beyond this many requests a second (0: no limit).")
 @click.option("--retry-no-backoff", is_flag=True, help="Fault: callers retry failed GETs at once, ignoring Retry-After.")
 @click.option(
     "--key-missing-caller",
