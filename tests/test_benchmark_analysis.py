@@ -16,6 +16,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from hoptrace.db import SCHEMA_VERSION
+
 from .conftest import PYTHON
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +82,7 @@ def test_synthetic_db_is_what_the_recorder_writes(tmp_path):
     assert conn.execute(
         "SELECT count(*) FROM hop_tokens WHERE fingerprint NOT IN (SELECT fingerprint FROM tokens)"
     ).fetchone() == (0,)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
 
 
