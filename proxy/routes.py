@@ -83,7 +83,8 @@ def _check_upstream(upstream: str, where: str) -> None:
         raise RouteError(f"{message}: {exc}") from None
 
 
-_TOP_KEYS = frozenset({"entry", "db", "routes"})
+# `command` starts the stack itself; the pytest plugin runs it, the proxy leaves it alone.
+_TOP_KEYS = frozenset({"entry", "db", "routes", "command"})
 _ROUTE_KEYS = frozenset({"upstream", "listen"})
 
 
@@ -97,7 +98,7 @@ def load_stack_file(path: str | Path) -> StackFile:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise RouteError(f"{path}: not a readable TOML stack file ({' '.join(str(exc).split())})") from None
     if unknown := sorted(set(document) - _TOP_KEYS):
-        raise RouteError(f"{path}: unknown key {unknown[0]!r}; a stack file has entry, db and [routes.NAME] tables")
+        raise RouteError(f"{path}: unknown key {unknown[0]!r}; a stack file has entry, db, command and [routes.NAME] tables")
     for key in ("entry", "db"):
         if key in document and (not isinstance(document[key], str) or not document[key].strip() or "\0" in document[key]):
             raise RouteError(f"{path}: {key} must be a non-empty string, not {document[key]!r}")
