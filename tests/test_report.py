@@ -267,7 +267,7 @@ def test_graphviz_is_installed_by_the_set_up():
     """dev.py's set-up installs Debian's graphviz (dot) when missing."""
     import dev  # the repository's set-up script
 
-    assert dev.SYSTEM_PACKAGES["dot"] == "graphviz"
+    assert dev.RUN_PACKAGES["dot"] == "graphviz" and dev.TEST_PACKAGES["chromedriver"] == "chromium-driver"
     assert shutil.which("dot"), "run `python3 dev.py test` as root once: it installs graphviz"
     out = subprocess.run(["dot", "-V"], capture_output=True, text=True, check=True)
     assert "graphviz" in (out.stdout + out.stderr).lower()
