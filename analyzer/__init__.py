@@ -15,8 +15,9 @@ The names load on first use, so that ``hoptrace --help`` (which imports the
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from hoptrace._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from hoptrace.analyzer._analysis import Analysis, analyze, analyze_tables, latency_tables
@@ -64,13 +65,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module 'hoptrace.analyzer' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"hoptrace.analyzer.{_WHERE[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, globals())

@@ -7,8 +7,9 @@ from ``hoptrace.exchange._cli``) does not pay for mitmproxy, pyarrow or protobuf
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from hoptrace._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from hoptrace.exchange._cli import export, import_
@@ -24,13 +25,4 @@ _WHERE = {
 __all__ = ["ServiceNames", "export", "from_otlp_json", "import_", "import_file", "to_otlp_json"]
 
 
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module 'hoptrace.exchange' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"hoptrace.exchange.{_WHERE[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, globals())

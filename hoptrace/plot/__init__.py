@@ -24,7 +24,7 @@ All charts colour outcomes with :data:`OUTCOME_COLORS`.
 
 from __future__ import annotations
 
-import importlib
+from hoptrace._lazy import lazy_exports
 
 _EXPORTS = {
     "OUTCOMES": "_common",
@@ -91,14 +91,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'hoptrace.plot' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"hoptrace.plot.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
