@@ -127,3 +127,15 @@ def query(db: Path, sql: str, *params) -> list[sqlite3.Row]:
 def file_bytes(db: Path) -> bytes:
     """The DB file and its WAL together: a secret must be in neither."""
     return b"".join(p.read_bytes() for p in (db, Path(f"{db}-wal")) if p.exists())
+
+
+def record_scenario(name: str, folder: Path):
+    """One scenario of the sample stack recorded through the real `hoptrace proxy`: (recording, stack config, db)."""
+    import asyncio
+
+    from hoptrace.stack.scenarios import SCENARIOS, record
+
+    scenario = SCENARIOS[name]
+    config = scenario.stack_config()
+    db = folder / "traces.db"
+    return asyncio.run(record(db, config, scenario.drive)), config, db

@@ -4,26 +4,21 @@ against what the services themselves counted."""
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from collections import Counter
 
 import pytest
 
-from hoptrace.stack.scenarios import SCENARIOS, record
 from hoptrace.stack import SERVICES
 
-from .conftest import file_bytes
+from .conftest import file_bytes, record_scenario
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def checkout(tmp_path_factory):
-    scenario = SCENARIOS["checkout-expiry"]
-    config = scenario.stack_config()
-    db = tmp_path_factory.mktemp("capture") / "traces.db"
-    recording = asyncio.run(record(db, config, scenario.drive))
+    recording, config, db = record_scenario("checkout-expiry", tmp_path_factory.mktemp("capture"))
     conn = sqlite3.connect(db)
     conn.row_factory = sqlite3.Row
     yield recording, conn, config

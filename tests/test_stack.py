@@ -630,12 +630,10 @@ def test_fault_settings_are_checked(overrides: dict[str, Any]) -> None:
 def faulty_recording(tmp_path_factory):
     """The service-faults scenario through the real `hoptrace proxy`, analyzed."""
     from hoptrace.analyzer import analyze
-    from hoptrace.stack.scenarios import SCENARIOS, record
 
-    scenario = SCENARIOS["service-faults"]
-    stack_config = scenario.stack_config()
-    db = tmp_path_factory.mktemp("faults") / "faults.db"
-    recording = asyncio.run(record(db, stack_config, scenario.drive))
+    from .conftest import record_scenario
+
+    recording, stack_config, db = record_scenario("service-faults", tmp_path_factory.mktemp("faults"))
     return recording, stack_config, analyze(db)
 
 
