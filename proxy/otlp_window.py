@@ -37,12 +37,12 @@ class Window:
         self.ids = WindowIds(len(inputs))
         self._column_names: dict[str, list[str]] = {}
 
-    def copy(self) -> bool:
-        """Copy the rows recorded since the last copy; False if no input could be read yet."""
-        read = False
+    def copy(self) -> int:
+        """Copy the hops recorded since the last copy (and their token rows); returns how many."""
+        copied = 0
         for position, source in enumerate(self.inputs):
             try:
-                read |= self._copy(position, source)
+                copied += self._copy(position, source)
             except sqlite3.Error as exc:  # a file still being created, a busy moment: the next tick tries again
                 logger.warning("hoptrace: OTLP stream could not read %s: %s", source.db, exc)
                 if self.conn.in_transaction:
@@ -50,11 +50,11 @@ class Window:
             finally:
                 if any(row[1] == "live" for row in self.conn.execute("PRAGMA database_list")):
                     self.conn.execute("DETACH DATABASE live")
-        return read
+        return copied
 
-    def _copy(self, position: int, source: StreamInput) -> bool:
+    def _copy(self, position: int, source: StreamInput) -> int:
         if not source.db.exists():
-            return False
+            return 0
         self.conn.execute("ATTACH DATABASE ? AS live", (f"{source.db.resolve().as_uri()}?mode=ro",))
         self.conn.execute("BEGIN")  # one snapshot of the live file: hops, their tokens, their token rows
         capture = self.capture_ids[position]
@@ -62,7 +62,7 @@ class Window:
             row = self.conn.execute("SELECT max(id) FROM live.captures WHERE source = ?", (source.source,)).fetchone()
             if row[0] is None:
                 self.conn.execute("ROLLBACK")
-                return False
+                return 0
             capture = self.capture_ids[position] = row[0]
         if position not in self.ids.captures:
             self._add_capture(position, capture)
@@ -70,11 +70,12 @@ class Window:
             "SELECT max(id), max(ended_at - started_at) FROM live.hops WHERE id > ? AND capture_id = ?",
             (self.last[position], capture),
         ).fetchone()
+        copied = 0
         if last is not None:
-            self._copy_hops(position, capture, self.last[position], last)
+            copied = self._copy_hops(position, capture, self.last[position], last)
             self.last[position], self.longest = last, max(self.longest, min(longest, HORIZON))
         self.conn.execute("COMMIT")
-        return True
+        return copied
 
     def _add_capture(self, position: int, capture: int) -> None:
         names = self._columns("captures")
@@ -87,14 +88,14 @@ class Window:
         values = [1 if name == "id" else value for name, value in zip(names, row, strict=True)]
         self.conn.execute(f"INSERT OR IGNORE INTO captures ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})", values)
 
-    def _copy_hops(self, position: int, capture: int, after: int, last: int) -> None:
+    def _copy_hops(self, position: int, capture: int, after: int, last: int) -> int:
         count = len(self.inputs)
         hops = [{"id": f"id * {count} + {position}", "capture_id": "1"}.get(name, name) for name in self._columns("hops")]
-        self.conn.execute(
+        copied = self.conn.execute(
             f"INSERT INTO hops ({', '.join(self._columns('hops'))}) SELECT {', '.join(hops)} FROM live.hops"
             " WHERE id > ? AND id <= ? AND capture_id = ?",
             (after, last, capture),
-        )
+        ).rowcount
         tokens = ["1" if name == "capture_id" else name for name in self._columns("tokens")]
         self.conn.execute(
             f"INSERT OR REPLACE INTO tokens ({', '.join(self._columns('tokens'))}) SELECT {', '.join(tokens)} FROM live.tokens"
@@ -106,6 +107,7 @@ class Window:
             f" SELECT hop_id * {count} + {position}, fingerprint, role, location FROM live.hop_tokens WHERE hop_id > ? AND hop_id <= ?",
             (after, last),
         )
+        return copied
 
     def _columns(self, table: str) -> list[str]:
         """The columns the live file and the copy both have (an older live file may lack some; all inputs are alike)."""
@@ -143,6 +145,7 @@ class Follower:
         self.window, self.entry, self.sender = window, entry, sender
         # Requests that started before this are all sent; None before the first tick.
         self.frontier: float | None = None
+        self.waiting = False  # a request was held back at the last tick: the next one must look again
         self.sent: dict[int, float] = {}  # hop id (the window's) -> started_at, for hops already sent
 
     def tick(self, now: float) -> None:
@@ -158,12 +161,12 @@ class Follower:
         except (HoptraceError, sqlite3.Error, OSError) as exc:
             logger.warning("hoptrace: OTLP stream could not analyse the capture: %s", exc)
             return
-        pending_from = until
+        pending_from, self.waiting = until, False
         for request in requests(hops):
             root = request[0]
             wait = SETTLE if root["service"] == self.entry else ORPHAN_SETTLE
             if root["ended_at"] > now - wait and root["started_at"] > now - HORIZON:
-                pending_from = min(pending_from, root["started_at"])
+                pending_from, self.waiting = min(pending_from, root["started_at"]), True
                 continue
             unsent = [hop for hop in request if hop["id"] not in self.sent]
             if unsent:
