@@ -34,6 +34,8 @@ class Window:
         self.capture_ids: list[int | None] = [i.capture_id for i in inputs]
         self.last = [0] * len(inputs)  # per input: the last hop id copied
         self.longest = 0.0  # the longest hop of the capture so far, seconds
+        # The earliest start of the hops copied since the follower last analysed the window.
+        self.new_from: float | None = None
         self.ids = WindowIds(len(inputs))
         self._column_names: dict[str, list[str]] = {}
 
@@ -66,14 +68,15 @@ class Window:
             capture = self.capture_ids[position] = row[0]
         if position not in self.ids.captures:
             self._add_capture(position, capture)
-        last, longest = self.conn.execute(
-            "SELECT max(id), max(ended_at - started_at) FROM live.hops WHERE id > ? AND capture_id = ?",
+        last, longest, first_start = self.conn.execute(
+            "SELECT max(id), max(ended_at - started_at), min(started_at) FROM live.hops WHERE id > ? AND capture_id = ?",
             (self.last[position], capture),
         ).fetchone()
         copied = 0
         if last is not None:
             copied = self._copy_hops(position, capture, self.last[position], last)
             self.last[position], self.longest = last, max(self.longest, min(longest, HORIZON))
+            self.new_from = first_start if self.new_from is None else min(self.new_from, first_start)
         self.conn.execute("COMMIT")
         return copied
 
@@ -151,16 +154,20 @@ class Follower:
     def tick(self, now: float) -> None:
         until = now - SETTLE
         longest = self.window.longest
+        # Where to look from: the requests held back, and the hops copied since the last look.
+        # A hop lands in the file after it ended, late when its recorder is behind (a worker's
+        # shard may trail another's by seconds): its start, not the clock, says where it goes.
+        # And its request's root started at most the longest hop so far earlier than it.
+        looked_from = [start for start in (self.frontier, self.window.new_from) if start is not None]
+        since = min(looked_from) - longest - 0.5 if self.frontier is not None and looked_from else None
         try:
-            # A request is in the file only once it ended: one that started before the
-            # frontier may land now, at most the longest hop so far earlier than that.
-            since = None if self.frontier is None else self.frontier - longest - 0.5
             selection = select(self.window.path, since=since, until=None if now == float("inf") else until)
             hops = list(selection.hops())
             tokens = selection.tokens() if hops else {}
         except (HoptraceError, sqlite3.Error, OSError) as exc:
             logger.warning("hoptrace: OTLP stream could not analyse the capture: %s", exc)
             return
+        self.window.new_from = None
         pending_from, self.waiting = until, False
         for request in requests(hops):
             root = request[0]

@@ -144,7 +144,11 @@ def test_with_two_workers_one_stream_sends_every_hop_of_every_shard_once_with_pa
     assert any(event.name == "expired_mid_flow" for span in spans for event in span.events)
     match = re.search(r"2 workers: .*; (\d+) spans streamed over OTLP, (\d+) dropped", recording.proxy_output)
     assert match and (int(match[1]), int(match[2])) == (hops, 0), recording.proxy_output
+    stopped_at = float(re.search(r"stopping at (\d+\.\d+)", recording.proxy_output)[1])
+    assert min(receiver.arrived) < stopped_at, "streamed while the workers recorded"
+    # The stream was paused before the workers closed their shards: each was left self-contained.
     assert all(sqlite3.connect(shard).execute("PRAGMA journal_mode").fetchone()[0] == "delete" for shard in shards)
+    assert not any(b"eyJ" in body for body in receiver.bodies)
 
 
 @settings(max_examples=40, deadline=None)
