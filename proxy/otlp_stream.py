@@ -15,8 +15,8 @@ When a request is complete: a hop is a row only once it ended, a caller's hop en
 after its callees' hops, and the recorder commits a hop within its batching delay
 (0.1 s, a batch). So a request is sent once its root hop ended ``SETTLE`` (2 s) ago
 and the root is a hop on the entry service, at the next analysis (every second, or
-every 10x the CPU time the last one took, ~5 s: this process keeps under a tenth of a core). A root on another service may be a call
-whose caller is still open (its parent is not in the file yet): it waits
+every 10x the CPU time the last one took, ~5-9 s under load: this process keeps under a
+tenth of a core). A root on another service may be a call whose caller is still open (its parent is not in the file yet): it waits
 ``ORPHAN_SETTLE`` (10 s) before it is sent on its own. At the proxy's stop, after the
 recorder closed the file, everything left is sent at once.
 
