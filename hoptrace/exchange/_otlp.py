@@ -31,7 +31,7 @@ def span_id(capture: object, hop_id: int) -> bytes:
     return hashlib.sha256(f"hoptrace-span:{capture}:{hop_id}".encode()).digest()[:8]
 
 
-def describe_capture(capture_id: int, source: str | None) -> tuple[str, dict]:
+def describe_capture(capture_id: object, source: str | None) -> tuple[str, dict]:
     """A capture's key (what its span and trace ids derive from) and its span attributes.
 
     The key is its id in the file; for a shard of ``hoptrace proxy --workers N``, the capture
@@ -58,7 +58,9 @@ class SpanIds:
     """
 
     def __init__(self, sources: Mapping[int, str | None] | None = None) -> None:
-        self.captures = {int(capture): describe_capture(int(capture), source) for capture, source in (sources or {}).items()}
+        # Ids as Python values (a frame's index holds numpy ones), whatever their type in the file.
+        plain = {(c.item() if hasattr(c, "item") else c): source for c, source in (sources or {}).items()}
+        self.captures = {capture: describe_capture(capture, source) for capture, source in plain.items()}
 
     @classmethod
     def of_captures(cls, captures) -> SpanIds:
@@ -66,7 +68,7 @@ class SpanIds:
         sources = dict(captures["source"]) if "source" in captures.columns else dict.fromkeys(captures.index)
         return cls({capture: source if isinstance(source, str) else None for capture, source in sources.items()})
 
-    def locate(self, hop_id: int, capture_id: int) -> tuple[tuple[str, dict], int]:
+    def locate(self, hop_id: int, capture_id: object) -> tuple[tuple[str, dict], int]:
         """The hop's capture (key, attributes) and the hop's id in the file its capture recorded."""
         return self.captures.get(capture_id) or describe_capture(capture_id, None), hop_id
 
