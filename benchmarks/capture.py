@@ -11,6 +11,7 @@ bearer token on every request), five ways:
     e  mitmdump -s <hoptrace's recorder addon>
     f  hoptrace proxy --workers 2 (two processes sharing the port, a shard each)
     g  hoptrace proxy --otlp-endpoint (d, also streaming spans to an OTLP/HTTP receiver on 127.0.0.1)
+    h  hoptrace proxy --workers 2 --otlp-endpoint (f, with one stream following both shards)
 
 Each proxy is started fresh for each run and stopped after it; configurations
 are interleaved within a round (their order rotates between rounds) so that drift
@@ -68,9 +69,10 @@ CONFIGS = {
         Config("e", "mitmdump -s hoptrace recorder", "hoptrace"),
         Config("f", "hoptrace proxy --workers 2", "hoptrace"),
         Config("g", "hoptrace proxy --otlp-endpoint", "hoptrace"),
+        Config("h", "hoptrace proxy --workers 2 --otlp-endpoint", "hoptrace"),
     )
 }
-RATIOS = [("b", "a"), ("c", "b"), ("d", "b"), ("d", "c"), ("e", "b"), ("f", "d"), ("g", "d")]
+RATIOS = [("b", "a"), ("c", "b"), ("d", "b"), ("d", "c"), ("e", "b"), ("f", "d"), ("g", "d"), ("h", "f")]
 # Within a round, configurations compared by a target run next to each other (c-d,
 # d-b, b-e): a neighbour's burst then hits both sides of a ratio alike. Odd rounds run
 # the order backwards (ABBA), so that no configuration always runs first.
@@ -109,7 +111,7 @@ class Run:
     # processes on the machine), in cores: a busy neighbour skews a run.
     other_load: float | None = None
     recorder: dict | None = None  # the capture row's counters (hoptrace configurations)
-    otlp_spans: int | None = None  # spans the OTLP receiver decoded (configuration g), warm-up included
+    otlp_spans: int | None = None  # spans the OTLP receiver decoded (configurations g, h), warm-up included
     timed_out: bool = False
     settled_s: float = 0.0  # waited for a quiet machine before the run
     seconds: float = 0.0  # the whole run: start, load, stop, count
@@ -284,10 +286,12 @@ def start_proxy(
     elif config.key == "c":
         record = workdir / f"{tag}.flows"
         child = Child([mitmdump_path(), "-q", "-w", str(record), "--mode", mode], log)
-    elif config.key in ("d", "f", "g"):
+    elif config.key in ("d", "f", "g", "h"):
         record = workdir / f"{tag}.db"
-        extra = {"f": ["--workers", "2"], "g": ["--otlp-endpoint", f"http://127.0.0.1:{otlp_port}"]}.get(config.key, [])
-        child = Child([PYTHON, "-m", "hoptrace", "proxy", "--route", f"svc={upstream}@{listen}", "--db", str(record), *extra], log)
+        workers = ["--workers", "2"] if config.key in "fh" else []
+        stream = ["--otlp-endpoint", f"http://127.0.0.1:{otlp_port}"] if config.key in "gh" else []
+        command = [PYTHON, "-m", "hoptrace", "proxy", "--route", f"svc={upstream}@{listen}", "--db", str(record)]
+        child = Child([*command, *workers, *stream], log)
         child.wait_for_text("proxy ready", 60)
         return child, signal.SIGINT, record
     elif config.key == "e":
@@ -381,7 +385,7 @@ def one_run(
     proxy = stop_signal = record = receiver = otlp_port = None
     served_before = service_count(upstream_port)
     try:
-        if config.key == "g":  # the receiver a Collector would be, in its own process
+        if config.key in "gh":  # the receiver a Collector would be, in its own process
             otlp_port = free_port()
             receiver = Child([PYTHON, "-m", "hoptrace.stack.upstreams", "otlp", str(otlp_port)], workdir / f"{tag}.otlp.log")
             receiver.wait_for_text("listening", 30)

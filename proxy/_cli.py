@@ -42,7 +42,7 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int:
 @click.option("--workers", default="1", callback=_workers, show_default=True, metavar="N|auto", help="Linux: N proxy processes share each listen port (SO_REUSEPORT), each recording into its own shard next to the DB (traces.w1.db, ...); auto = one per core.")
 @click.option("--ui", "web_view", is_flag=True, help="Also serve `hoptrace ui` on the capture, live, in its own process (its analysis never takes the proxy's core).")
 @click.option("--ui-port", type=click.IntRange(0, 65535), default=8470, show_default=True, help="Port of the --ui web view on 127.0.0.1; 0 picks a free one.")
-@click.option("--otlp-endpoint", metavar="URL", help="Also stream every hop as a span to this OTLP/HTTP receiver (POST URL/v1/traces, protobuf), a request once its tree is complete (2 s after its entry hop ended).")
+@click.option("--otlp-endpoint", metavar="URL", help="Also stream every hop as a span to this OTLP/HTTP receiver (POST URL/v1/traces, protobuf), a request once its tree is complete (2 s after its entry hop ended, at the stream's next tick: ~3-9 s); with --workers, one stream for all shards.")
 def proxy(route_specs: tuple[str, ...], stack_file: Path | None, db: Path | None, entry: str | None, listen_host: str, store_bodies: bool, grace: float, upstream_timeout: float, workers: int, web_view: bool, ui_port: int, otlp_endpoint: str | None) -> None:
     """Run mitmproxy in front of every service of a stack and record every hop.
 
@@ -69,8 +69,6 @@ def proxy(route_specs: tuple[str, ...], stack_file: Path | None, db: Path | None
     if otlp_endpoint is not None:
         from hoptrace.proxy.otlp_stream import traces_url
 
-        if workers > 1:
-            raise BadInput("--otlp-endpoint with --workers: not yet (each shard numbers its hops from 1, so span ids would collide)")
         try:
             traces_url(otlp_endpoint)
         except ValueError as exc:

@@ -4,17 +4,19 @@ The spans are those of ``hoptrace export --otlp`` (built by
 :func:`hoptrace.exchange._otlp.request_message` from the analysis of the trace file),
 sent as protobuf (``POST URL/v1/traces``, ``Content-Type: application/x-protobuf``).
 
-Everything happens in a process of its own, started by the proxy: never on mitmproxy's
-event loop nor under its GIL. Every second it analyses the requests that started in a
-sliding window of the trace file (read-only; in WAL mode a reader does not block the
-recorder), and hands each complete request's spans to a sender thread, in batches.
+Everything happens in a process of its own, started by the proxy (with ``--workers``, one
+for all the shards, started by the parent): never on mitmproxy's event loop nor under its
+GIL, and at a lower priority (nice ``NICE``). Every tick it copies the rows recorded since
+the last one (read-only, by id: in WAL mode a reader does not block the recorder) into a
+private window file (:class:`hoptrace.proxy.otlp_window.Window`), analyses the requests that
+started in that window, and hands each complete request's spans to a sender thread, in batches.
 
 When a request is complete: a hop is a row only once it ended, a caller's hop ends
 after its callees' hops, and the recorder commits a hop within its batching delay
 (0.1 s, a batch). So a request is sent once its root hop ended ``SETTLE`` (2 s) ago
 and the root is a hop on the entry service, at the next analysis (every second, or
-every 10x the CPU time the last one took, ~5 s: this process keeps under a tenth of a core). A root on another service may be a call
-whose caller is still open (its parent is not in the file yet): it waits
+every 10x the CPU time the last one took, ~5-9 s under load: this process keeps under a
+tenth of a core). A root on another service may be a call whose caller is still open (its parent is not in the file yet): it waits
 ``ORPHAN_SETTLE`` (10 s) before it is sent on its own. At the proxy's stop, after the
 recorder closed the file, everything left is sent at once.
 
@@ -30,16 +32,15 @@ import multiprocessing
 import os
 import queue
 import signal
-import sqlite3
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
-
-from hoptrace._errors import HoptraceError
 
 logger = logging.getLogger("hoptrace")
 
@@ -48,6 +49,7 @@ ORPHAN_SETTLE = 10.0
 INTERVAL = 1.0
 CPU_SHARE_INVERSE = 10
 BATCH_SPANS = 512
+NICE = 10
 QUEUE_BATCHES = 256
 # A request whose root is not complete after this long is sent as it stands: the window never reaches further back.
 HORIZON = 120.0
@@ -64,6 +66,16 @@ def traces_url(endpoint: str) -> str:
     )
 
 
+@dataclass(frozen=True)
+class StreamInput:
+    """A live file the capture records into, and which capture of it: by id (one proxy), or by
+    ``captures.source`` (a shard of ``--workers``: its worker names it before its first hop)."""
+
+    db: Path
+    capture_id: int | None = None
+    source: str | None = None
+
+
 class OtlpStream:
     """The proxy's handle on the streaming process.
 
@@ -71,23 +83,26 @@ class OtlpStream:
     keep it in WAL mode), ``finish()`` after: the last requests are sent then.
     """
 
-    def __init__(self, db: Path, endpoint: str, capture_id: int, entry: str | None) -> None:
+    def __init__(self, inputs: list[StreamInput], endpoint: str, entry: str | None) -> None:
         context = multiprocessing.get_context("spawn")
-        self._stop, self._paused, self._closed = context.Event(), context.Event(), context.Event()
+        self._stop, self._closed = context.Event(), context.Event()
+        # Held by the streaming process while it reads the live files: pause() waits for it.
+        self._reading = context.Lock()
         self._results = context.Queue()
-        events = (self._stop, self._paused, self._closed)
+        events = (self._stop, self._closed, self._reading)
         self._process = context.Process(
-            target=_stream, args=(str(db), traces_url(endpoint), capture_id, entry, events, self._results), name="hoptrace-otlp"
+            target=_stream, args=(inputs, traces_url(endpoint), entry, events, self._results), name="hoptrace-otlp"
         )
         self._process.start()
 
-    def pause(self, timeout: float = 30.0) -> None:
-        """Stop reading the file (the tick under way ends first)."""
+    def pause(self, timeout: float = 10.0) -> None:
+        """Stop reading the live files: returns once a copy under way ended (milliseconds), never during an analysis."""
         self._stop.set()
-        self._paused.wait(timeout)
+        if self._reading.acquire(timeout=timeout):
+            self._reading.release()
 
-    def finish(self, timeout: float = 30.0) -> tuple[int, int]:
-        """The file is closed: send what is left; returns (spans sent, spans dropped); -1 dropped if it never answered."""
+    def finish(self, timeout: float = 60.0) -> tuple[int, int]:
+        """The files are closed: send what is left; returns (spans sent, spans dropped); -1 dropped if it never answered."""
         self._stop.set()
         self._closed.set()
         try:
@@ -100,95 +115,45 @@ class OtlpStream:
         return sent, dropped
 
 
-def _stream(db: str, url: str, capture_id: int, entry: str | None, events, results) -> None:
+def _stream(inputs: list[StreamInput], url: str, entry: str | None, events, results) -> None:
     """The streaming process (see the module's docstring)."""
-    stop, paused, closed = events
+    stop, closed, reading = events
     # Ctrl-C reaches the whole process group: the proxy decides when we stop, through `stop`.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
+    # Below the proxy, its row process, and the service it fronts for the CPU (the proxy is
+    # what the user waits on; a span may wait): a nice of NICE gets ~1/10 of the CPU share of a
+    # nice-0 process it competes with on a core (Linux CFS weights 110 against 1024).
+    os.nice(NICE)
     # This process's warnings go to the proxy's stderr (inherited), where the user looks.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     parent = os.getppid()
     # The analysis' imports (pandas, ~1 s of CPU) now, while the proxy starts, not under load.
     from hoptrace.analyzer import analyze  # noqa: F401
+    from hoptrace.proxy.otlp_window import Follower, Window
 
     sender = _Sender(url)
-    follower = _Follower(Path(db), capture_id, entry, sender)
-    interval = INTERVAL
-    while not stop.wait(interval):
-        if os.getppid() != parent:  # the proxy died: nobody will read our counts
-            return
-        used = time.process_time()
-        follower.tick(time.time())
-        # An analysis costs ~0.5 s of CPU whatever the window (its detectors' fixed cost,
-        # measured on 2 cores): ticking no more often than 10x that keeps this process
-        # under a tenth of a core, which the proxy shares the machine with (at 1 s per
-        # tick and a fifth of a core, the benchmark lost a third of its throughput).
-        interval = max(INTERVAL, CPU_SHARE_INVERSE * (time.process_time() - used))
-    paused.set()
-    closed.wait()
-    follower.tick(float("inf"))  # the recorder closed the file: every request is complete
+    with tempfile.TemporaryDirectory(prefix="hoptrace-otlp-") as folder:
+        window = Window(inputs, Path(folder) / "window.db")
+        follower = Follower(window, entry, sender)
+        interval = INTERVAL
+        while not stop.wait(interval):
+            if os.getppid() != parent:  # the proxy died: nobody will read our counts
+                return
+            used = time.process_time()
+            with reading:
+                copied = 0 if stop.is_set() else window.copy()
+            # An analysis costs ~0.5-1 s of CPU whatever the window holds (the detectors' fixed
+            # cost, profiled on a window of 2,000 hops): none when nothing is new or held back,
+            # and no more often than every 10x the last one's CPU time, under a tenth of a core.
+            if copied or follower.waiting:
+                follower.tick(time.time())
+            interval = max(INTERVAL, CPU_SHARE_INVERSE * (time.process_time() - used))
+        closed.wait()
+        window.copy()  # the recorders closed the files: every request is complete
+        follower.tick(float("inf"))
+        window.close()
     results.put(sender.close())
-
-
-class _Follower:
-    """Which requests of the file are complete and not sent yet."""
-
-    def __init__(self, db: Path, capture_id: int, entry: str | None, sender: _Sender) -> None:
-        self.db, self.capture_id, self.entry, self.sender = db, capture_id, entry, sender
-        # Requests that started before this are all sent; None before the first tick.
-        self.frontier: float | None = None
-        self.sent: dict[int, float] = {}  # hop id -> started_at, for hops already sent
-        self.longest = 0.0  # the longest hop of the capture so far, seconds
-        self._last_id = 0
-
-    def tick(self, now: float) -> None:
-        from hoptrace.exchange._otlp import request_message, requests
-        from hoptrace.exchange._select import select
-
-        until = now - SETTLE
-        try:
-            self._grow_longest()
-            # A request is in the file only once it ended: one that started before the
-            # frontier may land now, at most the longest hop so far earlier than that.
-            since = None if self.frontier is None else self.frontier - self.longest - 0.5
-            selection = select(self.db, since=since, until=None if now == float("inf") else until)
-            hops = [hop for hop in selection.hops() if hop["capture_id"] == self.capture_id]
-            tokens = selection.tokens() if hops else {}
-        except (
-            HoptraceError,
-            sqlite3.Error,
-            OSError,
-        ) as exc:  # a file still being created, a busy moment: the next tick tries again
-            logger.warning("hoptrace: OTLP stream could not read %s: %s", self.db, exc)
-            return
-        pending_from = until
-        for request in requests(hops):
-            root = request[0]
-            wait = SETTLE if root["service"] == self.entry else ORPHAN_SETTLE
-            if root["ended_at"] > now - wait and root["started_at"] > now - HORIZON:
-                pending_from = min(pending_from, root["started_at"])
-                continue
-            unsent = [hop for hop in request if hop["id"] not in self.sent]
-            if unsent:
-                self.sender.add(request_message(unsent, tokens), len(unsent))
-                self.sent.update((hop["id"], hop["started_at"]) for hop in unsent)
-        self.sender.flush()
-        self.frontier = pending_from
-        self.sent = {hop: started for hop, started in self.sent.items() if started >= pending_from - self.longest - HORIZON}
-
-    def _grow_longest(self) -> None:
-        """The longest hop so far, from the rows written since the last tick (by id: an index range, not a scan)."""
-        conn = sqlite3.connect(f"{self.db.resolve().as_uri()}?mode=ro", uri=True)
-        try:
-            last, longest = conn.execute(
-                "SELECT max(id), max(ended_at - started_at) FROM hops WHERE id > ? AND capture_id = ?",
-                (self._last_id, self.capture_id),
-            ).fetchone()
-        finally:
-            conn.close()
-        if last is not None:
-            self._last_id, self.longest = last, max(self.longest, min(longest, HORIZON))
 
 
 class _Sender:
@@ -256,4 +221,4 @@ class _Sender:
             print(f"hoptrace: OTLP stream: {message}", file=sys.stderr, flush=True)
 
 
-__all__ = ["ORPHAN_SETTLE", "SETTLE", "OtlpStream", "traces_url"]
+__all__ = ["ORPHAN_SETTLE", "SETTLE", "OtlpStream", "StreamInput", "traces_url"]

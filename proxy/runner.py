@@ -26,7 +26,7 @@ from hoptrace._errors import RouteError, TraceFileError
 from hoptrace._types import Counters, Route
 from hoptrace.addons.recorder import ROW_PROCESS_ENV, Recorder
 from hoptrace.addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT, UpstreamTimeout
-from hoptrace.proxy.otlp_stream import OtlpStream
+from hoptrace.proxy.otlp_stream import OtlpStream, StreamInput
 from hoptrace.proxy.routes import check_routes
 
 
@@ -99,7 +99,7 @@ async def run_proxy(
         # scans only what the traffic allocates. Measured: the worst GC pause fell
         # from ~60 ms to a few ms, and it was what set p99 (benchmarks/README.md).
         if config.otlp_endpoint:
-            stream = OtlpStream(config.db, config.otlp_endpoint, recorder.writer.capture_id, entry)
+            stream = OtlpStream([StreamInput(config.db, capture_id=recorder.writer.capture_id)], config.otlp_endpoint, entry)
         gc.collect()
         gc.freeze()
         if on_ready is not None:

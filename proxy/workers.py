@@ -36,6 +36,7 @@ from pathlib import Path
 from hoptrace._errors import HoptraceError, RouteError
 from hoptrace._types import Counters
 from hoptrace.addons.recorder import FINGERPRINT_KEY_ENV
+from hoptrace.proxy.otlp_stream import OtlpStream, StreamInput
 from hoptrace.proxy.routes import check_routes
 
 _SOURCE = re.compile(r"^hoptrace proxy --workers (\d+): capture ([0-9a-f]{32}), worker (\d+)$")
@@ -130,7 +131,7 @@ def run_workers(
     """
     # Checked here, once, without SO_REUSEPORT: a port someone else holds (even another
     # `--workers` capture, whose sockets would let ours in) is refused before any worker starts.
-    check_routes(config.routes, config.entry, config.listen_host)
+    entry = check_routes(config.routes, config.entry, config.listen_host)
     capture = uuid.uuid4().hex
     # One key for every shard, so a token's fingerprint is the same in all of them;
     # handed to the workers in their environment, never written to a file.
@@ -149,29 +150,48 @@ def run_workers(
         process.start()
         pipes[index][1].close()  # the worker's end: once the worker is gone, our end reads EOF
     forward = _Forward(processes)
+    if config.otlp_endpoint:
+        forward.stream_inputs = [
+            StreamInput(shard_path(config.db, i), source=worker_source(workers, capture, i)) for i in processes
+        ]
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _supervise(config, processes, {pipes[i][0]: i for i in pipes}, forward, on_ready, on_tick)
+        result = _supervise(config, processes, {pipes[i][0]: i for i in pipes}, forward, on_ready, on_tick, entry)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if forward.stream is not None:  # every worker has ended: its shard is closed
+            sent, dropped = forward.stream.finish()
+    if forward.stream is not None:
+        result.counters.otlp_sent, result.counters.otlp_dropped = sent, dropped
+    return result
 
 
 class _Forward:
-    """The parent's SIGINT/SIGTERM handler: pass the signal on to every worker still running."""
+    """The parent's SIGINT/SIGTERM handler: pass the signal on to every worker still running.
+
+    With ``--otlp-endpoint``, one streaming process follows every shard (a request's hops are
+    spread over the shards: a service's call to another comes on a connection of its own, which
+    any worker may accept; only the shards together hold the request's tree). It is paused first:
+    a worker closing its shard must be its only reader, or the shard would stay in WAL mode.
+    """
 
     def __init__(self, processes: dict[int, multiprocessing.Process]) -> None:
         self.processes = processes
         self.signalled = False
+        self.stream_inputs: list[StreamInput] = []
+        self.stream: OtlpStream | None = None
 
     def __call__(self, signum: int, frame=None) -> None:
         self.signalled = True
+        if self.stream is not None:
+            self.stream.pause()
         for process in self.processes.values():
             if process.is_alive() and process.pid is not None:
                 os.kill(process.pid, signum)
 
 
-def _supervise(config, processes, pipes: dict, forward: _Forward, on_ready, on_tick) -> WorkersResult:
+def _supervise(config, processes, pipes: dict, forward: _Forward, on_ready, on_tick, entry: str) -> WorkersResult:
     latest: dict[int, Counters] = {index: Counters() for index in processes}
     final: dict[int, Counters] = {}
     ready: set[int] = set()
@@ -185,8 +205,11 @@ def _supervise(config, processes, pipes: dict, forward: _Forward, on_ready, on_t
                 continue
             if kind == "ready":
                 ready.add(index)
-                if len(ready) == len(processes) and on_ready is not None:
-                    on_ready(payload, [shard_path(config.db, i) for i in processes])
+                if len(ready) == len(processes):
+                    if forward.stream_inputs and not forward.signalled:
+                        forward.stream = OtlpStream(forward.stream_inputs, config.otlp_endpoint, entry)
+                    if on_ready is not None:
+                        on_ready(payload, [shard_path(config.db, i) for i in processes])
             elif kind == "tick":
                 latest[index] = payload
                 if on_tick is not None:
@@ -213,7 +236,9 @@ def _worker(index: int, workers: int, capture: str, key: str, config, pipe) -> N
     os.setpgrp()
     os.environ[FINGERPRINT_KEY_ENV] = key
     parent = os.getppid()
-    config = replace(config, db=shard_path(config.db, index), source=worker_source(workers, capture, index), share_ports=True)
+    shard = shard_path(config.db, index)
+    # The parent streams every shard (one stream: a request's hops are in several).
+    config = replace(config, db=shard, source=worker_source(workers, capture, index), share_ports=True, otlp_endpoint=None)
 
     def tick(counters: Counters) -> None:
         pipe.send(("tick", index, replace(counters)))

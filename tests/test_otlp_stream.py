@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
 
 from hoptrace.cli import cli
-from hoptrace.exchange._otlp import span_id
+from hoptrace.exchange._otlp import from_otlp_json, span_id
 from hoptrace.proxy.otlp_stream import traces_url
+from hoptrace.proxy.workers import capture_shards
 from hoptrace.stack.scenarios import SCENARIOS, record
 
 
@@ -45,7 +46,7 @@ class Receiver:
         ]
 
 
-async def _record_streaming(db, receiver: Receiver):
+async def _record_streaming(db, receiver: Receiver, *proxy_args: str):
     app = web.Application()
     app.router.add_post("/v1/traces", receiver.handle)
     runner = web.AppRunner(app, access_log=None)
@@ -64,7 +65,8 @@ async def _record_streaming(db, receiver: Receiver):
         return flows
 
     try:
-        return await record(db, scenario.stack_config(), drive, proxy_args=("--otlp-endpoint", f"http://127.0.0.1:{port}"))
+        endpoint = ("--otlp-endpoint", f"http://127.0.0.1:{port}")
+        return await record(db, scenario.stack_config(), drive, proxy_args=(*endpoint, *proxy_args))
     finally:
         await runner.cleanup()
 
@@ -96,6 +98,56 @@ def test_every_hop_of_a_live_run_reaches_the_receiver_as_a_span_with_its_parent(
     stopped_at = float(re.search(r"stopping at (\d+\.\d+)", recording.proxy_output)[1])
     assert min(receiver.arrived) < stopped_at, recording.proxy_output
     # Canary: no bearer token (a JWT starts eyJ, base64 of '{"') in anything the receiver got.
+    assert not any(b"eyJ" in body for body in receiver.bodies)
+
+
+@pytest.mark.e2e
+def test_with_two_workers_one_stream_sends_every_hop_of_every_shard_once_with_parents_across_shards(tmp_path):
+    receiver = Receiver()
+    db = tmp_path / "stream.db"
+    recording = asyncio.run(_record_streaming(db, receiver, "--workers", "2"))
+    assert recording.proxy_exit == 0, recording.proxy_output
+    shards = capture_shards(db)
+    assert len(shards) == 2
+
+    # Each shard exported to a file later: the ids the stream sent are the file export's.
+    exported = {}
+    for shard in shards:
+        out = tmp_path / f"{shard.stem}.jsonl"
+        result = CliRunner().invoke(cli, ["export", str(shard), "--otlp", str(out)])
+        assert result.exit_code == 0, result.output
+        for line in out.read_text().splitlines():
+            for resource in from_otlp_json(line).resource_spans:
+                for span in resource.scope_spans[0].spans:
+                    exported[span.span_id] = shard
+    hops = sum(sqlite3.connect(shard).execute("SELECT count(*) FROM hops").fetchone()[0] for shard in shards)
+    assert len(exported) == hops, "two shards' hops never share a span id"
+    assert set(exported.values()) == set(shards), "both workers recorded hops"
+
+    spans = receiver.spans()
+    # Every hop of every shard, once.
+    assert sorted(span.span_id for span in spans) == sorted(exported)
+    # One stream reads both shards as one capture: a parent is found in the other shard, in the same trace.
+    in_trace = {(span.trace_id, span.span_id) for span in spans}
+    with_parent = [span for span in spans if span.parent_span_id]
+    assert all((span.trace_id, span.parent_span_id) in in_trace for span in with_parent)
+    across = [span for span in with_parent if exported[span.span_id] != exported[span.parent_span_id]]
+    assert across, "the services' calls came to both workers: some parents are in the other shard"
+    # Every request's tree is whole: the only roots are the client's requests to the gateway.
+    services = {
+        span.span_id: resource.resource.attributes[0].value.string_value
+        for body in receiver.bodies
+        for resource in ExportTraceServiceRequest.FromString(body).resource_spans
+        for span in resource.scope_spans[0].spans
+    }
+    assert {services[span.span_id] for span in spans if not span.parent_span_id} == {"gateway"}
+    assert any(event.name == "expired_mid_flow" for span in spans for event in span.events)
+    match = re.search(r"2 workers: .*; (\d+) spans streamed over OTLP, (\d+) dropped", recording.proxy_output)
+    assert match and (int(match[1]), int(match[2])) == (hops, 0), recording.proxy_output
+    stopped_at = float(re.search(r"stopping at (\d+\.\d+)", recording.proxy_output)[1])
+    assert min(receiver.arrived) < stopped_at, "streamed while the workers recorded"
+    # The stream was paused before the workers closed their shards: each was left self-contained.
+    assert all(sqlite3.connect(shard).execute("PRAGMA journal_mode").fetchone()[0] == "delete" for shard in shards)
     assert not any(b"eyJ" in body for body in receiver.bodies)
 
 

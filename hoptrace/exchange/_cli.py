@@ -79,7 +79,7 @@ def export(db: Path, har_out: Path | None, otlp_out: Path | None, parquet_out: P
         hoptrace export traces.db --parquet out/parquet
     """
     from hoptrace.exchange._har import write_har
-    from hoptrace.exchange._otlp import write_otlp
+    from hoptrace.exchange._otlp import SpanIds, write_otlp
     from hoptrace.exchange._parquet import write_parquet
     from hoptrace.exchange._select import select
 
@@ -92,8 +92,8 @@ def export(db: Path, har_out: Path | None, otlp_out: Path | None, parquet_out: P
             count = _atomic_write(har_out, lambda out: write_har(selection.hops(), out, version=__version__, entry=entry))
             click.echo(f"{har_out}: {count} entries")
         if otlp_out:
-            tokens = selection.tokens()
-            lines, spans = _atomic_write(otlp_out, lambda out: write_otlp(selection.hops(), tokens, out))
+            tokens, ids = selection.tokens(), SpanIds.of_captures(selection.analysis.captures)
+            lines, spans = _atomic_write(otlp_out, lambda out: write_otlp(selection.hops(), tokens, out, ids))
             click.echo(f"{otlp_out}: {spans} spans in {lines} requests")
         if parquet_out:
             counts = write_parquet(selection, parquet_out)

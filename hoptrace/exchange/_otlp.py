@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -26,19 +26,69 @@ _ID_FIELDS = ("traceId", "spanId", "parentSpanId")
 _HEX32 = frozenset("0123456789abcdef")
 
 
-def span_id(capture_id: int, hop_id: int) -> bytes:
-    """8 bytes, the same for the same hop of the same capture in every export."""
-    return hashlib.sha256(f"hoptrace-span:{capture_id}:{hop_id}".encode()).digest()[:8]
+def span_id(capture: object, hop_id: int) -> bytes:
+    """8 bytes, the same for the same hop of the same capture (its :func:`capture_key`) in every export."""
+    return hashlib.sha256(f"hoptrace-span:{capture}:{hop_id}".encode()).digest()[:8]
 
 
-def trace_id(hops: list[dict]) -> bytes:
-    """The services' own W3C trace id when they propagated one, else 16 bytes derived from the request."""
-    for hop in hops:
-        candidate = (hop["trace_id"] or "").lower()
-        if hop["trace_source"] == "traceparent" and len(candidate) == 32 and set(candidate) <= _HEX32 and candidate.strip("0"):
-            return bytes.fromhex(candidate)
-    root = hops[0]
-    return hashlib.sha256(f"hoptrace-trace:{root['capture_id']}:{root['trace']}".encode()).digest()[:16]
+def describe_capture(capture_id: object, source: str | None) -> tuple[str, dict]:
+    """A capture's key (what its span and trace ids derive from) and its span attributes.
+
+    The key is its id in the file; for a shard of ``hoptrace proxy --workers N``, the capture
+    uuid the shards share and the worker's number (every shard numbers its hops from 1, and
+    its capture id is its own file's).
+    """
+    attributes: dict = {"hoptrace.capture.id": capture_id}
+    if source and source.startswith("hoptrace proxy --workers"):
+        from hoptrace.proxy.workers import parse_worker_source
+
+        if parsed := parse_worker_source(source):
+            _, capture, worker = parsed
+            attributes.update({"hoptrace.capture.uuid": capture, "hoptrace.worker": worker})
+            return f"{capture}/w{worker}", attributes
+    return str(capture_id), attributes
+
+
+class SpanIds:
+    """Span and trace ids of hops, numbered as in the file they were read from.
+
+    ``sources`` maps capture ids to their ``captures.source``: a shard's hops then get ids
+    from the shared capture uuid and the worker (see :func:`describe_capture`), so two
+    shards' hop 1 differ, and exporting a shard later gives the ids its stream sent.
+    """
+
+    def __init__(self, sources: Mapping[int, str | None] | None = None) -> None:
+        # Ids as Python values (a frame's index holds numpy ones), whatever their type in the file.
+        plain = {(c.item() if hasattr(c, "item") else c): source for c, source in (sources or {}).items()}
+        self.captures = {capture: describe_capture(capture, source) for capture, source in plain.items()}
+
+    @classmethod
+    def of_captures(cls, captures) -> SpanIds:
+        """From an analysis's captures frame (indexed by id)."""
+        sources = dict(captures["source"]) if "source" in captures.columns else dict.fromkeys(captures.index)
+        return cls({capture: source if isinstance(source, str) else None for capture, source in sources.items()})
+
+    def locate(self, hop_id: int, capture_id: object) -> tuple[tuple[str, dict], int]:
+        """The hop's capture (key, attributes) and the hop's id in the file its capture recorded."""
+        return self.captures.get(capture_id) or describe_capture(capture_id, None), hop_id
+
+    def span(self, hop_id: int, capture_id: int) -> bytes:
+        (key, _), own = self.locate(hop_id, capture_id)
+        return span_id(key, own)
+
+    def trace(self, hops: list[dict]) -> bytes:
+        """The services' own W3C trace id when they propagated one, else 16 bytes derived from the request's root hop."""
+        for hop in hops:
+            candidate = (hop["trace_id"] or "").lower()
+            if hop["trace_source"] == "traceparent" and len(candidate) == 32 and set(candidate) <= _HEX32 and candidate.strip("0"):
+                return bytes.fromhex(candidate)
+        (key, _), root = self.locate(hops[0]["trace"], hops[0]["capture_id"])
+        return hashlib.sha256(f"hoptrace-trace:{key}:{root}".encode()).digest()[:16]
+
+    def attributes(self, hop: dict) -> dict:
+        """The hop's own id and its capture's attributes."""
+        (_, capture), own = self.locate(hop["id"], hop["capture_id"])
+        return {"hoptrace.hop.id": own, **capture}
 
 
 def requests(hops: Iterable[dict]) -> Iterator[list[dict]]:
@@ -49,14 +99,15 @@ def requests(hops: Iterable[dict]) -> Iterator[list[dict]]:
     yield from by_trace.values()
 
 
-def request_message(hops: list[dict], tokens: dict[str, dict]) -> ExportTraceServiceRequest:
+def request_message(hops: list[dict], tokens: dict[str, dict], ids: SpanIds | None = None) -> ExportTraceServiceRequest:
     """One request's hops as spans, grouped by service (the resource's ``service.name``)."""
-    tid = trace_id(hops)
+    ids = ids or SpanIds()
+    tid = ids.trace(hops)
     root = hops[0]
     root_failed = bool(root["failed"]) or (root["status"] or 0) >= 400
     by_service: dict[str, list[Span]] = {}
     for hop in hops:
-        by_service.setdefault(hop["service"], []).append(_span(hop, tid, tokens, root_failed))
+        by_service.setdefault(hop["service"], []).append(_span(hop, tid, ids, tokens, root_failed))
     message = ExportTraceServiceRequest()
     for service, spans in by_service.items():
         message.resource_spans.append(
@@ -68,18 +119,19 @@ def request_message(hops: list[dict], tokens: dict[str, dict]) -> ExportTraceSer
     return message
 
 
-def _span(hop: dict, tid: bytes, tokens: dict[str, dict], root_failed: bool) -> Span:
+def _span(hop: dict, tid: bytes, ids: SpanIds, tokens: dict[str, dict], root_failed: bool) -> Span:
     span = Span(
         trace_id=tid,
-        span_id=span_id(hop["capture_id"], hop["id"]),
+        span_id=ids.span(hop["id"], hop["capture_id"]),
         name=hop["endpoint"] or f"{hop['method']} {hop['path']}",
         kind=Span.SPAN_KIND_SERVER,
         start_time_unix_nano=_nanos(hop["started_at"]),
         end_time_unix_nano=_nanos(max(hop["ended_at"], hop["started_at"])),
-        attributes=_attributes(_hop_attributes(hop, tokens)),
+        attributes=_attributes({**_hop_attributes(hop, tokens), **ids.attributes(hop)}),
     )
     if hop["parent_id"] is not None:
-        span.parent_span_id = span_id(hop["capture_id"], hop["parent_id"])
+        # The analysis links hops within one capture: the parent's capture is the hop's.
+        span.parent_span_id = ids.span(hop["parent_id"], hop["capture_id"])
     status = hop["status"] or 0
     if hop["failed"] or status >= 500 or 400 <= status < 500 and root_failed:
         span.status.CopyFrom(Status(code=Status.STATUS_CODE_ERROR, message=hop["error"] or f"HTTP {status}"))
@@ -106,8 +158,6 @@ def _hop_attributes(hop: dict, tokens: dict[str, dict]) -> dict:
         "client.port": int(client_port) if client_port.isdigit() else None,
         "error.type": hop["error_kind"] if hop["failed"] else None,
         "http.route": (hop["endpoint"] or "").partition(" ")[2] or None,
-        "hoptrace.hop.id": hop["id"],
-        "hoptrace.capture.id": hop["capture_id"],
         "hoptrace.link": hop["link"],
         "hoptrace.link.candidates": hop["link_candidates"],
         "hoptrace.link.confidence": hop["link_confidence"],  # the analysis's own, 0-1
@@ -176,11 +226,11 @@ def _convert_ids(node: object, convert) -> None:
             _convert_ids(item, convert)
 
 
-def write_otlp(hops: Iterable[dict], tokens: dict[str, dict], out) -> tuple[int, int]:
+def write_otlp(hops: Iterable[dict], tokens: dict[str, dict], out, ids: SpanIds | None = None) -> tuple[int, int]:
     """Write one line per request; returns (requests, spans)."""
     lines = spans = 0
     for request in requests(hops):
-        out.write(to_otlp_json(request_message(request, tokens)).encode() + b"\n")
+        out.write(to_otlp_json(request_message(request, tokens, ids)).encode() + b"\n")
         lines += 1
         spans += len(request)
     return lines, spans
