@@ -2,7 +2,7 @@
 """Set up hoptrace in ./.venv on a fresh machine, then run it.
 
     python3 dev.py demo [OPTIONS]     the bundled demo: stack + proxy + analysis + charts
-    python3 dev.py test [PYTEST ARGS] the test suite
+    python3 dev.py test [PYTEST ARGS] the test suite, one pytest-xdist worker per core
     python3 dev.py bench [OPTIONS]    the benchmark (see benchmarks/README.md)
     python3 dev.py hoptrace ARGS      any hoptrace command
 
@@ -62,6 +62,19 @@ def ensure_system_packages(packages: dict[str, str]) -> None:
             sys.exit(f"dev.py: '{' '.join(cmd)}' failed; hoptrace needs {' and '.join(missing)}")
 
 
+def _parallel(args: list[str]) -> list[str]:
+    """pytest-xdist options unless the caller chose their own (``-n 0`` runs in one process).
+
+    Half of the suite's wall time is spent waiting on real processes (proxies, services,
+    a browser), so a worker per core overlaps that waiting with the other worker's work.
+    ``loadfile`` keeps a module's tests on one worker: the module-scoped fixtures that
+    record a scenario through a real proxy then run once, as they do without xdist.
+    """
+    if any(a == "-n" or a.startswith(("-n", "--numprocesses", "--dist")) for a in args):
+        return []
+    return ["-n", "auto", "--dist", "loadfile"]
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("demo", "test", "bench", "hoptrace"):
         print(__doc__.strip(), file=sys.stderr)
@@ -73,7 +86,7 @@ def main(argv: list[str]) -> int:
     ensure_installed()
     command, args = argv[0], argv[1:]
     if command == "test":
-        cmd = [BIN / "python", "-m", "pytest", *args]
+        cmd = [BIN / "python", "-m", "pytest", *_parallel(args), *args]
     elif command == "bench":
         cmd = [BIN / "python", ROOT / "benchmarks" / "run.py", *args]
     elif command == "demo":

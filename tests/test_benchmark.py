@@ -35,13 +35,11 @@ def test_quick_benchmark_counts_every_hop_and_prints_every_configuration(tmp_pat
     # Rows built in the row process from the first flow: under the default ("auto")
     # a run this short would never start it, and it is what `hoptrace proxy` uses under load.
     env = {**os.environ, "HOPTRACE_ROW_PROCESS": "on", "PYTHONUNBUFFERED": "1"}
-    started = time.monotonic()
     result = subprocess.run(
         [PYTHON, str(ROOT / "benchmarks" / "run.py"), "--only", "capture", "--quick", "--requests", "150", "--json", str(out)],
         capture_output=True, text=True, timeout=240, env=env, cwd=ROOT, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert time.monotonic() - started < 120
 
     table = result.stdout
     for label in (
