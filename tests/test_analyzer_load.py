@@ -6,13 +6,15 @@ import json
 import sqlite3
 
 import pandas as pd
+import pytest
 import sqlite_utils
 from click.testing import CliRunner
-import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hoptrace._errors import AnalysisError, TraceFileError
+from hoptrace.analyzer import AnalyzerConfig, _load, analyze, load
 from hoptrace.cli import cli
-from hoptrace.analyzer import AnalyzerConfig, analyze, load
 from hoptrace.db import HOP_COLUMNS, open_for_writing
 
 from .analyzer_fixtures import T0, Builder
@@ -264,3 +266,45 @@ def test_a_schema_whose_error_message_is_not_utf8(tmp_path):
     for args in (["analyze", str(path)], ["plot", str(path), "-o", str(tmp_path / "x.png")]):
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 2 and result.stderr.startswith(f"Error: {path}: not a readable SQLite database"), result.stderr
+
+
+# Any SQLite value: NULL, whole numbers, reals, text (also with NUL and non-ASCII), blobs (also invalid UTF-8).
+_ANY_VALUE = st.one_of(
+    st.none(),
+    st.integers(-(2**62), 2**62),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=12),
+    st.binary(max_size=8),
+)
+_TEXT_COLUMNS = ("method", "path", "error", "client_conn_id")
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), hops=st.integers(1, 10), null_head=st.integers(0, 10))
+def test_any_mix_of_values_reads_as_sqlite_gives_them_whatever_the_batches(tmp_path_factory, monkeypatch, data, hops, null_head):
+    """The loader reads hop columns as Arrow columns, whose driver types each column from its first
+    batch of rows: with batches of 3 rows and ranges of 5 ids, a column that is NULL for its first
+    rows and anything later (trace headers that start mid-capture, a hostile file) must still read
+    exactly as sqlite3 reads each value: text as text (invalid UTF-8 as U+FFFD), numbers as numbers."""
+    monkeypatch.setattr(_load, "_BATCH_ROWS", 3)
+    monkeypatch.setattr(_load, "_CHUNK", 5)
+    b = Builder()
+    for i in range(hops):
+        b.hop("gateway", "GET /a", i, i + 0.5)
+    path = b.write(tmp_path_factory.mktemp("mix") / "t.db")
+    columns = (*_TEXT_COLUMNS, "status", "port")
+    with sqlite3.connect(path) as conn:
+        for hop_id in range(1, hops + 1):
+            values = [None if hop_id <= null_head else data.draw(_ANY_VALUE) for _ in columns]
+            conn.execute(f"UPDATE hops SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?", (*values, hop_id))
+    got = load(path, extra_columns=("client_conn_id", "port")).hops
+    with sqlite3.connect(path) as conn:
+        conn.text_factory = lambda raw: raw.decode("utf-8", "replace")
+        # A number where a whole number belongs reads as one (CAST); anything else as unknown.
+        numbers = [f"CASE WHEN typeof({c}) IN ('integer', 'real') THEN CAST({c} AS INTEGER) END" for c in ("status", "port")]
+        select = ", ".join([*(f"CAST({c} AS TEXT)" for c in _TEXT_COLUMNS), *numbers])
+        want = {row[0]: row[1:] for row in conn.execute(f"SELECT id, {select} FROM hops ORDER BY id")}
+    assert list(got.index) == list(want)
+    for hop_id, row in want.items():
+        read = [None if pd.isna(v) else v for v in got.loc[hop_id, [*_TEXT_COLUMNS, "status", "port"]].astype(object)]
+        assert read == list(row)
