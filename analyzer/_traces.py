@@ -212,35 +212,38 @@ def _free_rival(ctx: _Hops, links: _Links, q, best, count, elem_pos, group) -> n
     if not len(guessed):
         return best
     pairs_q, pairs_c = ctx.graph.containers(*ctx.graph.sorted_elements(elem_pos, group), links.todo, q[guessed])
-    call = _call_of(ctx.frame)
     start, end = ctx.graph.start, ctx.graph.end
     # The calls the candidates make for sure: linked by a header or token, now or before.
     known = np.flatnonzero(links.confident())
     kids = np.concatenate([known, q[count == 1]])
     parents = np.concatenate([links.parent[known], best[count == 1]])
     among = np.isin(parents, pairs_c)
+    kids, parents = kids[among], parents[among]
+    call = _call_codes(ctx.frame, np.concatenate([kids, q[guessed]]))
     made: dict[int, list] = {}
-    for kid, parent in zip(kids[among].tolist(), parents[among].tolist()):
-        made.setdefault(parent, []).append((call(kid), start[kid], end[kid]))
+    for kid, parent in zip(kids.tolist(), parents.tolist()):
+        made.setdefault(parent, []).append((call[kid], start[kid], end[kid]))
 
     def busy(parent: int, hop: int) -> bool:
-        return any(c == call(hop) and s < end[hop] and start[hop] < e for c, s, e in made.get(parent, ()))
+        mine, s, e = call[hop], start[hop], end[hop]
+        return any(c == mine and b_s < e and s < b_e for c, b_s, b_e in made.get(parent, ()))
 
     best = best.copy()
     bounds = np.searchsorted(pairs_q, q[guessed]).tolist() + [len(pairs_q)]
     # In start order, each guess taken makes its container busy for the guesses after it.
     for k, (i, hop) in enumerate(zip(guessed.tolist(), q[guessed].tolist())):
         if busy(int(best[i]), hop):
-            free = [c for c in pairs_c[bounds[k] : bounds[k + 1]].tolist() if not busy(c, hop)]
-            best[i] = max(free, default=best[i])  # the innermost: positions are in start order
-        made.setdefault(int(best[i]), []).append((call(hop), start[hop], end[hop]))
+            # The innermost free one: positions are in start order, the candidates sorted.
+            best[i] = next((c for c in reversed(pairs_c[bounds[k] : bounds[k + 1]].tolist()) if not busy(c, hop)), best[i])
+        made.setdefault(int(best[i]), []).append((call[hop], start[hop], end[hop]))
     return best
 
 
-def _call_of(frame: pd.DataFrame):
-    """The call a hop (by position) made: (service, method, path)."""
-    service, method, path = (frame[name].to_numpy() for name in ("service", "method", "path"))
-    return lambda pos: (service[pos], method[pos], path[pos])
+def _call_codes(frame: pd.DataFrame, positions: np.ndarray) -> dict[int, int]:
+    """A code per call (service, method, path) of the hops at ``positions``: equal calls, equal codes."""
+    rows = frame.iloc[positions]
+    keys = pd.MultiIndex.from_arrays([rows[name].astype(object) for name in ("service", "method", "path")])
+    return dict(zip(positions.tolist(), pd.factorize(keys)[0].tolist()))
 
 
 def _connection_codes(hops: pd.DataFrame, capture: np.ndarray) -> np.ndarray:
@@ -522,8 +525,9 @@ class _Graph:
                 ok = (self.end[c] >= self.end[q]) & (self.service[c] != self.service[q])
                 pairs_q.append(q[ok])
                 pairs_c.append(c[ok])
-        # The same hop may be a candidate through two tokens: once.
-        unique = np.unique(np.concatenate(pairs_q) * self.n + np.concatenate(pairs_c))
+        # The same hop may be a candidate through two tokens: once (a sort: np.unique hashes, slower here).
+        unique = np.sort(np.concatenate(pairs_q) * self.n + np.concatenate(pairs_c))
+        unique = unique[run_starts(unique)]
         return unique // self.n, unique % self.n
 
 
