@@ -44,11 +44,6 @@ class KeyRing:
         self._signed = 0
         self._current = 0
 
-    @property
-    def kid(self) -> str:
-        """The kid of the key that signs now."""
-        return self._keys[self._current][0]
-
     def sign(self, claims: dict[str, Any]) -> str:
         if self._rotate_after and self._signed == self._rotate_after:
             self._current = 1
