@@ -51,6 +51,11 @@ def _number(flag: str, kind: type, default: float, help: str):
     return click.option(flag, type=kind, default=default, show_default=True, help=help)
 
 
+def _choice(flag: str, choices: tuple[str, ...], help: str):
+    """An option of the stack taking one of ``choices``, the first by default (shown in --help)."""
+    return click.option(flag, type=click.Choice(choices), default=choices[0], show_default=True, help=help)
+
+
 @click.command(
     "stack",
     cls=OneLineCommand,
@@ -105,21 +110,9 @@ def _number(flag: str, kind: type, default: float, help: str):
     is_flag=True,
     help="Fault: login hands out one-time refresh tokens (POST /auth/refresh); a second use is refused.",
 )
-@click.option(
-    "--jwt-algorithm",
-    type=click.Choice(JWT_ALGORITHMS),
-    default="HS256",
-    show_default=True,
-    help="How auth signs tokens: a shared secret, or an RSA key with a kid published at GET /.well-known/jwks.json.",
-)
+@_choice("--jwt-algorithm", JWT_ALGORITHMS, "How auth signs tokens: a shared secret, or an RSA key with a kid published at GET /.well-known/jwks.json.")
 @_number("--rotate-key-after", int, 0, "Fault (RS256): auth rotates its key after this many tokens, dropping the old one at once (0: never).")
-@click.option(
-    "--propagate",
-    type=click.Choice(PROPAGATION_MODES),
-    default="none",
-    show_default=True,
-    help="Trace context the services forward on every downstream call.",
-)
+@_choice("--propagate", PROPAGATION_MODES, "Trace context the services forward on every downstream call.")
 def stack(
     ports: dict[str, int],
     upstreams: dict[str, str],
