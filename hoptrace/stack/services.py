@@ -326,12 +326,7 @@ def _auth_app(config: StackConfig, upstreams: dict[str, str]) -> web.Application
     accounts: dict[str, _Account] = {}
     refresh_tokens: dict[str, _Account] = {}  # one-time: used once, then gone
     clock: Clock = time.time  # expiry is judged on auth's clock
-    ring = KeyRing(config.rotate_key_after) if config.jwt_algorithm == "RS256" else None
-    signer = ring or config.secret
-
-    def verifier() -> Verifier:
-        # auth checks tokens as any verifier would: against the keys it publishes now.
-        return ring.public_keys() if ring is not None else config.secret
+    signer, verifier, key_set = _signing(config)
 
     def credentials(body: dict[str, Any] | None) -> tuple[str, str] | None:
         if body is None:
@@ -402,17 +397,22 @@ def _auth_app(config: StackConfig, upstreams: dict[str, str]) -> web.Application
     app.router.add_get("/verify", verify)
     app.router.add_post("/introspect", introspect)
     app.router.add_post("/refresh", refresh)
-    app.router.add_get("/.well-known/jwks.json", _key_set(ring))
+    app.router.add_get("/.well-known/jwks.json", key_set)
     return app
 
 
-def _key_set(ring: KeyRing | None) -> Handler:
-    """auth's published key set; HS256 keys are secret, so without a ring it is empty (callers still fetch it)."""
+def _signing(config: StackConfig) -> tuple[KeyRing | str, Callable[[], Verifier], Handler]:
+    """What auth signs with, what it checks tokens against, and the handler of its published key set."""
+    if config.jwt_algorithm != "RS256":
+        # HS256 keys are secret: the key set auth publishes is empty, but callers still fetch it.
+        return config.secret, lambda: config.secret, _answer_with({"keys": []})
+    ring = KeyRing(config.rotate_key_after)
 
     async def serve(request: web.Request) -> web.Response:
-        return web.json_response(ring.jwks() if ring is not None else {"keys": []})
+        return web.json_response(ring.jwks())
 
-    return serve
+    # auth checks tokens as any verifier would: against the keys it publishes now.
+    return ring, ring.public_keys, serve
 
 
 def _answer_with(body: dict[str, Any]) -> Handler:
