@@ -379,6 +379,7 @@ def rejected_valid_token(ctx: Context) -> pd.DataFrame:
     skew = ctx.skew
     date_skew = {svc: off for svc, src, off in zip(skew["service"], skew["source"], skew["offset_s"]) if src == "date"}
     keyless_names = ctx.keyless["name"].to_dict()
+    unknown_keys = _unknown_kids(ctx.tokens)
     g = _Groups(hits, ["trace"], by="ended_at")
     rows = []
     for trace, fp, caller, svc, endpoint, code, left, sub, owner, services, starts, ids in zip(
@@ -392,6 +393,8 @@ def rejected_valid_token(ctx: Context) -> pd.DataFrame:
             hint = f"it is {sub}'s token in a request of {owner}: see token_crossover"
         elif keyless is not None:
             hint = f"the call lacked the {keyless} header {svc} requires: see service_key_missing"
+        elif fp in unknown_keys.index:
+            hint = f"it is signed with key {unknown_keys[fp]!r}, in no key set the capture served: see unknown_signing_key"
         elif offset is not None and offset > left:
             hint = f"{svc}'s clock runs {offset:.1f} s ahead of the proxy's"
         else:
@@ -985,13 +988,22 @@ def _token_calls(ctx: Context, hits: pd.DataFrame, label: str, describe) -> pd.D
     return _findings(rows)
 
 
+def _unknown_kids(tokens: pd.DataFrame) -> pd.Series:
+    """The ``kid`` of each token (by fingerprint) whose recorder's verdict is ``unknown_kid``."""
+    if "verdict" not in tokens:  # a file recorded before signatures were checked
+        return tokens["kid"].iloc[:0]
+    return tokens["kid"][(tokens["verdict"] == "unknown_kid").to_numpy()]
+
+
 def unknown_signing_key(ctx: Context) -> pd.DataFrame:
     """A JWT signed with a key (``kid``) in none of the key sets (JWKS) served in the capture
     before it was first seen: the recorder's verdict ``unknown_kid``."""
-    tokens = ctx.tokens
-    if "verdict" not in tokens:  # a file recorded before signatures were checked
+    kid = _unknown_kids(ctx.tokens)
+    if kid.empty:
         return _findings([])
-    kid = tokens["kid"][(tokens["verdict"] == "unknown_kid").to_numpy()]
+    # The keys the capture's other signed tokens name: what the issuer signs with now, as a rule.
+    others = ctx.tokens.loc[~ctx.tokens.index.isin(kid.index), "kid"].dropna()
+    current = sorted({str(k) for k in others})
     u = ctx.used
     u = u[u["fp"].isin(kid.index).to_numpy()]
     if u.empty:
@@ -1004,7 +1016,8 @@ def unknown_signing_key(ctx: Context) -> pd.DataFrame:
     def describe(caller, svc, endpoint, kid_, calls, refused):
         refusals = f", {refused} refused" if refused else ""
         message = f"{caller} sent {svc} {endpoint} a token signed with key {kid_!r}, which no key set served in the capture holds"
-        return f"{message} ({calls} calls{refusals})", {"kid": kid_}
+        now = f"; the capture's other tokens name {', '.join(map(repr, current))}" if current else ""
+        return f"{message} ({calls} calls{refusals}){now}", {"kid": kid_, "other_kids": current}
 
     return _token_calls(ctx, hits, "kid", describe)
 

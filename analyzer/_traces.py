@@ -8,12 +8,14 @@ tier   candidates (same capture, another service, earlier)   link
 1      the hop whose span id is this hop's parent span id    ``header``
 2-4    containing hops of the same trace id carrying the     ``header``
        same token, else the same subject, else any
-5      containing hops carrying the same token and naming    ``token``
+5      containing hops that answered with a token this hop   ``token``
+       answered with (a token issued here and handed back)
+6      containing hops carrying the same token and naming    ``token``
        the same long id in their path (a cart id, an
        order id: ``GET /cart/cart_7f3a…`` at the gateway
        and at cart)
-6      containing hops naming the same long path id          ``token``
-7-8    containing hops carrying the same token, else the     ``token``
+7      containing hops naming the same long path id          ``token``
+8-9    containing hops carrying the same token, else the     ``token``
        same subject (fingerprint of any role: presented,
        validated or issued)
 10     containing hops of the service that owns the hop's    ``connection``
@@ -32,8 +34,10 @@ for a token or nesting link, the owner's vote share / candidates for a connectio
 "Containing" is on the proxy's clock: the candidate started no later and ended no
 earlier. Among the candidates of the first tier that has any, the innermost wins
 (latest start). When another candidate of that tier is not an ancestor of the
-chosen one, the choice was a guess: a tier 5-11 link except 10 is then ``ambiguous``, and
-``link_candidates`` says among how many unrelated hops. Entry hops are ``root``;
+chosen one (it ended earlier, or the chosen one is where a request entered), the
+choice was a guess: a tier 5-11 link except 10 is then ``ambiguous``, and
+``link_candidates`` says among how many unrelated hops. A token tier's guess passes
+over a candidate already making the same call at the same time (:func:`_free_rival`). Entry hops are ``root``;
 other hops with no candidate are ``orphan`` (roots of their own tree).
 
 Candidates are never searched among all hops: hops are bucketed by duration into
@@ -72,6 +76,8 @@ class _Hops:
     has_entry: np.ndarray
     trace_code: np.ndarray
     graph: _Graph
+    frame: pd.DataFrame
+    """The hops themselves, in start order (positions are its rows)."""
 
 
 @dataclass
@@ -143,7 +149,7 @@ def _hops_of(hops: pd.DataFrame, captures: pd.DataFrame) -> _Hops:
     has_entry = hops["capture_id"].map(captures["entry"].notna()).fillna(False).to_numpy(bool)
     is_entry = (service == entry_code) & (entry_code >= 0)
     trace_code = pd.factorize(hops["trace_id"])[0].astype(np.int64)
-    return _Hops(len(hops), capture, service, is_entry, has_entry, trace_code, _Graph(start, end, service))
+    return _Hops(len(hops), capture, service, is_entry, has_entry, trace_code, _Graph(start, end, service, is_entry), hops)
 
 
 def _key_tiers(hops, hop_tokens, tokens, paths, ctx: _Hops):
@@ -154,10 +160,16 @@ def _key_tiers(hops, hop_tokens, tokens, paths, ctx: _Hops):
     subject = subject_codes(tokens)
     sub_code = np.where(token_code >= 0, subject[np.maximum(token_code, 0)], -1) if len(subject) else token_code
     known = positions >= 0
+    issued = known & (hop_tokens["role"] == "issued").to_numpy()
+    issued_pos, issued_code = positions[issued], token_code[issued]
     positions, token_code, sub_code = positions[known], token_code[known], sub_code[known]
     paths = paths or paths_of(hops["path"])
     id_pos, id_code = paths.id_pos, paths.id_code
     tiers = [
+        # A token a hop answered with is new: only the requests it was handed back through
+        # carry it too, whereas a token presented (a refresh token sent twice at once) may be
+        # carried by several concurrent requests, each a container of the other's calls.
+        (_TOKEN, lambda: (issued_pos, issued_code)),
         (_TOKEN, lambda: _both(positions, token_code, id_pos, id_code)),
         (_TOKEN, lambda: (id_pos, id_code)),
         (_TOKEN, lambda: (positions, token_code)),
@@ -181,7 +193,57 @@ def _run_tier(ctx: _Hops, links: _Links, kind: int, elem_pos: np.ndarray, elem_g
     # The capture is part of every group: hops of two captures are never related.
     group = _pair_code(ctx.capture[elem_pos], elem_group)
     q, best, count = ctx.graph.innermost(elem_pos, group, links.todo)
+    if kind == _TOKEN:
+        best = _free_rival(ctx, links, q, best, count, elem_pos, group)
     links.set(q, best, count, kind)
+
+
+def _free_rival(ctx: _Hops, links: _Links, q, best, count, elem_pos, group) -> np.ndarray:
+    """``best`` with each guess (a hop with rival containers) moved off a container that is
+    already making the same call (same service, method and path) over the same time, to the
+    innermost rival that is not.
+
+    Two requests presenting one token at once (two refreshes with one refresh token) both
+    contain both their calls; once one call is linked for sure (by the token it issued), the
+    other belongs to the request that is not busy with that very call: a handler waits for
+    its call's answer before it makes the call again.
+    """
+    guessed = np.flatnonzero(count > 1)
+    if not len(guessed):
+        return best
+    pairs_q, pairs_c = ctx.graph.containers(*ctx.graph.sorted_elements(elem_pos, group), links.todo, q[guessed])
+    start, end = ctx.graph.start, ctx.graph.end
+    # The calls the candidates make for sure: linked by a header or token, now or before.
+    known = np.flatnonzero(links.confident())
+    kids = np.concatenate([known, q[count == 1]])
+    parents = np.concatenate([links.parent[known], best[count == 1]])
+    among = np.isin(parents, pairs_c)
+    kids, parents = kids[among], parents[among]
+    call = _call_codes(ctx.frame, np.concatenate([kids, q[guessed]]))
+    made: dict[int, list] = {}
+    for kid, parent in zip(kids.tolist(), parents.tolist()):
+        made.setdefault(parent, []).append((call[kid], start[kid], end[kid]))
+
+    def busy(parent: int, hop: int) -> bool:
+        mine, s, e = call[hop], start[hop], end[hop]
+        return any(c == mine and b_s < e and s < b_e for c, b_s, b_e in made.get(parent, ()))
+
+    best = best.copy()
+    bounds = np.searchsorted(pairs_q, q[guessed]).tolist() + [len(pairs_q)]
+    # In start order, each guess taken makes its container busy for the guesses after it.
+    for k, (i, hop) in enumerate(zip(guessed.tolist(), q[guessed].tolist())):
+        if busy(int(best[i]), hop):
+            # The innermost free one: positions are in start order, the candidates sorted.
+            best[i] = next((c for c in reversed(pairs_c[bounds[k] : bounds[k + 1]].tolist()) if not busy(c, hop)), best[i])
+        made.setdefault(int(best[i]), []).append((call[hop], start[hop], end[hop]))
+    return best
+
+
+def _call_codes(frame: pd.DataFrame, positions: np.ndarray) -> dict[int, int]:
+    """A code per call (service, method, path) of the hops at ``positions``: equal calls, equal codes."""
+    rows = frame.iloc[positions]
+    keys = pd.MultiIndex.from_arrays([rows[name].astype(object) for name in ("service", "method", "path")])
+    return dict(zip(positions.tolist(), pd.factorize(keys)[0].tolist()))
 
 
 def _connection_codes(hops: pd.DataFrame, capture: np.ndarray) -> np.ndarray:
@@ -373,8 +435,8 @@ def _by_span(hops: pd.DataFrame, capture, trace_code, todo) -> tuple[np.ndarray,
 class _Graph:
     """The hops' intervals, for containment searches."""
 
-    def __init__(self, start, end, service) -> None:
-        self.start, self.end, self.service = start, end, service
+    def __init__(self, start, end, service, entry) -> None:
+        self.start, self.end, self.service, self.entry = start, end, service, entry
         self.n = len(start)
         duration = np.maximum(end - start, 0.0)
         self.cls = np.ceil(np.log(np.maximum(duration, _BASE_S) / _BASE_S) / np.log(_RATIO) - 1e-9).astype(np.int64)
@@ -398,15 +460,12 @@ class _Graph:
     def innermost(self, elem_pos: np.ndarray, group: np.ndarray, todo: np.ndarray):
         """For each hop still to do that has an element here, its innermost container among
         the elements of the same group. Returns (hops, chosen parents, candidate counts)."""
-        valid = group >= 0
-        # One element per (group, hop), sorted by group then start: the order every search needs.
-        key = np.sort(group[valid] * self.n + elem_pos[valid])
-        key = key[run_starts(key)]
-        group, elem_pos = key // self.n, key % self.n
+        elem_pos, group = self.sorted_elements(elem_pos, group)
         is_query = todo[elem_pos]
         q_pos, q_group = elem_pos[is_query], group[is_query]
         best = np.full(self.n, -1, np.int64)
         low_end = np.full(self.n, np.inf)
+        first_c = np.full(self.n, self.n, np.int64)
         for c_pos, qp, lo, hi in self._classes(elem_pos, group, q_pos, q_group):
             for q, seg, c in _expand(qp, lo, hi, c_pos):
                 ok = (self.end[c] >= self.end[q]) & (self.service[c] != self.service[q])
@@ -414,14 +473,23 @@ class _Graph:
                 # Innermost: the latest-starting container (positions are in start order).
                 np.maximum.at(best, q[first], np.maximum.reduceat(np.where(ok, c, -1), first))
                 np.minimum.at(low_end, q[first], np.minimum.reduceat(np.where(ok, self.end[c], np.inf), first))
+                np.minimum.at(first_c, q[first], np.minimum.reduceat(np.where(ok, c, self.n), first))
         hops = np.flatnonzero(best >= 0)
         chosen = best[hops]
         count = np.ones(len(hops), np.int64)
-        # A candidate that ended before the chosen one is not its ancestor: the choice was a guess.
-        rival = hops[low_end[hops] < self.end[chosen]]
+        # A candidate that ended before the chosen one is not its ancestor, nor is any other
+        # candidate when the chosen one is where a request entered: the choice was a guess.
+        rival = hops[(low_end[hops] < self.end[chosen]) | (self.entry[chosen] & (first_c[hops] < chosen))]
         if len(rival):
             count[np.searchsorted(hops, rival)] += self._rivals(rival, best, elem_pos, group, todo)
         return hops, chosen, count
+
+    def sorted_elements(self, elem_pos, group) -> tuple[np.ndarray, np.ndarray]:
+        """One element per (group, hop), sorted by group then start: the order every search needs."""
+        valid = group >= 0
+        key = np.sort(group[valid] * self.n + elem_pos[valid])
+        key = key[run_starts(key)]
+        return key % self.n, key // self.n
 
     def _classes(self, elem_pos, group, q_pos, q_group):
         """Per duration class k: its candidates, and for each query the range of them to try."""
@@ -439,19 +507,28 @@ class _Graph:
 
     def _rivals(self, rival, best, elem_pos, group, todo) -> np.ndarray:
         """How many candidates of each hop in ``rival`` are not ancestors of its chosen parent."""
+        q, c = self.containers(elem_pos, group, todo, rival)
+        unique = q * self.n + c
+        unique = unique[(self.end[c] < self.end[best[q]]) | (self.entry[best[q]] & (c != best[q]))]
+        return np.bincount(np.searchsorted(rival, unique // self.n), minlength=len(rival))
+
+    def containers(self, elem_pos, group, todo, wanted) -> tuple[np.ndarray, np.ndarray]:
+        """(hop, candidate) pairs, each once: the elements of a group of each hop of ``wanted``
+        (still to do) that contain it, of another service; the elements as :meth:`sorted_elements` gives them."""
         mask = np.zeros(self.n, bool)
-        mask[rival] = True
+        mask[wanted] = True
         keep = mask[elem_pos] & todo[elem_pos]
         q_pos, q_group = elem_pos[keep], group[keep]
-        pairs_q, pairs_c = [], []
+        pairs_q, pairs_c = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
         for c_pos, qp, lo, hi in self._classes(elem_pos, group, q_pos, q_group):
             for q, seg, c in _expand(qp, lo, hi, c_pos):
-                ok = (self.end[c] >= self.end[q]) & (self.service[c] != self.service[q]) & (self.end[c] < self.end[best[q]])
+                ok = (self.end[c] >= self.end[q]) & (self.service[c] != self.service[q])
                 pairs_q.append(q[ok])
                 pairs_c.append(c[ok])
-        # The same hop may be a candidate through two tokens: count it once.
-        unique = np.unique(np.concatenate(pairs_q) * self.n + np.concatenate(pairs_c))
-        return np.bincount(np.searchsorted(rival, unique // self.n), minlength=len(rival))
+        # The same hop may be a candidate through two tokens: once (a sort: np.unique hashes, slower here).
+        unique = np.sort(np.concatenate(pairs_q) * self.n + np.concatenate(pairs_c))
+        unique = unique[run_starts(unique)]
+        return unique // self.n, unique % self.n
 
 
 def _expand(q_pos, lo, hi, c_pos):

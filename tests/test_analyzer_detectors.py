@@ -738,13 +738,21 @@ def test_unknown_signing_key(tmp_path):
     root = b.hop("gateway", "POST /checkout", 0, 2, presented=old)
     pay = b.hop("payment", "POST /checkout", 0.1, 1.9, presented=old, parent=root)
     intro = b.hop("auth", "POST /introspect", 1.5, 1.6, validated=old, parent=pay, status=401)
+    new = signed_token(b, "2025-current", "valid")  # another user's token, signed with the key auth uses now
+    b.hop("gateway", "GET /products", 3, 3.1, presented=new)
     f = detect_with_headers(b, tmp_path, "unknown_signing_key")
     # Every call that carried it: the client's to the gateway, the gateway's to payment, payment's to auth.
     assert sorted(zip(f["caller"], f["callee"])) == [("client", "gateway"), ("gateway", "payment"), ("payment", "auth")]
     refused = f[f["callee"] == "auth"].iloc[0]
     assert (refused["severity"], refused["caller"], refused["hop_ids"]) == ("error", "payment", [intro])
-    assert refused["details"] == {"kid": "2024-rotated", "calls": 1, "refused": 1, "statuses": ["401"]}
+    assert refused["details"] == {
+        "kid": "2024-rotated", "other_kids": ["2025-current"], "calls": 1, "refused": 1, "statuses": ["401"],
+    }  # fmt: skip
     assert refused["message"].startswith("payment sent auth POST /introspect a token signed with key '2024-rotated'")
+    assert refused["message"].endswith("(1 calls, 1 refused); the capture's other tokens name '2025-current'")
+    # The 401 to a token with an hour left is also a rejected valid token, which says why.
+    rejected = detect_with_headers(b, tmp_path, "rejected_valid_token")
+    assert "signed with key '2024-rotated', in no key set the capture served: see unknown_signing_key" in rejected.iloc[0]["message"]
     passed = f[f["callee"] == "payment"].iloc[0]
     assert (passed["severity"], passed["caller"], passed["hop_ids"]) == ("warning", "gateway", [pay])
 

@@ -261,3 +261,61 @@ def test_any_intervals_give_a_forest(tmp_path, spans):
     assert (parents["service"].to_numpy() != child["service"].to_numpy()).all()
     assert (parents["depth"].to_numpy() + 1 == child["depth"].to_numpy()).all()
     assert (h.loc[h["trace"].to_numpy(), "depth"] == 0).all()
+
+
+def _refresh_race(b: Builder, at: float, winner_first: bool, winners_call_first: bool) -> list[tuple[int, int]]:
+    """Two requests of one client presenting one refresh token at once (to the gateway, on to
+    auth): one wins a new token pair, the other is refused. Returns (request, its call) pairs."""
+    refresh = b.token(sub="alice", exp=3600)
+    fresh, next_refresh = b.token(sub="alice", exp=3600), b.token(sub="alice", exp=7200)
+    starts = (at, at + 0.01) if winner_first else (at + 0.01, at)
+    calls = (at + 0.05, at + 0.051) if winners_call_first else (at + 0.051, at + 0.05)
+    won = b.hop("gateway", "POST /auth/refresh", starts[0], at + 0.30, validated=refresh, issued=(fresh, next_refresh))
+    lost = b.hop("gateway", "POST /auth/refresh", starts[1], at + 0.31, validated=refresh, status=401)
+    # The refused call ends before the winner's request does: both requests contain both calls.
+    won_call = b.hop("auth", "POST /refresh", calls[0], at + 0.15, validated=refresh, issued=(fresh, next_refresh), parent=won)
+    lost_call = b.hop("auth", "POST /refresh", calls[1], at + 0.16, validated=refresh, status=401, parent=lost)
+    return [(won, won_call), (lost, lost_call)]
+
+
+@pytest.mark.parametrize("winner_first", [True, False])
+@pytest.mark.parametrize("winners_call_first", [True, False])
+def test_concurrent_refreshes_with_one_refresh_token_link_each_call_to_its_request(tmp_path, winner_first, winners_call_first):
+    b = Builder()
+    pairs = _refresh_race(b, 0.0, winner_first, winners_call_first)
+    a = analyze_builder(b, tmp_path)
+    (won, won_call), (lost, lost_call) = pairs
+    # The token pair the winning call answered with went back through its request only: certain.
+    assert links(a)[won_call] == (won, "token") and a.hops.loc[won_call, "link_confidence"] == 1.0
+    # The refused call: both requests contain it, but the winner's was busy with its own /refresh.
+    assert links(a)[lost_call] == (lost, "ambiguous")
+    assert link_accuracy(a.hops, b.truth) == 1.0
+    # Each request issued its own tokens: no token is reported as issued by two requests.
+    assert "token_reuse" not in set(a.findings["kind"])
+
+
+def test_a_container_busy_with_the_same_call_is_passed_over_only_for_that_call(tmp_path):
+    b = Builder()
+    t, new = b.token(sub="alice", exp=3600), b.token(sub="alice", exp=3600)
+    first = b.hop("gateway", "POST /checkout", 0.0, 1.0, presented=t)
+    second = b.hop("gateway", "POST /checkout", 0.01, 1.01, presented=t, issued=new)
+    # `second` is linked for sure to its /refresh call (it answered with the call's token) ...
+    sure = b.hop("auth", "POST /refresh", 0.1, 0.3, validated=t, parent=second, issued=new)
+    # ... which does not make it busy for a call to another endpoint at the same time.
+    other = b.hop("auth", "GET /verify", 0.2, 0.25, presented=t, parent=second)
+    # A second /refresh overlapping `sure` cannot be `second`'s: it goes to `first`.
+    again = b.hop("auth", "POST /refresh", 0.2, 0.26, validated=t, parent=first)
+    a = analyze_builder(b, tmp_path)
+    assert links(a)[other] == (second, "ambiguous")
+    assert links(a)[again] == (first, "ambiguous")
+    assert links(a)[sure] == (second, "token")
+
+
+def test_many_concurrent_refresh_races_link_every_call(tmp_path):
+    b = Builder()
+    pairs = []
+    for i in range(20):  # twenty clients, each racing itself, all overlapping one another
+        pairs += _refresh_race(b, 0.005 * i, winner_first=i % 2 == 0, winners_call_first=i % 3 == 0)
+    a = analyze_builder(b, tmp_path)
+    assert all(links(a)[call][0] == request for request, call in pairs)
+    assert "token_reuse" not in set(a.findings["kind"])

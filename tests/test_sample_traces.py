@@ -24,12 +24,15 @@ EXPECTED_ERRORS = {
     # Cart refuses payment's calls without X-Internal-Key (401 to a valid token: see service_key_missing);
     # cart's 502s after products' 429s are where the failed add-to-carts began.
     "service-faults": {"service_key_missing", "service_key_leak", "refresh_race", "rejected_valid_token", "upstream_error"},
+    # Auth's /verify refuses the tokens of the key it rotated away: 401s to tokens with an hour left.
+    "rotated-key": {"unknown_signing_key", "rejected_valid_token"},
 }
 EXPECTED_WARNINGS = {
     "checkout-expiry": {"duplicate_validation", "token_reuse"},
     "clock-skew": {"clock_skew"},
     "flaky-retries": {"retry_storm"},
     "service-faults": {"retry_without_backoff", "rate_limited", "audience_mismatch"},
+    "rotated-key": {"token_reuse", "duplicate_validation"},
 }
 
 
@@ -66,19 +69,27 @@ def test_every_finding_names_its_caller_callee_and_endpoint():
 def test_samples_hold_no_raw_token():
     for db in (ROOT / "sample_traces").glob("*.db"):
         data = db.read_bytes()
-        # A JWT's header+payload start would be there if a raw token had leaked.
+        # A JWT's header+payload start would be there if a raw token had leaked: '{"alg":"HS256","typ":"JWT"}.{'
+        # and (keys sorted, as pyjwt writes them) '{"alg":"RS256",'.
         assert b"eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJ" not in data, db.name
+        assert b"eyJhbGciOiJSUzI1NiIs" not in data, db.name
 
 
 @pytest.mark.parametrize(
-    "kind", ["service_key_missing", "service_key_leak", "refresh_race", "retry_without_backoff", "rate_limited", "audience_mismatch"]
-)
-def test_fail_on_accepts_each_new_kind(kind):
+    ("kind", "sample"),
+    [
+        *((kind, "service-faults") for kind in (
+            "service_key_missing", "service_key_leak", "refresh_race", "retry_without_backoff", "rate_limited", "audience_mismatch",
+        )),
+        ("unknown_signing_key", "rotated-key"),
+    ],
+)  # fmt: skip
+def test_fail_on_accepts_each_new_kind(kind, sample):
     from click.testing import CliRunner
 
     from hoptrace.analyzer._cli import analyze as analyze_command
 
-    result = CliRunner().invoke(analyze_command, [str(ROOT / "sample_traces" / "service-faults.db"), "--fail-on", kind])
+    result = CliRunner().invoke(analyze_command, [str(ROOT / "sample_traces" / f"{sample}.db"), "--fail-on", kind])
     assert result.exit_code == 1, result.output
     assert "failing on" in result.stderr and kind in result.stderr
 

@@ -27,6 +27,7 @@ import jwt
 import pytest
 from aiohttp import web
 from click.testing import CliRunner
+from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -143,6 +144,11 @@ async def relayed_stack(**overrides: Any) -> AsyncIterator[tuple[RunningStack, R
 
 async def get_json(url: str, **kwargs: Any) -> tuple[int, Any, Any]:
     async with aiohttp.ClientSession() as session, session.get(url, **kwargs) as response:
+        return response.status, await response.json(content_type=None), response.headers
+
+
+async def post_json(url: str, body: Any, **kwargs: Any) -> tuple[int, Any, Any]:
+    async with aiohttp.ClientSession() as session, session.post(url, json=body, **kwargs) as response:
         return response.status, await response.json(content_type=None), response.headers
 
 
@@ -480,6 +486,9 @@ def _parent(hop: Hop) -> str:
         ["--rate-limit", "-3"],
         ["--key-missing-caller", "billing"],
         ["--token-audience", ""],
+        ["--rotate-key-after", "2"],  # an HS256 secret has no published key to rotate
+        ["--jwt-algorithm", "RS256", "--rotate-key-after", "-1"],
+        ["--jwt-algorithm", "none"],
         ["--bogus"],
     ],
 )
@@ -617,10 +626,70 @@ def test_audience_and_one_time_refresh_tokens() -> None:
     run(scenario())
 
 
+async def _register(auth_url: str, email: str) -> str:
+    """A sign-up straight at auth: the token it answers with."""
+    status, body, _headers = await post_json(f"{auth_url}/register", {"email": email, "password": "pw"})
+    assert status == 201, body
+    return body["token"]
+
+
+def test_rs256_tokens_name_their_key_and_payment_checks_them_against_auth_key_set() -> None:
+    async def scenario() -> None:
+        async with await start_stack(config(jwt_algorithm="RS256")) as running:
+            result = await run_checkout_flow(running.urls["gateway"], "signed@example.test")
+            _status, jwks, _headers = await get_json(f"{running.urls['auth']}/.well-known/jwks.json")
+            stats = running.stats()
+        assert result.ok, result
+        assert jwt.get_unverified_header(result.token) == {"alg": "RS256", "kid": "auth-1", "typ": "JWT"}
+        assert [(k["kid"], k["kty"], k["alg"]) for k in jwks["keys"]] == [("auth-1", "RSA", "RS256")]
+        assert "d" not in jwks["keys"][0]  # the public half only
+        # Payment fetched the key set (with no token) to check the token itself before charging.
+        assert stats["auth"]["requests"].get("GET /.well-known/jwks.json", 0) >= 1, stats["auth"]
+
+    run(scenario())
+
+
+def test_key_rotation_without_overlap_refuses_tokens_of_the_old_key() -> None:
+    async def scenario() -> None:
+        async with await start_stack(config(jwt_algorithm="RS256", rotate_key_after=1)) as running:
+            kept = await _register(running.urls["auth"], "early@example.test")  # signed before the rotation
+            fresh = await run_checkout_flow(running.urls["gateway"], "late@example.test")
+            back = await run_checkout_flow(running.urls["gateway"], "early@example.test", kept_token=kept)
+            _status, jwks, _headers = await get_json(f"{running.urls['auth']}/.well-known/jwks.json")
+            verdict = await get_json(f"{running.urls['auth']}/verify", headers={"Authorization": f"Bearer {kept}"})
+        assert jwt.get_unverified_header(kept)["kid"] == "auth-1"
+        assert fresh.ok and jwt.get_unverified_header(fresh.token)["kid"] == "auth-2"
+        assert [k["kid"] for k in jwks["keys"]] == ["auth-2"]  # the old key is gone at once: no overlap
+        assert back.statuses == {"browse": 401} and back.failed_body == {"error": "Invalid or expired token"}
+        assert verdict[0] == 401 and "'auth-1' is not in the key set" in verdict[1]["error"]
+
+    run(scenario())
+
+
+def test_payment_refuses_a_token_whose_key_its_key_set_lacks() -> None:
+    async def scenario() -> None:
+        async with await start_stack(config(jwt_algorithm="RS256")) as running:
+            flow = await run_checkout_flow(running.urls["gateway"], "forged@example.test")
+            # The same claims signed with a key auth never published, straight to payment.
+            claims = jwt.decode(flow.token, options={"verify_signature": False})
+            rogue = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            forged = jwt.encode(claims, rogue, algorithm="RS256", headers={"kid": "rogue"})
+            body = {"cart_id": flow.cart_id, "payment_method": "card"}
+            status, answer, _headers = await post_json(
+                f"{running.urls['payment']}/checkout", body, headers={"Authorization": f"Bearer {forged}", "X-User-Id": flow.sub},
+            )  # fmt: skip
+        assert flow.ok and status == 401 and answer == {"error": "Invalid or expired token"}
+
+    run(scenario())
+
+
 @pytest.mark.parametrize(
     "overrides",
-    [{"rate_limit": -1}, {"rate_limit": True}, {"key_missing_caller": "billing"}, {"token_audience": ("",)}],
-)
+    [
+        {"rate_limit": -1}, {"rate_limit": True}, {"key_missing_caller": "billing"}, {"token_audience": ("",)},
+        {"jwt_algorithm": "none"}, {"rotate_key_after": 1}, {"jwt_algorithm": "RS256", "rotate_key_after": -1},
+    ],
+)  # fmt: skip
 def test_fault_settings_are_checked(overrides: dict[str, Any]) -> None:
     with pytest.raises(StackError):
         config(**overrides)
@@ -669,15 +738,69 @@ def test_planted_faults_leave_no_secret_in_the_file(faulty_recording) -> None:
     assert all(secret.encode() not in stored for secret in secrets)
 
 
+FAULTS = (
+    "rate_limit", "retry_no_backoff", "key_missing_caller", "leak_internal_key", "token_audience", "refresh_race",
+    "rotate_key_after", "payment_clock_offset", "shared_client", "flaky_rate",
+)  # fmt: skip
+
+
 @pytest.mark.e2e
-def test_a_run_with_every_fault_off_has_no_error_finding(tmp_path) -> None:
+@pytest.mark.parametrize("name", ["clean", "rotated-key"])
+def test_a_run_with_every_fault_off_has_no_error_finding(tmp_path, name) -> None:
+    """Clean with HS256; and RS256 with users who signed in before the capture, keeping their key."""
     from hoptrace.analyzer import analyze
     from hoptrace.stack.scenarios import SCENARIOS, record
 
-    scenario = SCENARIOS["clean"]
+    scenario = SCENARIOS[name]
     defaults = StackConfig()
-    off = {k: getattr(defaults, k) for k in ("rate_limit", "retry_no_backoff", "key_missing_caller", "leak_internal_key", "token_audience", "refresh_race")}
+    off = {k: getattr(defaults, k) for k in FAULTS}
     recording = asyncio.run(record(tmp_path / "clean.db", scenario.stack_config(**off), scenario.drive))
     findings = analyze(tmp_path / "clean.db").findings
-    assert all(flow.ok for flow in recording.flows)
+    assert recording.flows and all(flow.ok for flow in recording.flows)
     assert findings[findings["severity"] == "error"].empty, findings["message"].tolist()
+
+
+@pytest.fixture(scope="module")
+def rotated_recording(tmp_path_factory):
+    """The rotated-key scenario through the real `hoptrace proxy`, analyzed."""
+    from hoptrace.analyzer import analyze
+
+    from .conftest import record_scenario
+
+    recording, _stack_config, db = record_scenario("rotated-key", tmp_path_factory.mktemp("rotated"))
+    return recording, db, analyze(db)
+
+
+@pytest.mark.e2e
+def test_a_key_rotated_without_overlap_is_found_with_its_caller(rotated_recording) -> None:
+    import sqlite3
+
+    recording, db, analysis = rotated_recording
+    assert recording.proxy_exit == 0
+    returning = [flow for flow in recording.flows if "-returning-" in flow.email]
+    assert len(returning) == 2 and all(flow.statuses == {"browse": 401} for flow in returning)
+    assert all(flow.ok for flow in recording.flows if flow not in returning)
+    with sqlite3.connect(db) as conn:
+        verdicts = dict(conn.execute("SELECT kid, group_concat(DISTINCT verdict) FROM tokens WHERE alg = 'RS256' GROUP BY kid"))
+    # The recorder read the key set payment fetched (auth-2 only) before it first saw the kept tokens.
+    assert verdicts["auth-1"] == "unknown_kid" and "unknown_kid" not in verdicts["auth-2"]
+    f = analysis.findings
+    found = f[f["kind"] == "unknown_signing_key"]
+    mine = found[(found["caller"] == "gateway") & (found["callee"] == "auth")]
+    assert len(mine) == 1, found[["caller", "callee", "message"]].to_dict("records")
+    row = mine.iloc[0]
+    assert (row["severity"], row["endpoint"]) == ("error", "GET /verify")
+    assert row["message"].startswith("gateway sent auth GET /verify a token signed with key 'auth-1', which no key set")
+    assert "(2 calls, 2 refused); the capture's other tokens name 'auth-2'" in row["message"]
+    assert set(f.loc[f["severity"] == "error", "kind"]) == {"unknown_signing_key", "rejected_valid_token"}
+
+
+@pytest.mark.e2e
+def test_rotated_key_run_leaves_no_token_in_the_file(rotated_recording) -> None:
+    from .conftest import file_bytes
+
+    recording, db, _analysis = rotated_recording
+    stored = file_bytes(db)
+    tokens = [flow.token for flow in recording.flows if flow.token]
+    assert len(tokens) == len(recording.flows) and not any(token.encode() in stored for token in tokens)
+    assert not any(token.split(".")[2].encode() in stored for token in tokens)  # nor a signature alone

@@ -11,7 +11,7 @@ import click
 
 from hoptrace._click import BadInput, OneLineCommand, exit_2_on_bad_input
 from hoptrace._options import out_folder_option
-from hoptrace.stack.config import PROPAGATION_MODES, SERVICES, StackConfig, StackError
+from hoptrace.stack.config import JWT_ALGORITHMS, PROPAGATION_MODES, SERVICES, StackConfig, StackError
 from hoptrace.stack.runner import RunningStack, start_stack
 
 
@@ -49,6 +49,11 @@ def _ports(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) 
 def _number(flag: str, kind: type, default: float, help: str):
     """A numeric option of the stack, its default shown in --help."""
     return click.option(flag, type=kind, default=default, show_default=True, help=help)
+
+
+def _choice(flag: str, choices: tuple[str, ...], help: str):
+    """An option of the stack taking one of ``choices``, the first by default (shown in --help)."""
+    return click.option(flag, type=click.Choice(choices), default=choices[0], show_default=True, help=help)
 
 
 @click.command(
@@ -105,13 +110,9 @@ def _number(flag: str, kind: type, default: float, help: str):
     is_flag=True,
     help="Fault: login hands out one-time refresh tokens (POST /auth/refresh); a second use is refused.",
 )
-@click.option(
-    "--propagate",
-    type=click.Choice(PROPAGATION_MODES),
-    default="none",
-    show_default=True,
-    help="Trace context the services forward on every downstream call.",
-)
+@_choice("--jwt-algorithm", JWT_ALGORITHMS, "How auth signs tokens: a shared secret, or an RSA key with a kid published at GET /.well-known/jwks.json.")
+@_number("--rotate-key-after", int, 0, "Fault (RS256): auth rotates its key after this many tokens, dropping the old one at once (0: never).")
+@_choice("--propagate", PROPAGATION_MODES, "Trace context the services forward on every downstream call.")
 def stack(
     ports: dict[str, int],
     upstreams: dict[str, str],
@@ -127,6 +128,8 @@ def stack(
     leak_internal_key: bool,
     token_audience: tuple[str, ...],
     refresh_race: bool,
+    jwt_algorithm: str,
+    rotate_key_after: int,
     propagate: str,
 ) -> None:
     """Run the sample e-commerce stack (gateway, auth, products, cart, payment) on 127.0.0.1.
@@ -151,6 +154,8 @@ def stack(
             leak_internal_key=leak_internal_key,
             token_audience=token_audience,
             refresh_race=refresh_race,
+            jwt_algorithm=jwt_algorithm,
+            rotate_key_after=rotate_key_after,
             propagate=propagate,
         )
         asyncio.run(_serve(config))

@@ -25,6 +25,7 @@ DEFAULT_PORTS: dict[str, int] = {
 }
 
 PROPAGATION_MODES: tuple[str, ...] = ("none", "traceparent", "x-request-id")
+JWT_ALGORITHMS: tuple[str, ...] = ("HS256", "RS256")
 
 # Services only ever call this machine: a typo'd upstream must not send bearer tokens elsewhere.
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -83,6 +84,14 @@ class StackConfig:
     refresh_race: bool = False
     """Fault: auth hands out one-time refresh tokens at login, and each client refreshes
     twice at once with its one: auth refuses the slower refresh (401)."""
+    jwt_algorithm: str = "HS256"
+    """How auth signs: "HS256" with ``secret``, or "RS256" with an RSA key named by a ``kid``,
+    published at ``GET /.well-known/jwks.json``; payment then checks each token's signature
+    itself against the key set it fetched (no token sent), cached for ``KEYSET_CACHE_SECONDS``."""
+    rotate_key_after: int = 0
+    """Fault (RS256): auth rotates its signing key after this many tokens (0: never), with no
+    overlap: the new key signs and is the only one published, so a token signed with the old
+    key, still held by a client, is refused (401) wherever it is checked."""
     tokenless_calls: bool = False
     """Calls that carry no token, as real services make them: payment fetches auth's key set
     (``GET /.well-known/jwks.json``) whenever its cache of it is older than
@@ -128,6 +137,12 @@ class StackConfig:
             raise StackError(f"flaky_rate must be between 0 and 1, got {self.flaky_rate!r}")
         if isinstance(self.rate_limit, bool) or not isinstance(self.rate_limit, int) or self.rate_limit < 0:
             raise StackError(f"rate_limit must be a whole number >= 0, got {self.rate_limit!r}")
+        if self.jwt_algorithm not in JWT_ALGORITHMS:
+            raise StackError(f"jwt_algorithm must be one of {', '.join(JWT_ALGORITHMS)}, got {self.jwt_algorithm!r}")
+        if isinstance(self.rotate_key_after, bool) or not isinstance(self.rotate_key_after, int) or self.rotate_key_after < 0:
+            raise StackError(f"rotate_key_after must be a whole number >= 0, got {self.rotate_key_after!r}")
+        if self.rotate_key_after and self.jwt_algorithm != "RS256":
+            raise StackError("rotate_key_after needs jwt_algorithm RS256: an HS256 secret has no published key to rotate")
         if self.key_missing_caller is not None and self.key_missing_caller not in SERVICES:
             raise StackError(
                 f"key_missing_caller must be one of {', '.join(SERVICES)}, got {self.key_missing_caller!r}"

@@ -12,10 +12,12 @@ import asyncio
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import aiohttp
 
 from hoptrace._errors import HoptraceError
 from hoptrace.stack import (
@@ -26,8 +28,10 @@ from hoptrace.stack import (
     run_users,
     start_stack,
 )
+from hoptrace.stack.workload import DEFAULT_PASSWORD
 
-Drive = Callable[[str], Awaitable[list[FlowResult]]]
+Drive = Callable[[str, Mapping[str, str]], Awaitable[list[FlowResult]]]
+"""drive(the gateway's proxy listener, each service's own address, which the proxy does not see)."""
 
 
 @dataclass
@@ -49,11 +53,15 @@ class Scenario:
     # so payment's re-validation, `work_seconds` later, finds it expired.
     late_users: tuple[int, ...] = ()
     late_remaining: float = 0.4
+    # Users who signed up straight at auth before the capture (the proxy never saw their
+    # token issued), and come back with the token they kept once the others are done.
+    returning_users: int = 0
 
     def stack_config(self, **overrides) -> StackConfig:
         return StackConfig(**{"token_ttl": 3, "work_seconds": 1.0, **self.config, **overrides})
 
-    async def drive(self, gateway_url: str) -> list[FlowResult]:
+    async def drive(self, gateway_url: str, services: Mapping[str, str] | None = None) -> list[FlowResult]:
+        kept = await _signed_up_before(services, [self._returning(i) for i in range(self.returning_users)])
         on_time = run_users(
             gateway_url, self.users - len(self.late_users), email_prefix=f"{self.name}-user",
             refresh_twice=self.config.get("refresh_race", False),
@@ -63,7 +71,29 @@ class Scenario:
             for i in self.late_users
         ]
         results = await asyncio.gather(on_time, *late)
-        return [*results[0], *results[1:]]
+        back = [run_checkout_flow(gateway_url, self._returning(i), kept_token=token) for i, token in enumerate(kept)]
+        return [*results[0], *results[1:], *await asyncio.gather(*back)]
+
+    def _returning(self, index: int) -> str:
+        return f"{self.name}-returning-{index}@example.test"
+
+
+async def _signed_up_before(services: Mapping[str, str] | None, emails: list[str]) -> list[str]:
+    """The tokens auth's ``POST /register`` gives these users, asked of auth directly: sign-ups
+    from before the capture, which no hop of it shows."""
+    if not emails:
+        return []
+    if services is None:
+        raise HoptraceError("users who signed up before the capture need auth's own address")
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        tokens = []
+        for email in emails:
+            body = {"email": email, "password": DEFAULT_PASSWORD}
+            async with session.post(f"{services['auth'].rstrip('/')}/register", json=body) as response:
+                if response.status != 201:
+                    raise HoptraceError(f"auth answered {response.status} to a sign-up before the capture")
+                tokens.append((await response.json())["token"])
+        return tokens
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -109,6 +139,16 @@ SCENARIOS: dict[str, Scenario] = {
             users=6,
         ),
         Scenario(
+            "rotated-key",
+            "Auth signs RS256 tokens and rotates its key without overlap: two users signed up before the"
+            " capture with key auth-1, auth then signs with auth-2 and publishes only it; they come back"
+            " with their kept tokens and auth's /verify refuses them (401).",
+            # The key rotates right after the returning users' two sign-ups: every token of the capture is auth-2's.
+            config={"token_ttl": 3600, "jwt_algorithm": "RS256", "rotate_key_after": 2},
+            users=3,
+            returning_users=2,
+        ),
+        Scenario(
             "propagated",
             "Clean run with W3C traceparent forwarded by every service: the ground truth for trace inference.",
             config={"token_ttl": 3600, "propagate": "traceparent"},
@@ -126,7 +166,8 @@ async def record(
     progress: Callable[[str], None] = lambda message: None,
     proxy_args: tuple[str, ...] = (),
 ) -> Recording:
-    """Run the stack behind `hoptrace proxy` (given ``proxy_args`` too) into ``db`` while ``drive(gateway_listener_url)`` runs."""
+    """Run the stack behind `hoptrace proxy` (given ``proxy_args`` too) into ``db`` while
+    ``drive(gateway_listener_url, service_urls)`` runs."""
     listen = {name: _free_port() for name in SERVICES}
     config.upstreams = {name: f"http://127.0.0.1:{port}" for name, port in listen.items()}
     config.ports = dict.fromkeys(SERVICES, 0)
@@ -143,7 +184,7 @@ async def record(
         try:
             await _wait_for_line(output, "proxy ready", proxy, timeout=60)
             progress("driving the checkout workflow")
-            flows = await drive(f"http://127.0.0.1:{listen['gateway']}")
+            flows = await drive(f"http://127.0.0.1:{listen['gateway']}", stack.urls)
             service_stats = stack.stats()
         finally:
             if proxy.returncode is None:

@@ -40,11 +40,14 @@ from hoptrace.stack.client import NO_BACKOFF, RETRY_BACKOFF, DownstreamError, Se
 from hoptrace.stack.config import StackConfig
 from hoptrace.stack.stats import ServiceStats
 from hoptrace.stack.tokens import (
+    KeyRing,
     TokenError,
     TokenExpired,
+    Verifier,
     bearer_token,
     check_token,
     issue_token,
+    keys_of_jwks,
     unverified_subject,
 )
 from hoptrace.stack.tracing import TraceContext
@@ -323,6 +326,7 @@ def _auth_app(config: StackConfig, upstreams: dict[str, str]) -> web.Application
     accounts: dict[str, _Account] = {}
     refresh_tokens: dict[str, _Account] = {}  # one-time: used once, then gone
     clock: Clock = time.time  # expiry is judged on auth's clock
+    signer, verifier, key_set = _signing(config)
 
     def credentials(body: dict[str, Any] | None) -> tuple[str, str] | None:
         if body is None:
@@ -333,7 +337,7 @@ def _auth_app(config: StackConfig, upstreams: dict[str, str]) -> web.Application
         return None
 
     def new_token(account: _Account) -> str:
-        account.token = issue_token(config.secret, account.sub, config.token_ttl, clock(), config.token_audience)
+        account.token = issue_token(signer, account.sub, config.token_ttl, clock(), config.token_audience)
         return account.token
 
     def answer(account: _Account, token: str, status: int = 200) -> web.Response:
@@ -368,7 +372,7 @@ def _auth_app(config: StackConfig, upstreams: dict[str, str]) -> web.Application
         try:
             # The scenario's token-reuse bug: login hands back the token issued at
             # register, with whatever life it has left, instead of a fresh one.
-            check_token(config.secret, account.token, clock())
+            check_token(verifier(), account.token, clock())
             token = account.token
         except TokenError:
             token = new_token(account)
@@ -386,16 +390,29 @@ def _auth_app(config: StackConfig, upstreams: dict[str, str]) -> web.Application
             return _error(401, "refresh token already used or unknown")
         return answer(account, new_token(account))
 
-    verify, introspect = _validation_handlers(config.secret, clock)
+    verify, introspect = _validation_handlers(verifier, clock)
 
     app.router.add_post("/register", register)
     app.router.add_post("/login", login)
     app.router.add_get("/verify", verify)
     app.router.add_post("/introspect", introspect)
     app.router.add_post("/refresh", refresh)
-    # HS256 keys are secret: the key set auth publishes is empty, but callers still fetch it.
-    app.router.add_get("/.well-known/jwks.json", _answer_with({"keys": []}))
+    app.router.add_get("/.well-known/jwks.json", key_set)
     return app
+
+
+def _signing(config: StackConfig) -> tuple[KeyRing | str, Callable[[], Verifier], Handler]:
+    """What auth signs with, what it checks tokens against, and the handler of its published key set."""
+    if config.jwt_algorithm != "RS256":
+        # HS256 keys are secret: the key set auth publishes is empty, but callers still fetch it.
+        return config.secret, lambda: config.secret, _answer_with({"keys": []})
+    ring = KeyRing(config.rotate_key_after)
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.json_response(ring.jwks())
+
+    # auth checks tokens as any verifier would: against the keys it publishes now.
+    return ring, ring.public_keys, serve
 
 
 def _answer_with(body: dict[str, Any]) -> Handler:
@@ -407,7 +424,7 @@ def _answer_with(body: dict[str, Any]) -> Handler:
     return answer
 
 
-def _validation_handlers(secret: str, clock: Clock) -> tuple[Handler, Handler]:
+def _validation_handlers(verifier: Callable[[], Verifier], clock: Clock) -> tuple[Handler, Handler]:
     """auth's two ways to validate a token: ``GET /verify`` (bearer header) and ``POST /introspect`` (JSON body)."""
 
     async def verify(request: web.Request) -> web.Response:
@@ -415,7 +432,7 @@ def _validation_handlers(secret: str, clock: Clock) -> tuple[Handler, Handler]:
         if token is None:
             return web.json_response({"valid": False, "error": "no bearer token"}, status=401)
         try:
-            claims = check_token(secret, token, clock())
+            claims = check_token(verifier(), token, clock())
         except TokenError as exc:
             return web.json_response({"valid": False, "error": str(exc)}, status=401)
         return web.json_response(
@@ -428,7 +445,7 @@ def _validation_handlers(secret: str, clock: Clock) -> tuple[Handler, Handler]:
         if not isinstance(token, str):
             return web.json_response({"active": False, "error": "token is required"}, status=400)
         try:
-            claims = check_token(secret, token, clock())
+            claims = check_token(verifier(), token, clock())
         except TokenError as exc:
             return web.json_response({"active": False, "error": str(exc)}, status=401)
         return web.json_response({"active": True, "sub": claims["sub"], "exp": claims["exp"]})
@@ -593,7 +610,8 @@ def _cart_app(config: StackConfig, upstreams: dict[str, str]) -> web.Application
 def _payment_app(config: StackConfig, upstreams: dict[str, str]) -> web.Application:
     app = _base_app("payment", config, upstreams, callees=("cart", "auth"))
     offset = config.payment_clock_offset
-    keyset = _KeySetCache(config.tokenless_calls)
+    signed_by_key = config.jwt_algorithm == "RS256"
+    keyset = _KeySetCache(config.tokenless_calls or signed_by_key)
 
     def clock() -> float:
         return time.time() + offset
@@ -623,15 +641,16 @@ def _payment_app(config: StackConfig, upstreams: dict[str, str]) -> web.Applicat
 
         await asyncio.sleep(config.work_seconds)  # charging the card takes a while
 
-        if offset:
-            # The clock-skew fault: payment also judges expiry itself, on its own clock.
+        await keyset.refresh(clients["auth"], trace)
+        if offset or signed_by_key:
+            # The clock-skew fault: payment also judges expiry itself, on its own clock; an
+            # RS256 token it checks against auth's key set, as a verifier of signed tokens does.
             try:
-                check_token(config.secret, token, clock())
+                check_token(keyset.keys if signed_by_key else config.secret, token, clock())
             except TokenExpired:
                 return _error(401, PAYMENT_CLOCK_EXPIRED)
             except TokenError:
                 return _error(401, INVALID_TOKEN)
-        await keyset.refresh(clients["auth"], trace)
         # The scenario's redundant re-validation: by now the token may have expired.
         verdict = await clients["auth"].request(
             "POST", "/introspect", trace, json_body={"token": token}
@@ -659,12 +678,15 @@ class _KeySetCache:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.fetched_at = -math.inf
+        self.keys: dict[str, Any] = {}
+        """The RS256 public keys of the last key set fetched, by kid."""
 
     async def refresh(self, auth: ServiceClient, trace: TraceContext) -> None:
         if self.enabled and time.monotonic() - self.fetched_at > KEYSET_CACHE_SECONDS:
             reply = await auth.request("GET", "/.well-known/jwks.json", trace)
             if reply.status == 200:
                 self.fetched_at = time.monotonic()
+                self.keys = keys_of_jwks(reply.json_object())
 
 
 def _date_from(clock: Clock) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
