@@ -174,7 +174,8 @@ def measure_live(source: Path, live_db: Path, seconds: float, log) -> dict:
     lag = lambda seen: sorted(seen[t] - committed[t] for t in committed if t in seen)  # noqa: E731
     listed_lag, analysed_lag = lag(listed), lag(analysed)
     out = {"hops": last - cut, "requests": len(committed), "listed": len(listed_lag), "analysed": len(analysed_lag),
-           "listed_s": _spread(listed_lag), "analysed_s": _spread(analysed_lag)}  # fmt: skip
+           "listed_s": _spread(listed_lag), "analysed_s": _spread(analysed_lag),
+           "never_analysed": sorted(set(committed) - set(analysed))[:20]}  # fmt: skip
     log(f"  live: {out['requests']} requests written; listed {_p(out['listed_s'])}; analysed {_p(out['analysed_s'])}")
     return out
 

@@ -43,6 +43,8 @@ NO_FINDING_RANK = len(SEVERITIES)
 LOOKBACK_S = 10.0
 """How far before the newest hop a live refresh re-analyses: a request still running
 after that long is analysed in two parts (its early hops as they were)."""
+TIME_SLACK_S = 1e-6
+"""How much earlier than a live pass's start the copy of the tail begins (see :func:`copy_tail`)."""
 SORTABLE = {
     "worst": "worst", "started": "started_at", "duration": "duration_ms", "status": "status", "hops": "hops", "severity": "rank",
 }  # fmt: skip
@@ -608,7 +610,10 @@ def copy_tail(path: Path, into: Path, since: float) -> None:
     """The hops of ``path`` that started at or after ``since``, their tokens and the captures, as a new trace DB.
 
     Every hop of a request that started at ``since`` or later started then too (a call
-    starts after its caller), so the copy holds those requests whole. The index on
+    starts after its caller), so the copy holds those requests whole. ``since`` is a time as
+    the analysis holds it, rounded to the microsecond, and the file's own value may lie up to
+    half a microsecond below it: the copy starts ``TIME_SLACK_S`` earlier, and the analysis of
+    the copy keeps the requests from ``since`` on by its rounded times. The index on
     (capture_id, started_at) finds the rows: the cost follows the tail, not the file,
     where the analyzer's own window still reads every page (and checks the whole file).
     """
@@ -625,7 +630,7 @@ def copy_tail(path: Path, into: Path, since: float) -> None:
         conn.execute(
             f"INSERT INTO hops ({copy['hops']}) SELECT {copy['hops']} FROM src.hops"
             " WHERE capture_id IN (SELECT id FROM src.captures) AND started_at >= ?",
-            (since,),
+            (since - TIME_SLACK_S,),
         )
         conn.execute(
             f"INSERT INTO hop_tokens ({copy['hop_tokens']}) SELECT {copy['hop_tokens']} FROM src.hop_tokens"
@@ -660,13 +665,20 @@ def _plain_filters(reqs: pd.DataFrame, q: RequestQuery) -> np.ndarray:
     keep = np.ones(len(reqs), dtype=bool)
     if q.status:
         keep &= (reqs["status_class"] == q.status).to_numpy()
+    # Start times are held in whole microseconds (as the analyzer loads them): so are the bounds, or a
+    # window starting at a request's recorded time (1767255321.7541513) would leave that request out.
     if q.since is not None:
-        keep &= (reqs["started_at"] >= q.since).to_numpy()
+        keep &= (reqs["started_at"] >= _whole_us(q.since)).to_numpy()
     if q.until is not None:
-        keep &= (reqs["started_at"] <= q.until).to_numpy()
+        keep &= (reqs["started_at"] <= _whole_us(q.until)).to_numpy()
     if q.text:
         keep &= reqs["haystack"].str.contains(q.text.lower(), regex=False).to_numpy()
     return keep
+
+
+def _whole_us(t: float) -> float:
+    """``t`` rounded to the microsecond, as the loader and :mod:`hoptrace.ui._preview` read times."""
+    return math.floor(t * 1e6 + 0.5) / 1e6
 
 
 def _quick_requests(path: Path, db: int, after_id: int | None = None) -> pd.DataFrame:
