@@ -96,8 +96,8 @@ def render_report(
     DB --format json`` lists them all). ``progress`` is told each stage as it starts.
     ``dpi`` is kept for callers of the PNG era: SVG charts have no resolution.
     """
-    from hoptrace.plot._graph import service_graph
-    from hoptrace.plot._latency import latency
+    from hoptrace.plot._graph import graph_layout, graph_svg
+    from hoptrace.plot._latency import latency_layout, latency_svg
 
     say = progress or (lambda stage: None)
     require_hops(analysis)
@@ -119,10 +119,11 @@ def render_report(
         _summary(analysis, m),
         workflows,
         '<section id="latency"><h2>Latency and errors per service</h2>',
-        _chart("latency-chart", "latency", "Latency per service", "", lambda: latency(analysis)),
+        _chart("latency-chart", "latency", "Latency per service", "",
+               lambda: latency_svg(latency_layout(analysis.hops, analysis.services))),
         _latency_table(analysis.services),
         '</section><section id="services"><h2>Service call graph</h2>',
-        _chart("services-chart", "services", "Calls between services", "", lambda: service_graph(analysis)),
+        _chart("services-chart", "services", "Calls between services", "", lambda: graph_svg(graph_layout(m.graph[1], m.graph[0]))),
         "</section></body></html>",
     ]
     return "\n".join(parts)
@@ -267,7 +268,7 @@ def _pairs(rows) -> str:
 
 
 def _workflows_section(analysis: Analysis, error_traces: list[int], limit: int) -> str:
-    from hoptrace.plot._session import session_figure
+    from hoptrace.plot._session import session_layout, session_svg
 
     groups, affected = _affected_sessions(analysis.sessions, error_traces, limit)
     out = ['<section id="workflows"><h2>Affected workflows</h2>']
@@ -276,7 +277,7 @@ def _workflows_section(analysis: Analysis, error_traces: list[int], limit: int) 
     for key, rows in groups:
         subjects = ", ".join(sorted({str(s) for s in rows["subject"].dropna()})) or "unknown subject"
         caption = f"Session {key} ({subjects}): {len(rows)} requests"
-        draw = lambda rows=rows: session_figure(analysis, rows)  # noqa: E731
+        draw = lambda rows=rows: session_svg(session_layout(analysis, rows))  # noqa: E731
         out.append(_chart(f"session-{key}", "session", caption, "", draw, data={"session": key}))
     if affected > len(groups):
         out.append(f'<p class="warn">{affected - len(groups)} more affected workflows not shown.</p>')
