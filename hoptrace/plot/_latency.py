@@ -14,8 +14,7 @@ import pandas as pd
 from hoptrace._errors import AnalysisError
 from hoptrace._format import as_float, as_int
 from hoptrace.analyzer._analysis import Analysis
-from hoptrace.analyzer._model import outcomes as hop_outcomes
-from hoptrace.analyzer._model import slowest_first
+from hoptrace.analyzer._model import outcome_codes, service_codes, slowest_first
 from hoptrace.analyzer._types import OUTCOMES
 from hoptrace.plot import _svg as s
 from hoptrace.plot._common import (
@@ -68,9 +67,13 @@ def latency_layout(hops: pd.DataFrame, services: pd.DataFrame, *, title: str | N
         raise AnalysisError("no hops recorded: no latencies to plot")
     stats = slowest_first(services)
     dur = hops["duration_ms"].to_numpy(dtype=float)
-    svc = hops["service"].astype(str).to_numpy()
-    outcome = hop_outcomes(hops).to_numpy()
-    rows_of = pd.Series(svc).groupby(svc, sort=False).indices  # service -> positions of its hops
+    # Services and outcomes as integer codes: at a million hops a string per hop cost seconds to group.
+    names, svc = service_codes(hops)
+    outcome = outcome_codes(hops)
+    order = np.argsort(svc, kind="stable")
+    bounds = np.searchsorted(svc[order], np.arange(len(names) + 1))
+    rows_of = {name: order[bounds[k] : bounds[k + 1]] for k, name in enumerate(names)}  # service -> its hops' positions
+    colors = np.array([OUTCOME_COLORS[o] for o in OUTCOMES], dtype=object)
     rng = np.random.default_rng(0)
     dots, boxes = [], []
     for i, name in enumerate(stats["service"]):
@@ -81,8 +84,10 @@ def latency_layout(hops: pd.DataFrame, services: pd.DataFrame, *, title: str | N
         if len(d) > MAX_POINTS:
             pick = rng.choice(len(d), MAX_POINTS, replace=False)
             d, o = d[pick], o[pick]
-        dots.append((d, i + rng.uniform(-0.22, 0.22, len(d)), [OUTCOME_COLORS[x] for x in o]))
-    counts = pd.crosstab(svc, outcome).reindex(index=stats["service"], columns=list(OUTCOMES), fill_value=0)
+        dots.append((d, i + rng.uniform(-0.22, 0.22, len(d)), colors[o].tolist()))
+    counts = np.bincount(svc.astype(np.int64) * len(OUTCOMES) + outcome, minlength=len(names) * len(OUTCOMES))
+    counts = pd.DataFrame(counts.reshape(len(names), len(OUTCOMES)), index=names, columns=list(OUTCOMES))
+    counts = counts.reindex(index=stats["service"].astype(str), fill_value=0)
     shares = 100.0 * counts.to_numpy(dtype=float) / np.maximum(counts.sum(axis=1).to_numpy(dtype=float), 1.0)[:, None]
     finite = dur[np.isfinite(dur) & (dur > 0)]
     m = len(stats)
@@ -96,7 +101,7 @@ def latency_layout(hops: pd.DataFrame, services: pd.DataFrame, *, title: str | N
         rate_texts=[_rate_text(r) for r in stats.itertuples()],
         rate_alarm=[bool(as_float(r.error_rate)) for r in stats.itertuples()],
         log_scale=bool(len(finite) and finite.max() / max(finite.min(), 0.01) > 50),
-        present=set(pd.unique(outcome)),
+        present={OUTCOMES[k] for k in np.unique(outcome)},
         title=title or f"Latency per service ({len(hops)} hops, {m} service{'s' * (m != 1)}; slowest p95 on top)",
     )
 

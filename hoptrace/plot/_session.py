@@ -274,14 +274,16 @@ def _error_kinds(findings: pd.DataFrame, traces: set[int]) -> dict[int, list[str
 
 def _issued(analysis: Analysis, traces: list[int]) -> dict[str, tuple[int, float]]:
     """fingerprint -> (request, time) for tokens issued inside the given requests (earliest issue)."""
-    ht = analysis.hop_tokens
-    issued = ht[(ht["role"] == "issued").to_numpy(dtype=bool) & ht["hop_id"].isin(analysis.hops.index).to_numpy(dtype=bool)]
-    where = analysis.hops.reindex(issued["hop_id"])
-    mine = where["trace"].isin(traces).to_numpy(dtype=bool)
+    hops, ht = analysis.hops, analysis.hop_tokens
+    # The requests' hops first, then their token rows: one look at each million-row column, not a
+    # comparison of every token row's role (a workflow chart in a report cost ~0.5 s at 1M hops).
+    mine = ht[ht["hop_id"].isin(hops.index[hops["trace"].isin(traces).to_numpy()]).to_numpy()]
+    issued = mine[(mine["role"] == "issued").to_numpy(dtype=bool)]
+    where = hops.reindex(issued["hop_id"])
     ended, started = where["ended_at"].to_numpy(dtype=float), where["started_at"].to_numpy(dtype=float)
     when = np.where(np.isnan(ended) | (ended == 0), started, ended)  # as `ended or started`
     out: dict[str, tuple[int, float]] = {}
-    for fp, t, w in zip(issued["fingerprint"][mine].tolist(), where["trace"][mine].tolist(), when[mine].tolist()):
+    for fp, t, w in zip(issued["fingerprint"].tolist(), where["trace"].tolist(), when.tolist()):
         if not np.isnan(w) and (fp not in out or w < out[fp][1]):
             out[str(fp)] = (int(t), w)
     return out
