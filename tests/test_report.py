@@ -107,19 +107,25 @@ def test_no_raw_token_or_signature_anywhere_in_the_report(demo_report):
     assert not re.search(r"eyJ[\w-]{4,}\.", text)  # no JWT shape at all
 
 
-def test_the_first_screen_in_a_real_browser_shows_the_story_and_its_waterfall(demo_report, tmp_path):
-    """Headless Debian chromium at 1400×900 with Selenium: the story and the waterfall's SVG
-    are within the first 900 px, and the SVG's text is real text (found by the page's search)."""
+def headless_chromium(tmp_path):
+    """Debian's chromium at 1400×900 through its chromedriver, with a profile of its own."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
 
-    _, path = demo_report
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def test_the_first_screen_in_a_real_browser_shows_the_story_and_its_waterfall(demo_report, tmp_path):
+    """Headless Debian chromium at 1400×900 with Selenium: the story and the waterfall's SVG
+    are within the first 900 px, and the SVG's text is real text (found by the page's search)."""
+    from selenium.webdriver.common.by import By
+
+    _, path = demo_report
+    driver = headless_chromium(tmp_path)
     try:
         driver.set_page_load_timeout(30)
         driver.get(path.as_uri())
@@ -149,20 +155,13 @@ def test_every_chart_is_inline_svg_with_no_text_cut_or_overlapping_in_a_real_bro
     """Each chart of the report (waterfall, workflow, latency, service graph) is drawn straight to SVG
     (no matplotlib: the report imports none); in headless chromium every text's box lies inside its
     chart and no two texts of a chart overlap."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
     text, path = demo_report
     assert {"waterfall", "session", "latency", "services"} <= set(re.findall(r'data-chart="(\w+)"', text))
     out = subprocess.run([sys.executable, "-c", "import sys, hoptrace.plot as p, hoptrace.analyzer as a;"
                           f"p.render_report(a.analyze({str(DEMO)!r})); print('matplotlib' in sys.modules)"],
                          capture_output=True, text=True, check=True)  # fmt: skip
     assert out.stdout.strip() == "False"
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = headless_chromium(tmp_path)
     try:
         driver.get(path.as_uri())
         charts = driver.execute_script(
