@@ -159,18 +159,22 @@ def measure_live(source: Path, live_db: Path, seconds: float, log) -> dict:
         conn.execute("DELETE FROM hops WHERE id > ?", (cut,))
     ui = UI(live_db, live=True)
     committed: dict[int, float] = {}
+    started: dict[int, float] = {}  # each written request's start (its root hop's started_at)
     listed: dict[int, float] = {}
     analysed: dict[int, float] = {}
     try:
         ui.until(lambda: _analysed(ui), "the first analysis")
         since = _sql(source, "SELECT min(started_at) FROM hops WHERE id > ?", (cut,))[0][0]
-        writer = threading.Thread(target=_write_back, args=(source, live_db, cut, last, committed), daemon=True)
+        writer = threading.Thread(target=_write_back, args=(source, live_db, cut, last, committed, started), daemon=True)
         writer.start()
         cpu, wall = ui.cpu_s(), time.monotonic()
         deadline = time.monotonic() + seconds + 60
         while time.monotonic() < deadline:
             now = time.monotonic()
-            for row in _rows_since(ui, since):
+            # Only the rows still to be seen analysed: re-reading every row written so far, four pages
+            # every 50 ms, cost the ui process more CPU than its analysis and delayed what it measured.
+            waiting = [started[t] for t in list(committed) if t not in analysed]
+            for row in _rows_since(ui, min(waiting) if waiting else max(started.values(), default=since)):
                 listed.setdefault(row["trace"], now)
                 if row["hops"] is not None:
                     analysed.setdefault(row["trace"], now)
@@ -189,7 +193,7 @@ def measure_live(source: Path, live_db: Path, seconds: float, log) -> dict:
     return out
 
 
-def _write_back(source: Path, live_db: Path, cut: int, last: int, committed: dict[int, float]) -> None:
+def _write_back(source: Path, live_db: Path, cut: int, last: int, committed: dict[int, float], started: dict[int, float]) -> None:
     """Copy the hops after ``cut`` from ``source`` into ``live_db``, ``RATE * BATCH_S`` every ``BATCH_S``,
     noting when each request's root hop (the entry route's) was committed."""
     step = int(RATE * BATCH_S)
@@ -203,10 +207,11 @@ def _write_back(source: Path, live_db: Path, cut: int, last: int, committed: dic
             conn.execute("BEGIN")
             conn.execute("INSERT INTO hops SELECT * FROM src.hops WHERE id > ? AND id <= ?", (low, high))
             conn.execute("INSERT INTO hop_tokens SELECT * FROM src.hop_tokens WHERE hop_id > ? AND hop_id <= ?", (low, high))
-            roots = conn.execute("SELECT id FROM hops WHERE id > ? AND id <= ? AND service = ?", (low, high, entry)).fetchall()
+            roots = conn.execute("SELECT id, started_at FROM hops WHERE id > ? AND id <= ? AND service = ?", (low, high, entry)).fetchall()
             conn.execute("COMMIT")
             now = time.monotonic()
-            committed.update({r: now for (r,) in roots})
+            started.update(roots)
+            committed.update({r: now for r, _ in roots})
             tick += BATCH_S
             time.sleep(max(0.0, tick - time.monotonic()))
     finally:
