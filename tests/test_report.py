@@ -24,8 +24,8 @@ import hoptrace.plot as hp
 from hoptrace.analyzer import analyze
 from hoptrace.analyzer._model import model
 from hoptrace.plot._common import svg_text
-from hoptrace.plot._graph import graph_svg
 from hoptrace.plot._detail import curl_line, scrub, timings
+from hoptrace.plot._graph import graph_svg
 from hoptrace.plot._story import story
 from hoptrace.stack.config import DEFAULT_SECRET
 

@@ -24,7 +24,14 @@ from hoptrace.analyzer._analysis import Analysis
 from hoptrace.analyzer._model import CLIENT, model
 from hoptrace.plot import _svg as s
 from hoptrace.plot._common import (
-    NEUTRAL, OUTCOME_COLORS, OUTCOME_LABELS, PlotError, clean_text, fmt_ms, new_figure, outcome_legend_handles,
+    NEUTRAL,
+    OUTCOME_COLORS,
+    OUTCOME_LABELS,
+    PlotError,
+    clean_text,
+    fmt_ms,
+    new_figure,
+    outcome_legend_handles,
 )
 
 NODE_GID = "node:"  # + service name

@@ -20,8 +20,18 @@ from hoptrace.analyzer._analysis import Analysis
 from hoptrace.analyzer._model import hop_endings, outcomes
 from hoptrace.plot import _svg as s
 from hoptrace.plot._common import (
-    EXPIRED_COLOR, OUTCOME_COLORS, OUTCOME_LABELS, TOKEN_COLOR, bar_note, clean_text, fmt_ms, fmt_s, fmt_utc, new_figure,
-    outcome_legend_handles, short_fp,
+    EXPIRED_COLOR,
+    OUTCOME_COLORS,
+    OUTCOME_LABELS,
+    TOKEN_COLOR,
+    bar_note,
+    clean_text,
+    fmt_ms,
+    fmt_s,
+    fmt_utc,
+    new_figure,
+    outcome_legend_handles,
+    short_fp,
 )
 
 ROW_IN = 0.3

@@ -104,7 +104,7 @@ def legend(items: list[tuple[str, str]], x: float, y: float, right: float = WIDT
 
 def legend_lines(items: list[tuple[str, str]], x: float, right: float = WIDTH - PAD) -> int:
     """How many lines :func:`legend` takes."""
-    return 1 + int((_legend_places(items, x, 0.0, right)[-1][1] / LEGEND_LINE)) if items else 0
+    return 1 + int(_legend_places(items, x, 0.0, right)[-1][1] / LEGEND_LINE) if items else 0
 
 
 def _legend_places(items: list[tuple[str, str]], x: float, y: float, right: float) -> list[tuple[float, float]]:
