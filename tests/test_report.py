@@ -25,6 +25,7 @@ from hoptrace.analyzer import analyze
 from hoptrace.analyzer._model import model
 from hoptrace.plot._common import svg_text
 from hoptrace.plot._detail import curl_line, scrub, timings
+from hoptrace.plot._graph import graph_svg
 from hoptrace.plot._story import story
 from hoptrace.stack.config import DEFAULT_SECRET
 
@@ -106,19 +107,25 @@ def test_no_raw_token_or_signature_anywhere_in_the_report(demo_report):
     assert not re.search(r"eyJ[\w-]{4,}\.", text)  # no JWT shape at all
 
 
-def test_the_first_screen_in_a_real_browser_shows_the_story_and_its_waterfall(demo_report, tmp_path):
-    """Headless Debian chromium at 1400×900 with Selenium: the story and the waterfall's SVG
-    are within the first 900 px, and the SVG's text is real text (found by the page's search)."""
+def headless_chromium(tmp_path):
+    """Debian's chromium at 1400×900 through its chromedriver, with a profile of its own."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
 
-    _, path = demo_report
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def test_the_first_screen_in_a_real_browser_shows_the_story_and_its_waterfall(demo_report, tmp_path):
+    """Headless Debian chromium at 1400×900 with Selenium: the story and the waterfall's SVG
+    are within the first 900 px, and the SVG's text is real text (found by the page's search)."""
+    from selenium.webdriver.common.by import By
+
+    _, path = demo_report
+    driver = headless_chromium(tmp_path)
     try:
         driver.set_page_load_timeout(30)
         driver.get(path.as_uri())
@@ -142,6 +149,41 @@ def test_the_first_screen_in_a_real_browser_shows_the_story_and_its_waterfall(de
         assert "remaining life at this hop" in driver.execute_script("return arguments[0].innerText", hop74)
     finally:
         driver.quit()
+
+
+def test_every_chart_is_inline_svg_with_no_text_cut_or_overlapping_in_a_real_browser(demo_report, tmp_path):
+    """Each chart of the report (waterfall, workflow, latency, service graph) is drawn straight to SVG
+    (no matplotlib: the report imports none); in headless chromium every text's box lies inside its
+    chart and no two texts of a chart overlap."""
+    text, path = demo_report
+    assert {"waterfall", "session", "latency", "services"} <= set(re.findall(r'data-chart="(\w+)"', text))
+    out = subprocess.run([sys.executable, "-c", "import sys, hoptrace.plot as p, hoptrace.analyzer as a;"
+                          f"p.render_report(a.analyze({str(DEMO)!r})); print('matplotlib' in sys.modules)"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert out.stdout.strip() == "False"
+    driver = headless_chromium(tmp_path)
+    try:
+        driver.get(path.as_uri())
+        charts = driver.execute_script(
+            """return Array.from(document.querySelectorAll('svg.chart')).map(svg => {
+                 const view = svg.viewBox.baseVal, s = svg.getBoundingClientRect(), k = view.width / s.width;
+                 const boxes = Array.from(svg.querySelectorAll('text')).filter(t => t.textContent.trim())
+                   .map(t => { const b = t.getBoundingClientRect();
+                               return [t.textContent, (b.left - s.left) * k, (b.top - s.top) * k, (b.right - s.left) * k,
+                                       (b.bottom - s.top) * k]; });
+                 return [svg.dataset.chart, view.width, view.height, boxes]; })"""
+        )
+    finally:
+        driver.quit()
+    assert len(charts) >= 4
+    for kind, width, height, boxes in charts:
+        assert boxes, kind
+        for label, x0, y0, x1, y1 in boxes:
+            assert -0.5 <= x0 and x1 <= width + 0.5 and -0.5 <= y0 and y1 <= height + 0.5, (kind, label, x0, x1, width)
+        for i, (a, ax0, ay0, ax1, ay1) in enumerate(boxes):
+            for b, bx0, by0, bx1, by1 in boxes[i + 1 :]:
+                overlap = min(ax1, bx1) - max(ax0, bx0) > 1 and min(ay1, by1) - max(ay0, by0) > 1
+                assert not overlap, (kind, a, b)
 
 
 # ---------------------------------------------------------------- charts as data
@@ -219,8 +261,8 @@ def test_a_hostile_service_name_reaches_neither_dot_nor_the_svg_as_syntax():
     e.loc[1, "callee"] = 'a"] ; evil [label="x\\l</text><script>'
     lay = hp.graph_layout(e)
     assert any(n.name == e.loc[1, "callee"] for n in lay.nodes)
-    svg = svg_text(hp.draw_graph(lay))
-    assert "<script>" not in svg and "&lt;script&gt;" in svg
+    for svg in (svg_text(hp.draw_graph(lay)), graph_svg(lay)):  # matplotlib's drawing, and the report's own
+        assert "<script>" not in svg and "&lt;script&gt;" in svg
 
 
 # ---------------------------------------------------------------- hop detail, pure

@@ -17,8 +17,9 @@ some sessions) and do both::
     plot.write_report(a, "report.html")                       # all of it, one offline file
 
 Figures are ``matplotlib.figure.Figure`` objects on the Agg canvas: no pyplot, no
-display. The HTML report puts charts inline as SVG; its waterfalls are drawn straight
-from their layouts by ``waterfall_svg``. matplotlib is imported on first use of a chart, not when this package is.
+display. The HTML report puts charts inline as SVG drawn straight from their layouts by
+``waterfall_svg``, ``session_svg``, ``latency_svg`` and ``graph_svg`` (no matplotlib).
+matplotlib is imported on first use of a Figure, not when this package is.
 All charts colour outcomes with :data:`OUTCOME_COLORS`.
 """
 
@@ -54,6 +55,9 @@ _EXPORTS = {
     "service_graph": "_graph",
     "service_graph_figure": "_graph",
     "waterfall_svg": "_svg",
+    "session_svg": "_session",
+    "latency_svg": "_latency",
+    "graph_svg": "_graph",
     "render_report": "_report",
     "write_report": "_report",
 }
@@ -69,9 +73,11 @@ __all__ = [
     "draw_waterfall",
     "figure_bytes",
     "graph_layout",
-    "latency_layout",
+    "graph_svg",
     "latency",
     "latency_figure",
+    "latency_layout",
+    "latency_svg",
     "outcome_of",
     "pick_worst_trace",
     "render_report",
@@ -82,6 +88,7 @@ __all__ = [
     "service_graph_figure",
     "session_figure",
     "session_layout",
+    "session_svg",
     "session_view",
     "waterfall",
     "waterfall_figure",

@@ -22,7 +22,17 @@ from hoptrace._errors import AnalysisError
 from hoptrace._format import as_float, as_int
 from hoptrace.analyzer._analysis import Analysis
 from hoptrace.analyzer._model import CLIENT, model
-from hoptrace.plot._common import NEUTRAL, OUTCOME_COLORS, PlotError, clean_text, fmt_ms, new_figure, outcome_legend_handles
+from hoptrace.plot import _svg as s
+from hoptrace.plot._common import (
+    NEUTRAL,
+    OUTCOME_COLORS,
+    OUTCOME_LABELS,
+    PlotError,
+    clean_text,
+    fmt_ms,
+    new_figure,
+    outcome_legend_handles,
+)
 
 NODE_GID = "node:"  # + service name
 EDGE_GID = "edge:"  # + "caller->callee"
@@ -229,3 +239,60 @@ def draw_graph(lay: GraphLayout):
     fig.legend(handles=handles, loc="lower left", ncols=min(len(handles), 4), fontsize=8, frameon=False)
     fig.text(0.1 / w, 1 - 0.1 / h, lay.title, ha="left", va="top", fontsize=11)
     return fig
+
+
+# -- drawing straight to SVG (the report) ---------------------------------------------------
+
+PX_IN = 100  # px per inch of dot's layout: its 8.5 pt node text becomes ~12 px, as the PNG at 100 dpi drew it
+
+
+def graph_svg(lay: GraphLayout) -> str:
+    """``<svg>`` text of a :class:`GraphLayout`, as :func:`draw_graph` draws it: dot's boxes, splines
+    and label places scaled to ``PX_IN`` px an inch; arrowheads as markers in the edge's colour."""
+    title = lay.title.split("\n")
+    items = [(f'<line x1="0" x2="12" y1="-4" y2="-4" stroke="{NEUTRAL}" stroke-width="2"/>', "calls without errors")]
+    items += [(f'<line x1="0" x2="12" y1="-4" y2="-4" stroke="{OUTCOME_COLORS[o]}" stroke-width="2"/>',
+               f"calls with errors, worst: {OUTCOME_LABELS[o]}") for o in OUTCOME_COLORS if o in lay.worst]  # fmt: skip
+    top = 8 + 18 * len(title) + 8
+    plot_w, plot_h = (lay.xlim[1] - lay.xlim[0]) * PX_IN, (lay.ylim[1] - lay.ylim[0]) * PX_IN
+    width = max(plot_w, 600.0)
+    legend_y = top + plot_h + 18
+    height = legend_y + s.LEGEND_LINE * (s.legend_lines(items, s.PAD, width - s.PAD) - 1) + 12
+    px = lambda x, y: ((x - lay.xlim[0]) * PX_IN, top + (lay.ylim[1] - y) * PX_IN)  # noqa: E731 - dot's y runs up
+    colors = dict.fromkeys(ed.color for ed in lay.edges)
+    markers = "".join(f'<marker id="hoptrace-arrow-{c.lstrip("#")}" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="11" '
+                      f'markerHeight="11" markerUnits="userSpaceOnUse" orient="auto"><path d="M0 0 L10 5 L0 10 Z" '
+                      f'fill="{c}"/></marker>' for c in colors)  # fmt: skip
+    out = [f'<svg width="{width:.0f}" height="{height:.0f}" viewBox="0 0 {width:.0f} {height:.0f}" '
+           f'font-family="DejaVu Sans, Arial, sans-serif" font-size="12"><defs>{markers}</defs>']  # fmt: skip
+    out += [f'<text x="{s.PAD}" y="{22 + 18 * i}" font-size="{14 if i == 0 else 12}" font-weight="{600 if i == 0 else 400}">'
+            f"{s.esc(line)}</text>" for i, line in enumerate(title)]  # fmt: skip
+    for ed in lay.edges:
+        pts = [px(*p) for p in ed.points]
+        d = f"M{pts[0][0]:.1f} {pts[0][1]:.1f}" + "".join(
+            "C" + " ".join(f"{x:.1f} {y:.1f}" for x, y in pts[k : k + 3]) for k in range(1, len(pts) - 2, 3)
+        )
+        out.append(f'<path id="{s.esc(EDGE_GID + ed.caller + "->" + ed.callee)}" d="{d}" fill="none" stroke="{ed.color}" '
+                   f'stroke-width="{ed.width * PX_IN / 72:.2f}" marker-end="url(#hoptrace-arrow-{ed.color.lstrip("#")})"/>')  # fmt: skip
+    for n in lay.nodes:
+        x, y = px(n.x - n.width / 2, n.y + n.height / 2)
+        fill = "#fff" if n.name == CLIENT else "#f7f7f7"
+        out.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{n.width * PX_IN:.1f}" height="{n.height * PX_IN:.1f}" rx="6" '
+                   f'fill="{fill}" stroke="{n.color}" stroke-width="{1.6 if n.color != NEUTRAL else 1.0}"/>')  # fmt: skip
+        out.append(_centred(*px(n.x, n.y), n.text.split("\n"), NODE_FONT * PX_IN / 72, "#222", NODE_GID + n.name))
+    for ed in lay.edges:
+        text = [clean_text(part, 60) for part in ed.label.split("\n")]
+        # dot puts a label beside its edge, touching it: a white halo keeps the text readable over the line.
+        out.append(_centred(*px(*ed.label_xy), text, EDGE_FONT * PX_IN / 72, "#222" if ed.color == NEUTRAL else ed.color,
+                            halo=True))  # fmt: skip
+    out.append(s.legend(items, s.PAD, legend_y, width - s.PAD))
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _centred(x: float, y: float, texts: list[str], size: float, color: str, ident: str | None = None, halo: bool = False) -> str:
+    """Lines centred on (x, y), as dot placed them."""
+    first = y - (len(texts) - 1) * size * 1.2 / 2 + size * 0.35
+    attrs = f' text-anchor="middle" fill="{color}"' + (f' data-name="{s.esc(ident)}"' if ident else "")
+    attrs += ' stroke="#fff" stroke-width="3" paint-order="stroke"' if halo else ""
+    return s.lines(x, first, texts, size=round(size, 1), step=size * 1.2, attrs=attrs)

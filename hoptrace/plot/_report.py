@@ -14,6 +14,7 @@ A Content-Security-Policy forbids scripts and any fetch: the file only shows.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import warnings
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from hoptrace import __version__
 from hoptrace._errors import AnalysisError
 from hoptrace._format import as_float, as_int, is_missing, token_left
 from hoptrace.analyzer._analysis import Analysis
-from hoptrace.analyzer._model import Model, model, slowest_first, tree_prefixes
+from hoptrace.analyzer._model import Model, findings_about, model, slowest_first, tree_prefixes
 from hoptrace.analyzer._types import SEVERITIES
 from hoptrace.plot._common import DEFAULT_DPI, PlotError, fmt_ms, fmt_utc, output_format, require_hops, svg_text
 from hoptrace.plot._detail import HopDetail, curl_line, hop_details, scrub, timings
@@ -96,8 +97,8 @@ def render_report(
     DB --format json`` lists them all). ``progress`` is told each stage as it starts.
     ``dpi`` is kept for callers of the PNG era: SVG charts have no resolution.
     """
-    from hoptrace.plot._graph import service_graph
-    from hoptrace.plot._latency import latency
+    from hoptrace.plot._graph import graph_layout, graph_svg
+    from hoptrace.plot._latency import latency_layout, latency_svg
 
     say = progress or (lambda stage: None)
     require_hops(analysis)
@@ -119,10 +120,11 @@ def render_report(
         _summary(analysis, m),
         workflows,
         '<section id="latency"><h2>Latency and errors per service</h2>',
-        _chart("latency-chart", "latency", "Latency per service", "", lambda: latency(analysis)),
+        _chart("latency-chart", "latency", "Latency per service", "",
+               lambda: latency_svg(latency_layout(analysis.hops, analysis.services))),
         _latency_table(analysis.services),
         '</section><section id="services"><h2>Service call graph</h2>',
-        _chart("services-chart", "services", "Calls between services", "", lambda: service_graph(analysis)),
+        _chart("services-chart", "services", "Calls between services", "", lambda: graph_svg(graph_layout(m.graph[1], m.graph[0]))),
         "</section></body></html>",
     ]
     return "\n".join(parts)
@@ -172,9 +174,11 @@ def _answer_section(m: Model, shown: list[int], error_traces: list[int], limit: 
             shown = list(dict.fromkeys(as_int(f["trace"]) for f in examples if as_int(f["trace"]) is not None))[:limit]
         elif shown:  # _charted_requests' choice: the worst request
             out.append("<p>No request has an error or warning finding. The worst request:</p>")
+    told = examples[:limit] if examples else []
+    m = _model_of(m, {*shown, *(as_int(f["trace"]) for f in told)} - {None})
     details = hop_details(m.analysis.source, [h for t in shown for h in _detailed_hops(m, t)])
     drawn: set[int] = set()
-    for f in examples[:limit] if examples else []:
+    for f in told:
         out.append(f'<p class="story sev-{_e(f["severity"])}">{_e(story(m, f))}</p>')
         trace = as_int(f["trace"])
         if trace in shown and trace not in drawn:
@@ -187,6 +191,18 @@ def _answer_section(m: Model, shown: list[int], error_traces: list[int], limit: 
                    "<code>hoptrace plot DB --trace ID</code> draws any request.</p>")  # fmt: skip
     out.append("</section>")
     return "".join(out)
+
+
+def _model_of(m: Model, traces: set[int]) -> Model:
+    """The model of ``traces`` alone: their hops, and the findings about them or touching their hops.
+
+    What a story, a waterfall or a hop list looks up (a request's hops, its tier and finding
+    kinds, the findings about it) is then found among a few hundred rows instead of scanned
+    for in the whole capture, once per request drawn: at a million hops each such scan cost
+    tens of milliseconds, and the finding kinds of every request were gathered in Python."""
+    a = m.analysis
+    hops = a.hops[a.hops["trace"].isin(traces).to_numpy()]
+    return model(dataclasses.replace(a, hops=hops, findings=findings_about(a.findings, hops.index, traces)))
 
 
 def _clearest(m: Model, group) -> dict:
@@ -267,7 +283,7 @@ def _pairs(rows) -> str:
 
 
 def _workflows_section(analysis: Analysis, error_traces: list[int], limit: int) -> str:
-    from hoptrace.plot._session import session_figure
+    from hoptrace.plot._session import session_layout, session_svg
 
     groups, affected = _affected_sessions(analysis.sessions, error_traces, limit)
     out = ['<section id="workflows"><h2>Affected workflows</h2>']
@@ -276,7 +292,7 @@ def _workflows_section(analysis: Analysis, error_traces: list[int], limit: int) 
     for key, rows in groups:
         subjects = ", ".join(sorted({str(s) for s in rows["subject"].dropna()})) or "unknown subject"
         caption = f"Session {key} ({subjects}): {len(rows)} requests"
-        draw = lambda rows=rows: session_figure(analysis, rows)  # noqa: E731
+        draw = lambda rows=rows: session_svg(session_layout(analysis, rows))  # noqa: E731
         out.append(_chart(f"session-{key}", "session", caption, "", draw, data={"session": key}))
     if affected > len(groups):
         out.append(f'<p class="warn">{affected - len(groups)} more affected workflows not shown.</p>')

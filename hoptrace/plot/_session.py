@@ -18,9 +18,20 @@ from hoptrace._errors import AnalysisError
 from hoptrace._format import as_float, is_missing
 from hoptrace.analyzer._analysis import Analysis
 from hoptrace.analyzer._model import hop_endings, outcomes
+from hoptrace.plot import _svg as s
 from hoptrace.plot._common import (
-    EXPIRED_COLOR, OUTCOME_COLORS, TOKEN_COLOR, bar_note, clean_text, fmt_ms, fmt_s, fmt_utc, new_figure,
-    outcome_legend_handles, short_fp,
+    EXPIRED_COLOR,
+    OUTCOME_COLORS,
+    OUTCOME_LABELS,
+    TOKEN_COLOR,
+    bar_note,
+    clean_text,
+    fmt_ms,
+    fmt_s,
+    fmt_utc,
+    new_figure,
+    outcome_legend_handles,
+    short_fp,
 )
 
 ROW_IN = 0.3
@@ -273,14 +284,16 @@ def _error_kinds(findings: pd.DataFrame, traces: set[int]) -> dict[int, list[str
 
 def _issued(analysis: Analysis, traces: list[int]) -> dict[str, tuple[int, float]]:
     """fingerprint -> (request, time) for tokens issued inside the given requests (earliest issue)."""
-    ht = analysis.hop_tokens
-    issued = ht[(ht["role"] == "issued").to_numpy(dtype=bool) & ht["hop_id"].isin(analysis.hops.index).to_numpy(dtype=bool)]
-    where = analysis.hops.reindex(issued["hop_id"])
-    mine = where["trace"].isin(traces).to_numpy(dtype=bool)
+    hops, ht = analysis.hops, analysis.hop_tokens
+    # The requests' hops first, then their token rows: one look at each million-row column, not a
+    # comparison of every token row's role (a workflow chart in a report cost ~0.5 s at 1M hops).
+    mine = ht[ht["hop_id"].isin(hops.index[hops["trace"].isin(traces).to_numpy()]).to_numpy()]
+    issued = mine[(mine["role"] == "issued").to_numpy(dtype=bool)]
+    where = hops.reindex(issued["hop_id"])
     ended, started = where["ended_at"].to_numpy(dtype=float), where["started_at"].to_numpy(dtype=float)
     when = np.where(np.isnan(ended) | (ended == 0), started, ended)  # as `ended or started`
     out: dict[str, tuple[int, float]] = {}
-    for fp, t, w in zip(issued["fingerprint"][mine].tolist(), where["trace"][mine].tolist(), when[mine].tolist()):
+    for fp, t, w in zip(issued["fingerprint"].tolist(), where["trace"].tolist(), when.tolist()):
         if not np.isnan(w) and (fp not in out or w < out[fp][1]):
             out[str(fp)] = (int(t), w)
     return out
@@ -377,3 +390,109 @@ def _legend_handles(lay: SessionLayout, ax) -> list:
         if lay.issued:
             handles.append(Line2D([], [], color=TOKEN_COLOR, ls=":", lw=1.2, marker=">", label="token issued by request"))
     return handles
+
+
+# -- drawing straight to SVG (the report) ---------------------------------------------------
+
+
+def session_svg(lay: SessionLayout) -> str:
+    """``<svg>`` text of a :class:`SessionLayout`, as :func:`draw_session` draws it: token lanes on
+    top, then one row per request; every text inside its place (cut with … where it must be)."""
+    k, n = len(lay.tokens), len(lay.traces)
+    labels = [s.fit(x, s.MAX_LABEL_PX, s.FONT, s.MONO_EM) for x in [t.label for t in lay.tokens] + lay.labels]
+    x0 = max(len(x) for x in labels) * s.FONT * s.MONO_EM + 2 * s.PAD
+    x1 = s.WIDTH - s.PAD
+    lo, hi = lay.xlim
+    sx = lambda v: x0 + (float(v) - lo) / max(hi - lo, 1e-12) * (x1 - x0)  # noqa: E731
+    title = lay.title.split("\n")
+    items = _svg_legend(lay)
+    top = 8 + 18 * len(title) + 14 + s.LEGEND_LINE * (s.legend_lines(items, s.PAD) - 1) + 18
+    y_req = top + (k * s.ROW + 8 if k else 0)
+    bottom = y_req + n * s.ROW
+    height = bottom + 44
+    out = [f'<svg width="{s.WIDTH}" height="{height}" viewBox="0 0 {s.WIDTH} {height}" '
+           'font-family="DejaVu Sans, Arial, sans-serif" font-size="12">',
+           f'<defs><pattern id="hoptrace-expired" width="6" height="6" patternUnits="userSpaceOnUse" '
+           f'patternTransform="rotate(45)"><line x1="0" y1="0" x2="0" y2="6" stroke="{EXPIRED_COLOR}" stroke-width="1.2"/>'
+           f'</pattern><marker id="hoptrace-arrow-token" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="8" '
+           f'markerHeight="8" markerUnits="userSpaceOnUse" orient="auto"><path d="M0 0 L10 5 L0 10 Z" fill="{TOKEN_COLOR}"/>'
+           "</marker></defs>"]  # fmt: skip
+    out += [f'<text x="{s.PAD}" y="{22 + 18 * i}" font-size="{14 if i == 0 else 12}" font-weight="{600 if i == 0 else 400}">'
+            f"{s.esc(line)}</text>" for i, line in enumerate(title)]  # fmt: skip
+    out.append(s.legend(items, s.PAD, 8 + 18 * len(title) + 14))
+    ticks = [(v, f"{v:g}") for v in s.nice_ticks(lo, hi)]
+    out += s.axis(ticks, sx, top, bottom, x0, x1, f"time since the first request (s, proxy clock; first request at "
+                  f"{fmt_utc(lay.t0)})")  # fmt: skip
+    for i, label in enumerate(labels):
+        y = (top + i * s.ROW) if i < k else (y_req + (i - k) * s.ROW)
+        full = ([t.label for t in lay.tokens] + lay.labels)[i]
+        style = ' fill="#0b3d66"' if i < k else (f' fill="{EXPIRED_COLOR}" font-weight="bold"' if lay.expired[i - k] else "")
+        out.append(f'<text x="{s.PAD}" y="{y + s.ROW / 2 + 4:.1f}" font-family="DejaVu Sans Mono, monospace" '
+                   f'xml:space="preserve"{style}><title>{s.esc(full)}</title>{s.esc(label)}</text>')  # fmt: skip
+    out += _svg_tokens(lay, sx, top, y_req, bottom, x0, x1)
+    out += _svg_requests(lay, sx, y_req, x0, x1)
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _svg_legend(lay: SessionLayout) -> list[tuple[str, str]]:
+    present = set(lay.outcomes)
+    items = [(s.swatch(OUTCOME_COLORS[o]), OUTCOME_LABELS[o]) for o in OUTCOME_COLORS if o in present]
+    if lay.expired.any():
+        items.append((f'<rect width="12" height="10" y="-9" fill="url(#hoptrace-expired)" stroke="{EXPIRED_COLOR}" '
+                      'stroke-width="1.6"/>', "token expired before or during it"))  # fmt: skip
+    if lay.tokens:
+        items.append((f'<rect width="12" height="10" y="-9" fill="{TOKEN_COLOR}" fill-opacity="0.3" stroke="{TOKEN_COLOR}"/>',
+                      "token lifetime (iat → exp)"))  # fmt: skip
+        if any(t.exp_x is not None for t in lay.tokens):
+            items.append((f'<line x1="0" x2="12" y1="-4" y2="-4" stroke="{EXPIRED_COLOR}" stroke-dasharray="4 2" '
+                          'stroke-width="2"/>', "token exp"))  # fmt: skip
+        if lay.issued:
+            items.append((f'<line x1="0" x2="12" y1="-4" y2="-4" stroke="{TOKEN_COLOR}" stroke-dasharray="2 2" '
+                          'stroke-width="1.5"/>', "token issued by request"))  # fmt: skip
+    return items
+
+
+def _svg_tokens(lay: SessionLayout, sx, top: float, y_req: float, bottom: float, x0: float, x1: float) -> list[str]:
+    """Token bands with their notes, exp lines across every row, issue and refresh arrows."""
+    out, lane = [], {t.fp: top + i * s.ROW + s.ROW / 2 for i, t in enumerate(lay.tokens)}
+    for t in lay.tokens:
+        left, right, mid = sx(t.left), sx(t.right), lane[t.fp]
+        out.append(f'<rect x="{left:.1f}" y="{mid - 7:.1f}" width="{max(right - left, 1.0):.1f}" height="14" '
+                   f'fill="{TOKEN_COLOR}" fill-opacity="0.22" stroke="{TOKEN_COLOR}"/>')  # fmt: skip
+        note = s.fit(t.note, x1 - x0 - 2 * s.PAD, 11)
+        width = len(note) * 11 * s.SANS_EM
+        x = min(left + s.PAD, x1 - s.PAD - width)  # from the band's start, moved left to stay inside the plot
+        out.append(f'<text x="{max(x, x0 + 2):.1f}" y="{mid + 4:.1f}" font-size="11" fill="#0b3d66">{s.esc(note)}</text>')
+        if t.exp_x is not None:
+            x = sx(t.exp_x)
+            out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{bottom}" stroke="{EXPIRED_COLOR}" '
+                       'stroke-width="1.4" stroke-dasharray="6 3"/>')  # fmt: skip
+    if lay.tokens:
+        out.append(f'<line x1="{x0:.1f}" x2="{x1:.1f}" y1="{y_req - 4:.1f}" y2="{y_req - 4:.1f}" stroke="#999"/>')
+    for x, fp, row in lay.issued:
+        y = y_req + row * s.ROW + 4
+        out.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{y:.1f}" y2="{lane[fp] + 7:.1f}" stroke="{TOKEN_COLOR}" '
+                   'stroke-width="1.2" stroke-dasharray="2 2" marker-end="url(#hoptrace-arrow-token)"/>')  # fmt: skip
+    for x, old, new in lay.refreshes:
+        out.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{lane[old] + 7:.1f}" y2="{lane[new] - 7:.1f}" '
+                   f'stroke="{TOKEN_COLOR}" stroke-width="1.4" marker-end="url(#hoptrace-arrow-token)"/>'
+                   f'<text x="{max(sx(x) - 3, x0 + 40):.1f}" y="{(lane[old] + lane[new]) / 2 + 3:.1f}" font-size="10" '
+                   f'text-anchor="end" fill="{TOKEN_COLOR}">refresh</text>')  # fmt: skip
+    return out
+
+
+def _svg_requests(lay: SessionLayout, sx, y_req: float, x0: float, x1: float) -> list[str]:
+    out = []
+    for i, trace in enumerate(lay.traces):
+        y = y_req + i * s.ROW
+        left, right = sx(lay.starts[i]), sx(lay.starts[i] + lay.widths[i])
+        stroke = f'stroke="{EXPIRED_COLOR}" stroke-width="1.6"' if lay.expired[i] else 'stroke="#222" stroke-width="0.5"'
+        out.append(f'<rect id="request-{trace}" x="{left:.1f}" y="{y + 4}" width="{max(right - left, 1.0):.1f}" '
+                   f'height="{s.ROW - 8}" fill="{OUTCOME_COLORS[lay.outcomes[i]]}" {stroke}/>')  # fmt: skip
+        if lay.expired[i]:
+            out.append(f'<rect x="{left:.1f}" y="{y + 4}" width="{max(right - left, 1.0):.1f}" height="{s.ROW - 8}" '
+                       'fill="url(#hoptrace-expired)"/>')  # fmt: skip
+        color = EXPIRED_COLOR if lay.alarms[i] else "#222"
+        out.append(s.bar_text(lay.texts[i], left, right, y + s.ROW / 2, x0, x1, color))
+    return out

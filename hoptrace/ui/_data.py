@@ -40,9 +40,14 @@ from hoptrace.ui._query import RequestQuery
 __all__ = ["Data", "NotFound", "NotReady", "align", "curl_line", "graph_layout", "timings"]
 
 NO_FINDING_RANK = len(SEVERITIES)
+SETTLE_HOPS = 100_000
+"""Hops the live passes may gather before they are merged into the whole capture's analysis
+(at 500 hops/s: every 200 s)."""
 LOOKBACK_S = 10.0
 """How far before the newest hop a live refresh re-analyses: a request still running
 after that long is analysed in two parts (its early hops as they were)."""
+TIME_SLACK_S = 1e-6
+"""How much earlier than a live pass's start the copy of the tail begins (see :func:`copy_tail`)."""
 SORTABLE = {
     "worst": "worst", "started": "started_at", "duration": "duration_ms", "status": "status", "hops": "hops", "severity": "rank",
 }  # fmt: skip
@@ -91,6 +96,20 @@ class Source:
     by_trace: pd.DataFrame = field(default_factory=pd.DataFrame)
     """``requests`` indexed by trace, for one request's lookups."""
     lookup: Index | None = None
+    pending: Tail | None = None
+    """Live: the analysis of the requests that started since ``pending.since``, not yet merged into
+    ``analysis`` (merging copies every hop: it waits until a view of the whole capture asks)."""
+    counts: tuple[int, int] = (0, 0)
+    """(hops, findings) of ``analysis`` with ``pending`` merged in, for the status line."""
+
+
+@dataclass
+class Tail:
+    """What the live passes analysed since ``since``: the requests that started then or later."""
+
+    analysis: Analysis
+    since: float
+    lookup: Index
 
 
 class Slices:
@@ -145,6 +164,7 @@ class Data:
         self.last_error: str | None = None
         """Why the latest live refresh failed, if it did (shown by the status API)."""
         self._lock = threading.Lock()
+        self._settling = threading.Lock()
         for source in self.sources:
             open_for_reading(source.path, check=False).close()  # a bad file fails here, at start, as one line
 
@@ -176,32 +196,39 @@ class Data:
             if newest == source.max_hop_id:
                 continue
             started = time.perf_counter()
-            analysis, requests, merged = self._analyse(source)
-            index = Index.build(analysis, requests) if analysis is not None else None
-            with self._lock:
-                # Rows listed by peek() while this ran, past what it analysed, stay listed.
-                listed = source.requests
-                if analysis is not None and len(listed):
-                    waiting = listed[listed["hops"].isna().to_numpy() & ~listed["trace"].isin(requests["trace"]).to_numpy()]
-                    requests = pd.concat([requests, waiting[waiting["trace"] > requests["trace"].max()]], ignore_index=True)
-                source.analysis, source.max_hop_id, source.requests, source.lookup = analysis, newest, requests, index
-                source.model = None if analysis is None else model(analysis)
-                source.by_trace = requests.set_index("trace", drop=False) if len(requests) else requests
-                source.tables_stale = merged
-                source.analyse_s = time.perf_counter() - started
-                self.version += 1
+            if source.analysis is None:
+                self._analyse_all(source, newest)
+            else:
+                self._analyse_tail(source, newest)
+            source.analyse_s = time.perf_counter() - started
+            if source.pending is not None and len(source.pending.analysis.hops) > SETTLE_HOPS:
+                self.settled(source)  # after this pass's rows are out: the merge costs what the file costs
             changed = True
         return changed
 
-    def _analyse(self, source: Source) -> tuple[Analysis | None, pd.DataFrame, bool]:
-        """The whole file the first time, then only its tail: the analysis, its request list, whether merged."""
-        old = source.analysis
-        if old is None:
-            analysis = analyze(source.path)
-            if not len(analysis.hops):
-                return None, pd.DataFrame(), False
-            return analysis, _requests(model(analysis), source.index), False
-        since = float(old.hops["started_at"].max()) - self.lookback_s
+    def _analyse_all(self, source: Source, newest: int) -> None:
+        analysis = analyze(source.path)
+        if not len(analysis.hops):
+            analysis, requests, index = None, pd.DataFrame(), None
+        else:
+            requests = _ranked(_requests(model(analysis), source.index))
+            index = Index.build(analysis, requests)
+        with self._lock:
+            requests = self._still_waiting(source, requests) if analysis is not None else requests
+            source.analysis, source.max_hop_id, source.requests, source.lookup = analysis, newest, requests, index
+            source.model = None if analysis is None else model(analysis)
+            source.by_trace = requests.set_index("trace", drop=False) if len(requests) else requests
+            source.counts = (0, 0) if analysis is None else (len(analysis.hops), len(analysis.findings))
+            source.pending, source.tables_stale = None, False
+            self.version += 1
+
+    def _analyse_tail(self, source: Source, newest: int) -> None:
+        """Analyse the requests that started in the last ``lookback_s`` seconds (and any listed, waiting):
+        work that follows the tail, not the file. The tail joins what earlier passes found since the
+        last merge (``Source.pending``); the request list swaps the tail's rows in."""
+        base, pending = source.analysis, source.pending
+        latest = pending.analysis if pending is not None else base
+        since = float(latest.hops["started_at"].max()) - self.lookback_s
         # Requests listed live but not analysed yet are in this pass, however long the last one took.
         waiting = source.requests["started_at"][source.requests["hops"].isna().to_numpy()]
         since = min(since, float(waiting.min())) if len(waiting) else since
@@ -209,17 +236,60 @@ class Data:
             tail_db = Path(folder) / "tail.db"
             copy_tail(source.path, tail_db, since)
             tail = analyze(tail_db, since=since)
-        merged = _merge(old, tail, since)
-        # The older requests' rows stand as they were; only the tail's are built (a pass over
-        # a million hops costs ~1 s).
-        fresh = _requests(model(tail), source.index)
-        hops = merged.hops
+        if pending is not None and pending.since < since:
+            joined, joined_since = _merge(pending.analysis, tail, since), pending.since
+        else:
+            joined, joined_since = tail, since
+        # A hop of an older request still running looks like a request of its own in the tail: the
+        # older view keeps it (as the merge will), so it is no row of the list.
+        claimed = _running_hops(base, since)
+        hops = joined.hops
         roots = (hops.index.to_numpy() == hops["trace"].to_numpy()) & (hops["started_at"].to_numpy() >= since)
-        fresh = fresh[fresh["trace"].isin(hops.index[roots])]
-        kept = source.requests[source.requests["started_at"] < since]
-        kept = kept[kept["trace"].isin(merged.hops.index)]
-        requests = pd.concat([kept[~kept["trace"].isin(fresh["trace"])], fresh], ignore_index=True)
-        return merged, _ranked(requests, model(merged)), True
+        fresh = _requests(model(tail), source.index)
+        fresh = fresh[fresh["trace"].isin(hops.index[roots]).to_numpy() & ~fresh["trace"].isin(claimed).to_numpy()]
+        with self._lock:
+            listed = source.requests
+            kept = listed[(listed["started_at"] < since).to_numpy() & listed["hops"].notna().to_numpy()]
+            requests = pd.concat([kept[~kept["trace"].isin(fresh["trace"])], fresh], ignore_index=True)
+            requests = self._still_waiting(source, _ranked(requests))
+            mine = requests[(requests["started_at"] >= joined_since).to_numpy() & requests["hops"].notna().to_numpy()]
+            source.pending = Tail(joined, joined_since, Index.build(joined, mine))
+            source.max_hop_id, source.requests = newest, requests
+            source.by_trace = requests.set_index("trace", drop=False)
+            source.counts = _merged_counts(base, joined, joined_since)
+            source.tables_stale = True
+            self.version += 1
+
+    @staticmethod
+    def _still_waiting(source: Source, requests: pd.DataFrame) -> pd.DataFrame:
+        """``requests`` with the rows peek() listed while a pass ran, past what it analysed (under the lock)."""
+        listed = source.requests
+        if not len(listed) or not len(requests):
+            return requests
+        waiting = listed[listed["hops"].isna().to_numpy() & ~listed["trace"].isin(requests["trace"]).to_numpy()]
+        return pd.concat([requests, waiting[waiting["trace"] > requests["trace"].max()]], ignore_index=True)
+
+    def settled(self, source: Source) -> Analysis | None:
+        """``source.analysis`` with the live passes' pending tail merged in: what a view of the whole
+        capture (a hop's detail, workflows, latency, graph, filters by service) reads. The merge copies
+        every hop (about a second at a million), so it happens when one of those asks, or when the
+        pending tail has grown past ``SETTLE_HOPS``, not on every live pass."""
+        with self._settling:
+            pending = source.pending
+            if pending is None:
+                return source.analysis
+            merged = _merge(source.analysis, pending.analysis, pending.since)
+            with self._lock:
+                requests = source.requests
+            index = Index.build(merged, requests)
+            with self._lock:
+                if source.pending is pending:  # else a pass joined more to it meanwhile: it stays pending
+                    source.pending = None
+                # What the pass added since is still in source.pending: merging it again later is right,
+                # as it holds every request that started since its own start.
+                source.analysis, source.lookup, source.model = merged, index, model(merged)
+                source.tables_stale = True
+            return merged
 
     def preview(self) -> None:
         """List each DB's requests (its entry route's hops) from SQL, before any analysis: no findings yet."""
@@ -251,6 +321,8 @@ class Data:
             if q.service or q.endpoint or q.subject or q.kind or q.severity:
                 return reqs.iloc[0:0]
             return reqs[keep & _plain_filters(reqs, q)]
+        if q.service or q.endpoint or q.subject or q.kind or q.severity:  # these read the hops or findings
+            self.settled(source)
         hops = source.analysis.hops
         for column, wanted in (("service", q.service), ("endpoint", q.endpoint), ("token_sub", q.subject)):
             if wanted:
@@ -276,7 +348,7 @@ class Data:
         for s in self.sources:
             if s.analysis is None:
                 continue
-            hops = s.analysis.hops
+            hops = self.settled(s).hops
             values["service"] |= set(hops["service"].dropna().unique())
             values["endpoint"] |= set(hops["endpoint"].dropna().unique())
             values["subject"] |= {v for v in hops["token_sub"].unique() if plain(v) is not None}
@@ -296,10 +368,10 @@ class Data:
                 {
                     "db": s.index,
                     "path": str(s.path),
-                    "hops": 0 if s.analysis is None else len(s.analysis.hops),
+                    "hops": s.counts[0],
                     "requests": len(s.requests),
                     "analysing": s.analysis is None and len(s.requests) > 0,
-                    "findings": 0 if s.analysis is None else len(s.analysis.findings),
+                    "findings": s.counts[1],
                     "max_hop_id": s.max_hop_id,
                     "analyse_s": round(s.analyse_s, 3),
                 }
@@ -322,14 +394,18 @@ class Data:
     def request(self, db: int, trace: int) -> dict[str, Any]:
         """A request as its waterfall needs it: hops depth first, token expiries, findings, a passing peer."""
         source = self.source(db)
-        rows = source.lookup.hops.iloc[source.lookup.hops_by_trace.positions(trace)]
+        # A request of the live passes is looked up among theirs; any other in the whole capture's.
+        pending = source.pending
+        found_in = pending if pending is not None and trace in pending.lookup.hops.index else source
+        lookup, findings = found_in.lookup, (found_in.analysis.findings)
+        rows = lookup.hops.iloc[lookup.hops_by_trace.positions(trace)]
         if rows.empty or trace not in rows.index:
             if trace in source.requests["trace"].to_numpy():  # listed live, not analysed yet
                 raise NotReady(f"request {trace} is being analysed; try again in a second")
             raise NotFound(f"no request {trace} in {source.path.name}")
         rows = rows.sort_values("order")
         t0 = float(rows.at[trace, "started_at"])
-        found = source.analysis.findings.iloc[source.lookup.findings_by_trace.positions(trace)]
+        found = findings.iloc[lookup.findings_by_trace.positions(trace)]
         findings = _findings_of(group_findings(found), set(rows.index))
         ended, outcome = hop_endings(rows), outcomes(rows)
         flagged: dict[int, list[int]] = {}
@@ -352,13 +428,14 @@ class Data:
             "hops": hops,
             "expiries": [{"at": e, "ms": (e - t0) * 1000} for e in expiries],
             "findings": findings,
-            "peer": source.lookup.peer(root["endpoint"], t0, trace),
+            "peer": _peer(source, root["endpoint"], t0, trace),
         }
 
     def hop(self, db: int, hop_id: int) -> dict[str, Any]:
         """One hop in full: redacted headers and query, timings, its tokens' header and claims, a curl line."""
         source = self.source(db)
-        hops = source.analysis.hops
+        pending = source.pending
+        hops = pending.analysis.hops if pending is not None and hop_id in pending.analysis.hops.index else self.settled(source).hops
         if hop_id not in hops.index:
             raise NotFound(f"no hop {hop_id} in {source.path.name}")
         facts = hops.loc[hop_id]
@@ -404,11 +481,12 @@ class Data:
         """One row per workflow (session): subject, requests, span, whether a token expired in it."""
         out = []
         for s in self.sources:
-            if s.analysis is None or s.analysis.sessions.empty:
+            a = self.settled(s)
+            if a is None or a.sessions.empty:
                 continue
-            rows = s.analysis.sessions
+            rows = a.sessions
             # A request failed as the model says: its root ended 4xx, 5xx or without a whole answer.
-            failed = ~np.isin(outcomes(s.analysis.hops.loc[rows["trace"].to_numpy()]).to_numpy(), ["2xx", "3xx"])
+            failed = ~np.isin(outcomes(a.hops.loc[rows["trace"].to_numpy()]).to_numpy(), ["2xx", "3xx"])
             grouped = rows.assign(failed=failed).groupby("session", sort=False)
             table = grouped.agg(subject=("subject", "first"), requests=("trace", "size"), started_at=("started_at", "min"),
                                 ended_at=("ended_at", "max"), expired=("expired", "any"), failed=("failed", "sum"))  # fmt: skip
@@ -419,7 +497,7 @@ class Data:
 
     def session(self, db: int, session: int) -> dict[str, Any]:
         """A workflow's requests over wall time and the lifetimes of the tokens they carried."""
-        a = self.source(db).analysis
+        a = self.settled(self.source(db))
         rows = a.sessions[a.sessions["session"] == session]
         if rows.empty:
             raise NotFound(f"no session {session}")
@@ -472,7 +550,7 @@ class Data:
     def model_of(self, source: Source) -> Model:
         """The source's model, its latency tables recomputed from the merged hops after a live merge (on first use)."""
         if source.tables_stale:
-            analysis = source.analysis
+            analysis = self.settled(source)
             tables = dict(zip(("services", "endpoints", "edges"), latency_tables(analysis.hops), strict=True))
             fixed = model(dataclasses.replace(analysis, **tables))
             with self._lock:
@@ -608,7 +686,10 @@ def copy_tail(path: Path, into: Path, since: float) -> None:
     """The hops of ``path`` that started at or after ``since``, their tokens and the captures, as a new trace DB.
 
     Every hop of a request that started at ``since`` or later started then too (a call
-    starts after its caller), so the copy holds those requests whole. The index on
+    starts after its caller), so the copy holds those requests whole. ``since`` is a time as
+    the analysis holds it, rounded to the microsecond, and the file's own value may lie up to
+    half a microsecond below it: the copy starts ``TIME_SLACK_S`` earlier, and the analysis of
+    the copy keeps the requests from ``since`` on by its rounded times. The index on
     (capture_id, started_at) finds the rows: the cost follows the tail, not the file,
     where the analyzer's own window still reads every page (and checks the whole file).
     """
@@ -625,7 +706,7 @@ def copy_tail(path: Path, into: Path, since: float) -> None:
         conn.execute(
             f"INSERT INTO hops ({copy['hops']}) SELECT {copy['hops']} FROM src.hops"
             " WHERE capture_id IN (SELECT id FROM src.captures) AND started_at >= ?",
-            (since,),
+            (since - TIME_SLACK_S,),
         )
         conn.execute(
             f"INSERT INTO hop_tokens ({copy['hop_tokens']}) SELECT {copy['hop_tokens']} FROM src.hop_tokens"
@@ -655,18 +736,33 @@ def _max_hop_id(path: Path) -> int:
         conn.close()
 
 
+def _peer(source: Source, endpoint: str, at: float, trace: int) -> int | None:
+    """The passing request of ``endpoint`` nearest in time to ``at``: among the live passes' and the whole capture's."""
+    found = [p for p in (source.pending.lookup.peer(endpoint, at, trace) if source.pending else None,
+                         source.lookup.peer(endpoint, at, trace)) if p is not None]  # fmt: skip
+    starts = source.by_trace["started_at"]
+    return min(found, key=lambda t: abs(float(starts.get(t, np.inf)) - at), default=None)
+
+
 def _plain_filters(reqs: pd.DataFrame, q: RequestQuery) -> np.ndarray:
     """The filters on a request's own columns (status, time, text)."""
     keep = np.ones(len(reqs), dtype=bool)
     if q.status:
         keep &= (reqs["status_class"] == q.status).to_numpy()
+    # Start times are held in whole microseconds (as the analyzer loads them): so are the bounds, or a
+    # window starting at a request's recorded time (1767255321.7541513) would leave that request out.
     if q.since is not None:
-        keep &= (reqs["started_at"] >= q.since).to_numpy()
+        keep &= (reqs["started_at"] >= _whole_us(q.since)).to_numpy()
     if q.until is not None:
-        keep &= (reqs["started_at"] <= q.until).to_numpy()
+        keep &= (reqs["started_at"] <= _whole_us(q.until)).to_numpy()
     if q.text:
         keep &= reqs["haystack"].str.contains(q.text.lower(), regex=False).to_numpy()
     return keep
+
+
+def _whole_us(t: float) -> float:
+    """``t`` rounded to the microsecond, as the loader and :mod:`hoptrace.ui._preview` read times."""
+    return math.floor(t * 1e6 + 0.5) / 1e6
 
 
 def _quick_requests(path: Path, db: int, after_id: int | None = None) -> pd.DataFrame:
@@ -675,7 +771,8 @@ def _quick_requests(path: Path, db: int, after_id: int | None = None) -> pd.Data
     rows = entry_requests(path, after_id)
     t = pd.DataFrame(rows, columns=list(COLUMNS))
     t = t.assign(status_class=outcomes(t).to_numpy(), ended=hop_endings(t).to_numpy())
-    t = t.assign(db=db, hops=None, subject=None, rank=NO_FINDING_RANK, kinds="", severity=None, worst=np.nan, tier=np.nan)
+    t = t.assign(db=db, hops=None, subject=None, rank=NO_FINDING_RANK, kinds="", severity=None, worst=np.nan, tier=np.nan,
+                 count=0)  # fmt: skip
     t["haystack"] = (t["trace"].astype(str) + " " + t["endpoint"].fillna("")).str.lower()
     return t.drop(columns=["failed", "error_kind"])
 
@@ -711,20 +808,50 @@ def _requests(m: Model, db: int) -> pd.DataFrame:
             "subject": subject.to_numpy(),
             "rank": ranks.reindex(roots.index).fillna(NO_FINDING_RANK).astype(int).to_numpy(),
             "kinds": kinds.to_numpy(),
+            "tier": m.tiers.reindex(roots.index).to_numpy(),
+            "count": found["trace"].astype("int64").value_counts().reindex(roots.index, fill_value=0).to_numpy(),
         }
     )
     table["severity"] = table["rank"].map(dict(enumerate(SEVERITIES)))
     table["haystack"] = (
         table["trace"].astype(str) + " " + table["endpoint"] + " " + table["subject"].fillna("") + " " + table["kinds"]
     ).str.lower()
-    return _ranked(table, m)
+    return table
 
 
-def _ranked(requests: pd.DataFrame, m: Model) -> pd.DataFrame:
-    """``requests`` with ``worst`` (the place in the model's worst-first order, 0 = worst) and ``tier``."""
-    place = pd.Series(np.arange(len(m.worst_order)), index=m.worst_order)
-    traces = requests["trace"].to_numpy()
-    return requests.assign(worst=place.reindex(traces).to_numpy(), tier=m.tiers.reindex(traces).to_numpy())
+def _ranked(requests: pd.DataFrame) -> pd.DataFrame:
+    """``requests`` with ``worst``: the place in the presentation model's worst-first order (0 = worst)
+    by its keys, each row's own (``tier``, findings ``count``, ``duration_ms``, ``trace``), so that
+    rows analysed in different passes rank together without a pass over every hop. Rows listed
+    and not analysed yet have no place (NaN)."""
+    tier = requests["tier"].to_numpy(dtype=float)
+    ms = pd.to_numeric(requests["duration_ms"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+    count = requests["count"].to_numpy(dtype=float)
+    order = np.lexsort((requests["trace"].to_numpy(), -ms, -count, tier))  # NaN sorts last, as the model's sort
+    place = np.empty(len(order), dtype=float)
+    place[order] = np.arange(len(order))
+    return requests.assign(worst=np.where(np.isnan(tier), np.nan, place))
+
+
+def _running_hops(base: Analysis, since: float) -> pd.Index:
+    """Hops of ``base`` that started at ``since`` or later in a request that started before: still
+    running when a tail pass began there, they stay with their request (see :func:`_merged_hops`)."""
+    hops = base.hops
+    first = int(np.searchsorted(hops["started_at"].to_numpy(), since)) if hops["started_at"].is_monotonic_increasing else 0
+    rest = hops.iloc[first:]
+    return rest.index[hops["started_at"].reindex(rest["trace"].to_numpy()).to_numpy() < since]
+
+
+def _merged_counts(base: Analysis, tail: Analysis, since: float) -> tuple[int, int]:
+    """(hops, findings) that ``_merge(base, tail, since)`` would hold, without copying a hop."""
+    hops = base.hops
+    first = int(np.searchsorted(hops["started_at"].to_numpy(), since)) if hops["started_at"].is_monotonic_increasing else 0
+    running = _running_hops(base, since)
+    added = tail.hops.index[~tail.hops.index.isin(running)]
+    found = base.findings
+    root_start = hops["started_at"].reindex(found["trace"].fillna(-1).astype("int64").to_numpy()).to_numpy()
+    kept = (root_start < since) | (found["trace"].isna().to_numpy() & (found["at"].to_numpy(dtype=float) < since))
+    return first + len(running) + len(added), int(kept.sum()) + len(tail.findings)
 
 
 def _merge(old: Analysis, tail: Analysis, since: float) -> Analysis:

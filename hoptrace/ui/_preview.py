@@ -19,8 +19,20 @@ from hoptrace.ui._query import RequestQuery
 PREVIEW_ROWS = 2000
 """Requests listed per capture before the analysis is done: the newest ones."""
 COLUMNS = ("trace", "started_at", "endpoint", "service", "status", "failed", "error_kind", "duration_ms")
+
+
+def _as_loaded(column: str, scale: str) -> str:
+    """``column`` as the analyzer's loader reads it: a whole number of ``1/scale`` units (times in
+    microseconds, durations in microseconds too), anything but a number as NULL. A row listed here
+    and the same request analysed then carry the same start time, so a time window that holds
+    one holds the other (a recorded time has digits below the microsecond: 1767255321.7541513)."""
+    number = f"CAST({column} * {scale} + 0.5 AS INTEGER) / {scale}"
+    return f"CASE typeof({column}) WHEN 'integer' THEN {number} WHEN 'real' THEN {number} END"
+
+
 _SELECT = (
-    "h.id, h.started_at, h.method || ' ' || h.path, h.service, h.status, h.failed, h.error_kind, h.duration_ms"
+    f"h.id, {_as_loaded('h.started_at', '1e6')}, h.method || ' ' || h.path, h.service, h.status, h.failed, h.error_kind,"
+    f" {_as_loaded('h.duration_ms', '1e3')}"
 )
 
 
