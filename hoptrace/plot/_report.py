@@ -27,6 +27,7 @@ from hoptrace import __version__
 from hoptrace._errors import AnalysisError
 from hoptrace._format import as_float, as_int, is_missing, token_left
 from hoptrace.analyzer._analysis import Analysis
+from hoptrace.analyzer._merge import by_file
 from hoptrace.analyzer._model import Model, model, slowest_first, tree_prefixes
 from hoptrace.analyzer._types import SEVERITIES
 from hoptrace.plot._common import DEFAULT_DPI, PlotError, fmt_ms, fmt_utc, output_format, require_hops, svg_text
@@ -172,7 +173,7 @@ def _answer_section(m: Model, shown: list[int], error_traces: list[int], limit: 
             shown = list(dict.fromkeys(as_int(f["trace"]) for f in examples if as_int(f["trace"]) is not None))[:limit]
         elif shown:  # _charted_requests' choice: the worst request
             out.append("<p>No request has an error or warning finding. The worst request:</p>")
-    details = hop_details(m.analysis.source, [h for t in shown for h in _detailed_hops(m, t)])
+    details = by_file(m.analysis.files or (m.analysis.source,), [h for t in shown for h in _detailed_hops(m, t)], hop_details)
     drawn: set[int] = set()
     for f in examples[:limit] if examples else []:
         out.append(f'<p class="story sev-{_e(f["severity"])}">{_e(story(m, f))}</p>')

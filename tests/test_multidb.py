@@ -1,0 +1,192 @@
+"""Several trace files, one analysis: a sample trace split in two by hop id analyses as the whole
+file; a real `hoptrace proxy --workers 2` capture analyses as a single-worker capture of the same
+scenario; hostile paths are one line each."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hoptrace.analyzer import analyze, render_json
+from hoptrace.cli import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_traces"
+
+
+def split_by_hop(db: Path, into: Path, first: set[int]) -> tuple[Path, Path]:
+    """``db`` as two files: the hops in ``first`` (and their sightings) in one, the others in the
+    other; each keeps every capture row and the token rows its hops saw (a token both halves saw is in both)."""
+    halves = (into / "a.db", into / "b.db")
+    for n, half in enumerate(halves):
+        shutil.copyfile(db, half)
+        conn = sqlite3.connect(half)
+        try:
+            conn.execute("CREATE TEMP TABLE kept (id INTEGER PRIMARY KEY)")
+            ids = [row[0] for row in conn.execute("SELECT id FROM hops")]
+            conn.executemany("INSERT INTO kept VALUES (?)", [(i,) for i in ids if (i in first) == (n == 0)])
+            conn.execute("DELETE FROM hops WHERE id NOT IN (SELECT id FROM kept)")
+            conn.execute("DELETE FROM hop_tokens WHERE hop_id NOT IN (SELECT id FROM kept)")
+            conn.execute("DELETE FROM tokens WHERE fingerprint NOT IN (SELECT fingerprint FROM hop_tokens)")
+            conn.commit()
+        finally:
+            conn.close()
+    return halves
+
+
+def _in_file_ids(report: dict, analysis) -> dict:
+    """A JSON report of a joined analysis with each hop and request id back to its id in its file."""
+    local = dict(zip(analysis.hops.index.tolist(), analysis.hops["file_hop"].tolist(), strict=True))
+
+    def back(value, key=""):
+        """Ids under a key naming a hop or a request (``trace``, ``hop_ids``, details' ``traces``...)."""
+        if isinstance(value, dict):
+            return {k: back(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [back(v, key) for v in value]
+        named = key in ("trace", "traces", "hop_id", "hop_ids")
+        return local[value] if named and isinstance(value, int) and not isinstance(value, bool) and value in local else value
+
+    report["findings"] = back(report["findings"])
+    return report
+
+
+def _whole(name: str) -> dict:
+    return json.loads((SAMPLES / f"{name}.json").read_text(encoding="utf-8"))
+
+
+NAMES = sorted(p.stem for p in SAMPLES.glob("*.db"))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(NAMES), point=st.floats(0, 1), interleave=st.sampled_from([0, 2, 3]))
+def test_a_sample_split_by_hop_id_analyses_as_the_whole_file(tmp_path_factory, name, point, interleave):
+    db = SAMPLES / f"{name}.db"
+    ids = sorted(row[0] for row in sqlite3.connect(db).execute("SELECT id FROM hops"))
+    cut = ids[int(point * (len(ids) - 1))]
+    # A cut at one id, or every 2nd/3rd hop in one file: requests and tokens land in both halves.
+    first = {i for i in ids if (i % interleave == 0 if interleave else i <= cut)}
+    halves = split_by_hop(db, tmp_path_factory.mktemp("split"), first)
+    shared = set.intersection(*({r[0] for r in sqlite3.connect(h).execute("SELECT fingerprint FROM tokens")} for h in halves))
+
+    joined = analyze(list(halves))
+
+    whole = _whole(name)
+    report = _in_file_ids(json.loads(render_json(joined)), joined)
+    assert report["findings"] == whole["findings"]
+    assert report["summary"] | {"captures": whole["summary"]["captures"]} == whole["summary"]
+    assert len(joined.captures) == whole["summary"]["captures"]
+    assert joined.notes[0].startswith("joined 2 trace files")
+    # The joined ids say where each hop came from: file k of K's hop i is i * K + k.
+    hops = joined.hops
+    second = (hops["file"] == str(halves[1])).to_numpy()
+    assert (hops.index.to_numpy() == hops["file_hop"].to_numpy() * 2 + second).all()
+    if 0 < len(first) < len(ids):
+        assert shared or not interleave, "an interleaved split puts some token in both files"
+
+
+# -- a real --workers 2 capture against a single-worker one -------------------------------------
+
+
+def _finding_counts(analysis) -> Counter:
+    return Counter(zip(analysis.findings["kind"], analysis.findings["service"], analysis.findings["endpoint"], strict=True))
+
+
+@pytest.mark.e2e
+def test_a_two_worker_capture_analyses_as_a_single_worker_one(tmp_path):
+    """The same scenario of the sample stack through `hoptrace proxy --workers 2` and through one process."""
+    import asyncio
+
+    from hoptrace.stack.scenarios import SCENARIOS, record
+
+    scenario = SCENARIOS["checkout-expiry"]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "shards").mkdir()
+    single = asyncio.run(record(tmp_path / "one" / "traces.db", scenario.stack_config(), scenario.drive))
+    sharded = asyncio.run(record(tmp_path / "shards" / "traces.db", scenario.stack_config(), scenario.drive, proxy_args=("--workers", "2")))
+    assert single.exit_code == 0 and sharded.exit_code == 0, sharded.output
+    shards = sorted((tmp_path / "shards").glob("traces.w*.db"))
+    assert [s.name for s in shards] == ["traces.w1.db", "traces.w2.db"]
+    # Both workers recorded hops: the analysis below really joins two files.
+    assert all(sqlite3.connect(s).execute("SELECT count(*) FROM hops").fetchone()[0] for s in shards)
+
+    expected = analyze(single.db)
+    from_folder = analyze([tmp_path / "shards" / s.name for s in shards])
+    assert len(from_folder.hops) == len(expected.hops)
+    assert _finding_counts(from_folder) == _finding_counts(expected), from_folder.findings[["kind", "service", "endpoint"]]
+    assert len(from_folder.sessions) == len(expected.sessions)
+    assert from_folder.notes[0].startswith("joined 2 trace files") and "--workers capture" in from_folder.notes[0]
+    assert len(from_folder.captures) == 1
+
+    # The CLI from the folder and from the files: the same findings, as JSON.
+    by_folder = CliRunner().invoke(cli, ["analyze", str(tmp_path / "shards"), "--format", "json"])
+    by_files = CliRunner().invoke(cli, ["analyze", *map(str, shards), "--format", "json"])
+    assert by_folder.exit_code == by_files.exit_code == 0, by_folder.output
+    assert json.loads(by_folder.output)["findings"] == json.loads(by_files.output)["findings"]
+    kinds = Counter(f["kind"] for f in json.loads(by_folder.output)["findings"])
+    assert kinds == Counter(expected.findings["kind"])
+
+
+# -- hostile paths: one line each, exit 2 ---------------------------------------------------------
+
+
+def _one_line_error(args: list[str]) -> str:
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("command", [["analyze"], ["report", "-o", "r.html"], ["plot", "--latency", "-o", "p.svg"], ["export", "--har", "x.har"]])
+def test_hostile_paths_are_one_line_each(command, tmp_path):
+    sample = SAMPLES / "clean.db"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "notes.txt").write_text("not a trace file")
+    assert "no such file" in _one_line_error([command[0], str(tmp_path / "missing.db"), *command[1:]])
+    assert f"{empty}: a folder with no trace file" in _one_line_error([command[0], str(empty), *command[1:]])
+    assert "given twice" in _one_line_error([command[0], str(sample), str(SAMPLES / ".." / "sample_traces" / "clean.db"), *command[1:]])
+    out = _one_line_error([command[0], str(sample), str(tmp_path / "notes.txt"), *command[1:]])
+    assert str(tmp_path / "notes.txt") in out
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.binary(max_size=300), name=st.text(st.characters(categories=("L", "N", "P"), exclude_characters="/"), min_size=1, max_size=12))
+def test_any_bad_file_among_good_ones_is_named_in_one_line(tmp_path_factory, content, name):
+    folder = tmp_path_factory.mktemp("hostile")
+    shutil.copyfile(SAMPLES / "clean.db", folder / "a.db")
+    bad = folder / f"{name}.db"
+    try:
+        bad.write_bytes(content)
+    except OSError:  # a name the file system refuses is not this test's subject
+        return
+    result = CliRunner().invoke(cli, ["analyze", str(folder)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert str(bad) in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_folder_is_its_db_files_in_name_order_with_numbers_by_value(tmp_path):
+    from hoptrace._options import _expand
+
+    for name in ("t.w10.db", "t.w2.db", "t.w1.db", "notes.txt", "t.w1.db-wal"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub.db").mkdir()
+    assert [p.name for p in _expand(tmp_path)] == ["t.w1.db", "t.w2.db", "t.w10.db"]
+
+
+def test_an_option_that_writes_into_its_file_takes_one(tmp_path):
+    import click
+
+    from hoptrace._options import one_trace_file
+
+    assert one_trace_file((tmp_path / "a.db",), "--save") == tmp_path / "a.db"
+    with pytest.raises(click.ClickException, match=r"--save takes one trace file; 2 were given"):
+        one_trace_file((tmp_path / "a.db", tmp_path / "b.db"), "--save")
