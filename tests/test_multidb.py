@@ -112,7 +112,7 @@ def test_a_two_worker_capture_analyses_as_a_single_worker_one(tmp_path):
     (tmp_path / "shards").mkdir()
     single = asyncio.run(record(tmp_path / "one" / "traces.db", scenario.stack_config(), scenario.drive))
     sharded = asyncio.run(record(tmp_path / "shards" / "traces.db", scenario.stack_config(), scenario.drive, proxy_args=("--workers", "2")))
-    assert single.exit_code == 0 and sharded.exit_code == 0, sharded.output
+    assert single.proxy_exit == 0 and sharded.proxy_exit == 0, sharded.proxy_output
     shards = sorted((tmp_path / "shards").glob("traces.w*.db"))
     assert [s.name for s in shards] == ["traces.w1.db", "traces.w2.db"]
     # Both workers recorded hops: the analysis below really joins two files.
