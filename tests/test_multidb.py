@@ -190,3 +190,61 @@ def test_an_option_that_writes_into_its_file_takes_one(tmp_path):
     assert one_trace_file((tmp_path / "a.db",), "--save") == tmp_path / "a.db"
     with pytest.raises(click.ClickException, match=r"--save takes one trace file; 2 were given"):
         one_trace_file((tmp_path / "a.db", tmp_path / "b.db"), "--save")
+
+
+def test_the_web_view_shows_several_files_as_one_joined_analysis(tmp_path):
+    from hoptrace.ui._data import Data
+    from hoptrace.ui._preview import Preview
+
+    db = SAMPLES / "checkout-expiry.db"
+    ids = [row[0] for row in sqlite3.connect(db).execute("SELECT id FROM hops")]
+    halves = split_by_hop(db, tmp_path, {i for i in ids if i % 2})
+    joined, whole = Data(list(halves)), Data([db])
+    assert joined.refresh() and whole.refresh()
+    (status,), (alone,) = joined.status()["dbs"], whole.status()["dbs"]
+    assert status["path"] == f"{halves[0]}, {halves[1]}"
+    assert (status["hops"], status["requests"], status["findings"]) == (alone["hops"], alone["requests"], alone["findings"])
+    # A hop's details come from the file it was recorded in, by its id there.
+    hops = joined.sources[0].analysis.hops
+    for hop_id, in_file in zip(hops.index[:30], hops["file_hop"][:30], strict=True):
+        shown, expected = joined.hop(0, int(hop_id)), whole.hop(0, int(in_file))
+        assert (shown["started_at"], shown["request_headers"], shown["tokens"]) == (expected["started_at"], expected["request_headers"], expected["tokens"])
+    # Before the analysis, the SQL preview lists the joined requests under the joined ids.
+    listed = {row["trace"] for _, row in Preview(list(halves)).rows}
+    assert listed and listed <= set(hops.index) and {db_ for db_, _ in Preview(list(halves)).rows} == {0}
+
+
+def test_a_live_view_of_growing_shards_keeps_up_with_each_file(tmp_path):
+    from hoptrace.ui._data import Data
+    from hoptrace.ui._query import RequestQuery
+
+    db = SAMPLES / "checkout-expiry.db"
+    ids = sorted(row[0] for row in sqlite3.connect(db).execute("SELECT id FROM hops"))
+    (tmp_path / "full").mkdir()
+    full = split_by_hop(db, tmp_path / "full", {i for i in ids if i % 2})
+    growing = [tmp_path / "a.db", tmp_path / "b.db"]
+    cut = ids[len(ids) * 2 // 3]
+    for source, shard in zip(full, growing, strict=True):  # each shard as it was mid-capture
+        shutil.copyfile(source, shard)
+        with sqlite3.connect(shard) as conn:
+            conn.execute("DELETE FROM hop_tokens WHERE hop_id > ?", (cut,))
+            conn.execute("DELETE FROM hops WHERE id > ?", (cut,))
+    live = Data(growing, lookback_s=1.0)
+    assert live.refresh()
+    early = live.request_page(RequestQuery(limit=500))["total"]
+    for source, shard in zip(full, growing, strict=True):
+        with sqlite3.connect(shard) as conn:
+            conn.execute("ATTACH ? AS full", (f"file:{source}?mode=ro",))
+            conn.execute("INSERT INTO hops SELECT * FROM full.hops WHERE id > ?", (cut,))
+            conn.execute("INSERT INTO hop_tokens SELECT * FROM full.hop_tokens WHERE hop_id > ?", (cut,))
+            conn.execute("INSERT OR IGNORE INTO tokens SELECT * FROM full.tokens")
+    assert live.refresh()
+    whole = Data(list(full))
+    whole.refresh()
+    merged, fresh = (d.request_page(RequestQuery(limit=500))["items"] for d in (live, whole))
+    assert early < len(merged)
+    key = lambda r: (r["trace"], r["status"], r["hops"], r["severity"])
+    assert sorted(map(key, merged)) == sorted(map(key, fresh))
+    assert Counter(live.sources[0].analysis.findings["kind"]) == Counter(whole.sources[0].analysis.findings["kind"])
+    newest = int(live.sources[0].analysis.hops.index.max())
+    assert live.hop(0, newest)["started_at"] == whole.hop(0, newest)["started_at"]
