@@ -248,3 +248,52 @@ def test_a_live_view_of_growing_shards_keeps_up_with_each_file(tmp_path):
     assert Counter(live.sources[0].analysis.findings["kind"]) == Counter(whole.sources[0].analysis.findings["kind"])
     newest = int(live.sources[0].analysis.hops.index.max())
     assert live.hop(0, newest)["started_at"] == whole.hop(0, newest)["started_at"]
+
+
+def test_export_of_several_files_is_one_export_of_the_joined_analysis(tmp_path):
+    import pyarrow.parquet as pq
+
+    db = SAMPLES / "shared-client.db"
+    ids = [row[0] for row in sqlite3.connect(db).execute("SELECT id FROM hops")]
+    halves = split_by_hop(db, tmp_path, {i for i in ids if i % 3 == 0})
+    out = {}
+    for name, files in (("whole", [db]), ("joined", list(halves))):
+        folder = tmp_path / name
+        result = CliRunner().invoke(cli, ["export", *map(str, files), "--har", str(folder) + ".har",
+                                          "--otlp", str(folder) + ".jsonl", "--parquet", str(folder)])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        har = json.loads(Path(str(folder) + ".har").read_text())["log"]["entries"]
+        lines = [json.loads(line) for line in Path(str(folder) + ".jsonl").read_text().splitlines()]
+        spans = [[s for r in line["resourceSpans"] for ss in r["scopeSpans"] for s in ss["spans"]] for line in lines]
+        out[name] = (har, spans, {t: pq.read_table(folder / f"{t}.parquet") for t in ("hops", "tokens", "hop_tokens", "findings")})
+    (har, spans, tables), (whole_har, whole_spans, whole_tables) = out["joined"], out["whole"]
+    # One HAR of the joined analysis: every hop once, in start order, each with its request and findings.
+    entry = lambda e: (e["startedDateTime"], e["request"]["url"], e["response"]["status"], len(e["_hoptrace"]["findings"]))
+    assert [entry(e) for e in har] == [entry(e) for e in whole_har]
+    assert len({e["_hoptrace"]["hop_id"] for e in har}) == len(har) == len(ids)
+    # One OTLP file: every hop a span, every parent in its request's line.
+    assert sum(map(len, spans)) == sum(map(len, whole_spans)) == len(ids)
+    for line in spans:
+        assert {s["parentSpanId"] for s in line if s.get("parentSpanId")} <= {s["spanId"] for s in line}
+    # One Parquet folder: each table's rows once (a token both files saw is one row), with the file of each row.
+    assert {t: tables[t].num_rows for t in tables} == {t: whole_tables[t].num_rows for t in whole_tables}
+    assert set(tables["hops"].column("file").to_pylist()) == {str(h) for h in halves}
+    assert len(set(tables["hops"].column("id").to_pylist())) == len(ids)
+    assert set(tables["hop_tokens"].column("hop_id").to_pylist()) <= set(tables["hops"].column("id").to_pylist())
+
+
+def test_json_and_report_name_the_file_each_hop_came_from(tmp_path):
+    db = SAMPLES / "checkout-expiry.db"
+    ids = [row[0] for row in sqlite3.connect(db).execute("SELECT id FROM hops")]
+    halves = split_by_hop(db, tmp_path, {i for i in ids if i % 2})
+    doc = json.loads(render_json(analyze(list(halves))))
+    for finding in doc["findings"]:
+        assert [f[0] for f in finding["files"]] == [str(halves[i % 2]) for i in finding["hop_ids"]]
+        assert [f[1] for f in finding["files"]] == [i // 2 for i in finding["hop_ids"]]
+    hop = doc["traces"][0]["hops"][0]
+    assert hop["file"] == str(halves[hop["id"] % 2]) and hop["file_hop"] == hop["id"] // 2
+    result = CliRunner().invoke(cli, ["report", *map(str, halves), "-o", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    html = (tmp_path / "r.html").read_text()
+    assert "recorded in" in html and f"{halves[1]}, hop " in html
+    assert "Headers and timings: not available" not in html, "each hop's details are read from its own file"

@@ -232,6 +232,8 @@ def _hop_panel(h, d: HopDetail | None) -> str:
     link = f"{h['link']}" + ("" if as_int(h.get("link_candidates")) in (None, 1) else
                              f" (a guess among {as_int(h['link_candidates'])} candidates)")  # fmt: skip
     facts = [("hop", int(h.name)), ("started", fmt_utc(h["started_at"])), ("linked to its caller by", link)]
+    if "file" in h:  # several files joined: where this hop was recorded, and its id there
+        facts.insert(1, ("recorded in", f"{h['file']}, hop {as_int(h['file_hop'])}"))
     left = token_left(h.get("remaining_s"))
     if left:
         facts.append(("token at this hop", left))
