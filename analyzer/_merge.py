@@ -66,11 +66,13 @@ def join(parts: Sequence[Tables], paths: Sequence[Path]) -> Tables:
     count = len(parts)
     notes: list[str] = []
     hops, hop_tokens, captures = [], [], []
+    names = [str(p) for p in paths]
     for k, (part, path) in enumerate(zip(parts, paths, strict=True)):
         kept, dropped = _in_id_range(part.hops, count)
         if dropped:
             notes.append(f"{path}: {dropped} hops with ids too large to join with {count - 1} other files were ignored")
-        kept = kept.assign(file=str(path), file_hop=kept.index.to_numpy(), capture_id=joined_ids(kept["capture_id"], k, count))
+        file = pd.Categorical.from_codes(np.full(len(kept), k), categories=names)
+        kept = kept.assign(file=file, file_hop=kept.index.to_numpy(), capture_id=joined_ids(kept["capture_id"], k, count))
         hops.append(kept.set_axis(pd.Index(joined_ids(kept.index, k, count), name="id")))
         sightings = part.hop_tokens[part.hop_tokens["hop_id"].isin(kept.index)]
         hop_tokens.append(sightings.assign(hop_id=joined_ids(sightings["hop_id"], k, count)))
@@ -79,18 +81,20 @@ def join(parts: Sequence[Tables], paths: Sequence[Path]) -> Tables:
     captures_joined, capture_of, summary = _join_captures(captures, count)
     hops_all = _concat(hops)
     hops_all["capture_id"] = hops_all["capture_id"].map(capture_of).fillna(-1).astype("int64")
-    hops_all["file"] = pd.Categorical(hops_all["file"], categories=[str(p) for p in paths])
     # By start across files; on a tie, hop ids' order (the loader's within one file).
     hops_all = hops_all.assign(_id=hops_all.index.to_numpy()).sort_values(
         ["started_at", "ended_at", "_id"], ascending=[True, False, True], kind="stable"
     ).drop(columns="_id")
+    apart = ""
+    if len(captures_joined) > 1:
+        apart = f"; {len(captures_joined)} different captures: hops of two are never linked, a token or subject joins their sessions"
     tokens = _join_tokens([part.tokens for part in parts], [c.index.to_numpy() for c in captures], capture_of)
     joined = Tables(
         captures=captures_joined,
         hops=in_start_order(hops_all),
         tokens=tokens,
         hop_tokens=_concat(hop_tokens).reset_index(drop=True),
-        notes=[f"joined {count} trace files into one analysis ({', '.join(map(str, paths))}): {summary}", *notes],
+        notes=[f"joined {count} trace files into one analysis ({', '.join(map(str, paths))}): {summary}{apart}", *notes],
     )
     return joined
 
@@ -155,6 +159,8 @@ def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
         from pandas.api.types import union_categoricals
 
         for column in categorical:
+            if all(f[column].dtype == frames[0][column].dtype for f in frames):
+                continue  # one category list already (the files, in the order given): concat keeps it
             # union_categoricals sorts the categories as the loader does (sort_categories).
             union = union_categoricals([f[column].astype("category") for f in frames], sort_categories=True)
             frames = [f.assign(**{column: f[column].astype(union.dtype)}) for f in frames]

@@ -55,6 +55,8 @@ def _in_file_ids(report: dict, analysis) -> dict:
         named = key in ("trace", "traces", "hop_id", "hop_ids")
         return local[value] if named and isinstance(value, int) and not isinstance(value, bool) and value in local else value
 
+    for finding in report["findings"]:
+        del finding["files"]  # what only a joined analysis says: checked on its own below
     report["findings"] = back(report["findings"])
     return report
 
@@ -297,3 +299,24 @@ def test_json_and_report_name_the_file_each_hop_came_from(tmp_path):
     html = (tmp_path / "r.html").read_text()
     assert "recorded in" in html and f"{halves[1]}, hop " in html
     assert "Headers and timings: not available" not in html, "each hop's details are read from its own file"
+
+
+def test_files_of_different_captures_are_noted_and_analysed_side_by_side():
+    files = [SAMPLES / "clean.db", SAMPLES / "checkout-expiry.db"]
+    joined, alone = analyze(files), [analyze(f) for f in files]
+    assert "2 different captures" in joined.notes[0] and "capture 1 of clean.db; capture 1 of checkout-expiry.db" in joined.notes[0]
+    assert len(joined.captures) == 2
+    # Recorded at different times: nothing links across them, so the findings are each file's.
+    assert _finding_counts(joined) == _finding_counts(alone[0]) + _finding_counts(alone[1])
+    assert len(joined.hops) == sum(len(a.hops) for a in alone)
+
+
+def test_a_capture_that_did_not_end_cleanly_is_named_with_its_file(tmp_path):
+    db = SAMPLES / "clean.db"
+    ids = [row[0] for row in sqlite3.connect(db).execute("SELECT id FROM hops")]
+    halves = split_by_hop(db, tmp_path, {i for i in ids if i % 2})
+    with sqlite3.connect(halves[1]) as conn:
+        conn.execute("UPDATE captures SET ended_at = NULL")
+    notes = analyze(list(halves)).notes
+    assert [n for n in notes if "did not end cleanly" in n] == [n for n in notes if n.startswith(f"{halves[1]}: capture 1 did not end cleanly")]
+    assert any("did not end cleanly" in n for n in notes)
