@@ -221,7 +221,7 @@ def _describe(rows: pd.DataFrame, group: pd.Series, count: int) -> str:
         if label:
             words.append(f"--workers capture {label[1][:12]} ({len(files)} shard{'s' * (len(files) != 1)})")
         elif len(files) > 1:
-            words.append(f"one capture in {len(files)} files ({', '.join(Path(f).name for f in files)}), by time")
+            words.append(f"one capture in {len(files)} files ({', '.join(Path(f).name for f in files)})")
         else:
             words.append(f"capture {int(members.index[0]) // count} of {Path(files[0]).name}")
     return "; ".join(words) or "no capture rows"

@@ -320,3 +320,23 @@ def test_a_capture_that_did_not_end_cleanly_is_named_with_its_file(tmp_path):
     notes = analyze(list(halves)).notes
     assert [n for n in notes if "did not end cleanly" in n] == [n for n in notes if n.startswith(f"{halves[1]}: capture 1 did not end cleanly")]
     assert any("did not end cleanly" in n for n in notes)
+
+
+@pytest.mark.parametrize("name", ["checkout-expiry", "propagated"])
+def test_captures_of_one_stack_on_two_hosts_join_by_time(tmp_path, name):
+    """One proxy per host: the gateway's hops in one file, the other services' in another, each file
+    with a capture row of its own (its own start and source), one fingerprint key."""
+    db = SAMPLES / f"{name}.db"
+    gateway = {row[0] for row in sqlite3.connect(db).execute("SELECT id FROM hops WHERE service = 'gateway'")}
+    hosts = split_by_hop(db, tmp_path, gateway)
+    with sqlite3.connect(hosts[1]) as conn:
+        conn.execute("UPDATE captures SET started_at = started_at + 0.5, routes = '[]'")
+
+    joined = analyze(list(hosts))
+
+    report = _in_file_ids(json.loads(render_json(joined)), joined)
+    assert report["findings"] == _whole(name)["findings"]
+    assert len(joined.captures) == 1 and "one capture in 2 files (a.db, b.db)" in joined.notes[0]
+    # Requests span both files: their trees were rebuilt across the hosts.
+    files_per_request = joined.hops.groupby("trace", observed=True)["file"].nunique()
+    assert (files_per_request == 2).any()
