@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from hoptrace._shards import parse_worker_source
 from hoptrace.analyzer._headers import HeaderReader, empty_lines
 from hoptrace.analyzer._load import Tables, load
 from hoptrace.analyzer._traces import in_start_order
-from hoptrace._shards import parse_worker_source
 
 _MAX_ID = np.iinfo(np.int64).max
 _COUNTERS = ("hops_seen", "hops_recorded", "hops_dropped", "addon_errors", "write_errors")
@@ -76,18 +76,24 @@ def join(parts: Sequence[Tables], paths: Sequence[Path]) -> Tables:
         hops.append(kept.set_axis(pd.Index(joined_ids(kept.index, k, count), name="id")))
         sightings = part.hop_tokens[part.hop_tokens["hop_id"].isin(kept.index)]
         hop_tokens.append(sightings.assign(hop_id=joined_ids(sightings["hop_id"], k, count)))
-        captures.append(part.captures.assign(file=str(path)).set_axis(pd.Index(joined_ids(part.captures.index, k, count), name="id")))
+        captures.append(
+            part.captures.assign(file=str(path)).set_axis(pd.Index(joined_ids(part.captures.index, k, count), name="id"))
+        )
         notes += [f"{path}: {note}" for note in part.notes]
     captures_joined, capture_of, summary = _join_captures(captures, count)
     hops_all = _concat(hops)
     hops_all["capture_id"] = hops_all["capture_id"].map(capture_of).fillna(-1).astype("int64")
     # By start across files; on a tie, hop ids' order (the loader's within one file).
-    hops_all = hops_all.assign(_id=hops_all.index.to_numpy()).sort_values(
-        ["started_at", "ended_at", "_id"], ascending=[True, False, True], kind="stable"
-    ).drop(columns="_id")
+    hops_all = (
+        hops_all.assign(_id=hops_all.index.to_numpy())
+        .sort_values(["started_at", "ended_at", "_id"], ascending=[True, False, True], kind="stable")
+        .drop(columns="_id")
+    )
     apart = ""
     if len(captures_joined) > 1:
-        apart = f"; {len(captures_joined)} different captures: hops of two are never linked, a token or subject joins their sessions"
+        apart = (
+            f"; {len(captures_joined)} different captures: hops of two are never linked, a token or subject joins their sessions"
+        )
     tokens = _join_tokens([part.tokens for part in parts], [c.index.to_numpy() for c in captures], capture_of)
     joined = Tables(
         captures=captures_joined,
@@ -188,7 +194,9 @@ def _join_captures(captures: list[pd.DataFrame], count: int) -> tuple[pd.DataFra
 def _capture_groups(rows: pd.DataFrame) -> pd.Series:
     """A group number per capture row: the rows that are one capture (see the module's docstring)."""
     keys = [
-        ("uuid", label[1]) if (label := parse_worker_source(source)) else ("row", *(str(row[c]) for c in _SAME_CAPTURE if c in row))
+        ("uuid", label[1])
+        if (label := parse_worker_source(source))
+        else ("row", *(str(row[c]) for c in _SAME_CAPTURE if c in row))
         for source, (_, row) in zip(rows["source"].map(lambda v: v if isinstance(v, str) else None), rows.iterrows(), strict=True)
     ]
     group = pd.Series(pd.factorize(pd.Series(keys, dtype=object))[0], index=rows.index)

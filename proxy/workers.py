@@ -38,6 +38,7 @@ from hoptrace._types import Counters
 from hoptrace.addons.recorder import FINGERPRINT_KEY_ENV
 from hoptrace.proxy.routes import check_routes
 
+
 def share_listen_ports() -> None:
     """Make every mitmproxy TCP listener of this process bind with ``SO_REUSEPORT``.
 

@@ -113,7 +113,9 @@ def test_a_two_worker_capture_analyses_as_a_single_worker_one(tmp_path):
     (tmp_path / "one").mkdir()
     (tmp_path / "shards").mkdir()
     single = asyncio.run(record(tmp_path / "one" / "traces.db", scenario.stack_config(), scenario.drive))
-    sharded = asyncio.run(record(tmp_path / "shards" / "traces.db", scenario.stack_config(), scenario.drive, proxy_args=("--workers", "2")))
+    sharded = asyncio.run(
+        record(tmp_path / "shards" / "traces.db", scenario.stack_config(), scenario.drive, proxy_args=("--workers", "2"))
+    )
     assert single.proxy_exit == 0 and sharded.proxy_exit == 0, sharded.proxy_output
     shards = sorted((tmp_path / "shards").glob("traces.w*.db"))
     assert [s.name for s in shards] == ["traces.w1.db", "traces.w2.db"]
@@ -147,7 +149,9 @@ def _one_line_error(args: list[str]) -> str:
     return result.output
 
 
-@pytest.mark.parametrize("command", [["analyze"], ["report", "-o", "r.html"], ["plot", "--latency", "-o", "p.svg"], ["export", "--har", "x.har"]])
+@pytest.mark.parametrize(
+    "command", [["analyze"], ["report", "-o", "r.html"], ["plot", "--latency", "-o", "p.svg"], ["export", "--har", "x.har"]]
+)
 def test_hostile_paths_are_one_line_each(command, tmp_path):
     sample = SAMPLES / "clean.db"
     empty = tmp_path / "empty"
@@ -155,13 +159,18 @@ def test_hostile_paths_are_one_line_each(command, tmp_path):
     (tmp_path / "notes.txt").write_text("not a trace file")
     assert "no such file" in _one_line_error([command[0], str(tmp_path / "missing.db"), *command[1:]])
     assert f"{empty}: a folder with no trace file" in _one_line_error([command[0], str(empty), *command[1:]])
-    assert "given twice" in _one_line_error([command[0], str(sample), str(SAMPLES / ".." / "sample_traces" / "clean.db"), *command[1:]])
+    assert "given twice" in _one_line_error(
+        [command[0], str(sample), str(SAMPLES / ".." / "sample_traces" / "clean.db"), *command[1:]]
+    )
     out = _one_line_error([command[0], str(sample), str(tmp_path / "notes.txt"), *command[1:]])
     assert str(tmp_path / "notes.txt") in out
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(content=st.binary(max_size=300), name=st.text(st.characters(categories=("L", "N", "P"), exclude_characters="/"), min_size=1, max_size=12))
+@given(
+    content=st.binary(max_size=300),
+    name=st.text(st.characters(categories=("L", "N", "P"), exclude_characters="/"), min_size=1, max_size=12),
+)
 def test_any_bad_file_among_good_ones_is_named_in_one_line(tmp_path_factory, content, name):
     folder = tmp_path_factory.mktemp("hostile")
     shutil.copyfile(SAMPLES / "clean.db", folder / "a.db")
@@ -210,7 +219,11 @@ def test_the_web_view_shows_several_files_as_one_joined_analysis(tmp_path):
     hops = joined.sources[0].analysis.hops
     for hop_id, in_file in zip(hops.index[:30], hops["file_hop"][:30], strict=True):
         shown, expected = joined.hop(0, int(hop_id)), whole.hop(0, int(in_file))
-        assert (shown["started_at"], shown["request_headers"], shown["tokens"]) == (expected["started_at"], expected["request_headers"], expected["tokens"])
+        assert (shown["started_at"], shown["request_headers"], shown["tokens"]) == (
+            expected["started_at"],
+            expected["request_headers"],
+            expected["tokens"],
+        )
     # Before the analysis, the SQL preview lists the joined requests under the joined ids.
     listed = {row["trace"] for _, row in Preview(list(halves)).rows}
     assert listed and listed <= set(hops.index) and {db_ for db_, _ in Preview(list(halves)).rows} == {0}
@@ -267,7 +280,11 @@ def test_export_of_several_files_is_one_export_of_the_joined_analysis(tmp_path):
         har = json.loads(Path(str(folder) + ".har").read_text())["log"]["entries"]
         lines = [json.loads(line) for line in Path(str(folder) + ".jsonl").read_text().splitlines()]
         spans = [[s for r in line["resourceSpans"] for ss in r["scopeSpans"] for s in ss["spans"]] for line in lines]
-        out[name] = (har, spans, {t: pq.read_table(folder / f"{t}.parquet") for t in ("hops", "tokens", "hop_tokens", "findings")})
+        out[name] = (
+            har,
+            spans,
+            {t: pq.read_table(folder / f"{t}.parquet") for t in ("hops", "tokens", "hop_tokens", "findings")},
+        )
     (har, spans, tables), (whole_har, whole_spans, whole_tables) = out["joined"], out["whole"]
     # One HAR of the joined analysis: every hop once, in start order, each with its request and findings.
     entry = lambda e: (e["startedDateTime"], e["request"]["url"], e["response"]["status"], len(e["_hoptrace"]["findings"]))
@@ -304,7 +321,9 @@ def test_json_and_report_name_the_file_each_hop_came_from(tmp_path):
 def test_files_of_different_captures_are_noted_and_analysed_side_by_side():
     files = [SAMPLES / "clean.db", SAMPLES / "checkout-expiry.db"]
     joined, alone = analyze(files), [analyze(f) for f in files]
-    assert "2 different captures" in joined.notes[0] and "capture 1 of clean.db; capture 1 of checkout-expiry.db" in joined.notes[0]
+    assert (
+        "2 different captures" in joined.notes[0] and "capture 1 of clean.db; capture 1 of checkout-expiry.db" in joined.notes[0]
+    )
     assert len(joined.captures) == 2
     # Recorded at different times: nothing links across them, so the findings are each file's.
     assert _finding_counts(joined) == _finding_counts(alone[0]) + _finding_counts(alone[1])
@@ -318,7 +337,9 @@ def test_a_capture_that_did_not_end_cleanly_is_named_with_its_file(tmp_path):
     with sqlite3.connect(halves[1]) as conn:
         conn.execute("UPDATE captures SET ended_at = NULL")
     notes = analyze(list(halves)).notes
-    assert [n for n in notes if "did not end cleanly" in n] == [n for n in notes if n.startswith(f"{halves[1]}: capture 1 did not end cleanly")]
+    assert [n for n in notes if "did not end cleanly" in n] == [
+        n for n in notes if n.startswith(f"{halves[1]}: capture 1 did not end cleanly")
+    ]
     assert any("did not end cleanly" in n for n in notes)
 
 

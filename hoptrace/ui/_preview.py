@@ -72,9 +72,13 @@ class Preview:
         self.last_error: str | None = None
         """Why loading the analysis failed, if it did."""
         # Several files are one joined analysis (DB 0): hop i of file k of K is hop i * K + k there.
+        listed = (
+            (0, dict(zip(COLUMNS, (row[0] * len(paths) + k, *row[1:]), strict=True)))
+            for k, path in enumerate(paths)
+            for row in entry_requests(path)
+        )
         self.rows = sorted(
-            ((0, dict(zip(COLUMNS, (row[0] * len(paths) + k, *row[1:]), strict=True))) for k, path in enumerate(paths)
-             for row in entry_requests(path)),  # fmt: skip
+            listed,
             key=lambda item: -(item[1]["started_at"] or 0.0),
         )
 
