@@ -37,7 +37,6 @@ import pandas as pd
 from hoptrace._shards import parse_worker_source
 from hoptrace.analyzer._headers import HeaderReader, empty_lines
 from hoptrace.analyzer._load import Tables, load
-from hoptrace.analyzer._traces import in_start_order
 
 _MAX_ID = np.iinfo(np.int64).max
 _COUNTERS = ("hops_seen", "hops_recorded", "hops_dropped", "addon_errors", "write_errors")
@@ -83,7 +82,7 @@ def join(parts: Sequence[Tables], paths: Sequence[Path]) -> Tables:
     captures_joined, capture_of, summary = _join_captures(captures, count)
     hops_all = _concat(hops)
     hops_all["capture_id"] = hops_all["capture_id"].map(capture_of).fillna(-1).astype("int64")
-    # By start across files; on a tie, hop ids' order (the loader's within one file).
+    # By start across files, the longest first on a tie (as the loader orders one file), then by id.
     hops_all = (
         hops_all.assign(_id=hops_all.index.to_numpy())
         .sort_values(["started_at", "ended_at", "_id"], ascending=[True, False, True], kind="stable")
@@ -94,15 +93,13 @@ def join(parts: Sequence[Tables], paths: Sequence[Path]) -> Tables:
         apart = (
             f"; {len(captures_joined)} different captures: hops of two are never linked, a token or subject joins their sessions"
         )
-    tokens = _join_tokens([part.tokens for part in parts], [c.index.to_numpy() for c in captures], capture_of)
-    joined = Tables(
+    return Tables(
         captures=captures_joined,
-        hops=in_start_order(hops_all),
-        tokens=tokens,
+        hops=hops_all,
+        tokens=_join_tokens([part.tokens for part in parts], capture_of),
         hop_tokens=_concat(hop_tokens).reset_index(drop=True),
         notes=[f"joined {count} trace files into one analysis ({', '.join(map(str, paths))}): {summary}{apart}", *notes],
     )
-    return joined
 
 
 def joined_ids(ids, k: int, count: int) -> np.ndarray:
@@ -128,7 +125,7 @@ def by_file(files: Sequence, ids, read: Callable[[object, list[int]], dict]) -> 
     out = {}
     for k, path in enumerate(files):
         found = read(path, [int(i) for i in local[k_of == k]])
-        out.update({int(i) * len(files) + k: value for i, value in found.items()})
+        out.update(zip(joined_ids(list(found), k, len(files)).tolist(), found.values(), strict=True))
     return out
 
 
@@ -235,7 +232,7 @@ def _describe(rows: pd.DataFrame, group: pd.Series, count: int) -> str:
     return "; ".join(words) or "no capture rows"
 
 
-def _join_tokens(tokens: list[pd.DataFrame], capture_ids: list[np.ndarray], capture_of: pd.Series) -> pd.DataFrame:
+def _join_tokens(tokens: list[pd.DataFrame], capture_of: pd.Series) -> pd.DataFrame:
     """One row per fingerprint: the most complete row (a file lacking the row has a bare 'opaque' one)."""
     count = len(tokens)
     frames = []

@@ -361,3 +361,15 @@ def test_captures_of_one_stack_on_two_hosts_join_by_time(tmp_path, name):
     # Requests span both files: their trees were rebuilt across the hosts.
     files_per_request = joined.hops.groupby("trace", observed=True)["file"].nunique()
     assert (files_per_request == 2).any()
+
+
+def test_hop_ids_too_large_to_renumber_are_set_aside_with_a_note(tmp_path):
+    """A hostile file's ids can be any 64-bit integer: times the file count they would overflow."""
+    shutil.copyfile(SAMPLES / "clean.db", tmp_path / "a.db")
+    shutil.copyfile(SAMPLES / "clean.db", tmp_path / "b.db")
+    with sqlite3.connect(tmp_path / "b.db") as conn:
+        conn.execute("UPDATE hops SET id = id + (1 << 62) WHERE id % 2 = 0")
+    joined = analyze([tmp_path / "a.db", tmp_path / "b.db"])
+    whole = sqlite3.connect(SAMPLES / "clean.db").execute("SELECT count(*), sum(id % 2 = 0) FROM hops").fetchone()
+    assert f"{tmp_path / 'b.db'}: {whole[1]} hops with ids too large to join with 1 other files were ignored" in joined.notes
+    assert len(joined.hops) == 2 * whole[0] - whole[1]
