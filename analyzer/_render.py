@@ -219,11 +219,11 @@ def render_json(analysis: Analysis) -> str:
       (fingerprint), ``subject``, ``token_exp``, ``remaining_s`` (token life left when
       the hop started, negative once expired), ``critical`` (on the critical path).
 
+    Numbers that are unknown are null, never NaN.
+
     Several files joined into one analysis (see :mod:`hoptrace.analyzer._merge`): each hop
     also has ``file`` (the file it came from) and ``file_hop`` (its id there), and each
     finding ``files``: ``[file, id there]`` for each of its ``hop_ids``.
-
-    Numbers that are unknown are null, never NaN.
     """
     a = analysis
     m = model(a)
