@@ -299,6 +299,8 @@ def test_export_of_several_files_is_one_export_of_the_joined_analysis(tmp_path):
     assert set(tables["hops"].column("file").to_pylist()) == {str(h) for h in halves}
     assert len(set(tables["hops"].column("id").to_pylist())) == len(ids)
     assert set(tables["hop_tokens"].column("hop_id").to_pylist()) <= set(tables["hops"].column("id").to_pylist())
+    # The joined capture ids: halves of one capture are one capture.
+    assert set(tables["hops"].column("capture_id").to_pylist()) == set(tables["tokens"].column("capture_id").to_pylist()) == {2}
 
 
 def test_json_and_report_name_the_file_each_hop_came_from(tmp_path):

@@ -31,7 +31,9 @@ def write_parquet(selection: Selection, out: Path) -> dict[str, int]:
     hop_ids = selection.hop_ids
     hop_tokens = selection.analysis.hop_tokens
     fingerprints = set(hop_tokens.loc[hop_tokens["hop_id"].isin(hop_ids), "fingerprint"])
-    captures = selection.analysis.hops["capture_id"].to_dict() if len(selection.files) > 1 else {}
+    joined = len(selection.files) > 1
+    captures = selection.analysis.hops["capture_id"].to_dict() if joined else {}
+    token_captures = selection.analysis.tokens["capture_id"].map(plain).to_dict() if joined else {}
     written: set[str] = set()
 
     def new_token(row: dict) -> bool:
@@ -39,20 +41,27 @@ def write_parquet(selection: Selection, out: Path) -> dict[str, int]:
         written.add(row["fingerprint"])
         return keep
 
+    # How a row of file k is numbered in the joined analysis (one file: as stored).
     def hop(row: dict, k: int) -> dict:
         row["id"] = selection.joined_id(row["id"], k)
-        if captures:
+        if joined:
             row["capture_id"] = captures.get(row["id"])
+        return row
+
+    def token(row: dict, k: int) -> dict:
+        if joined:
+            row["capture_id"] = _whole(token_captures.get(row["fingerprint"]))
+        return row
+
+    def sighting(row: dict, k: int) -> dict:
+        row["hop_id"] = selection.joined_id(row["hop_id"], k)
         return row
 
     counts = {
         "hops": _copy_table(selection, "hops", out, hop, lambda row: row["id"] in hop_ids),
-        "tokens": _copy_table(selection, "tokens", out, lambda row, k: row, new_token),
-        "hop_tokens": _copy_table(
-            selection, "hop_tokens", out, lambda row, k: row | {"hop_id": selection.joined_id(row["hop_id"], k)},
-            lambda row: row["hop_id"] in hop_ids,
-        ),
-    }  # fmt: skip
+        "tokens": _copy_table(selection, "tokens", out, token, new_token),
+        "hop_tokens": _copy_table(selection, "hop_tokens", out, sighting, lambda row: row["hop_id"] in hop_ids),
+    }
     counts["traces"] = _write(_traces(selection), out / "traces.parquet")
     counts["findings"] = _write(_findings(selection), out / "findings.parquet")
     return counts
@@ -80,6 +89,11 @@ def _copy_table(selection: Selection, table: str, out: Path, renumber, keep) -> 
                     writer.write_table(pa.Table.from_pylist([_typed(row, schema) for row in table_rows], schema=schema))
                     rows += len(kept)
     return rows
+
+
+def _whole(value: object) -> int | None:
+    """A joined capture id as the analysis holds it (a float beside NaN) as an integer."""
+    return int(value) if isinstance(value, int | float) else None
 
 
 def _typed(row: dict, schema: pa.Schema) -> dict:
