@@ -109,7 +109,9 @@ def test_a_two_worker_capture_analyses_as_a_single_worker_one(tmp_path):
 
     from hoptrace.stack.scenarios import SCENARIOS, record
 
-    scenario = SCENARIOS["checkout-expiry"]
+    # The clean scenario: its findings (token reuse, double validation across services) do not hang on
+    # timing, where checkout-expiry's margin of 0.4 s before exp can slip on a loaded machine.
+    scenario = SCENARIOS["clean"]
     (tmp_path / "one").mkdir()
     (tmp_path / "shards").mkdir()
     single = asyncio.run(record(tmp_path / "one" / "traces.db", scenario.stack_config(), scenario.drive))
