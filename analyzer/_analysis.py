@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,8 @@ from hoptrace.analyzer import _latency, _prepare
 from hoptrace.analyzer._config import AnalyzerConfig, parse_time
 from hoptrace.analyzer._detectors import DETECTORS, Context, Detector, run_detectors
 from hoptrace.analyzer._headers import HeaderReader
-from hoptrace.analyzer._load import Tables, load
+from hoptrace.analyzer._load import Tables
+from hoptrace.analyzer._merge import JoinedHeaders, load_files
 from hoptrace.analyzer._model import resolve_trace
 from hoptrace.analyzer._sessions import sessions as build_sessions
 from hoptrace.analyzer._traces import in_start_order, rebuild
@@ -64,6 +66,9 @@ class Analysis:
     notes: list[str] = field(default_factory=list)
     """What the reader should know about the data: ignored rows, orphans, guessed links."""
     source: str | None = None
+    files: tuple[str, ...] = ()
+    """The trace files analysed, in the order given. With several, hop ``i`` of file ``k`` is
+    hop ``i * len(files) + k`` here (``hops``: ``file``, ``file_hop``); see :mod:`hoptrace.analyzer._merge`."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds each stage took: ``load`` (by :func:`analyze`), ``rebuild`` (traces, token
     uses, sessions), ``detectors``, ``tables`` (latency per service, endpoint and edge,
@@ -75,13 +80,14 @@ class Analysis:
 
 
 def analyze(
-    path: str | Path,
+    path: str | Path | Sequence[str | Path],
     config: AnalyzerConfig | None = None,
     trace: object = None,
     since: object = None,
     until: object = None,
 ) -> Analysis:
-    """Analyze a trace DB.
+    """Analyze a trace DB, or several as one (the shards of ``hoptrace proxy --workers``, or
+    captures of one stack on several hosts with one fingerprint key).
 
     ``trace`` keeps one request: its id (the root hop id), a propagated trace id, or the
     id of any hop in it. ``since``/``until`` (UNIX seconds, ISO-8601 or datetime) keep the
@@ -92,14 +98,19 @@ def analyze(
     lo, hi = parse_time(since, "since"), parse_time(until, "until")
     if lo is not None and hi is not None and lo > hi:
         raise AnalysisError(f"since ({since}) is after until ({until})")
+    paths = [Path(path)] if isinstance(path, str | Path) else [Path(p) for p in path]
+    if not paths:
+        raise AnalysisError("no trace file to analyze")
     started = time.perf_counter()
     try:
-        tables = load(path, since=lo, until=hi, extra_columns=config.extra_hop_columns)
+        tables = load_files(paths, since=lo, until=hi, extra_columns=config.extra_hop_columns)
     except ValueError as exc:  # an unknown column name in the config
         raise AnalysisError(str(exc)) from None
     loaded = time.perf_counter() - started
-    analysis = analyze_tables(tables, config, trace=trace, since=lo, until=hi, headers=HeaderReader(path))
-    analysis.source = str(path)
+    headers = HeaderReader(paths[0]) if len(paths) == 1 else JoinedHeaders(paths)
+    analysis = analyze_tables(tables, config, trace=trace, since=lo, until=hi, headers=headers)
+    analysis.source = ", ".join(map(str, paths))
+    analysis.files = tuple(map(str, paths))
     analysis.timings = {"load": loaded, **analysis.timings}
     return analysis
 

@@ -9,7 +9,7 @@ import click
 from hoptrace._click import BadInput, OneLineCommand, exit_2_on_bad_input
 from hoptrace._errors import HoptraceError
 from hoptrace._format import Progress, colour_severities, use_colour
-from hoptrace._options import output_option, trace_db_argument
+from hoptrace._options import output_option, trace_dbs_argument
 from hoptrace.analyzer._types import SEVERITIES  # no pandas: `hoptrace --help` stays fast
 
 FORMATS = ("text", "json", "markdown")
@@ -63,7 +63,7 @@ def _audiences(ctx: click.Context, param: click.Parameter, value: tuple[str, ...
 
 
 @click.command("analyze", cls=_AnalyzeCommand)
-@trace_db_argument(must_exist=False)
+@trace_dbs_argument()
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True, help="Report format.")
 @click.option(
     "--trace", "trace", metavar="ID", help="Only this request: its id (the root hop id), a trace id, or any hop id in it."
@@ -103,7 +103,7 @@ def _audiences(ctx: click.Context, param: click.Parameter, value: tuple[str, ...
 @click.option("--worst", type=click.IntRange(0, 1000), metavar="N", help="How many requests to draw as trees (default 5).")
 @output_option("Write the report here instead of stdout.")
 def analyze(
-    db: Path,
+    dbs: tuple[Path, ...],
     fmt: str,
     trace: str | None,
     since: str | None,
@@ -119,6 +119,10 @@ def analyze(
 ) -> None:
     """Analyze a trace file: rebuilt request trees, findings, latency, sessions.
 
+    Several files (or a folder of them) are one analysis: the shards of one
+    `hoptrace proxy --workers` capture, or captures of one stack on several hosts
+    recorded with one --fingerprint-key.
+
     Exit status: 0 when done, 1 when a --fail-on kind was found, 2 for bad input
     (a file that is not a trace DB, an unknown --trace, an unreadable time).
 
@@ -127,6 +131,8 @@ def analyze(
         hoptrace analyze traces.db --fail-on error
         hoptrace analyze traces.db --since 15m --format markdown
         hoptrace analyze traces.db --fail-on expired_mid_flow,token_crossover
+        hoptrace analyze traces.w1.db traces.w2.db
+        hoptrace analyze shards/
     """
     from hoptrace.analyzer import AnalyzerConfig, render_json, render_markdown, render_text
     from hoptrace.analyzer import analyze as run_analysis
@@ -138,10 +144,11 @@ def analyze(
     progress = Progress("hoptrace analyze", after_s=2.0)  # a line on a terminal when the analysis ran long
     with exit_2_on_bad_input():
         config = AnalyzerConfig(**{k: v for k, v in options.items() if v is not None})
-        analysis = run_analysis(db, config=config, trace=trace, since=since, until=until)
+        # An option that writes into the file it read takes one: one_trace_file(dbs, "--save").
+        analysis = run_analysis(dbs, config=config, trace=trace, since=since, until=until)
     progress(f"analysed {len(analysis.hops)} hops; writing the {fmt} report")
     if len(analysis.hops) == 0 and (since is not None or until is not None):
-        click.echo(f"hoptrace analyze: {outside_window(db, since, until)}", err=True)
+        click.echo(f"hoptrace analyze: {outside_window(dbs, since, until)}", err=True)
     render = {"text": render_text, "json": render_json, "markdown": render_markdown}[fmt]
     report = render(analysis)
     if output is None:
@@ -158,8 +165,8 @@ def analyze(
         raise SystemExit(1)
 
 
-def outside_window(db: Path, since: str | None, until: str | None) -> str:
-    """Why a time window holds no hop: how many hops the capture has before and after it, and its span."""
+def outside_window(dbs: tuple[Path, ...], since: str | None, until: str | None) -> str:
+    """Why a time window holds no hop: how many hops the files have before and after it, and their span."""
     import sqlite3
 
     from hoptrace._format import utc
@@ -169,17 +176,23 @@ def outside_window(db: Path, since: str | None, until: str | None) -> str:
     lo, hi = parse_time(since, "since"), parse_time(until, "until")
     bounds = ([f"at or after {utc(lo)}"] if lo is not None else []) + ([f"at or before {utc(hi)}"] if hi is not None else [])
     window = "no request started " + " and ".join(bounds)
-    try:
-        conn = open_for_reading(db, check=False)
+    counts = []
+    for db in dbs:
         try:
-            n, first, last, before, after = conn.execute(
-                "SELECT count(*), min(started_at), max(started_at), sum(started_at < ?), sum(started_at > ?) FROM hops",
-                (-1.7e308 if lo is None else lo, 1.7e308 if hi is None else hi),
-            ).fetchone()
-        finally:
-            conn.close()
-    except (sqlite3.Error, HoptraceError):
-        return window
+            conn = open_for_reading(db, check=False)
+            try:
+                counts.append(conn.execute(
+                    "SELECT count(*), min(started_at), max(started_at), sum(started_at < ?), sum(started_at > ?) FROM hops",
+                    (-1.7e308 if lo is None else lo, 1.7e308 if hi is None else hi),
+                ).fetchone())  # fmt: skip
+            finally:
+                conn.close()
+        except (sqlite3.Error, HoptraceError):
+            return window
+    n = sum(c[0] for c in counts)
+    first = min((c[1] for c in counts if c[1] is not None), default=None)
+    last = max((c[2] for c in counts if c[2] is not None), default=None)
+    before, after = sum(c[3] or 0 for c in counts), sum(c[4] or 0 for c in counts)
     if not n:
         return f"{window}; the capture has no hops at all"
     return (f"{window}; the capture's {n} hops lie outside it ({before or 0} before, {after or 0} after), "

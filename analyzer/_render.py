@@ -164,6 +164,8 @@ _HOP_FIELDS = (
     ("remaining_s", "remaining_s"), ("critical", "on_critical_path"),
 )  # fmt: skip
 """(JSON key, hops column) of each hop in ``traces[].hops``: the documented per-hop keys, in order."""
+_FILE_FIELDS = (("file", "file"), ("file_hop", "file_hop"))
+"""What a hop of several joined files adds: the file it came from and its id there."""
 TOP_KEYS = ("format", "version", "source", "config", "summary", "notes", "findings", "worst", "latency", "sessions", "traces")
 TRACE_KEYS = ("trace", "root", "session", "service", "endpoint", "status", "started_at", "duration_ms", "critical_path", "hops")
 
@@ -218,6 +220,10 @@ def render_json(analysis: Analysis) -> str:
       the hop started, negative once expired), ``critical`` (on the critical path).
 
     Numbers that are unknown are null, never NaN.
+
+    Several files joined into one analysis (see :mod:`hoptrace.analyzer._merge`): each hop
+    also has ``file`` (the file it came from) and ``file_hop`` (its id there), and each
+    finding ``files``: ``[file, id there]`` for each of its ``hop_ids``.
     """
     a = analysis
     m = model(a)
@@ -228,7 +234,7 @@ def render_json(analysis: Analysis) -> str:
         "config": _config(a),
         "summary": m.summary,
         "notes": list(a.notes),
-        "findings": _findings_json(a.findings),
+        "findings": _findings_json(a.findings, a.hops),
         "worst": m.worst(a.config.worst),
         "latency": {
             "services": _records(a.services),
@@ -263,8 +269,8 @@ def _records(frame: pd.DataFrame) -> list[dict]:
     return [{c: _jsonable(v) for c, v in zip(columns, row)} for row in frame.itertuples(index=False)]
 
 
-def _findings_json(findings: pd.DataFrame) -> list[dict]:
-    return [
+def _findings_json(findings: pd.DataFrame, hops: pd.DataFrame) -> list[dict]:
+    out = [
         {"kind": k, "severity": s, "trace": _num(t), "service": _jsonable(svc), "caller": _jsonable(by),
          "callee": _jsonable(to), "endpoint": _jsonable(e), "hop_ids": [int(i) for i in ids],
          "message": m, "details": _jsonable(d), "at": _num(at)}
@@ -274,6 +280,11 @@ def _findings_json(findings: pd.DataFrame) -> list[dict]:
             findings["at"],
         )
     ]  # fmt: skip
+    if "file" in hops:  # several files joined: where each hop of the evidence was recorded
+        where = dict(zip(hops.index.tolist(), zip(_values(hops["file"]), hops["file_hop"].tolist(), strict=True), strict=True))
+        for finding in out:
+            finding["files"] = [list(where.get(i, (None, None))) for i in finding["hop_ids"]]
+    return out
 
 
 def _sessions_json(sessions: pd.DataFrame) -> list[dict]:
@@ -292,8 +303,9 @@ def _traces_json(a: Analysis) -> list[dict]:
     if len(hops) == 0:
         return []
     ordered = hops.sort_values(["trace", "order"], kind="stable")
-    keys = [key for key, _ in _HOP_FIELDS]
-    columns = [_values(ordered.index if column == "id" else ordered[column]) for _, column in _HOP_FIELDS]
+    fields = (*_HOP_FIELDS, *_FILE_FIELDS) if "file" in hops else _HOP_FIELDS
+    keys = [key for key, _ in fields]
+    columns = [_values(ordered.index if column == "id" else ordered[column]) for _, column in fields]
     rows = [dict(zip(keys, values)) for values in zip(*columns)]
     session_of = dict(zip(a.sessions["trace"].tolist(), a.sessions["session"].tolist()))
     starts = np.flatnonzero(run_starts(ordered["trace"].to_numpy()))

@@ -1,26 +1,73 @@
 """Click options that several commands share, declared once (sqlite-utils style).
 
     @click.command()
-    @trace_db_argument()
+    @trace_dbs_argument()
     @output_option(".png or .svg picks the format.", required=True)
-    def plot(db, output): ...
+    def plot(dbs, output): ...
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import click
 
+from hoptrace._click import BadInput
 
-def trace_db_argument(*, must_exist: bool = True) -> Callable:
-    """The trace file every reading command takes as its first argument (``DB``).
 
-    ``must_exist=False`` leaves the check to the command, which then says more than
-    "does not exist" (``hoptrace analyze`` names what is wrong with the file).
+def trace_dbs_argument() -> Callable:
+    """``DB...``: the trace files one analysis joins, as the tuple ``dbs``.
+
+    A file, several (the shards of one ``hoptrace proxy --workers`` capture, or captures
+    of one stack on several hosts recorded with one fingerprint key), or a folder, which
+    stands for its ``*.db`` files in name order (``traces.w2.db`` before ``traces.w10.db``).
+    A path that does not exist, a folder with no ``*.db`` file and a file given twice are
+    refused here, each as one line; what is wrong inside a file the analysis says.
     """
-    return click.argument("db", type=click.Path(exists=must_exist, dir_okay=False, path_type=Path))
+    return click.argument("dbs", nargs=-1, required=True, metavar="DB...", type=click.Path(path_type=Path),
+                          callback=_trace_files)  # fmt: skip
+
+
+def _trace_files(ctx: click.Context, param: click.Parameter, paths: tuple[Path, ...]) -> tuple[Path, ...]:
+    files: list[Path] = []
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        for file in _expand(path):
+            try:
+                same = file.resolve(strict=True)
+            except (OSError, RuntimeError) as exc:  # a dangling link, a loop of links
+                raise BadInput(f"{file}: cannot open ({getattr(exc, 'strerror', None) or exc})") from None
+            if same in seen:
+                raise BadInput(f"{file}: given twice (also as {seen[same]}); each trace file is read once")
+            seen[same] = file
+            files.append(file)
+    return tuple(files)
+
+
+def _expand(path: Path) -> list[Path]:
+    if path.is_dir():
+        found = sorted((p for p in path.glob("*.db") if p.is_file()), key=_natural)
+        if not found:
+            raise BadInput(f"{path}: a folder with no trace file (*.db) in it")
+        return found
+    if not path.exists():
+        raise BadInput(f"{path}: no such file")
+    return [path]
+
+
+def _natural(path: Path) -> list:
+    """Names by their text, numbers in them by value: w2 before w10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def one_trace_file(dbs: tuple[Path, ...], option: str) -> Path:
+    """The one file of ``dbs``, for an option that writes into the file it read (``analyze --save``):
+    with several, one line saying so (the joined analysis belongs to no one file)."""
+    if len(dbs) != 1:
+        raise BadInput(f"{option} takes one trace file; {len(dbs)} were given ({', '.join(map(str, dbs))})")
+    return dbs[0]
 
 
 def output_option(what: str, *, required: bool = False) -> Callable:

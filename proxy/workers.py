@@ -24,7 +24,6 @@ import asyncio
 import multiprocessing
 import multiprocessing.connection
 import os
-import re
 import secrets
 import signal
 import sys
@@ -34,35 +33,11 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from hoptrace._errors import HoptraceError, RouteError
+from hoptrace._shards import capture_shards, parse_worker_source, shard_path, worker_source
 from hoptrace._types import Counters
 from hoptrace.addons.recorder import FINGERPRINT_KEY_ENV
 from hoptrace.proxy.otlp_stream import OtlpStream, StreamInput
 from hoptrace.proxy.routes import check_routes
-
-_SOURCE = re.compile(r"^hoptrace proxy --workers (\d+): capture ([0-9a-f]{32}), worker (\d+)$")
-
-
-def shard_path(db: Path, worker: int) -> Path:
-    """The shard worker ``worker`` (1-based) of a capture into ``db`` records into."""
-    return db.with_name(f"{db.stem}.w{worker}{db.suffix}")
-
-
-def capture_shards(db: Path) -> list[Path]:
-    """The shard files of the last ``--workers`` capture into ``db``, in worker order (existing files only)."""
-    pattern = re.compile(rf"^{re.escape(db.stem)}\.w(\d+){re.escape(db.suffix)}$")
-    found = [(int(m.group(1)), p) for p in db.parent.glob(f"{db.stem}.w*{db.suffix}") if (m := pattern.match(p.name))]
-    return [path for _, path in sorted(found)]
-
-
-def worker_source(workers: int, capture: str, worker: int) -> str:
-    """What ``captures.source`` says in a shard: how many workers, the shared capture uuid, which worker."""
-    return f"hoptrace proxy --workers {workers}: capture {capture}, worker {worker}"
-
-
-def parse_worker_source(source: str | None) -> tuple[int, str, int] | None:
-    """``(workers, capture uuid, worker)`` from a shard's ``captures.source``, or None for a single-process capture."""
-    match = _SOURCE.match(source or "")
-    return (int(match.group(1)), match.group(2), int(match.group(3))) if match else None
 
 
 def share_listen_ports() -> None:

@@ -149,6 +149,7 @@ def bad_inputs(tmp_path):
     other = tmp_path / "other.db"
     with sqlite3.connect(other) as conn:
         conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+    (tmp_path / "no-dbs").mkdir()
     newer = Builder().write(tmp_path / "newer.db")
     with sqlite3.connect(newer) as conn:
         conn.execute("PRAGMA user_version = 7")
@@ -159,7 +160,8 @@ def bad_inputs(tmp_path):
         "newer schema": ([newer], "newer than this hoptrace"),
         "missing file": ([tmp_path / "nope.db"], "no such file"),
         "corrupt file": ([corrupt_db(tmp_path)], ""),
-        "directory": ([tmp_path], "is a directory"),
+        # A folder stands for its *.db files (the shards of one capture): one without any is refused.
+        "directory": ([tmp_path / "no-dbs"], "a folder with no trace file"),
     }
 
 

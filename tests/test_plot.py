@@ -706,7 +706,7 @@ def test_cli_output_names_and_files(fake_analyze, db, tmp_path):
     r = run(_cli.report, db, "-o", tmp_path / "r.png")
     assert r.exit_code == 2 and ".html or .htm" in r.output
     r = run(_cli.plot, tmp_path / "nope.db", "-o", tmp_path / "x.png")
-    assert r.exit_code == 2 and "does not exist" in r.output
+    assert r.exit_code == 2 and "nope.db: no such file" in r.output
 
 
 def test_cli_empty_and_unreadable_db_exit_2(fake_analyze, db, tmp_path):

@@ -9,6 +9,7 @@ import click
 
 from hoptrace import __version__
 from hoptrace._click import BadInput, exit_2_on_bad_input
+from hoptrace._options import trace_dbs_argument
 
 
 @click.command("import")
@@ -55,7 +56,7 @@ def import_(files: tuple[Path, ...], db: Path, service_specs: tuple[str, ...], s
 
 
 @click.command("export")
-@click.argument("db", type=click.Path(dir_okay=False, path_type=Path))
+@trace_dbs_argument()
 @click.option("--har", "har_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a HAR 1.2 file (opens in Chrome DevTools, HTTP Toolkit).")
 @click.option("--otlp", "otlp_out", type=click.Path(dir_okay=False, path_type=Path), help="Write OTLP/JSON lines (one ExportTraceServiceRequest per request) for an OpenTelemetry Collector, Jaeger or Tempo.")
 @click.option("--parquet", "parquet_out", type=click.Path(file_okay=False, path_type=Path), help="Write a folder of Parquet files: hops, tokens, hop_tokens, traces, findings.")
@@ -63,13 +64,14 @@ def import_(files: tuple[Path, ...], db: Path, service_specs: tuple[str, ...], s
 @click.option("--since", help="Only requests that started at or after this time (UNIX seconds or ISO 8601).")
 @click.option("--until", help="Only requests that started at or before this time.")
 @click.option("--finding", "finding_kind", metavar="KIND", help="Only requests with a finding of this kind (e.g. expired_mid_flow).")
-def export(db: Path, har_out: Path | None, otlp_out: Path | None, parquet_out: Path | None, trace: str | None, since: str | None, until: str | None, finding_kind: str | None) -> None:
+def export(dbs: tuple[Path, ...], har_out: Path | None, otlp_out: Path | None, parquet_out: Path | None, trace: str | None, since: str | None, until: str | None, finding_kind: str | None) -> None:
     """Export a trace file, with hoptrace's analysis, as HAR, OTLP/JSON or Parquet.
 
     What leaves is what the trace file holds: redacted values stay `[redacted:...]`,
     tokens are fingerprints and decoded claims, never raw. The analysis travels along:
     HAR entries carry `_hoptrace` (request, parent hop, link, findings), OTLP spans
-    carry the rebuilt parents and findings as events.
+    carry the rebuilt parents and findings as events. Several files (or a folder
+    of shards) export as one analysis: one HAR, OTLP file or Parquet folder.
 
     Example:
 
@@ -77,6 +79,7 @@ def export(db: Path, har_out: Path | None, otlp_out: Path | None, parquet_out: P
         hoptrace export traces.db --har checkout.har --finding expired_mid_flow
         hoptrace export traces.db --otlp traces.jsonl
         hoptrace export traces.db --parquet out/parquet
+        hoptrace export traces.w1.db traces.w2.db --otlp traces.jsonl
     """
     from hoptrace.exchange._har import write_har
     from hoptrace.exchange._otlp import SpanIds, write_otlp
@@ -86,7 +89,7 @@ def export(db: Path, har_out: Path | None, otlp_out: Path | None, parquet_out: P
     if not (har_out or otlp_out or parquet_out):
         raise BadInput("give at least one of --har FILE, --otlp FILE, --parquet DIR")
     with exit_2_on_bad_input():
-        selection = select(db, trace=trace, since=since, until=until, finding=finding_kind)
+        selection = select(dbs, trace=trace, since=since, until=until, finding=finding_kind)
         if har_out:
             entry = next(iter(selection.analysis.captures["entry"].dropna()), None)
             count = _atomic_write(har_out, lambda out: write_har(selection.hops(), out, version=__version__, entry=entry))

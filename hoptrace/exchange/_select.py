@@ -2,48 +2,74 @@
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from hoptrace._errors import AnalysisError
 from hoptrace.db import open_for_reading
 
+_BATCH = 50_000
 # Analysis columns carried to every export, beside the stored hop.
 ANALYSIS_COLUMNS = ("trace", "parent_id", "link", "link_candidates", "link_confidence", "depth", "endpoint", "token_fp", "token_sub", "token_exp", "remaining_s")
 
 
 @dataclass
 class Selection:
-    """The hops an export covers, with the analysis of the whole file they came from."""
+    """The hops an export covers, with the analysis of the whole files they came from.
 
-    db: Path
+    With several files (one joined analysis), a stored row takes the joined ids: hop ``i`` of
+    file ``k`` of ``K`` is hop ``i * K + k``, its capture the joined one (``hoptrace.analyzer._merge``).
+    """
+
+    files: tuple[Path, ...]
     analysis: object  # hoptrace.analyzer.Analysis
     hop_ids: set[int]
     findings_by_hop: dict[int, list[dict]]
 
     def hops(self) -> Iterator[dict]:
-        """Stored hop rows in start order, each with its analysis columns, streamed from the file."""
+        """Stored hop rows in start order, each with its analysis columns, streamed from the files."""
         info = self.analysis.hops
-        extra = info[[c for c in ANALYSIS_COLUMNS if c in info.columns]].astype(object).to_dict("index")
-        conn = open_for_reading(self.db, check=False)  # analyze() already ran quick_check on it
+        columns = [c for c in (*ANALYSIS_COLUMNS, "capture_id") if c in info.columns]
+        extra = info[columns].astype(object).to_dict("index")
+        streams = [self._stored(k, extra) for k in range(len(self.files))]
+        yield from streams[0] if len(streams) == 1 else heapq.merge(*streams, key=_start_order)
+
+    def rows(self, table: str, k: int) -> Iterator[tuple[list[str], list[tuple]]]:
+        """``table`` of file ``k`` as stored, in batches: (column names, rows)."""
+        conn = open_for_reading(self.files[k], check=False)  # analyze() already ran quick_check on it
         conn.text_factory = lambda data: data.decode("utf-8", "replace")  # an untrusted file may hold bad UTF-8
         try:
-            cursor = conn.execute("SELECT * FROM hops ORDER BY started_at, id")
+            cursor = conn.execute(f"SELECT * FROM {table}" + (" ORDER BY started_at, id" if table == "hops" else ""))
             names = [d[0] for d in cursor.description]
-            for values in cursor:
+            while batch := cursor.fetchmany(_BATCH):
+                yield names, batch
+        finally:
+            conn.close()
+
+    def joined_id(self, value: object, k: int) -> object:
+        """A hop id of file ``k`` as the joined analysis numbers it (anything but a whole number as it is)."""
+        count = len(self.files)
+        return value * count + k if count > 1 and isinstance(value, int) and not isinstance(value, bool) else value
+
+    def _stored(self, k: int, extra: dict) -> Iterator[dict]:
+        joined = len(self.files) > 1
+        for names, batch in self.rows("hops", k):
+            for values in batch:
                 hop = dict(zip(names, values, strict=True))
+                hop["id"] = self.joined_id(hop["id"], k)
                 if hop["id"] not in self.hop_ids:
                     continue
                 analysed = extra.get(hop["id"], {})
                 for column in ANALYSIS_COLUMNS:
                     hop[column] = plain(analysed.get(column))
+                if joined:
+                    hop["capture_id"], hop["file"] = plain(analysed.get("capture_id")), str(self.files[k])
                 hop["findings"] = self.findings_by_hop.get(hop["id"], [])
                 yield hop
-        finally:
-            conn.close()
 
     def tokens(self) -> dict[str, dict]:
         """Stored token rows (decoded claims, never a raw token), by fingerprint."""
@@ -51,13 +77,21 @@ class Selection:
         return {fp: {k: plain(v) for k, v in row.items()} for fp, row in tokens.to_dict("index").items()}
 
 
-def select(db: Path, *, trace: str | None = None, since: str | None = None, until: str | None = None, finding: str | None = None) -> Selection:
-    """Analyze ``db`` and keep the requests the filters name (``finding``: requests with a finding of that kind)."""
+def _start_order(hop: dict) -> tuple:
+    """SQLite's ``ORDER BY started_at, id`` across files: NULL, then numbers, then text."""
+    value = hop["started_at"]
+    rank = 0 if value is None else 1 if isinstance(value, int | float) else 2 if isinstance(value, str) else 3
+    return (rank, value if rank in (1, 2) else 0, hop["id"] if isinstance(hop["id"], int) else 0)
+
+
+def select(dbs: Sequence[Path], *, trace: str | None = None, since: str | None = None, until: str | None = None, finding: str | None = None) -> Selection:
+    """Analyze ``dbs`` (one file, or several as one) and keep the requests the filters name
+    (``finding``: requests with a finding of that kind)."""
     from hoptrace.analyzer import KINDS, analyze
 
     if finding is not None and finding not in KINDS:
         raise AnalysisError(f"--finding {finding!r}: not a finding kind; kinds are {', '.join(KINDS)}")
-    analysis = analyze(db, trace=trace, since=since, until=until)
+    analysis = analyze(dbs, trace=trace, since=since, until=until)
     hops, findings = analysis.hops, analysis.findings
     keep = set(int(i) for i in hops.index)
     if finding is not None:
@@ -74,7 +108,7 @@ def select(db: Path, *, trace: str | None = None, since: str | None = None, unti
         for hop_id in record["hop_ids"]:
             if int(hop_id) in keep:
                 by_hop.setdefault(int(hop_id), []).append(item)
-    return Selection(db, analysis, keep, by_hop)
+    return Selection(tuple(dbs), analysis, keep, by_hop)
 
 
 def plain(value: object) -> object:

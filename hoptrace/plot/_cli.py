@@ -11,7 +11,7 @@ import click
 
 from hoptrace._click import BadInput, OneLineCommand, exit_2_on_bad_input
 from hoptrace._errors import HoptraceError
-from hoptrace._options import output_option, trace_db_argument
+from hoptrace._options import output_option, trace_dbs_argument
 
 PLOT_FORMATS = (".png", ".svg")
 REPORT_FORMATS = (".html", ".htm")
@@ -28,9 +28,9 @@ def _check_output(path: Path, allowed: tuple[str, ...]) -> None:
         raise BadInput(f"{path}: is a directory")
 
 
-def _no_hops(db: Path) -> BadInput:
+def _no_hops(dbs: tuple[Path, ...]) -> BadInput:
     return BadInput(
-        f"{db}: no hops recorded in this trace database; nothing to draw "
+        f"{', '.join(map(str, dbs))}: no hops recorded in {'these trace files' if len(dbs) > 1 else 'this trace database'}; nothing to draw "
         "(was the proxy in front of the services while they were called?)"
     )
 
@@ -51,19 +51,19 @@ def _has_hops(db: Path) -> bool | None:
         return None
 
 
-def _analyze(db: Path):
-    if _has_hops(db) is False:  # say so before the analysis has to cope with empty tables
-        raise _no_hops(db)
+def _analyze(dbs: tuple[Path, ...]):
+    if all(_has_hops(db) is False for db in dbs):  # say so before the analysis has to cope with empty tables
+        raise _no_hops(dbs)
     from hoptrace.analyzer import analyze  # loads pandas: only once a command runs
 
-    analysis = analyze(db)
+    analysis = analyze(dbs)
     if len(analysis.hops) == 0:
-        raise _no_hops(db)
+        raise _no_hops(dbs)
     return analysis
 
 
 @click.command("plot", cls=OneLineCommand)
-@trace_db_argument()
+@trace_dbs_argument()
 @click.option(
     "--trace",
     "trace",
@@ -83,7 +83,7 @@ def _analyze(db: Path):
 @click.option("--services", "services", is_flag=True, help="Draw the call graph between services.")
 @output_option("File to write; .png or .svg picks the format.", required=True)
 @click.option("--dpi", default=100, show_default=True, type=click.IntRange(50, 600), help="Resolution of a PNG.")
-def plot(db: Path, trace: str | None, session: str | None, latency: bool, services: bool, output: Path, dpi: int) -> None:
+def plot(dbs: tuple[Path, ...], trace: str | None, session: str | None, latency: bool, services: bool, output: Path, dpi: int) -> None:
     """Draw a chart of a trace database as PNG or SVG.
 
     Without a chart option, draws one request's waterfall: each hop as a bar from
@@ -95,6 +95,7 @@ def plot(db: Path, trace: str | None, session: str | None, latency: bool, servic
     Example:
         hoptrace plot traces.db --trace 8 -o checkout.png
         hoptrace plot traces.db --session alice -o alice.svg
+        hoptrace plot traces.w1.db traces.w2.db --latency -o latency.svg
     """
     chosen = [
         name
@@ -110,7 +111,7 @@ def plot(db: Path, trace: str | None, session: str | None, latency: bool, servic
         raise BadInput(f"choose one chart: {' and '.join(chosen)} cannot be combined")
     _check_output(output, PLOT_FORMATS)
     with exit_2_on_bad_input():
-        analysis = _analyze(db)
+        analysis = _analyze(dbs)
         from hoptrace import plot as hp
 
         if session is not None:
@@ -141,12 +142,12 @@ def _at_most(name: str, default: int, what: str):
 
 
 @click.command("report", cls=OneLineCommand)
-@trace_db_argument()
+@trace_dbs_argument()
 @output_option("HTML file to write (.html); self-contained, viewable offline.", required=True)
 @_at_most("--max-waterfalls", 20, "Waterfalls of failed requests to include at most.")
 @_at_most("--max-sessions", 3, "Workflow views of affected sessions to include at most.")
 @click.option("--title", default=None, help="Title of the report (default: from the DB's name).")
-def report(db: Path, output: Path, max_waterfalls: int, max_sessions: int, title: str | None) -> None:
+def report(dbs: tuple[Path, ...], output: Path, max_waterfalls: int, max_sessions: int, title: str | None) -> None:
     """Write one self-contained HTML report of a trace database.
 
     It opens with the answer: each error finding told in one sentence with its
@@ -158,6 +159,7 @@ def report(db: Path, output: Path, max_waterfalls: int, max_sessions: int, title
     \b
     Example:
         hoptrace report traces.db -o report.html
+        hoptrace report shards/ -o report.html
     """
     from hoptrace._format import Progress
 
@@ -165,10 +167,10 @@ def report(db: Path, output: Path, max_waterfalls: int, max_sessions: int, title
     progress = Progress("hoptrace report")
     with exit_2_on_bad_input():
         progress("analysing")
-        analysis = _analyze(db)
+        analysis = _analyze(dbs)
         from hoptrace.plot import write_report
 
-        write_report(analysis, output, source=db.name, title=title, max_waterfalls=max_waterfalls, max_sessions=max_sessions,
+        write_report(analysis, output, source=", ".join(db.name for db in dbs), title=title, max_waterfalls=max_waterfalls, max_sessions=max_sessions,
                      progress=progress)  # fmt: skip
     n = len(analysis.findings)
     click.echo(f"wrote {output} ({n} finding{'s' * (n != 1)})")

@@ -28,6 +28,7 @@ from hoptrace import __version__
 from hoptrace._errors import AnalysisError
 from hoptrace._format import as_float, as_int, is_missing, token_left
 from hoptrace.analyzer._analysis import Analysis
+from hoptrace.analyzer._merge import by_file
 from hoptrace.analyzer._model import Model, findings_about, model, slowest_first, tree_prefixes
 from hoptrace.analyzer._types import SEVERITIES
 from hoptrace.plot._common import DEFAULT_DPI, PlotError, fmt_ms, fmt_utc, output_format, require_hops, svg_text
@@ -176,7 +177,7 @@ def _answer_section(m: Model, shown: list[int], error_traces: list[int], limit: 
             out.append("<p>No request has an error or warning finding. The worst request:</p>")
     told = examples[:limit] if examples else []
     m = _model_of(m, {*shown, *(as_int(f["trace"]) for f in told)} - {None})
-    details = hop_details(m.analysis.source, [h for t in shown for h in _detailed_hops(m, t)])
+    details = by_file(m.analysis.files or (m.analysis.source,), [h for t in shown for h in _detailed_hops(m, t)], hop_details)
     drawn: set[int] = set()
     for f in told:
         out.append(f'<p class="story sev-{_e(f["severity"])}">{_e(story(m, f))}</p>')
@@ -247,6 +248,8 @@ def _hop_panel(h, d: HopDetail | None) -> str:
     link = f"{h['link']}" + ("" if as_int(h.get("link_candidates")) in (None, 1) else
                              f" (a guess among {as_int(h['link_candidates'])} candidates)")  # fmt: skip
     facts = [("hop", int(h.name)), ("started", fmt_utc(h["started_at"])), ("linked to its caller by", link)]
+    if "file" in h:  # several files joined: where this hop was recorded, and its id there
+        facts.insert(1, ("recorded in", f"{h['file']}, hop {as_int(h['file_hop'])}"))
     left = token_left(h.get("remaining_s"))
     if left:
         facts.append(("token at this hop", left))

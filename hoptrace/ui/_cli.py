@@ -9,10 +9,11 @@ from pathlib import Path
 import click
 
 from hoptrace._click import BadInput, OneLineCommand, exit_2_on_bad_input
+from hoptrace._options import trace_dbs_argument
 
 
 @click.command("ui", cls=OneLineCommand)
-@click.argument("dbs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@trace_dbs_argument()
 @click.option(
     "--host",
     default="127.0.0.1",
@@ -26,6 +27,8 @@ from hoptrace._click import BadInput, OneLineCommand, exit_2_on_bad_input
 def ui(dbs: tuple[Path, ...], host: str, port: int, no_live: bool) -> None:
     """Browse trace DBs in a local web view: requests, waterfalls, hop details, sessions, compare.
 
+    Several files (or a folder of shards) are one joined analysis, as in `hoptrace analyze`.
+
     Works on a DB the proxy is still writing: new requests appear within about a
     second, their findings once the tail is analysed (a few seconds). Everything is
     served from this process; nothing is fetched from the internet. Ctrl-C stops.
@@ -35,6 +38,7 @@ def ui(dbs: tuple[Path, ...], host: str, port: int, no_live: bool) -> None:
     \b
         hoptrace ui traces.db
         hoptrace ui traces.db --port 0 --host 127.0.0.1
+        hoptrace ui traces.w1.db traces.w2.db
     """
     from hoptrace.ui._server import start_ui
 

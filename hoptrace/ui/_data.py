@@ -81,10 +81,13 @@ def plain(value: Any) -> Any:
 
 @dataclass
 class Source:
-    """One trace DB and its analysis."""
+    """One trace DB and its analysis, or several files joined into one (``files``)."""
 
     index: int
     path: Path
+    files: tuple[Path, ...] = ()
+    """With several: every file, ``path`` the first. Such a source is analysed whole at each
+    change (``hoptrace.analyzer._merge`` numbers hop ``i`` of file ``k`` of ``K`` as ``i * K + k``)."""
     analysis: Analysis | None = None
     model: Model | None = None
     """The presentation model of ``analysis``: the worst-first order, hop endings, finding groups, graph."""
@@ -158,15 +161,17 @@ class Data:
     """The analyses of ``paths``, queried by the web view. Thread-safe: a refresh swaps frames whole."""
 
     def __init__(self, paths: list[Path], lookback_s: float = LOOKBACK_S) -> None:
-        self.sources = [Source(i, Path(p)) for i, p in enumerate(paths)]
+        """Several ``paths`` are one joined analysis (the shards of one capture, or one stack's hosts)."""
+        files = tuple(Path(p) for p in paths)
+        self.sources = [Source(0, files[0], files if len(files) > 1 else ())]
         self.lookback_s = lookback_s
         self.version = 0
         self.last_error: str | None = None
         """Why the latest live refresh failed, if it did (shown by the status API)."""
         self._lock = threading.Lock()
         self._settling = threading.Lock()
-        for source in self.sources:
-            open_for_reading(source.path, check=False).close()  # a bad file fails here, at start, as one line
+        for path in files:
+            open_for_reading(path, check=False).close()  # a bad file fails here, at start, as one line
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -175,7 +180,7 @@ class Data:
         analysis that follows (a second or more) adds their trees and findings. True when any."""
         changed = False
         for source in self.sources:
-            if source.analysis is None or len(source.requests) == 0:
+            if source.analysis is None or len(source.requests) == 0 or source.files:  # joined: listed once analysed
                 continue
             after = int(source.requests["trace"].max())
             new = _quick_requests(source.path, source.index, after_id=after)
@@ -192,7 +197,7 @@ class Data:
         """Analyse whatever was recorded since the last call; True when anything changed."""
         changed = False
         for source in self.sources:
-            newest = _max_hop_id(source.path)
+            newest = _newest_hop_id(source)
             if newest == source.max_hop_id:
                 continue
             started = time.perf_counter()
@@ -207,7 +212,7 @@ class Data:
         return changed
 
     def _analyse_all(self, source: Source, newest: int) -> None:
-        analysis = analyze(source.path)
+        analysis = analyze(source.files or source.path)
         if not len(analysis.hops):
             analysis, requests, index = None, pd.DataFrame(), None
         else:
@@ -233,9 +238,14 @@ class Data:
         waiting = source.requests["started_at"][source.requests["hops"].isna().to_numpy()]
         since = min(since, float(waiting.min())) if len(waiting) else since
         with tempfile.TemporaryDirectory(prefix="hoptrace-ui-") as folder:
-            tail_db = Path(folder) / "tail.db"
-            copy_tail(source.path, tail_db, since)
-            tail = analyze(tail_db, since=since)
+            # Joined files: each file's tail, joined as the files are (a copy keeps the hop ids, so the joined ids agree).
+            files = source.files or (source.path,)
+            tails = [Path(folder) / f"tail{k}.db" for k in range(len(files))]
+            for path, tail_db in zip(files, tails, strict=True):
+                copy_tail(path, tail_db, since)
+            tail = analyze(tails if source.files else tails[0], since=since)
+        if source.files:
+            tail.hops["file"] = tail.hops["file"].cat.rename_categories([str(f) for f in files])
         if pending is not None and pending.since < since:
             joined, joined_since = _merge(pending.analysis, tail, since), pending.since
         else:
@@ -294,7 +304,7 @@ class Data:
     def preview(self) -> None:
         """List each DB's requests (its entry route's hops) from SQL, before any analysis: no findings yet."""
         for source in self.sources:
-            if source.analysis is None:
+            if source.analysis is None and not source.files:
                 source.requests = _quick_requests(source.path, source.index)
         self.version += 1
 
@@ -367,7 +377,7 @@ class Data:
             "dbs": [
                 {
                     "db": s.index,
-                    "path": str(s.path),
+                    "path": ", ".join(map(str, s.files or (s.path,))),
                     "hops": s.counts[0],
                     "requests": len(s.requests),
                     "analysing": s.analysis is None and len(s.requests) > 0,
@@ -439,14 +449,15 @@ class Data:
         if hop_id not in hops.index:
             raise NotFound(f"no hop {hop_id} in {source.path.name}")
         facts = hops.loc[hop_id]
-        conn = open_for_reading(source.path, check=False)  # the analysis checked the file's structure
+        path, stored_id = (source.path, hop_id) if not source.files else (facts["file"], int(facts["file_hop"]))
+        conn = open_for_reading(path, check=False)  # the analysis checked the file's structure
         try:
             conn.row_factory = _dict_row
-            row = conn.execute(f"SELECT {HOP_COLUMNS} FROM hops WHERE id = ?", (hop_id,)).fetchone()
+            row = conn.execute(f"SELECT {HOP_COLUMNS} FROM hops WHERE id = ?", (stored_id,)).fetchone()
             tokens = conn.execute(
                 "SELECT t.fingerprint, t.role, t.location, k.kind, k.alg, k.kid, k.typ, k.iss, k.sub, k.iat, k.nbf, k.exp,"
                 " k.claims, k.error FROM hop_tokens t JOIN tokens k USING (fingerprint) WHERE t.hop_id = ?",
-                (hop_id,),
+                (stored_id,),
             ).fetchall()
         finally:
             conn.close()
@@ -726,6 +737,13 @@ def _shared_columns(conn: sqlite3.Connection, table: str) -> str:
     ours = [row[1] for row in conn.execute(f"PRAGMA main.table_info({table})")]
     theirs = {row[1] for row in conn.execute(f"PRAGMA src.table_info({table})")}
     return ", ".join(f'"{name}"' for name in ours if name in theirs)
+
+
+def _newest_hop_id(source: Source) -> int:
+    """The largest hop id of ``source``, joined files numbered as the analysis numbers them."""
+    if not source.files:
+        return _max_hop_id(source.path)
+    return max(_max_hop_id(path) * len(source.files) + k for k, path in enumerate(source.files))
 
 
 def _max_hop_id(path: Path) -> int:

@@ -83,8 +83,14 @@ class Preview:
         self.paths = paths
         self.last_error: str | None = None
         """Why loading the analysis failed, if it did."""
+        # Several files are one joined analysis (DB 0): hop i of file k of K is hop i * K + k there.
+        listed = (
+            (0, dict(zip(COLUMNS, (row[0] * len(paths) + k, *row[1:]), strict=True)))
+            for k, path in enumerate(paths)
+            for row in entry_requests(path)
+        )
         self.rows = sorted(
-            ((db, dict(zip(COLUMNS, row, strict=True))) for db, path in enumerate(paths) for row in entry_requests(path)),
+            listed,
             key=lambda item: -(item[1]["started_at"] or 0.0),
         )
 
@@ -104,14 +110,12 @@ class Preview:
         return {"service": [], "endpoint": [], "subject": [], "kind": [], "kinds": [], "severity": [], "status": []}
 
     def status(self) -> dict[str, Any]:
-        counts = [sum(1 for db, _ in self.rows if db == i) for i in range(len(self.paths))]
         return {
             "version": 0,
             "last_error": self.last_error,
             "dbs": [
-                {"db": i, "path": str(p), "hops": 0, "requests": counts[i], "analysing": True, "findings": 0, "max_hop_id": 0,
-                 "analyse_s": 0.0}  # fmt: skip
-                for i, p in enumerate(self.paths)
+                {"db": 0, "path": ", ".join(map(str, self.paths)), "hops": 0, "requests": len(self.rows), "analysing": True,
+                 "findings": 0, "max_hop_id": 0, "analyse_s": 0.0}  # fmt: skip
             ],
         }
 
