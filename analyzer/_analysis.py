@@ -6,6 +6,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,9 @@ from hoptrace.analyzer._load import Tables, load
 from hoptrace.analyzer._model import resolve_trace
 from hoptrace.analyzer._sessions import sessions as build_sessions
 from hoptrace.analyzer._traces import in_start_order, rebuild
+
+if TYPE_CHECKING:
+    from hoptrace.analyzer._saved import SavedAnalysis
 
 
 @dataclass
@@ -80,15 +84,20 @@ def analyze(
     trace: object = None,
     since: object = None,
     until: object = None,
+    *,
+    reuse_saved: bool = False,
 ) -> Analysis:
     """Analyze a trace DB.
 
     ``trace`` keeps one request: its id (the root hop id), a propagated trace id, or the
     id of any hop in it. ``since``/``until`` (UNIX seconds, ISO-8601 or datetime) keep the
-    requests that started in that window. Raises ``TraceFileError`` for a file that is
+    requests that started in that window. ``reuse_saved``: take the links and findings
+    from the analysis saved in the file when it is current (see
+    :func:`hoptrace.analyzer._saved.load_saved`; without ``config``, with the options it
+    was saved with). Raises ``TraceFileError`` for a file that is
     not a usable trace DB, ``AnalysisError`` for an unknown trace or a bad time.
     """
-    config = config or AnalyzerConfig()
+    asked, config = config, config or AnalyzerConfig()
     lo, hi = parse_time(since, "since"), parse_time(until, "until")
     if lo is not None and hi is not None and lo > hi:
         raise AnalysisError(f"since ({since}) is after until ({until})")
@@ -98,7 +107,13 @@ def analyze(
     except ValueError as exc:  # an unknown column name in the config
         raise AnalysisError(str(exc)) from None
     loaded = time.perf_counter() - started
-    analysis = analyze_tables(tables, config, trace=trace, since=lo, until=hi, headers=HeaderReader(path))
+    saved = None
+    if reuse_saved and lo is None and hi is None:
+        from hoptrace.analyzer._saved import load_saved  # it imports this module
+
+        saved = load_saved(path, tables, asked)
+    config = config if saved is None else saved.config
+    analysis = analyze_tables(tables, config, trace=trace, since=lo, until=hi, headers=HeaderReader(path), saved=saved)
     analysis.source = str(path)
     analysis.timings = {"load": loaded, **analysis.timings}
     return analysis
@@ -111,16 +126,21 @@ def prepare(
     since: float | None = None,
     until: float | None = None,
     headers: HeaderReader | None = None,
+    saved: SavedAnalysis | None = None,
 ) -> Context:
     """Everything the detectors read: rebuilt traces with per-hop facts, token uses, sessions,
-    and where to read header lines from (without it, the detectors that need them find nothing)."""
+    and where to read header lines from (without it, the detectors that need them find nothing).
+    With ``saved``, each hop's parent and link are the saved ones instead of rebuilt."""
     hops = in_start_order(tables.hops)
     # The loader makes these Categoricals; hand-made tables may not have.
     hops = hops.astype(
         {c: "category" for c in ("service", "method", "path") if not isinstance(hops[c].dtype, pd.CategoricalDtype)}
     )
     paths = _prepare.paths_of(hops["path"])
-    hops = rebuild(hops, tables.hop_tokens, tables.tokens, tables.captures, paths)
+    if saved is None:
+        hops = rebuild(hops, tables.hop_tokens, tables.tokens, tables.captures, paths)
+    else:
+        hops = saved.relink(hops)
     hops["endpoint"] = _prepare.endpoints(hops, paths)
     if since is not None or until is not None:
         root_start = hops["started_at"].reindex(hops["trace"].to_numpy()).to_numpy()
@@ -145,11 +165,13 @@ def analyze_tables(
     until: float | None = None,
     detectors: tuple[Detector, ...] = DETECTORS,
     headers: HeaderReader | None = None,
+    saved: SavedAnalysis | None = None,
 ) -> Analysis:
-    """The analysis of tables already loaded (see :func:`analyze`)."""
+    """The analysis of tables already loaded (see :func:`analyze`); with ``saved``, its links and
+    findings in place of the rebuild and the detectors."""
     clock = time.perf_counter
     started = clock()
-    ctx = prepare(tables, config, since=since, until=until, headers=headers)
+    ctx = prepare(tables, config, since=since, until=until, headers=headers, saved=saved)
     rebuilt = clock()
     hops, hop_tokens, sessions = ctx.hops, ctx.hop_tokens, ctx.sessions
     chosen = None if trace is None else resolve_trace(hops, trace)
@@ -159,10 +181,10 @@ def analyze_tables(
     # hops). The thread gets a DataFrame object of its own over the same columns.
     with ThreadPoolExecutor(max_workers=1) as pool:
         latency = pool.submit(_latency_tables, shown.copy(deep=False))
-        findings = run_detectors(ctx, detectors)
+        findings = run_detectors(ctx, detectors) if saved is None else saved.findings
         detected = clock()
         (services, endpoints, edges), tables_s = latency.result()
-    notes = [*tables.notes, *_link_notes(hops)]
+    notes = [*tables.notes, *_link_notes(hops), *(saved.notes if saved is not None else ())]
     if chosen is not None:
         hops = shown
         hop_tokens = hop_tokens[hop_tokens["hop_id"].isin(hops.index)].reset_index(drop=True)

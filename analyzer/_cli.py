@@ -101,6 +101,15 @@ def _audiences(ctx: click.Context, param: click.Parameter, value: tuple[str, ...
     help="audience_mismatch: an aud value SERVICE accepts beyond its own name (repeatable).",
 )
 @click.option("--worst", type=click.IntRange(0, 1000), metavar="N", help="How many requests to draw as trees (default 5).")
+@click.option(
+    "--save",
+    "save",
+    is_flag=True,
+    help="Also write the analysis into the trace file's own tables (findings, each hop's request, parent and link; "
+    "views findings_readable, hops_readable), replacing any saved before, in one transaction; `hoptrace report` and "
+    "`hoptrace ui` reuse it while no hop was recorded since. On a capture still being recorded it saves the analysis "
+    "of the hops recorded so far, with that bound (readers then analyse afresh). Not with --trace, --since, --until.",
+)
 @output_option("Write the report here instead of stdout.")
 def analyze(
     db: Path,
@@ -115,6 +124,7 @@ def analyze(
     validation_patterns: tuple[str, ...],
     audiences: dict[str, tuple[str, ...]],
     worst: int | None,
+    save: bool,
     output: Path | None,
 ) -> None:
     """Analyze a trace file: rebuilt request trees, findings, latency, sessions.
@@ -127,6 +137,7 @@ def analyze(
         hoptrace analyze traces.db --fail-on error
         hoptrace analyze traces.db --since 15m --format markdown
         hoptrace analyze traces.db --fail-on expired_mid_flow,token_crossover
+        hoptrace analyze traces.db --save --audience payment=https://pay.example.com
     """
     from hoptrace.analyzer import AnalyzerConfig, render_json, render_markdown, render_text
     from hoptrace.analyzer import analyze as run_analysis
@@ -135,10 +146,14 @@ def analyze(
         "near_expiry_s": near_expiry_s, "skew_threshold_s": skew_threshold_s, "slow_ms": slow_ms,
         "validation_patterns": validation_patterns or None, "audiences": audiences or None, "worst": worst,
     }  # fmt: skip
+    if save and (trace is not None or since is not None or until is not None):
+        raise BadInput("--save keeps the analysis of the whole file: it cannot be combined with --trace, --since or --until")
     progress = Progress("hoptrace analyze", after_s=2.0)  # a line on a terminal when the analysis ran long
     with exit_2_on_bad_input():
         config = AnalyzerConfig(**{k: v for k, v in options.items() if v is not None})
         analysis = run_analysis(db, config=config, trace=trace, since=since, until=until)
+        if save:
+            _save(db, analysis)
     progress(f"analysed {len(analysis.hops)} hops; writing the {fmt} report")
     if len(analysis.hops) == 0 and (since is not None or until is not None):
         click.echo(f"hoptrace analyze: {outside_window(db, since, until)}", err=True)
@@ -156,6 +171,15 @@ def analyze(
         summary = ", ".join(f"{n} {k}" for k, n in failing["kind"].value_counts().sort_index().items())
         click.echo(f"hoptrace analyze: failing on {summary}", err=True)
         raise SystemExit(1)
+
+
+def _save(db: Path, analysis) -> None:
+    from hoptrace.analyzer._saved import save
+
+    written = save(db, analysis)
+    still = " (a capture is still open: saved for the hops recorded so far)" if analysis.captures["ended_at"].isna().any() else ""
+    click.echo(f"hoptrace analyze: saved {written['findings']} findings and the links of {written['analysis_hops']} hops "
+               f"into {db}{still}", err=True)  # fmt: skip
 
 
 def outside_window(db: Path, since: str | None, until: str | None) -> str:

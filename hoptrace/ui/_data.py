@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from hoptrace._format import hop_ended
-from hoptrace.analyzer import Analysis, analyze, latency_tables
+from hoptrace.analyzer import Analysis, analysis_for, analyze, latency_tables
 from hoptrace.analyzer._model import TIERS, Model, group_findings, hop_endings, model, outcomes, slowest_first
 from hoptrace.analyzer._types import OUTCOMES, SEVERITIES, SEVERITY_RANK
 from hoptrace.db import SCHEMA, SCHEMA_VERSION, open_for_reading
@@ -197,7 +197,7 @@ class Data:
         """The whole file the first time, then only its tail: the analysis, its request list, whether merged."""
         old = source.analysis
         if old is None:
-            analysis = analyze(source.path)
+            analysis = analysis_for(source.path)  # the analysis saved in the file when it is current
             if not len(analysis.hops):
                 return None, pd.DataFrame(), False
             return analysis, _requests(model(analysis), source.index), False
