@@ -276,7 +276,8 @@ def _read_findings(conn, hop_ids: set[int]) -> pd.DataFrame:
     if not out:
         return empty_findings()
     findings = pd.DataFrame(out, columns=list(FINDING_COLUMNS))
-    return findings.astype({"trace": "Int64", "at": "float64"})
+    # The dtypes the detectors' frames give: severity filled in as objects, the other text inferred.
+    return findings.astype({"severity": object, "trace": "Int64", "at": "float64"})
 
 
 def _one_line(exc: BaseException) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import stat
 import sys
 from contextlib import closing
 from functools import cache
@@ -418,9 +419,7 @@ def open_for_saving(path: str | Path) -> sqlite3.Connection:
     folder where SQLite cannot create its journal, or one that is not a trace DB raise
     :class:`TraceFileError` in one line.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise TraceFileError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    path = _existing_file(path)
     try:
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, isolation_level=None)
     except SQLITE_ERRORS as exc:
@@ -478,11 +477,7 @@ def open_for_reading(path: str | Path, *, check: bool = True) -> ReadConnection:
     file, for a caller that runs it itself alongside its reads and trusts nothing it
     read until it passed.
     """
-    path = Path(path)
-    if not path.exists():
-        raise TraceFileError(f"{path}: no such file")
-    if path.is_dir():
-        raise TraceFileError(f"{path}: is a directory, not a trace database")
+    path = _existing_file(path)
     try:
         conn = connect_read_only(reading_uri(path))
         if check:
@@ -497,6 +492,20 @@ def open_for_reading(path: str | Path, *, check: bool = True) -> ReadConnection:
     if missing:
         raise TraceFileError(f"{path}: not a hoptrace trace database (missing tables: {', '.join(sorted(missing))})")
     return conn
+
+
+def _existing_file(path: str | Path) -> Path:
+    """``path`` when it names a file this user can reach, else :class:`TraceFileError` saying why."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise TraceFileError(f"{path}: no such file") from None
+    except OSError as exc:  # a folder on the way this user may not enter (EACCES), a name too long, a loop
+        raise TraceFileError(f"{path}: cannot reach the file: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise TraceFileError(f"{path}: is a directory, not a trace database")
+    return path
 
 
 def connect_read_only(uri: str) -> ReadConnection:
