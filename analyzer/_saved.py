@@ -215,7 +215,9 @@ def _current_meta(conn, config: AnalyzerConfig | None) -> dict | None:
         return None
     same_file = all(meta.get(k) == now[k] for k in now)
     same_hoptrace = (meta.get("format"), meta.get("hoptrace_version"), meta.get("kinds")) == (
-        FORMAT, hoptrace.__version__, ",".join(KINDS)
+        FORMAT,
+        hoptrace.__version__,
+        ",".join(KINDS),
     )
     if not (same_file and same_hoptrace and isinstance(meta.get("config"), str)):
         return None

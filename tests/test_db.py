@@ -60,9 +60,11 @@ def test_a_new_file_has_types_keys_defaults_and_indexes(tmp_path):
         assert conn.execute("SELECT hops_seen, write_errors, ended_at FROM captures").fetchone() == (0, 0, None)
         with pytest.raises(sqlite3.IntegrityError):
             conn.execute("INSERT INTO hops (capture_id, flow_id, service) VALUES (1, 'f', 's')")  # no times: NOT NULL
-        assert set(db.view_names()) == set(VIEWS) == {
-            "hops_readable", "tokens_readable", "findings_readable", "finding_hops_readable", "analysis_readable"
-        }
+        assert (
+            set(db.view_names())
+            == set(VIEWS)
+            == {"hops_readable", "tokens_readable", "findings_readable", "finding_hops_readable", "analysis_readable"}
+        )
         assert set(ANALYSIS_TABLES) <= set(db.table_names()) and db["findings"].count == 0
 
 

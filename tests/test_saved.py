@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import traceback
 from contextlib import closing
 from pathlib import Path
@@ -22,15 +23,25 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hoptrace.addons._rows import clean
-from hoptrace.analyzer import KINDS, SEVERITIES, AnalyzerConfig, analysis_for, analyze, load, load_saved, render_json, save
-from hoptrace.analyzer import _analysis
+from hoptrace.analyzer import (
+    KINDS,
+    SEVERITIES,
+    AnalyzerConfig,
+    _analysis,
+    analysis_for,
+    analyze,
+    load,
+    load_saved,
+    render_json,
+    save,
+)
 from hoptrace.analyzer._cli import analyze as analyze_command
 from hoptrace.analyzer._render import _jsonable
 from hoptrace.analyzer._traces import in_start_order
 from hoptrace.db import MIGRATIONS, SCHEMA_VERSION, open_for_writing
 from hoptrace.plot._cli import report as report_command
 
-from .test_db import _as_another_user, shared_folder  # noqa: F401 (a fixture)
+from .test_db import _as_another_user
 
 SAMPLES = Path(__file__).parent.parent / "sample_traces"
 LINK_COLUMNS = ["trace", "parent_id", "link", "link_candidates", "link_confidence", "depth", "order"]
@@ -73,7 +84,7 @@ def test_a_saved_analysis_reloads_as_the_fresh_one_on_every_sample(tmp_path, nam
     assert len(detector_runs) == runs  # the findings came from the file
     _same_document(reused, fresh)
     pd.testing.assert_frame_equal(reused.hops[LINK_COLUMNS], fresh.hops[LINK_COLUMNS])
-    norm = lambda f: f.assign(hop_ids=f["hop_ids"].map(lambda ids: [int(i) for i in ids]), details=f["details"].map(_jsonable))  # noqa: E731
+    norm = lambda f: f.assign(hop_ids=f["hop_ids"].map(lambda ids: [int(i) for i in ids]), details=f["details"].map(_jsonable))
     pd.testing.assert_frame_equal(norm(reused.findings), norm(fresh.findings))
     with closing(sqlite3.connect(path)) as conn:  # the sample (schema 1) was upgraded in place, still one file
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
@@ -86,7 +97,9 @@ def test_a_version_2_file_upgrades_when_an_analysis_is_saved(tmp_path):
     with closing(sqlite3.connect(path, isolation_level=None)) as conn:  # schema 2 as the previous hoptrace left it
         MIGRATIONS[0](sqlite_utils.Database(conn))
         conn.execute("PRAGMA user_version = 2")
-        before = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("captures", "hops", "tokens", "hop_tokens")}
+        before = {
+            t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("captures", "hops", "tokens", "hop_tokens")
+        }
     assert load_saved(path, load(path)) is None  # nothing saved in a version-2 file
     save(path, analyze(path))
     db = sqlite_utils.Database(path)
@@ -169,7 +182,18 @@ def test_options_that_change_findings_are_part_of_what_is_current(tmp_path):
 
 def _attempt(path: Path) -> str:
     result = CliRunner().invoke(analyze_command, [str(path), "--save", "-o", "/dev/null"])
-    return json.dumps([result.exit_code, result.output, "".join(traceback.format_exception(result.exception)) if result.exception else ""])
+    return json.dumps(
+        [result.exit_code, result.output, "".join(traceback.format_exception(result.exception)) if result.exception else ""]
+    )
+
+
+@pytest.fixture
+def shared_folder():
+    """A folder another user can enter (pytest's tmp_path is private to its owner)."""
+    with tempfile.TemporaryDirectory(prefix="hoptrace-save-") as name:
+        Path(name).chmod(0o755)
+        yield Path(name)
+        Path(name).chmod(0o755)
 
 
 def test_save_refuses_what_it_cannot_do_in_one_line(shared_folder):
