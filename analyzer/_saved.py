@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import sqlite_utils
 
 import hoptrace
 from hoptrace._errors import AnalysisError, TraceFileError
@@ -85,8 +86,6 @@ def save(path: str | Path, analysis: Analysis) -> dict[str, int]:
     afresh once a hop past it arrives. Raises :class:`TraceFileError` (one line) for a file it
     cannot write.
     """
-    import sqlite_utils  # imports pandas' neighbours; only when saving
-
     hops, findings = analysis.hops, analysis.findings
     link_rows = _link_rows(hops)
     finding_rows, finding_hop_rows = _finding_rows(findings)
@@ -230,29 +229,41 @@ def _dict_row(cursor, row) -> dict:
     return {d[0]: v for d, v in zip(cursor.description, row)}
 
 
+# Each link as numbers, checked inside SQLite (no Python object per text value): -1 a NULL parent; -2 a value
+# hoptrace does not write (a parent or count that is not an integer, a confidence outside 0-1, an unknown kind).
+_LINK_SQL = f"""SELECT hop_id,
+  CASE WHEN parent_id IS NULL THEN -1 WHEN typeof(parent_id) = 'integer' THEN parent_id ELSE -2 END,
+  CASE link {" ".join(f"WHEN '{name}' THEN {code}" for code, name in enumerate(LINKS))} ELSE -2 END,
+  CASE WHEN typeof(link_candidates) = 'integer' AND link_candidates >= 0 THEN link_candidates ELSE -2 END,
+  CASE WHEN typeof(link_confidence) IN ('integer', 'real') AND link_confidence BETWEEN 0 AND 1 THEN link_confidence
+       ELSE -2 END
+FROM analysis_hops"""
+
+
 def _read_links(conn, hops: pd.DataFrame) -> pd.DataFrame:
-    rows = conn.execute("SELECT hop_id, parent_id, link, link_candidates, link_confidence FROM analysis_hops").fetchall()
-    links = pd.DataFrame(rows, columns=["hop_id", "parent_id", "link", "link_candidates", "link_confidence"])
+    rows = conn.execute(_LINK_SQL).fetchall()
     ids = hops.index
-    if len(links) != len(ids) or not links["hop_id"].is_unique or not ids.isin(links["hop_id"]).all():
+    try:
+        table = np.array(rows, dtype=np.float64).reshape(-1, 5)  # ids up to 2**53 are exact as doubles
+    except (TypeError, ValueError):  # a hop id that is text or bytes
+        raise _Unreadable("a link of something that is not a hop id") from None
+    if np.isnan(table[:, 0]).any():
+        raise _Unreadable("a link of no hop")
+    links = pd.DataFrame(table[:, 1:], index=pd.Index(table[:, 0], dtype=np.int64), columns=["parent", "kind", "count", "sure"])
+    if len(links) != len(ids) or not links.index.is_unique or not ids.isin(links.index).all():
         raise _Unreadable(f"links for {len(links)} hops, {len(ids)} hops read")
-    links = links.set_index("hop_id").reindex(ids)
-    if not links["link"].isin(LINKS).all():
-        raise _Unreadable("a link kind hoptrace does not make")
-    candidates = pd.to_numeric(links["link_candidates"], errors="coerce")
-    confidence = pd.to_numeric(links["link_confidence"], errors="coerce")
-    if candidates.isna().any() or (candidates < 0).any() or not confidence.between(0, 1).all():
-        raise _Unreadable("a link count or confidence out of range")
-    parent = links["parent_id"]
-    has_parent = parent.notna().to_numpy()
-    position = ids.get_indexer(pd.to_numeric(parent[has_parent], errors="coerce").fillna(-1).astype(np.int64))
+    links = links.reindex(ids)
+    if (links[["kind", "count", "sure"]] == -2).any(axis=None) or (links["parent"] == -2).any():
+        raise _Unreadable("a link kind, parent, count or confidence hoptrace does not write")
+    has_parent = (links["parent"] >= 0).to_numpy()
+    position = ids.get_indexer(links["parent"].to_numpy(np.int64)[has_parent])
     # The rebuild links a hop only to one that started before it (the longer first on a tie): so no cycle.
     if (position < 0).any() or (position >= np.flatnonzero(has_parent)).any():
         raise _Unreadable("a parent that is not an earlier hop of the file")
     return pd.DataFrame({
-        "parent_id": pd.array(parent.where(has_parent, None).tolist(), dtype="Int64"),
-        "link": links["link"].astype(str), "link_candidates": candidates.astype(np.int64),
-        "link_confidence": confidence.astype(np.float64),
+        "parent_id": pd.arrays.IntegerArray(np.where(has_parent, links["parent"], 0).astype(np.int64), ~has_parent),
+        "link": np.asarray(LINKS, dtype=object)[links["kind"].to_numpy(np.int64)],
+        "link_candidates": links["count"].to_numpy(np.int64), "link_confidence": links["sure"].to_numpy(np.float64),
     }, index=ids)  # fmt: skip
 
 
