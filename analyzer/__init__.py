@@ -8,6 +8,7 @@ Everything is a pandas DataFrame (see :class:`Analysis`). :func:`model` derives 
 analysis, once, what every report shows (the worst-first order, how each hop ended,
 findings grouped by kind, the service graph); the renderers only format it into the
 text, JSON and Markdown reports of ``hoptrace analyze``, and ``hoptrace.plot`` into charts.
+:func:`save` keeps an analysis in the trace file; :func:`analysis_for` reuses it while it is current.
 
 The names load on first use, so that ``hoptrace --help`` (which imports the
 ``analyze`` command from ``hoptrace.analyzer._cli``) does not pay for pandas.
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from hoptrace.analyzer._load import load
     from hoptrace.analyzer._model import FindingGroup, Model, RequestSummary, model, resolve_trace
     from hoptrace.analyzer._render import render_json, render_markdown, render_text
+    from hoptrace.analyzer._saved import analysis_for, load_saved, save
     from hoptrace.analyzer._traces import LINKS, link_accuracy
     from hoptrace.analyzer._types import SEVERITIES
 
@@ -37,6 +39,7 @@ _WHERE = {
     "FindingGroup": "_model", "Model": "_model", "RequestSummary": "_model", "model": "_model",
     "resolve_trace": "_model",
     "render_json": "_render", "render_markdown": "_render", "render_text": "_render",
+    "analysis_for": "_saved", "load_saved": "_saved", "save": "_saved",
     "LINKS": "_traces", "link_accuracy": "_traces",
     "SEVERITIES": "_types",
 }  # fmt: skip
@@ -52,16 +55,19 @@ __all__ = [
     "FindingGroup",
     "Model",
     "RequestSummary",
+    "analysis_for",
     "analyze",
     "analyze_tables",
     "latency_tables",
     "link_accuracy",
     "load",
+    "load_saved",
     "model",
     "render_json",
     "render_markdown",
     "render_text",
     "resolve_trace",
+    "save",
 ]
 
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -21,6 +22,9 @@ from hoptrace.analyzer._merge import JoinedHeaders, load_files
 from hoptrace.analyzer._model import resolve_trace
 from hoptrace.analyzer._sessions import sessions as build_sessions
 from hoptrace.analyzer._traces import in_start_order, rebuild
+
+if TYPE_CHECKING:
+    from hoptrace.analyzer._saved import SavedAnalysis
 
 
 @dataclass
@@ -85,16 +89,21 @@ def analyze(
     trace: object = None,
     since: object = None,
     until: object = None,
+    *,
+    reuse_saved: bool = False,
 ) -> Analysis:
     """Analyze a trace DB, or several as one (the shards of ``hoptrace proxy --workers``, or
     captures of one stack on several hosts with one fingerprint key).
 
     ``trace`` keeps one request: its id (the root hop id), a propagated trace id, or the
     id of any hop in it. ``since``/``until`` (UNIX seconds, ISO-8601 or datetime) keep the
-    requests that started in that window. Raises ``TraceFileError`` for a file that is
+    requests that started in that window. ``reuse_saved``: take the links and findings
+    from the analysis saved in the file when it is current (see
+    :func:`hoptrace.analyzer._saved.load_saved`; without ``config``, with the options it
+    was saved with). Raises ``TraceFileError`` for a file that is
     not a usable trace DB, ``AnalysisError`` for an unknown trace or a bad time.
     """
-    config = config or AnalyzerConfig()
+    asked, config = config, config or AnalyzerConfig()
     lo, hi = parse_time(since, "since"), parse_time(until, "until")
     if lo is not None and hi is not None and lo > hi:
         raise AnalysisError(f"since ({since}) is after until ({until})")
@@ -107,8 +116,14 @@ def analyze(
     except ValueError as exc:  # an unknown column name in the config
         raise AnalysisError(str(exc)) from None
     loaded = time.perf_counter() - started
+    saved = None
+    if reuse_saved and len(paths) == 1 and lo is None and hi is None:  # a joined analysis is saved in no file
+        from hoptrace.analyzer._saved import load_saved  # it imports this module
+
+        saved = load_saved(paths[0], tables, asked)
+    config = config if saved is None else saved.config
     headers = HeaderReader(paths[0]) if len(paths) == 1 else JoinedHeaders(paths)
-    analysis = analyze_tables(tables, config, trace=trace, since=lo, until=hi, headers=headers)
+    analysis = analyze_tables(tables, config, trace=trace, since=lo, until=hi, headers=headers, saved=saved)
     analysis.source = ", ".join(map(str, paths))
     analysis.files = tuple(map(str, paths))
     analysis.timings = {"load": loaded, **analysis.timings}
@@ -122,16 +137,21 @@ def prepare(
     since: float | None = None,
     until: float | None = None,
     headers: HeaderReader | None = None,
+    saved: SavedAnalysis | None = None,
 ) -> Context:
     """Everything the detectors read: rebuilt traces with per-hop facts, token uses, sessions,
-    and where to read header lines from (without it, the detectors that need them find nothing)."""
+    and where to read header lines from (without it, the detectors that need them find nothing).
+    With ``saved``, each hop's parent and link are the saved ones instead of rebuilt."""
     hops = in_start_order(tables.hops)
     # The loader makes these Categoricals; hand-made tables may not have.
     hops = hops.astype(
         {c: "category" for c in ("service", "method", "path") if not isinstance(hops[c].dtype, pd.CategoricalDtype)}
     )
     paths = _prepare.paths_of(hops["path"])
-    hops = rebuild(hops, tables.hop_tokens, tables.tokens, tables.captures, paths)
+    if saved is None:
+        hops = rebuild(hops, tables.hop_tokens, tables.tokens, tables.captures, paths)
+    else:
+        hops = saved.relink(hops)
     hops["endpoint"] = _prepare.endpoints(hops, paths)
     if since is not None or until is not None:
         root_start = hops["started_at"].reindex(hops["trace"].to_numpy()).to_numpy()
@@ -156,11 +176,13 @@ def analyze_tables(
     until: float | None = None,
     detectors: tuple[Detector, ...] = DETECTORS,
     headers: HeaderReader | None = None,
+    saved: SavedAnalysis | None = None,
 ) -> Analysis:
-    """The analysis of tables already loaded (see :func:`analyze`)."""
+    """The analysis of tables already loaded (see :func:`analyze`); with ``saved``, its links and
+    findings in place of the rebuild and the detectors."""
     clock = time.perf_counter
     started = clock()
-    ctx = prepare(tables, config, since=since, until=until, headers=headers)
+    ctx = prepare(tables, config, since=since, until=until, headers=headers, saved=saved)
     rebuilt = clock()
     hops, hop_tokens, sessions = ctx.hops, ctx.hop_tokens, ctx.sessions
     chosen = None if trace is None else resolve_trace(hops, trace)
@@ -170,10 +192,10 @@ def analyze_tables(
     # hops). The thread gets a DataFrame object of its own over the same columns.
     with ThreadPoolExecutor(max_workers=1) as pool:
         latency = pool.submit(_latency_tables, shown.copy(deep=False))
-        findings = run_detectors(ctx, detectors)
+        findings = run_detectors(ctx, detectors) if saved is None else saved.findings
         detected = clock()
         (services, endpoints, edges), tables_s = latency.result()
-    notes = [*tables.notes, *_link_notes(hops)]
+    notes = [*tables.notes, *_link_notes(hops), *(saved.notes if saved is not None else ())]
     if chosen is not None:
         hops = shown
         hop_tokens = hop_tokens[hop_tokens["hop_id"].isin(hops.index)].reset_index(drop=True)

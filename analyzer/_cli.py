@@ -9,7 +9,7 @@ import click
 from hoptrace._click import BadInput, OneLineCommand, exit_2_on_bad_input
 from hoptrace._errors import HoptraceError
 from hoptrace._format import Progress, colour_severities, use_colour
-from hoptrace._options import output_option, trace_dbs_argument
+from hoptrace._options import one_trace_file, output_option, trace_dbs_argument
 from hoptrace.analyzer._types import SEVERITIES  # no pandas: `hoptrace --help` stays fast
 
 FORMATS = ("text", "json", "markdown")
@@ -101,6 +101,15 @@ def _audiences(ctx: click.Context, param: click.Parameter, value: tuple[str, ...
     help="audience_mismatch: an aud value SERVICE accepts beyond its own name (repeatable).",
 )
 @click.option("--worst", type=click.IntRange(0, 1000), metavar="N", help="How many requests to draw as trees (default 5).")
+@click.option(
+    "--save",
+    "save",
+    is_flag=True,
+    help="Also write the analysis into the trace file's own tables (findings, each hop's request, parent and link; "
+    "views findings_readable, hops_readable), replacing any saved before, in one transaction; `hoptrace report` and "
+    "`hoptrace ui` reuse it while no hop was recorded since. On a capture still being recorded it saves the analysis "
+    "of the hops recorded so far, with that bound (readers then analyse afresh). Not with --trace, --since, --until.",
+)
 @output_option("Write the report here instead of stdout.")
 def analyze(
     dbs: tuple[Path, ...],
@@ -115,6 +124,7 @@ def analyze(
     validation_patterns: tuple[str, ...],
     audiences: dict[str, tuple[str, ...]],
     worst: int | None,
+    save: bool,
     output: Path | None,
 ) -> None:
     """Analyze a trace file: rebuilt request trees, findings, latency, sessions.
@@ -131,6 +141,7 @@ def analyze(
         hoptrace analyze traces.db --fail-on error
         hoptrace analyze traces.db --since 15m --format markdown
         hoptrace analyze traces.db --fail-on expired_mid_flow,token_crossover
+        hoptrace analyze traces.db --save --audience payment=https://pay.example.com
         hoptrace analyze traces.w1.db traces.w2.db
         hoptrace analyze shards/
     """
@@ -141,11 +152,16 @@ def analyze(
         "near_expiry_s": near_expiry_s, "skew_threshold_s": skew_threshold_s, "slow_ms": slow_ms,
         "validation_patterns": validation_patterns or None, "audiences": audiences or None, "worst": worst,
     }  # fmt: skip
+    if save and (trace is not None or since is not None or until is not None):
+        raise BadInput("--save keeps the analysis of the whole file: it cannot be combined with --trace, --since or --until")
     progress = Progress("hoptrace analyze", after_s=2.0)  # a line on a terminal when the analysis ran long
     with exit_2_on_bad_input():
         config = AnalyzerConfig(**{k: v for k, v in options.items() if v is not None})
-        # An option that writes into the file it read takes one: one_trace_file(dbs, "--save").
+        # --save writes into the file it read: one file (a joined analysis belongs to no one file).
+        target = one_trace_file(dbs, "--save") if save else None
         analysis = run_analysis(dbs, config=config, trace=trace, since=since, until=until)
+        if target is not None:
+            _save(target, analysis)
     progress(f"analysed {len(analysis.hops)} hops; writing the {fmt} report")
     if len(analysis.hops) == 0 and (since is not None or until is not None):
         click.echo(f"hoptrace analyze: {outside_window(dbs, since, until)}", err=True)
@@ -163,6 +179,15 @@ def analyze(
         summary = ", ".join(f"{n} {k}" for k, n in failing["kind"].value_counts().sort_index().items())
         click.echo(f"hoptrace analyze: failing on {summary}", err=True)
         raise SystemExit(1)
+
+
+def _save(db: Path, analysis) -> None:
+    from hoptrace.analyzer._saved import save
+
+    written = save(db, analysis)
+    still = " (a capture is still open: saved for the hops recorded so far)" if analysis.captures["ended_at"].isna().any() else ""
+    click.echo(f"hoptrace analyze: saved {written['findings']} findings and the links of {written['analysis_hops']} hops "
+               f"into {db}{still}", err=True)  # fmt: skip
 
 
 def outside_window(dbs: tuple[Path, ...], since: str | None, until: str | None) -> str:

@@ -4,15 +4,22 @@ One SQLite file holds any number of captures. Times are UNIX seconds (REAL) on
 the proxy's clock; the one exception is ``hops.server_date``, the upstream's own
 ``Date`` header as it was sent, kept for clock-skew analysis.
 
-``PRAGMA user_version`` holds :data:`SCHEMA_VERSION`. :func:`open_for_writing` brings
-an older file up to it, one step of :data:`MIGRATIONS` per version; readers accept
-every version up to it and refuse a newer one.
+``PRAGMA user_version`` holds :data:`SCHEMA_VERSION`. :func:`open_for_writing` (the
+recorder) and :func:`open_for_saving` (``hoptrace analyze --save``) bring an older file up
+to it, one step of :data:`MIGRATIONS` per version; readers accept every version up to it
+and refuse a newer one.
+
+The recorder writes :data:`TABLES`; ``hoptrace analyze --save`` writes
+:data:`ANALYSIS_TABLES` (the findings and each hop's place in its request), which the
+report and the web view reuse while the file has not changed since.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import stat
 import sys
 from contextlib import closing
 from functools import cache
@@ -24,7 +31,7 @@ from hoptrace._errors import TraceFileError
 if TYPE_CHECKING:
     import sqlite_utils
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Each table: {column: (type, description)} in column order. The descriptions are the
 # schema's documentation: Datasette shows them (see `metadata`), the README lists them.
@@ -117,11 +124,60 @@ COLUMNS: dict[str, dict[str, tuple[type, str]]] = {
     },
 }
 
+# Schema 3: the tables of the analysis saved by `hoptrace analyze --save` (hoptrace/analyzer/_saved.py), in the same
+# form. Apart from COLUMNS, whose tables every trace file has and every reader of the recording reads.
+ANALYSIS_COLUMNS: dict[str, dict[str, tuple[type, str]]] = {
+    "analysis": {
+        "id": (int, "always 1: the file holds one saved analysis, replaced whole by the next --save"),
+        "format": (int, "version of these analysis tables' layout"),
+        "hoptrace_version": (str, "hoptrace that made the analysis"),
+        "kinds": (str, "the finding kinds its detectors looked for, comma-separated"),
+        "config": (str, "JSON: the analyzer options that change findings (thresholds, --audience, ...)"),
+        "saved_at": (float, "when it was saved (UNIX seconds)"),
+        "hops": (int, "hops in the file it is current for: rows of hops with id <= max_hop_id when saved"),
+        "max_hop_id": (int, "the largest hop id it analysed; a hop recorded after it makes the analysis stale"),
+        "captures": (int, "captures in the file when saved"),
+        "captures_open": (int, "of them, captures without ended_at (still recording, or crashed) when saved"),
+        "findings": (int, "rows of findings"),
+    },
+    "analysis_hops": {
+        "hop_id": (int, "the hop"),
+        "request": (int, "id of the hop where its request entered (the root of its tree)"),
+        "parent_id": (int, "the hop that made this call; NULL for a request, or an orphan"),
+        "link": (str, "how the parent was found: root | header | token | connection | nesting | ambiguous | orphan"),
+        "link_confidence": (float, "how sure the link is, 0-1"),
+        "link_candidates": (int, "unrelated hops the parent was chosen among (1 when sure)"),
+        "depth": (int, "calls between the request and this hop (request 0)"),
+    },
+    "findings": {
+        "id": (int, "finding number: errors first, then by time"),
+        "kind": (str, "expired_mid_flow, duplicate_validation, clock_skew, ... (README: Findings)"),
+        "severity": (str, "error | warning | info"),
+        "request": (int, "id of the request (root hop) it is about; NULL for a finding about a whole service"),
+        "service": (str, "the service it is about"),
+        "caller": (str, "the service that made the call ('client' for a request)"),
+        "callee": (str, "the service the call arrived at"),
+        "endpoint": (str, "method and templated path"),
+        "message": (str, "one line naming the actor, with the numbers"),
+        "evidence": (str, "JSON: the kind-specific details (unknown numbers as null)"),
+        "at": (float, "when it happened (UNIX seconds)"),
+    },
+    "finding_hops": {
+        "finding_id": (int, "the finding"),
+        "position": (int, "order of the hop in the finding's evidence (0 first)"),
+        "hop_id": (int, "a hop the finding involves"),
+    },
+}
+
 TABLE_DOCS = {
     "captures": "One row per run of the proxy, with its counters.",
     "hops": "One row per HTTP exchange the proxy relayed (a flow).",
     "tokens": "One row per distinct token: decoded claims, never the token or its signature.",
     "hop_tokens": "Which token each hop presented, had validated, or was issued.",
+    "analysis": "What the saved analysis (hoptrace analyze --save) is current for: hop bound, captures, options, versions.",
+    "analysis_hops": "Each hop's request, parent and how the link was made, as the saved analysis rebuilt them.",
+    "findings": "The saved analysis's findings, errors first.",
+    "finding_hops": "The hops each saved finding involves, in its order.",
 }
 
 # How each table is created: sqlite-utils' `Table.create` arguments besides the columns.
@@ -149,6 +205,26 @@ _CREATE: dict[str, dict] = {
         "not_null": ["hop_id", "fingerprint", "role", "location"],
         "foreign_keys": [("hop_id", "hops", "id"), ("fingerprint", "tokens", "fingerprint")],
     },
+    "analysis": {
+        "pk": "id",
+        "not_null": ["format", "hoptrace_version", "kinds", "config", "saved_at", "hops", "captures", "captures_open",
+                     "findings"],
+    },
+    "analysis_hops": {
+        "pk": "hop_id",
+        "not_null": ["request", "link", "link_confidence", "link_candidates", "depth"],
+        "foreign_keys": [("hop_id", "hops", "id"), ("request", "hops", "id"), ("parent_id", "hops", "id")],
+    },
+    "findings": {
+        "pk": "id",
+        "not_null": ["kind", "severity", "message", "evidence"],
+        "foreign_keys": [("request", "hops", "id")],
+    },
+    "finding_hops": {
+        "pk": ("finding_id", "position"),
+        "not_null": ["hop_id"],
+        "foreign_keys": [("finding_id", "findings", "id"), ("hop_id", "hops", "id")],
+    },
 }  # fmt: skip
 
 _INDEXES = (
@@ -156,6 +232,8 @@ _INDEXES = (
     ("hops", ("trace_id",), "hops_trace"),
     ("tokens", ("sub",), "tokens_sub"),
     ("hop_tokens", ("fingerprint",), "hop_tokens_fingerprint"),
+    ("analysis_hops", ("request",), "analysis_hops_request"),
+    ("finding_hops", ("hop_id",), "finding_hops_hop"),
 )
 
 
@@ -170,20 +248,45 @@ VIEWS = {
   {_iso('h.started_at')} AS started, {_iso('h.ended_at')} AS ended, h.duration_ms,
   h.trace_id, h.span_id, h.client_conn_id, h.stream_id,
   t.fingerprint AS token_fingerprint, t.sub AS token_sub, {_iso('t.exp')} AS token_exp,
-  round(t.exp - h.started_at, 3) AS token_remaining_s
+  round(t.exp - h.started_at, 3) AS token_remaining_s,
+  a.request, a.parent_id, a.link, a.link_confidence, a.depth
 FROM hops h
 LEFT JOIN tokens t ON t.fingerprint = (
   SELECT ht.fingerprint FROM hop_tokens ht
-  WHERE ht.hop_id = h.id AND ht.role = 'presented' ORDER BY ht.location, ht.fingerprint LIMIT 1
-)""",
+  WHERE ht.hop_id = h.id AND ht.role IN ('presented', 'validated')
+  ORDER BY ht.role = 'validated' DESC, ht.location = 'header:authorization' DESC, ht.location, ht.fingerprint LIMIT 1
+)
+LEFT JOIN analysis_hops a ON a.hop_id = h.id""",
     "tokens_readable": f"""SELECT fingerprint, capture_id, kind, alg, iss, sub, aud,
   {_iso('iat')} AS iat, {_iso('nbf')} AS nbf, {_iso('exp')} AS exp, round(exp - iat, 3) AS lifetime_s,
   {_iso('first_seen_at')} AS first_seen, error
 FROM tokens""",
+    "findings_readable": f"""SELECT f.id, f.kind, f.severity, f.request, f.service, f.caller, f.callee, f.endpoint, f.message,
+  {_iso('f.at')} AS at, f.evidence,
+  (SELECT json_group_array(fh.hop_id) FROM (SELECT hop_id FROM finding_hops WHERE finding_id = f.id ORDER BY position) fh) AS hop_ids
+FROM findings f""",
+    "finding_hops_readable": f"""SELECT fh.finding_id, f.kind, f.severity, fh.position, fh.hop_id, h.service, h.method, h.path, h.status,
+  {_iso('h.started_at')} AS started, h.duration_ms, a.request, a.parent_id, a.link
+FROM finding_hops fh
+JOIN findings f ON f.id = fh.finding_id
+LEFT JOIN hops h ON h.id = fh.hop_id
+LEFT JOIN analysis_hops a ON a.hop_id = fh.hop_id""",
+    # `current`: no hop was recorded, and no capture started or ended, since the analysis was saved.
+    "analysis_readable": f"""SELECT a.hoptrace_version, {_iso('a.saved_at')} AS saved, a.hops, a.max_hop_id,
+  a.captures, a.captures_open, a.findings, a.config,
+  (a.hops = (SELECT count(*) FROM hops) AND a.max_hop_id IS (SELECT max(id) FROM hops)
+   AND a.captures = (SELECT count(*) FROM captures)
+   AND a.captures_open = (SELECT count(*) FROM captures WHERE ended_at IS NULL)) AS current
+FROM analysis a""",
 }
 VIEW_DOCS = {
-    "hops_readable": "Hops with ISO-8601 UTC times and the token each presented: its subject, expiry, and life left at the hop.",
+    "hops_readable": "Hops with ISO-8601 UTC times, the token each carried as the analysis picks it (the one it had"
+    " validated, else its Authorization header's, else any presented): its subject, expiry, and life left at the hop;"
+    " once an analysis is saved, their request, parent and link.",
     "tokens_readable": "Tokens with ISO-8601 UTC iat, nbf, exp and their lifetime.",
+    "findings_readable": "The saved findings with an ISO-8601 UTC time and the ids of their hops (a JSON array).",
+    "finding_hops_readable": "One row per hop of each saved finding: the hop's service, endpoint, status, time and link.",
+    "analysis_readable": "The saved analysis: when, for how many hops, with which options, and whether it is still current.",
 }
 
 # Column order is the order the recorder inserts in; COLUMNS keeps them in step (a test checks).
@@ -207,6 +310,9 @@ TOKEN_COLUMNS = (
 HOP_TOKEN_COLUMNS = ("hop_id", "fingerprint", "role", "location")
 
 TABLES = ("captures", "hops", "tokens", "hop_tokens")
+"""The tables the recorder writes: a file without them is not a trace DB."""
+ANALYSIS_TABLES = ("analysis", "analysis_hops", "findings", "finding_hops")
+"""Schema 3: the tables ``hoptrace analyze --save`` writes (empty until it runs; absent from older files)."""
 
 
 # What SQLite raises for a damaged or hostile file. Python decodes SQLite's error messages as
@@ -214,10 +320,14 @@ TABLES = ("captures", "hops", "tokens", "hop_tokens")
 SQLITE_ERRORS = (sqlite3.DatabaseError, UnicodeDecodeError)
 
 
+def _columns(table: str) -> dict[str, tuple[type, str]]:
+    return COLUMNS[table] if table in COLUMNS else ANALYSIS_COLUMNS[table]
+
+
 def _create_tables(db: sqlite_utils.Database) -> None:
     """The current schema, in one step: what a new file gets."""
-    for name in TABLES:
-        columns = {column: kind for column, (kind, _) in COLUMNS[name].items()}
+    for name in (*TABLES, *ANALYSIS_TABLES):
+        columns = {column: kind for column, (kind, _) in _columns(name).items()}
         db[name].create(columns, **_CREATE[name], if_not_exists=True)
     for table, columns, index_name in _INDEXES:
         db[table].create_index(columns, index_name=index_name, if_not_exists=True)
@@ -243,9 +353,19 @@ def _v1_to_v2(db: sqlite_utils.Database) -> None:
                 db[table].add_column(column, COLUMNS[table][column][0])
 
 
+def _v2_to_v3(db: sqlite_utils.Database) -> None:
+    """Schema 3: the tables of a saved analysis (``hoptrace analyze --save``), empty; new tables, no row copied.
+
+    The views that read them (``hops_readable`` gains the request, parent and link) are made again after the steps.
+    """
+    for name in ANALYSIS_TABLES:
+        columns = {column: kind for column, (kind, _) in ANALYSIS_COLUMNS[name].items()}
+        db[name].create(columns, **_CREATE[name], if_not_exists=True)
+
+
 # MIGRATIONS[v - 1] takes a file from version v to v + 1. A step that reorders, retypes or
 # drops columns uses Table.transform (a copy of the table in the same transaction).
-MIGRATIONS = (_v1_to_v2,)
+MIGRATIONS = (_v1_to_v2, _v2_to_v3)
 
 
 @cache
@@ -291,6 +411,39 @@ def open_for_writing(path: str | Path) -> sqlite3.Connection:
     return conn
 
 
+def open_for_saving(path: str | Path) -> sqlite3.Connection:
+    """Open an existing trace DB to write a saved analysis into it, upgrading an older schema in one transaction.
+
+    Unlike :func:`open_for_writing` it leaves the journal mode as it is (a finished capture stays one
+    self-contained file) and creates nothing: a missing file, a file this user cannot write, one in a
+    folder where SQLite cannot create its journal, or one that is not a trace DB raise
+    :class:`TraceFileError` in one line.
+    """
+    path = _existing_file(path)
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, isolation_level=None)
+    except SQLITE_ERRORS as exc:
+        raise TraceFileError(f"{path}: cannot open for writing: {_reason(exc)}") from None
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")  # the recorder's batches hold the write lock for milliseconds
+        if conn.execute("PRAGMA query_only").fetchone()[0] or not os.access(path, os.W_OK):
+            raise TraceFileError(f"{path}: cannot save the analysis: the file is read-only for this user")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        _refuse_newer(path, version)
+        missing = set(TABLES) - _table_names(conn)
+        if missing:
+            raise TraceFileError(f"{path}: not a hoptrace trace database (missing tables: {', '.join(sorted(missing))})")
+        if version < SCHEMA_VERSION or not set(ANALYSIS_TABLES) <= _table_names(conn):
+            migrate(conn, max(version, 1))
+    except SQLITE_ERRORS as exc:
+        conn.close()
+        raise TraceFileError(f"{path}: cannot save the analysis: {_reason(exc)}") from None
+    except TraceFileError:
+        conn.close()
+        raise
+    return conn
+
+
 def migrate(conn: sqlite3.Connection, version: int) -> None:
     """Bring a file at schema ``version`` (0: empty) to :data:`SCHEMA_VERSION`, in one transaction."""
     import sqlite_utils  # here, not at the top: it imports pandas (see SCHEMA)
@@ -324,11 +477,7 @@ def open_for_reading(path: str | Path, *, check: bool = True) -> ReadConnection:
     file, for a caller that runs it itself alongside its reads and trusts nothing it
     read until it passed.
     """
-    path = Path(path)
-    if not path.exists():
-        raise TraceFileError(f"{path}: no such file")
-    if path.is_dir():
-        raise TraceFileError(f"{path}: is a directory, not a trace database")
+    path = _existing_file(path)
     try:
         conn = connect_read_only(reading_uri(path))
         if check:
@@ -343,6 +492,20 @@ def open_for_reading(path: str | Path, *, check: bool = True) -> ReadConnection:
     if missing:
         raise TraceFileError(f"{path}: not a hoptrace trace database (missing tables: {', '.join(sorted(missing))})")
     return conn
+
+
+def _existing_file(path: str | Path) -> Path:
+    """``path`` when it names a file this user can reach, else :class:`TraceFileError` saying why."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise TraceFileError(f"{path}: no such file") from None
+    except OSError as exc:  # a folder on the way this user may not enter (EACCES), a name too long, a loop
+        raise TraceFileError(f"{path}: cannot reach the file: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise TraceFileError(f"{path}: is a directory, not a trace database")
+    return path
 
 
 def connect_read_only(uri: str) -> ReadConnection:
@@ -431,7 +594,8 @@ def metadata(database: str = "traces") -> dict:
     """Datasette metadata for a trace file named ``database`` (its file name without .db):
     a description of every table, view and column."""
     tables = {
-        name: {"description": TABLE_DOCS[name], "columns": {c: doc for c, (_, doc) in COLUMNS[name].items()}} for name in TABLES
+        name: {"description": TABLE_DOCS[name], "columns": {c: doc for c, (_, doc) in _columns(name).items()}}
+        for name in (*TABLES, *ANALYSIS_TABLES)
     }
     tables.update({name: {"description": VIEW_DOCS[name]} for name in VIEWS})
     return {"databases": {database: {"tables": tables}}}

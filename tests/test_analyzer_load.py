@@ -217,7 +217,8 @@ def test_a_missing_column_reads_as_empty_and_says_so(tmp_path, table, column):
 
 def _rebuild_without_key(conn, table: str, columns: str) -> None:
     """``table`` made again from ``columns`` with CREATE TABLE ... AS: no primary key, no constraint."""
-    conn.execute("DROP VIEW hops_readable")  # it names the tables: SQLite refuses a rename under it
+    for (view,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'view'").fetchall():
+        conn.execute(f"DROP VIEW {view}")  # they name the tables: SQLite refuses a rename under them
     conn.execute(f"CREATE TABLE rebuilt AS SELECT {columns} FROM {table}")
     conn.execute(f"DROP TABLE {table}")
     conn.execute(f"ALTER TABLE rebuilt RENAME TO {table}")

@@ -1,4 +1,4 @@
-"""The trace file itself: schema v2 made with sqlite-utils, migration of version-1 files, views,
+"""The trace file itself: schema v3 made with sqlite-utils, migration of version-1 files, views,
 Datasette metadata, read-only copies read by another user, captures that did not end."""
 
 from __future__ import annotations
@@ -20,11 +20,14 @@ from hoptrace._errors import TraceFileError
 from hoptrace.analyzer import analyze, render_json, render_markdown, render_text
 from hoptrace.db import (
     ADDED_COLUMNS,
+    ANALYSIS_COLUMNS,
+    ANALYSIS_TABLES,
     COLUMNS,
     HOP_COLUMNS,
     HOP_TOKEN_COLUMNS,
     SCHEMA_VERSION,
     TOKEN_COLUMNS,
+    VIEWS,
     metadata,
     open_for_reading,
     open_for_writing,
@@ -46,7 +49,7 @@ def test_the_insert_order_is_the_schema_order(tmp_path):
 def test_a_new_file_has_types_keys_defaults_and_indexes(tmp_path):
     with closing(open_for_writing(tmp_path / "new.db")) as conn:
         db = sqlite_utils.Database(conn)
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         links = {(fk.column, fk.other_table) for fk in db["hop_tokens"].foreign_keys}
         assert links == {("hop_id", "hops"), ("fingerprint", "tokens")}
@@ -57,7 +60,12 @@ def test_a_new_file_has_types_keys_defaults_and_indexes(tmp_path):
         assert conn.execute("SELECT hops_seen, write_errors, ended_at FROM captures").fetchone() == (0, 0, None)
         with pytest.raises(sqlite3.IntegrityError):
             conn.execute("INSERT INTO hops (capture_id, flow_id, service) VALUES (1, 'f', 's')")  # no times: NOT NULL
-        assert set(db.view_names()) == {"hops_readable", "tokens_readable"}
+        assert (
+            set(db.view_names())
+            == set(VIEWS)
+            == {"hops_readable", "tokens_readable", "findings_readable", "finding_hops_readable", "analysis_readable"}
+        )
+        assert set(ANALYSIS_TABLES) <= set(db.table_names()) and db["findings"].count == 0
 
 
 def test_a_version_1_file_upgrades_when_opened_for_writing(tmp_path):
@@ -73,13 +81,13 @@ def test_a_version_1_file_upgrades_when_opened_for_writing(tmp_path):
     reopened.close()
     with closing(sqlite3.connect(v1)) as conn:
         db = sqlite_utils.Database(conn)
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert {t: db[t].count for t in COLUMNS} == before
         for table, added in ADDED_COLUMNS.items():
             assert tuple(db[table].columns_dict)[-len(added) :] == added
         assert tuple(db["hops"].columns_dict) == HOP_COLUMNS
         assert db["hops_readable"].count == before["hops"]
-    assert render_json(analyze(v1)) == as_v1  # and the version-2 file reads the same
+    assert render_json(analyze(v1)) == as_v1  # and the upgraded file reads the same
 
 
 def test_views_read_as_people_do(tmp_path):
@@ -101,10 +109,10 @@ def test_views_read_as_people_do(tmp_path):
 
 def test_datasette_metadata_describes_every_column():
     meta = metadata("traces")["databases"]["traces"]["tables"]
-    for table, columns in COLUMNS.items():
+    for table, columns in (*COLUMNS.items(), *ANALYSIS_COLUMNS.items()):
         assert set(meta[table]["columns"]) == set(columns) and all(meta[table]["columns"].values())
     assert "shutdown" in meta["hops"]["columns"]["error_kind"]
-    assert {"hops_readable", "tokens_readable"} <= set(meta)
+    assert set(VIEWS) <= set(meta)
     printed = subprocess.run([sys.executable, "-m", "hoptrace.db", "checkout"], capture_output=True, text=True, check=True)
     assert json.loads(printed.stdout) == metadata("checkout")
 

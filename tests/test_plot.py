@@ -630,7 +630,7 @@ def test_report_caps_waterfalls_and_handles_one_hop(tmp_path):
 
 @pytest.fixture
 def fake_analyze(monkeypatch):
-    """Point `hoptrace.analyzer.analyze` at a hand-built analysis."""
+    """Point `hoptrace.analyzer.analyze` and `analysis_for` at a hand-built analysis."""
     import hoptrace.analyzer
 
     def use(analysis_or_exc):
@@ -639,7 +639,8 @@ def fake_analyze(monkeypatch):
                 raise analysis_or_exc
             return analysis_or_exc
 
-        monkeypatch.setattr(hoptrace.analyzer, "analyze", analyze, raising=False)
+        for name in ("analyze", "analysis_for"):  # plot and report read a saved analysis through analysis_for
+            monkeypatch.setattr(hoptrace.analyzer, name, analyze, raising=False)
 
     return use
 

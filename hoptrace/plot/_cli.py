@@ -54,9 +54,9 @@ def _has_hops(db: Path) -> bool | None:
 def _analyze(dbs: tuple[Path, ...]):
     if all(_has_hops(db) is False for db in dbs):  # say so before the analysis has to cope with empty tables
         raise _no_hops(dbs)
-    from hoptrace.analyzer import analyze  # loads pandas: only once a command runs
+    from hoptrace.analyzer import analysis_for  # loads pandas: only once a command runs
 
-    analysis = analyze(dbs)
+    analysis = analysis_for(dbs)  # the analysis saved in the file when it is current
     if len(analysis.hops) == 0:
         raise _no_hops(dbs)
     return analysis

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from hoptrace._format import hop_ended
-from hoptrace.analyzer import Analysis, analyze, latency_tables
+from hoptrace.analyzer import Analysis, analysis_for, analyze, latency_tables
 from hoptrace.analyzer._model import TIERS, Model, group_findings, hop_endings, model, outcomes, slowest_first
 from hoptrace.analyzer._types import OUTCOMES, SEVERITIES, SEVERITY_RANK
 from hoptrace.db import SCHEMA, SCHEMA_VERSION, open_for_reading
@@ -212,7 +212,7 @@ class Data:
         return changed
 
     def _analyse_all(self, source: Source, newest: int) -> None:
-        analysis = analyze(source.files or source.path)
+        analysis = analysis_for(source.files or source.path)  # the analysis saved in the file when it is current
         if not len(analysis.hops):
             analysis, requests, index = None, pd.DataFrame(), None
         else:
