@@ -47,12 +47,16 @@ def _trace_files(ctx: click.Context, param: click.Parameter, paths: tuple[Path, 
 
 
 def _expand(path: Path) -> list[Path]:
-    if path.is_dir():
-        found = sorted((p for p in path.glob("*.db") if p.is_file()), key=_natural)
-        if not found:
-            raise BadInput(f"{path}: a folder with no trace file (*.db) in it")
-        return found
-    if not path.exists():
+    try:
+        if path.is_dir():
+            found = sorted((p for p in path.glob("*.db") if p.is_file()), key=_natural)
+            if not found:
+                raise BadInput(f"{path}: a folder with no trace file (*.db) in it")
+            return found
+        exists = path.exists()
+    except PermissionError as exc:  # is_dir() and exists() raise it for a path in a folder we may not enter
+        raise BadInput(f"{path}: cannot reach the file: {exc.strerror}") from None
+    if not exists:
         raise BadInput(f"{path}: no such file")
     return [path]
 

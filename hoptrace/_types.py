@@ -44,7 +44,9 @@ class Counters:
         )
         if unfinished := self.seen - self.recorded - self.dropped:
             text += f", {unfinished} unfinished"
-        if self.otlp_sent or self.otlp_dropped:
+        if self.otlp_dropped < 0:  # the streaming process never answered (it died: its error is above)
+            text += "; OTLP STREAMING FAILED: the streaming process stopped, spans after its last batch were not sent"
+        elif self.otlp_sent or self.otlp_dropped:
             text += f"; {self.otlp_sent} spans streamed over OTLP, {self.otlp_dropped} dropped"
         if self.restarts:
             text += f", row process restarted {self.restarts} times"

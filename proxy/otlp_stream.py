@@ -105,14 +105,23 @@ class OtlpStream:
         """The files are closed: send what is left; returns (spans sent, spans dropped); -1 dropped if it never answered."""
         self._stop.set()
         self._closed.set()
-        try:
-            sent, dropped = self._results.get(timeout=timeout)
-        except queue.Empty:
-            sent, dropped = 0, -1
+        sent, dropped = self._result(time.monotonic() + timeout)
         self._process.join(5)
         if self._process.is_alive():
             self._process.kill()
         return sent, dropped
+
+
+    def _result(self, deadline: float) -> tuple[int, int]:
+        # A streaming process that died (its traceback is on stderr) never answers: say so
+        # at once rather than holding the proxy's stop for the whole timeout.
+        while True:
+            alive = self._process.is_alive()
+            try:
+                return self._results.get(timeout=0.2)
+            except queue.Empty:
+                if not alive or time.monotonic() > deadline:
+                    return 0, -1
 
 
 def _stream(inputs: list[StreamInput], url: str, entry: str | None, events, results) -> None:

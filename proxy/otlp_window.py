@@ -161,7 +161,7 @@ class Follower:
         looked_from = [start for start in (self.frontier, self.window.new_from) if start is not None]
         since = min(looked_from) - longest - 0.5 if self.frontier is not None and looked_from else None
         try:
-            selection = select(self.window.path, since=since, until=None if now == float("inf") else until)
+            selection = select((self.window.path,), since=since, until=None if now == float("inf") else until)
             hops = list(selection.hops())
             tokens = selection.tokens() if hops else {}
         except (HoptraceError, sqlite3.Error, OSError) as exc:

@@ -56,8 +56,8 @@ async def _record_streaming(db, receiver: Receiver, *proxy_args: str):
     port = site._server.sockets[0].getsockname()[1]
     scenario = SCENARIOS["checkout-expiry"]
 
-    async def drive(gateway_url: str):
-        flows = await scenario.drive(gateway_url)
+    async def drive(gateway_url: str, services=None):
+        flows = await scenario.drive(gateway_url, services)
         # Keep the proxy running until spans arrive (bounded): they must come while it records, not at its stop.
         deadline = time.monotonic() + 20
         while not receiver.bodies and time.monotonic() < deadline:

@@ -42,7 +42,7 @@ class Recorder(threading.Thread):
             self.error = exc
             self.first_done.set()
 
-    async def drive(self, gateway_url: str):
+    async def drive(self, gateway_url: str, services=None):
         loop = asyncio.get_running_loop()
         self.flows += await run_users(gateway_url, 1, email_prefix="live-first")
         self.first_done.set()
