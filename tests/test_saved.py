@@ -22,6 +22,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hoptrace._errors import TraceFileError
 from hoptrace.addons._rows import clean
 from hoptrace.analyzer import (
     KINDS,
@@ -362,3 +363,31 @@ def test_a_forged_cycle_of_parents_is_set_aside_and_the_file_analysed(saved_base
     fresh = analyze(path)
     pd.testing.assert_frame_equal(got.hops[LINK_COLUMNS], fresh.hops[LINK_COLUMNS])
     assert json.loads(render_json(got))["findings"] == json.loads(render_json(fresh))["findings"]
+
+
+def test_a_save_that_stops_half_way_leaves_no_saved_analysis_and_never_holds_the_lock_for_long(tmp_path, monkeypatch):
+    """The rows go in small transactions, the `analysis` row last: a writer gets the lock between
+    them, and a save cut before its last step leaves nothing a reader would reuse."""
+    import hoptrace.analyzer._saved as saved_module
+
+    path = _copy("service-faults.db", tmp_path)
+    save(path, analyze(path))
+    assert load_saved(path, load(path)) is not None
+    monkeypatch.setattr(saved_module, "CHUNK_ROWS", 7)
+    writes_between = []
+
+    def cut(db, *args):  # every row is in by now; the recorder's own write must have got through meanwhile
+        with closing(sqlite3.connect(path, timeout=0)) as other:
+            other.execute("BEGIN IMMEDIATE")  # fails at once ("database is locked") if a save held the lock
+            other.execute("ROLLBACK")
+            writes_between.append(True)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(saved_module, "_write_analysis_row", cut)
+    with pytest.raises(TraceFileError, match="cannot save the analysis"):
+        save(path, analyze(path))
+    assert writes_between == [True]
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT count(*) FROM analysis").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM analysis_hops").fetchone()[0] > 7  # written in several chunks
+    assert load_saved(path, load(path)) is None
