@@ -4,9 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 import sqlite3
 import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -20,6 +24,8 @@ from hoptrace.exchange._otlp import from_otlp_json, span_id
 from hoptrace.proxy.otlp_stream import traces_url
 from hoptrace.proxy.workers import capture_shards
 from hoptrace.stack.scenarios import SCENARIOS, record
+
+from .conftest import PYTHON, free_port, query
 
 
 class Receiver:
@@ -163,3 +169,41 @@ def test_the_traces_path_is_added_once():
     assert traces_url("http://127.0.0.1:4318") == "http://127.0.0.1:4318/v1/traces"
     assert traces_url("http://127.0.0.1:4318/") == "http://127.0.0.1:4318/v1/traces"
     assert traces_url("https://collector.example:4318/v1/traces") == "https://collector.example:4318/v1/traces"
+
+
+def _streaming_children(parent: int) -> list[int]:
+    """The proxy's multiprocessing children (the OTLP stream; the row process starts only under load)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.e2e
+def test_a_streaming_process_that_dies_is_named_and_does_not_hold_up_the_stop(spawn, tmp_path):
+    """The stream is a process of its own: when it dies the proxy still stops at once, says so, and loses no hop."""
+    hello, receiver, listen = free_port(), free_port(), free_port()
+    spawn([PYTHON, "-m", "hoptrace.stack.upstreams", "hello", str(hello)], ready="listening")
+    spawn([PYTHON, "-m", "hoptrace.stack.upstreams", "otlp", str(receiver)], ready="listening")
+    db = tmp_path / "t.db"
+    proxy = spawn([PYTHON, "-m", "hoptrace", "proxy", "--db", str(db), "--route", f"svc=http://127.0.0.1:{hello}@{listen}",
+                   "--otlp-endpoint", f"http://127.0.0.1:{receiver}"], ready="proxy ready")  # fmt: skip
+    for i in range(5):
+        with urllib.request.urlopen(f"http://127.0.0.1:{listen}/hello/{i}", timeout=10) as response:
+            assert response.status == 200
+    deadline = time.monotonic() + 20
+    while not (children := _streaming_children(proxy.popen.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(children) == 1, children
+    os.kill(children[0], signal.SIGKILL)
+    # Before the fix the stop waited 60 s for the dead process's answer; the bound here is half that.
+    code = proxy.stop(timeout=30)
+    assert code != -signal.SIGKILL, proxy.output
+    assert "OTLP STREAMING FAILED" in proxy.output
+    assert len(query(db, "SELECT id FROM hops")) == 5
