@@ -2,21 +2,20 @@
 
 Python's sqlite3 makes one object per value, which costs more than everything the
 analysis does with the value afterwards (pandas ``read_sql`` of 1M x 16 columns:
-6.7 s). So the hop columns and the token sightings are read through the Arrow ADBC
-SQLite driver (``adbc_driver_sqlite``): it steps SQLite and builds Arrow columns in C,
-with the GIL released, and they become Arrow-backed frames (``str`` columns, and
-Categoricals for the text with few distinct values). Times come as integer
-microseconds (exact), every number as an integer or NULL, every text as text, so that
-the driver's type inference has one answer per column (see :func:`_arrow_select`).
+6.7 s). So each column comes out of SQLite as *one* string built inside SQLite:
+numbers through ``group_concat`` (times as integer microseconds, exact) parsed by
+``np.fromstring``, text through ``json_group_array`` parsed by ``json.loads``.
+All aggregates of one query see the rows in the same order, so the columns align;
+every query also returns the ids, so queries on other connections align too.
 
 The token sightings and the hops, in id ranges of ``_CHUNK`` rows, are read by a
-thread per core, each read on a read-only connection of its own. They read the hops
-with ``id <=`` the largest id the first connection saw: the recorder only appends,
-committing hops with their token sightings, so that bound is one consistent snapshot
-even while the proxy writes; the captures and tokens are read on that first connection,
-in its transaction. After the reads a thread checks the file's structure
-(:func:`hoptrace.db.check_structure`, SQLite's ``quick_check``) while the main one puts
-together what they read; nothing leaves :func:`load` before the check passed.
+thread per core, each read on a read-only connection of its own (SQLite works with
+the GIL released). They read the hops with ``id <=`` the largest id the first
+connection saw: the recorder only appends, committing hops with their token
+sightings, so that bound is one consistent snapshot even while the proxy writes.
+After the reads a thread checks the file's structure (:func:`hoptrace.db.check_structure`)
+while the main one puts together what they read; nothing leaves :func:`load` before
+the check passed.
 """
 
 from __future__ import annotations
@@ -32,12 +31,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import adbc_driver_manager
-import adbc_driver_sqlite.dbapi
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from hoptrace._errors import TraceFileError
 from hoptrace.analyzer._traces import in_start_order
@@ -51,9 +46,6 @@ from hoptrace.db import (
     open_for_reading,
 )
 
-# What a read can raise: Python's sqlite3, the ADBC driver (its connection; OSError from its
-# Arrow stream, for a page that fails to read mid-way).
-_READ_ERRORS = (*SQLITE_ERRORS, adbc_driver_manager.Error, OSError)
 # Hop columns the analysis reads; `extra_columns` adds others (e.g. "reason", or "all").
 CORE_HOP_COLUMNS = (
     "capture_id", "service", "method", "path", "status", "error", "error_kind", "failed",
@@ -70,6 +62,8 @@ _TIME_COLUMNS = {"started_at", "request_end_at", "connect_at", "connected_at", "
 _REAL_COLUMNS = {"duration_ms"}
 # Whole seconds (an HTTP Date): read without the multiplication and rounding of times.
 _SECOND_COLUMNS = {"server_date_ts"}
+# Set on few hops (errors): read for those hops only, not as one value per hop.
+_SPARSE_COLUMNS = ("error", "error_kind")
 # Few distinct values: Categorical, so that grouping and comparing them costs integer work.
 # The path too: ids make it vary, but far less than once per hop, and the analysis works per distinct path.
 _CATEGORICAL = {
@@ -82,12 +76,10 @@ _CATEGORICAL = {
     "request_content_type",
     "response_content_type",
 }
-# NULL in the int64 arrays numeric columns are read into, until they become NaN or <NA>.
+# NULL travels through group_concat as this value (group_concat would drop a NULL).
 _NULL = -9223372036854775807
-# Rows per query: enough queries to keep every core busy to the end.
+# Rows per aggregate query: keeps each concatenated string far below SQLite's 1 GB cap.
 _CHUNK = 200_000
-# Rows per Arrow batch the driver builds (one batch per query of hops).
-_BATCH_ROWS = _CHUNK
 
 
 @dataclass
@@ -122,7 +114,7 @@ def load(
         try:
             conn.execute("BEGIN")  # captures, tokens and the id bound from one snapshot
             return _read(conn, Path(path), columns, since, until)
-        except _READ_ERRORS as exc:
+        except SQLITE_ERRORS as exc:
             check_structure(conn, path)  # a corrupt file is the likely cause: then say that
             raise TraceFileError(f"{path}: cannot read the trace database ({exc})") from None
         except (ValueError, TypeError, OverflowError, KeyError) as exc:
@@ -149,6 +141,7 @@ def _hop_columns(extra: tuple[str, ...] | str) -> tuple[str, ...]:
 def _read(conn, path: Path, columns: tuple[str, ...], since, until) -> Tables:
     shape = _shape(conn, path)
     captures = _read_captures(conn)
+    tokens = _read_tokens(conn)
     last_id = conn.execute(f"SELECT max(id) FROM hops{shape.integer_ids}").fetchone()[0]
     where, params = _window(conn, since, until)
     traced = "trace_id" in shape.hops
@@ -164,25 +157,32 @@ def _read(conn, path: Path, columns: tuple[str, ...], since, until) -> Tables:
     single_capture = isinstance(low, int) and low == high
     hop_columns = tuple(c for c in columns if c in shape.hops and not (single_capture and c == "capture_id"))
     bounds = _chunk_bounds(conn, last_id, shape) if last_id is not None else []
+    # The longest read first, so that the chunks of hops even out the threads' ends.
+    reads: list[Callable[[sqlite3.Connection], object]] = [partial(_read_hop_tokens, last_id=last_id, shape=shape)]
     root_traces = traced and {"service", "response_headers"} <= shape.hops
-    entries = tuple(captures["entry"].dropna().unique()) if root_traces else ()
-    # The longest read first, so that the chunks of hops even out the threads' ends. The
-    # tokens are read on this connection, in its snapshot (its only user meanwhile).
-    reads = [partial(_read_hop_tokens, conn.uri, last_id=last_id, shape=shape), partial(_read_tokens, conn)]
-    reads += [partial(_read_hop_columns, conn.uri, hop_columns, lo, hi, where, params, entries) for lo, hi in bounds]
+    if root_traces:
+        entries = tuple(captures["entry"].dropna().unique())
+        reads.append(partial(_read_root_traces, entries=entries, last_id=last_id, where=where, params=params))
+    first_chunk = len(reads)
+    reads += [
+        partial(_read_hop_columns, columns=hop_columns, lo=lo, hi=hi, where=where, params=params, unique_ids=shape.rowid_ids)
+        for lo, hi in bounds
+    ]
     with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
-        running = [pool.submit(read) for read in reads]
+        running = [pool.submit(_run_read, conn.uri, read) for read in reads]
         with _checking(pool, conn.uri, path):
-            hop_tokens, tokens, *chunks = [future.result() for future in running]
-            hops = _join_hops(hop_columns, chunks, root_traces=bool(entries))
+            parts = [future.result() for future in running]
+            hops = _join_hops(hop_columns, parts[first_chunk:])
             if single_capture:
                 hops["capture_id"] = np.full(len(hops), low, np.int64)
             for name in columns:
                 if name not in hops:  # a column this file lacks: NULL throughout (shape.notes say so)
-                    hops[name] = _column(name, _nulls(name, len(hops)))
+                    hops[name] = _column(name, [np.full(len(hops), _NULL, np.int64) if _is_numeric(name) else [None] * len(hops)])
             hops = hops[list(dict.fromkeys((*columns, *_TRACE_COLUMNS)))]
+            if root_traces:
+                _add_root_traces(hops, parts[1])
             hops, repeated = _unique_ids(hops, shape)
-            tables = _tables(captures, hops, tokens, hop_tokens)
+            tables = _tables(captures, hops, tokens, parts[0])
     tables.notes[:0] = [*shape.notes, *_unread_ids(conn, shape), *repeated]
     tables.notes += capture_notes(tables.captures)
     return tables
@@ -379,71 +379,55 @@ def _run_read(uri: str, read: Callable[[sqlite3.Connection], object]):
 _RESPONSE_RANK = {"traceresponse": 0, "x-request-id": 1, "x-correlation-id": 2}
 # LIKE (case-insensitive, nothing parsed) keeps the JSON work to the hops whose headers name one:
 # at 1M hops, half of them propagating traceparent, 1.7 s of the load.
-_NAMES_A_RESPONSE_HEADER = " OR ".join(f"response_headers LIKE '%{name}%'" for name in _RESPONSE_RANK)
-_ROOT_TRACE = "root_trace_headers"
+_NAMES_A_RESPONSE_HEADER = " OR ".join(f"h.response_headers LIKE '%{name}%'" for name in _RESPONSE_RANK)
 
 
-def _root_trace_headers(entries: tuple[str, ...]) -> str:
-    """SQL for the response headers that may give a hop's request its trace id: a JSON array of
-    ``[lowercase name, value]``, best first (:data:`_RESPONSE_RANK`, then the last of a name
-    first), for entry hops without a trace id; NULL for the other hops.
+def _read_root_traces(conn, entries: tuple[str, ...], last_id: int, where: str, params: tuple) -> list[tuple]:
+    """Trace ids that client requests got only in their response (W3C traceresponse, an echoed X-Request-ID).
 
-    A client usually sends no trace context: the entry service starts the trace and says so
-    in its answer (W3C traceresponse, an echoed X-Request-ID). Without this, the entry hop
-    would be the one hop of its request outside the trace. Read in the same pass over the
-    table as the hop's columns, so the table's pages are read once (a pass is ~1.2 s of CPU
-    at 1M hops); SQLite picks the headers out of the JSON, Python sees only those.
+    A client usually sends no trace context: the entry service starts the trace and
+    says so in its answer. Without this, the entry hop would be the one hop of its
+    request outside the trace. JSON is read by SQLite, for entry hops without a trace id.
     """
+    if not entries:
+        return []
     marks = ", ".join("?" * len(entries))
-    name = "lower(json_extract(j.value, '$[0]'))"
-    rank = f"CASE {name} {' '.join(f'WHEN {n!r} THEN {r}' for n, r in _RESPONSE_RANK.items())} END"
-    pairs = (
-        f"SELECT json_group_array(json_array({name}, json_extract(j.value, '$[1]')) ORDER BY {rank}, j.key DESC)"
-        " FROM json_each(CASE WHEN json_valid(response_headers) THEN response_headers ELSE '[]' END) j"
-        f" WHERE j.type = 'array' AND {name} IN ({', '.join(repr(n) for n in _RESPONSE_RANK)})"
-    )
-    return f"CASE WHEN trace_id IS NULL AND service IN ({marks}) AND ({_NAMES_A_RESPONSE_HEADER}) THEN ({pairs}) END"
+    # One row, one JSON string: a row per hop would take the GIL back for every row, and
+    # wait for it each time behind the threads parsing the hop columns (1.2 s alone, 2.8 s among them).
+    rows = conn.execute(
+        "SELECT json_group_array(json_array(h.id, lower(json_extract(j.value, '$[0]')), json_extract(j.value, '$[1]')))"
+        " FROM hops h, json_each(CASE WHEN json_valid(h.response_headers) THEN h.response_headers ELSE '[]' END) j"
+        f" WHERE h.id <= ? AND h.trace_id IS NULL AND h.service IN ({marks}){where}"
+        f" AND ({_NAMES_A_RESPONSE_HEADER})"
+        " AND j.type = 'array' AND lower(json_extract(j.value, '$[0]')) IN ('traceresponse', 'x-request-id', 'x-correlation-id')",
+        (last_id, *entries, *params),
+    ).fetchone()[0]
+    return [tuple(row) for row in json.loads(rows)]
 
 
 _TRACERESPONSE = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}", re.IGNORECASE)
 
 
-def _root_traces(table: pa.Table) -> dict[int, tuple[str, str | None, str]]:
-    """Per hop id, ``(trace id, span id or None, source)`` from its best usable :func:`_root_trace_headers` pair."""
-    headers = table.column(_ROOT_TRACE)
-    some = pc.fill_null(pc.not_equal(headers, "[]"), False)
-    ids = table.column("id").filter(some).to_pylist()
-    # One parse for all hops' arrays: json.loads per hop costs more than the rest of this.
-    per_hop = json.loads(f"[{','.join(headers.filter(some).to_pylist())}]")
-    found = {}
-    for hop_id, pairs in zip(ids, per_hop):
-        for name, value in pairs:
-            if not isinstance(value, str) or not value.strip():
-                continue
-            if name != "traceresponse":
-                found[hop_id] = (value.strip()[:200], None, name)
-                break
-            if match := _TRACERESPONSE.match(value.strip()):
-                found[hop_id] = (match[1].lower(), match[2].lower(), "traceresponse")
-                break
-    return found
-
-
-def _add_root_traces(table: pa.Table) -> pa.Table:
-    """Set the trace id (and span id, source) of entry hops from what their responses said."""
-    found = _root_traces(table)
-    table = table.drop_columns([_ROOT_TRACE])
+def _add_root_traces(hops: pd.DataFrame, rows: list[tuple]) -> None:
+    """Set the trace id (and span id) of entry hops from what their responses said."""
+    found: dict[int, tuple[str, str | None, str]] = {}
+    # Worst source first, so that a hop's best one (traceresponse) is written last.
+    for hop_id, name, value in sorted(rows, key=lambda row: _RESPONSE_RANK.get(row[1], 9), reverse=True):
+        if not isinstance(value, str) or not value.strip():
+            continue
+        if name != "traceresponse":
+            found[hop_id] = (value.strip()[:200], None, name)
+        elif match := _TRACERESPONSE.match(value.strip()):
+            found[hop_id] = (match[1].lower(), match[2].lower(), "traceresponse")
     if not found:
-        return table
-    at = pd.Index(list(found)).get_indexer(table.column("id").to_numpy())  # each row's entry in found, or -1
-    hit = at >= 0
-    values = list(found.values())
-    for i, name in enumerate(("trace_id", "span_id", "trace_source")):
-        column = table.column(name).combine_chunks() if name in table.column_names else pa.nulls(len(table), pa.string())
-        column = pc.replace_with_mask(column, pa.array(hit), pa.array([values[j][i] for j in at[hit]], pa.string()))
-        table = table.drop_columns([name]) if name in table.column_names else table
-        table = table.append_column(name, column)
-    return table
+        return
+    ids = pd.Index(list(found))
+    ids = ids[ids.isin(hops.index)]
+    values = [found[i] for i in ids]
+    hops.loc[ids, "trace_id"] = [v[0] for v in values]
+    hops.loc[ids, "span_id"] = [v[1] for v in values]
+    if "trace_source" in hops:
+        hops.loc[ids, "trace_source"] = [v[2] for v in values]
 
 
 def _read_captures(conn) -> pd.DataFrame:
@@ -463,82 +447,67 @@ def _read_all(conn, table: str) -> pd.DataFrame:
     return pd.DataFrame.from_records(cur.fetchall(), columns=names).reindex(columns=list(COLUMNS[table]))
 
 
-def _value(column: str) -> str:
-    """SQL for one hop's value of ``column``: an integer or NULL for a numeric column, text or NULL otherwise."""
+def _expr(column: str) -> str:
     # Anything but a number where a number belongs (text, a blob) reads as NULL.
     if column in _TIME_COLUMNS:
-        # Whole microseconds: exact, and 8 bytes an Arrow value. Adding 0.5 before the
-        # truncating CAST rounds (times are positive) without round()'s call.
+        # Whole microseconds: exact, and parsed without a Python object per value. Adding
+        # 0.5 before the truncating CAST rounds (times are positive) without round()'s call.
         return _numeric(column, f"CAST({column} * 1e6 + 0.5 AS INTEGER)")
     if column in _REAL_COLUMNS:
         return _numeric(column, f"CAST({column} * 1e3 + 0.5 AS INTEGER)")
     if column in _INT_COLUMNS or column in _SECOND_COLUMNS:
         return _numeric(column, f"CAST({column} AS INTEGER)")
-    # CAST: a number or a blob where text belongs reads as text, as the Arrow string column needs.
-    return f"CAST({column} AS TEXT)"
+    # CAST: a BLOB where text belongs would make json_group_array fail.
+    return f"json_group_array(CAST({column} AS TEXT))"
 
 
 def _numeric(column: str, value: str) -> str:
-    return f"CASE typeof({column}) WHEN 'integer' THEN {value} WHEN 'real' THEN {value} END"
-
-
-def _arrow_select(key: str, values: dict[str, str], rest: str) -> str:
-    """``SELECT key, values... rest`` typed for the ADBC SQLite driver, whose rows come back as Arrow columns.
-
-    The driver infers each column's type from its first batch of rows: int64 unless it sees
-    something else, and a value of another kind in a later batch is an error ("Type mismatch").
-    Numeric values here are integers or NULL; but a text column whose first batch is all NULL
-    (trace ids before the services propagated any) would be int64. So a first row of typed
-    literals comes before the rows (SQLite returns a UNION ALL's parts in order) with ``''``
-    for text; its key is NULL, which no row's key is (``key`` must say so), and
-    :func:`_arrow_read` drops it.
-    """
-    typed = ", ".join(["NULL", *("NULL" if _is_numeric(name) else "''" for name in values)])
-    exprs = ", ".join([key, *values.values()])
-    return f"SELECT {typed} UNION ALL SELECT {exprs} {rest}"
-
-
-def _arrow_read(uri: str, names: tuple[str, ...], sql: str, params: tuple) -> pa.Table:
-    """The rows of an :func:`_arrow_select` query as one Arrow table (columns ``names``), on a
-    read-only ADBC connection of its own: the driver steps SQLite and builds the columns in C,
-    with the GIL released, where Python's sqlite3 would make an object per value."""
-    conn = adbc_driver_sqlite.dbapi.connect(uri, autocommit=True)
-    try:
-        cur = conn.cursor()
-        # As connect_read_only: views and triggers of a hostile file call no functions with side effects.
-        cur.execute("PRAGMA trusted_schema = OFF")
-        cur.execute("PRAGMA busy_timeout = 5000")
-        cur.adbc_statement.set_options(**{"adbc.sqlite.query.batch_rows": str(_BATCH_ROWS)})
-        cur.execute(sql, params)
-        table = cur.fetch_arrow_table().rename_columns(names)
-    finally:
-        conn.close()
-    return table.filter(pc.is_valid(table.column(0)))
+    return f"group_concat(CASE typeof({column}) WHEN 'integer' THEN {value} WHEN 'real' THEN {value} ELSE {_NULL} END, ',')"
 
 
 def _read_hop_columns(
-    uri: str, columns: tuple[str, ...], lo: int, hi: int, where: str, params: tuple, entries: tuple[str, ...] = ()
-) -> pa.Table:
-    """The hops with ``lo < id <= hi``, columns ``id`` and ``columns``: integers (NULL: absent) or text;
-    with ``entries`` (the entry routes) also :func:`_root_trace_headers`."""
-    values = {name: _value(name) for name in columns}
-    if entries:
-        values[_ROOT_TRACE] = _root_trace_headers(entries)
-    # An id in the range is a number: never NULL, as _arrow_select needs.
-    rest = f"FROM hops NOT INDEXED WHERE id > ? AND id <= ?{where}"
-    return _arrow_read(uri, ("id", *values), _arrow_select(_value("id"), values, rest), (*entries, lo, hi, *params))
+    conn, columns: tuple[str, ...], lo: int, hi: int, where: str, params: tuple, unique_ids: bool = True
+) -> dict | None:
+    """The hops with ``lo < id <= hi``: per column, an int array (numbers) or a list (text); None if none.
+
+    ``unique_ids=False`` (a hops table without its primary key): no column is looked up by id.
+    """
+    sparse = [c for c in columns if c in _SPARSE_COLUMNS and unique_ids]
+    names = ("id", *(c for c in columns if c not in sparse))
+    exprs = [_expr(c) for c in names]
+    if sparse:
+        # The ids of the few hops that have a value: NULLs are left out of group_concat.
+        exprs.append(f"group_concat(CASE WHEN {' OR '.join(f'{c} IS NOT NULL' for c in sparse)} THEN id END, ',')")
+    select = f"SELECT {', '.join(exprs)} FROM hops NOT INDEXED WHERE id > ? AND id <= ?"
+    row = conn.execute(select + where, (lo, hi, *params)).fetchone()
+    if row[0] is None:
+        return None
+    out = {name: _ints(text) if _is_numeric(name) else json.loads(text) for name, text in zip(names, row)}
+    if sparse:
+        out.update(_sparse(conn, sparse, out["id"], row[-1]))
+    return out
 
 
-def _join_hops(columns: tuple[str, ...], chunks: list[pa.Table], root_traces: bool) -> pd.DataFrame:
+def _sparse(conn, columns: list[str], ids: np.ndarray, having: str | None) -> dict:
+    """Columns set on few hops, by id: a lookup of those hops rather than a value per hop."""
+    found = _ints(having) if having else np.zeros(0, np.int64)
+    rows = conn.execute(
+        f"SELECT id, {', '.join(f'CAST({c} AS TEXT)' for c in columns)} FROM hops WHERE id IN (SELECT value FROM json_each(?))",
+        (json.dumps(found.tolist()),),
+    ).fetchall()
+    at = pd.Index(ids).get_indexer([row[0] for row in rows])
+    out = {}
+    for i, name in enumerate(columns, 1):
+        values = np.full(len(ids), None, dtype=object)
+        values[at] = [row[i] for row in rows]
+        out[name] = values
+    return out
+
+
+def _join_hops(columns: tuple[str, ...], chunks: list[dict | None]) -> pd.DataFrame:
     """The hops DataFrame from the id ranges' columns (in id order)."""
-    if not chunks:  # no hop at all
-        chunks = [pa.table({name: _nulls(name, 0) for name in ("id", *columns)})]
-        root_traces = False
-    table = pa.concat_tables(chunks)
-    if root_traces:
-        table = _add_root_traces(table)
-    names = dict.fromkeys(("id", *columns, *(c for c in _TRACE_COLUMNS if c in table.column_names)))
-    frame = pd.DataFrame({name: _column(name, table.column(name)) for name in names})
+    chunks = [chunk for chunk in chunks if chunk is not None]
+    frame = pd.DataFrame({name: _column(name, [chunk[name] for chunk in chunks]) for name in ("id", *columns)})
     frame = frame.set_index("id")
     for name in _TRACE_COLUMNS:
         if name not in frame:
@@ -574,38 +543,37 @@ def _chunk_bounds(conn, last_id: int, shape: _Shape) -> list[tuple[int, int]]:
     return bounds
 
 
-def _nulls(name: str, length: int) -> pa.ChunkedArray:
-    return pa.chunked_array([pa.nulls(length, pa.int64() if _is_numeric(name) else pa.string())])
-
-
 def _is_numeric(name: str) -> bool:
     return name in _INT_COLUMNS or name in _TIME_COLUMNS or name in _REAL_COLUMNS or name in _SECOND_COLUMNS
 
 
-def _column(name: str, values: pa.ChunkedArray) -> np.ndarray | pd.api.extensions.ExtensionArray:
-    """One hop column from its Arrow column as :func:`_read_hop_columns` read it."""
-    if not _is_numeric(name):
-        return _strings(values, categorical=name in _CATEGORICAL)
-    values = pc.fill_null(values, _NULL).to_numpy()
-    null = values == _NULL
-    if name in ("id", "capture_id", "failed"):
-        return np.where(null, -1 if name != "failed" else 0, values)
-    if name in _INT_COLUMNS:
-        array = pd.array(values, dtype="Int64")
-        array[null] = pd.NA
-        return array
-    scale = 1e6 if name in _TIME_COLUMNS else 1e3 if name in _REAL_COLUMNS else 1.0
-    return np.where(null, np.nan, values / scale)
+def _column(name: str, chunks: list) -> np.ndarray | pd.Series | pd.api.extensions.ExtensionArray:
+    """One hop column from its parts as :func:`_read_hop_columns` parsed them."""
+    if _is_numeric(name):
+        values = np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
+        null = values == _NULL
+        if name in ("id", "capture_id", "failed"):
+            return np.where(null, -1 if name != "failed" else 0, values)
+        if name in _INT_COLUMNS:
+            array = pd.array(values, dtype="Int64")
+            array[null] = pd.NA
+            return array
+        scale = 1e6 if name in _TIME_COLUMNS else 1e3 if name in _REAL_COLUMNS else 1.0
+        return np.where(null, np.nan, values / scale)
+    items = np.concatenate([np.asarray(chunk, dtype=object) for chunk in chunks]) if chunks else np.zeros(0, object)
+    return _strings(items, categorical=name in _CATEGORICAL)
 
 
-def _strings(values: pa.ChunkedArray, categorical: bool = False) -> pd.api.extensions.ExtensionArray:
-    """An Arrow-backed str array, or a Categorical (categories sorted) for the columns with few distinct values."""
-    values = _valid_utf8(values)
+def _ints(text: str) -> np.ndarray:
+    return np.fromstring(text, dtype=np.int64, sep=",")
+
+
+def _strings(items: list, categorical: bool = False) -> pd.api.extensions.ExtensionArray:
+    """A str array whose equal values share one object (1M copies of "gateway" are 50 MB),
+    or a Categorical (categories sorted) for the columns with few distinct values."""
+    codes, uniques = pd.factorize(np.asarray(items, dtype=object))
     if not categorical:
-        return pd.array(values, dtype="str")
-    encoded = values.combine_chunks().dictionary_encode()
-    codes = pc.fill_null(encoded.indices, -1).to_numpy()
-    uniques = encoded.dictionary.to_numpy(zero_copy_only=False)
+        return pd.array(uniques, dtype="str").take(codes, allow_fill=True)
     order = np.argsort(uniques.astype(str), kind="stable")
     rank = np.empty(len(order) + 1, np.int64)
     rank[order] = np.arange(len(order))
@@ -613,30 +581,25 @@ def _strings(values: pa.ChunkedArray, categorical: bool = False) -> pd.api.exten
     return pd.Categorical.from_codes(rank[codes], pd.Index(uniques[order], dtype="str"))
 
 
-def _valid_utf8(values: pa.ChunkedArray) -> pa.ChunkedArray:
-    """``values`` as a string column whose bytes are UTF-8: the driver copies SQLite's text as it is
-    stored, and a hostile file's can be anything; invalid bytes read as U+FFFD, as :func:`connect_read_only` reads them."""
-    if values.type != pa.string():  # no row at all, or a column the file lacks: NULL throughout
-        return pa.chunked_array([pa.nulls(len(values), pa.string())])
-    try:
-        values.validate(full=True)
-        return values
-    except pa.ArrowInvalid:
-        raw = values.cast(pa.binary()).to_pylist()
-        return pa.chunked_array([pa.array([None if v is None else v.decode("utf-8", "replace") for v in raw], pa.string())])
-
-
-def _read_hop_tokens(uri: str, last_id: int, shape: _Shape) -> pd.DataFrame:
-    names = ("hop_id", "fingerprint", "role", "location")
+def _read_hop_tokens(conn, last_id: int, shape: _Shape) -> pd.DataFrame:
     if not {"hop_id", "fingerprint", "role"} <= shape.columns["hop_tokens"]:
-        return pd.DataFrame({n: pd.Series(dtype="int64" if n == "hop_id" else "str") for n in names})
+        return _read_hop_tokens_rows([])  # sightings without their hop, token or role say nothing
     location = "location" if "location" in shape.columns["hop_tokens"] else "NULL"
-    texts = {"fingerprint": "CAST(fingerprint AS TEXT)", "role": "CAST(role AS TEXT)", "location": f"CAST({location} AS TEXT)"}
-    # A sighting without a whole-number hop id keeps a key that is no hop's (the key must not be NULL).
-    sql = _arrow_select(f"ifnull(CAST(hop_id AS INTEGER), {_NULL})", texts, "FROM hop_tokens WHERE hop_id <= ?")
-    table = _arrow_read(uri, names, sql, (last_id,))
+    row = conn.execute(
+        "SELECT group_concat(ifnull(CAST(hop_id AS INTEGER), ?), ','),"
+        " json_group_array(CAST(fingerprint AS TEXT)), json_group_array(CAST(role AS TEXT)),"
+        f" json_group_array(CAST({location} AS TEXT)) FROM hop_tokens WHERE hop_id <= ?",
+        (_NULL, last_id),
+    ).fetchone()
+    return _read_hop_tokens_rows(row if row[0] is not None else [])
+
+
+def _read_hop_tokens_rows(row) -> pd.DataFrame:
+    names = ("hop_id", "fingerprint", "role", "location")
+    if not row:
+        return pd.DataFrame({n: pd.Series(dtype="int64" if n == "hop_id" else "str") for n in names})
     frame = pd.DataFrame({
-        "hop_id": table.column("hop_id").to_numpy(), **{n: _strings(table.column(n), categorical=True) for n in names[1:]},
+        "hop_id": _ints(row[0]), **{n: _strings(json.loads(text), categorical=True) for n, text in zip(names[1:], row[1:])},
     })  # fmt: skip
     return frame[frame["fingerprint"].notna().to_numpy() & frame["role"].notna().to_numpy()]
 

@@ -283,11 +283,10 @@ _TEXT_COLUMNS = ("method", "path", "error", "client_conn_id")
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), hops=st.integers(1, 10), null_head=st.integers(0, 10))
 def test_any_mix_of_values_reads_as_sqlite_gives_them_whatever_the_batches(tmp_path_factory, monkeypatch, data, hops, null_head):
-    """The loader reads hop columns as Arrow columns, whose driver types each column from its first
-    batch of rows: with batches of 3 rows and ranges of 5 ids, a column that is NULL for its first
-    rows and anything later (trace headers that start mid-capture, a hostile file) must still read
-    exactly as sqlite3 reads each value: text as text (invalid UTF-8 as U+FFFD), numbers as numbers."""
-    monkeypatch.setattr(_load, "_BATCH_ROWS", 3)
+    """Whatever a hop column holds, and however its values mix (NULL for the first rows and anything
+    later: trace headers that start mid-capture, a hostile file), read in ranges of 5 ids on several
+    connections, each value reads exactly as sqlite3 reads it: text as text (invalid UTF-8 as
+    U+FFFD), numbers as numbers."""
     monkeypatch.setattr(_load, "_CHUNK", 5)
     b = Builder()
     for i in range(hops):
