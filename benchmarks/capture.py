@@ -44,6 +44,7 @@ from pathlib import Path
 
 from common import fmt, machine, median, work_folder
 
+from hoptrace._ports import free_port
 from hoptrace.db import open_for_reading
 
 HERE = Path(__file__).resolve().parent
@@ -127,12 +128,6 @@ class Run:
 
 
 # -- processes -------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def mitmdump_path() -> str:

@@ -18,6 +18,9 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+# pytester's in-process runs drop the modules they imported when they end, and numpy's
+# extension cannot be loaded twice in one process: pandas (and numpy) come in here, first.
+import pandas  # noqa: F401
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -50,11 +53,13 @@ def base_url(hoptrace):
     via = [f"--upstream={n}={u}" for n, u in hoptrace.urls.items() if n != "gateway"]
     proc = subprocess.Popen([sys.executable, "-m", "hoptrace", "stack", *ports, *via, *args.split()],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    said = []
     for line in proc.stdout:
         if "stack ready" in line:
             break
+        said.append(line)
     else:
-        pytest.fail(f"the stack did not start ({proc.wait()})")
+        pytest.fail(f"the stack did not start ({proc.wait()}): {''.join(said).strip()}")
     yield hoptrace.entry_url
     proc.send_signal(signal.SIGINT)
     proc.wait(30)

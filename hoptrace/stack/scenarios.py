@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 import aiohttp
 
 from hoptrace._errors import HoptraceError
+from hoptrace._ports import free_port
 from hoptrace.stack import (
     SERVICES,
     FlowResult,
@@ -168,7 +168,7 @@ async def record(
 ) -> Recording:
     """Run the stack behind `hoptrace proxy` (given ``proxy_args`` too) into ``db`` while
     ``drive(gateway_listener_url, service_urls)`` runs."""
-    listen = {name: _free_port() for name in SERVICES}
+    listen = {name: free_port() for name in SERVICES}
     config.upstreams = {name: f"http://127.0.0.1:{port}" for name, port in listen.items()}
     config.ports = dict.fromkeys(SERVICES, 0)
     progress("starting the sample stack")
@@ -207,9 +207,3 @@ async def _wait_for_line(output: list[str], text: str, proc: asyncio.subprocess.
         if proc.returncode is not None or loop.time() > deadline:
             raise HoptraceError(f"hoptrace proxy did not start: {''.join(output).strip() or 'no output'}")
         await asyncio.sleep(0.05)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
