@@ -202,7 +202,7 @@ def parse_service_names(specs: Sequence[str]) -> dict[int, str]:
     names: dict[int, str] = {}
     for spec in specs:
         name, sep, port = spec.rpartition("@")
-        if not sep or not name or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not name or not port.isdecimal() or not 0 < int(port) < 65536:
             raise exceptions.OptionsError(f"hoptrace_service: expected NAME@LISTEN_PORT, got {spec!r}")
         names[int(port)] = name
     return names

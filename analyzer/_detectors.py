@@ -700,7 +700,7 @@ def slow_hop(ctx: Context) -> pd.DataFrame:
 def _retry_after_s(value: str, answered_at: float) -> float | None:
     """Seconds a ``Retry-After`` asks for (RFC 9110 10.2.3: whole seconds or an HTTP date), else None."""
     text = value.strip()
-    if text.isdigit():
+    if text.isdecimal():
         return float(text)
     try:
         return parsedate_to_datetime(text).timestamp() - answered_at

@@ -110,9 +110,9 @@ def response_seen(documented: str, statuses: set[int]) -> bool:
     """Whether a documented response code ("404", "4XX", "default") was answered."""
     if documented == "default":
         return True  # "anything else": nothing to miss
-    if len(documented) == 3 and documented[1:].upper() == "XX" and documented[0].isdigit():
+    if len(documented) == 3 and documented[1:].upper() == "XX" and documented[0].isdecimal():
         return any(s // 100 == int(documented[0]) for s in statuses)
-    return documented.isdigit() and int(documented) in statuses
+    return documented.isdecimal() and int(documented) in statuses
 
 
 def load_specs(args) -> list[Operation]:

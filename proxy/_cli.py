@@ -25,7 +25,8 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
 def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int:
     if value == "auto":
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if not value.isdigit() or not 1 <= int(value) <= 256:
+    # str.isdigit() also holds for '¹' and other digits int() refuses.
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= 256:
         raise click.BadParameter(f"expected a number of processes from 1 to 256, or auto; got {value!r}", ctx, param)
     return int(value)
 

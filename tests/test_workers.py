@@ -117,7 +117,7 @@ def test_a_worker_that_cannot_listen_stops_them_all_with_one_line(spawn, upstrea
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.text(max_size=6).filter(lambda v: v != "auto" and not (v.isdigit() and 1 <= int(v) <= 256)))
+@given(st.text(max_size=6).filter(lambda v: v != "auto" and not (v.isascii() and v.isdigit() and 1 <= int(v) <= 256)))
 def test_a_bad_workers_value_exits_2_with_one_line(value):
     result = CliRunner().invoke(cli, ["proxy", "--route", "a=http://127.0.0.1:1@18080", "--workers", value])
     assert result.exit_code == 2, result.output

@@ -48,7 +48,7 @@ class ServiceNames:
         for spec in specs:
             address, sep, name = spec.rpartition("=")
             host, colon, port = address.rpartition(":")
-            if not sep or not name or not colon or not host or not port.isdigit():
+            if not sep or not name or not colon or not host or not port.isdecimal():
                 raise RouteError(f"--service {spec!r}: expected HOST:PORT=NAME, e.g. 127.0.0.1:3001=auth")
             names.by_address[f"{host.strip('[]').lower()}:{int(port)}"] = name
         return names
@@ -185,7 +185,7 @@ def _reverse_mode(flow: http.HTTPFlow) -> ReverseMode | None:
 
 def _with_port(address: str, url: str) -> str:
     host, colon, port = address.rpartition(":")
-    if colon and port.isdigit():
+    if colon and port.isdecimal():
         return f"{host.strip('[]').lower()}:{int(port)}"
     return f"{address.lower()}:{443 if url.startswith('https') else 80}"
 

@@ -128,7 +128,7 @@ class ServiceClient:
                 method, self._base_url + path, headers=headers, json=json_body, data=data
             ) as response:
                 wait = response.headers.get("Retry-After", "")
-                retry_after = float(wait) if wait.strip().isdigit() else None
+                retry_after = float(wait) if wait.strip().isdecimal() else None
                 return Reply(response.status, await response.read(), response.content_type, retry_after)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise DownstreamError(self.service, exc) from exc

@@ -89,6 +89,6 @@ async def _serve(kind: str, port: int) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or not sys.argv[2].isdigit():
+    if len(sys.argv) != 3 or not sys.argv[2].isdecimal():
         raise SystemExit("usage: python -m hoptrace.stack.upstreams hello|truncate|otlp PORT")
     asyncio.run(_serve(sys.argv[1], int(sys.argv[2])))
