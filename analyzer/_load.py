@@ -160,27 +160,27 @@ def _read(conn, path: Path, columns: tuple[str, ...], since, until) -> Tables:
     # The longest read first, so that the chunks of hops even out the threads' ends.
     reads: list[Callable[[sqlite3.Connection], object]] = [partial(_read_hop_tokens, last_id=last_id, shape=shape)]
     root_traces = traced and {"service", "response_headers"} <= shape.hops
-    if root_traces:
-        entries = tuple(captures["entry"].dropna().unique())
-        reads.append(partial(_read_root_traces, entries=entries, last_id=last_id, where=where, params=params))
-    first_chunk = len(reads)
+    entries = tuple(str(e) for e in captures["entry"].dropna().unique()) if root_traces else ()
     reads += [
-        partial(_read_hop_columns, columns=hop_columns, lo=lo, hi=hi, where=where, params=params, unique_ids=shape.rowid_ids)
+        partial(
+            _read_hop_columns, columns=hop_columns, lo=lo, hi=hi, where=where, params=params,
+            unique_ids=shape.rowid_ids, entries=entries,
+        )  # fmt: skip
         for lo, hi in bounds
     ]
     with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
         running = [pool.submit(_run_read, conn.uri, read) for read in reads]
         with _checking(pool, conn.uri, path):
             parts = [future.result() for future in running]
-            hops = _join_hops(hop_columns, parts[first_chunk:])
+            hops = _join_hops(hop_columns, parts[1:])
             if single_capture:
                 hops["capture_id"] = np.full(len(hops), low, np.int64)
             for name in columns:
                 if name not in hops:  # a column this file lacks: NULL throughout (shape.notes say so)
                     hops[name] = _column(name, [np.full(len(hops), _NULL, np.int64) if _is_numeric(name) else [None] * len(hops)])
             hops = hops[list(dict.fromkeys((*columns, *_TRACE_COLUMNS)))]
-            if root_traces:
-                _add_root_traces(hops, parts[1])
+            if entries:
+                _add_root_traces(hops, [row for part in parts[1:] if part is not None for row in part["root_traces"]])
             hops, repeated = _unique_ids(hops, shape)
             tables = _tables(captures, hops, tokens, parts[0])
     tables.notes[:0] = [*shape.notes, *_unread_ids(conn, shape), *repeated]
@@ -379,30 +379,29 @@ def _run_read(uri: str, read: Callable[[sqlite3.Connection], object]):
 _RESPONSE_RANK = {"traceresponse": 0, "x-request-id": 1, "x-correlation-id": 2}
 # LIKE (case-insensitive, nothing parsed) keeps the JSON work to the hops whose headers name one:
 # at 1M hops, half of them propagating traceparent, 1.7 s of the load.
-_NAMES_A_RESPONSE_HEADER = " OR ".join(f"h.response_headers LIKE '%{name}%'" for name in _RESPONSE_RANK)
+_NAMES_A_RESPONSE_HEADER = " OR ".join(f"hops.response_headers LIKE '%{name}%'" for name in _RESPONSE_RANK)
 
 
-def _read_root_traces(conn, entries: tuple[str, ...], last_id: int, where: str, params: tuple) -> list[tuple]:
-    """Trace ids that client requests got only in their response (W3C traceresponse, an echoed X-Request-ID).
+def _root_trace_candidates(entries: int) -> str:
+    """An aggregate, for the pass that reads the hop columns, of the trace ids client requests got
+    only in their response (W3C traceresponse, an echoed X-Request-ID): ``[id, header, value]``
+    arrays joined by commas, one per candidate header; it takes ``entries`` parameters, the entry routes.
 
-    A client usually sends no trace context: the entry service starts the trace and
-    says so in its answer. Without this, the entry hop would be the one hop of its
-    request outside the trace. JSON is read by SQLite, for entry hops without a trace id.
+    A client usually sends no trace context: the entry service starts the trace and says
+    so in its answer. Without this, the entry hop would be the one hop of its request
+    outside the trace. SQLite reads the JSON, for entry hops without a trace id, in the same
+    pass over the table as the columns (a pass of its own cost 1.7 s of CPU at 1M hops, this
+    one nothing measurable); ``group_concat`` leaves out the other hops' NULLs.
     """
-    if not entries:
-        return []
-    marks = ", ".join("?" * len(entries))
-    # One row, one JSON string: a row per hop would take the GIL back for every row, and
-    # wait for it each time behind the threads parsing the hop columns (1.2 s alone, 2.8 s among them).
-    rows = conn.execute(
-        "SELECT json_group_array(json_array(h.id, lower(json_extract(j.value, '$[0]')), json_extract(j.value, '$[1]')))"
-        " FROM hops h, json_each(CASE WHEN json_valid(h.response_headers) THEN h.response_headers ELSE '[]' END) j"
-        f" WHERE h.id <= ? AND h.trace_id IS NULL AND h.service IN ({marks}){where}"
-        f" AND ({_NAMES_A_RESPONSE_HEADER})"
-        " AND j.type = 'array' AND lower(json_extract(j.value, '$[0]')) IN ('traceresponse', 'x-request-id', 'x-correlation-id')",
-        (last_id, *entries, *params),
-    ).fetchone()[0]
-    return [tuple(row) for row in json.loads(rows)]
+    marks = ", ".join("?" * entries)
+    names = ", ".join(f"'{name}'" for name in _RESPONSE_RANK)
+    return (
+        f"group_concat(CASE WHEN hops.trace_id IS NULL AND hops.service IN ({marks}) AND ({_NAMES_A_RESPONSE_HEADER}) THEN ("
+        # hops.: json_each has columns of its own named id, key, value.
+        " SELECT group_concat(json_array(hops.id, lower(json_extract(j.value, '$[0]')), json_extract(j.value, '$[1]')), ',')"
+        " FROM json_each(CASE WHEN json_valid(hops.response_headers) THEN hops.response_headers ELSE '[]' END) j"
+        f" WHERE j.type = 'array' AND lower(json_extract(j.value, '$[0]')) IN ({names})) END, ',')"
+    )
 
 
 _TRACERESPONSE = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}", re.IGNORECASE)
@@ -466,23 +465,30 @@ def _numeric(column: str, value: str) -> str:
 
 
 def _read_hop_columns(
-    conn, columns: tuple[str, ...], lo: int, hi: int, where: str, params: tuple, unique_ids: bool = True
+    conn, columns: tuple[str, ...], lo: int, hi: int, where: str, params: tuple, unique_ids: bool = True,
+    entries: tuple[str, ...] = (),
 ) -> dict | None:
     """The hops with ``lo < id <= hi``: per column, an int array (numbers) or a list (text); None if none.
 
     ``unique_ids=False`` (a hops table without its primary key): no column is looked up by id.
+    With ``entries`` (the entry routes), also ``root_traces``: ``(id, header, value)`` candidates
+    for the trace id of those routes' hops that have none (see :func:`_root_trace_candidates`).
     """
     sparse = [c for c in columns if c in _SPARSE_COLUMNS and unique_ids]
     names = ("id", *(c for c in columns if c not in sparse))
     exprs = [_expr(c) for c in names]
+    if entries:
+        exprs.append(_root_trace_candidates(len(entries)))
     if sparse:
         # The ids of the few hops that have a value: NULLs are left out of group_concat.
         exprs.append(f"group_concat(CASE WHEN {' OR '.join(f'{c} IS NOT NULL' for c in sparse)} THEN id END, ',')")
     select = f"SELECT {', '.join(exprs)} FROM hops NOT INDEXED WHERE id > ? AND id <= ?"
-    row = conn.execute(select + where, (lo, hi, *params)).fetchone()
+    row = conn.execute(select + where, (*entries, lo, hi, *params)).fetchone()
     if row[0] is None:
         return None
     out = {name: _ints(text) if _is_numeric(name) else json.loads(text) for name, text in zip(names, row)}
+    if entries:
+        out["root_traces"] = [tuple(found) for found in json.loads(f"[{row[len(names)] or ''}]")]
     if sparse:
         out.update(_sparse(conn, sparse, out["id"], row[-1]))
     return out
