@@ -1153,23 +1153,38 @@ def callers(hops: pd.DataFrame) -> pd.Series:
 def _name_parties(found: pd.DataFrame, ctx: Context) -> pd.DataFrame:
     """``caller``, ``callee`` and ``endpoint`` where the detector left them empty, from the
     finding's hop: its first hop at the finding's service (else its first hop). A finding
-    about a whole service (no request) names only the service as the callee."""
-    found, hops = found.copy(), ctx.hops
-    wanted = {i for ids, trace in zip(found["hop_ids"], found["trace"]) if trace is not None and not pd.isna(trace) for i in ids}
-    facts = hops.loc[hops.index.intersection(list(wanted)), ["service", "endpoint", "parent_id", "link"]]
-    facts = facts.assign(caller=ctx.caller.reindex(facts.index), service=facts["service"].astype(object), endpoint=facts["endpoint"].astype(object))
-    by_hop = dict(zip(facts.index.tolist(), zip(facts["service"], facts["caller"], facts["endpoint"])))
-    filled: dict[str, list] = {"caller": [], "callee": [], "endpoint": []}
-    for trace, service, ids, caller, callee, endpoint in zip(
-        found["trace"], found["service"], found["hop_ids"], found["caller"], found["callee"], found["endpoint"],
-    ):  # fmt: skip
-        hop = None if trace is None or pd.isna(trace) else next(
-            (by_hop[i] for i in ids if i in by_hop and by_hop[i][0] == service), next((by_hop[i] for i in ids if i in by_hop), None)
-        )  # fmt: skip
-        hop_callee, hop_caller, hop_endpoint = hop if hop is not None else (service, None, None)
-        filled["caller"].append(caller if isinstance(caller, str) else hop_caller)
-        filled["callee"].append(callee if isinstance(callee, str) else hop_callee)
-        filled["endpoint"].append(endpoint if isinstance(endpoint, str) else hop_endpoint)
+    about a whole service (no request) names only the service as the callee.
+
+    Array work over every finding's hop ids at once: a loop over findings cost 0.8 s at 1M hops (52k findings).
+    """
+    hops = ctx.hops
+    counts = np.fromiter(map(len, found["hop_ids"]), np.int64, len(found))
+    owner = np.repeat(np.arange(len(found)), counts)
+    at = hops.index.get_indexer(np.fromiter(itertools.chain.from_iterable(found["hop_ids"]), np.int64, int(counts.sum())))
+    in_request = ~pd.isna(found["trace"]).to_numpy()
+    usable = (at >= 0) & in_request[owner]
+    owner, at, order = owner[usable], at[usable], np.flatnonzero(usable)
+    service = hops["service"].astype(object).to_numpy()[at]
+    # Per finding, the first of its hops at its own service, else its first hop.
+    elsewhere = service != found["service"].astype(object).to_numpy()[owner]
+    pick = np.lexsort((order, elsewhere, owner))
+    first = pick[np.r_[True, owner[pick][1:] != owner[pick][:-1]]] if len(pick) else pick
+    chosen = np.full(len(found), -1, np.int64)
+    chosen[owner[first]] = at[first]
+    has = chosen >= 0
+    named = {
+        # A finding without a hop (about a whole service) is at its service.
+        "callee": np.where(has, None, found["service"].astype(object).to_numpy()),
+        "caller": np.full(len(found), None, dtype=object),
+        "endpoint": np.full(len(found), None, dtype=object),
+    }
+    named["callee"][has] = hops["service"].astype(object).to_numpy()[chosen[has]]
+    named["caller"][has] = ctx.caller.reindex(hops.index[chosen[has]]).to_numpy(dtype=object)
+    named["endpoint"][has] = hops["endpoint"].astype(object).to_numpy()[chosen[has]]
+    filled = {
+        column: [mine if isinstance(mine, str) else hop for mine, hop in zip(found[column], named[column])]
+        for column in ("caller", "callee", "endpoint")
+    }
     return found.assign(**filled)
 
 
