@@ -829,16 +829,18 @@ def service_keys(ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
     """
     c = ctx.config
     h = ctx.hops
-    inner = h[h["depth"].to_numpy() > 0]
-    inner = inner.iloc[:: max(1, len(inner) // _KEY_SAMPLE)]
-    sent = ctx.header_lines(inner.index, "request", containing=(REDACTED_PREFIX,))
+    # Ids and one column, not the frame: filtering every column of a million hops cost 0.3 s.
+    below = h["depth"].to_numpy() > 0
+    inner = h.index[below]
+    sent = ctx.header_lines(inner[:: max(1, len(inner) // _KEY_SAMPLE)], "request", containing=(REDACTED_PREFIX,))
     sent = sent[sent["value"].str.startswith(REDACTED_PREFIX).to_numpy(bool)]
     sent = sent.assign(caller=sent["hop_id"].map(ctx.caller).to_numpy())
     callers_of = sent.groupby(["name", "value"])["caller"].nunique()
     keys = callers_of[callers_of >= c.key_min_callers].reset_index()[["name", "value"]]
     carrying = sent.merge(keys, on=["name", "value"])
     carrying = carrying.assign(service=carrying["hop_id"].map(h["service"]).astype(object).to_numpy())
-    calls = inner["service"].astype(object).value_counts()
+    calls = h["service"][below].value_counts()
+    calls.index = calls.index.astype(object)
     per = carrying.groupby(["service", "name"])["hop_id"].nunique().reset_index(name="carrying")
     per = per[(per["carrying"] / per["service"].map(calls)).to_numpy() >= c.key_min_share]
     return keys, per.drop(columns="carrying")
