@@ -195,7 +195,7 @@ def analyze_tables(
         findings = run_detectors(ctx, detectors) if saved is None else saved.findings
         detected = clock()
         (services, endpoints, edges), tables_s = latency.result()
-    notes = [*tables.notes, *_link_notes(hops), *(saved.notes if saved is not None else ())]
+    notes = [*tables.notes, *stream_notes(tables.captures), *_link_notes(hops), *(saved.notes if saved is not None else ())]
     if chosen is not None:
         hops = shown
         hop_tokens = hop_tokens[hop_tokens["hop_id"].isin(hops.index)].reset_index(drop=True)
@@ -250,3 +250,37 @@ def _link_notes(hops: pd.DataFrame) -> list[str]:
     if counts.get("orphan", 0):
         notes.append(f"{counts['orphan']} hops had no caller in the capture (link 'orphan')")
     return notes
+
+
+def stream_notes(captures: pd.DataFrame) -> list[str]:
+    """A note for each capture whose ``--otlp-endpoint`` stream dropped spans, or died before it counted them.
+
+    The counts are the capture row's (schema 4); with several files, the one row of a ``--workers``
+    capture that holds them (the stream writes them once). Values a hostile file makes of them that
+    are not counts read as unknown.
+    """
+    if "otlp_endpoint" not in captures:
+        return []
+    notes = []
+    for capture_id, row in captures[captures["otlp_endpoint"].notna()].iterrows():
+        # A hostile file's text could span lines or run long: one line, shortened (renderers cut past 200).
+        endpoint = " ".join(str(row["otlp_endpoint"]).split())[:80]
+        sent, dropped = _spans(row.get("otlp_spans_sent")), _spans(row.get("otlp_spans_dropped"))
+        if dropped is None:
+            notes.append(
+                f"capture {capture_id} streamed spans to {endpoint}, but its streaming process stopped before"
+                " counting them: how many reached the receiver is unknown"
+            )
+        elif dropped:
+            sent_text = "an unknown number of" if sent is None else f"{sent:,}"
+            notes.append(
+                f"capture {capture_id} streamed {sent_text} spans to {endpoint}; {dropped:,} dropped (queue full or refused)"
+            )
+    return notes
+
+
+def _spans(value: object) -> int | None:
+    """A count of spans as the file holds it (an integer, or a float where a NULL elsewhere made the column float); else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        return None
+    return int(value) if np.isfinite(value) and value >= 0 and value == int(value) else None

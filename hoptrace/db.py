@@ -53,8 +53,7 @@ COLUMNS: dict[str, dict[str, tuple[type, str]]] = {
         "source": (str, "what recorded it: 'hoptrace proxy' | 'mitmdump -s' (schema 2)"),
         "otlp_endpoint": (str, "--otlp-endpoint's traces URL, without user, password or query; NULL: not streamed (schema 4)"),
         "otlp_spans_sent": (int, "spans the OTLP receiver accepted; NULL with otlp_endpoint set: the count is unknown (schema 4)"),
-        "otlp_spans_dropped": (int, "spans dropped (queue full, or refused twice); NULL with otlp_endpoint set: the streaming "
-                                    "process died, how many reached the receiver is unknown (schema 4)"),
+        "otlp_spans_dropped": (int, "spans dropped (queue full, refused twice); NULL with otlp_endpoint set: the stream died (schema 4)"),
     },
     "hops": {
         "id": (int, "hop number, in the order the recorder wrote them"),
