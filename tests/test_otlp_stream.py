@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ import pandas as pd
 import pytest
 from aiohttp import web
 from click.testing import CliRunner
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
 
@@ -28,7 +29,7 @@ from hoptrace.analyzer._analysis import stream_notes
 from hoptrace.cli import cli
 from hoptrace.exchange._otlp import from_otlp_json, span_id
 from hoptrace.proxy.otlp_stream import StreamInput, record_counts, shown_url, traces_url
-from hoptrace.proxy.workers import capture_shards
+from hoptrace.proxy.workers import capture_shards, worker_source
 from hoptrace.stack.scenarios import SCENARIOS, record
 
 from .conftest import PYTHON, free_port, query
@@ -248,7 +249,7 @@ def test_a_streaming_process_that_dies_is_named_and_does_not_hold_up_the_stop(sp
     # The row says it streamed, and that the counts are unknown: never a 0 that reads as "nothing lost".
     url = f"http://127.0.0.1:{receiver}/v1/traces"
     assert [tuple(row) for row in query(db, COUNTS)] == [(url, None, None)]
-    said = f"capture 1 streamed spans to {url}, but its streaming process stopped before counting them"
+    said = f"capture 1 streamed spans to {url}, but its stream died before counting them"
     assert [note for note in analyze(db).notes if note.startswith(said)], analyze(db).notes
 
 
@@ -297,19 +298,29 @@ def test_counts_no_file_will_take_are_one_line_on_stderr_and_the_next_shard_take
 
 
 @settings(max_examples=60, deadline=None)
+@example("x", 2**70, 2**70, False).via("wider than int64: what SQLite returns as REAL, a hostile object column as an int")
+@example("x" * 300, 2**63 - 1, 2**63 - 1, True).via("the longest note")
+@example("x", 3.0, float("nan"), False).via("a float column: a NULL elsewhere in it")
 @given(
     st.one_of(st.none(), st.text(max_size=300)),
     *[st.one_of(st.none(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=5), st.binary(max_size=5))] * 2,
+    st.booleans(),
 )
-def test_a_captures_stream_counts_read_as_one_short_line_whatever_the_file_holds(endpoint, sent, dropped):
+def test_a_captures_stream_counts_read_as_one_short_line_whatever_the_file_holds(endpoint, sent, dropped, shards):
     columns = {"otlp_endpoint": [endpoint], "otlp_spans_sent": [sent], "otlp_spans_dropped": [dropped]}
     captures = pd.DataFrame(columns, index=pd.Index([7], name="id"), dtype=object)
+    captures["source"] = worker_source(2, "ab" * 16, 1) if shards else "hoptrace proxy"
     notes = stream_notes(captures)
     assert len(notes) <= 1 and all("\n" not in note and len(note) < 200 for note in notes)
+    label = "--workers capture abababababab" if shards else "capture 7"
     if endpoint is None:
         assert notes == []
-    elif type(dropped) is int and dropped > 0 and type(sent) is int and sent >= 0:
-        assert notes == [f"capture 7 streamed {sent:,} spans to {' '.join(endpoint.split())[:80]}; {dropped:,} dropped (queue full or refused)"]
+    elif isinstance(dropped, float) and math.isnan(dropped):  # unknown: the stream died
+        assert notes[0].startswith(f"{label} streamed spans to ")
+    elif type(dropped) is int and 0 < dropped < 2**63 and type(sent) is int and 0 <= sent < 2**63:
+        shown = " ".join(endpoint.split())
+        shown = shown if len(shown) <= 64 else f"{shown[:63]}…"
+        assert notes == [f"{label} streamed {sent:,} spans to {shown}; {dropped:,} dropped (queue full or refused)"]
 
 
 def test_the_url_kept_has_no_credentials_nor_query():
