@@ -68,6 +68,10 @@ def traces_url(endpoint: str) -> str:
     parts = urllib.parse.urlsplit(endpoint)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"--otlp-endpoint: expected an http:// or https:// URL, got {endpoint!r}")
+    try:
+        parts.port  # noqa: B018 -- urlsplit checks the port only when asked: a bad one raises here, not in the stream
+    except ValueError as exc:  # "Port out of range 0-65535", "Port could not be cast to integer value as 'x'"
+        raise ValueError(f"--otlp-endpoint: {exc}") from None
     path = parts.path.rstrip("/")
     return urllib.parse.urlunsplit(
         (parts.scheme, parts.netloc, path if path.endswith("/v1/traces") else f"{path}/v1/traces", "", "")

@@ -204,6 +204,13 @@ def test_an_endpoint_that_is_not_an_http_url_exits_2_with_one_line(value):
     assert "--otlp-endpoint" in result.output and "Traceback" not in result.output
 
 
+@settings(max_examples=20, deadline=None)
+@given(st.one_of(st.integers(65536, 10**12).map(str), st.from_regex(r"[0-9]{0,3}[a-z][0-9a-z]{0,3}", fullmatch=True)))
+def test_an_endpoint_with_a_port_that_is_none_exits_2_with_one_line(port):
+    result = CliRunner().invoke(cli, ["proxy", "--route", "a=http://127.0.0.1:1@18080", "--otlp-endpoint", f"http://127.0.0.1:{port}"])
+    assert result.exit_code == 2 and "--otlp-endpoint: Port" in result.output and "Traceback" not in result.output, result.output
+
+
 def test_the_traces_path_is_added_once():
     assert traces_url("http://127.0.0.1:4318") == "http://127.0.0.1:4318/v1/traces"
     assert traces_url("http://127.0.0.1:4318/") == "http://127.0.0.1:4318/v1/traces"
