@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from hoptrace._errors import AnalysisError
+from hoptrace._shards import parse_worker_source
 from hoptrace.analyzer import _latency, _prepare
 from hoptrace.analyzer._config import AnalyzerConfig, parse_time
 from hoptrace.analyzer._detectors import DETECTORS, Context, Detector, run_detectors
@@ -195,7 +197,7 @@ def analyze_tables(
         findings = run_detectors(ctx, detectors) if saved is None else saved.findings
         detected = clock()
         (services, endpoints, edges), tables_s = latency.result()
-    notes = [*tables.notes, *_link_notes(hops), *(saved.notes if saved is not None else ())]
+    notes = [*tables.notes, *stream_notes(tables.captures), *_link_notes(hops), *(saved.notes if saved is not None else ())]
     if chosen is not None:
         hops = shown
         hop_tokens = hop_tokens[hop_tokens["hop_id"].isin(hops.index)].reset_index(drop=True)
@@ -250,3 +252,49 @@ def _link_notes(hops: pd.DataFrame) -> list[str]:
     if counts.get("orphan", 0):
         notes.append(f"{counts['orphan']} hops had no caller in the capture (link 'orphan')")
     return notes
+
+
+def stream_notes(captures: pd.DataFrame) -> list[str]:
+    """A note for each capture whose ``--otlp-endpoint`` stream dropped spans, or died before it counted them.
+
+    The counts are the capture row's (schema 4); with several files, the one row of a ``--workers``
+    capture that holds them (the stream writes them once). Values a hostile file makes of them that
+    are not counts read as unknown.
+    """
+    if "otlp_endpoint" not in captures:
+        return []
+    notes = []
+    for capture_id, row in captures[captures["otlp_endpoint"].notna()].iterrows():
+        # A --workers capture by the uuid every shard names: joined, its id is one no file shows.
+        shards = parse_worker_source(row.get("source") if isinstance(row.get("source"), str) else None)
+        capture = f"--workers capture {shards[1][:12]}" if shards else f"capture {capture_id}"
+        # A hostile file's text could span lines or run long: one line, shortened so that the note
+        # stays under the 200 characters past which renderers cut it (with counts of 19 digits).
+        endpoint = " ".join(str(row["otlp_endpoint"]).split())
+        endpoint = endpoint if len(endpoint) <= 64 else f"{endpoint[:63]}…"
+        sent, dropped = _spans(row.get("otlp_spans_sent")), _spans(row.get("otlp_spans_dropped"))
+        if dropped is None:
+            notes.append(
+                f"{capture} streamed spans to {endpoint}, but its stream died before counting them:"
+                " how many reached the receiver is unknown"
+            )
+        elif dropped:
+            sent_text = "an unknown number of" if sent is None else f"{sent:,}"
+            notes.append(
+                f"{capture} streamed {sent_text} spans to {endpoint}; {dropped:,} dropped (queue full or refused)"
+            )
+    return notes
+
+
+_MAX_COUNT = 2**63 - 1  # SQLite's largest INTEGER: a larger number is no count the stream wrote
+
+
+def _spans(value: object) -> int | None:
+    """A count of spans as the file holds it (an integer, or a float where a NULL elsewhere made the column float); else None."""
+    if isinstance(value, bool | np.bool_):
+        return None
+    if isinstance(value, int | np.integer):  # a Python int may pass int64's range: no numpy function on it
+        return int(value) if 0 <= value <= _MAX_COUNT else None
+    if isinstance(value, float | np.floating) and math.isfinite(value) and 0 <= value < _MAX_COUNT and float(value).is_integer():
+        return int(value)
+    return None

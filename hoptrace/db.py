@@ -31,7 +31,7 @@ from hoptrace._errors import TraceFileError
 if TYPE_CHECKING:
     import sqlite_utils
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Each table: {column: (type, description)} in column order. The descriptions are the
 # schema's documentation: Datasette shows them (see `metadata`), the README lists them.
@@ -51,6 +51,9 @@ COLUMNS: dict[str, dict[str, tuple[type, str]]] = {
         "write_errors": (int, "failed writes"),
         "bodies_stored": (int, "1 when request and response bodies were stored (redacted)"),
         "source": (str, "what recorded it: 'hoptrace proxy' | 'mitmdump -s' (schema 2)"),
+        "otlp_endpoint": (str, "--otlp-endpoint's traces URL, without user, password or query; NULL: not streamed (schema 4)"),
+        "otlp_spans_sent": (int, "spans the OTLP receiver accepted; NULL with otlp_endpoint set: the count is unknown (schema 4)"),
+        "otlp_spans_dropped": (int, "spans dropped (queue full, refused twice); NULL with otlp_endpoint set: the stream died (schema 4)"),
     },
     "hops": {
         "id": (int, "hop number, in the order the recorder wrote them"),
@@ -338,19 +341,30 @@ def _create_views(db: sqlite_utils.Database) -> None:
         db.create_view(name, sql, replace=True)
 
 
-# Columns schema 2 added (a version-1 file lacks them; readers take them as NULL).
-ADDED_COLUMNS = {"hops": ("client_conn_id", "stream_id"), "captures": ("source",), "tokens": ("verdict",)}
+# The nullable columns each schema version added at the end of its tables (an older file lacks
+# them; readers take them as NULL).
+_ADDED_IN = {
+    2: {"hops": ("client_conn_id", "stream_id"), "captures": ("source",), "tokens": ("verdict",)},
+    4: {"captures": ("otlp_endpoint", "otlp_spans_sent", "otlp_spans_dropped")},
+}
+# Every column a version after 1 added, per table, in the order they were added.
+ADDED_COLUMNS = {
+    table: tuple(column for added in _ADDED_IN.values() for column in added.get(table, ()))
+    for table in dict.fromkeys(table for added in _ADDED_IN.values() for table in added)
+}
 
 
-def _v1_to_v2(db: sqlite_utils.Database) -> None:
-    """Schema 2: which client connection (and HTTP/2 stream) a hop came on; what recorded a capture; a token's signature verdict.
-
-    Nullable columns at the end of their tables: ALTER TABLE ADD COLUMN, no copy of the rows.
-    """
-    for table, columns in ADDED_COLUMNS.items():
+def _add_columns(db: sqlite_utils.Database, version: int) -> None:
+    """The columns schema ``version`` added: nullable, at the end of their tables, so ALTER TABLE ADD COLUMN, no copy of the rows."""
+    for table, columns in _ADDED_IN[version].items():
         for column in columns:  # a table the file lacks is made whole by _create_tables
             if db[table].exists() and column not in db[table].columns_dict:
                 db[table].add_column(column, COLUMNS[table][column][0])
+
+
+def _v1_to_v2(db: sqlite_utils.Database) -> None:
+    """Schema 2: which client connection (and HTTP/2 stream) a hop came on; what recorded a capture; a token's signature verdict."""
+    _add_columns(db, 2)
 
 
 def _v2_to_v3(db: sqlite_utils.Database) -> None:
@@ -365,7 +379,12 @@ def _v2_to_v3(db: sqlite_utils.Database) -> None:
 
 # MIGRATIONS[v - 1] takes a file from version v to v + 1. A step that reorders, retypes or
 # drops columns uses Table.transform (a copy of the table in the same transaction).
-MIGRATIONS = (_v1_to_v2, _v2_to_v3)
+def _v3_to_v4(db: sqlite_utils.Database) -> None:
+    """Schema 4: what ``hoptrace proxy --otlp-endpoint`` streamed: the receiver, spans sent and dropped, on the capture row."""
+    _add_columns(db, 4)
+
+
+MIGRATIONS = (_v1_to_v2, _v2_to_v3, _v3_to_v4)
 
 
 @cache
@@ -411,8 +430,9 @@ def open_for_writing(path: str | Path) -> sqlite3.Connection:
     return conn
 
 
-def open_for_saving(path: str | Path) -> sqlite3.Connection:
-    """Open an existing trace DB to write a saved analysis into it, upgrading an older schema in one transaction.
+def open_for_saving(path: str | Path, doing: str = "save the analysis") -> sqlite3.Connection:
+    """Open an existing trace DB to write a saved analysis into it (or, ``doing`` says what, a closed capture's
+    late counts), upgrading an older schema in one transaction.
 
     Unlike :func:`open_for_writing` it leaves the journal mode as it is (a finished capture stays one
     self-contained file) and creates nothing: a missing file, a file this user cannot write, one in a
@@ -427,7 +447,7 @@ def open_for_saving(path: str | Path) -> sqlite3.Connection:
     try:
         conn.execute("PRAGMA busy_timeout = 5000")  # the recorder's batches hold the write lock for milliseconds
         if conn.execute("PRAGMA query_only").fetchone()[0] or not os.access(path, os.W_OK):
-            raise TraceFileError(f"{path}: cannot save the analysis: the file is read-only for this user")
+            raise TraceFileError(f"{path}: cannot {doing}: the file is read-only for this user")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         _refuse_newer(path, version)
         missing = set(TABLES) - _table_names(conn)
@@ -437,7 +457,7 @@ def open_for_saving(path: str | Path) -> sqlite3.Connection:
             migrate(conn, max(version, 1))
     except SQLITE_ERRORS as exc:
         conn.close()
-        raise TraceFileError(f"{path}: cannot save the analysis: {_reason(exc)}") from None
+        raise TraceFileError(f"{path}: cannot {doing}: {_reason(exc)}") from None
     except TraceFileError:
         conn.close()
         raise

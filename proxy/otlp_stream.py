@@ -23,10 +23,15 @@ recorder closed the file, everything left is sent at once.
 The queue between the analysis and the sender holds ``QUEUE_BATCHES`` batches; a batch
 that does not fit, or that the receiver refuses twice, is dropped and its spans counted
 (the proxy's summary says how many spans were streamed and dropped).
+
+The counts are also kept in the trace file, on the capture row (``captures.otlp_endpoint``,
+``otlp_spans_sent``, ``otlp_spans_dropped``; :func:`record_counts`), once the stream has
+finished, so that whoever opens the file later can tell whether their receiver got every span.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import multiprocessing
 import os
@@ -41,6 +46,9 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from hoptrace._errors import TraceFileError
+from hoptrace.db import SQLITE_ERRORS, open_for_saving
 
 logger = logging.getLogger("hoptrace")
 
@@ -60,10 +68,21 @@ def traces_url(endpoint: str) -> str:
     parts = urllib.parse.urlsplit(endpoint)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"--otlp-endpoint: expected an http:// or https:// URL, got {endpoint!r}")
+    try:
+        parts.port  # noqa: B018 -- urlsplit checks the port only when asked: a bad one raises here, not in the stream
+    except ValueError as exc:  # "Port out of range 0-65535", "Port could not be cast to integer value as 'x'"
+        raise ValueError(f"--otlp-endpoint: {exc}") from None
     path = parts.path.rstrip("/")
     return urllib.parse.urlunsplit(
         (parts.scheme, parts.netloc, path if path.endswith("/v1/traces") else f"{path}/v1/traces", "", "")
     )
+
+
+def shown_url(endpoint: str) -> str:
+    """:func:`traces_url` without what may be a secret (user and password, query string, fragment): what is stored and printed."""
+    parts = urllib.parse.urlsplit(traces_url(endpoint))
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return urllib.parse.urlunsplit((parts.scheme, host if parts.port is None else f"{host}:{parts.port}", parts.path, "", ""))
 
 
 @dataclass(frozen=True)
@@ -84,6 +103,7 @@ class OtlpStream:
     """
 
     def __init__(self, inputs: list[StreamInput], endpoint: str, entry: str | None) -> None:
+        self.inputs, self.endpoint = inputs, endpoint
         context = multiprocessing.get_context("spawn")
         self._stop, self._closed = context.Event(), context.Event()
         # Held by the streaming process while it reads the live files: pause() waits for it.
@@ -102,13 +122,15 @@ class OtlpStream:
             self._reading.release()
 
     def finish(self, timeout: float = 60.0) -> tuple[int, int]:
-        """The files are closed: send what is left; returns (spans sent, spans dropped); -1 dropped if it never answered."""
+        """The files are closed: send what is left and keep the counts on the capture row (:func:`record_counts`);
+        returns (spans sent, spans dropped); -1 dropped if it never answered."""
         self._stop.set()
         self._closed.set()
         sent, dropped = self._result(time.monotonic() + timeout)
         self._process.join(5)
         if self._process.is_alive():
             self._process.kill()
+        record_counts(self.inputs, self.endpoint, sent, dropped)
         return sent, dropped
 
 
@@ -122,6 +144,46 @@ class OtlpStream:
             except queue.Empty:
                 if not alive or time.monotonic() > deadline:
                     return 0, -1
+
+
+def record_counts(inputs: list[StreamInput], endpoint: str, sent: int, dropped: int) -> bool:
+    """Keep what the stream did on its capture's row, once the recorders closed the files; False (and one line on
+    stderr) if no file would take it: the capture itself is whole either way, and the summary line has the counts.
+
+    The row gets the receiver (:func:`shown_url`: no credentials) and the spans sent and dropped; a stream that
+    died (``dropped`` -1: it never answered) leaves both counts NULL beside the endpoint, as how many spans it
+    sent before it died is unknown (never a 0 that would read as "none lost").
+
+    One stream follows every shard of a ``--workers`` capture, and its counts are written once: on the
+    row of the first input (in worker order) whose file has the capture's row, not on each shard's. The
+    other shards' rows stay NULL (not streamed, as far as they know), so an analysis of the shards
+    together, which makes one capture of their rows, counts each span once; a shard analysed alone
+    other than the first says nothing of the stream.
+    """
+    counts = (None, None) if dropped < 0 else (sent, dropped)
+    problems = []
+    for stream_input in inputs:
+        where, key = ("id = ?", stream_input.capture_id) if stream_input.source is None else ("source = ?", stream_input.source)
+        try:
+            conn = open_for_saving(stream_input.db, doing="keep the OTLP counts")
+        except TraceFileError as exc:
+            problems.append(str(exc))
+            continue
+        try:  # one statement: its own short transaction (the connection autocommits; busy timeout 5 s)
+            updated = conn.execute(
+                f"UPDATE captures SET otlp_endpoint = ?, otlp_spans_sent = ?, otlp_spans_dropped = ? WHERE {where}",
+                (shown_url(endpoint), *counts, key),
+            ).rowcount
+        except SQLITE_ERRORS as exc:
+            problems.append(f"{stream_input.db}: cannot keep the OTLP counts: {exc}")
+            continue
+        finally:
+            conn.close()
+        if updated:
+            return True
+        problems.append(f"{stream_input.db}: no capture row to keep the OTLP counts on")
+    print(f"hoptrace proxy: OTLP counts not kept in the trace file ({'; '.join(problems)})", file=sys.stderr, flush=True)
+    return False
 
 
 def _stream(inputs: list[StreamInput], url: str, entry: str | None, events, results) -> None:
@@ -171,7 +233,13 @@ class _Sender:
     def __init__(self, url: str) -> None:
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-        self.url = url
+        # urllib would take a URL's user:password@ as part of the host name: sent as Basic credentials instead.
+        parts = urllib.parse.urlsplit(url)
+        self.url = shown_url(url)
+        self._headers = {"Content-Type": "application/x-protobuf"}
+        if parts.username is not None:
+            credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+            self._headers["Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode("ascii")
         self._message_type = ExportTraceServiceRequest
         self._batch = ExportTraceServiceRequest()
         self._batch_spans = 0
@@ -214,7 +282,7 @@ class _Sender:
                 self.dropped += spans
 
     def _post(self, body: bytes) -> bool:
-        request = urllib.request.Request(self.url, data=body, method="POST", headers={"Content-Type": "application/x-protobuf"})
+        request = urllib.request.Request(self.url, data=body, method="POST", headers=self._headers)
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 response.read()
@@ -230,4 +298,4 @@ class _Sender:
             print(f"hoptrace: OTLP stream: {message}", file=sys.stderr, flush=True)
 
 
-__all__ = ["ORPHAN_SETTLE", "SETTLE", "OtlpStream", "StreamInput", "traces_url"]
+__all__ = ["ORPHAN_SETTLE", "SETTLE", "OtlpStream", "StreamInput", "record_counts", "shown_url", "traces_url"]

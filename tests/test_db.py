@@ -1,4 +1,4 @@
-"""The trace file itself: schema v3 made with sqlite-utils, migration of version-1 files, views,
+"""The trace file itself: schema v4 made with sqlite-utils, migration of version-1 files, views,
 Datasette metadata, read-only copies read by another user, captures that did not end."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from hoptrace.db import (
     COLUMNS,
     HOP_COLUMNS,
     HOP_TOKEN_COLUMNS,
+    MIGRATIONS,
     SCHEMA_VERSION,
     TOKEN_COLUMNS,
     VIEWS,
@@ -43,13 +44,15 @@ def test_the_insert_order_is_the_schema_order(tmp_path):
     with closing(open_for_writing(tmp_path / "new.db")) as conn:
         db = sqlite_utils.Database(conn)
         assert tuple(db["hops"].columns_dict) == HOP_COLUMNS
-        assert HOP_COLUMNS[-2:] == ("client_conn_id", "stream_id") and tuple(db["captures"].columns_dict)[-1] == "source"
+        assert HOP_COLUMNS[-2:] == ("client_conn_id", "stream_id") and tuple(db["captures"].columns_dict)[-4:] == (
+            "source", "otlp_endpoint", "otlp_spans_sent", "otlp_spans_dropped"
+        )
 
 
 def test_a_new_file_has_types_keys_defaults_and_indexes(tmp_path):
     with closing(open_for_writing(tmp_path / "new.db")) as conn:
         db = sqlite_utils.Database(conn)
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         links = {(fk.column, fk.other_table) for fk in db["hop_tokens"].foreign_keys}
         assert links == {("hop_id", "hops"), ("fingerprint", "tokens")}
@@ -88,6 +91,29 @@ def test_a_version_1_file_upgrades_when_opened_for_writing(tmp_path):
         assert tuple(db["hops"].columns_dict) == HOP_COLUMNS
         assert db["hops_readable"].count == before["hops"]
     assert render_json(analyze(v1)) == as_v1  # and the upgraded file reads the same
+
+
+def test_a_version_3_file_reads_as_it_is_and_gains_the_otlp_columns_when_opened_for_writing(tmp_path):
+    v3 = tmp_path / "clean.db"
+    shutil.copyfile(SAMPLES / "clean.db", v3)
+    with closing(sqlite3.connect(v3, isolation_level=None)) as conn:  # schema 3 as the previous hoptrace left it
+        db = sqlite_utils.Database(conn)
+        for step in MIGRATIONS[:2]:
+            step(db)
+        conn.execute("PRAGMA user_version = 3")
+        captures = conn.execute("SELECT * FROM captures").fetchall()
+    otlp = ("otlp_endpoint", "otlp_spans_sent", "otlp_spans_dropped")
+    assert not set(otlp) & set(sqlite_utils.Database(v3)["captures"].columns_dict)
+    as_v3 = analyze(v3)  # a reader takes the missing columns as NULL, without a note
+    assert as_v3.captures[list(otlp)].isna().all().all()
+    assert not any("otlp" in note for note in as_v3.notes), as_v3.notes
+    open_for_writing(v3).close()
+    with closing(sqlite3.connect(v3)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert tuple(r[1] for r in conn.execute("PRAGMA table_info(captures)"))[-3:] == otlp
+        # The rows are as they were, not streamed (NULL).
+        assert conn.execute("SELECT * FROM captures").fetchall() == [(*row, None, None, None) for row in captures]
+    assert render_json(analyze(v3)) == render_json(as_v3)
 
 
 def test_views_read_as_people_do(tmp_path):

@@ -1,31 +1,52 @@
 """`hoptrace proxy --otlp-endpoint`: a live sample-stack run streamed to an OTLP/HTTP receiver started here
-(aiohttp on 127.0.0.1), which decodes every body with the OpenTelemetry project's protobuf messages."""
+(aiohttp on 127.0.0.1), which decodes every body with the OpenTelemetry project's protobuf messages; what the stream
+did is kept on the capture row (schema 4) and named in the analysis when spans were lost."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import math
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from aiohttp import web
 from click.testing import CliRunner
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
 
+from hoptrace.analyzer import analyze
+from hoptrace.analyzer._analysis import stream_notes
 from hoptrace.cli import cli
 from hoptrace.exchange._otlp import from_otlp_json, span_id
-from hoptrace.proxy.otlp_stream import traces_url
-from hoptrace.proxy.workers import capture_shards
+from hoptrace.proxy.otlp_stream import StreamInput, record_counts, shown_url, traces_url
+from hoptrace.proxy.workers import capture_shards, worker_source
 from hoptrace.stack.scenarios import SCENARIOS, record
 
 from .conftest import PYTHON, free_port, query
+
+SAMPLES = Path(__file__).parent.parent / "sample_traces"
+
+
+CANARY = "canary-secret-5e1f"
+COUNTS = "SELECT otlp_endpoint, otlp_spans_sent, otlp_spans_dropped FROM captures"
+
+
+def _canary_nowhere(db: Path, *outputs: str) -> None:
+    """The endpoint's password is in no byte of the trace file (and its -wal, -journal) nor in any output."""
+    for path in db.parent.glob(f"{db.name}*"):
+        assert CANARY.encode() not in path.read_bytes(), path
+    for output in outputs:
+        assert CANARY not in output
 
 
 class Receiver:
@@ -35,9 +56,12 @@ class Receiver:
         self.bodies: list[bytes] = []
         self.arrived: list[float] = []
         self.content_types: set[str] = set()
+        self.authorizations: set[str | None] = set()
+        self.port = 0
 
     async def handle(self, request: web.Request) -> web.Response:
         self.content_types.add(request.content_type)
+        self.authorizations.add(request.headers.get("Authorization"))
         self.bodies.append(await request.read())
         self.arrived.append(time.time())
         return web.Response(body=ExportTraceServiceResponse().SerializeToString(), content_type="application/x-protobuf")
@@ -59,7 +83,7 @@ async def _record_streaming(db, receiver: Receiver, *proxy_args: str):
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    port = receiver.port = site._server.sockets[0].getsockname()[1]
     scenario = SCENARIOS["checkout-expiry"]
 
     async def drive(gateway_url: str, services=None):
@@ -71,7 +95,8 @@ async def _record_streaming(db, receiver: Receiver, *proxy_args: str):
         return flows
 
     try:
-        endpoint = ("--otlp-endpoint", f"http://127.0.0.1:{port}")
+        # Credentials in the URL, as a hosted receiver takes them: sent as Basic auth, never stored.
+        endpoint = ("--otlp-endpoint", f"http://user:{CANARY}@127.0.0.1:{port}/?token={CANARY}")
         return await record(db, scenario.stack_config(), drive, proxy_args=(*endpoint, *proxy_args))
     finally:
         await runner.cleanup()
@@ -100,6 +125,13 @@ def test_every_hop_of_a_live_run_reaches_the_receiver_as_a_span_with_its_parent(
     assert any(event.name == "expired_mid_flow" for span in spans for event in span.events)
     match = re.search(r"(\d+) spans streamed over OTLP, (\d+) dropped", recording.proxy_output)
     assert match and (int(match[1]), int(match[2])) == (len(hop_ids), 0), recording.proxy_output
+    # The capture row keeps the same counts: the receiver (without its credentials) got every span.
+    stored = [tuple(row) for row in query(db, f"{COUNTS} WHERE id = ?", capture_id)]
+    assert stored == [(f"http://127.0.0.1:{receiver.port}/v1/traces", len(spans), 0)]
+    assert receiver.authorizations == {"Basic " + base64.b64encode(f"user:{CANARY}".encode()).decode()}
+    analysis = analyze(db)
+    assert not [note for note in analysis.notes if "streamed" in note], analysis.notes  # nothing lost: nothing to say
+    _canary_nowhere(db, recording.proxy_output, CliRunner().invoke(cli, ["analyze", str(db)]).output)
     # Streamed while the proxy ran, not only at its stop.
     stopped_at = float(re.search(r"stopping at (\d+\.\d+)", recording.proxy_output)[1])
     assert min(receiver.arrived) < stopped_at, recording.proxy_output
@@ -150,6 +182,13 @@ def test_with_two_workers_one_stream_sends_every_hop_of_every_shard_once_with_pa
     assert any(event.name == "expired_mid_flow" for span in spans for event in span.events)
     match = re.search(r"2 workers: .*; (\d+) spans streamed over OTLP, (\d+) dropped", recording.proxy_output)
     assert match and (int(match[1]), int(match[2])) == (hops, 0), recording.proxy_output
+    # One stream, its counts written once: on the first shard's row; the shards analysed together count each span once.
+    url = f"http://127.0.0.1:{receiver.port}/v1/traces"
+    assert [[tuple(row) for row in query(shard, COUNTS)] for shard in shards] == [[(url, hops, 0)], [(None, None, None)]]
+    joined = analyze(shards).captures
+    assert len(joined) == 1 and tuple(joined.iloc[0][["otlp_endpoint", "otlp_spans_sent", "otlp_spans_dropped"]]) == (url, hops, 0)
+    for shard in shards:
+        _canary_nowhere(shard, recording.proxy_output)
     stopped_at = float(re.search(r"stopping at (\d+\.\d+)", recording.proxy_output)[1])
     assert min(receiver.arrived) < stopped_at, "streamed while the workers recorded"
     # The stream was paused before the workers closed their shards: each was left self-contained.
@@ -163,6 +202,13 @@ def test_an_endpoint_that_is_not_an_http_url_exits_2_with_one_line(value):
     result = CliRunner().invoke(cli, ["proxy", "--route", "a=http://127.0.0.1:1@18080", "--otlp-endpoint", value])
     assert result.exit_code == 2, result.output
     assert "--otlp-endpoint" in result.output and "Traceback" not in result.output
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.one_of(st.integers(65536, 10**12).map(str), st.from_regex(r"[0-9]{0,3}[a-z][0-9a-z]{0,3}", fullmatch=True)))
+def test_an_endpoint_with_a_port_that_is_none_exits_2_with_one_line(port):
+    result = CliRunner().invoke(cli, ["proxy", "--route", "a=http://127.0.0.1:1@18080", "--otlp-endpoint", f"http://127.0.0.1:{port}"])
+    assert result.exit_code == 2 and "--otlp-endpoint: Port" in result.output and "Traceback" not in result.output, result.output
 
 
 def test_the_traces_path_is_added_once():
@@ -207,3 +253,83 @@ def test_a_streaming_process_that_dies_is_named_and_does_not_hold_up_the_stop(sp
     assert code != -signal.SIGKILL, proxy.output
     assert "OTLP STREAMING FAILED" in proxy.output
     assert len(query(db, "SELECT id FROM hops")) == 5
+    # The row says it streamed, and that the counts are unknown: never a 0 that reads as "nothing lost".
+    url = f"http://127.0.0.1:{receiver}/v1/traces"
+    assert [tuple(row) for row in query(db, COUNTS)] == [(url, None, None)]
+    said = f"capture 1 streamed spans to {url}, but its stream died before counting them"
+    assert [note for note in analyze(db).notes if note.startswith(said)], analyze(db).notes
+
+
+@pytest.mark.e2e
+def test_spans_a_receiver_never_took_are_counted_on_the_capture_row_and_named_by_analyze(spawn, tmp_path):
+    """A receiver that is down (a closed port: every POST refused): each span is dropped, and the file says so."""
+    hello, listen, closed = free_port(), free_port(), free_port()
+    spawn([PYTHON, "-m", "hoptrace.stack.upstreams", "hello", str(hello)], ready="listening")
+    db = tmp_path / "t.db"
+    proxy = spawn([PYTHON, "-m", "hoptrace", "proxy", "--db", str(db), "--route", f"svc=http://127.0.0.1:{hello}@{listen}",
+                   "--otlp-endpoint", f"http://user:{CANARY}@127.0.0.1:{closed}?api_key={CANARY}"], ready="proxy ready")  # fmt: skip
+    for i in range(5):
+        with urllib.request.urlopen(f"http://127.0.0.1:{listen}/hello/{i}", timeout=10) as response:
+            assert response.status == 200
+    assert proxy.stop(timeout=30) == 0, proxy.output  # spans lost to the receiver: the capture itself is whole
+    assert "0 spans streamed over OTLP, 5 dropped" in proxy.output
+    url = f"http://127.0.0.1:{closed}/v1/traces"
+    assert [tuple(row) for row in query(db, COUNTS)] == [(url, 0, 5)]
+    result = CliRunner().invoke(cli, ["analyze", str(db)])
+    assert result.exit_code == 0, result.output
+    assert f"capture 1 streamed 0 spans to {url}; 5 dropped (queue full or refused)" in result.output
+    _canary_nowhere(db, proxy.output, result.output)
+
+
+def test_counts_no_file_will_take_are_one_line_on_stderr_and_the_next_shard_takes_them(tmp_path, capsys):
+    """The counts are written after the recorders closed their files: a shard that is gone, not a database, or
+    without the capture's row is passed over for the next (a --workers capture); when none takes them, one line
+    names each, and nothing raises (the capture is whole; the summary line has the counts)."""
+    db = tmp_path / "clean.db"
+    shutil.copyfile(SAMPLES / "clean.db", db)
+    hops = query(db, "SELECT count(*) FROM hops")[0][0]
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database " * 100)
+    endpoint = f"http://u:{CANARY}@127.0.0.1:1?k={CANARY}"
+    unusable = [StreamInput(tmp_path / "gone.db", capture_id=1), StreamInput(garbage, capture_id=1), StreamInput(db, capture_id=99)]
+    assert not record_counts(unusable, endpoint, 3, 0)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and all(str(i.db) in err for i in unusable) and "Traceback" not in err, err
+    assert CANARY not in err and garbage.read_bytes() == b"not a database " * 100
+    assert [tuple(row) for row in query(db, COUNTS)] == [(None, None, None)]
+
+    assert record_counts([unusable[0], StreamInput(db, capture_id=1), StreamInput(db, capture_id=1)], endpoint, 3, 0)
+    assert capsys.readouterr().err == ""
+    assert [tuple(row) for row in query(db, COUNTS)] == [("http://127.0.0.1:1/v1/traces", 3, 0)]
+    assert query(db, "SELECT count(*) FROM hops")[0][0] == hops
+
+
+@settings(max_examples=60, deadline=None)
+@example("x", 2**70, 2**70, False).via("wider than int64: what SQLite returns as REAL, a hostile object column as an int")
+@example("x" * 300, 2**63 - 1, 2**63 - 1, True).via("the longest note")
+@example("x", 3.0, float("nan"), False).via("a float column: a NULL elsewhere in it")
+@given(
+    st.one_of(st.none(), st.text(max_size=300)),
+    *[st.one_of(st.none(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=5), st.binary(max_size=5))] * 2,
+    st.booleans(),
+)
+def test_a_captures_stream_counts_read_as_one_short_line_whatever_the_file_holds(endpoint, sent, dropped, shards):
+    columns = {"otlp_endpoint": [endpoint], "otlp_spans_sent": [sent], "otlp_spans_dropped": [dropped]}
+    captures = pd.DataFrame(columns, index=pd.Index([7], name="id"), dtype=object)
+    captures["source"] = worker_source(2, "ab" * 16, 1) if shards else "hoptrace proxy"
+    notes = stream_notes(captures)
+    assert len(notes) <= 1 and all("\n" not in note and len(note) < 200 for note in notes)
+    label = "--workers capture abababababab" if shards else "capture 7"
+    if endpoint is None:
+        assert notes == []
+    elif isinstance(dropped, float) and math.isnan(dropped):  # unknown: the stream died
+        assert notes[0].startswith(f"{label} streamed spans to ")
+    elif type(dropped) is int and 0 < dropped < 2**63 and type(sent) is int and 0 <= sent < 2**63:
+        shown = " ".join(endpoint.split())
+        shown = shown if len(shown) <= 64 else f"{shown[:63]}…"
+        assert notes == [f"{label} streamed {sent:,} spans to {shown}; {dropped:,} dropped (queue full or refused)"]
+
+
+def test_the_url_kept_has_no_credentials_nor_query():
+    assert shown_url(f"https://user:{CANARY}@collector.example:4318/otlp/?token={CANARY}#x") == "https://collector.example:4318/otlp/v1/traces"
+    assert shown_url("http://[::1]:4318") == "http://[::1]:4318/v1/traces"

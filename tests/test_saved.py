@@ -104,7 +104,7 @@ def test_a_version_2_file_upgrades_when_an_analysis_is_saved(tmp_path):
     assert load_saved(path, load(path)) is None  # nothing saved in a version-2 file
     save(path, analyze(path))
     db = sqlite_utils.Database(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert {t: db[t].count for t in before} == before
     assert db["analysis_hops"].count == before["hops"] and db["findings"].count > 0
     assert {"findings_readable", "finding_hops_readable", "analysis_readable"} <= set(db.view_names())
