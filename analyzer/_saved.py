@@ -41,7 +41,7 @@ from hoptrace.analyzer._load import Tables
 from hoptrace.analyzer._render import _jsonable
 from hoptrace.analyzer._traces import LINKS, _Links, _with_links
 from hoptrace.analyzer._types import SEVERITIES
-from hoptrace.db import SQLITE_ERRORS, open_for_reading, open_for_saving
+from hoptrace.db import ANALYSIS_SCHEMA, SQLITE_ERRORS, open_for_reading, open_for_saving
 
 FORMAT = 1
 """Layout of the saved analysis tables; a reader takes only its own."""
@@ -225,8 +225,8 @@ def load_saved(path: str | Path, tables: Tables, config: AnalyzerConfig | None =
 
 def _current_meta(conn, config: AnalyzerConfig | None) -> dict | None:
     """The saved analysis's row when it is current for the file and ``config``, else None."""
-    if conn.execute("PRAGMA user_version").fetchone()[0] < 3:
-        return None  # a file older than schema 3 has no analysis tables, so nothing saved
+    if conn.execute("PRAGMA user_version").fetchone()[0] < ANALYSIS_SCHEMA:
+        return None  # nothing saved: no analysis tables
     conn.row_factory = _dict_row
     try:
         meta = conn.execute("SELECT * FROM analysis WHERE id = 1").fetchone()

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     import sqlite_utils
 
 SCHEMA_VERSION = 4
+ANALYSIS_SCHEMA = 3
+"""The version that added the tables of a saved analysis: an older file has none."""
 
 # Each table: {column: (type, description)} in column order. The descriptions are the
 # schema's documentation: Datasette shows them (see `metadata`), the README lists them.
@@ -377,13 +379,13 @@ def _v2_to_v3(db: sqlite_utils.Database) -> None:
         db[name].create(columns, **_CREATE[name], if_not_exists=True)
 
 
-# MIGRATIONS[v - 1] takes a file from version v to v + 1. A step that reorders, retypes or
-# drops columns uses Table.transform (a copy of the table in the same transaction).
 def _v3_to_v4(db: sqlite_utils.Database) -> None:
     """Schema 4: what ``hoptrace proxy --otlp-endpoint`` streamed: the receiver, spans sent and dropped, on the capture row."""
     _add_columns(db, 4)
 
 
+# MIGRATIONS[v - 1] takes a file from version v to v + 1. A step that reorders, retypes or
+# drops columns uses Table.transform (a copy of the table in the same transaction).
 MIGRATIONS = (_v1_to_v2, _v2_to_v3, _v3_to_v4)
 
 
