@@ -12,7 +12,6 @@ A token is expired at ``exp`` itself (RFC 7519: "on or after"), as pyjwt judges 
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
@@ -22,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from hoptrace._format import hop_ended
+from hoptrace._stored import stored_json
 from hoptrace.analyzer._arrays import group_quantiles, run_starts
 from hoptrace.analyzer._config import AnalyzerConfig
 from hoptrace.analyzer._headers import REDACTED_PREFIX, HeaderReader, empty_lines
@@ -927,13 +927,8 @@ def _audiences(value: object) -> tuple[str, ...]:
     """A token's ``aud`` as stored (a string, or a JSON list of strings), as a tuple."""
     if not isinstance(value, str) or not value:
         return ()
-    if value.startswith("["):
-        try:
-            items = json.loads(value)
-        except ValueError:
-            return (value,)
-        return tuple(str(a) for a in items) if isinstance(items, list) else (value,)
-    return (value,)
+    items = stored_json(value) if value.startswith("[") else None
+    return tuple(str(a) for a in items) if isinstance(items, list) else (value,)
 
 
 def audience_mismatch(ctx: Context) -> pd.DataFrame:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from hoptrace._stored import header_pairs
 from hoptrace.db import open_for_reading
 
 HEADER_LINE_COLUMNS = ("hop_id", "name", "value")
@@ -63,14 +64,4 @@ class HeaderReader:
 
 def _pairs(text: object) -> list[tuple[str, str]]:
     """``[[name, value], ...]`` as written by the recorder, names lower-cased; anything else: none."""
-    try:
-        items = json.loads(text) if isinstance(text, str) else None
-    except (ValueError, RecursionError):
-        return []
-    if not isinstance(items, list):
-        return []
-    return [
-        (item[0].lower(), item[1])
-        for item in items
-        if isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], str)
-    ]
+    return [(name.lower(), value) for name, value in header_pairs(text) if isinstance(value, str)]

@@ -211,7 +211,7 @@ def load_saved(path: str | Path, tables: Tables, config: AnalyzerConfig | None =
         saved_config = _config_of(meta["config"], base)
         links = _read_links(conn, tables.hops)
         findings = _read_findings(conn, set(tables.hops.index.tolist()))
-    except (_Unreadable, AnalysisError, ValueError, TypeError, OverflowError, *SQLITE_ERRORS) as exc:
+    except (_Unreadable, AnalysisError, ValueError, TypeError, OverflowError, RecursionError, *SQLITE_ERRORS) as exc:
         tables.notes.append(f"the analysis saved in the file does not add up ({_one_line(exc)}); analysed afresh")
         return None
     finally:

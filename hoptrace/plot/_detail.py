@@ -10,7 +10,6 @@ redacted ``curl`` command. All pure but the read.
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import sqlite3
@@ -20,6 +19,7 @@ from typing import Any
 
 from hoptrace._errors import TraceFileError
 from hoptrace._format import as_float, clean
+from hoptrace._stored import header_pairs, json_object
 
 DETAIL_COLUMNS = (
     "id", "scheme", "host", "port", "path", "query", "http_version", "method", "status", "reason", "error",
@@ -77,29 +77,14 @@ def _read_chunk(conn: sqlite3.Connection, ids: list[int], out: dict[int, HopDeta
              f"ON t.fingerprint = h.fingerprint WHERE h.hop_id IN ({marks}) ORDER BY h.hop_id, h.role")  # fmt: skip
     for row in conn.execute(query, ids):
         token = dict(row)
-        token["claims"] = _claims(token["claims"])
+        token["claims"] = json_object(token["claims"])
         if int(token["hop_id"]) in out:
             out[int(token["hop_id"])].tokens.append(token)
 
 
 def _headers(text: Any) -> list[tuple[str, str]]:
     """``[[name, value], ...]`` JSON as pairs (anything else: none), values scrubbed of JWT shapes."""
-    try:
-        pairs = json.loads(text) if isinstance(text, str) else []
-    except ValueError:
-        return []
-    if not isinstance(pairs, list):
-        return []
-    ok = [p for p in pairs if isinstance(p, list) and len(p) == 2]
-    return [(clean(n, 100), scrub(v)) for n, v in ok[:MAX_HEADERS]]
-
-
-def _claims(text: Any) -> dict[str, Any]:
-    try:
-        claims = json.loads(text) if isinstance(text, str) else {}
-    except ValueError:
-        return {}
-    return claims if isinstance(claims, dict) else {}
+    return [(clean(n, 100), scrub(v)) for n, v in header_pairs(text)[:MAX_HEADERS]]
 
 
 def scrub(value: Any, limit: int = 300) -> str:

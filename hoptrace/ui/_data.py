@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from hoptrace._format import hop_ended
+from hoptrace._stored import header_pairs, stored_json
 from hoptrace.analyzer import Analysis, analysis_for, analyze, latency_tables
 from hoptrace.analyzer._model import TIERS, Model, group_findings, hop_endings, model, outcomes, slowest_first
 from hoptrace.analyzer._types import OUTCOMES, SEVERITIES, SEVERITY_RANK
@@ -949,10 +950,7 @@ def _findings_of(groups: list, hop_ids: set[int]) -> list[dict[str, Any]]:
 
 
 def _token(t: dict[str, Any], at: float) -> dict[str, Any]:
-    try:
-        claims = json.loads(t["claims"]) if t["claims"] else None
-    except ValueError:
-        claims = None
+    claims = stored_json(t["claims"])
     exp = t["exp"]
     return {
         "fingerprint": t["fingerprint"],
@@ -968,11 +966,7 @@ def _token(t: dict[str, Any], at: float) -> dict[str, Any]:
 
 
 def _headers(text: str | None) -> list[list[str]]:
-    try:
-        pairs = json.loads(text) if text else []
-    except ValueError:
-        return []
-    return [[str(p[0]), str(p[1])] for p in pairs if isinstance(p, list) and len(p) == 2]
+    return [[name, str(value)] for name, value in header_pairs(text)]
 
 
 def _summary(request: dict[str, Any]) -> dict[str, Any]:

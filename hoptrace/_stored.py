@@ -1,0 +1,39 @@
+"""JSON the trace file holds (headers, claims, saved evidence), read as untrusted text.
+
+A trace file can come from anywhere: a column may hold anything but the JSON the recorder
+wrote. ``json.loads`` raises ``ValueError`` for text that is not JSON and ``RecursionError``
+for arrays or objects nested past the interpreter's recursion limit (``[[[[...`` 50,000
+deep), so every reader goes through here and gets "nothing" for either.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+__all__ = ["header_pairs", "json_object", "stored_json"]
+
+
+def stored_json(text: object, default: Any = None) -> Any:
+    """The JSON value of ``text``; ``default`` when it is not a str holding JSON."""
+    if not isinstance(text, str):
+        return default
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return default
+
+
+def json_object(text: object) -> dict[str, Any]:
+    """A JSON object (a token's claims, a finding's evidence); {} for anything else."""
+    value = stored_json(text)
+    return value if isinstance(value, dict) else {}
+
+
+def header_pairs(text: object) -> list[tuple[str, Any]]:
+    """``[[name, value], ...]`` as the recorder writes headers: the pairs whose name is a str
+    (values as stored, usually str); none when the text is anything else."""
+    items = stored_json(text)
+    if not isinstance(items, list):
+        return []
+    return [(item[0], item[1]) for item in items if isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)]
