@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hoptrace._errors import HoptraceError
+from hoptrace._stored import read_text_file
 
 
 class OpenAPIError(HoptraceError):
@@ -53,7 +54,7 @@ def parse_spec_arg(value: str) -> tuple[str, Path]:
 def load_spec(service: str, path: Path) -> list[Operation]:
     """The operations of one OpenAPI 3 document (YAML or JSON); OpenAPIError names what is wrong."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text_file(path)
     except FileNotFoundError:
         raise OpenAPIError(f"{path}: no such OpenAPI document") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -54,8 +54,8 @@ def _expand(path: Path) -> list[Path]:
                 raise BadInput(f"{path}: a folder with no trace file (*.db) in it")
             return found
         exists = path.exists()
-    except PermissionError as exc:  # is_dir() and exists() raise it for a path in a folder we may not enter
-        raise BadInput(f"{path}: cannot reach the file: {exc.strerror}") from None
+    except OSError as exc:  # a folder we may not enter, a name too long (is_dir() and exists() raise them)
+        raise BadInput(f"{path}: cannot reach the file: {exc.strerror or exc}") from None
     if not exists:
         raise BadInput(f"{path}: no such file")
     return [path]
@@ -63,7 +63,7 @@ def _expand(path: Path) -> list[Path]:
 
 def _natural(path: Path) -> list:
     """Names by their text, numbers in them by value: w2 before w10."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+    return [int(part) if part.isdecimal() else part for part in re.split(r"(\d+)", path.name)]
 
 
 def one_trace_file(dbs: tuple[Path, ...], option: str) -> Path:

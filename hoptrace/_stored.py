@@ -1,4 +1,5 @@
-"""JSON the trace file holds (headers, claims, saved evidence), read as untrusted text.
+"""What hoptrace reads that it did not write: JSON a trace file holds (headers, claims, saved
+evidence), and the small text files a user names (stack files, OpenAPI documents).
 
 A trace file can come from anywhere: a column may hold anything but the JSON the recorder
 wrote. ``json.loads`` raises ``ValueError`` for text that is not JSON and ``RecursionError``
@@ -8,10 +9,21 @@ deep), so every reader goes through here and gets "nothing" for either.
 
 from __future__ import annotations
 
+import errno
 import json
+import stat
+from pathlib import Path
 from typing import Any
 
-__all__ = ["header_pairs", "json_object", "stored_json"]
+__all__ = ["header_pairs", "json_object", "read_text_file", "stored_json"]
+
+
+def read_text_file(path: Path) -> str:
+    """A text file's content (UTF-8). OSError for anything but a regular file: reading a fifo
+    would wait for a writer forever, a device would never end."""
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return path.read_text(encoding="utf-8")
 
 
 def stored_json(text: object, default: Any = None) -> Any:

@@ -527,6 +527,8 @@ def _existing_file(path: str | Path) -> Path:
         raise TraceFileError(f"{path}: cannot reach the file: {exc.strerror or exc}") from None
     if stat.S_ISDIR(mode):
         raise TraceFileError(f"{path}: is a directory, not a trace database")
+    if not stat.S_ISREG(mode):  # a fifo would block the open forever; a device is no database
+        raise TraceFileError(f"{path}: not a regular file (a fifo, device or socket), not a trace database")
     return path
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from hoptrace._errors import RouteError
+from hoptrace._stored import read_text_file
 from hoptrace._types import Route
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -92,7 +93,7 @@ def load_stack_file(path: str | Path) -> StackFile:
     """A stack file's routes, entry and db, every key and type checked; RouteError names the file and the key."""
     path = Path(path)
     try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
+        document = tomllib.loads(read_text_file(path))
     except FileNotFoundError:
         raise RouteError(f"{path}: no such stack file") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:

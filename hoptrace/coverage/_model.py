@@ -56,9 +56,9 @@ def _classified(hops: pd.DataFrame, operations: list[Operation]) -> pd.DataFrame
     """Per hop: service, method, path (template), caller, status, status class."""
     frame = pd.DataFrame(
         {
-            "service": hops["service"].astype(str),
-            "method": hops["method"].astype(str),
-            "raw": hops["path"].astype(str),
+            "service": _text(hops["service"]),
+            "method": _text(hops["method"]),
+            "raw": _text(hops["path"]),
             "status": hops["status"],
             "caller": caller_services(hops).to_numpy(),
         },
@@ -75,6 +75,11 @@ def _classified(hops: pd.DataFrame, operations: list[Operation]) -> pd.DataFrame
     frame["documented"] = [templates[k][1] for k in keys]
     frame["class"] = [_status_class(s) for s in frame["status"]]
     return frame
+
+
+def _text(column: pd.Series) -> pd.Series:
+    """A text column with "" for none: a hostile file's NULL path is no path, not a crash."""
+    return column.astype(object).fillna("").astype(str)
 
 
 def _template(ops, method: str, raw: str) -> tuple[str, bool | None]:

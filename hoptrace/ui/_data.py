@@ -34,6 +34,7 @@ from hoptrace._stored import header_pairs, stored_json
 from hoptrace.analyzer import Analysis, analysis_for, analyze, latency_tables
 from hoptrace.analyzer._model import TIERS, Model, group_findings, hop_endings, model, outcomes, slowest_first
 from hoptrace.analyzer._types import OUTCOMES, SEVERITIES, SEVERITY_RANK
+from hoptrace.db import COLUMNS as COLUMNS_OF
 from hoptrace.db import SCHEMA, SCHEMA_VERSION, open_for_reading
 from hoptrace.ui._preview import COLUMNS, NotFound, NotReady, entry_requests
 from hoptrace.ui._query import RequestQuery
@@ -977,5 +978,23 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     return [{k: plain(v) for k, v in row.items()} for row in frame.to_dict("records")]
 
 
+# What each column the hop pane reads holds in hoptrace's schema (hops, its tokens, their sightings).
+_KINDS = {name: kind for table in ("hop_tokens", "tokens", "hops") for name, (kind, _) in COLUMNS_OF[table].items()}
+
+
 def _dict_row(cursor, row) -> dict[str, Any]:
-    return {d[0]: v for d, v in zip(cursor.description, row, strict=True)}
+    """A row as a dict, each value of its column's type or None: a hostile file's text where a
+    time belongs reads as unknown, a blob where text belongs as text (JSON cannot carry bytes)."""
+    return {d[0]: _typed(_KINDS.get(d[0], str), v) for d, v in zip(cursor.description, row, strict=True)}
+
+
+def _typed(kind: type, value: Any) -> Any:
+    if value is None:
+        return None
+    if kind is str:
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        return None
+    if kind is int:
+        return value if isinstance(value, int) else int(value) if value.is_integer() else None
+    return float(value)
