@@ -199,7 +199,10 @@ def outside_window(dbs: tuple[Path, ...], since: str | None, until: str | None) 
     from hoptrace.db import open_for_reading
 
     lo, hi = parse_time(since, "since"), parse_time(until, "until")
-    bounds = ([f"at or after {utc(lo)}"] if lo is not None else []) + ([f"at or before {utc(hi)}"] if hi is not None else [])
+    def moment(t: float) -> str:  # a bound past the calendar (--since 1e308) as the number given
+        return utc(t) if utc(t) != "?" else f"{t:g} (UNIX seconds)"
+
+    bounds = ([f"at or after {moment(lo)}"] if lo is not None else []) + ([f"at or before {moment(hi)}"] if hi is not None else [])
     window = "no request started " + " and ".join(bounds)
     counts = []
     for db in dbs:

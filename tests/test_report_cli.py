@@ -83,6 +83,8 @@ def test_a_window_without_hops_says_where_the_hops_are():
     assert m[2] == m[3] and m[4] == "0" and int(m[2]) > 50
     code, _, err = hoptrace("analyze", DEMO, "--until", "2000-01-01")
     assert code == 0 and "0 before" in err and "after)" in err
+    code, _, err = hoptrace("analyze", DEMO, "--since", "1e308")  # past the calendar: the number as given
+    assert code == 0 and "at or after 1e+308 (UNIX seconds)" in err and "?" not in err.split(";")[0]
     code, _, err = hoptrace("analyze", DEMO, "--since", "last tuesday")
     assert code == 2 and "such as 15m, 2h, 30s" in err and "Traceback" not in err
 
