@@ -93,6 +93,7 @@ def analyze(
     until: object = None,
     *,
     reuse_saved: bool = False,
+    latency: bool = True,
 ) -> Analysis:
     """Analyze a trace DB, or several as one (the shards of ``hoptrace proxy --workers``, or
     captures of one stack on several hosts with one fingerprint key).
@@ -102,7 +103,8 @@ def analyze(
     requests that started in that window. ``reuse_saved``: take the links and findings
     from the analysis saved in the file when it is current (see
     :func:`hoptrace.analyzer._saved.load_saved`; without ``config``, with the options it
-    was saved with). Raises ``TraceFileError`` for a file that is
+    was saved with). ``latency=False`` leaves the latency tables empty (a live pass whose
+    caller recomputes them over the whole capture). Raises ``TraceFileError`` for a file that is
     not a usable trace DB, ``AnalysisError`` for an unknown trace or a bad time.
     """
     asked, config = config, config or AnalyzerConfig()
@@ -125,7 +127,7 @@ def analyze(
         saved = load_saved(paths[0], tables, asked)
     config = config if saved is None else saved.config
     headers = HeaderReader(paths[0]) if len(paths) == 1 else JoinedHeaders(paths)
-    analysis = analyze_tables(tables, config, trace=trace, since=lo, until=hi, headers=headers, saved=saved)
+    analysis = analyze_tables(tables, config, trace=trace, since=lo, until=hi, headers=headers, saved=saved, latency=latency)
     analysis.source = ", ".join(map(str, paths))
     analysis.files = tuple(map(str, paths))
     analysis.timings = {"load": loaded, **analysis.timings}
@@ -179,9 +181,10 @@ def analyze_tables(
     detectors: tuple[Detector, ...] = DETECTORS,
     headers: HeaderReader | None = None,
     saved: SavedAnalysis | None = None,
+    latency: bool = True,
 ) -> Analysis:
     """The analysis of tables already loaded (see :func:`analyze`); with ``saved``, its links and
-    findings in place of the rebuild and the detectors."""
+    findings in place of the rebuild and the detectors; ``latency=False``: empty latency tables."""
     clock = time.perf_counter
     started = clock()
     ctx = prepare(tables, config, since=since, until=until, headers=headers, saved=saved)
@@ -193,10 +196,10 @@ def analyze_tables(
     # GIL, so they take the second core while the detectors build findings (-0.9 s at 1M
     # hops). The thread gets a DataFrame object of its own over the same columns.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        latency = pool.submit(_latency_tables, shown.copy(deep=False))
+        tables_of = pool.submit(_latency_tables, shown.copy(deep=False) if latency else shown.iloc[:0])
         findings = run_detectors(ctx, detectors) if saved is None else saved.findings
         detected = clock()
-        (services, endpoints, edges), tables_s = latency.result()
+        (services, endpoints, edges), tables_s = tables_of.result()
     notes = [*tables.notes, *stream_notes(tables.captures), *_link_notes(hops), *(saved.notes if saved is not None else ())]
     if chosen is not None:
         hops = shown

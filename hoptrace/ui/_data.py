@@ -245,7 +245,8 @@ class Data:
             tails = [Path(folder) / f"tail{k}.db" for k in range(len(files))]
             for path, tail_db in zip(files, tails, strict=True):
                 copy_tail(path, tail_db, since)
-            tail = analyze(tails if source.files else tails[0], since=since)
+            # Its latency tables would cover the tail only: model_of() computes them over the whole capture.
+            tail = analyze(tails if source.files else tails[0], since=since, latency=False)
         if source.files:
             tail.hops["file"] = tail.hops["file"].cat.rename_categories([str(f) for f in files])
         if pending is not None and pending.since < since:
