@@ -209,3 +209,35 @@ def test_parquet_reads_back_with_pyarrow_and_duckdb(exported):
         f" JOIN '{out}/parquet/hops.parquet' h ON h.id = u.hop_id WHERE f.kind = 'expired_mid_flow' ORDER BY h.started_at"
     ).fetchall()
     assert ("auth", "/introspect", 401) in expired
+
+
+# -- where an export goes ------------------------------------------------------------
+
+
+def test_export_follows_a_symlink_and_writes_into_a_fifo(exported, tmp_path):
+    """A rename over the path would turn a fifo (or /dev/stdout) into a regular file and a link into a copy."""
+    import os
+    import stat
+    import threading
+
+    db, _ = exported
+    fifo, target, link = tmp_path / "p.har", tmp_path / "t.jsonl", tmp_path / "l.jsonl"
+    os.mkfifo(fifo)
+    target.write_text("keep\n")
+    link.symlink_to(target.name)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    done = hoptrace("export", db, "--har", fifo, "--otlp", link)
+    reader.join(timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and link.is_symlink() and os.readlink(link) == target.name
+    har_validator().validate(json.loads(received[0]))
+    assert len(target.read_text().splitlines()) > 1 and not list(tmp_path.glob(".*.partial"))
+
+
+def test_export_usage_errors_are_one_line(exported, tmp_path):
+    db, _ = exported
+    for args in (["--parquet", db], ["--har", tmp_path]):
+        done = hoptrace("export", db, *args)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, (args, done.stderr)

@@ -199,7 +199,7 @@ def test_a_newer_flow_format_says_which(tmp_path):
 
 def test_bad_options_are_one_line(tmp_path):
     good = write(tmp_path / "good.har", har(har_entry("/ok")))
-    for args in (["--service", "nonsense"], ["--entry", "nosuch"], ["--fingerprint-key", "zz"]):
+    for args in (["--service", "nonsense"], ["--entry", "nosuch"], ["--fingerprint-key", "zz"], ["--db", tmp_path], [tmp_path]):
         done = cli("import", good, "--db", tmp_path / "t.db", *args)
         assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, (args, done.stderr)
     assert counts(tmp_path / "t.db")[1] == 0
