@@ -48,7 +48,10 @@ def import_(files: tuple[Path, ...], db: Path, service_specs: tuple[str, ...], s
             if result.already:
                 click.echo(f"{path}: already imported into {db} as capture {result.capture_id}; skipped")
                 continue
+            for note in result.notes:
+                click.echo(note, err=True)
             skipped = f", {result.skipped} non-HTTP entries skipped" if result.skipped else ""
+            skipped += f", {len(result.notes)} noted above" if result.notes else ""
             click.echo(
                 f"{path}: {result.hops} hops imported into {db} as capture {result.capture_id}"
                 f" ({result.kind}, {result.addon_errors} addon errors{skipped})"
