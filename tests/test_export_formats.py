@@ -17,6 +17,8 @@ import jsonschema
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from referencing import Registry, Resource
@@ -241,3 +243,44 @@ def test_export_usage_errors_are_one_line(exported, tmp_path):
     for args in (["--parquet", db], ["--har", tmp_path]):
         done = hoptrace("export", db, *args)
         assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, (args, done.stderr)
+
+
+# -- a hostile trace file ------------------------------------------------------------------
+
+hostile_values = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(["²", "٣٠٠", "200", "NaN", "inf", "-inf", "1e999", '[["a", 5]]', "5", "{}", "null"]),
+    st.binary(max_size=8),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False),
+    st.integers(1, 3000).map(lambda n: "[" * n + "]" * n),
+    st.none(),
+)
+HOSTILE_COLUMNS = ["status", "port", "started_at", "ended_at", "request_end_at", "response_start_at", "connect_at", "connected_at",
+                   "request_headers", "response_headers", "method", "path", "query", "host", "scheme", "request_size", "response_size",
+                   "error", "failed", "client_addr", "http_version", "reason", "request_body", "response_body"]  # fmt: skip
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(changes=st.lists(st.tuples(st.sampled_from(HOSTILE_COLUMNS), hostile_values, st.booleans()), min_size=1, max_size=4))
+def test_export_of_a_hostile_trace_file_is_valid_output_or_one_line(tmp_path_factory, changes):
+    tmp = tmp_path_factory.mktemp("hostile")
+    db = tmp / "h.db"
+    shutil.copy(SAMPLES / "checkout-expiry.db", db)
+    conn = sqlite3.connect(db)
+    with conn:
+        for column, value, every_hop in changes:
+            where = "" if every_hop else " WHERE id = (SELECT min(id) FROM hops)"
+            conn.execute(f"UPDATE hops SET {column} = ?{where}", (value,))
+    conn.close()
+    done = hoptrace("export", db, "--har", tmp / "h.har", "--otlp", tmp / "h.jsonl", "--parquet", tmp / "pq")
+    if done.returncode == 2:
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        return
+    assert done.returncode == 0, done.stderr
+    document = json.loads((tmp / "h.har").read_text())
+    har_validator().validate(document)
+    assert all(isinstance(entry["response"]["status"], int) for entry in document["log"]["entries"])
+    for line in (tmp / "h.jsonl").read_text().splitlines():
+        parse_otlp_line(line)
+    assert pq.read_table(tmp / "pq" / "hops.parquet").num_rows == len(document["log"]["entries"])

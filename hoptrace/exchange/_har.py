@@ -27,6 +27,7 @@ from mitmproxy import connection, http
 from mitmproxy.flow import Error
 
 from hoptrace._errors import ImportFileError
+from hoptrace._stored import header_pairs
 
 HAR_VERSIONS = ("1.1", "1.2")
 # Deeper nesting than this is no HAR (an entry needs ~5 levels).
@@ -486,11 +487,7 @@ def _is_ip(host: str | None) -> bool:
 
 
 def _header_list(stored: str | None) -> list[dict[str, str]]:
-    try:
-        pairs = json.loads(stored) if stored else []
-    except ValueError:
-        return []
-    return [{"name": str(p[0]), "value": str(p[1])} for p in pairs if isinstance(p, list) and len(p) == 2]
+    return [{"name": name, "value": str(value)} for name, value in header_pairs(stored)]
 
 
 def _har_request(hop: dict, url: str) -> dict:
