@@ -385,3 +385,13 @@ def test_an_import_error_never_echoes_a_secret(tmp_path_factory, name, canary):
     done = cli("import", path, "--db", tmp / "t.db")
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert canary not in done.stderr and "SIGNATURE" not in done.stderr, done.stderr
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(port=st.integers(65536, 10**30).map(str) | st.just("0") | st.text("٠١٢٣٤٥٦٧٨٩", min_size=1, max_size=5) | st.text(min_size=1, max_size=6).filter(lambda t: not t.isdigit() and ":" not in t))
+def test_a_service_port_that_is_no_port_is_one_line(tmp_path_factory, port):
+    tmp = tmp_path_factory.mktemp("port")
+    good = write(tmp / "good.har", har(har_entry("/ok")))
+    done = cli("import", good, "--db", tmp / "t.db", "--service", f"127.0.0.1:{port}=x")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert counts(tmp / "t.db")[1] == 0

@@ -48,8 +48,9 @@ class ServiceNames:
         for spec in specs:
             address, sep, name = spec.rpartition("=")
             host, colon, port = address.rpartition(":")
-            if not sep or not name or not colon or not host or not port.isdecimal():
-                raise RouteError(f"--service {spec!r}: expected HOST:PORT=NAME, e.g. 127.0.0.1:3001=auth")
+            # isdecimal() alone takes other scripts' digits ("٣٠٠١") and ports past 65535.
+            if not sep or not name or not colon or not host or not (port.isascii() and port.isdecimal() and 1 <= int(port) <= 65535):
+                raise RouteError(f"--service {spec!r}: expected HOST:PORT=NAME with a port 1-65535, e.g. 127.0.0.1:3001=auth")
             names.by_address[f"{host.strip('[]').lower()}:{int(port)}"] = name
         return names
 
