@@ -17,9 +17,9 @@ import jsonschema
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from google.protobuf import json_format
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from referencing import Registry, Resource
 

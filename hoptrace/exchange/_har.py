@@ -362,9 +362,7 @@ def _set_body(message: http.Message, text: object, encoding: object) -> None:
 def _status(value: object) -> int | None:
     """An HTTP status as HAR writers give it: an int, an integral float (``200.0``)
     or a string of ASCII digits (``"200"``); None for anything else."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    elif isinstance(value, str) and value.isascii() and value.isdecimal():
+    if isinstance(value, float) and value.is_integer() or isinstance(value, str) and value.isascii() and value.isdecimal():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 100 <= value <= 999:
         return None
