@@ -320,7 +320,7 @@ def test_a_status_as_a_float_or_digit_string_is_a_response(tmp_path_factory, sta
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(status=st.text(max_size=6).filter(lambda t: not (t.isascii() and t.isdecimal() and 100 <= int(t) <= 999)) | st.floats(allow_nan=False).filter(lambda f: not (f.is_integer() and 100 <= f <= 999) and f not in (0, -1)) | st.integers(1000, 10**6))
+@given(status=st.text(max_size=6).filter(lambda t: not (t.isascii() and t.isdecimal() and 100 <= int(t) <= 999)) | st.floats(allow_nan=False, allow_infinity=False).filter(lambda f: not (f.is_integer() and 100 <= f <= 999) and f not in (0, -1)) | st.integers(1000, 10**6))
 def test_a_status_that_is_no_status_is_said(tmp_path_factory, status):
     tmp = tmp_path_factory.mktemp("nostatus")
     entry = har_entry("/s")
