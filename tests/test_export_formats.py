@@ -5,6 +5,7 @@ Parquet read back with pyarrow and DuckDB."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shutil
 import sqlite3
@@ -18,6 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from google.protobuf import json_format
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from referencing import Registry, Resource
 
@@ -209,3 +212,77 @@ def test_parquet_reads_back_with_pyarrow_and_duckdb(exported):
         f" JOIN '{out}/parquet/hops.parquet' h ON h.id = u.hop_id WHERE f.kind = 'expired_mid_flow' ORDER BY h.started_at"
     ).fetchall()
     assert ("auth", "/introspect", 401) in expired
+
+
+# -- where an export goes ------------------------------------------------------------
+
+
+def test_export_follows_a_symlink_and_writes_into_a_fifo(exported, tmp_path):
+    """A rename over the path would turn a fifo (or /dev/stdout) into a regular file and a link into a copy."""
+    import os
+    import stat
+    import threading
+
+    db, _ = exported
+    fifo, target, link = tmp_path / "p.har", tmp_path / "t.jsonl", tmp_path / "l.jsonl"
+    os.mkfifo(fifo)
+    target.write_text("keep\n")
+    link.symlink_to(target.name)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    done = hoptrace("export", db, "--har", fifo, "--otlp", link)
+    reader.join(timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and link.is_symlink() and os.readlink(link) == target.name
+    har_validator().validate(json.loads(received[0]))
+    assert len(target.read_text().splitlines()) > 1 and not list(tmp_path.glob(".*.partial"))
+
+
+def test_export_usage_errors_are_one_line(exported, tmp_path):
+    db, _ = exported
+    for args in (["--parquet", db], ["--har", tmp_path]):
+        done = hoptrace("export", db, *args)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, (args, done.stderr)
+
+
+# -- a hostile trace file ------------------------------------------------------------------
+
+hostile_values = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(["²", "٣٠٠", "200", "NaN", "inf", "-inf", "1e999", '[["a", 5]]', "5", "{}", "null"]),
+    st.binary(max_size=8),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False),
+    st.integers(1, 3000).map(lambda n: "[" * n + "]" * n),
+    st.none(),
+)
+HOSTILE_COLUMNS = ["status", "port", "started_at", "ended_at", "request_end_at", "response_start_at", "connect_at", "connected_at",
+                   "request_headers", "response_headers", "method", "path", "query", "host", "scheme", "request_size", "response_size",
+                   "error", "failed", "client_addr", "http_version", "reason", "request_body", "response_body"]  # fmt: skip
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(changes=st.lists(st.tuples(st.sampled_from(HOSTILE_COLUMNS), hostile_values, st.booleans()), min_size=1, max_size=4))
+def test_export_of_a_hostile_trace_file_is_valid_output_or_one_line(tmp_path_factory, changes):
+    tmp = tmp_path_factory.mktemp("hostile")
+    db = tmp / "h.db"
+    shutil.copy(SAMPLES / "checkout-expiry.db", db)
+    conn = sqlite3.connect(db)
+    with conn:
+        for column, value, every_hop in changes:
+            where = "" if every_hop else " WHERE id = (SELECT min(id) FROM hops)"
+            with contextlib.suppress(sqlite3.IntegrityError):  # NULL where the schema says NOT NULL: no file holds it
+                conn.execute(f"UPDATE hops SET {column} = ?{where}", (value,))
+    conn.close()
+    done = hoptrace("export", db, "--har", tmp / "h.har", "--otlp", tmp / "h.jsonl", "--parquet", tmp / "pq")
+    if done.returncode == 2:
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        return
+    assert done.returncode == 0, done.stderr
+    document = json.loads((tmp / "h.har").read_text())
+    har_validator().validate(document)
+    assert all(isinstance(entry["response"]["status"], int) for entry in document["log"]["entries"])
+    for line in (tmp / "h.jsonl").read_text().splitlines():
+        parse_otlp_line(line)
+    assert pq.read_table(tmp / "pq" / "hops.parquet").num_rows == len(document["log"]["entries"])

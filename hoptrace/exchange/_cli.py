@@ -8,11 +8,11 @@ from pathlib import Path
 import click
 
 from hoptrace import __version__
-from hoptrace._click import BadInput, exit_2_on_bad_input
+from hoptrace._click import BadInput, OneLineCommand, exit_2_on_bad_input
 from hoptrace._options import trace_dbs_argument
 
 
-@click.command("import")
+@click.command("import", cls=OneLineCommand)
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--db", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Trace file to import into (created if missing).")
 @click.option("--service", "service_specs", multiple=True, metavar="HOST:PORT=NAME", help="Name the service at this address (a reverse proxy's upstream, or what a browser called). Repeatable.")
@@ -48,14 +48,17 @@ def import_(files: tuple[Path, ...], db: Path, service_specs: tuple[str, ...], s
             if result.already:
                 click.echo(f"{path}: already imported into {db} as capture {result.capture_id}; skipped")
                 continue
+            for note in result.notes:
+                click.echo(note, err=True)
             skipped = f", {result.skipped} non-HTTP entries skipped" if result.skipped else ""
+            skipped += f", {len(result.notes)} noted above" if result.notes else ""
             click.echo(
                 f"{path}: {result.hops} hops imported into {db} as capture {result.capture_id}"
                 f" ({result.kind}, {result.addon_errors} addon errors{skipped})"
             )
 
 
-@click.command("export")
+@click.command("export", cls=OneLineCommand)
 @trace_dbs_argument()
 @click.option("--har", "har_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a HAR 1.2 file (opens in Chrome DevTools, HTTP Toolkit).")
 @click.option("--otlp", "otlp_out", type=click.Path(dir_okay=False, path_type=Path), help="Write OTLP/JSON lines (one ExportTraceServiceRequest per request) for an OpenTelemetry Collector, Jaeger or Tempo.")
@@ -104,12 +107,24 @@ def export(dbs: tuple[Path, ...], har_out: Path | None, otlp_out: Path | None, p
 
 
 def _atomic_write(path: Path, write):
-    """Write beside ``path`` and rename over it: a failed export never leaves half a file."""
-    partial = path.with_name(f".{path.name}.partial")
+    """Write ``path`` so that a failed export never leaves half a file, and never replace what is not a file.
+
+    A symlink is followed: the new file is renamed over its target, so the link stays a link.
+    A path that exists but is not a regular file (a fifo, ``/dev/stdout``) is written in place:
+    a rename would put a regular file where the fifo or device node was.
+    """
+    target = Path(os.path.realpath(path))
+    try:
+        if target.exists() and not target.is_file():
+            with target.open("wb") as out:
+                return write(out)
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot write ({exc.strerror or exc})") from None
+    partial = target.with_name(f".{target.name}.partial")
     try:
         with partial.open("wb") as out:
             result = write(out)
-        os.replace(partial, path)
+        os.replace(partial, target)
     except OSError as exc:
         partial.unlink(missing_ok=True)
         raise BadInput(f"{path}: cannot write ({exc.strerror or exc})") from None

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import math
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -28,12 +27,15 @@ from mitmproxy import connection, http
 from mitmproxy.flow import Error
 
 from hoptrace._errors import ImportFileError
+from hoptrace._stored import header_pairs
 
 HAR_VERSIONS = ("1.1", "1.2")
 # Deeper nesting than this is no HAR (an entry needs ~5 levels).
 MAX_DEPTH = 64
 # A HAR duration above this (ms) is not a duration: ~11.6 days.
 _MAX_MS = 1e9
+# A version worth quoting back in an error; anything else in its place may be a secret.
+_VERSION = re.compile(r"[0-9][0-9.]{0,9}")
 _HOST_PORT = re.compile(r"^\[?([0-9A-Za-z.:_-]+?)\]?:(\d{1,5})$")
 # Header names HTTP/2 and /3 exports carry as pseudo-headers (":authority", ":path", ...).
 _PSEUDO = ":"
@@ -42,33 +44,43 @@ _PSEUDO = ":"
 SIZES = "hoptrace_har_sizes"
 # ...and for the service a HAR hoptrace exported names (``_hoptrace.service``).
 SERVICE = "hoptrace_service"
+# ...and for what the import should say about an entry it recorded differently from what it stated.
+NOTE = "hoptrace_har_note"
 
 
 class Entries:
     """The entries of a HAR file as mitmproxy flows, streamed; :attr:`version` once read."""
 
     def __init__(self, fileobj: BinaryIO, name: str, digest: str) -> None:
-        self._events = ijson.basic_parse(fileobj, use_float=True)
+        # Not use_float: with it, ijson's C backend refuses a whole file over one integer past
+        # 2**63 ("integer overflow"); without it, numbers come as int or Decimal, whatever their size.
+        self._events = ijson.basic_parse(fileobj, use_float=False)
+        self._fileobj = fileobj
         self._name = name
         self._digest = digest
         self.version: str | None = None
         self.creator: str | None = None
         self.entry: str | None = None  # the entry route, in a HAR hoptrace exported
-        self.skipped = 0
+        self.skipped = 0  # entries that are no HTTP exchange (data:, blob:)
+        self.notes: list[str] = []  # one line per entry left out for an unusable field
 
     def __iter__(self) -> Iterator[http.HTTPFlow]:
         try:
             yield from self._flows()
         except ImportFileError:
             raise
-        except ijson.JSONError as exc:
-            raise ImportFileError(f"{self._name}: not valid JSON ({_first_line(exc)})") from None
-        except (ValueError, RecursionError, UnicodeDecodeError) as exc:
-            raise ImportFileError(f"{self._name}: not a readable HAR file ({_first_line(exc)})") from None
+        except ijson.JSONError:
+            # ijson's message quotes the text around the error, which may be a header's token.
+            raise ImportFileError(f"{self._name}: not valid JSON before byte {self._fileobj.tell()}") from None
+        except UnicodeDecodeError as exc:
+            raise ImportFileError(f"{self._name}: not UTF-8 ({exc.reason})") from None
+        except (ValueError, RecursionError) as exc:
+            raise ImportFileError(f"{self._name}: not a readable HAR file ({type(exc).__name__})") from None
         if self.version is None:
             raise ImportFileError(f"{self._name}: not a HAR file (no log.version)")
         if self.version not in HAR_VERSIONS:
-            raise ImportFileError(f"{self._name}: HAR version {self.version!r} is not supported (1.1 or 1.2)")
+            shown = f" {self.version!r}" if _VERSION.fullmatch(self.version) else ""
+            raise ImportFileError(f"{self._name}: HAR version{shown} is not supported (1.1 or 1.2)")
 
     def _flows(self) -> Iterator[http.HTTPFlow]:
         # ijson.parse builds a dotted prefix for every event, O(depth) each: a hostile file
@@ -79,6 +91,8 @@ class Entries:
         depth = index = 0
         seen_entries = False
         for event, value in self._events:
+            if event == "number" and not isinstance(value, int):
+                value = float(value)  # a Decimal; past float's range it is inf, which no field takes
             if builder is not None:
                 if event in ("start_map", "start_array"):
                     depth += 1
@@ -122,12 +136,19 @@ class Entries:
 
     def _flow(self, entry: object, index: int) -> http.HTTPFlow | None:
         try:
-            return entry_flow(entry, f"{self._digest[:16]}-{index}", connect_overlaps=self.creator == "mitmproxy")
+            flow = entry_flow(entry, f"{self._digest[:16]}-{index}", connect_overlaps=self.creator == "mitmproxy")
+            if note := flow.metadata.pop(NOTE, None):
+                self.notes.append(f"{self._name}: entry {index}: {note}")
+            return flow
         except _Skip:
             self.skipped += 1
             return None
+        except _Unusable as exc:
+            self.notes.append(f"{self._name}: entry {index}: {exc}; skipped")
+            return None
         except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
             raise ImportFileError(f"{self._name}: entry {index}: {_describe(exc)}") from None
+
 
 
 def _member(levels: list[list]) -> str:
@@ -153,15 +174,19 @@ def entry_flow(entry: Any, flow_id: str, *, connect_overlaps: bool = False) -> h
     request, response = entry["request"], entry.get("response")
     _need(isinstance(request, dict), "request is not an object")
     url = _text(request["url"], "request.url")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise _Bad(f"request.url {_shown_url(url)!r} is not a URL") from None
     if parts.scheme not in ("http", "https"):
         raise _Skip
-    _need(bool(parts.hostname), f"request.url {url[:80]!r} has no host")
+    _need(bool(parts.hostname), f"request.url {_shown_url(url)!r} has no host")
     started = _started(entry["startedDateTime"])
     times = _timeline(started, entry.get("timings") or {}, entry.get("time"), connect_overlaps)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     req = http.Request(
-        parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
+        parts.hostname, port or (443 if parts.scheme == "https" else 80),
         _text(request["method"], "request.method").encode(), parts.scheme.encode(),
         b"", path.encode("utf-8", "surrogateescape"), _http_version(request.get("httpVersion")),
         _headers(request.get("headers"), "request.headers"), b"", None, started, times["request_end"],
@@ -175,9 +200,12 @@ def entry_flow(entry: Any, flow_id: str, *, connect_overlaps: bool = False) -> h
     flow = http.HTTPFlow(client, server)
     flow.id = flow_id
     flow.request = req
-    status = response.get("status") if isinstance(response, dict) else None
-    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 999:
+    stated = response.get("status") if isinstance(response, dict) else None
+    status = _status(stated)
+    if status is None:
         flow.error = Error(_error_text(entry, response), times["ended"])
+        if stated not in (None, 0, -1):
+            flow.metadata[NOTE] = "response.status is not an HTTP status; recorded as a hop without a response"
     else:
         flow.response = http.Response(
             _http_version(response.get("httpVersion")), status,
@@ -197,9 +225,29 @@ def entry_flow(entry: Any, flow_id: str, *, connect_overlaps: bool = False) -> h
     return flow
 
 
+class _Bad(ValueError):
+    """A field of an entry that cannot be read; the message is ours and quotes no secret."""
+
+
+class _Unusable(_Bad):
+    """A time no hop can carry (not finite, or no duration): the entry is left out, the rest imported."""
+
+
 def _need(condition: bool, message: str) -> None:
     if not condition:
-        raise ValueError(message)
+        raise _Bad(message)
+
+
+def _shown_url(url: str) -> str:
+    """A URL fit for an error message: scheme, host and path only. The query, userinfo
+    and fragment are where tokens travel (``?access_token=``, ``user:password@``)."""
+    scheme, _, rest = url.partition("://")
+    rest = rest.split("?", 1)[0].split("#", 1)[0]
+    netloc, slash, path = rest.partition("/")
+    host, colon, port = netloc.rpartition("@")[2].rpartition(":")
+    if not (port.isascii() and port.isdecimal() and len(port) <= 5 or port.endswith("]")):  # not a port: could be anything
+        host, colon, port = host or port, "", ""
+    return f"{scheme}://{host}{colon}{port}{slash}{path}"[:80]
 
 
 def _text(value: object, where: str) -> str:
@@ -212,7 +260,7 @@ def _started(value: object) -> float:
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
-        raise ValueError(f"startedDateTime {text[:40]!r} is not an ISO 8601 time") from None
+        raise _Bad("startedDateTime is not an ISO 8601 time") from None
     if moment.tzinfo is None:  # HAR requires an offset; a file without one is taken as UTC
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
@@ -251,7 +299,8 @@ def _ms(value: object, where: str) -> float:
     if value is None:
         return 0.0
     _need(not isinstance(value, bool) and isinstance(value, int | float), f"{where} is not a number")
-    _need(math.isfinite(value) and value <= _MAX_MS, f"{where} {value!r} is not a duration in ms")
+    if not -_MAX_MS <= value <= _MAX_MS:  # also NaN and inf, and ints past float's range
+        raise _Unusable(f"{where} {value!r} is not a duration in ms")
     return max(float(value), 0.0)  # -1: the phase did not apply
 
 
@@ -310,8 +359,19 @@ def _set_body(message: http.Message, text: object, encoding: object) -> None:
         message.raw_content = data
 
 
+def _status(value: object) -> int | None:
+    """An HTTP status as HAR writers give it: an int, an integral float (``200.0``)
+    or a string of ASCII digits (``"200"``); None for anything else."""
+    if isinstance(value, float) and value.is_integer() or isinstance(value, str) and value.isascii() and value.isdecimal():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 100 <= value <= 999:
+        return None
+    return value
+
+
 def _size(value: object) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    """A body size in bytes; None (unknown) for anything else, including what SQLite's INTEGER cannot hold."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 63:
         return None
     return value
 
@@ -329,9 +389,12 @@ def _error_text(entry: dict, response: object) -> str:
 
 
 def _describe(exc: Exception) -> str:
+    """Our own messages as they are; a foreign one only by its type, as it may quote the entry."""
     if isinstance(exc, KeyError):
         return f"required field {exc.args[0]!r} is missing"
-    return _first_line(exc)
+    if isinstance(exc, _Bad):
+        return _first_line(exc)
+    return f"cannot be read ({type(exc).__name__})"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -422,11 +485,7 @@ def _is_ip(host: str | None) -> bool:
 
 
 def _header_list(stored: str | None) -> list[dict[str, str]]:
-    try:
-        pairs = json.loads(stored) if stored else []
-    except ValueError:
-        return []
-    return [{"name": str(p[0]), "value": str(p[1])} for p in pairs if isinstance(p, list) and len(p) == 2]
+    return [{"name": name, "value": str(value)} for name, value in header_pairs(stored)]
 
 
 def _har_request(hop: dict, url: str) -> dict:

@@ -48,8 +48,9 @@ class ServiceNames:
         for spec in specs:
             address, sep, name = spec.rpartition("=")
             host, colon, port = address.rpartition(":")
-            if not sep or not name or not colon or not host or not port.isdecimal():
-                raise RouteError(f"--service {spec!r}: expected HOST:PORT=NAME, e.g. 127.0.0.1:3001=auth")
+            # isdecimal() alone takes other scripts' digits ("٣٠٠١") and ports past 65535.
+            if not sep or not name or not colon or not host or not (port.isascii() and port.isdecimal() and 1 <= int(port) <= 65535):
+                raise RouteError(f"--service {spec!r}: expected HOST:PORT=NAME with a port 1-65535, e.g. 127.0.0.1:3001=auth")
             names.by_address[f"{host.strip('[]').lower()}:{int(port)}"] = name
         return names
 
@@ -76,6 +77,7 @@ class Imported:
     addon_errors: int
     skipped: int
     already: bool = False
+    notes: list[str] = field(default_factory=list)  # one line per flow or entry left out, naming it
 
 
 def import_file(
@@ -112,12 +114,13 @@ def _import(conn, fileobj: BinaryIO, path: Path, kind: str, digest: str, names, 
     from mitmproxy.version import VERSION
 
     sink = CaptureSink(conn, f"import:{kind}:{digest}")
-    skipped = [0]
+    skipped, notes = [0], []
     if kind == "har":
         reader = _har.Entries(fileobj, str(path), digest)
         flows: Iterable[http.HTTPFlow] = reader
+        notes = reader.notes
     else:
-        flows = _flows.read_flows(fileobj, str(path), skipped)
+        flows = _flows.read_flows(fileobj, str(path), skipped, notes)
     size = os.fstat(fileobj.fileno()).st_size
     ticker = _Ticker(progress, path, size, fileobj)
     known: set[str] = set()
@@ -139,7 +142,7 @@ def _import(conn, fileobj: BinaryIO, path: Path, kind: str, digest: str, names, 
             raise ImportFileError(f"{path}: entry {entry!r} is not a service of this file ({', '.join(sorted(sink.routes)) or 'no hops'})")
         sink.close(entry)
     ticker.done()
-    return Imported(path, kind, sink.capture_id, sink.hops, sink.addon_errors, skipped[0])
+    return Imported(path, kind, sink.capture_id, sink.hops, sink.addon_errors, skipped[0], notes=notes)
 
 
 def _keep_stated_sizes(rows: Rows, flows: list[http.HTTPFlow]) -> None:

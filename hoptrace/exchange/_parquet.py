@@ -15,9 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hoptrace.db import open_for_reading
-from hoptrace.exchange._select import Selection, plain
+from hoptrace.exchange._select import Selection, plain, stored_value
 
 _ARROW_TYPES = {"INTEGER": pa.int64(), "REAL": pa.float64(), "TEXT": pa.string()}
+_PYTHON_TYPES = {pa.int64(): int, pa.float64(): float, pa.string(): str}
 TABLES = ("hops", "tokens", "hop_tokens", "traces", "findings")
 
 
@@ -99,15 +100,7 @@ def _whole(value: object) -> int | None:
 def _typed(row: dict, schema: pa.Schema) -> dict:
     """SQLite is dynamically typed and the file untrusted: a value of another type becomes NULL or text."""
     for field in schema:
-        value = row[field.name]
-        if value is None:
-            continue
-        if field.type == pa.int64() and (isinstance(value, bool) or not isinstance(value, int) or not -(1 << 63) <= value < 1 << 63):
-            row[field.name] = None
-        elif field.type == pa.float64() and not isinstance(value, int | float):
-            row[field.name] = None
-        elif field.type == pa.string() and not isinstance(value, str):
-            row[field.name] = str(value)
+        row[field.name] = stored_value(row[field.name], _PYTHON_TYPES[field.type])
     return row
 
 

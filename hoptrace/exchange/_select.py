@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import heapq
-import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from hoptrace._errors import AnalysisError
-from hoptrace.db import open_for_reading
+from hoptrace._stored import stored_json
+from hoptrace.db import COLUMNS, open_for_reading
 
 _BATCH = 50_000
+# 10000-01-01 UTC: a time at or past it (or before 1970) is none a HAR or OTLP span can carry.
+_YEAR_10000 = 253_402_300_800
+_INT64 = 1 << 63
 # Analysis columns carried to every export, beside the stored hop.
 ANALYSIS_COLUMNS = ("trace", "parent_id", "link", "link_candidates", "link_confidence", "depth", "endpoint", "token_fp", "token_sub", "token_exp", "remaining_s")
 
@@ -59,9 +62,9 @@ class Selection:
         joined = len(self.files) > 1
         for names, batch in self.rows("hops", k):
             for values in batch:
-                hop = dict(zip(names, values, strict=True))
+                hop = _typed_hop(dict(zip(names, values, strict=True)))
                 hop["id"] = self.joined_id(hop["id"], k)
-                if hop["id"] not in self.hop_ids:
+                if hop["id"] not in self.hop_ids or hop["started_at"] is None:
                     continue
                 analysed = extra.get(hop["id"], {})
                 for column in ANALYSIS_COLUMNS:
@@ -75,6 +78,32 @@ class Selection:
         """Stored token rows (decoded claims, never a raw token), by fingerprint."""
         tokens = self.analysis.tokens
         return {fp: {k: plain(v) for k, v in row.items()} for fp, row in tokens.to_dict("index").items()}
+
+
+def stored_value(value: object, kind: type) -> object:
+    """A value of an untrusted file's column as its declared type, or None, as the analyzer's
+    loader reads it: a number where text belongs as its text, a blob as (UTF-8) text, a finite
+    number where a number belongs (a float in an int column truncated), anything else None."""
+    if value is None:
+        return None
+    if kind is str:
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else value if isinstance(value, str) else str(value)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not -_INT64 <= value < _INT64:  # also NaN
+        return None
+    return int(value) if kind is int else float(value)
+
+
+def _typed_hop(hop: dict) -> dict:
+    """A stored hop row with every column its declared type; times a HAR or OTLP can carry, else None
+    (an end without a usable time is taken as the start: the hop lasted no time we know of)."""
+    for name, value in hop.items():
+        kind = COLUMNS["hops"].get(name, (str,))[0]
+        hop[name] = stored_value(value, kind)
+        if name.endswith("_at") and hop[name] is not None and not 0 <= hop[name] < _YEAR_10000:
+            hop[name] = None
+    if hop.get("ended_at") is None:
+        hop["ended_at"] = hop.get("started_at")
+    return hop
 
 
 def _start_order(hop: dict) -> tuple:
@@ -129,8 +158,5 @@ def plain(value: object) -> object:
 
 def _details(value: object) -> object:
     if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
+        return stored_json(value, value)
     return value if isinstance(value, dict | list) else plain(value)
