@@ -231,18 +231,25 @@ def _streaming_children(parent: int) -> list[int]:
     return found
 
 
-@pytest.mark.e2e
-def test_a_streaming_process_that_dies_is_named_and_does_not_hold_up_the_stop(spawn, tmp_path):
-    """The stream is a process of its own: when it dies the proxy still stops at once, says so, and loses no hop."""
-    hello, receiver, listen = free_port(), free_port(), free_port()
+def _five_requests_streamed(spawn, db: Path, endpoint: str):
+    """A proxy recording into ``db`` and streaming to ``endpoint``, in front of a hello service, after 5 requests."""
+    hello, listen = free_port(), free_port()
     spawn([PYTHON, "-m", "hoptrace.stack.upstreams", "hello", str(hello)], ready="listening")
-    spawn([PYTHON, "-m", "hoptrace.stack.upstreams", "otlp", str(receiver)], ready="listening")
-    db = tmp_path / "t.db"
     proxy = spawn([PYTHON, "-m", "hoptrace", "proxy", "--db", str(db), "--route", f"svc=http://127.0.0.1:{hello}@{listen}",
-                   "--otlp-endpoint", f"http://127.0.0.1:{receiver}"], ready="proxy ready")  # fmt: skip
+                   "--otlp-endpoint", endpoint], ready="proxy ready")  # fmt: skip
     for i in range(5):
         with urllib.request.urlopen(f"http://127.0.0.1:{listen}/hello/{i}", timeout=10) as response:
             assert response.status == 200
+    return proxy
+
+
+@pytest.mark.e2e
+def test_a_streaming_process_that_dies_is_named_and_does_not_hold_up_the_stop(spawn, tmp_path):
+    """The stream is a process of its own: when it dies the proxy still stops at once, says so, and loses no hop."""
+    receiver = free_port()
+    spawn([PYTHON, "-m", "hoptrace.stack.upstreams", "otlp", str(receiver)], ready="listening")
+    db = tmp_path / "t.db"
+    proxy = _five_requests_streamed(spawn, db, f"http://127.0.0.1:{receiver}")
     deadline = time.monotonic() + 20
     while not (children := _streaming_children(proxy.popen.pid)) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -263,14 +270,9 @@ def test_a_streaming_process_that_dies_is_named_and_does_not_hold_up_the_stop(sp
 @pytest.mark.e2e
 def test_spans_a_receiver_never_took_are_counted_on_the_capture_row_and_named_by_analyze(spawn, tmp_path):
     """A receiver that is down (a closed port: every POST refused): each span is dropped, and the file says so."""
-    hello, listen, closed = free_port(), free_port(), free_port()
-    spawn([PYTHON, "-m", "hoptrace.stack.upstreams", "hello", str(hello)], ready="listening")
+    closed = free_port()
     db = tmp_path / "t.db"
-    proxy = spawn([PYTHON, "-m", "hoptrace", "proxy", "--db", str(db), "--route", f"svc=http://127.0.0.1:{hello}@{listen}",
-                   "--otlp-endpoint", f"http://user:{CANARY}@127.0.0.1:{closed}?api_key={CANARY}"], ready="proxy ready")  # fmt: skip
-    for i in range(5):
-        with urllib.request.urlopen(f"http://127.0.0.1:{listen}/hello/{i}", timeout=10) as response:
-            assert response.status == 200
+    proxy = _five_requests_streamed(spawn, db, f"http://user:{CANARY}@127.0.0.1:{closed}?api_key={CANARY}")
     assert proxy.stop(timeout=30) == 0, proxy.output  # spans lost to the receiver: the capture itself is whole
     assert "0 spans streamed over OTLP, 5 dropped" in proxy.output
     url = f"http://127.0.0.1:{closed}/v1/traces"
