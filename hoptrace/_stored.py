@@ -15,7 +15,9 @@ import stat
 from pathlib import Path
 from typing import Any
 
-__all__ = ["header_pairs", "json_object", "read_text_file", "stored_json"]
+__all__ = ["header_pairs", "json_object", "read_text_file", "stored_json", "stored_value"]
+
+_INT64 = 1 << 63
 
 
 def read_text_file(path: Path) -> str:
@@ -49,3 +51,16 @@ def header_pairs(text: object) -> list[tuple[str, Any]]:
     if not isinstance(items, list):
         return []
     return [(item[0], item[1]) for item in items if isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)]
+
+
+def stored_value(value: object, kind: type) -> object:
+    """A value of an untrusted file's column as its declared type, or None, as the analyzer's
+    loader reads it: a number where text belongs as its text, a blob as (UTF-8) text, a finite
+    number where a number belongs (a float in an int column truncated), anything else None."""
+    if value is None:
+        return None
+    if kind is str:
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else value if isinstance(value, str) else str(value)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not -_INT64 <= value < _INT64:  # also NaN
+        return None
+    return int(value) if kind is int else float(value)

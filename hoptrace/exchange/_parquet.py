@@ -14,8 +14,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hoptrace._stored import stored_value
 from hoptrace.db import open_for_reading
-from hoptrace.exchange._select import Selection, plain, stored_value
+from hoptrace.exchange._select import Selection, plain
 
 _ARROW_TYPES = {"INTEGER": pa.int64(), "REAL": pa.float64(), "TEXT": pa.string()}
 _PYTHON_TYPES = {pa.int64(): int, pa.float64(): float, pa.string(): str}

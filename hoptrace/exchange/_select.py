@@ -9,13 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hoptrace._errors import AnalysisError
-from hoptrace._stored import stored_json
+from hoptrace._stored import stored_json, stored_value
 from hoptrace.db import COLUMNS, open_for_reading
 
 _BATCH = 50_000
 # 10000-01-01 UTC: a time at or past it (or before 1970) is none a HAR or OTLP span can carry.
 _YEAR_10000 = 253_402_300_800
-_INT64 = 1 << 63
 # Analysis columns carried to every export, beside the stored hop.
 ANALYSIS_COLUMNS = ("trace", "parent_id", "link", "link_candidates", "link_confidence", "depth", "endpoint", "token_fp", "token_sub", "token_exp", "remaining_s")
 
@@ -78,19 +77,6 @@ class Selection:
         """Stored token rows (decoded claims, never a raw token), by fingerprint."""
         tokens = self.analysis.tokens
         return {fp: {k: plain(v) for k, v in row.items()} for fp, row in tokens.to_dict("index").items()}
-
-
-def stored_value(value: object, kind: type) -> object:
-    """A value of an untrusted file's column as its declared type, or None, as the analyzer's
-    loader reads it: a number where text belongs as its text, a blob as (UTF-8) text, a finite
-    number where a number belongs (a float in an int column truncated), anything else None."""
-    if value is None:
-        return None
-    if kind is str:
-        return value.decode("utf-8", "replace") if isinstance(value, bytes) else value if isinstance(value, str) else str(value)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not -_INT64 <= value < _INT64:  # also NaN
-        return None
-    return int(value) if kind is int else float(value)
 
 
 def _typed_hop(hop: dict) -> dict:

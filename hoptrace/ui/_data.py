@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from hoptrace._format import hop_ended
-from hoptrace._stored import header_pairs, stored_json
+from hoptrace._stored import header_pairs, stored_json, stored_value
 from hoptrace.analyzer import Analysis, analysis_for, analyze, latency_tables
 from hoptrace.analyzer._model import TIERS, Model, group_findings, hop_endings, model, outcomes, slowest_first
 from hoptrace.analyzer._types import OUTCOMES, SEVERITIES, SEVERITY_RANK
@@ -986,16 +986,4 @@ _KINDS = {name: kind for table in ("hop_tokens", "tokens", "hops") for name, (ki
 def _dict_row(cursor, row) -> dict[str, Any]:
     """A row as a dict, each value of its column's type or None: a hostile file's text where a
     time belongs reads as unknown, a blob where text belongs as text (JSON cannot carry bytes)."""
-    return {d[0]: _typed(_KINDS.get(d[0], str), v) for d, v in zip(cursor.description, row, strict=True)}
-
-
-def _typed(kind: type, value: Any) -> Any:
-    if value is None:
-        return None
-    if kind is str:
-        return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        return None
-    if kind is int:
-        return value if isinstance(value, int) else int(value) if value.is_integer() else None
-    return float(value)
+    return {d[0]: stored_value(v, _KINDS.get(d[0], str)) for d, v in zip(cursor.description, row, strict=True)}
