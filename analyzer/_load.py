@@ -30,11 +30,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from hoptrace._errors import TraceFileError
+from hoptrace.analyzer._arrow_child import ArrowReadError, read_tables, sql_literal
 from hoptrace.analyzer._traces import in_start_order
 from hoptrace.db import (
     ADDED_COLUMNS,
@@ -80,6 +83,9 @@ _CATEGORICAL = {
 _NULL = -9223372036854775807
 # Rows per aggregate query: keeps each concatenated string far below SQLite's 1 GB cap.
 _CHUNK = 200_000
+# From this many hops on, "auto" reads them through Arrow: below, the child process's start
+# (~0.3 s) costs more than its reads save (at 1M hops they save ~7 s of CPU).
+ARROW_MIN_HOPS = 200_000
 
 
 @dataclass
@@ -99,21 +105,24 @@ def load(
     since: float | None = None,
     until: float | None = None,
     extra_columns: tuple[str, ...] | str = (),
+    reader: Literal["auto", "arrow", "sqlite"] = "auto",
 ) -> Tables:
     """Read a trace DB, treating it as untrusted; works while the proxy is still writing.
 
     With ``since``/``until`` (UNIX seconds) only hops that may belong to a request
     started in that window are read: those overlapping it, up to the end of the last
     request that started in it. ``extra_columns`` names hop columns beyond
-    :data:`CORE_HOP_COLUMNS`, or is ``"all"``. Raises :class:`TraceFileError`, and
-    ``ValueError`` for an unknown column name.
+    :data:`CORE_HOP_COLUMNS`, or is ``"all"``. ``reader`` picks how the hops are read:
+    through Arrow in a child process (``"auto"`` does from :data:`ARROW_MIN_HOPS` hops on)
+    or through ``sqlite3`` in this one; both give the same tables. Raises
+    :class:`TraceFileError`, and ``ValueError`` for an unknown column name.
     """
     columns = _hop_columns(extra_columns)
     try:
         conn = open_for_reading(path, check=False)  # _read checks the structure, alongside its reads
         try:
             conn.execute("BEGIN")  # captures, tokens and the id bound from one snapshot
-            return _read(conn, Path(path), columns, since, until)
+            return _read(conn, Path(path), columns, since, until, reader)
         except SQLITE_ERRORS as exc:
             check_structure(conn, path)  # a corrupt file is the likely cause: then say that
             raise TraceFileError(f"{path}: cannot read the trace database ({exc})") from None
@@ -138,10 +147,9 @@ def _hop_columns(extra: tuple[str, ...] | str) -> tuple[str, ...]:
     return tuple(dict.fromkeys((*CORE_HOP_COLUMNS, *(c for c in extra if c != "id"))))
 
 
-def _read(conn, path: Path, columns: tuple[str, ...], since, until) -> Tables:
+def _read(conn, path: Path, columns: tuple[str, ...], since, until, reader: str) -> Tables:
     shape = _shape(conn, path)
     captures = _read_captures(conn)
-    tokens = _read_tokens(conn)
     last_id = conn.execute(f"SELECT max(id) FROM hops{shape.integer_ids}").fetchone()[0]
     where, params = _window(conn, since, until)
     traced = "trace_id" in shape.hops
@@ -156,22 +164,21 @@ def _read(conn, path: Path, columns: tuple[str, ...], since, until) -> Tables:
         low, high = conn.execute("SELECT min(capture_id), max(capture_id) FROM hops").fetchone()
     single_capture = isinstance(low, int) and low == high
     hop_columns = tuple(c for c in columns if c in shape.hops and not (single_capture and c == "capture_id"))
-    bounds = _chunk_bounds(conn, last_id, shape) if last_id is not None else []
-    # The longest read first, so that the chunks of hops even out the threads' ends.
-    reads: list[Callable[[sqlite3.Connection], object]] = [partial(_read_hop_tokens, last_id=last_id, shape=shape)]
+    count = conn.execute(f"SELECT count(*) FROM hops{shape.integer_ids}").fetchone()[0]
+    bounds = _chunk_bounds(conn, last_id, shape, count) if last_id is not None else []
     root_traces = traced and {"service", "response_headers"} <= shape.hops
     entries = tuple(str(e) for e in captures["entry"].dropna().unique()) if root_traces else ()
-    reads += [
-        partial(
-            _read_hop_columns, columns=hop_columns, lo=lo, hi=hi, where=where, params=params,
-            unique_ids=shape.rowid_ids, entries=entries,
-        )  # fmt: skip
-        for lo, hi in bounds
-    ]
-    with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
-        running = [pool.submit(_run_read, conn.uri, read) for read in reads]
+    reads = _Reads(hop_columns, bounds, where, params, entries, last_id, shape)
+    threads = len(os.sched_getaffinity(0))
+    through_arrow = reader == "arrow" or (reader == "auto" and count >= ARROW_MIN_HOPS)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        if through_arrow:
+            running = [pool.submit(reads.through_arrow, conn.uri, threads)]
+        else:
+            running = [pool.submit(_run_read, conn.uri, read) for read in reads.through_sqlite()]
+        tokens = _read_tokens(conn)  # the same snapshot as the captures and the id bound
         with _checking(pool, conn.uri, path):
-            parts = [future.result() for future in running]
+            parts = _finish(running, through_arrow, pool, conn.uri, reads)
             hops = _join_hops(hop_columns, parts[1:])
             if single_capture:
                 hops["capture_id"] = np.full(len(hops), low, np.int64)
@@ -186,6 +193,77 @@ def _read(conn, path: Path, columns: tuple[str, ...], since, until) -> Tables:
     tables.notes[:0] = [*shape.notes, *_unread_ids(conn, shape), *repeated]
     tables.notes += capture_notes(tables.captures)
     return tables
+
+
+def _finish(running: list, through_arrow: bool, pool: ThreadPoolExecutor, uri: str, reads: _Reads) -> list:
+    """What the reads returned: the sightings, then the hop columns of each id range.
+
+    When the Arrow reader failed (a damaged file, text that is not UTF-8), the ``sqlite3``
+    reads take over: they read what can be read and phrase what cannot."""
+    if through_arrow:
+        try:
+            return running[0].result()
+        except ArrowReadError:
+            running = [pool.submit(_run_read, uri, read) for read in reads.through_sqlite()]
+    return [future.result() for future in running]
+
+
+@dataclass(frozen=True)
+class _Reads:
+    """The reads of the hop columns (in ``bounds``' id ranges) and the token sightings, done either way."""
+
+    columns: tuple[str, ...]
+    bounds: list[tuple[int, int]]
+    where: str
+    params: tuple
+    entries: tuple[str, ...]
+    last_id: int | None
+    shape: _Shape
+
+    def through_sqlite(self) -> list[Callable[[sqlite3.Connection], object]]:
+        # The longest read first, so that the chunks of hops even out the threads' ends.
+        return [
+            partial(_read_hop_tokens, last_id=self.last_id, shape=self.shape),
+            *(
+                partial(
+                    _read_hop_columns, columns=self.columns, lo=lo, hi=hi, where=self.where, params=self.params,
+                    unique_ids=self.shape.rowid_ids, entries=self.entries,
+                )  # fmt: skip
+                for lo, hi in self.bounds
+            ),
+        ]
+
+    def through_arrow(self, uri: str, threads: int) -> list:
+        """The same as the reads of :meth:`through_sqlite` return, read by :func:`read_tables`."""
+        names = ("id", *self.columns)
+        values = [_value(c) for c in names] + ([_root_trace_candidates(len(self.entries))] if self.entries else [])
+        # The first row tells the driver each column's type (see hoptrace.analyzer._arrow_child).
+        sample = ["0" if _is_numeric(c) else "''" for c in names] + (["''"] if self.entries else [])
+        select = f"SELECT {', '.join(sample)} UNION ALL SELECT {', '.join(values)} FROM hops NOT INDEXED WHERE id > ? AND id <= ?"
+        queries = [_hop_tokens_query(self.last_id, self.shape)]
+        queries += [_with_values(select + self.where, (*self.entries, lo, hi, *self.params)) for lo, hi in self.bounds]
+        tables = read_tables(uri, queries, threads)
+        sightings = tables[0]
+        parts: list = [_sightings([sightings.column(i) for i in range(sightings.num_columns)])]
+        for table in tables[1:]:
+            part = {name: _arrow_column(name, table.column(i)) for i, name in enumerate(names)} if table.num_rows else None
+            if part is not None and self.entries:
+                found = table.column(len(names)).drop_null().to_pylist()
+                part["root_traces"] = [tuple(row) for row in json.loads(f"[{','.join(found)}]")]
+            parts.append(part)
+        return parts
+
+
+def _with_values(sql: str, params: tuple) -> str:
+    """``sql`` with each ``?`` replaced by the literal of its parameter (none of the SQL here has another ``?``)."""
+    pieces = sql.split("?")
+    assert len(pieces) == len(params) + 1, "one parameter per placeholder"
+    return "".join(piece + sql_literal(value) for piece, value in zip(pieces, params)) + pieces[-1]
+
+
+def _arrow_column(name: str, column: pa.ChunkedArray) -> np.ndarray | pa.ChunkedArray:
+    """A hop column as :func:`_column` takes it: numbers (never NULL: see :func:`_value`) as an array."""
+    return column.to_numpy() if _is_numeric(name) else column
 
 
 @dataclass
@@ -383,24 +461,24 @@ _NAMES_A_RESPONSE_HEADER = " OR ".join(f"hops.response_headers LIKE '%{name}%'" 
 
 
 def _root_trace_candidates(entries: int) -> str:
-    """An aggregate, for the pass that reads the hop columns, of the trace ids client requests got
-    only in their response (W3C traceresponse, an echoed X-Request-ID): ``[id, header, value]``
-    arrays joined by commas, one per candidate header; it takes ``entries`` parameters, the entry routes.
+    """For the pass that reads the hop columns, a hop's candidates for the trace id a client request
+    got only in its response (W3C traceresponse, an echoed X-Request-ID): ``[id, header, value]``
+    arrays joined by commas, one per candidate header, or NULL; it takes ``entries`` parameters, the entry routes.
 
     A client usually sends no trace context: the entry service starts the trace and says
     so in its answer. Without this, the entry hop would be the one hop of its request
     outside the trace. SQLite reads the JSON, for entry hops without a trace id, in the same
     pass over the table as the columns (a pass of its own cost 1.7 s of CPU at 1M hops, this
-    one nothing measurable); ``group_concat`` leaves out the other hops' NULLs.
+    one nothing measurable); ``group_concat`` of it leaves out the other hops' NULLs.
     """
     marks = ", ".join("?" * entries)
     names = ", ".join(f"'{name}'" for name in _RESPONSE_RANK)
     return (
-        f"group_concat(CASE WHEN hops.trace_id IS NULL AND hops.service IN ({marks}) AND ({_NAMES_A_RESPONSE_HEADER}) THEN ("
+        f"CASE WHEN hops.trace_id IS NULL AND hops.service IN ({marks}) AND ({_NAMES_A_RESPONSE_HEADER}) THEN ("
         # hops.: json_each has columns of its own named id, key, value.
         " SELECT group_concat(json_array(hops.id, lower(json_extract(j.value, '$[0]')), json_extract(j.value, '$[1]')), ',')"
         " FROM json_each(CASE WHEN json_valid(hops.response_headers) THEN hops.response_headers ELSE '[]' END) j"
-        f" WHERE j.type = 'array' AND lower(json_extract(j.value, '$[0]')) IN ({names})) END, ',')"
+        f" WHERE j.type = 'array' AND lower(json_extract(j.value, '$[0]')) IN ({names})) END"
     )
 
 
@@ -446,7 +524,8 @@ def _read_all(conn, table: str) -> pd.DataFrame:
     return pd.DataFrame.from_records(cur.fetchall(), columns=names).reindex(columns=list(COLUMNS[table]))
 
 
-def _expr(column: str) -> str:
+def _value(column: str) -> str:
+    """``column`` of one hop, typed: an integer (``_NULL`` for anything but a number) or text (or NULL)."""
     # Anything but a number where a number belongs (text, a blob) reads as NULL.
     if column in _TIME_COLUMNS:
         # Whole microseconds: exact, and parsed without a Python object per value. Adding
@@ -457,11 +536,18 @@ def _expr(column: str) -> str:
     if column in _INT_COLUMNS or column in _SECOND_COLUMNS:
         return _numeric(column, f"CAST({column} AS INTEGER)")
     # CAST: a BLOB where text belongs would make json_group_array fail.
-    return f"json_group_array(CAST({column} AS TEXT))"
+    return f"CAST({column} AS TEXT)"
 
 
 def _numeric(column: str, value: str) -> str:
-    return f"group_concat(CASE typeof({column}) WHEN 'integer' THEN {value} WHEN 'real' THEN {value} ELSE {_NULL} END, ',')"
+    return f"CASE typeof({column}) WHEN 'integer' THEN {value} WHEN 'real' THEN {value} ELSE {_NULL} END"
+
+
+def _expr(column: str) -> str:
+    """``column`` of the hops a query reads, as one string (see the module's docstring)."""
+    if _is_numeric(column):
+        return f"group_concat({_value(column)}, ',')"
+    return f"json_group_array({_value(column)})"
 
 
 def _read_hop_columns(
@@ -478,7 +564,7 @@ def _read_hop_columns(
     names = ("id", *(c for c in columns if c not in sparse))
     exprs = [_expr(c) for c in names]
     if entries:
-        exprs.append(_root_trace_candidates(len(entries)))
+        exprs.append(f"group_concat({_root_trace_candidates(len(entries))}, ',')")
     if sparse:
         # The ids of the few hops that have a value: NULLs are left out of group_concat.
         exprs.append(f"group_concat(CASE WHEN {' OR '.join(f'{c} IS NOT NULL' for c in sparse)} THEN id END, ',')")
@@ -521,10 +607,10 @@ def _join_hops(columns: tuple[str, ...], chunks: list[dict | None]) -> pd.DataFr
     return frame
 
 
-def _chunk_bounds(conn, last_id: int, shape: _Shape) -> list[tuple[int, int]]:
+def _chunk_bounds(conn, last_id: int, shape: _Shape, count: int) -> list[tuple[int, int]]:
     """Id ranges of about ``_CHUNK`` hops each: rowid range scans, no sort.
 
-    ``last_id`` is the snapshot's largest id, so every hop of it counts: a bare
+    ``last_id`` is the snapshot's largest id, so every hop of it counts (``count``): a bare
     ``count(*)`` SQLite answers from the smallest index (10 ms at 1M hops, where
     ``WHERE id <= ?`` walks the whole table: 0.3 s before any thread can start). The
     ranges cover every id whatever the count says; an index that disagrees with its
@@ -533,7 +619,6 @@ def _chunk_bounds(conn, last_id: int, shape: _Shape) -> list[tuple[int, int]]:
     ids = shape.integer_ids
     # Ranges start after `first - 1`, which must be a 64-bit integer too (and ids stay above _NULL).
     first = max(conn.execute(f"SELECT min(id) FROM hops{ids}").fetchone()[0], _NULL + 1)
-    count = conn.execute(f"SELECT count(*) FROM hops{ids}").fetchone()[0]
     if count == 0:
         return []
     if last_id - first + 1 == count:  # the recorder's ids are dense: ranges by arithmetic
@@ -566,6 +651,8 @@ def _column(name: str, chunks: list) -> np.ndarray | pd.Series | pd.api.extensio
             return array
         scale = 1e6 if name in _TIME_COLUMNS else 1e3 if name in _REAL_COLUMNS else 1.0
         return np.where(null, np.nan, values / scale)
+    if chunks and isinstance(chunks[0], pa.ChunkedArray):
+        return _strings(pa.chunked_array([piece for chunk in chunks for piece in chunk.chunks], pa.string()), name in _CATEGORICAL)
     items = np.concatenate([np.asarray(chunk, dtype=object) for chunk in chunks]) if chunks else np.zeros(0, object)
     return _strings(items, categorical=name in _CATEGORICAL)
 
@@ -574,10 +661,18 @@ def _ints(text: str) -> np.ndarray:
     return np.fromstring(text, dtype=np.int64, sep=",")
 
 
-def _strings(items: list, categorical: bool = False) -> pd.api.extensions.ExtensionArray:
+def _strings(items: list | np.ndarray | pa.ChunkedArray, categorical: bool = False) -> pd.api.extensions.ExtensionArray:
     """A str array whose equal values share one object (1M copies of "gateway" are 50 MB),
     or a Categorical (categories sorted) for the columns with few distinct values."""
-    codes, uniques = pd.factorize(np.asarray(items, dtype=object))
+    if isinstance(items, pa.ChunkedArray):
+        if not categorical:
+            return pd.array(items, dtype="str")  # pandas keeps "str" in Arrow: the array itself, no copy
+        # Arrow's own encoding, in C: codes in order of first appearance, as pandas.factorize gives them.
+        encoded = items.combine_chunks().dictionary_encode()
+        codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.intp)
+        uniques = encoded.dictionary.to_numpy(zero_copy_only=False)
+    else:
+        codes, uniques = pd.factorize(np.asarray(items, dtype=object))
     if not categorical:
         return pd.array(uniques, dtype="str").take(codes, allow_fill=True)
     order = np.argsort(uniques.astype(str), kind="stable")
@@ -587,26 +682,42 @@ def _strings(items: list, categorical: bool = False) -> pd.api.extensions.Extens
     return pd.Categorical.from_codes(rank[codes], pd.Index(uniques[order], dtype="str"))
 
 
-def _read_hop_tokens(conn, last_id: int, shape: _Shape) -> pd.DataFrame:
+def _sighting_values(shape: _Shape) -> list[str] | None:
+    """hop_id, fingerprint, role and location of a token sighting, typed as :func:`_value` types a hop's."""
     if not {"hop_id", "fingerprint", "role"} <= shape.columns["hop_tokens"]:
-        return _read_hop_tokens_rows([])  # sightings without their hop, token or role say nothing
+        return None  # sightings without their hop, token or role say nothing
     location = "location" if "location" in shape.columns["hop_tokens"] else "NULL"
+    return [f"ifnull(CAST(hop_id AS INTEGER), {_NULL})", "CAST(fingerprint AS TEXT)", "CAST(role AS TEXT)", f"CAST({location} AS TEXT)"]
+
+
+def _read_hop_tokens(conn, last_id: int, shape: _Shape) -> pd.DataFrame:
+    values = _sighting_values(shape)
+    if values is None:
+        return _sightings(None)
     row = conn.execute(
-        "SELECT group_concat(ifnull(CAST(hop_id AS INTEGER), ?), ','),"
-        " json_group_array(CAST(fingerprint AS TEXT)), json_group_array(CAST(role AS TEXT)),"
-        f" json_group_array(CAST({location} AS TEXT)) FROM hop_tokens WHERE hop_id <= ?",
-        (_NULL, last_id),
+        f"SELECT group_concat({values[0]}, ','), {', '.join(f'json_group_array({v})' for v in values[1:])}"
+        " FROM hop_tokens WHERE hop_id <= ?",
+        (last_id,),
     ).fetchone()
-    return _read_hop_tokens_rows(row if row[0] is not None else [])
+    return _sightings(None if row[0] is None else [_ints(row[0]), *(json.loads(text) for text in row[1:])])
 
 
-def _read_hop_tokens_rows(row) -> pd.DataFrame:
+def _hop_tokens_query(last_id: int | None, shape: _Shape) -> str:
+    """:func:`_read_hop_tokens`'s rows for the Arrow reader, after a row of each column's type."""
+    values = _sighting_values(shape)
+    sample = "SELECT 0, '', '', ''"
+    if values is None or last_id is None:
+        return sample
+    return f"{sample} UNION ALL SELECT {', '.join(values)} FROM hop_tokens WHERE hop_id <= {sql_literal(last_id)}"
+
+
+def _sightings(columns: list | None) -> pd.DataFrame:
+    """The token sightings from their four columns (hop ids as an array, the rest as text)."""
     names = ("hop_id", "fingerprint", "role", "location")
-    if not row:
+    if columns is None or not len(columns[0]):
         return pd.DataFrame({n: pd.Series(dtype="int64" if n == "hop_id" else "str") for n in names})
-    frame = pd.DataFrame({
-        "hop_id": _ints(row[0]), **{n: _strings(json.loads(text), categorical=True) for n, text in zip(names[1:], row[1:])},
-    })  # fmt: skip
+    hop_ids = columns[0] if isinstance(columns[0], np.ndarray) else columns[0].to_numpy()
+    frame = pd.DataFrame({"hop_id": hop_ids, **{n: _strings(values, categorical=True) for n, values in zip(names[1:], columns[1:])}})
     return frame[frame["fingerprint"].notna().to_numpy() & frame["role"].notna().to_numpy()]
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -14,10 +17,13 @@ from hypothesis import strategies as st
 
 from hoptrace._errors import AnalysisError, TraceFileError
 from hoptrace.analyzer import AnalyzerConfig, _load, analyze, load
+from hoptrace.analyzer._arrow_child import ArrowReadError, read_tables, sql_literal
 from hoptrace.cli import cli
 from hoptrace.db import HOP_COLUMNS, open_for_writing
 
 from .analyzer_fixtures import T0, Builder
+
+SAMPLES = sorted((Path(__file__).parent.parent / "sample_traces").glob("*.db"))
 
 
 def small(b: Builder | None = None) -> Builder:
@@ -280,13 +286,16 @@ _ANY_VALUE = st.one_of(
 _TEXT_COLUMNS = ("method", "path", "error", "client_conn_id")
 
 
+@pytest.mark.parametrize("reader", ["sqlite", "arrow"])
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), hops=st.integers(1, 10), null_head=st.integers(0, 10))
-def test_any_mix_of_values_reads_as_sqlite_gives_them_whatever_the_batches(tmp_path_factory, monkeypatch, data, hops, null_head):
+def test_any_mix_of_values_reads_as_sqlite_gives_them_whatever_the_batches(
+    tmp_path_factory, monkeypatch, reader, data, hops, null_head
+):
     """Whatever a hop column holds, and however its values mix (NULL for the first rows and anything
     later: trace headers that start mid-capture, a hostile file), read in ranges of 5 ids on several
     connections, each value reads exactly as sqlite3 reads it: text as text (invalid UTF-8 as
-    U+FFFD), numbers as numbers."""
+    U+FFFD), numbers as numbers. Through Arrow too, whose driver types a column by its first rows."""
     monkeypatch.setattr(_load, "_CHUNK", 5)
     b = Builder()
     for i in range(hops):
@@ -297,7 +306,7 @@ def test_any_mix_of_values_reads_as_sqlite_gives_them_whatever_the_batches(tmp_p
         for hop_id in range(1, hops + 1):
             values = [None if hop_id <= null_head else data.draw(_ANY_VALUE) for _ in columns]
             conn.execute(f"UPDATE hops SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?", (*values, hop_id))
-    got = load(path, extra_columns=("client_conn_id", "port")).hops
+    got = load(path, extra_columns=("client_conn_id", "port"), reader=reader).hops
     with sqlite3.connect(path) as conn:
         conn.text_factory = lambda raw: raw.decode("utf-8", "replace")
         # A number where a whole number belongs reads as one (CAST); anything else as unknown.
@@ -308,3 +317,94 @@ def test_any_mix_of_values_reads_as_sqlite_gives_them_whatever_the_batches(tmp_p
     for hop_id, row in want.items():
         read = [None if pd.isna(v) else v for v in got.loc[hop_id, [*_TEXT_COLUMNS, "status", "port"]].astype(object)]
         assert read == list(row)
+
+
+def _same_tables(a, b) -> None:
+    for name in ("captures", "hops", "tokens", "hop_tokens"):
+        pd.testing.assert_frame_equal(getattr(a, name), getattr(b, name), check_exact=True)
+    assert a.notes == b.notes
+
+
+@pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.stem)
+def test_both_readers_give_the_same_tables(path, monkeypatch):
+    """Arrow (in its child process) and sqlite3 read a recorded capture into equal frames, dtypes
+    included; in ranges of 40 ids, so that the Arrow reads run on several connections at once."""
+    monkeypatch.setattr(_load, "_CHUNK", 40)
+    _same_tables(load(path, reader="arrow"), load(path, reader="sqlite"))
+    window = (T0, 2e9) if "clean" in path.stem else (None, None)
+    _same_tables(load(path, reader="arrow", since=window[0], until=window[1]), load(path, reader="sqlite", since=window[0], until=window[1]))
+
+
+def test_the_arrow_reader_sees_one_snapshot_while_a_writer_commits(tmp_path, monkeypatch):
+    """The capture the Arrow reader's child reads while the recorder (another copy of SQLite, in
+    this process) commits batches: every load is a whole prefix of what was committed (hops
+    1..n, each with its sighting), and the file stays sound. Two copies of SQLite in one
+    process lose each other's locks; here they live in two processes."""
+    monkeypatch.setattr(_load, "_CHUNK", 300)
+    b = Builder()
+    token = b.token(sub="alice", exp=10_000)
+    b.hop("gateway", "GET /a", 0, 0.5, presented=token)
+    path = b.write(tmp_path / "live.db")
+    stop, batches = threading.Event(), 0
+
+    def record() -> None:
+        nonlocal batches
+        writer = open_for_writing(path)
+        next_id, deadline = 2, time.monotonic() + 30
+        while not stop.is_set() and batches < 400 and time.monotonic() < deadline:
+            rows = []
+            for hop_id in range(next_id, next_id + 25):
+                row = dict.fromkeys(HOP_COLUMNS)
+                row.update(id=hop_id, capture_id=1, flow_id=str(hop_id), service="gateway", method="GET", path="/a",
+                           failed=0, started_at=T0 + hop_id, ended_at=T0 + hop_id + 0.5, duration_ms=500.0)  # fmt: skip
+                rows.append(row)
+            with writer:
+                writer.executemany(f"INSERT INTO hops VALUES ({', '.join('?' * len(HOP_COLUMNS))})", ([r[c] for c in HOP_COLUMNS] for r in rows))
+                writer.executemany("INSERT INTO hop_tokens VALUES (?, ?, 'presented', 'header:authorization')", ((r["id"], token) for r in rows))
+            next_id += 25
+            batches += 1
+        writer.close()
+
+    thread = threading.Thread(target=record)
+    thread.start()
+    try:
+        sizes = []
+        for _ in range(4):
+            tables = load(path, reader="arrow")
+            n = len(tables.hops)
+            assert list(tables.hops.index) == list(range(1, n + 1))
+            assert sorted(tables.hop_tokens["hop_id"]) == list(range(1, n + 1))
+            sizes.append(n)
+    finally:
+        stop.set()
+        thread.join()
+    assert sizes == sorted(sizes) and batches > 0
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert len(load(path, reader="arrow").hops) == 1 + 25 * batches
+
+
+def test_the_arrow_child_refuses_what_it_cannot_read_and_says_why(tmp_path):
+    path = small().write(tmp_path / "t.db")
+    uri = path.resolve().as_uri() + "?mode=ro"
+    table = read_tables(uri, ["SELECT 0, '' UNION ALL SELECT id, service FROM hops ORDER BY 1"], 1)[0]
+    assert table.to_pydict() == {"0": [1, 2], "''": ["gateway", "products"]}  # the type sample dropped
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE hops SET path = CAST(X'2FFF' AS TEXT) WHERE id = 2")
+    with pytest.raises(ArrowReadError, match="UTF8"):
+        read_tables(uri, ["SELECT '' UNION ALL SELECT path FROM hops"], 1)
+    with pytest.raises(ArrowReadError, match="no such table"):
+        read_tables(uri, ["SELECT 0", "SELECT 0 UNION ALL SELECT id FROM missing_table"], 2)
+    # The loader then reads the file through sqlite3: the same tables, the bad byte as U+FFFD.
+    arrow = load(path, reader="arrow")
+    _same_tables(arrow, load(path, reader="sqlite"))
+    assert arrow.hops.loc[2, "path"] == "/\ufffd"
+
+
+@settings(max_examples=60, deadline=None)
+@given(value=st.one_of(st.text(), st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False, allow_infinity=False)))
+def test_a_value_put_in_sql_as_a_literal_reads_back_as_itself(value):
+    """The Arrow reader's queries carry their values as literals (entry routes from the file itself
+    among them): no text, however hostile (quotes, NUL, comment marks), is ever read as SQL."""
+    conn = sqlite3.connect(":memory:")
+    assert conn.execute(f"SELECT {sql_literal(value)}").fetchone()[0] == value
