@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import click
@@ -15,6 +16,19 @@ class BadInput(click.ClickException):
     """A one-line error about the user's input; exit 2, like click's own usage errors."""
 
     exit_code = 2
+
+
+class PathArg(click.Path):
+    """``click.Path`` giving a :class:`~pathlib.Path`, refusing an empty name: ``Path("")`` is ``"."``,
+    so ``--db ''`` would mean the current folder."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(path_type=Path, **kwargs)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value:
+            self.fail("an empty name is no file or folder", param, ctx)
+        return super().convert(value, param, ctx)
 
 
 class OneLineCommand(click.Command):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from hoptrace._click import OneLineCommand, exit_2_on_bad_input
+from hoptrace._click import OneLineCommand, PathArg, exit_2_on_bad_input
 
 FORMATS = ("text", "markdown", "json")
 
@@ -18,7 +18,7 @@ FORMATS = ("text", "markdown", "json")
     epilog="\b\nExamples:\n  hoptrace coverage traces.db --openapi gateway=openapi/gateway.yaml --openapi auth=openapi/auth.yaml\n"
     "  hoptrace coverage after.db --compare before.db --format markdown",
 )
-@click.argument("db", type=click.Path(path_type=Path))
+@click.argument("db", type=PathArg())
 @click.option(
     "--openapi",
     "specs",
@@ -30,12 +30,12 @@ FORMATS = ("text", "markdown", "json")
 @click.option(
     "--compare",
     "base",
-    type=click.Path(path_type=Path),
+    type=PathArg(),
     metavar="OTHER_DB",
     help="Show what DB exercised that OTHER_DB did not, and what it lost.",
 )
 @click.option(
-    "--output", "-o", type=click.Path(dir_okay=False, writable=True, path_type=Path), help="Write here instead of stdout."
+    "--output", "-o", type=PathArg(dir_okay=False, writable=True), help="Write here instead of stdout."
 )
 def coverage(db: Path, specs: tuple[str, ...], fmt: str, base: Path | None, output: Path | None) -> None:
     """Interaction coverage of a trace file: endpoints exercised per service with the status

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from hoptrace._click import BadInput
+from hoptrace._click import BadInput, PathArg
 
 
 def trace_dbs_argument() -> Callable:
@@ -26,8 +26,7 @@ def trace_dbs_argument() -> Callable:
     A path that does not exist, a folder with no ``*.db`` file and a file given twice are
     refused here, each as one line; what is wrong inside a file the analysis says.
     """
-    return click.argument("dbs", nargs=-1, required=True, metavar="DB...", type=click.Path(path_type=Path),
-                          callback=_trace_files)  # fmt: skip
+    return click.argument("dbs", nargs=-1, required=True, metavar="DB...", type=PathArg(), callback=_trace_files)
 
 
 def _trace_files(ctx: click.Context, param: click.Parameter, paths: tuple[Path, ...]) -> tuple[Path, ...]:
@@ -76,10 +75,10 @@ def one_trace_file(dbs: tuple[Path, ...], option: str) -> Path:
 
 def output_option(what: str, *, required: bool = False) -> Callable:
     """``-o/--output FILE``: where a command writes its report or chart."""
-    return click.option("-o", "--output", required=required, type=click.Path(dir_okay=False, path_type=Path), help=what)
+    return click.option("-o", "--output", required=required, type=PathArg(dir_okay=False), help=what)
 
 
 def out_folder_option(default: str, what: str) -> Callable:
     """``--out FOLDER``: where a command that writes several files puts them."""
-    return click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path(default),
+    return click.option("--out", type=PathArg(file_okay=False), default=Path(default),
                         show_default=True, help=what)  # fmt: skip

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from hoptrace._click import BadInput, OneLineCommand, exit_2_on_bad_input
+from hoptrace._click import BadInput, OneLineCommand, PathArg, exit_2_on_bad_input
 from hoptrace.addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT
 
 
@@ -33,8 +33,8 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int:
 
 @click.command(cls=OneLineCommand)
 @click.option("--route", "route_specs", multiple=True, metavar="NAME=UPSTREAM_URL@LISTEN_PORT", help="A service and the port to listen on for it. Repeat for each service.")
-@click.option("--stack", "stack_file", type=click.Path(dir_okay=False, path_type=Path), help="A TOML file of [routes.NAME] tables (upstream, listen), instead of --route.")
-@click.option("--db", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Trace file to record into (default: traces.db, or the stack file's db).")
+@click.option("--stack", "stack_file", type=PathArg(dir_okay=False), help="A TOML file of [routes.NAME] tables (upstream, listen), instead of --route.")
+@click.option("--db", type=PathArg(dir_okay=False), default=None, help="Trace file to record into (default: traces.db, or the stack file's db).")
 @click.option("--entry", help="The route where client requests enter (default: the first).")
 @click.option("--listen-host", default="127.0.0.1", show_default=True, help="Address the listeners bind to.")
 @click.option("--store-bodies", is_flag=True, help="Also store bodies (up to 64 KiB, redacted). Off by default: bodies leak.")

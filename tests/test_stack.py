@@ -23,6 +23,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
 import aiohttp
+import click
 import jwt
 import pytest
 from aiohttp import web
@@ -804,3 +805,26 @@ def test_rotated_key_run_leaves_no_token_in_the_file(rotated_recording) -> None:
     tokens = [flow.token for flow in recording.flows if flow.token]
     assert len(tokens) == len(recording.flows) and not any(token.encode() in stored for token in tokens)
     assert not any(token.split(".")[2].encode() in stored for token in tokens)  # nor a signature alone
+
+
+_NUMBERS = {param.opts[0]: param for param in stack_command.params if isinstance(param.type, click.IntRange | click.FloatRange)}
+_OUTSIDE = st.one_of(
+    st.sampled_from(["nan", "inf", "-inf", "1e20", "", "x", "²", "0x10"]),
+    st.floats(min_value=1e12, allow_infinity=True).map(repr),
+    st.integers(max_value=-(10**12)).map(str),
+    st.integers(min_value=10**19).map(str),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(flag=st.sampled_from(sorted(_NUMBERS)), value=_OUTSIDE)
+def test_a_number_no_stack_can_run_with_is_one_line_before_anything_starts(flag, value):
+    """Every numeric option of `hoptrace stack` has bounds (a 10-year token, a 1-year clock offset,
+    a share of requests within 0..1); past them, or not a number, is one line and exit 2."""
+    result = CliRunner().invoke(stack_command, [flag, value])
+    assert result.exit_code == 2, (flag, value, result.output)
+    assert result.output.count("\n") == 1 and flag in result.output, result.output
+
+
+def test_the_stack_options_are_all_bounded():
+    assert {"--ttl", "--work-seconds", "--payment-clock-offset", "--flaky-rate", "--rate-limit"} <= set(_NUMBERS)

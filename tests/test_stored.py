@@ -13,11 +13,13 @@ import threading
 from contextlib import closing
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hoptrace._click import PathArg
 from hoptrace._options import _expand
 from hoptrace._stored import header_pairs, json_object, read_text_file, stored_json
 from hoptrace.cli import cli
@@ -142,3 +144,24 @@ def test_coverage_reads_a_hop_without_a_path(tmp_path):
     result = CliRunner().invoke(cli, ["coverage", str(db)])
     assert result.exit_code == 0 and result.exception is None, result.output
     assert "Endpoints exercised" in result.output
+
+
+def _commands(group: click.Group, ctx: click.Context):
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        yield from _commands(command, ctx) if isinstance(command, click.Group) else [command]
+
+
+def test_no_path_of_any_command_takes_an_empty_name():
+    """``Path("")`` is ``"."``: every file or folder a command takes refuses "" in one line (exit 2),
+    rather than reading the current folder's trace files or writing into it."""
+    ctx = click.Context(cli)
+    paths = [(command, p) for command in _commands(cli, ctx) for p in command.params if isinstance(p.type, click.Path)]
+    assert len(paths) >= 15
+    for command, param in paths:
+        assert isinstance(param.type, PathArg), f"{command.name} {param.name}"
+        with pytest.raises(click.BadParameter, match="empty name"):
+            param.type.convert("", param, ctx)
+    for args in (["analyze", ""], ["report", "", "-o", "x.html"], ["proxy", "--db", "", "--route", "a=1:http://127.0.0.1:2"]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "empty name" in result.stderr, (args, result.output)

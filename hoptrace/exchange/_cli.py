@@ -8,15 +8,15 @@ from pathlib import Path
 import click
 
 from hoptrace import __version__
-from hoptrace._click import BadInput, OneLineCommand, exit_2_on_bad_input
+from hoptrace._click import BadInput, OneLineCommand, PathArg, exit_2_on_bad_input
 from hoptrace._options import trace_dbs_argument
 
 
 @click.command("import", cls=OneLineCommand)
-@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--db", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Trace file to import into (created if missing).")
+@click.argument("files", nargs=-1, required=True, type=PathArg(dir_okay=False))
+@click.option("--db", type=PathArg(dir_okay=False), required=True, help="Trace file to import into (created if missing).")
 @click.option("--service", "service_specs", multiple=True, metavar="HOST:PORT=NAME", help="Name the service at this address (a reverse proxy's upstream, or what a browser called). Repeatable.")
-@click.option("--stack", "stack_file", type=click.Path(dir_okay=False, path_type=Path), help="The proxy's stack TOML: names services by upstream and listen port, and gives the entry.")
+@click.option("--stack", "stack_file", type=PathArg(dir_okay=False), help="The proxy's stack TOML: names services by upstream and listen port, and gives the entry.")
 @click.option("--entry", help="The service where client requests enter (default: the stack's, else the service of the earliest hop).")
 @click.option("--fingerprint-key", envvar="HOPTRACE_FINGERPRINT_KEY", help="Hex key for token fingerprints, to compare tokens with other captures (default: random).")
 def import_(files: tuple[Path, ...], db: Path, service_specs: tuple[str, ...], stack_file: Path | None, entry: str | None, fingerprint_key: str | None) -> None:
@@ -60,9 +60,9 @@ def import_(files: tuple[Path, ...], db: Path, service_specs: tuple[str, ...], s
 
 @click.command("export", cls=OneLineCommand)
 @trace_dbs_argument()
-@click.option("--har", "har_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a HAR 1.2 file (opens in Chrome DevTools, HTTP Toolkit).")
-@click.option("--otlp", "otlp_out", type=click.Path(dir_okay=False, path_type=Path), help="Write OTLP/JSON lines (one ExportTraceServiceRequest per request) for an OpenTelemetry Collector, Jaeger or Tempo.")
-@click.option("--parquet", "parquet_out", type=click.Path(file_okay=False, path_type=Path), help="Write a folder of Parquet files: hops, tokens, hop_tokens, traces, findings.")
+@click.option("--har", "har_out", type=PathArg(dir_okay=False), help="Write a HAR 1.2 file (opens in Chrome DevTools, HTTP Toolkit).")
+@click.option("--otlp", "otlp_out", type=PathArg(dir_okay=False), help="Write OTLP/JSON lines (one ExportTraceServiceRequest per request) for an OpenTelemetry Collector, Jaeger or Tempo.")
+@click.option("--parquet", "parquet_out", type=PathArg(file_okay=False), help="Write a folder of Parquet files: hops, tokens, hop_tokens, traces, findings.")
 @click.option("--trace", help="Only this request (its id, a trace id, or any hop id in it).")
 @click.option("--since", help="Only requests that started at or after this time (UNIX seconds or ISO 8601).")
 @click.option("--until", help="Only requests that started at or before this time.")

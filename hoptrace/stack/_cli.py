@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import signal
 from pathlib import Path
 
@@ -46,9 +47,24 @@ def _ports(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) 
     return ports
 
 
-def _number(flag: str, kind: type, default: float, help: str):
-    """A numeric option of the stack, its default shown in --help."""
-    return click.option(flag, type=kind, default=default, show_default=True, help=help)
+# Token lifetimes and clock offsets past this are typos, not tests (and would overflow a JWT's exp).
+_YEAR = 365 * 24 * 3600
+
+
+class _FiniteRange(click.FloatRange):
+    """A FloatRange that also refuses nan (which compares false with both of its bounds)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        return number
+
+
+def _number(flag: str, kind: type, default: float, help: str, low: float, high: float):
+    """A numeric option of the stack within [low, high], its default shown in --help."""
+    bounded = click.IntRange(low, high) if kind is int else _FiniteRange(low, high)
+    return click.option(flag, type=bounded, default=default, show_default=True, help=help)
 
 
 def _choice(flag: str, choices: tuple[str, ...], help: str):
@@ -80,17 +96,17 @@ def _choice(flag: str, choices: tuple[str, ...], help: str):
     help="Base URL the other services use to reach SERVICE, e.g. a proxy listener "
     "(repeatable, loopback only). Default: the service's own port.",
 )
-@_number("--ttl", int, 3600, "Token lifetime in seconds.")
-@_number("--work-seconds", float, 1.0, "How long payment works before re-validating the token with auth.")
-@_number("--payment-clock-offset", float, 0.0, "Fault: payment's clock runs this many seconds ahead (its Date header and its own expiry check).")
+@_number("--ttl", int, 3600, "Token lifetime in seconds.", 1, 10 * _YEAR)
+@_number("--work-seconds", float, 1.0, "How long payment works before re-validating the token with auth.", 0, 3600)
+@_number("--payment-clock-offset", float, 0.0, "Fault: payment's clock runs this many seconds ahead (its Date header and its own expiry check).", -_YEAR, _YEAR)
 @click.option(
     "--shared-client",
     is_flag=True,
     help="Fault: the gateway sets tokens on one client shared by all requests (token crossover).",
 )
-@_number("--flaky-rate", float, 0.0, "Fault: share of products requests answered 503; callers retry with backoff.")
-@_number("--flaky-seed", int, 0, "Seed of the 503 draws.")
-@_number("--rate-limit", int, 0, "Fault: products answers 429 (Retry-After: 1) beyond this many requests a second (0: no limit).")
+@_number("--flaky-rate", float, 0.0, "Fault: share of products requests answered 503; callers retry with backoff.", 0, 1)
+@_number("--flaky-seed", int, 0, "Seed of the 503 draws.", 0, 2**63 - 1)
+@_number("--rate-limit", int, 0, "Fault: products answers 429 (Retry-After: 1) beyond this many requests a second (0: no limit).", 0, 10**6)
 @click.option("--retry-no-backoff", is_flag=True, help="Fault: callers retry failed GETs at once, ignoring Retry-After.")
 @click.option(
     "--key-missing-caller",
@@ -111,7 +127,7 @@ def _choice(flag: str, choices: tuple[str, ...], help: str):
     help="Fault: login hands out one-time refresh tokens (POST /auth/refresh); a second use is refused.",
 )
 @_choice("--jwt-algorithm", JWT_ALGORITHMS, "How auth signs tokens: a shared secret, or an RSA key with a kid published at GET /.well-known/jwks.json.")
-@_number("--rotate-key-after", int, 0, "Fault (RS256): auth rotates its key after this many tokens, dropping the old one at once (0: never).")
+@_number("--rotate-key-after", int, 0, "Fault (RS256): auth rotates its key after this many tokens, dropping the old one at once (0: never).", 0, 10**9)
 @_choice("--propagate", PROPAGATION_MODES, "Trace context the services forward on every downstream call.")
 def stack(
     ports: dict[str, int],
