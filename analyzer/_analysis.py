@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from hoptrace._errors import AnalysisError
+from hoptrace._memory import give_back
 from hoptrace._shards import parse_worker_source
 from hoptrace.analyzer import _latency, _prepare
 from hoptrace.analyzer._config import AnalyzerConfig, parse_time
@@ -154,6 +155,7 @@ def prepare(
     paths = _prepare.paths_of(hops["path"])
     if saved is None:
         hops = rebuild(hops, tables.hop_tokens, tables.tokens, tables.captures, paths)
+        give_back()  # the rebuild's temporaries: freed, but held by the allocators until now
     else:
         hops = saved.relink(hops)
     hops["endpoint"] = _prepare.endpoints(hops, paths)
@@ -165,6 +167,7 @@ def prepare(
     uses = _prepare.token_uses(hop_tokens, tables.tokens)
     config = config or AnalyzerConfig()
     hops = _enrich(hops, uses, config)
+    give_back()
     sessions = build_sessions(hops, hop_tokens, tables.tokens, uses)
     return Context(
         hops=hops, hop_tokens=hop_tokens, tokens=tables.tokens, uses=uses, sessions=sessions, config=config, headers=headers

@@ -30,7 +30,6 @@ import pyarrow as pa
 import pyarrow.ipc
 
 
-
 class ArrowReadError(Exception):
     """The child could not read the file (a damaged file, text that is not UTF-8, a missing driver)."""
 
@@ -58,7 +57,7 @@ def read_tables(uri: str, queries: list[str], threads: int) -> list[pa.Table]:
     return tables
 
 
-def sql_literal(value: int | float | str) -> str:
+def sql_literal(value: float | str) -> str:
     """``value`` as an SQL literal: text as the hex of its UTF-8 bytes, so nothing in it is ever SQL."""
     if isinstance(value, str):
         return f"CAST(X'{value.encode().hex()}' AS TEXT)"

@@ -428,7 +428,9 @@ def skew_estimates(ctx: Context) -> pd.DataFrame:
     """
     h = ctx.hops
     names = h["service"].cat.categories
-    date = h[h["server_date_ts"].notna().to_numpy()]
+    # The columns first, then the rows: a row filter of every column copies most of the hops (170 MB at 1M).
+    date = h[["service", "server_date_ts", "started_at", "response_start_at", "ended_at"]]
+    date = date[date["server_date_ts"].notna().to_numpy()]
     answered = date["response_start_at"].fillna(date["ended_at"])
     samples = [pd.DataFrame({
         "key": date["service"].cat.codes.to_numpy(np.int64) * 2, "hop_id": date.index.to_numpy(),

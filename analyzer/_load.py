@@ -37,6 +37,7 @@ import pandas as pd
 import pyarrow as pa
 
 from hoptrace._errors import TraceFileError
+from hoptrace._memory import give_back
 from hoptrace.analyzer._arrow_child import ArrowReadError, read_tables, sql_literal
 from hoptrace.analyzer._traces import in_start_order
 from hoptrace.db import (
@@ -122,7 +123,7 @@ def load(
         conn = open_for_reading(path, check=False)  # _read checks the structure, alongside its reads
         try:
             conn.execute("BEGIN")  # captures, tokens and the id bound from one snapshot
-            return _read(conn, Path(path), columns, since, until, reader)
+            tables = _read(conn, Path(path), columns, since, until, reader)
         except SQLITE_ERRORS as exc:
             check_structure(conn, path)  # a corrupt file is the likely cause: then say that
             raise TraceFileError(f"{path}: cannot read the trace database ({exc})") from None
@@ -136,6 +137,8 @@ def load(
     except TraceFileError as exc:
         # A path, or an error SQLite reports, can span lines: keep one.
         raise TraceFileError(" ".join(str(exc).split())) from None
+    give_back()  # what the reads parsed, and the Arrow buffers: the frames hold copies of their own
+    return tables
 
 
 def _hop_columns(extra: tuple[str, ...] | str) -> tuple[str, ...]:
@@ -222,15 +225,13 @@ class _Reads:
 
     def through_sqlite(self) -> list[Callable[[sqlite3.Connection], object]]:
         # The longest read first, so that the chunks of hops even out the threads' ends.
+        columns = partial(
+            _read_hop_columns, columns=self.columns, where=self.where, params=self.params,
+            unique_ids=self.shape.rowid_ids, entries=self.entries,
+        )  # fmt: skip
         return [
             partial(_read_hop_tokens, last_id=self.last_id, shape=self.shape),
-            *(
-                partial(
-                    _read_hop_columns, columns=self.columns, lo=lo, hi=hi, where=self.where, params=self.params,
-                    unique_ids=self.shape.rowid_ids, entries=self.entries,
-                )  # fmt: skip
-                for lo, hi in self.bounds
-            ),
+            *(partial(columns, lo=lo, hi=hi) for lo, hi in self.bounds),
         ]
 
     def through_arrow(self, uri: str, threads: int) -> list:
