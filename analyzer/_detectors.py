@@ -428,15 +428,13 @@ def skew_estimates(ctx: Context) -> pd.DataFrame:
     """
     h = ctx.hops
     names = h["service"].cat.categories
-    # The columns first, then the rows: a row filter of every column copies most of the hops (170 MB at 1M).
-    date = h[["service", "server_date_ts", "started_at", "response_start_at", "ended_at"]]
-    date = date[date["server_date_ts"].notna().to_numpy()]
-    answered = date["response_start_at"].fillna(date["ended_at"])
-    samples = [pd.DataFrame({
-        "key": date["service"].cat.codes.to_numpy(np.int64) * 2, "hop_id": date.index.to_numpy(),
-        "lo": (date["server_date_ts"] - answered).to_numpy(), "hi": (date["server_date_ts"] + 1 - date["started_at"]).to_numpy(),
-        "at": date["started_at"].to_numpy(),
-    })]  # fmt: skip
+    # Plain arrays, not frames: at a million hops each frame of the samples, its concat and its
+    # sort were another copy of ~900k rows (~180 MB at the analysis's peak).
+    dated = h["server_date_ts"].notna().to_numpy()
+    date = h["server_date_ts"].to_numpy()[dated]
+    started = h["started_at"].to_numpy()[dated]
+    answered = h["response_start_at"].fillna(h["ended_at"]).to_numpy()[dated]
+    samples = [(h["service"].cat.codes.to_numpy(np.int64)[dated] * 2, h.index.to_numpy()[dated], date - answered, date + 1 - started, started)]
     issued = ctx.issued
     if len(issued):
         first_use = ctx.used.groupby("fp")["started_at"].min()
@@ -449,30 +447,31 @@ def skew_estimates(ctx: Context) -> pd.DataFrame:
         origin = issued[issued["trace"].to_numpy() == issued["fp"].map(first_trace).to_numpy()]
         origin = origin.sort_values(["depth", "ended_at"], ascending=[False, True]).drop_duplicates("fp")
         origin = origin[origin["iat"].notna().to_numpy() & ~(origin["first_use"] < origin["started_at"]).to_numpy()]
-        answered = origin["response_start_at"].fillna(origin["ended_at"])
-        samples.append(pd.DataFrame({
-            "key": names.get_indexer(origin["service"].astype(object)) * 2 + 1, "hop_id": origin["hop_id"].to_numpy(),
-            "lo": (origin["iat"] - answered).to_numpy(), "hi": (origin["iat"] + 1 - origin["started_at"]).to_numpy(),
-            "at": origin["started_at"].to_numpy(),
-        }))  # fmt: skip
-    frame = pd.concat(samples, ignore_index=True)
-    frame = frame[frame["key"].to_numpy() >= 0].sort_values(["key", "at"], kind="stable")
+        answered = origin["response_start_at"].fillna(origin["ended_at"]).to_numpy()
+        iat, started = origin["iat"].to_numpy(np.float64), origin["started_at"].to_numpy()
+        samples.append((
+            names.get_indexer(origin["service"].astype(object)) * 2 + 1, origin["hop_id"].to_numpy(),
+            iat - answered, iat + 1 - started, started,
+        ))  # fmt: skip
+    key, hop_ids, lo, hi, at = (np.concatenate(column) for column in zip(*samples, strict=True))
+    del samples, date, started, answered  # each copy of the samples is ~40 MB at 1M hops
+    pick = np.flatnonzero(key >= 0)
+    pick = pick[np.lexsort((at[pick], key[pick]))]  # by service and source, then time (stable)
+    key, hop_ids, lo, hi, at = (column[pick] for column in (key, hop_ids, lo, hi, at))
     columns = ["service", "source", "offset_s", "low_s", "high_s", "samples", "hop_ids", "at"]
-    if frame.empty:
+    if not len(key):
         return pd.DataFrame(columns=columns)
-    key = frame["key"].to_numpy()
-    keys, low = group_quantiles(key, frame["lo"].to_numpy(np.float64), (0.9, 0.5))
-    _, high = group_quantiles(key, frame["hi"].to_numpy(np.float64), (0.1, 0.5))
+    keys, low = group_quantiles(key, lo.astype(np.float64), (0.9, 0.5))
+    _, high = group_quantiles(key, hi.astype(np.float64), (0.1, 0.5))
     # Bounds that cross mean inconsistent samples: fall back to the medians.
     crossed = low[:, 0] > high[:, 0]
     starts = np.flatnonzero(run_starts(key))
-    hop_ids = frame["hop_id"].to_numpy()
     limit = ctx.config.max_hop_ids
     out = pd.DataFrame({
         "service": np.asarray(names, dtype=object)[keys // 2], "source": np.where(keys % 2 == 0, "date", "iat"),
         "low_s": np.where(crossed, low[:, 1], low[:, 0]), "high_s": np.where(crossed, high[:, 1], high[:, 0]),
         "samples": np.diff(np.r_[starts, len(key)]), "hop_ids": [hop_ids[a : a + limit].tolist() for a in starts],
-        "at": frame["at"].to_numpy()[starts],
+        "at": at[starts],
     })  # fmt: skip
     out["offset_s"] = (out["low_s"] + out["high_s"]) / 2
     return out[columns]
@@ -544,18 +543,19 @@ def token_crossover(ctx: Context) -> pd.DataFrame:
     its own credentials (a subject never seen at the entry) is not a crossover.
     """
     u = ctx.used
-    # The columns read below only: a million uses copied column by column add up.
-    columns = ["trace", "sub", "sub_code", "fp", "hop_id", "service", "endpoint", "started_at", "root_endpoint", "root_start"]
-    u = u.loc[(u["depth"].to_numpy() > 0) & (u["sub_code"].to_numpy() >= 0), columns]
-    u = u.assign(caller=u["hop_id"].map(ctx.caller).to_numpy())
     root_sub = ctx.hops["token_sub"][ctx.hops["depth"].to_numpy() == 0]
-    # Subjects as the codes token_uses gave them: integer work over a million uses.
+    # Subjects as the codes token_uses gave them: integer work over a million uses, and the
+    # rows copied only for the few that cross (a copy of every use was 110 MB at 1M hops).
     subjects = pd.Index(pd.factorize(ctx.tokens["sub"])[1])
     root_code = pd.Series(subjects.get_indexer(root_sub.astype(object)), index=root_sub.index)
     owner = u["trace"].map(root_code).to_numpy()
     mine = u["sub_code"].to_numpy()
-    cross = (owner >= 0) & (mine != owner) & np.isin(mine, root_code[root_code >= 0].unique())
-    g = _Groups(u[cross].assign(owner=u["trace"][cross].map(root_sub)), ["trace", "sub"])
+    cross = (u["depth"].to_numpy() > 0) & (mine >= 0) & (owner >= 0) & (mine != owner)
+    cross &= np.isin(mine, root_code[root_code >= 0].unique())
+    columns = ["trace", "sub", "fp", "hop_id", "service", "endpoint", "started_at", "root_endpoint", "root_start"]
+    u = u.loc[cross, columns]
+    u = u.assign(caller=u["hop_id"].map(ctx.caller).to_numpy(), owner=u["trace"].map(root_sub))
+    g = _Groups(u, ["trace", "sub"])
     rows = []
     for trace, other, me, request, caller, svc, endpoint, at, services, endpoints, fps, ids in zip(
         g.first("trace"), g.first("sub"), g.first("owner"), g.first("root_endpoint"), g.first("caller"), g.first("service"),

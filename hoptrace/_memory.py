@@ -12,7 +12,6 @@ all) took that to ~1,000 MB.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 
 import pyarrow as pa
@@ -30,6 +29,7 @@ def give_back() -> None:
 def _malloc_trim():
     """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        # The process's own symbols, the C library's among them (find_library would run ldconfig).
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
