@@ -40,9 +40,13 @@ def read_tables(uri: str, queries: list[str], threads: int) -> list[pa.Table]:
     A query carries its values as literals (:func:`sql_literal`): binding parameters needs
     Arrow arrays built from Python values, and pyarrow imports pandas to build those."""
     request = json.dumps({"uri": uri, "queries": queries, "threads": threads}).encode()
-    with subprocess.Popen(
-        [sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    ) as child:
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+    except OSError as exc:  # no interpreter to start (Python embedded in another program), no process left
+        raise ArrowReadError(f"cannot start the reader: {exc}") from None
+    with child:
         try:
             child.stdin.write(request)
             child.stdin.close()

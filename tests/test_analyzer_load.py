@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 import threading
 import time
 from pathlib import Path
@@ -408,3 +409,13 @@ def test_a_value_put_in_sql_as_a_literal_reads_back_as_itself(value):
     among them): no text, however hostile (quotes, NUL, comment marks), is ever read as SQL."""
     conn = sqlite3.connect(":memory:")
     assert conn.execute(f"SELECT {sql_literal(value)}").fetchone()[0] == value
+
+
+def test_without_a_python_to_start_the_arrow_reader_the_load_reads_through_sqlite(tmp_path, monkeypatch):
+    """An embedded Python may have no interpreter to start (``sys.executable`` empty or gone): the
+    Arrow reader cannot run, and the load reads the file in this process instead."""
+    path = small().write(tmp_path / "t.db")
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    with pytest.raises(ArrowReadError, match="cannot start the reader"):
+        read_tables(path.resolve().as_uri() + "?mode=ro", ["SELECT 1"], 1)
+    _same_tables(load(path, reader="arrow"), load(path, reader="sqlite"))
