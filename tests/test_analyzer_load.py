@@ -23,6 +23,7 @@ from hoptrace.cli import cli
 from hoptrace.db import HOP_COLUMNS, open_for_writing
 
 from .analyzer_fixtures import T0, Builder
+from .hostile_files import mutants
 
 SAMPLES = sorted((Path(__file__).parent.parent / "sample_traces").glob("*.db"))
 
@@ -419,3 +420,25 @@ def test_without_a_python_to_start_the_arrow_reader_the_load_reads_through_sqlit
     with pytest.raises(ArrowReadError, match="cannot start the reader"):
         read_tables(path.resolve().as_uri() + "?mode=ro", ["SELECT 1"], 1)
     _same_tables(load(path, reader="arrow"), load(path, reader="sqlite"))
+
+
+def test_both_readers_agree_on_damaged_and_hostile_files(tmp_path, monkeypatch):
+    """Mutated copies of a recorded capture (flipped bytes, dropped columns, no primary key,
+    invalid UTF-8, absurd numbers): the Arrow reader, whose SQLite is another version, gives
+    the tables the sqlite3 reads give, or the same one-line error."""
+    monkeypatch.setattr(_load, "_CHUNK", 30)
+    seen = set()
+    for path, kind in mutants(SAMPLES[0], tmp_path, 25, seed=3):
+        results = []
+        for reader in ("arrow", "sqlite"):
+            try:
+                results.append(load(path, reader=reader))
+            except TraceFileError as exc:
+                results.append(str(exc))
+        arrow, sqlite = results
+        if isinstance(sqlite, str):
+            assert arrow == sqlite, (kind, path.name)
+        else:
+            _same_tables(arrow, sqlite)
+        seen.add((kind, isinstance(sqlite, str)))
+    assert ("flip_bytes", True) in seen and ("invalid_utf8", False) in seen  # both outcomes were tried
