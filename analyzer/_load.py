@@ -16,6 +16,12 @@ sightings, so that bound is one consistent snapshot even while the proxy writes.
 After the reads a thread checks the file's structure (:func:`hoptrace.db.check_structure`)
 while the main one puts together what they read; nothing leaves :func:`load` before
 the check passed.
+
+From :data:`ARROW_MIN_HOPS` hops on, the hop columns and the token sightings are read
+instead by a child process through Arrow's ADBC driver (:mod:`hoptrace.analyzer._arrow_child`:
+why a child, and what it costs), one query per id range with the same SQL per value
+(:func:`_value`), so that both ways give equal frames; when the child cannot read the file,
+the reads above take over.
 """
 
 from __future__ import annotations

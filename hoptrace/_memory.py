@@ -5,8 +5,9 @@ rebuild's intermediate frames: ~500 MB at a million hops), but neither allocator
 them at once: pyarrow's pool (mimalloc) keeps freed pages for reuse, and glibc's ``malloc``
 keeps freed space below the top of its heaps. The next stage then allocates beside memory
 no one uses, and the process's peak is the sum. Measured at 1M hops: the analysis peaked at
-1,245 MB; returning the memory after the load, the rebuild and the per-hop facts (~90 ms in
-all) took that to ~1,000 MB.
+1,245 MB; returning the memory after the load, the rebuild, the per-hop facts and the
+latency tables (~90 ms in all) took that to ~1,100 MB (1,060 MB with the clock-skew
+samples kept as arrays).
 """
 
 from __future__ import annotations
