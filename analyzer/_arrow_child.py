@@ -56,6 +56,9 @@ def read_tables(uri: str, queries: list[str], threads: int) -> list[pa.Table]:
             child.wait()
             reason = child.stderr.read().decode(errors="replace").strip() or str(exc)
             raise ArrowReadError(reason) from None
+        except BaseException:
+            child.kill()  # interrupted (Ctrl-C, a timeout): the reads are wanted no more, now
+            raise
         if child.wait() != 0:
             raise ArrowReadError(child.stderr.read().decode(errors="replace").strip())
     return tables

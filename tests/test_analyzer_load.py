@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
 import sys
 import threading
@@ -442,3 +444,46 @@ def test_both_readers_agree_on_damaged_and_hostile_files(tmp_path, monkeypatch):
             _same_tables(arrow, sqlite)
         seen.add((kind, isinstance(sqlite, str)))
     assert ("flip_bytes", True) in seen and ("invalid_utf8", False) in seen  # both outcomes were tried
+
+
+def _arrow_children() -> list[int]:
+    """This process's children running the Arrow reader."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+            cmdline = (status.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(os.getpid()) and b"_arrow_child" in cmdline:
+            found.append(int(status.parent.name))
+    return found
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_load_stops_the_arrow_reader_at_once(tmp_path):
+    """Ctrl-C (here an alarm) while the child reads: the child is killed, not waited for."""
+    path = small().write(tmp_path / "t.db")
+    slow = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 300000000) SELECT max(x) FROM c"
+
+    def interrupt(signum, frame):
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 1.0)
+    started = time.monotonic()
+    try:
+        with pytest.raises(_Interrupted):
+            read_tables(path.resolve().as_uri() + "?mode=ro", [slow], 1)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    # The query counts to 3e8, half a minute or more: back within 10 s, the child was not waited for.
+    assert time.monotonic() - started < 10
+    deadline = time.monotonic() + 5
+    while _arrow_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _arrow_children() == []
