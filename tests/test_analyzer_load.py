@@ -349,11 +349,13 @@ def test_the_arrow_reader_sees_one_snapshot_while_a_writer_commits(tmp_path, mon
     token = b.token(sub="alice", exp=10_000)
     b.hop("gateway", "GET /a", 0, 0.5, presented=token)
     path = b.write(tmp_path / "live.db")
-    stop, batches = threading.Event(), 0
+    open_for_writing(path).close()  # WAL, as the recorder leaves it (the switch needs the file to itself)
+    stop, recording, batches = threading.Event(), threading.Event(), 0
 
     def record() -> None:
         nonlocal batches
         writer = open_for_writing(path)
+        recording.set()
         next_id, deadline = 2, time.monotonic() + 30
         while not stop.is_set() and batches < 400 and time.monotonic() < deadline:
             rows = []
@@ -362,9 +364,10 @@ def test_the_arrow_reader_sees_one_snapshot_while_a_writer_commits(tmp_path, mon
                 row.update(id=hop_id, capture_id=1, flow_id=str(hop_id), service="gateway", method="GET", path="/a",
                            failed=0, started_at=T0 + hop_id, ended_at=T0 + hop_id + 0.5, duration_ms=500.0)  # fmt: skip
                 rows.append(row)
-            with writer:
-                writer.executemany(f"INSERT INTO hops VALUES ({', '.join('?' * len(HOP_COLUMNS))})", ([r[c] for c in HOP_COLUMNS] for r in rows))
-                writer.executemany("INSERT INTO hop_tokens VALUES (?, ?, 'presented', 'header:authorization')", ((r["id"], token) for r in rows))
+            writer.execute("BEGIN IMMEDIATE")  # a batch and its sightings in one commit, as the recorder writes them
+            writer.executemany(f"INSERT INTO hops VALUES ({', '.join('?' * len(HOP_COLUMNS))})", ([r[c] for c in HOP_COLUMNS] for r in rows))
+            writer.executemany("INSERT INTO hop_tokens VALUES (?, ?, 'presented', 'header:authorization')", ((r["id"], token) for r in rows))
+            writer.execute("COMMIT")
             next_id += 25
             batches += 1
         writer.close()
@@ -372,6 +375,7 @@ def test_the_arrow_reader_sees_one_snapshot_while_a_writer_commits(tmp_path, mon
     thread = threading.Thread(target=record)
     thread.start()
     try:
+        assert recording.wait(10)
         sizes = []
         for _ in range(4):
             tables = load(path, reader="arrow")
