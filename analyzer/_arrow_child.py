@@ -1,8 +1,8 @@
 """Large reads of a trace DB through Arrow (``adbc-driver-sqlite``), in a child process.
 
 The ADBC driver reads SQLite rows straight into Arrow columns, in C, on threads that do
-not hold the GIL: at a million hops it reads the analysis's columns in about a quarter of
-the CPU the ``sqlite3`` module's reads and their parsing cost. It bundles its own copy of
+not hold the GIL: at a million hops the reads and the frames built from them cost ~6.5 s of
+CPU where the ``sqlite3`` module's reads and their parsing cost ~11 s. It bundles its own copy of
 SQLite, though, and two copies of SQLite in one process break each other's locks: POSIX
 advisory locks belong to the process, so when either copy closes its descriptor of the
 file, the locks the other holds on it are gone, and a proxy still recording may then
@@ -74,6 +74,7 @@ def sql_literal(value: float | str) -> str:
 
 
 def _read(uri: str, query: str) -> pa.Table:
+    # Imported here, in the child only: the driver's copy of SQLite must never load into the analysis process.
     import adbc_driver_manager
     import adbc_driver_sqlite
 
