@@ -110,6 +110,19 @@ def utc(ts: Any, *, millis: bool = False, date: bool = True) -> str:
     return dt.strftime("%Y-%m-%d %H:%M:%S") + (f".{dt.microsecond // 1000:03d}" if millis else "") + " UTC"
 
 
+def url_without_secrets(url: str) -> str:
+    """``url`` as ``scheme://host[:port]/path``: its userinfo, query and fragment, where secrets
+    travel (``user:password@``, ``?access_token=``), left out. Text, not parsing: it works on a
+    string that is no valid URL too (a hostile file's), and keeps only what looks like a port."""
+    scheme, _, rest = url.partition("://")
+    rest = rest.split("?", 1)[0].split("#", 1)[0]
+    netloc, slash, path = rest.partition("/")
+    host, colon, port = netloc.rpartition("@")[2].rpartition(":")
+    if not (port.isascii() and port.isdecimal() and len(port) <= 5 or port.endswith("]")):  # not a port: could be anything
+        host, colon, port = host or port, "", ""
+    return f"{scheme}://{host}{colon}{port}{slash}{path}"
+
+
 def hop_ended(status: Any, failed: Any = 0, error_kind: Any = None) -> str:
     """How a hop ended, in a few words: ``401``, ``no response (timeout)``, ``200, then broken (truncated)``.
 

@@ -15,9 +15,12 @@ import stat
 from pathlib import Path
 from typing import Any
 
-__all__ = ["header_pairs", "json_object", "read_text_file", "stored_json", "stored_value"]
+__all__ = ["YEAR_10000", "header_pairs", "json_object", "read_text_file", "stored_json", "stored_value"]
 
 _INT64 = 1 << 63
+YEAR_10000 = 253_402_300_800
+"""10000-01-01 UTC in UNIX seconds: no time a hop, a HAR entry or an OTLP span can carry is at or
+past it (Python's datetime ends there); a stored or imported time beyond is damage."""
 
 
 def read_text_file(path: Path) -> str:

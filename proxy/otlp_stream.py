@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hoptrace._errors import TraceFileError
+from hoptrace._format import url_without_secrets
 from hoptrace.db import SQLITE_ERRORS, open_for_saving
 
 logger = logging.getLogger("hoptrace")
@@ -80,9 +81,7 @@ def traces_url(endpoint: str) -> str:
 
 def shown_url(endpoint: str) -> str:
     """:func:`traces_url` without what may be a secret (user and password, query string, fragment): what is stored and printed."""
-    parts = urllib.parse.urlsplit(traces_url(endpoint))
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return urllib.parse.urlunsplit((parts.scheme, host if parts.port is None else f"{host}:{parts.port}", parts.path, "", ""))
+    return url_without_secrets(traces_url(endpoint))
 
 
 @dataclass(frozen=True)

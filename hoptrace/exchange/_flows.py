@@ -11,11 +11,10 @@ from mitmproxy.io import FlowReader
 from mitmproxy.version import FLOW_FORMAT_VERSION, VERSION
 
 from hoptrace._errors import ImportFileError
+from hoptrace._stored import YEAR_10000
 
 # The timestamps mitmproxy keeps on a flow's parts (request, response, error, connections).
 _TIMES = ("timestamp_start", "timestamp_end", "timestamp", "timestamp_tcp_setup", "timestamp_tls_setup")
-# 10000-01-01 UTC: no time a hop can carry is at or past it (Python's datetime ends there).
-_YEAR_10000 = 253_402_300_800
 # mitmproxy's own words, before a ":" that is followed by a quoted value.
 _WORDS = re.compile(r"[A-Za-z ,.]+(?:: [A-Za-z ,.]+)*")
 
@@ -56,7 +55,7 @@ def _unusable_time(flow: http.HTTPFlow) -> str | None:
     for part, obj in parts.items():
         for attribute in _TIMES:
             value = getattr(obj, attribute, None)
-            if value is not None and not (isinstance(value, int | float) and 0 <= value < _YEAR_10000):
+            if value is not None and not (isinstance(value, int | float) and 0 <= value < YEAR_10000):
                 return f"{part}.{attribute}"
     return None
 

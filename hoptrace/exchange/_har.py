@@ -27,6 +27,7 @@ from mitmproxy import connection, http
 from mitmproxy.flow import Error
 
 from hoptrace._errors import ImportFileError
+from hoptrace._format import url_without_secrets
 from hoptrace._stored import header_pairs
 
 HAR_VERSIONS = ("1.1", "1.2")
@@ -150,7 +151,6 @@ class Entries:
             raise ImportFileError(f"{self._name}: entry {index}: {_describe(exc)}") from None
 
 
-
 def _member(levels: list[list]) -> str:
     """The name of the value about to start: the current map key, or ``item`` in an array."""
     return str(levels[-1][1]) if levels else ""
@@ -178,10 +178,10 @@ def entry_flow(entry: Any, flow_id: str, *, connect_overlaps: bool = False) -> h
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
-        raise _Bad(f"request.url {_shown_url(url)!r} is not a URL") from None
+        raise _Bad(f"request.url {url_without_secrets(url)[:80]!r} is not a URL") from None
     if parts.scheme not in ("http", "https"):
         raise _Skip
-    _need(bool(parts.hostname), f"request.url {_shown_url(url)!r} has no host")
+    _need(bool(parts.hostname), f"request.url {url_without_secrets(url)[:80]!r} has no host")
     started = _started(entry["startedDateTime"])
     times = _timeline(started, entry.get("timings") or {}, entry.get("time"), connect_overlaps)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -236,18 +236,6 @@ class _Unusable(_Bad):
 def _need(condition: bool, message: str) -> None:
     if not condition:
         raise _Bad(message)
-
-
-def _shown_url(url: str) -> str:
-    """A URL fit for an error message: scheme, host and path only. The query, userinfo
-    and fragment are where tokens travel (``?access_token=``, ``user:password@``)."""
-    scheme, _, rest = url.partition("://")
-    rest = rest.split("?", 1)[0].split("#", 1)[0]
-    netloc, slash, path = rest.partition("/")
-    host, colon, port = netloc.rpartition("@")[2].rpartition(":")
-    if not (port.isascii() and port.isdecimal() and len(port) <= 5 or port.endswith("]")):  # not a port: could be anything
-        host, colon, port = host or port, "", ""
-    return f"{scheme}://{host}{colon}{port}{slash}{path}"[:80]
 
 
 def _text(value: object, where: str) -> str:

@@ -9,12 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hoptrace._errors import AnalysisError
-from hoptrace._stored import stored_json, stored_value
+from hoptrace._stored import YEAR_10000, stored_json, stored_value
 from hoptrace.db import COLUMNS, open_for_reading
 
 _BATCH = 50_000
-# 10000-01-01 UTC: a time at or past it (or before 1970) is none a HAR or OTLP span can carry.
-_YEAR_10000 = 253_402_300_800
 # Analysis columns carried to every export, beside the stored hop.
 ANALYSIS_COLUMNS = ("trace", "parent_id", "link", "link_candidates", "link_confidence", "depth", "endpoint", "token_fp", "token_sub", "token_exp", "remaining_s")
 
@@ -85,7 +83,7 @@ def _typed_hop(hop: dict) -> dict:
     for name, value in hop.items():
         kind = COLUMNS["hops"].get(name, (str,))[0]
         hop[name] = stored_value(value, kind)
-        if name.endswith("_at") and hop[name] is not None and not 0 <= hop[name] < _YEAR_10000:
+        if name.endswith("_at") and hop[name] is not None and not 0 <= hop[name] < YEAR_10000:
             hop[name] = None
     if hop.get("ended_at") is None:
         hop["ended_at"] = hop.get("started_at")
