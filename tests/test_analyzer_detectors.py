@@ -790,3 +790,72 @@ def test_unknown_signing_key_tolerates_a_file_without_verdicts(tmp_path):
     from hoptrace.analyzer import analyze
 
     assert "unknown_signing_key" not in set(analyze(path).findings["kind"])
+
+
+# -- the header lines of hostile columns ------------------------------------------------------------
+
+_json_leaf = st.one_of(st.text(max_size=12), st.integers(), st.booleans(), st.none(), st.floats(allow_nan=False, allow_infinity=False))
+_json = st.recursive(_json_leaf, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=12)
+_pair = st.tuples(st.text(max_size=12), st.text(max_size=24).map(lambda v: v if v[:1] != "[" else "[redacted:" + v)).map(list)
+_recorded = st.lists(st.one_of(_pair, _json), max_size=6).map(json.dumps)  # what the recorder writes, with odd items mixed in
+
+
+class TextBytes(bytes):
+    """Bytes stored as TEXT (``CAST(? AS TEXT)``): a column of text that is not valid UTF-8."""
+
+
+_column = st.one_of(
+    _recorded,
+    st.tuples(_recorded, st.integers(0, 40), st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80"])).map(
+        lambda t: TextBytes(t[0].encode()[: t[1]] + t[2] + t[0].encode()[t[1] :])
+    ),
+    _json.map(json.dumps),  # any JSON: an object, a scalar, nested lists
+    st.text(max_size=30),  # not JSON
+    st.binary(max_size=30),  # a blob
+    st.integers(-(2**63), 2**63 - 1),
+    st.none(),
+)
+
+
+def _lines_as_python_reads_them(value) -> list[tuple[str, str]]:
+    """The oracle: JSON that is an array; its [text, text] items, names lower-cased; text that is
+    not UTF-8 read with U+FFFD for each bad byte."""
+    if isinstance(value, TextBytes):
+        value = value.decode("utf-8", "replace")
+    if not isinstance(value, str):
+        return []
+    try:
+        items = json.loads(value)
+    except ValueError:
+        return []
+    if not isinstance(items, list):
+        return []
+    return [(i[0].lower(), i[1]) for i in items if isinstance(i, list) and len(i) == 2 and all(isinstance(x, str) for x in i)]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(columns=st.lists(_column, min_size=1, max_size=5))
+def test_header_lines_are_the_text_pairs_of_a_json_array_whatever_the_column_holds(tmp_path, columns):
+    """What the service-key and Retry-After detectors read of a header column a hostile file holds:
+    any other hop's lines survive it."""
+    import sqlite3
+
+    from hoptrace.analyzer._headers import REDACTED_PREFIX, HeaderReader
+
+    b = Builder()
+    ids = [b.hop("cart", "GET /x", float(i), i + 0.5) for i in range(len(columns))]
+    path = tmp_path / "headers.db"
+    path.unlink(missing_ok=True)
+    b.write(path)
+    with sqlite3.connect(path) as conn:
+        for value, hop in zip(columns, ids, strict=True):
+            cast = "CAST(? AS TEXT)" if isinstance(value, TextBytes) else "?"
+            conn.execute(f"UPDATE hops SET request_headers = {cast} WHERE id = ?", (bytes(value) if isinstance(value, TextBytes) else value, hop))
+    reader = HeaderReader(path)
+    expected = [(hop, *line) for hop, value in zip(ids, columns, strict=True) for line in _lines_as_python_reads_them(value)]
+    got = reader.lines(ids, "request")
+    assert list(got.itertuples(index=False, name=None)) == expected
+    redacted = reader.lines(ids, "request", containing=(REDACTED_PREFIX,))
+    holding = {hop for hop, value in zip(ids, columns, strict=True) if isinstance(value, str | bytes) and REDACTED_PREFIX.encode() in (
+        value if isinstance(value, bytes) else value.encode())}  # fmt: skip
+    assert list(redacted.itertuples(index=False, name=None)) == [line for line in expected if line[0] in holding]
