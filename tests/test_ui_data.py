@@ -331,3 +331,31 @@ def test_the_first_page_comes_from_sql_without_pandas(data):
     assert page["total"] == len(listed) and page["analysing"]
     with pytest.raises(NotReady):  # a filter needs the analysis
         Preview([SAMPLE]).request_page(RequestQuery(status="4xx"))
+
+
+def _relisted_by_filters(listed: pd.DataFrame, fresh: pd.DataFrame, since: float) -> pd.DataFrame:
+    """The request list after a live pass as first written: filter the list, join, append those waiting
+    (all of them after a pass that analysed nothing: the first version dropped them until the next)."""
+    kept = listed[(listed["started_at"] < since).to_numpy() & listed["hops"].notna().to_numpy()]
+    requests = pd.concat([kept[~kept["trace"].isin(fresh["trace"])], fresh], ignore_index=True)
+    waiting = listed[listed["hops"].isna().to_numpy() & ~listed["trace"].isin(requests["trace"]).to_numpy()]
+    newest = requests["trace"].max() if len(requests) else -1
+    return pd.concat([requests, waiting[waiting["trace"] > newest]], ignore_index=True)
+
+
+_row = st.tuples(st.integers(0, 40), st.integers(0, 40), st.one_of(st.none(), st.integers(1, 9)))  # trace, start, hops
+
+
+@given(listed=st.lists(_row, max_size=25, unique_by=lambda r: r[0]), fresh=st.lists(_row, max_size=8, unique_by=lambda r: r[0]),
+       since=st.integers(0, 40))  # fmt: skip
+def test_a_live_pass_relists_as_the_filters_would_with_one_copy(listed, fresh, since):
+    from hoptrace.ui._data import _relisted
+
+    def frame(rows):
+        return pd.DataFrame({"trace": [r[0] for r in rows], "started_at": [float(r[1]) for r in rows],
+                             "hops": pd.array([r[2] for r in rows], dtype="Int64"), "endpoint": [f"GET /{r[0]}" for r in rows]})  # fmt: skip
+
+    # What a pass analyses started at ``since`` or later, and was analysed (it has hops).
+    fresh_rows = [(t, max(start, since), hops or 1) for t, start, hops in fresh]
+    expected = _relisted_by_filters(frame(listed), frame(fresh_rows), since)
+    pd.testing.assert_frame_equal(_relisted(frame(listed), frame(fresh_rows), float(since)), expected)

@@ -261,10 +261,7 @@ class Data:
         fresh = _requests(model(tail), source.index)
         fresh = fresh[fresh["trace"].isin(hops.index[roots]).to_numpy() & ~fresh["trace"].isin(claimed).to_numpy()]
         with self._lock:
-            listed = source.requests
-            kept = listed[(listed["started_at"] < since).to_numpy() & listed["hops"].notna().to_numpy()]
-            requests = pd.concat([kept[~kept["trace"].isin(fresh["trace"])], fresh], ignore_index=True)
-            requests = self._still_waiting(source, _ranked(requests))
+            requests = _ranked(_relisted(source.requests, fresh, since))
             mine = requests[(requests["started_at"] >= joined_since).to_numpy() & requests["hops"].notna().to_numpy()]
             source.pending = Tail(joined, joined_since, Index.build(joined, mine))
             source.max_hop_id, source.requests = newest, requests
@@ -846,6 +843,23 @@ def _kind_lists(found: pd.DataFrame, traces: pd.Index) -> np.ndarray:
     sets, at = np.unique(bits, return_inverse=True)
     texts = np.array([" ".join(names[[(s >> k) & 1 == 1 for k in range(len(names))]]) for s in sets], dtype=object)
     return texts[at.reshape(-1)]
+
+
+def _relisted(listed: pd.DataFrame, fresh: pd.DataFrame, since: float) -> pd.DataFrame:
+    """The request list after a tail pass from ``since``: the rows of ``listed`` analysed earlier of
+    requests that started before ``since``, then ``fresh`` (the pass's own), then the rows listed
+    while the pass ran, past what it analysed. The rows a pass replaces are the last ones (each pass
+    appends its own), so the rows before the first of them stay a slice: one copy of the list per
+    pass, where filtering it and joining the parts copied it four times (~0.2 s at 174k requests)."""
+    traces = listed["trace"].to_numpy()
+    unanalysed = listed["hops"].isna().to_numpy()
+    renewed = np.isin(traces, fresh["trace"].to_numpy())
+    replaced = (listed["started_at"].to_numpy() >= since) | unanalysed | renewed
+    first = int(np.argmax(replaced)) if replaced.any() else len(listed)
+    kept = listed.iloc[first:][~replaced[first:]]
+    newest = max(traces[~replaced].max(initial=-1), fresh["trace"].max() if len(fresh) else -1)
+    waiting = listed.iloc[first:][(unanalysed & ~renewed & (traces > newest))[first:]]
+    return pd.concat([listed.iloc[:first], kept, fresh, waiting], ignore_index=True)
 
 
 def _ranked(requests: pd.DataFrame) -> pd.DataFrame:
