@@ -33,6 +33,7 @@ import sqlite_utils
 import hoptrace
 from hoptrace._errors import AnalysisError, TraceFileError
 from hoptrace._format import utc
+from hoptrace._stored import stored_json
 from hoptrace.addons._rows import clean
 from hoptrace.analyzer._analysis import Analysis, analyze
 from hoptrace.analyzer._config import AnalyzerConfig
@@ -311,7 +312,10 @@ def _read_findings(conn, hop_ids: set[int]) -> pd.DataFrame:
             raise _Unreadable(f"finding {number} names a hop the file does not hold")
         if at is not None and not isinstance(at, (int, float)):
             raise _Unreadable(f"finding {number} has a time that is not a number")
-        out.append((kind, severity, request, service, caller, callee, endpoint, ids, message, json.loads(evidence),
+        details = stored_json(evidence, _Unreadable)  # the class itself: no JSON value is it
+        if details is _Unreadable:
+            raise _Unreadable(f"finding {number} has evidence that is not JSON")
+        out.append((kind, severity, request, service, caller, callee, endpoint, ids, message, details,
                     np.nan if at is None else float(at)))  # fmt: skip
     if not out:
         return empty_findings()

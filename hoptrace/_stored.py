@@ -4,13 +4,16 @@ evidence), and the small text files a user names (stack files, OpenAPI documents
 A trace file can come from anywhere: a column may hold anything but the JSON the recorder
 wrote. ``json.loads`` raises ``ValueError`` for text that is not JSON and ``RecursionError``
 for arrays or objects nested past the interpreter's recursion limit (``[[[[...`` 50,000
-deep), so every reader goes through here and gets "nothing" for either.
+deep), so every reader goes through here and gets "nothing" for either. JSON may also spell
+a lone UTF-16 surrogate (``"\\ud800"``), which ``json.loads`` returns as is and no UTF-8
+output (Arrow, protobuf, SQLite, a report) can hold: it reads as U+FFFD.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -31,14 +34,30 @@ def read_text_file(path: Path) -> str:
     return path.read_text(encoding="utf-8")
 
 
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def stored_json(text: object, default: Any = None) -> Any:
-    """The JSON value of ``text``; ``default`` when it is not a str holding JSON."""
+    """The JSON value of ``text``, lone surrogates as U+FFFD; ``default`` when it is not a str holding JSON."""
     if not isinstance(text, str):
         return default
     try:
-        return json.loads(text)
+        value = json.loads(text)
+        # The search is one C scan of the text; the walk, only for the text that spells a surrogate.
+        return _without_surrogates(value) if _ESCAPED_SURROGATE.search(text) else value
     except (ValueError, RecursionError):
         return default
+
+
+def _without_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        # Through UTF-16 a pair joins into its character and a lone half becomes U+FFFD.
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, list):
+        return [_without_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {_without_surrogates(key): _without_surrogates(item) for key, item in value.items()}
+    return value
 
 
 def json_object(text: object) -> dict[str, Any]:
