@@ -3,7 +3,8 @@
 Each mutation is a small function of (connection or bytes, random generator); :func:`mutants`
 makes ``count`` files from a source DB, cycling through the classes so that each is well
 represented: byte flips in pages, dropped columns (table rebuilds), a hops table without its
-primary key and with repeated ids, invalid UTF-8 in text columns, absurd numbers.
+primary key and with repeated ids, invalid UTF-8 in text columns and lone surrogates spelled in
+JSON columns, absurd numbers.
 """
 
 from __future__ import annotations
@@ -48,13 +49,22 @@ def no_primary_key(conn: sqlite3.Connection, rng: random.Random) -> None:
     conn.execute("UPDATE hops SET id = ? WHERE rowid IN (?, ?, ?)", (rng.choice(ABSURD[7:]), *rows))
 
 
+JSON_COLUMNS = (("hops", "request_headers"), ("hops", "response_headers"), ("tokens", "claims"))
+
+
 def invalid_utf8(conn: sqlite3.Connection, rng: random.Random) -> None:
-    """Bytes that are not UTF-8 stored as TEXT in a few text columns."""
+    """Text no UTF-8 output can hold: bytes that are not UTF-8 stored as TEXT in a few text
+    columns, and JSON columns whose strings spell lone UTF-16 surrogates (``"\\ud800"``: valid JSON)."""
     for _ in range(rng.randint(1, 6)):
         table = rng.choice(list(TEXT_COLUMNS))
         column = rng.choice([c for c in TEXT_COLUMNS[table] if c in _columns(conn, table)])
         junk = bytes(rng.choice((0xFF, 0xFE, 0xC3, 0x80, 0xED, 0xA0)) for _ in range(rng.randint(1, 8)))
         conn.execute(f"UPDATE OR IGNORE {table} SET {column} = CAST(? AS TEXT) WHERE rowid % ? = 0", (junk, rng.randint(1, 4)))
+    for table, column in rng.sample(JSON_COLUMNS, rng.randint(1, len(JSON_COLUMNS))):
+        if column in _columns(conn, table):  # a letter inside a string becomes an escaped half of a pair
+            letter, half = rng.choice("aeiost"), rng.choice(("\\ud800", "\\udfff", "\\uDBFF"))
+            conn.execute(f"UPDATE OR IGNORE {table} SET {column} = replace({column}, ?, ?) WHERE rowid % ? = 0",
+                         (letter, half, rng.randint(1, 3)))  # fmt: skip
 
 
 def absurd_values(conn: sqlite3.Connection, rng: random.Random) -> None:
