@@ -118,13 +118,13 @@ def token_uses(hop_tokens: pd.DataFrame, tokens: pd.DataFrame) -> pd.DataFrame:
         values = tokens[name].to_numpy(dtype, na_value=np.nan)  # one value per token, not per use
         return np.where(known, values[at], np.nan) if len(values) else np.full(len(token), np.nan, dtype)
 
+    # Only what the detectors read: every column here is copied again into each use's hop facts
+    # (Context.used), and a text column costs ~50 MB per copy at a million uses.
     return pd.DataFrame({
         "hop_id": hop[first],
         "fp": _objects(uses["fingerprint"], rows),
-        "role": _objects(uses["role"], rows),
-        "location": _objects(uses["location"], rows),
+        "role": pd.Categorical(_objects(uses["role"], rows), categories=tuple(_ROLE_RANK)),
         "rank": rank[first],
-        "kind": claim("kind"),
         "sub": claim("sub"),
         "sub_code": np.where(known, subject_codes(tokens)[at], -1) if len(tokens) else token,
         "exp": claim("exp", np.float64),
