@@ -114,19 +114,23 @@ def token_uses(hop_tokens: pd.DataFrame, tokens: pd.DataFrame) -> pd.DataFrame:
     # The loader gives every sighted fingerprint a tokens row; hand-made tables may not.
     known, at = token >= 0, np.maximum(token, 0)
 
+    codes, subjects = pd.factorize(tokens["sub"]) if len(tokens) else (np.zeros(0, np.int64), [])
+    sub_code = np.where(known, codes[at], -1) if len(tokens) else np.full(len(token), -1)
+
     def claim(name: str, dtype=object) -> np.ndarray:
         values = tokens[name].to_numpy(dtype, na_value=np.nan)  # one value per token, not per use
         return np.where(known, values[at], np.nan) if len(values) else np.full(len(token), np.nan, dtype)
 
-    # Only what the detectors read: every column here is copied again into each use's hop facts
-    # (Context.used), and a text column costs ~50 MB per copy at a million uses.
+    # Only what the detectors read, text as codes: every column here is copied again into each
+    # use's hop facts (Context.used), and a text column costs ~25-50 MB per copy at a million uses.
     return pd.DataFrame({
         "hop_id": hop[first],
         "fp": _objects(uses["fingerprint"], rows),
         "role": pd.Categorical(_objects(uses["role"], rows), categories=tuple(_ROLE_RANK)),
         "rank": rank[first],
-        "sub": claim("sub"),
-        "sub_code": np.where(known, subject_codes(tokens)[at], -1) if len(tokens) else token,
+        # The subject as codes into the capture's subjects (the same as sub_code): no text per use.
+        "sub": pd.Categorical.from_codes(sub_code, categories=subjects),
+        "sub_code": sub_code,
         "exp": claim("exp", np.float64),
         "iat": claim("iat", np.float64),
         "nbf": claim("nbf", np.float64),
