@@ -836,7 +836,7 @@ def _kind_lists(found: pd.DataFrame, traces: pd.Index) -> np.ndarray:
     are a set of bits, and each distinct set (a few dozen) becomes its string once: a string built
     per request costs ~1 s at a million hops, and a pass per kind over the requests ~50 ms on a
     live pass's few hundred."""
-    names = np.array(sorted(found["kind"].unique()), dtype=object)
+    names = np.array(sorted(found["kind"].unique()), dtype=object)  # at most the 18 detectors' kinds: an int64 holds a bit each
     pairs = pd.DataFrame({"trace": found["trace"].astype("int64").to_numpy(),
                           "bit": np.left_shift(1, np.searchsorted(names, found["kind"].to_numpy(object)))})  # fmt: skip
     bits = pairs.drop_duplicates().groupby("trace")["bit"].sum().reindex(traces, fill_value=0).to_numpy()
