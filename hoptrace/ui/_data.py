@@ -59,9 +59,12 @@ HOP_FIELDS = (
     "on_critical_path",
 )  # fmt: skip
 HOP_COLUMNS = (
-    "id, method, scheme, host, port, path, query, http_version, status, reason, error, error_kind, started_at,"
-    " request_end_at, connect_at, connected_at, response_start_at, ended_at, request_headers, response_headers"
-)
+    "id", "method", "scheme", "host", "port", "path", "query", "http_version", "status", "reason", "error", "error_kind",
+    "started_at", "request_end_at", "connect_at", "connected_at", "response_start_at", "ended_at", "request_headers",
+    "response_headers",
+)  # fmt: skip
+SIGHTING_COLUMNS = ("fingerprint", "role", "location")
+TOKEN_COLUMNS = ("kind", "alg", "kid", "typ", "iss", "sub", "iat", "nbf", "exp", "claims", "error")
 SUMMARY = ("db", "trace", "started_at", "endpoint", "status", "status_class", "ended", "duration_ms", "subject")
 """What names a request: the head of its waterfall and each side of a compare."""
 COMPARED = ("status", "error_kind", "link")
@@ -453,14 +456,12 @@ class Data:
         conn = open_for_reading(path, check=False)  # the analysis checked the file's structure
         try:
             conn.row_factory = _dict_row
-            row = conn.execute(f"SELECT {HOP_COLUMNS} FROM hops WHERE id = ?", (stored_id,)).fetchone()
-            tokens = conn.execute(
-                "SELECT t.fingerprint, t.role, t.location, k.kind, k.alg, k.kid, k.typ, k.iss, k.sub, k.iat, k.nbf, k.exp,"
-                " k.claims, k.error FROM hop_tokens t JOIN tokens k USING (fingerprint) WHERE t.hop_id = ?",
-                (stored_id,),
-            ).fetchall()
+            row = conn.execute(f"SELECT {_columns(conn, 'hops', 'h', HOP_COLUMNS)} FROM hops AS h WHERE h.id = ?", (stored_id,)).fetchone()
+            tokens = _sightings(conn, stored_id)
         finally:
             conn.close()
+        if row is None:  # a hostile file's id that the analysis read as this one and SQL does not match
+            raise NotFound(f"hop {hop_id} of {source.path.name} cannot be read back")
         request_headers, response_headers = _headers(row["request_headers"]), _headers(row["response_headers"])
         detail = {name: plain(facts[name]) for name in HOP_FIELDS}
         detail |= {
@@ -729,6 +730,31 @@ def copy_tail(path: Path, into: Path, since: float) -> None:
         conn.execute("COMMIT")
     finally:
         conn.close()
+
+
+def _columns(conn: sqlite3.Connection, table: str, alias: str, names: tuple[str, ...]) -> str:
+    """``alias.name`` for each of ``names`` the file's ``table`` has, ``NULL AS name`` for the others:
+    a file of an older schema, or a hostile one, may lack any (the analyzer reads those as empty too)."""
+    have = _table_columns(conn, table)
+    return ", ".join(f"{alias}.{name}" if name in have else f"NULL AS {name}" for name in names)
+
+
+def _table_columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    cursor = conn.cursor()
+    cursor.row_factory = None  # rows as tuples, whatever the connection's factory
+    return {row[1] for row in cursor.execute(f"PRAGMA table_info({table})")}
+
+
+def _sightings(conn: sqlite3.Connection, hop_id: int) -> list[dict[str, Any]]:
+    """The tokens hop ``hop_id`` carried, with their claims; none when a table lacks the columns that join them."""
+    joined = {("hop_tokens", "hop_id"), ("hop_tokens", "fingerprint"), ("tokens", "fingerprint")}
+    if any(column not in _table_columns(conn, table) for table, column in joined):
+        return []
+    return conn.execute(
+        f"SELECT {_columns(conn, 'hop_tokens', 't', SIGHTING_COLUMNS)}, {_columns(conn, 'tokens', 'k', TOKEN_COLUMNS)}"
+        " FROM hop_tokens AS t JOIN tokens AS k ON k.fingerprint = t.fingerprint WHERE t.hop_id = ?",
+        (hop_id,),
+    ).fetchall()
 
 
 def _shared_columns(conn: sqlite3.Connection, table: str) -> str:
