@@ -165,8 +165,7 @@ def _read(conn, path: Path, columns: tuple[str, ...], since, until, reader: str)
     traced = traced and conn.execute("SELECT 1 FROM hops WHERE trace_id IS NOT NULL LIMIT 1").fetchone() is not None
     if not traced:
         columns = tuple(c for c in columns if c not in _TRACE_COLUMNS)
-    present = {row[1] for row in conn.execute("PRAGMA table_info(hops)")}
-    columns = tuple(c for c in columns if c in present or c not in _OPTIONAL_COLUMNS)
+    columns = tuple(c for c in columns if c in shape.hops or c not in _OPTIONAL_COLUMNS)
     # One capture in the whole table (the hops_capture_started index answers at once): no column to read.
     low, high = (None, 0)
     if "capture_id" in shape.hops:

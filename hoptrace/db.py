@@ -621,6 +621,21 @@ def _refuse_newer(path: Path, version: int) -> None:
         raise TraceFileError(f"{path}: schema version {version} is newer than this hoptrace ({SCHEMA_VERSION}); upgrade hoptrace")
 
 
+def table_columns(conn: sqlite3.Connection, table: str, schema: str = "main") -> list[str]:
+    """The columns ``schema.table`` has, in order (none when it has no such table): a file of an
+    older schema, or a hostile one, may lack any. Rows as tuples, whatever the connection's factory."""
+    cursor = conn.cursor()
+    cursor.row_factory = None
+    return [row[1] for row in cursor.execute(f"PRAGMA {schema}.table_info({table})")]
+
+
+def shared_columns(conn: sqlite3.Connection, table: str, attached: str) -> list[str]:
+    """The columns of ``table`` that this file and the ``attached`` one both have, in this one's order:
+    what a copy from one into the other can name."""
+    theirs = set(table_columns(conn, table, attached))
+    return [name for name in table_columns(conn, table) if name in theirs]
+
+
 def _table_names(conn: sqlite3.Connection) -> set[str]:
     return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 

@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 
 from hoptrace._errors import HoptraceError
-from hoptrace.db import migrate
+from hoptrace.db import migrate, shared_columns
 from hoptrace.exchange._otlp import SpanIds, describe_capture, request_message, requests
 from hoptrace.exchange._select import select
 from hoptrace.proxy.otlp_stream import HORIZON, ORPHAN_SETTLE, SETTLE, StreamInput
@@ -115,10 +115,7 @@ class Window:
     def _columns(self, table: str) -> list[str]:
         """The columns the live file and the copy both have (an older live file may lack some; all inputs are alike)."""
         if table not in self._column_names:
-            live = {row[1] for row in self.conn.execute(f"PRAGMA live.table_info({table})")}
-            self._column_names[table] = [
-                row[1] for row in self.conn.execute(f"PRAGMA main.table_info({table})") if row[1] in live
-            ]
+            self._column_names[table] = shared_columns(self.conn, table, "live")
         return self._column_names[table]
 
     def forget(self, before: float) -> None:

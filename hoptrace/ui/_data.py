@@ -35,7 +35,7 @@ from hoptrace.analyzer import Analysis, analysis_for, analyze, latency_tables
 from hoptrace.analyzer._model import TIERS, Model, group_findings, hop_endings, model, outcomes, slowest_first
 from hoptrace.analyzer._types import OUTCOMES, SEVERITIES, SEVERITY_RANK
 from hoptrace.db import COLUMNS as COLUMNS_OF
-from hoptrace.db import empty_file, open_for_reading
+from hoptrace.db import empty_file, open_for_reading, shared_columns, table_columns
 from hoptrace.ui._preview import COLUMNS, NotFound, NotReady, entry_requests
 from hoptrace.ui._query import RequestQuery
 
@@ -456,8 +456,9 @@ class Data:
         conn = open_for_reading(path, check=False)  # the analysis checked the file's structure
         try:
             conn.row_factory = _dict_row
-            row = conn.execute(f"SELECT {_columns(conn, 'hops', 'h', HOP_COLUMNS)} FROM hops AS h WHERE h.id = ?", (stored_id,)).fetchone()
-            tokens = _sightings(conn, stored_id)
+            select = f"SELECT {_columns(conn, 'hops', 'h', HOP_COLUMNS)} FROM hops AS h WHERE h.id = ?"
+            row = conn.execute(select, (stored_id,)).fetchone()
+            tokens = _hop_tokens_of(conn, stored_id)
         finally:
             conn.close()
         if row is None:  # a hostile file's id that the analysis read as this one and SQL does not match
@@ -712,7 +713,10 @@ def copy_tail(path: Path, into: Path, since: float) -> None:
         conn.execute("ATTACH ? AS src", (f"{path.resolve().as_uri()}?mode=ro",))
         conn.execute("BEGIN")
         # Column by column, by name: a file of an older schema has fewer columns (NULL here).
-        copy = {table: _shared_columns(conn, table) for table in ("captures", "hops", "hop_tokens", "tokens")}
+        copy = {
+            table: ", ".join(f'"{name}"' for name in shared_columns(conn, table, "src"))
+            for table in ("captures", "hops", "hop_tokens", "tokens")
+        }
         conn.execute(f"INSERT INTO captures ({copy['captures']}) SELECT {copy['captures']} FROM src.captures")
         conn.execute(
             f"INSERT INTO hops ({copy['hops']}) SELECT {copy['hops']} FROM src.hops"
@@ -733,35 +737,22 @@ def copy_tail(path: Path, into: Path, since: float) -> None:
 
 
 def _columns(conn: sqlite3.Connection, table: str, alias: str, names: tuple[str, ...]) -> str:
-    """``alias.name`` for each of ``names`` the file's ``table`` has, ``NULL AS name`` for the others:
-    a file of an older schema, or a hostile one, may lack any (the analyzer reads those as empty too)."""
-    have = _table_columns(conn, table)
+    """``alias.name`` for each of ``names`` the file's ``table`` has, ``NULL AS name`` for the others
+    (the analyzer reads a missing column as empty too)."""
+    have = set(table_columns(conn, table))
     return ", ".join(f"{alias}.{name}" if name in have else f"NULL AS {name}" for name in names)
 
 
-def _table_columns(conn: sqlite3.Connection, table: str) -> set[str]:
-    cursor = conn.cursor()
-    cursor.row_factory = None  # rows as tuples, whatever the connection's factory
-    return {row[1] for row in cursor.execute(f"PRAGMA table_info({table})")}
-
-
-def _sightings(conn: sqlite3.Connection, hop_id: int) -> list[dict[str, Any]]:
+def _hop_tokens_of(conn: sqlite3.Connection, hop_id: int) -> list[dict[str, Any]]:
     """The tokens hop ``hop_id`` carried, with their claims; none when a table lacks the columns that join them."""
     joined = {("hop_tokens", "hop_id"), ("hop_tokens", "fingerprint"), ("tokens", "fingerprint")}
-    if any(column not in _table_columns(conn, table) for table, column in joined):
+    if any(column not in table_columns(conn, table) for table, column in joined):
         return []
     return conn.execute(
         f"SELECT {_columns(conn, 'hop_tokens', 't', SIGHTING_COLUMNS)}, {_columns(conn, 'tokens', 'k', TOKEN_COLUMNS)}"
         " FROM hop_tokens AS t JOIN tokens AS k ON k.fingerprint = t.fingerprint WHERE t.hop_id = ?",
         (hop_id,),
     ).fetchall()
-
-
-def _shared_columns(conn: sqlite3.Connection, table: str) -> str:
-    """The columns ``table`` has both here and in the attached ``src``, quoted, comma-separated."""
-    ours = [row[1] for row in conn.execute(f"PRAGMA main.table_info({table})")]
-    theirs = {row[1] for row in conn.execute(f"PRAGMA src.table_info({table})")}
-    return ", ".join(f'"{name}"' for name in ours if name in theirs)
 
 
 def _newest_hop_id(source: Source) -> int:
