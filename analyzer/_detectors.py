@@ -552,7 +552,7 @@ def token_crossover(ctx: Context) -> pd.DataFrame:
     root_sub = ctx.hops["token_sub"][ctx.hops["depth"].to_numpy() == 0]
     # Subjects as the codes token_uses gave them: integer work over a million uses, and the
     # rows copied only for the few that cross (a copy of every use was 110 MB at 1M hops).
-    subjects = pd.Index(pd.factorize(ctx.tokens["sub"])[1])
+    subjects = ctx.uses["sub"].cat.categories
     root_code = pd.Series(subjects.get_indexer(root_sub.astype(object)), index=root_sub.index)
     owner = u["trace"].map(root_code).to_numpy()
     mine = u["sub_code"].to_numpy()

@@ -113,9 +113,7 @@ def token_uses(hop_tokens: pd.DataFrame, tokens: pd.DataFrame) -> pd.DataFrame:
     token = token[first]
     # The loader gives every sighted fingerprint a tokens row; hand-made tables may not.
     known, at = token >= 0, np.maximum(token, 0)
-
-    codes, subjects = pd.factorize(tokens["sub"]) if len(tokens) else (np.zeros(0, np.int64), [])
-    sub_code = np.where(known, codes[at], -1) if len(tokens) else np.full(len(token), -1)
+    sub_code, subjects = subject_codes(tokens, token)
 
     def claim(name: str, dtype=object) -> np.ndarray:
         values = tokens[name].to_numpy(dtype, na_value=np.nan)  # one value per token, not per use
@@ -155,9 +153,12 @@ def token_positions(fingerprints: pd.Series, tokens: pd.DataFrame) -> np.ndarray
     return tokens.index.get_indexer(fingerprints)
 
 
-def subject_codes(tokens: pd.DataFrame) -> np.ndarray:
-    """A code per token for its subject (-1: none); equal subjects, equal codes."""
-    return pd.factorize(tokens["sub"])[0]
+def subject_codes(tokens: pd.DataFrame, token: np.ndarray) -> tuple[np.ndarray, pd.Index]:
+    """The subject of the token row each of ``token`` points at (-1: no row), as a code into the
+    capture's subjects (-1: none; equal subjects, equal codes), and those subjects."""
+    codes, subjects = pd.factorize(tokens["sub"])
+    at = np.where(token >= 0, codes[np.maximum(token, 0)], -1) if len(codes) else np.full(len(token), -1)
+    return at, pd.Index(subjects)
 
 
 def _rank(uses: pd.DataFrame) -> np.ndarray:

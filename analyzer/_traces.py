@@ -157,8 +157,7 @@ def _key_tiers(hops, hop_tokens, tokens, paths, ctx: _Hops):
     n = ctx.n
     positions = pd.Index(hops.index).get_indexer(hop_tokens["hop_id"])
     token_code = token_positions(hop_tokens["fingerprint"], tokens)
-    subject = subject_codes(tokens)
-    sub_code = np.where(token_code >= 0, subject[np.maximum(token_code, 0)], -1) if len(subject) else token_code
+    sub_code = subject_codes(tokens, token_code)[0]
     known = positions >= 0
     issued = known & (hop_tokens["role"] == "issued").to_numpy()
     issued_pos, issued_code = positions[issued], token_code[issued]
