@@ -18,7 +18,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from hoptrace.db import COLUMNS
+from hoptrace.db import COLUMNS, table_columns
 
 TEXT_COLUMNS = {table: [c for c, (kind, _) in columns.items() if kind is str] for table, columns in COLUMNS.items()}
 NUMBER_COLUMNS = {table: [c for c, (kind, _) in columns.items() if kind is not str] for table, columns in COLUMNS.items()}
@@ -38,7 +38,7 @@ def flip_bytes(data: bytearray, rng: random.Random) -> None:
 def drop_column(conn: sqlite3.Connection, rng: random.Random) -> None:
     """Rebuild one table without one of its columns, as a file from another tool might be."""
     table = rng.choice(list(COLUMNS))
-    _rebuild(conn, table, {rng.choice(_columns(conn, table))})
+    _rebuild(conn, table, {rng.choice(table_columns(conn, table))})
 
 
 def no_primary_key(conn: sqlite3.Connection, rng: random.Random) -> None:
@@ -57,11 +57,11 @@ def invalid_utf8(conn: sqlite3.Connection, rng: random.Random) -> None:
     columns, and JSON columns whose strings spell lone UTF-16 surrogates (``"\\ud800"``: valid JSON)."""
     for _ in range(rng.randint(1, 6)):
         table = rng.choice(list(TEXT_COLUMNS))
-        column = rng.choice([c for c in TEXT_COLUMNS[table] if c in _columns(conn, table)])
+        column = rng.choice([c for c in TEXT_COLUMNS[table] if c in table_columns(conn, table)])
         junk = bytes(rng.choice((0xFF, 0xFE, 0xC3, 0x80, 0xED, 0xA0)) for _ in range(rng.randint(1, 8)))
         conn.execute(f"UPDATE OR IGNORE {table} SET {column} = CAST(? AS TEXT) WHERE rowid % ? = 0", (junk, rng.randint(1, 4)))
     for table, column in rng.sample(JSON_COLUMNS, rng.randint(1, len(JSON_COLUMNS))):
-        if column in _columns(conn, table):  # a letter inside a string becomes an escaped half of a pair
+        if column in table_columns(conn, table):  # a letter inside a string becomes an escaped half of a pair
             letter, half = rng.choice("aeiost"), rng.choice(("\\ud800", "\\udfff", "\\uDBFF"))
             conn.execute(f"UPDATE OR IGNORE {table} SET {column} = replace({column}, ?, ?) WHERE rowid % ? = 0",
                          (letter, half, rng.randint(1, 3)))  # fmt: skip
@@ -71,7 +71,7 @@ def absurd_values(conn: sqlite3.Connection, rng: random.Random) -> None:
     """Absurd numbers in number columns: claims, times, durations, counters, ids of sightings."""
     for _ in range(rng.randint(1, 6)):
         table = rng.choice(["tokens", "tokens", "hops", "hops", "captures", "hop_tokens"])
-        column = rng.choice([c for c in NUMBER_COLUMNS[table] if c in _columns(conn, table)])
+        column = rng.choice([c for c in NUMBER_COLUMNS[table] if c in table_columns(conn, table)])
         value = rng.choice(ABSURD + SANE_LOOKING)
         try:
             conn.execute(f"UPDATE OR IGNORE {table} SET {column} = ? WHERE rowid % ? = 0", (value, rng.randint(1, 3)))
@@ -81,15 +81,11 @@ def absurd_values(conn: sqlite3.Connection, rng: random.Random) -> None:
         conn.execute("UPDATE hops SET ended_at = started_at - ? WHERE id % 3 = 0", (rng.choice((0.5, 1e6, 1e9)),))
 
 
-def _columns(conn: sqlite3.Connection, table: str) -> list[str]:
-    return [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]
-
-
 def _rebuild(conn: sqlite3.Connection, table: str, dropped: set[str]) -> None:
     # sqlite-utils' transform copies the table into a new one of the given shape; a table
     # without its key column (or without any key) is rebuilt with CREATE TABLE ... AS.
     db = sqlite_utils.Database(conn, execute_plugins=False)
-    keep = [c for c in _columns(conn, table) if c not in dropped]
+    keep = [c for c in table_columns(conn, table) if c not in dropped]
     if dropped and not dropped & set(db[table].pks):
         for index in db[table].indexes:  # transform keeps indexes, so none may name a dropped column
             if dropped & set(index.columns):
