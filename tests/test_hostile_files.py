@@ -6,10 +6,10 @@ classes) go through `analyze`, `plot --session` and `plot --trace` in-process (c
 CliRunner, in worker processes, each call under an alarm), and every REPORT_EVERY-th of them
 (all five mutation classes) through `report` too: a report costs as much CPU as the three
 others together and draws the same charts from the same loader. HOPTRACE_HOSTILE_FILES=N
-(20 or more, so that every class reaches the report) runs N mutants (100 took 200 s of the suite's 570: a third of a 2-core run's critical path
-for one test), HOPTRACE_HOSTILE_REPORTS=all runs the report on each. A handful
-go through `hoptrace` as real processes; a property-based test throws absurd claim and time
-values at the analysis and both charts.
+runs N mutants (20 or more, so that every class reaches the report; 100 took 200 s of the
+suite's 570, a third of a 2-core run's critical path for one test), and
+HOPTRACE_HOSTILE_REPORTS=all runs the report on each. A handful go through `hoptrace` as real
+processes; a property-based test throws absurd claim and time values at the analysis and both charts.
 """
 
 from __future__ import annotations
