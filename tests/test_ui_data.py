@@ -13,6 +13,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import given
@@ -359,3 +360,25 @@ def test_a_live_pass_relists_as_the_filters_would_with_one_copy(listed, fresh, s
     fresh_rows = [(t, max(start, since), hops or 1) for t, start, hops in fresh]
     expected = _relisted_by_filters(frame(listed), frame(fresh_rows), since)
     pd.testing.assert_frame_equal(_relisted(frame(listed), frame(fresh_rows), float(since)), expected)
+
+
+_listed = st.tuples(st.integers(0, 4), st.one_of(st.none(), st.integers(0, 3)), st.booleans())  # start, sort value (None: NaN), kept
+
+
+@given(rows=st.lists(_listed, max_size=30), other=st.lists(_listed, max_size=10), sort=st.sampled_from(["worst", "started", "duration", "status", "hops", "severity"]),
+       descending=st.booleans(), offset=st.integers(0, 12), limit=st.integers(1, 12))  # fmt: skip
+def test_a_page_read_from_the_list_sorted_once_is_the_kept_rows_sorted(rows, other, sort, descending, offset, limit):
+    """The request list is sorted once per list and order, and each page filters that order: the same
+    page as sorting the kept rows (NaN last, ties newest first, then as listed), for the list now held."""
+    from hoptrace.ui._data import SORTABLE, Source, _sorted
+
+    def frame(rows):
+        values = {column: [float("nan") if r[1] is None else float(r[1]) for r in rows] for column in set(SORTABLE.values())}
+        return pd.DataFrame({**values, "started_at": [float(r[0]) for r in rows], "trace": range(len(rows))})
+
+    source = Source(0, Path("listed.db"))
+    for held in (rows, other):  # a pass swaps the list: the order is the new list's
+        listed, keep = frame(held), np.array([r[2] for r in held], dtype=bool)
+        order = source.order(listed, sort, descending)
+        got = listed.iloc[order[keep[order]]]["trace"].tolist()[offset : offset + limit]
+        assert got == _sorted(listed[keep], sort, descending)["trace"].tolist()[offset : offset + limit]
