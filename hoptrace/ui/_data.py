@@ -100,6 +100,10 @@ class Source:
     tables_stale: bool = False
     """A merged analysis's latency tables cover only the tail: :meth:`Data.model_of` recomputes them."""
     requests: pd.DataFrame = field(default_factory=pd.DataFrame)
+    recent: pd.DataFrame = field(default_factory=pd.DataFrame)
+    """Live: the requests :meth:`Data.peek` listed since a pass last swapped ``requests`` in, none of
+    them analysed. Kept apart, so that listing a few rows does not copy the whole list (at a million
+    hops 174k rows, five times a second) nor throw away its sort orders."""
     max_hop_id: int = 0
     analyse_s: float = 0.0
     by_trace: pd.DataFrame = field(default_factory=pd.DataFrame)
@@ -125,6 +129,13 @@ class Source:
             by = requests[list(dict.fromkeys((SORTABLE[sort], "started_at")))].reset_index(drop=True)
             orders[sort, descending] = _sorted(by, sort, descending).index.to_numpy()
         return orders[sort, descending]
+
+    def listed(self) -> pd.DataFrame:
+        """``requests`` and then ``recent``, as one list."""
+        return pd.concat([self.requests, self.recent], ignore_index=True) if len(self.recent) else self.requests
+
+    def is_listed(self, trace: int) -> bool:
+        return any(len(frame) and trace in frame["trace"].to_numpy() for frame in (self.requests, self.recent))
 
 
 @dataclass
@@ -203,13 +214,14 @@ class Data:
         for source in self.sources:
             if source.analysis is None or len(source.requests) == 0 or source.files:  # joined: listed once analysed
                 continue
-            after = int(source.requests["trace"].max())
+            recent = source.recent
+            after = int(max(source.requests["trace"].max(), recent["trace"].max() if len(recent) else -1))
             new = _quick_requests(source.path, source.index, after_id=after)
             with self._lock:
                 # A refresh may have swapped the list in meanwhile, with some of these analysed: keep those.
-                new = new[~new["trace"].isin(source.requests["trace"])]
+                new = new[~new["trace"].isin(source.requests["trace"]).to_numpy()]
                 if len(new):
-                    source.requests = pd.concat([source.requests, new], ignore_index=True)
+                    source.recent = pd.concat([source.recent, new], ignore_index=True) if len(source.recent) else new
                     self.version += 1
                     changed = True
         return changed
@@ -242,6 +254,7 @@ class Data:
         with self._lock:
             requests = self._still_waiting(source, requests) if analysis is not None else requests
             source.analysis, source.max_hop_id, source.requests, source.lookup = analysis, newest, requests, index
+            source.recent = pd.DataFrame()
             source.model = None if analysis is None else model(analysis)
             source.by_trace = requests.set_index("trace", drop=False) if len(requests) else requests
             source.counts = (0, 0) if analysis is None else (len(analysis.hops), len(analysis.findings))
@@ -256,7 +269,8 @@ class Data:
         latest = pending.analysis if pending is not None else base
         since = float(latest.hops["started_at"].max()) - self.lookback_s
         # Requests listed live but not analysed yet are in this pass, however long the last one took.
-        waiting = source.requests["started_at"][source.requests["hops"].isna().to_numpy()]
+        listed = source.listed()
+        waiting = listed["started_at"][listed["hops"].isna().to_numpy()]
         since = min(since, float(waiting.min())) if len(waiting) else since
         with tempfile.TemporaryDirectory(prefix="hoptrace-ui-") as folder:
             # Joined files: each file's tail, joined as the files are (a copy keeps the hop ids, so the joined ids agree).
@@ -280,10 +294,10 @@ class Data:
         fresh = _requests(model(tail), source.index)
         fresh = fresh[fresh["trace"].isin(hops.index[roots]).to_numpy() & ~fresh["trace"].isin(claimed).to_numpy()]
         with self._lock:
-            requests = _ranked(_relisted(source.requests, fresh, since))
+            requests = _ranked(_relisted(source.listed(), fresh, since))
             mine = requests[(requests["started_at"] >= joined_since).to_numpy() & requests["hops"].notna().to_numpy()]
             source.pending = Tail(joined, joined_since, Index.build(joined, mine))
-            source.max_hop_id, source.requests = newest, requests
+            source.max_hop_id, source.requests, source.recent = newest, requests, pd.DataFrame()
             source.by_trace = requests.set_index("trace", drop=False)
             source.counts = _merged_counts(base, joined, joined_since)
             source.tables_stale = True
@@ -292,7 +306,7 @@ class Data:
     @staticmethod
     def _still_waiting(source: Source, requests: pd.DataFrame) -> pd.DataFrame:
         """``requests`` with the rows peek() listed while a pass ran, past what it analysed (under the lock)."""
-        listed = source.requests
+        listed = source.listed()
         if not len(listed) or not len(requests):
             return requests
         waiting = listed[listed["hops"].isna().to_numpy() & ~listed["trace"].isin(requests["trace"]).to_numpy()]
@@ -330,31 +344,34 @@ class Data:
     # -- the request list ------------------------------------------------------------------
 
     def request_page(self, query: RequestQuery) -> dict[str, Any]:
-        chosen = [(s, *self._kept(s, query)) for s in self.sources if not s.requests.empty]
-        if not chosen:
+        with self._lock:  # the list and the rows listed since, of one moment (a pass moves the latter into the former)
+            held = [(s, s.requests, s.recent) for s in self.sources]
+        lists = [(s, frame, frame is whole) for s, whole, recent in held for frame in (whole, recent) if len(frame)]
+        if not lists:
             return {"total": 0, "offset": query.offset, "items": [], "version": self.version}
-        end = query.offset + query.limit
-        # A list's first `end` rows in the page's order hold every row of it the page can show.
-        tops = []
-        for source, reqs, keep in chosen:
-            order = source.order(reqs, query.sort, query.descending)
-            tops.append(reqs.iloc[order[keep[order]][:end]])
+        end, total, tops = query.offset + query.limit, 0, []
+        for source, reqs, whole in lists:
+            keep = self._kept(source, reqs, query)
+            total += int(keep.sum())
+            if whole:  # a list's first `end` rows in the page's order hold every row of it the page can show
+                order = source.order(reqs, query.sort, query.descending)
+                tops.append(reqs.iloc[order[keep[order]][:end]])
+            else:  # the few rows listed live since
+                tops.append(_sorted(reqs[keep], query.sort, query.descending).iloc[:end])
         rows = tops[0] if len(tops) == 1 else _sorted(pd.concat(tops, ignore_index=True), query.sort, query.descending)
         page = rows.iloc[query.offset : end]
         columns = ["db", "trace", "started_at", "endpoint", "service", "status", "status_class", "ended", "duration_ms",
                    "hops", "subject", "severity", "kinds", "worst", "tier"]  # fmt: skip
         analysing = any(s.analysis is None and len(s.requests) for s in self.sources)
-        total = sum(int(keep.sum()) for *_, keep in chosen)
         return {"total": total, "offset": query.offset, "items": _records(page[columns]), "version": self.version,
                 "analysing": analysing}  # fmt: skip
 
-    def _kept(self, source: Source, q: RequestQuery) -> tuple[pd.DataFrame, np.ndarray]:
-        """``source``'s request list and which of its rows ``q`` keeps."""
-        reqs = source.requests
+    def _kept(self, source: Source, reqs: pd.DataFrame, q: RequestQuery) -> np.ndarray:
+        """Which rows of ``reqs`` (a list of ``source``'s) ``q`` keeps."""
         if source.analysis is None:  # a preview: what needs the analysis matches nothing yet
             if q.service or q.endpoint or q.subject or q.kind or q.severity:
-                return reqs, np.zeros(len(reqs), dtype=bool)
-            return reqs, _plain_filters(reqs, q)
+                return np.zeros(len(reqs), dtype=bool)
+            return _plain_filters(reqs, q)
         if q.service or q.endpoint or q.subject or q.kind or q.severity:  # these read the hops or findings
             self.settled(source)
         keep = _plain_filters(reqs, q)
@@ -373,7 +390,7 @@ class Data:
             if q.severity:
                 mask &= (found["severity"] == q.severity).to_numpy()
             keep &= reqs["trace"].isin(found["trace"][mask].dropna()).to_numpy()
-        return reqs, keep
+        return keep
 
     def facets(self) -> dict[str, list]:
         """The values each filter of the request list can take."""
@@ -403,7 +420,7 @@ class Data:
                     "db": s.index,
                     "path": ", ".join(map(str, s.files or (s.path,))),
                     "hops": s.counts[0],
-                    "requests": len(s.requests),
+                    "requests": len(s.requests) + len(s.recent),
                     "analysing": s.analysis is None and len(s.requests) > 0,
                     "findings": s.counts[1],
                     "max_hop_id": s.max_hop_id,
@@ -434,7 +451,7 @@ class Data:
         lookup, findings = found_in.lookup, (found_in.analysis.findings)
         rows = lookup.hops.iloc[lookup.hops_by_trace.positions(trace)]
         if rows.empty or trace not in rows.index:
-            if trace in source.requests["trace"].to_numpy():  # listed live, not analysed yet
+            if source.is_listed(trace):  # listed live, not analysed yet
                 raise NotReady(f"request {trace} is being analysed; try again in a second")
             raise NotFound(f"no request {trace} in {source.path.name}")
         rows = rows.sort_values("order")
