@@ -1058,7 +1058,16 @@ def _summary(request: dict[str, Any]) -> dict[str, Any]:
 
 
 def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    return [{k: plain(v) for k, v in row.items()} for row in frame.to_dict("records")]
+    """``frame``'s rows as dicts of :func:`plain` values, read a column at a time (``to_dict("records")``
+    boxes every value row by row: 5.6 ms for a page of 150 requests, which a live view asks for often)."""
+    names = list(frame.columns)
+    columns = [_plain_list(frame.iloc[:, i]) for i in range(len(names))]
+    return [dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)]
+
+
+def _plain_list(column: pd.Series) -> list:
+    values = column.tolist()  # Python scalars: NumPy integers and booleans need nothing more
+    return values if column.dtype.kind in "iub" else [plain(v) for v in values]
 
 
 # What each column the hop pane reads holds in hoptrace's schema (hops, its tokens, their sightings).
