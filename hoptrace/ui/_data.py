@@ -921,7 +921,21 @@ def _relisted(listed: pd.DataFrame, fresh: pd.DataFrame, since: float) -> pd.Dat
     kept = listed.iloc[first:][~replaced[first:]]
     newest = max(traces[~replaced].max(initial=-1), fresh["trace"].max() if len(fresh) else -1)
     waiting = listed.iloc[first:][(unanalysed & ~renewed & (traces > newest))[first:]]
-    return pd.concat([listed.iloc[:first], kept, fresh, waiting], ignore_index=True)
+    return _one_chunk(pd.concat([listed.iloc[:first], kept, fresh, waiting], ignore_index=True))
+
+
+def _one_chunk(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with each Arrow-backed text column in one chunk. A concat keeps its parts' chunks, so a
+    live view's list and analysis gain chunks every pass, without end, and taking rows from a column of
+    several chunks costs as much as joining them: 150 rows of the 174k-request list took 4-5 ms from 4
+    to 18 chunks, 0.8 ms from one (joining the list's: 5 ms a pass)."""
+    joined = {}
+    for name, dtype in frame.dtypes.items():
+        if isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow":
+            chunks = frame[name].array.__arrow_array__()
+            if chunks.num_chunks > 1:
+                joined[name] = pd.array(chunks.combine_chunks(), dtype=dtype)
+    return frame.assign(**joined) if joined else frame
 
 
 def _ranked(requests: pd.DataFrame) -> pd.DataFrame:
@@ -970,19 +984,19 @@ def _merge(old: Analysis, tail: Analysis, since: float) -> Analysis:
     tail_sessions["session"] = tail_sessions["session"] + (int(old.sessions["session"].max()) + 1 if len(old.sessions) else 0)
     return Analysis(
         captures=tail.captures,
-        hops=hops,
-        tokens=pd.concat([old.tokens, tail.tokens]).pipe(lambda t: t[~t.index.duplicated(keep="last")]),
-        hop_tokens=pd.concat(
+        hops=_one_chunk(hops),
+        tokens=_one_chunk(pd.concat([old.tokens, tail.tokens]).pipe(lambda t: t[~t.index.duplicated(keep="last")])),
+        hop_tokens=_one_chunk(pd.concat(
             [
                 old.hop_tokens[old.hop_tokens["hop_id"].isin(kept_ids)],
                 tail.hop_tokens[tail.hop_tokens["hop_id"].isin(tail_hops.index)],
             ]
-        ),
-        findings=pd.concat([found[keep_found], tail.findings], ignore_index=True),
+        )),
+        findings=_one_chunk(pd.concat([found[keep_found], tail.findings], ignore_index=True)),
         services=tail.services,
         endpoints=tail.endpoints,
         edges=tail.edges,
-        sessions=pd.concat([sessions, tail_sessions], ignore_index=True),
+        sessions=_one_chunk(pd.concat([sessions, tail_sessions], ignore_index=True)),
         config=tail.config,
         notes=tail.notes,
         source=tail.source,
