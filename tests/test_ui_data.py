@@ -183,6 +183,8 @@ def test_a_live_refresh_merges_the_tail_into_what_it_had(tmp_path):
     key = lambda r: (r["trace"], r["status"], r["hops"], r["severity"])
     assert sorted(map(key, merged)) == sorted(map(key, fresh))
     assert live.sources[0].pending is not None  # the tail waits to be merged until a whole-capture view asks
+    # The list's filters, which a live page asks for on every change, come without that merge.
+    assert live.facets() == whole.facets() and live.sources[0].pending is not None
     assert live.status()["dbs"][0]["findings"] == len(whole.sources[0].analysis.findings)
     kinds = lambda d: Counter(d.settled(d.sources[0]).findings["kind"])
     assert kinds(live) == kinds(whole) and live.sources[0].pending is None
@@ -385,3 +387,19 @@ def test_a_page_read_from_the_list_sorted_once_is_the_kept_rows_sorted(rows, oth
         order = source.order(listed, sort, descending)
         got = listed.iloc[order[keep[order]]]["trace"].tolist()[offset : offset + limit]
         assert got == _sorted(listed[keep], sort, descending)["trace"].tolist()[offset : offset + limit]
+
+
+def test_a_memo_keeps_its_value_while_its_objects_are_the_same_objects():
+    from hoptrace.ui._data import Memo
+
+    memo, calls = Memo(), []
+    assert Memo().get(lambda: "computed") == "computed"  # of no objects too (a view before any analysis)
+
+    def compute(*objects):
+        calls.append(objects)
+        return len(calls)
+
+    a, b = pd.DataFrame({"x": [1]}), pd.DataFrame({"x": [1]})
+    assert memo.get(compute, a) == memo.get(compute, a) == 1
+    assert memo.get(compute, b) == 2  # an equal frame, but another one: a pass swapped the list
+    assert memo.get(compute, a, b) == memo.get(compute, a, b) == 3

@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,24 @@ def plain(value: Any) -> Any:
     return value
 
 
+class Memo:
+    """The value last computed from some objects, kept while they are the same objects (held weakly:
+    frames and analyses are swapped whole, never changed in place)."""
+
+    def __init__(self) -> None:
+        self._last: tuple[tuple[weakref.ref, ...], Any] | None = None
+        """(the objects, the value): one attribute, so that a thread never reads one's with the other's."""
+
+    def get(self, compute: Callable[..., Any], *objects: Any) -> Any:
+        """``compute(*objects)``, or what it gave last time, for these same objects."""
+        last = self._last
+        if last is not None and len(last[0]) == len(objects) and all(ref() is obj for ref, obj in zip(last[0], objects)):
+            return last[1]
+        value = compute(*objects)
+        self._last = (tuple(weakref.ref(obj) for obj in objects), value)
+        return value
+
+
 @dataclass
 class Source:
     """One trace DB and its analysis, or several files joined into one (``files``)."""
@@ -114,17 +133,16 @@ class Source:
     ``analysis`` (merging copies every hop: it waits until a view of the whole capture asks)."""
     counts: tuple[int, int] = (0, 0)
     """(hops, findings) of ``analysis`` with ``pending`` merged in, for the status line."""
-    _orders: tuple[weakref.ref | None, dict | None] = field(default=(None, None), repr=False, compare=False)
-    """The list whose orders these are, and its positions in each (sort, descending) order."""
+    orders: Memo = field(default_factory=Memo, repr=False, compare=False)
+    """The list's positions in each (sort, descending) order, while it is the same list."""
+    facet_values: Memo = field(default_factory=Memo, repr=False, compare=False)
+    """What the filters can take in ``analysis``'s hops (services, endpoints, subjects)."""
 
     def order(self, requests: pd.DataFrame, sort: str, descending: bool) -> np.ndarray:
         """Positions of ``requests`` (this source's list, as a caller read it) in a page's order, sorted
         once per list and order. Sorting 174k requests for every page cost 30-55 ms; a live view asks
         for a page after every pass and peek, and that CPU came out of the passes."""
-        listed, orders = self._orders
-        if listed is None or listed() is not requests:
-            orders = {}
-            self._orders = (weakref.ref(requests), orders)
+        orders = self.orders.get(lambda _: {}, requests)
         if (sort, descending) not in orders:
             by = requests[list(dict.fromkeys((SORTABLE[sort], "started_at")))].reset_index(drop=True)
             orders[sort, descending] = _sorted(by, sort, descending).index.to_numpy()
@@ -202,6 +220,7 @@ class Data:
         """Why the latest live refresh failed, if it did (shown by the status API)."""
         self._lock = threading.Lock()
         self._settling = threading.Lock()
+        self._facets = Memo()
         for path in files:
             open_for_reading(path, check=False).close()  # a bad file fails here, at start, as one line
 
@@ -395,17 +414,29 @@ class Data:
         return keep
 
     def facets(self) -> dict[str, list]:
-        """The values each filter of the request list can take."""
+        """The values each filter of the request list can take, in the whole capture's analysis and the
+        live passes' pending tail as they stand. A live page asks for them on every change: merging the
+        two (as a view of the whole capture does, a copy of every hop: ~1 s at a million) each time
+        took the time of the passes it waited for; they are worked out once per pass."""
+        with self._lock:
+            held = [(s, s.analysis, s.pending, s.model) for s in self.sources if s.analysis is not None]
+        state = [obj for _, base, pending, _ in held for obj in (base, pending) if obj is not None]
+        return self._facets.get(lambda *_: self._facets_of(held), *state)
+
+    @staticmethod
+    def _facets_of(held: list[tuple[Source, Analysis, Tail | None, Model]]) -> dict[str, list]:
         values: dict[str, set] = {"service": set(), "endpoint": set(), "subject": set()}
         groups: dict[str, dict[str, Any]] = {}
-        for s in self.sources:
-            if s.analysis is None:
-                continue
-            hops = self.settled(s).hops
-            values["service"] |= set(hops["service"].dropna().unique())
-            values["endpoint"] |= set(hops["endpoint"].dropna().unique())
-            values["subject"] |= {v for v in hops["token_sub"].unique() if plain(v) is not None}
-            for g in s.model.finding_groups:
+        for s, base, pending, base_model in held:
+            parts = [s.facet_values.get(_facet_values, base.hops)]
+            kinds = base_model.finding_groups
+            if pending is not None:
+                parts.append(_facet_values(pending.analysis.hops))
+                kinds = _live_finding_groups(base, pending)
+            for part in parts:
+                for name, found in part.items():
+                    values[name] |= found
+            for g in kinds:
                 group = groups.setdefault(g.kind, {"kind": g.kind, "severity": g.severity, "count": 0})
                 group["count"] += len(g)
         out = {name: sorted(str(v) for v in vals) for name, vals in values.items()}
@@ -969,10 +1000,31 @@ def _merged_counts(base: Analysis, tail: Analysis, since: float) -> tuple[int, i
     first = int(np.searchsorted(hops["started_at"].to_numpy(), since)) if hops["started_at"].is_monotonic_increasing else 0
     running = _running_hops(base, since)
     added = tail.hops.index[~tail.hops.index.isin(running)]
+    return first + len(running) + len(added), int(_kept_findings(base, since).sum()) + len(tail.findings)
+
+
+def _kept_findings(base: Analysis, since: float) -> np.ndarray:
+    """Which findings of ``base`` a merge of a tail from ``since`` keeps: those of requests that started
+    before (and those of no request, from before)."""
     found = base.findings
-    root_start = hops["started_at"].reindex(found["trace"].fillna(-1).astype("int64").to_numpy()).to_numpy()
-    kept = (root_start < since) | (found["trace"].isna().to_numpy() & (found["at"].to_numpy(dtype=float) < since))
-    return first + len(running) + len(added), int(kept.sum()) + len(tail.findings)
+    root_start = base.hops["started_at"].reindex(found["trace"].fillna(-1).astype("int64").to_numpy()).to_numpy()
+    return (root_start < since) | (found["trace"].isna().to_numpy() & (found["at"].to_numpy(dtype=float) < since))
+
+
+def _live_finding_groups(base: Analysis, pending: Tail) -> list:
+    """The finding groups ``_merge(base, pending.analysis, pending.since)`` would hold, from the columns
+    the groups are made of."""
+    columns = ["severity", "kind", "at"]
+    kept = base.findings.loc[_kept_findings(base, pending.since), columns]
+    return group_findings(pd.concat([kept, pending.analysis.findings[columns]], ignore_index=True))
+
+
+def _facet_values(hops: pd.DataFrame) -> dict[str, set]:
+    return {
+        "service": set(hops["service"].dropna().unique()),
+        "endpoint": set(hops["endpoint"].dropna().unique()),
+        "subject": {v for v in hops["token_sub"].unique() if plain(v) is not None},
+    }
 
 
 def _merge(old: Analysis, tail: Analysis, since: float) -> Analysis:
