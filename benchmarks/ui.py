@@ -8,7 +8,9 @@ Each figure is taken from a real ``hoptrace ui DB --port 0`` process over HTTP o
                   hops and 20 more spread over the list (max and median)
     live listed   rows copied into a DB being watched at 500 hops/s, in batches every 0.1 s: from a
                   request's root hop committed to its row in ``/api/requests`` (polled every 50 ms)
-    live analysed the same, to its row carrying its analysis (hops counted, findings known)
+    live analysed the same, to its row carrying its analysis (hops counted, findings known);
+                  meanwhile a list page is open as in a browser, asking for the filters' values and
+                  the first page on every server-sent event
 
 The live DB is the synthetic DB with its last hops cut off, then written back at that rate.
 Correctness is checked, speed never is: the list's total must equal the DB's entry-route hops,
@@ -162,11 +164,13 @@ def measure_live(source: Path, live_db: Path, seconds: float, log) -> dict:
     started: dict[int, float] = {}  # each written request's start (its root hop's started_at)
     listed: dict[int, float] = {}
     analysed: dict[int, float] = {}
+    refreshes = [0]
     try:
         ui.until(lambda: _analysed(ui), "the first analysis")
         since = _sql(source, "SELECT min(started_at) FROM hops WHERE id > ?", (cut,))[0][0]
         writer = threading.Thread(target=_write_back, args=(source, live_db, cut, last, committed, started), daemon=True)
         writer.start()
+        threading.Thread(target=_watch_like_a_page, args=(ui, refreshes), daemon=True).start()
         cpu, wall = ui.cpu_s(), time.monotonic()
         deadline = time.monotonic() + seconds + 60
         while time.monotonic() < deadline:
@@ -188,9 +192,24 @@ def measure_live(source: Path, live_db: Path, seconds: float, log) -> dict:
     listed_lag, analysed_lag = lag(listed), lag(analysed)
     out = {"hops": last - cut, "requests": len(committed), "listed": len(listed_lag), "analysed": len(analysed_lag),
            "listed_s": _spread(listed_lag), "analysed_s": _spread(analysed_lag),
-           "never_analysed": sorted(set(committed) - set(analysed))[:20], "cpu_s": cpu, "wall_s": wall}  # fmt: skip
+           "never_analysed": sorted(set(committed) - set(analysed))[:20], "cpu_s": cpu, "wall_s": wall,
+           "page_refreshes": refreshes[0]}  # fmt: skip
     log(f"  live: {out['requests']} requests written; listed {_p(out['listed_s'])}; analysed {_p(out['analysed_s'])}")
     return out
+
+
+def _watch_like_a_page(ui: UI, refreshes: list[int]) -> None:
+    """What the list page open in a browser does while the view is live (app.js): on each server-sent
+    event, ask for the filters' values and the first page again. Until the UI stops."""
+    try:
+        with urllib.request.urlopen(ui.url + "api/events", timeout=60) as events:
+            for line in events:
+                if line.startswith(b"data:"):
+                    ui.get("api/facets")
+                    ui.get("api/requests?limit=50")
+                    refreshes[0] += 1
+    except OSError:
+        pass  # the UI stopped
 
 
 def _write_back(source: Path, live_db: Path, cut: int, last: int, committed: dict[int, float], started: dict[int, float]) -> None:
@@ -275,8 +294,8 @@ def render(result: dict) -> str:
         f"first page: {o['first_page_cpu_s']:.2f} s of CPU in the ui process; analysed (all findings known)"
         f" {fmt(o['analysed_s'], '.1f')} s after start; waterfalls timed: {o['waterfall_ms']['n']}.",
         f"live: {result['live']['hops']:,} hops written back at {RATE} hops/s; lags from a root hop's commit (polled every"
-        f" {POLL_S * 1000:.0f} ms); the ui process used {result['live']['cpu_s']:.1f} s of CPU in"
-        f" {result['live']['wall_s']:.1f} s.",
+        f" {POLL_S * 1000:.0f} ms), while a list page refreshed as a browser's does ({result['live']['page_refreshes']}"
+        f" times); the ui process used {result['live']['cpu_s']:.1f} s of CPU in {result['live']['wall_s']:.1f} s.",
         "",
         f"{'target':<46} {'measured':<58} result",
         "-" * 112,
