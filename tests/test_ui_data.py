@@ -185,6 +185,12 @@ def test_a_live_refresh_merges_the_tail_into_what_it_had(tmp_path):
     assert live.sources[0].pending is not None  # the tail waits to be merged until a whole-capture view asks
     # The list's filters, which a live page asks for on every change, come without that merge.
     assert live.facets() == whole.facets() and live.sources[0].pending is not None
+    facets = whole.facets()
+    for name in ("service", "endpoint", "subject", "kind", "severity"):
+        for value in facets[name]:
+            pages = [{r["trace"] for r in d.request_page(RequestQuery(limit=500, **{name: value}))["items"]} for d in (live, whole)]
+            assert pages[0] == pages[1], (name, value)
+    assert live.sources[0].pending is not None
     assert live.status()["dbs"][0]["findings"] == len(whole.sources[0].analysis.findings)
     kinds = lambda d: Counter(d.settled(d.sources[0]).findings["kind"])
     assert kinds(live) == kinds(whole) and live.sources[0].pending is None

@@ -388,29 +388,34 @@ class Data:
                 "analysing": analysing}  # fmt: skip
 
     def _kept(self, source: Source, reqs: pd.DataFrame, q: RequestQuery) -> np.ndarray:
-        """Which rows of ``reqs`` (a list of ``source``'s) ``q`` keeps."""
-        if source.analysis is None:  # a preview: what needs the analysis matches nothing yet
+        """Which rows of ``reqs`` (a list of ``source``'s) ``q`` keeps. The filters that read hops or
+        findings read the whole analysis and the live passes' pending tail as they stand, as
+        :meth:`facets` does: a filtered page open live asks again on every change."""
+        with self._lock:
+            base, pending = source.analysis, source.pending
+        if base is None:  # a preview: what needs the analysis matches nothing yet
             if q.service or q.endpoint or q.subject or q.kind or q.severity:
                 return np.zeros(len(reqs), dtype=bool)
             return _plain_filters(reqs, q)
-        if q.service or q.endpoint or q.subject or q.kind or q.severity:  # these read the hops or findings
-            self.settled(source)
         keep = _plain_filters(reqs, q)
-        hops = source.analysis.hops
         for column, wanted in (("service", q.service), ("endpoint", q.endpoint), ("token_sub", q.subject)):
             if wanted:
-                traces = hops["trace"].to_numpy()[(hops[column] == wanted).to_numpy()]
+                traces = _live_traces(base, pending, lambda hops, c=column, w=wanted: (hops[c] == w).to_numpy())
                 if column == "token_sub":  # and the requests that issued the subject's token (login)
                     traces = np.union1d(traces, reqs["trace"][(reqs["subject"] == wanted).to_numpy()])
                 keep &= reqs["trace"].isin(traces).to_numpy()
         if q.kind or q.severity:
-            found = source.analysis.findings
-            mask = np.ones(len(found), dtype=bool)
-            if q.kind:
-                mask &= (found["kind"] == q.kind).to_numpy()
-            if q.severity:
-                mask &= (found["severity"] == q.severity).to_numpy()
-            keep &= reqs["trace"].isin(found["trace"][mask].dropna()).to_numpy()
+            found = [base.findings] if pending is None else [base.findings[_kept_findings(base, pending.since)],
+                                                              pending.analysis.findings]  # fmt: skip
+            matching = []
+            for f in found:
+                mask = np.ones(len(f), dtype=bool)
+                if q.kind:
+                    mask &= (f["kind"] == q.kind).to_numpy()
+                if q.severity:
+                    mask &= (f["severity"] == q.severity).to_numpy()
+                matching.append(f["trace"][mask].dropna().to_numpy(dtype=np.int64))
+            keep &= reqs["trace"].isin(np.concatenate(matching)).to_numpy()
         return keep
 
     def facets(self) -> dict[str, list]:
@@ -1009,6 +1014,16 @@ def _kept_findings(base: Analysis, since: float) -> np.ndarray:
     found = base.findings
     root_start = base.hops["started_at"].reindex(found["trace"].fillna(-1).astype("int64").to_numpy()).to_numpy()
     return (root_start < since) | (found["trace"].isna().to_numpy() & (found["at"].to_numpy(dtype=float) < since))
+
+
+def _live_traces(base: Analysis, pending: Tail | None, matches: Callable[[pd.DataFrame], np.ndarray]) -> np.ndarray:
+    """The requests with a hop that ``matches``, in ``base`` with ``pending`` as merged: the pending
+    tail's, and ``base``'s of the requests the tail did not analyse again."""
+    found = base.hops["trace"].to_numpy()[matches(base.hops)]
+    if pending is None:
+        return found
+    tail = pending.analysis.hops
+    return np.union1d(np.setdiff1d(found, tail["trace"].to_numpy()), tail["trace"].to_numpy()[matches(tail)])
 
 
 def _live_finding_groups(base: Analysis, pending: Tail) -> list:
