@@ -365,7 +365,7 @@ class Data:
     # -- the request list ------------------------------------------------------------------
 
     def request_page(self, query: RequestQuery) -> dict[str, Any]:
-        with self._lock:  # the list and the rows listed since, of one moment (a pass moves the latter into the former)
+        with self._lock:  # the list and the rows listed since, of one moment (a pass moves these into it)
             held = [(s, s.requests, s.recent) for s in self.sources]
         lists = [(s, frame, frame is whole) for s, whole, recent in held for frame in (whole, recent) if len(frame)]
         if not lists:
@@ -405,10 +405,8 @@ class Data:
                     traces = np.union1d(traces, reqs["trace"][(reqs["subject"] == wanted).to_numpy()])
                 keep &= reqs["trace"].isin(traces).to_numpy()
         if q.kind or q.severity:
-            found = [base.findings] if pending is None else [base.findings[_kept_findings(base, pending.since)],
-                                                              pending.analysis.findings]  # fmt: skip
             matching = []
-            for f in found:
+            for f in _live_findings(base, pending):
                 mask = np.ones(len(f), dtype=bool)
                 if q.kind:
                     mask &= (f["kind"] == q.kind).to_numpy()
@@ -1026,12 +1024,18 @@ def _live_traces(base: Analysis, pending: Tail | None, matches: Callable[[pd.Dat
     return np.union1d(np.setdiff1d(found, tail["trace"].to_numpy()), tail["trace"].to_numpy()[matches(tail)])
 
 
+def _live_findings(base: Analysis, pending: Tail | None) -> list[pd.DataFrame]:
+    """The findings of ``base`` with ``pending`` as merged: those ``base`` keeps, then the tail's."""
+    if pending is None:
+        return [base.findings]
+    return [base.findings[_kept_findings(base, pending.since)], pending.analysis.findings]
+
+
 def _live_finding_groups(base: Analysis, pending: Tail) -> list:
     """The finding groups ``_merge(base, pending.analysis, pending.since)`` would hold, from the columns
     the groups are made of."""
     columns = ["severity", "kind", "at"]
-    kept = base.findings.loc[_kept_findings(base, pending.since), columns]
-    return group_findings(pd.concat([kept, pending.analysis.findings[columns]], ignore_index=True))
+    return group_findings(pd.concat([f[columns] for f in _live_findings(base, pending)], ignore_index=True))
 
 
 def _facet_values(hops: pd.DataFrame) -> dict[str, set]:
@@ -1055,12 +1059,14 @@ def _merge(old: Analysis, tail: Analysis, since: float) -> Analysis:
         captures=tail.captures,
         hops=_one_chunk(hops),
         tokens=_one_chunk(pd.concat([old.tokens, tail.tokens]).pipe(lambda t: t[~t.index.duplicated(keep="last")])),
-        hop_tokens=_one_chunk(pd.concat(
-            [
-                old.hop_tokens[old.hop_tokens["hop_id"].isin(kept_ids)],
-                tail.hop_tokens[tail.hop_tokens["hop_id"].isin(tail_hops.index)],
-            ]
-        )),
+        hop_tokens=_one_chunk(
+            pd.concat(
+                [
+                    old.hop_tokens[old.hop_tokens["hop_id"].isin(kept_ids)],
+                    tail.hop_tokens[tail.hop_tokens["hop_id"].isin(tail_hops.index)],
+                ]
+            )
+        ),
         findings=_one_chunk(pd.concat([found[keep_found], tail.findings], ignore_index=True)),
         services=tail.services,
         endpoints=tail.endpoints,
