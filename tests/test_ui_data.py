@@ -409,3 +409,15 @@ def test_a_memo_keeps_its_value_while_its_objects_are_the_same_objects():
     assert memo.get(compute, a) == memo.get(compute, a) == 1
     assert memo.get(compute, b) == 2  # an equal frame, but another one: a pass swapped the list
     assert memo.get(compute, a, b) == memo.get(compute, a, b) == 3
+
+
+def test_rows_made_json_ready_hold_no_missing_value_of_pandas():
+    """A workflow's request without a response has no status: pandas' NA in an Int64 column, which
+    json cannot write; every missing value becomes None, whatever the column's type."""
+    from hoptrace.ui._data import _records
+
+    frame = pd.DataFrame({"status": pd.array([200, None], dtype="Int64"), "ok": pd.array([True, None], dtype="boolean"),
+                          "ms": [1.5, float("nan")], "n": np.array([1, 2]), "name": pd.array(["a", None], dtype="str")})  # fmt: skip
+    rows = _records(frame)
+    assert json.loads(json.dumps(rows)) == [{"status": 200, "ok": True, "ms": 1.5, "n": 1, "name": "a"},
+                                            {"status": None, "ok": None, "ms": None, "n": 2, "name": None}]  # fmt: skip

@@ -365,20 +365,23 @@ class Data:
     # -- the request list ------------------------------------------------------------------
 
     def request_page(self, query: RequestQuery) -> dict[str, Any]:
-        with self._lock:  # the list and the rows listed since, of one moment (a pass moves these into it)
-            held = [(s, s.requests, s.recent) for s in self.sources]
-        lists = [(s, frame, frame is whole) for s, whole, recent in held for frame in (whole, recent) if len(frame)]
-        if not lists:
-            return {"total": 0, "offset": query.offset, "items": [], "version": self.version}
+        with self._lock:  # the lists, the rows listed since and the analyses of one moment
+            held = [(s, s.requests, s.recent, s.analysis, s.pending) for s in self.sources]
         end, total, tops = query.offset + query.limit, 0, []
-        for source, reqs, whole in lists:
-            keep = self._kept(source, reqs, query)
-            total += int(keep.sum())
-            if whole:  # a list's first `end` rows in the page's order hold every row of it the page can show
-                order = source.order(reqs, query.sort, query.descending)
-                tops.append(reqs.iloc[order[keep[order]][:end]])
-            else:  # the few rows listed live since
-                tops.append(_sorted(reqs[keep], query.sort, query.descending).iloc[:end])
+        for source, listed, recent, base, pending in held:
+            wanted = _wanted_traces(base, pending, query)
+            for reqs, whole in ((listed, True), (recent, False)):
+                if not len(reqs):
+                    continue
+                keep = _kept(reqs, query, wanted)
+                total += int(keep.sum())
+                if whole:  # a list's first `end` rows in the page's order hold every row of it the page can show
+                    order = source.order(reqs, query.sort, query.descending)
+                    tops.append(reqs.iloc[order[keep[order]][:end]])
+                else:  # the few rows listed live since
+                    tops.append(_sorted(reqs[keep], query.sort, query.descending).iloc[:end])
+        if not tops:
+            return {"total": 0, "offset": query.offset, "items": [], "version": self.version}
         rows = tops[0] if len(tops) == 1 else _sorted(pd.concat(tops, ignore_index=True), query.sort, query.descending)
         page = rows.iloc[query.offset : end]
         columns = ["db", "trace", "started_at", "endpoint", "service", "status", "status_class", "ended", "duration_ms",
@@ -386,35 +389,6 @@ class Data:
         analysing = any(s.analysis is None and len(s.requests) for s in self.sources)
         return {"total": total, "offset": query.offset, "items": _records(page[columns]), "version": self.version,
                 "analysing": analysing}  # fmt: skip
-
-    def _kept(self, source: Source, reqs: pd.DataFrame, q: RequestQuery) -> np.ndarray:
-        """Which rows of ``reqs`` (a list of ``source``'s) ``q`` keeps. The filters that read hops or
-        findings read the whole analysis and the live passes' pending tail as they stand, as
-        :meth:`facets` does: a filtered page open live asks again on every change."""
-        with self._lock:
-            base, pending = source.analysis, source.pending
-        if base is None:  # a preview: what needs the analysis matches nothing yet
-            if q.service or q.endpoint or q.subject or q.kind or q.severity:
-                return np.zeros(len(reqs), dtype=bool)
-            return _plain_filters(reqs, q)
-        keep = _plain_filters(reqs, q)
-        for column, wanted in (("service", q.service), ("endpoint", q.endpoint), ("token_sub", q.subject)):
-            if wanted:
-                traces = _live_traces(base, pending, lambda hops, c=column, w=wanted: (hops[c] == w).to_numpy())
-                if column == "token_sub":  # and the requests that issued the subject's token (login)
-                    traces = np.union1d(traces, reqs["trace"][(reqs["subject"] == wanted).to_numpy()])
-                keep &= reqs["trace"].isin(traces).to_numpy()
-        if q.kind or q.severity:
-            matching = []
-            for f in _live_findings(base, pending):
-                mask = np.ones(len(f), dtype=bool)
-                if q.kind:
-                    mask &= (f["kind"] == q.kind).to_numpy()
-                if q.severity:
-                    mask &= (f["severity"] == q.severity).to_numpy()
-                matching.append(f["trace"][mask].dropna().to_numpy(dtype=np.int64))
-            keep &= reqs["trace"].isin(np.concatenate(matching)).to_numpy()
-        return keep
 
     def facets(self) -> dict[str, list]:
         """The values each filter of the request list can take, in the whole capture's analysis and the
@@ -448,10 +422,8 @@ class Data:
                 "status": list(OUTCOMES)}  # fmt: skip
 
     def status(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "last_error": self.last_error,
-            "dbs": [
+        with self._lock:  # a pass moves the rows listed since into the list: never count them twice
+            dbs = [
                 {
                     "db": s.index,
                     "path": ", ".join(map(str, s.files or (s.path,))),
@@ -463,8 +435,8 @@ class Data:
                     "analyse_s": round(s.analyse_s, 3),
                 }
                 for s in self.sources
-            ],
-        }
+            ]
+        return {"version": self.version, "last_error": self.last_error, "dbs": dbs}
 
     # -- one request -----------------------------------------------------------------------
 
@@ -868,6 +840,39 @@ def _plain_filters(reqs: pd.DataFrame, q: RequestQuery) -> np.ndarray:
     return keep
 
 
+def _wanted_traces(base: Analysis | None, pending: Tail | None, q: RequestQuery) -> dict[str, np.ndarray]:
+    """For each of ``q``'s filters on hops and findings, the requests it keeps, in the whole analysis
+    and the live passes' pending tail as they stand, as :meth:`Data.facets` reads them: a filtered
+    page open live asks again on every change, and merging the two costs a copy of every hop."""
+    by_hop = [(name, column, getattr(q, name)) for name, column in (("service", "service"), ("endpoint", "endpoint"),
+              ("subject", "token_sub")) if getattr(q, name)]  # fmt: skip
+    wanted = {
+        name: _live_traces(base, pending, lambda hops, c=column, v=value: (hops[c] == v).to_numpy())
+        for name, column, value in by_hop
+    }
+    if q.kind or q.severity:
+        matching = [np.zeros(0, np.int64)]
+        for f in _live_findings(base, pending):
+            mask = np.ones(len(f), dtype=bool)
+            if q.kind:
+                mask &= (f["kind"] == q.kind).to_numpy()
+            if q.severity:
+                mask &= (f["severity"] == q.severity).to_numpy()
+            matching.append(f["trace"][mask].dropna().to_numpy(dtype=np.int64))
+        wanted["findings"] = np.concatenate(matching)
+    return wanted
+
+
+def _kept(reqs: pd.DataFrame, q: RequestQuery, wanted: dict[str, np.ndarray]) -> np.ndarray:
+    """Which rows of a request list ``q`` keeps, ``wanted`` being what :func:`_wanted_traces` found."""
+    keep = _plain_filters(reqs, q)
+    for name, traces in wanted.items():
+        if name == "subject":  # and the requests that issued the subject's token (login)
+            traces = np.union1d(traces, reqs["trace"][(reqs["subject"] == q.subject).to_numpy()])
+        keep &= reqs["trace"].isin(traces).to_numpy()
+    return keep
+
+
 def _sorted(requests: pd.DataFrame, sort: str, descending: bool) -> pd.DataFrame:
     """``requests`` in a page's order: by ``sort``, then the newest first; equal rows as they were."""
     return requests.sort_values([SORTABLE[sort], "started_at"], ascending=[not descending, False], kind="stable")
@@ -1014,9 +1019,11 @@ def _kept_findings(base: Analysis, since: float) -> np.ndarray:
     return (root_start < since) | (found["trace"].isna().to_numpy() & (found["at"].to_numpy(dtype=float) < since))
 
 
-def _live_traces(base: Analysis, pending: Tail | None, matches: Callable[[pd.DataFrame], np.ndarray]) -> np.ndarray:
+def _live_traces(base: Analysis | None, pending: Tail | None, matches: Callable[[pd.DataFrame], np.ndarray]) -> np.ndarray:
     """The requests with a hop that ``matches``, in ``base`` with ``pending`` as merged: the pending
-    tail's, and ``base``'s of the requests the tail did not analyse again."""
+    tail's, and ``base``'s of the requests the tail did not analyse again (none before any analysis)."""
+    if base is None:
+        return np.zeros(0, np.int64)
     found = base.hops["trace"].to_numpy()[matches(base.hops)]
     if pending is None:
         return found
@@ -1024,8 +1031,11 @@ def _live_traces(base: Analysis, pending: Tail | None, matches: Callable[[pd.Dat
     return np.union1d(np.setdiff1d(found, tail["trace"].to_numpy()), tail["trace"].to_numpy()[matches(tail)])
 
 
-def _live_findings(base: Analysis, pending: Tail | None) -> list[pd.DataFrame]:
-    """The findings of ``base`` with ``pending`` as merged: those ``base`` keeps, then the tail's."""
+def _live_findings(base: Analysis | None, pending: Tail | None) -> list[pd.DataFrame]:
+    """The findings of ``base`` with ``pending`` as merged: those ``base`` keeps, then the tail's
+    (none before any analysis)."""
+    if base is None:
+        return []
     if pending is None:
         return [base.findings]
     return [base.findings[_kept_findings(base, pending.since)], pending.analysis.findings]
@@ -1157,8 +1167,8 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def _plain_list(column: pd.Series) -> list:
-    values = column.tolist()  # Python scalars: NumPy integers and booleans need nothing more
-    return values if column.dtype.kind in "iub" else [plain(v) for v in values]
+    values = column.tolist()  # Python scalars: NumPy integers and booleans need nothing more (pandas' Int64 may hold NA)
+    return values if isinstance(column.dtype, np.dtype) and column.dtype.kind in "iub" else [plain(v) for v in values]
 
 
 # What each column the hop pane reads holds in hoptrace's schema (hops, its tokens, their sightings).
