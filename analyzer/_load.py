@@ -480,13 +480,24 @@ def _root_trace_candidate(entries: int, value: str = "CAST(hops.response_headers
     outside the trace. SQLite picks the entry hops without a trace id whose headers name one
     of those headers in the same pass over the table as the columns, and Python reads their
     JSON (:func:`_root_trace_rows`): SQLite's ``json_each`` over them cost 2.2 s of CPU at 1M
-    hops, half of them such hops, where Python's parse of the same 87k headers costs 0.4 s.
+    hops (87k such hops, half of the entry hops), where Python's parse of them costs 0.4 s.
     """
     marks = ", ".join("?" * entries)
     return (
         f"CASE WHEN hops.trace_id IS NULL AND hops.service IN ({marks}) AND ({_NAMES_A_RESPONSE_HEADER})"
         f" THEN {value} END"
     )
+
+
+def _root_trace_headers(conn, ids: str | None, entries: tuple[str, ...]) -> list[tuple[int, str]]:
+    """``(id, response headers)`` of the hops ``ids`` names (``group_concat`` of them), read by id: one
+    string of every such hop's headers could pass SQLite's limit on a string's length."""
+    found = _ints(ids) if ids else np.zeros(0, np.int64)
+    rows = conn.execute(
+        f"SELECT id, {_root_trace_candidate(len(entries))} FROM hops WHERE id IN (SELECT value FROM json_each(?))",
+        (*entries, json.dumps(found.tolist())),
+    ).fetchall()
+    return [(hop_id, text) for hop_id, text in rows if text is not None]
 
 
 def _root_trace_rows(found: Iterable[tuple[int, str]]) -> list[tuple[int, str, object]]:
@@ -580,9 +591,8 @@ def _read_hop_columns(
     sparse = [c for c in columns if c in _SPARSE_COLUMNS and unique_ids]
     names = ("id", *(c for c in columns if c not in sparse))
     exprs = [_expr(c) for c in names]
-    if entries:
-        found = _root_trace_candidate(len(entries), "json_array(hops.id, CAST(hops.response_headers AS TEXT))")
-        exprs.append(f"group_concat({found}, ',')")
+    if entries:  # the ids of the hops whose headers may give a trace id; their headers are read by id after
+        exprs.append(f"group_concat({_root_trace_candidate(len(entries), 'hops.id')}, ',')")
     if sparse:
         # The ids of the few hops that have a value: NULLs are left out of group_concat.
         exprs.append(f"group_concat(CASE WHEN {' OR '.join(f'{c} IS NOT NULL' for c in sparse)} THEN id END, ',')")
@@ -592,7 +602,7 @@ def _read_hop_columns(
         return None
     out = {name: _ints(text) if _is_numeric(name) else json.loads(text) for name, text in zip(names, row)}
     if entries:
-        out["root_traces"] = _root_trace_rows(json.loads(f"[{row[len(names)] or ''}]"))
+        out["root_traces"] = _root_trace_rows(_root_trace_headers(conn, row[len(names)], entries))
     if sparse:
         out.update(_sparse(conn, sparse, out["id"], row[-1]))
     return out

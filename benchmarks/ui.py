@@ -164,7 +164,7 @@ def measure_live(source: Path, live_db: Path, seconds: float, log) -> dict:
     started: dict[int, float] = {}  # each written request's start (its root hop's started_at)
     listed: dict[int, float] = {}
     analysed: dict[int, float] = {}
-    refreshes = [0]
+    refreshes = [0, 0]
     try:
         ui.until(lambda: _analysed(ui), "the first analysis")
         since = _sql(source, "SELECT min(started_at) FROM hops WHERE id > ?", (cut,))[0][0]
@@ -193,21 +193,21 @@ def measure_live(source: Path, live_db: Path, seconds: float, log) -> dict:
     out = {"hops": last - cut, "requests": len(committed), "listed": len(listed_lag), "analysed": len(analysed_lag),
            "listed_s": _spread(listed_lag), "analysed_s": _spread(analysed_lag),
            "never_analysed": sorted(set(committed) - set(analysed))[:20], "cpu_s": cpu, "wall_s": wall,
-           "page_refreshes": refreshes[0]}  # fmt: skip
+           "page_refreshes": refreshes[0], "page_errors": refreshes[1]}  # fmt: skip
     log(f"  live: {out['requests']} requests written; listed {_p(out['listed_s'])}; analysed {_p(out['analysed_s'])}")
     return out
 
 
 def _watch_like_a_page(ui: UI, refreshes: list[int]) -> None:
     """What the list page open in a browser does while the view is live (app.js): on each server-sent
-    event, ask for the filters' values and the first page again. Until the UI stops."""
+    event, ask for the filters' values and the first page again (``refreshes``: how many times, and
+    how many answers were not a 200). Until the UI stops."""
     try:
         with urllib.request.urlopen(ui.url + "api/events", timeout=60) as events:
             for line in events:
                 if line.startswith(b"data:"):
-                    ui.get("api/facets")
-                    ui.get("api/requests?limit=50")
                     refreshes[0] += 1
+                    refreshes[1] += sum(ui.get(path)[0] != 200 for path in ("api/facets", "api/requests?limit=50"))
     except OSError:
         pass  # the UI stopped
 
@@ -280,8 +280,9 @@ def targets(result: dict) -> list[dict]:
          live["analysed_s"] is not None and live["analysed_s"]["p95"] <= LIVE_ANALYSED_S),
         ("listed == entry-route hops; waterfalls whole", f"{o['listed']:,} of {o['entries']:,}; {o['wrong_waterfalls']} wrong",
          o["listed"] == o["entries"] and o["wrong_waterfalls"] == 0),
-        ("requests written live: all listed and analysed", f"{live['listed']}/{live['analysed']} of {live['requests']}",
-         live["requests"] > 0 and live["listed"] == live["analysed"] == live["requests"]),
+        ("requests written live: all listed and analysed", f"{live['listed']}/{live['analysed']} of {live['requests']};"
+         f" {live['page_errors']} page answers not a 200",
+         live["requests"] > 0 and live["listed"] == live["analysed"] == live["requests"] and live["page_errors"] == 0),
     ]  # fmt: skip
     return [{"target": t, "measured": m, "result": "PASS" if ok else "MISS"} for t, m, ok in rows]
 
@@ -295,7 +296,7 @@ def render(result: dict) -> str:
         f" {fmt(o['analysed_s'], '.1f')} s after start; waterfalls timed: {o['waterfall_ms']['n']}.",
         f"live: {result['live']['hops']:,} hops written back at {RATE} hops/s; lags from a root hop's commit (polled every"
         f" {POLL_S * 1000:.0f} ms), while a list page refreshed as a browser's does ({result['live']['page_refreshes']}"
-        f" times); the ui process used {result['live']['cpu_s']:.1f} s of CPU in {result['live']['wall_s']:.1f} s.",
+        f" times, {result['live']['page_errors']} answers not a 200); the ui process used {result['live']['cpu_s']:.1f} s of CPU in {result['live']['wall_s']:.1f} s.",
         "",
         f"{'target':<46} {'measured':<58} result",
         "-" * 112,
