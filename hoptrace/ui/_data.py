@@ -422,20 +422,21 @@ class Data:
                 "status": list(OUTCOMES)}  # fmt: skip
 
     def status(self) -> dict[str, Any]:
-        with self._lock:  # a pass moves the rows listed since into the list: never count them twice
-            dbs = [
-                {
-                    "db": s.index,
-                    "path": ", ".join(map(str, s.files or (s.path,))),
-                    "hops": s.counts[0],
-                    "requests": len(s.requests) + len(s.recent),
-                    "analysing": s.analysis is None and len(s.requests) > 0,
-                    "findings": s.counts[1],
-                    "max_hop_id": s.max_hop_id,
-                    "analyse_s": round(s.analyse_s, 3),
-                }
-                for s in self.sources
-            ]
+        # Read without the lock: the event streams call this on the server's loop, which must not wait
+        # for a pass's swap. Rows a pass is moving into the list may count twice until the next event.
+        dbs = [
+            {
+                "db": s.index,
+                "path": ", ".join(map(str, s.files or (s.path,))),
+                "hops": s.counts[0],
+                "requests": len(s.requests) + len(s.recent),
+                "analysing": s.analysis is None and len(s.requests) > 0,
+                "findings": s.counts[1],
+                "max_hop_id": s.max_hop_id,
+                "analyse_s": round(s.analyse_s, 3),
+            }
+            for s in self.sources
+        ]
         return {"version": self.version, "last_error": self.last_error, "dbs": dbs}
 
     # -- one request -----------------------------------------------------------------------
