@@ -1021,15 +1021,16 @@ def _kept_findings(base: Analysis, since: float) -> np.ndarray:
 
 
 def _live_traces(base: Analysis | None, pending: Tail | None, matches: Callable[[pd.DataFrame], np.ndarray]) -> np.ndarray:
-    """The requests with a hop that ``matches``, in ``base`` with ``pending`` as merged: the pending
-    tail's, and ``base``'s of the requests the tail did not analyse again (none before any analysis)."""
+    """The requests with a hop that ``matches``, in ``base`` with ``pending`` as merged: ``base``'s
+    that started before the tail, as the merge keeps them, and the tail's (none before any analysis)."""
     if base is None:
         return np.zeros(0, np.int64)
     found = base.hops["trace"].to_numpy()[matches(base.hops)]
     if pending is None:
         return found
+    found = found[base.hops["started_at"].reindex(found).to_numpy() < pending.since]
     tail = pending.analysis.hops
-    return np.union1d(np.setdiff1d(found, tail["trace"].to_numpy()), tail["trace"].to_numpy()[matches(tail)])
+    return np.union1d(found, tail["trace"].to_numpy()[matches(tail)])
 
 
 def _live_findings(base: Analysis | None, pending: Tail | None) -> list[pd.DataFrame]:
