@@ -176,7 +176,9 @@ def _read(conn, path: Path, columns: tuple[str, ...], since, until, reader: str)
     hop_columns = tuple(c for c in columns if c in shape.hops and not (single_capture and c == "capture_id"))
     count = conn.execute(f"SELECT count(*) FROM hops{shape.integer_ids}").fetchone()[0]
     bounds = _chunk_bounds(conn, last_id, shape, count) if last_id is not None else []
-    root_traces = traced and {"service", "response_headers"} <= shape.hops
+    # Even in a file where no hop has a trace id: its entry hops may each have got theirs only in the
+    # response (a shard of a capture can hold only such hops).
+    root_traces = {"trace_id", "service", "response_headers"} <= shape.hops
     entries = tuple(str(e) for e in captures["entry"].dropna().unique()) if root_traces else ()
     reads = _Reads(hop_columns, bounds, where, params, entries, last_id, shape)
     threads = len(os.sched_getaffinity(0))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from hoptrace.analyzer import analyze, render_json
@@ -70,6 +70,7 @@ NAMES = sorted(p.stem for p in SAMPLES.glob("*.db"))
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(name=st.sampled_from(NAMES), point=st.floats(0, 1), interleave=st.sampled_from([0, 2, 3]))
+@example(name="propagated", point=0.984375, interleave=0)  # the second file's hops all got their trace id in the response
 def test_a_sample_split_by_hop_id_analyses_as_the_whole_file(tmp_path_factory, name, point, interleave):
     db = SAMPLES / f"{name}.db"
     ids = sorted(row[0] for row in sqlite3.connect(db).execute("SELECT id FROM hops"))
