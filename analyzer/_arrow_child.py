@@ -65,12 +65,27 @@ def read_tables(uri: str, queries: list[str], threads: int) -> list[pa.Table]:
 
 
 def sql_literal(value: float | str) -> str:
-    """``value`` as an SQL literal: text as the hex of its UTF-8 bytes, so nothing in it is ever SQL."""
+    """``value`` as an SQL literal: text as the hex of its UTF-8 bytes, so nothing in it is ever SQL;
+    a float as its exact value (see :func:`_exact_real`)."""
     if isinstance(value, str):
         return f"CAST(X'{value.encode().hex()}' AS TEXT)"
     if isinstance(value, float) and not math.isfinite(value):
         raise ArrowReadError(f"no SQL literal for {value}")  # the caller reads the other way, binding it
-    return repr(value) if isinstance(value, float) else str(int(value))
+    return _exact_real(value) if isinstance(value, float) else str(int(value))
+
+
+def _exact_real(value: float) -> str:
+    """A finite float as SQL that evaluates to exactly it: its 53-bit integer mantissa times or
+    divided by whole powers of two (each exact). SQLite's reading of a decimal literal can be a unit
+    in the last place off (``9.33259240110794e-302`` read back as ``9.332592401107941e-302``)."""
+    mantissa, exponent = math.frexp(value)
+    scaled, shift = int(mantissa * 2**53), exponent - 53
+    steps, left = [], abs(shift)
+    while left:
+        step = min(left, 62)  # 2**62 is still an SQLite integer
+        steps.append(f" {'*' if shift > 0 else '/'} {2**step}")
+        left -= step
+    return f"(CAST({scaled} AS REAL){''.join(steps)})"
 
 
 def _read(uri: str, query: str) -> pa.Table:
