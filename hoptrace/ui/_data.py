@@ -40,6 +40,7 @@ from hoptrace.db import COLUMNS as COLUMNS_OF
 from hoptrace.db import empty_file, open_for_reading, shared_columns, table_columns
 from hoptrace.ui._preview import COLUMNS, NotFound, NotReady, entry_requests
 from hoptrace.ui._query import RequestQuery
+from hoptrace.ui._worker import Worker
 
 __all__ = ["Data", "NotFound", "NotReady", "align", "curl_line", "graph_layout", "timings"]
 
@@ -221,8 +222,18 @@ class Data:
         self._lock = threading.Lock()
         self._settling = threading.Lock()
         self._facets = Memo()
+        self._tails = Worker(preload=__name__)
         for path in files:
             open_for_reading(path, check=False).close()  # a bad file fails here, at start, as one line
+
+    def follow(self) -> None:
+        """Start the process the live passes run in now: its imports take about a second, which
+        the first pass would otherwise wait for."""
+        self._tails.start()
+
+    def close(self) -> None:
+        """Stop that process (it also ends by itself when this one does)."""
+        self._tails.close()
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -293,16 +304,7 @@ class Data:
         listed = (frame for frame in (source.requests, source.recent) if len(frame))
         waiting = [frame["started_at"].to_numpy()[frame["hops"].isna().to_numpy()] for frame in listed]
         since = min([since, *(float(starts.min()) for starts in waiting if len(starts))])
-        with tempfile.TemporaryDirectory(prefix="hoptrace-ui-") as folder:
-            # Joined files: each file's tail, joined as the files are (a copy keeps the hop ids, so the joined ids agree).
-            files = source.files or (source.path,)
-            tails = [Path(folder) / f"tail{k}.db" for k in range(len(files))]
-            for path, tail_db in zip(files, tails, strict=True):
-                copy_tail(path, tail_db, since)
-            # Its latency tables would cover the tail only: model_of() computes them over the whole capture.
-            tail = analyze(tails if source.files else tails[0], since=since, latency=False)
-        if source.files:
-            tail.hops["file"] = tail.hops["file"].cat.rename_categories([str(f) for f in files])
+        tail, fresh = self._tails.run(tail_pass, source.files or (source.path,), bool(source.files), since, source.index)
         if pending is not None and pending.since < since:
             joined, joined_since = _merge(pending.analysis, tail, since), pending.since
         else:
@@ -312,7 +314,6 @@ class Data:
         claimed = _running_hops(base, since)
         hops = joined.hops
         roots = (hops.index.to_numpy() == hops["trace"].to_numpy()) & (hops["started_at"].to_numpy() >= since)
-        fresh = _requests(model(tail), source.index)
         fresh = fresh[fresh["trace"].isin(hops.index[roots]).to_numpy() & ~fresh["trace"].isin(claimed).to_numpy()]
         with self._lock:
             requests = _ranked(_relisted(source.listed(), fresh, since))
@@ -740,6 +741,21 @@ def graph_layout(edges: dict[tuple[str, str], dict[str, Any]], worst: dict[str, 
 
 
 # -- internal ---------------------------------------------------------------------------------
+
+
+def tail_pass(files: tuple[Path, ...], joined: bool, since: float, db: int) -> tuple[Analysis, pd.DataFrame]:
+    """The requests of ``files`` that started at or after ``since``, analysed, and their rows of the
+    request list: a live pass's work, run in the tail process (see :mod:`hoptrace.ui._worker`)."""
+    with tempfile.TemporaryDirectory(prefix="hoptrace-ui-") as folder:
+        # Joined files: each file's tail, joined as the files are (a copy keeps the hop ids, so the joined ids agree).
+        tails = [Path(folder) / f"tail{k}.db" for k in range(len(files))]
+        for path, tail_db in zip(files, tails, strict=True):
+            copy_tail(path, tail_db, since)
+        # Its latency tables would cover the tail only: model_of() computes them over the whole capture.
+        tail = analyze(tails if joined else tails[0], since=since, latency=False)
+    if joined:
+        tail.hops["file"] = tail.hops["file"].cat.rename_categories([str(f) for f in files])
+    return tail, _requests(model(tail), db)
 
 
 def copy_tail(path: Path, into: Path, since: float) -> None:

@@ -246,6 +246,8 @@ async def load_and_keep_up(app: web.Application, paths: list[Path], live: bool) 
         return
     app[DATA].data = data
     _wake(app)
+    if live:
+        data.follow()
     # A tail analysis takes about a second while hops arrive: those that came meanwhile wait for the
     # next one, which starts at once rather than POLL_S later (half of POLL_S off the average wait).
     steps = [keep_up(app, data.refresh, live, pause_after_change=0.0)] + ([keep_up(app, data.peek, live)] if live else [])
@@ -265,6 +267,8 @@ def make_app(first: Preview, hosts: set[str], live: bool) -> web.Application:
         task = asyncio.create_task(load_and_keep_up(app, first.paths, live))
         yield
         task.cancel()
+        if not isinstance(app[DATA].data, Preview):
+            await _in_thread(app[DATA].data.close)
 
     app.cleanup_ctx.append(background)
     return app

@@ -1,0 +1,131 @@
+"""A process of its own for the live view's tail analyses.
+
+In the web server's process a pass shares the GIL with the threads that answer the browser:
+with a list page refreshing on every event, a pass that takes 0.74 s alone took 1.25 s there.
+In a process of its own it has a core to itself while the pages are answered.
+
+The process is ``python -m hoptrace.ui._worker``, talking pickles over its stdin and stdout.
+Not ``multiprocessing``: its spawn start method runs the parent's main script again in the
+child, which a script that serves the UI without an ``if __name__ == "__main__"`` guard does
+not survive, and a fork would copy the server's threads' locks in whatever state they are.
+The child ignores SIGINT (a Ctrl-C reaches the whole process group; the server stops it) and
+ends at the end of its stdin, so it ends with the server however the server ended.
+"""
+
+from __future__ import annotations
+
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from typing import IO, Any, TypeVar
+
+T = TypeVar("T")
+_SIZE = struct.Struct("!Q")
+
+
+class WorkerDiedError(RuntimeError):
+    """The worker process ended in the middle of a call (killed, or out of memory)."""
+
+
+class Worker:
+    """One process that runs calls one at a time, started on first use and again after it ended."""
+
+    def __init__(self, preload: str) -> None:
+        """``preload``: a module the process imports as it starts (its imports take about a second)."""
+        self.preload = preload
+        self._process: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start the process now, so that the first call does not wait for its imports."""
+        with self._lock:
+            self._current()
+
+    def run(self, func: Callable[..., T], *args: Any) -> T:
+        """``func(*args)`` in the process (a module-level function, picklable arguments); what it
+        raises is raised here."""
+        with self._lock:
+            process = self._current()
+            try:
+                _send(process.stdin, (func, args))
+                ok, value = _receive(process.stdout)
+            except (OSError, EOFError, pickle.UnpicklingError) as exc:
+                self._stop()
+                raise WorkerDiedError("the live analysis process ended; the next pass starts another") from exc
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop()
+
+    def _current(self) -> subprocess.Popen:
+        if self._process is None or self._process.poll() is not None:
+            command = [sys.executable, "-m", __name__, self.preload]
+            self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        return self._process
+
+    def _stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.stdin.close()  # the child's end of file: it returns at once when idle
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+
+
+def _send(stream: IO[bytes], value: Any) -> None:
+    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_SIZE.pack(len(data)) + data)
+    stream.flush()
+
+
+def _receive(stream: IO[bytes]) -> Any:
+    head = stream.read(_SIZE.size)
+    if len(head) < _SIZE.size:
+        raise EOFError("the stream ended")
+    (size,) = _SIZE.unpack(head)
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError("the stream ended")
+    return pickle.loads(data)
+
+
+def _serve(preload: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    __import__(preload)
+    requests, replies = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # a print in a call must not corrupt the replies
+    while True:
+        try:
+            func, args = _receive(requests)
+        except EOFError:
+            return
+        try:
+            reply = (True, func(*args))
+        except Exception as exc:  # noqa: BLE001 - the caller raises it, as if the call were its own
+            reply = (False, _portable(exc))
+        _send(replies, reply)
+
+
+def _portable(exc: Exception) -> Exception:
+    """``exc``, or its words in a RuntimeError when it would not survive the pickle (an exception
+    class whose ``__init__`` takes other arguments than its ``args``)."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001 - any failure to round-trip means the same: send the words
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    return exc
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1])
