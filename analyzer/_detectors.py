@@ -842,8 +842,13 @@ def service_keys(ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
     # Ids and one column, not the frame: filtering every column of a million hops cost 0.3 s.
     below = h["depth"].to_numpy() > 0
     inner = h.index[below]
-    sent = ctx.header_lines(inner[:: max(1, len(inner) // _KEY_SAMPLE)], "request", containing=(REDACTED_PREFIX,))
+    # A value that starts with the prefix is written `"[redacted:` in the JSON text: SQLite leaves out the
+    # hops whose only redacted values are inside others (`Bearer [redacted:...]`, on nearly every hop).
+    sample = inner[:: max(1, len(inner) // _KEY_SAMPLE)]
+    sent = ctx.header_lines(sample, "request", containing=(f'"{REDACTED_PREFIX}',))
     sent = sent[sent["value"].str.startswith(REDACTED_PREFIX).to_numpy(bool)]
+    if sent.empty:  # no credential: the usual answer, and the frames below would cost ~25 ms to say so
+        return pd.DataFrame(columns=["name", "value"]), pd.DataFrame(columns=["service", "name"])
     sent = sent.assign(caller=sent["hop_id"].map(ctx.caller).to_numpy())
     callers_of = sent.groupby(["name", "value"])["caller"].nunique()
     keys = callers_of[callers_of >= c.key_min_callers].reset_index()[["name", "value"]]
@@ -899,6 +904,8 @@ def service_key_missing(ctx: Context) -> pd.DataFrame:
 def service_key_leak(ctx: Context) -> pd.DataFrame:
     """A service credential in a response to the client, or sent by the client to the entry."""
     keys, _ = ctx.service_keys
+    if keys.empty:
+        return _findings([])
     h = ctx.hops
     entered = h.index[h["depth"].to_numpy() == 0]
     outer = pd.concat([
