@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 
 def run_starts(*keys: np.ndarray) -> np.ndarray:
@@ -47,3 +48,19 @@ def group_quantiles(codes: np.ndarray, values: np.ndarray, qs: tuple[float, ...]
         high = np.ceil(at).astype(np.int64)
         out[:, j] = values[low] + (values[high] - values[low]) * (at - low)
     return codes[starts], out
+
+
+def group_codes(frame: pd.DataFrame, keys: list[str]) -> np.ndarray:
+    """A code per row for its combination of ``keys``, numbered in order of first appearance with a
+    missing value a key of its own: ``groupby(keys, sort=False, dropna=False).ngroup()``.
+
+    One ``factorize`` per key, not a groupby: on a live view's few thousand rows a groupby on
+    two or three keys cost 5 to 12 ms, mostly pandas' fixed cost, and the detectors make ~20.
+    """
+    codes = np.zeros(len(frame), dtype=np.int64)
+    for key in keys:
+        column, _ = pd.factorize(frame[key], use_na_sentinel=False)
+        # Each pair (code so far, this key's code) once: factorizing the pairs renumbers them in
+        # order of first appearance, and keeps the codes below len(frame) for the next key.
+        codes, _ = pd.factorize(codes * (int(column.max(initial=0)) + 1) + column)
+    return codes
