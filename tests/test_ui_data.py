@@ -10,6 +10,8 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -195,6 +197,59 @@ def test_a_live_refresh_merges_the_tail_into_what_it_had(tmp_path):
     kinds = lambda d: Counter(d.settled(d.sources[0]).findings["kind"])
     assert kinds(live) == kinds(whole) and live.sources[0].pending is None
     assert sum(s["count"] for s in live.latency()["services"]) == sql("SELECT count(*) FROM hops")[0][0]
+
+
+def test_hops_recorded_during_a_pass_start_the_next_one_and_the_end_is_the_whole_capture(tmp_path):
+    """A pass that finds more hops recorded once it is done starts the next one in the worker
+    before its own rows are merged; what the passes add up to is what the whole file gives."""
+    db = tmp_path / "growing.db"
+    shutil.copy(SAMPLE, db)
+    (last,) = sql("SELECT max(id) FROM hops")[0]
+    cut = last // 3
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM hop_tokens WHERE hop_id > ?", (cut,))
+        conn.execute("DELETE FROM hops WHERE id > ?", (cut,))
+
+    def record(low: int, high: int) -> None:
+        with sqlite3.connect(db) as conn:
+            conn.execute("ATTACH ? AS full", (f"file:{SAMPLE}?mode=ro",))
+            conn.execute("INSERT INTO hops SELECT * FROM full.hops WHERE id > ? AND id <= ?", (low, high))
+            conn.execute("INSERT INTO hop_tokens SELECT * FROM full.hop_tokens WHERE hop_id > ? AND hop_id <= ?", (low, high))
+
+    def record_during_a_pass(low: int, high: int) -> None:
+        deadline = time.monotonic() + 30
+        while not live._tails.busy and time.monotonic() < deadline:
+            time.sleep(0.002)
+        record(low, high)
+
+    # Longer than the sample's longest request (1.4 s): a pass sees each request whole once its
+    # root is recorded (a root is recorded last, when it answers).
+    live = Data([db], lookback_s=3.0)
+    try:
+        assert live.refresh()
+        bounds = [cut + (last - cut) * k // 4 for k in range(5)]
+        record(bounds[0], bounds[1])
+        ahead = 0
+        for low, high in zip(bounds[1:], bounds[2:]):
+            writer = threading.Thread(target=record_during_a_pass, args=(low, high))
+            writer.start()
+            assert live.refresh()
+            writer.join()
+            ahead += live._started is not None
+        assert ahead >= 1  # some pass saw hops recorded while it ran, and started the next at once
+        for _ in range(5):
+            if not live.refresh():
+                break
+        assert live._started is None and live.sources[0].max_hop_id == last
+        whole = Data([SAMPLE])
+        whole.refresh()
+        key = lambda r: (r["trace"], r["status"], r["hops"], r["severity"])
+        merged, fresh = (sorted(map(key, d.request_page(RequestQuery(limit=500))["items"])) for d in (live, whole))
+        assert merged == fresh
+        kinds = lambda d: Counter(d.settled(d.sources[0]).findings["kind"])
+        assert kinds(live) == kinds(whole)
+    finally:
+        live.close()
 
 
 @given(st.dictionaries(st.sampled_from(["q", "status", "sort", "order", "offset", "limit", "since", "until", "severity", "bogus"]),

@@ -32,12 +32,18 @@ class WorkerDiedError(RuntimeError):
 
 
 class Worker:
-    """One process that runs calls one at a time, started on first use and again after it ended."""
+    """One process that runs calls one at a time, started on first use and again after it ended.
+
+    :meth:`submit` starts a call and :meth:`result` waits for it, so that the caller can do other
+    work meanwhile; :meth:`run` does both. One call at a time: a call submitted while another is
+    out has the other's answer read and dropped first.
+    """
 
     def __init__(self, preload: str) -> None:
         """``preload``: a module the process imports as it starts (its imports take about a second)."""
         self.preload = preload
         self._process: subprocess.Popen | None = None
+        self._out = False
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -45,17 +51,31 @@ class Worker:
         with self._lock:
             self._current()
 
+    @property
+    def busy(self) -> bool:
+        """A call was submitted and its result not read yet."""
+        return self._out
+
     def run(self, func: Callable[..., T], *args: Any) -> T:
         """``func(*args)`` in the process (a module-level function, picklable arguments); what it
         raises is raised here."""
+        self.submit(func, *args)
+        return self.result()
+
+    def submit(self, func: Callable[..., Any], *args: Any) -> None:
         with self._lock:
+            if self._out:
+                self._read()
             process = self._current()
-            try:
-                _send(process.stdin, (func, args))
-                ok, value = _receive(process.stdout)
-            except (OSError, EOFError, pickle.UnpicklingError) as exc:
-                self._stop()
-                raise WorkerDiedError("the live analysis process ended; the next pass starts another") from exc
+            self._talk(lambda: _send(process.stdin, (func, args)))
+            self._out = True
+
+    def result(self) -> Any:
+        """What the call submitted last returned; what it raised is raised here."""
+        with self._lock:
+            if not self._out:
+                raise RuntimeError("no call was submitted")
+            ok, value = self._read()
         if not ok:
             raise value
         return value
@@ -64,6 +84,19 @@ class Worker:
         with self._lock:
             self._stop()
 
+    def _read(self) -> tuple[bool, Any]:
+        try:
+            return self._talk(lambda: _receive(self._process.stdout))
+        finally:
+            self._out = False
+
+    def _talk(self, exchange: Callable[[], T]) -> T:
+        try:
+            return exchange()
+        except (OSError, EOFError, pickle.UnpicklingError) as exc:
+            self._stop()
+            raise WorkerDiedError("the live analysis process ended; the next pass starts another") from exc
+
     def _current(self) -> subprocess.Popen:
         if self._process is None or self._process.poll() is not None:
             command = [sys.executable, "-m", __name__, self.preload]
@@ -71,16 +104,18 @@ class Worker:
         return self._process
 
     def _stop(self) -> None:
-        process, self._process = self._process, None
+        process, self._process, self._out = self._process, None, False
         if process is None:
             return
-        process.stdin.close()  # the child's end of file: it returns at once when idle
+        # The end of its input, and of its output: an idle child returns at once, a busy one when
+        # its answer finds no reader.
+        process.stdin.close()
+        process.stdout.close()
         try:
             process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        process.stdout.close()
 
 
 def _send(stream: IO[bytes], value: Any) -> None:
@@ -114,7 +149,10 @@ def _serve(preload: str) -> None:
             reply = (True, func(*args))
         except Exception as exc:  # noqa: BLE001 - the caller raises it, as if the call were its own
             reply = (False, _portable(exc))
-        _send(replies, reply)
+        try:
+            _send(replies, reply)
+        except BrokenPipeError:  # the server stopped without waiting for this answer
+            return
 
 
 def _portable(exc: Exception) -> Exception:
