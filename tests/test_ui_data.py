@@ -3,6 +3,7 @@ waterfall data, a hop's detail, compare, the live merge; and its pure layout hel
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shlex
@@ -230,7 +231,7 @@ def test_hops_recorded_during_a_pass_start_the_next_one_and_the_end_is_the_whole
         bounds = [cut + (last - cut) * k // 4 for k in range(5)]
         record(bounds[0], bounds[1])
         ahead = 0
-        for low, high in zip(bounds[1:], bounds[2:]):
+        for low, high in itertools.pairwise(bounds[1:]):
             writer = threading.Thread(target=record_during_a_pass, args=(low, high))
             writer.start()
             assert live.refresh()
