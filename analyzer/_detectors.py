@@ -80,6 +80,11 @@ class Context:
         return keyless_refusals(self)
 
     @cached_property
+    def retried(self) -> pd.DataFrame:
+        """The calls of callers that saw a call fail, each with ``bad`` (see :func:`_calls_of_failed_callers`)."""
+        return _calls_of_failed_callers(self.hops)
+
+    @cached_property
     def skew(self) -> pd.DataFrame:
         """Clock offset estimates per (service, source), see :func:`skew_estimates`."""
         return skew_estimates(self)
@@ -596,7 +601,7 @@ def token_crossover(ctx: Context) -> pd.DataFrame:
 
 def retry_storm(ctx: Context) -> pd.DataFrame:
     """The same call (caller hop, service, endpoint) repeated after a 5xx, 429 or error."""
-    calls = _calls_of_failed_callers(ctx.hops)
+    calls = ctx.retried
     same = ["parent_id", "service", "endpoint"]
     calls = calls.sort_values([*same, "started_at"], kind="stable")
     calls = calls.assign(retry=calls.groupby(same, sort=False)["bad"].shift(fill_value=False).astype(bool))
@@ -730,7 +735,7 @@ def retry_without_backoff(ctx: Context) -> pd.DataFrame:
     """Retries of one call after a 5xx, 429 or error whose gaps do not grow, or that come
     sooner than the failed answer's ``Retry-After``."""
     c = ctx.config
-    calls = _calls_of_failed_callers(ctx.hops)
+    calls = ctx.retried
     calls = calls.assign(caller=calls.index.map(ctx.caller))
     answers = ctx.header_lines(calls.index[calls["bad"].to_numpy()], "response", containing=("etry-",))
     ra = answers[answers["name"] == "retry-after"].drop_duplicates("hop_id").set_index("hop_id")["value"]

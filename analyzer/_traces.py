@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from hoptrace.analyzer._arrays import run_starts
+from hoptrace.analyzer._arrays import group_codes, run_starts
 from hoptrace.analyzer._prepare import Paths, paths_of, subject_codes, token_positions
 
 LINKS = ("root", "header", "token", "connection", "nesting", "ambiguous", "orphan")
@@ -253,8 +253,8 @@ def _connection_codes(hops: pd.DataFrame, capture: np.ndarray) -> np.ndarray:
 
 def _endpoint_codes(hops: pd.DataFrame, capture: np.ndarray) -> np.ndarray:
     """One code per (capture, service, method, path) of the hops that have a client connection."""
-    keys = hops[["service", "method", "path"]].astype(object).assign(capture=capture)
-    code = keys.groupby(["capture", "service", "method", "path"], sort=False, dropna=False).ngroup().to_numpy(np.int64)
+    keys = hops[["service", "method", "path"]].assign(capture=capture)
+    code = group_codes(keys, ["capture", "service", "method", "path"])
     return np.where(hops["client_conn_id"].notna().to_numpy(), code, -1)
 
 
