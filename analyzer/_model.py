@@ -253,9 +253,14 @@ def sorted_findings(findings: pd.DataFrame) -> pd.DataFrame:
     """``findings`` by :data:`SEVERITIES`, then time (the analyzer's order; kept for hand-made frames)."""
     if not len(findings):
         return findings
-    rank = findings["severity"].map(SEVERITY_RANK).fillna(len(SEVERITIES)).to_numpy()
-    order = np.lexsort((pd.to_numeric(findings["at"], errors="coerce").to_numpy(dtype=float), rank))
-    return findings.iloc[order]
+    rank, at = finding_sort_keys(findings)
+    return findings.iloc[np.lexsort((at, rank))]
+
+
+def finding_sort_keys(findings: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """What :func:`sorted_findings` sorts by, stably: each finding's severity rank, then its time."""
+    rank = findings["severity"].map(SEVERITY_RANK).fillna(len(SEVERITIES)).to_numpy(dtype=float)
+    return rank, pd.to_numeric(findings["at"], errors="coerce").to_numpy(dtype=float)
 
 
 def group_findings(findings: pd.DataFrame) -> list[FindingGroup]:

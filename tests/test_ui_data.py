@@ -15,16 +15,17 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from hoptrace.analyzer import analyze, model, render_json, render_text
-from hoptrace.analyzer._model import TIERS
-from hoptrace.ui._data import Data, NotFound, NotReady, align, curl_line, graph_layout, timings
+from hoptrace.analyzer._model import TIERS, group_findings
+from hoptrace.ui._data import Data, Facets, NotFound, NotReady, _live_findings, align, curl_line, graph_layout, timings
 from hoptrace.ui._preview import Preview
 from hoptrace.ui._query import BadQuery, RequestQuery
 
@@ -477,3 +478,32 @@ def test_rows_made_json_ready_hold_no_missing_value_of_pandas():
     rows = _records(frame)
     assert json.loads(json.dumps(rows)) == [{"status": 200, "ok": True, "ms": 1.5, "n": 1, "name": "a"},
                                             {"status": None, "ok": None, "ms": None, "n": 2, "name": None}]  # fmt: skip
+
+
+_finding = st.tuples(
+    st.sampled_from(["error", "warning", "info", None]), st.sampled_from(["a", "b", "c", None]),
+    st.sampled_from([0.0, 1.0, 2.0, 3.0, float("nan")]), st.sampled_from([None, 10, 11, 12, 99]),
+)
+
+
+@settings(deadline=None)
+@example(  # a finding of each part at the same time and severity: the whole capture's comes first
+    base=[("error", "a", 1.0, None)], tail=[("error", "b", 1.0, 12)], starts=[0.0, 1.0, 2.0], since=1.5
+)
+@given(
+    base=st.lists(_finding, max_size=25), tail=st.lists(_finding, max_size=10),
+    starts=st.lists(st.sampled_from([0.0, 1.0, 2.0, float("nan")]), min_size=3, max_size=3),
+    since=st.sampled_from([0.5, 1.0, 1.5, 2.5]),
+)
+def test_a_live_pass_counts_finding_kinds_as_grouping_the_merged_findings_would(base, tail, starts, since):
+    """The filters' finding kinds, worked out from the whole analysis once and the tail each pass,
+    are the groups (in order, with counts) of the findings a merge would hold."""
+    frame = lambda rows: pd.DataFrame(rows, columns=["severity", "kind", "at", "trace"]).astype({"trace": "Int64", "at": float})
+    hops = pd.DataFrame({"started_at": starts}, index=[10, 11, 12])
+    whole = SimpleNamespace(hops=hops, findings=frame(base))
+    pending = SimpleNamespace(since=since, analysis=SimpleNamespace(findings=frame(tail)))
+    merged = pd.concat([f[["severity", "kind", "at"]] for f in _live_findings(whole, pending)], ignore_index=True)
+    want = [(g.severity, g.kind, len(g)) for g in group_findings(merged)]
+    facets = Facets.of(hops.assign(service=None, endpoint=None, token_sub=None), whole.findings)
+    assert facets.kinds_with(pending) == want
+    assert facets.kinds == [(g.severity, g.kind, len(g)) for g in group_findings(whole.findings)]
