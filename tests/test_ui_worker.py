@@ -48,6 +48,16 @@ def test_a_call_runs_in_another_process_and_its_errors_are_raised_here():
     assert _wait_until_ended(pid, 5)
 
 
+def test_what_a_call_prints_does_not_reach_the_answers():
+    worker = Worker(preload="json")
+    try:
+        assert worker.run(print, "noise on stdout") is None
+        assert worker.run(os.write, 1, b"noise on descriptor 1\n") == 22
+        assert worker.run(operator.add, 1, 2) == 3
+    finally:
+        worker.close()
+
+
 def test_an_error_that_does_not_survive_a_pickle_comes_back_as_its_words():
     class Odd(Exception):
         def __init__(self, a, b):

@@ -14,6 +14,7 @@ ends at the end of its stdin, so it ends with the server however the server ende
 
 from __future__ import annotations
 
+import os
 import pickle
 import signal
 import struct
@@ -138,8 +139,11 @@ def _receive(stream: IO[bytes]) -> Any:
 def _serve(preload: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     __import__(preload)
-    requests, replies = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # a print in a call must not corrupt the replies
+    # The replies get a descriptor of their own, and descriptor 1 becomes stderr's: nothing a call
+    # prints, from Python or from a C library, can corrupt them.
+    requests, replies = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     while True:
         try:
             func, args = _receive(requests)
