@@ -99,7 +99,9 @@ class Worker:
             raise WorkerDiedError("the live analysis process ended; the next pass starts another") from exc
 
     def _current(self) -> subprocess.Popen:
-        if self._process is None or self._process.poll() is not None:
+        if self._process is not None and self._process.poll() is not None:
+            self._stop()  # ended between calls: its pipes closed before another starts
+        if self._process is None:
             command = [sys.executable, "-m", __name__, self.preload]
             self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         return self._process
