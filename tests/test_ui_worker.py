@@ -89,6 +89,9 @@ def test_a_process_killed_mid_call_is_named_and_the_next_call_starts_another():
         assert not thread.is_alive() and len(caught) == 1 and isinstance(caught[0], WorkerDiedError)
         second = worker.run(os.getpid)
         assert second not in (first, os.getpid())
+        os.kill(second, signal.SIGKILL)  # between calls: the next one just starts another
+        assert _wait_until_ended(second, 5)
+        assert worker.run(os.getpid) not in (first, second, os.getpid())
     finally:
         worker.close()
 
