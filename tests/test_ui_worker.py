@@ -46,6 +46,8 @@ def test_a_call_runs_in_another_process_and_its_errors_are_raised_here():
     finally:
         worker.close()
     assert _wait_until_ended(pid, 5)
+    with pytest.raises(WorkerDiedError):  # a pass still running when the server stops starts no process
+        worker.run(os.getpid)
 
 
 def test_what_a_call_prints_does_not_reach_the_answers():

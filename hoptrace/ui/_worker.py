@@ -45,6 +45,7 @@ class Worker:
         self.preload = preload
         self._process: subprocess.Popen | None = None
         self._out = False
+        self._closed = False
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -82,7 +83,9 @@ class Worker:
         return value
 
     def close(self) -> None:
+        """Stop the process; a call submitted later (a pass still running in the server) raises."""
         with self._lock:
+            self._closed = True
             self._stop()
 
     def _read(self) -> tuple[bool, Any]:
@@ -101,6 +104,8 @@ class Worker:
     def _current(self) -> subprocess.Popen:
         if self._process is not None and self._process.poll() is not None:
             self._stop()  # ended between calls: its pipes closed before another starts
+        if self._closed:
+            raise WorkerDiedError("the live analysis process was stopped with the server")
         if self._process is None:
             command = [sys.executable, "-m", __name__, self.preload]
             self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
