@@ -504,6 +504,7 @@ def test_a_live_pass_counts_finding_kinds_as_grouping_the_merged_findings_would(
     pending = SimpleNamespace(since=since, analysis=SimpleNamespace(findings=frame(tail)))
     merged = pd.concat([f[["severity", "kind", "at"]] for f in _live_findings(whole, pending)], ignore_index=True)
     want = [(g.severity, g.kind, len(g)) for g in group_findings(merged)]
-    facets = Facets.of(hops.assign(service=None, endpoint=None, token_sub=None), whole.findings)
-    assert facets.kinds_with(pending) == want
-    assert facets.kinds == [(g.severity, g.kind, len(g)) for g in group_findings(whole.findings)]
+    no_values = hops.assign(service=None, endpoint=None, token_sub=None)
+    facets = Facets.of(no_values, whole.findings)
+    assert facets.merged(Facets.of(no_values, pending.analysis.findings), since)[1] == want
+    assert facets.merged()[1] == [(g.severity, g.kind, len(g)) for g in group_findings(whole.findings)]

@@ -287,7 +287,7 @@ class Data:
         changed = False
         for source in self.sources:
             newest = _newest_hop_id(source)
-            if newest == source.max_hop_id and (self._started is None or self._started.source is not source):
+            if newest == source.max_hop_id and self._started_for(source) is None:
                 continue
             started = time.perf_counter()
             if source.analysis is None:
@@ -326,8 +326,8 @@ class Data:
         pass starts there at once, and this one's rows are merged here meanwhile (a tenth to a
         fifth of a pass): the worker is never idle while hops wait."""
         before = source.pending.analysis if source.pending is not None else source.analysis
-        started, self._started = self._started, None
-        if started is None or started.source is not source:
+        started, self._started = self._started_for(source), None
+        if started is None:  # (the worker holds one call: another source's, if any, is dropped)
             started = self._start_tail(source, newest, _newest_start(before))
         tail, fresh = self._tails.result()
         since, newest = started.since, started.newest
@@ -353,6 +353,11 @@ class Data:
             source.counts = _merged_counts(base, joined, joined_since)
             source.tables_stale = True
             self.version += 1
+
+    def _started_for(self, source: Source) -> _Started | None:
+        """The pass running in the worker, when it is ``source``'s."""
+        started = self._started
+        return started if started is not None and started.source is source else None
 
     def _start_tail(self, source: Source, newest: int, latest_start: float) -> _Started:
         """Start, in the worker, the analysis of the requests that started within ``lookback_s`` of
@@ -447,10 +452,13 @@ class Data:
         groups: dict[str, dict[str, Any]] = {}
         for s, base, pending, _ in held:
             whole = s.facets.get(Facets.of, base.hops, base.findings)
-            found = whole.values if pending is None else whole.with_values(_facet_values(pending.analysis.hops))
+            if pending is None:
+                found, kinds = whole.merged()
+            else:
+                found, kinds = whole.merged(Facets.of(pending.analysis.hops, pending.analysis.findings), pending.since)
             for name, texts in found.items():
                 values[name] = _sorted_union(values[name], set(texts)) if name in values else texts
-            for severity, kind, count in whole.kinds if pending is None else whole.kinds_with(pending):
+            for severity, kind, count in kinds:
                 group = groups.setdefault(kind, {"kind": kind, "severity": severity, "count": 0})
                 group["count"] += count
         out = {name: values.get(name, []) for name in ("service", "endpoint", "subject")}
@@ -1073,11 +1081,16 @@ def _merged_counts(base: Analysis, tail: Analysis, since: float) -> tuple[int, i
 
 
 def _kept_findings(base: Analysis, since: float) -> np.ndarray:
-    """Which findings of ``base`` a merge of a tail from ``since`` keeps: those of requests that started
-    before (and those of no request, from before)."""
-    found = base.findings
-    root_start = base.hops["started_at"].reindex(found["trace"].fillna(-1).astype("int64").to_numpy()).to_numpy()
-    return (root_start < since) | (found["trace"].isna().to_numpy() & (found["at"].to_numpy(dtype=float) < since))
+    """Which findings of ``base`` a merge of a tail from ``since`` keeps."""
+    return _keep_before(base.hops, base.findings) < since
+
+
+def _keep_before(hops: pd.DataFrame, findings: pd.DataFrame) -> np.ndarray:
+    """For each finding, the start a tail must come after for a merge to keep it: its request's start,
+    or its own time for a finding of no request (NaN, never kept, for a request not in ``hops``)."""
+    trace = findings["trace"]
+    root_start = hops["started_at"].reindex(trace.fillna(-1).astype("int64").to_numpy()).to_numpy()
+    return np.where(trace.isna().to_numpy(), findings["at"].to_numpy(dtype=float), root_start)
 
 
 def _live_traces(base: Analysis | None, pending: Tail | None, matches: Callable[[pd.DataFrame], np.ndarray]) -> np.ndarray:
@@ -1106,65 +1119,55 @@ def _live_findings(base: Analysis | None, pending: Tail | None) -> list[pd.DataF
 @dataclass(frozen=True)
 class Facets:
     """What the request list's filters can take in one analysis, worked out once for it: each value
-    as sorted text, and its findings' (severity, kind) groups in ``group_findings``' order with
-    counts. A live pass adds its pending tail to these at little cost (``with_values``, ``kinds_with``):
-    sorting the capture's subjects and grouping its findings again took ~110 ms a pass at 1M hops."""
+    as sorted text, and its findings in ``group_findings``' order, each with its (severity, kind)
+    group. A live pass puts the whole analysis's and its pending tail's together at little cost
+    (:meth:`merged`): sorting the capture's subjects and grouping its findings again took ~110 ms a
+    pass at 1M hops."""
 
     values: dict[str, list[str]]
-    kinds: list[tuple[str, str, int]]
-    """(severity, kind, count) of each group, in ``group_findings``' order."""
+    groups: list[tuple[str, str]]
+    """The (severity, kind) of each group code."""
+    group: np.ndarray
     rank: np.ndarray
     at: np.ndarray
-    group: np.ndarray
     keep_before: np.ndarray
-    """Of each finding in that sorted order: its severity's rank, its time, its group's code, and
-    the start a tail must come after for a merge to keep it (``_kept_findings``: the start of its
-    request, or its own time for a finding of no request)."""
-    groups: list[tuple[str, str]]
+    """Of each finding, in that order: its group's code, its severity's rank, its time, and the start a
+    tail must come after for a merge to keep it (see :func:`_keep_before`)."""
 
     @classmethod
     def of(cls, hops: pd.DataFrame, findings: pd.DataFrame) -> Facets:
         values = {name: sorted({str(v) for v in found}) for name, found in _facet_values(hops).items()}
-        f = _sortable(findings)
-        trace = f["trace"]
-        root_start = hops["started_at"].reindex(trace.fillna(-1).astype("int64").to_numpy()).to_numpy()
-        keep_before = np.where(trace.isna().to_numpy(), f["at"].to_numpy(dtype=float), root_start)
+        f = sorted_findings(findings[["severity", "kind", "at", "trace"]].dropna(subset=["severity", "kind"]))
         group, uniques = pd.factorize(pd.MultiIndex.from_arrays([f["severity"].astype(object), f["kind"].astype(object)]))
-        groups = [(str(sev), str(kind)) for sev, kind in uniques]
         rank, at = finding_sort_keys(f)
-        kinds = [(sev, kind, int(n)) for (sev, kind), n in zip(groups, np.bincount(group, minlength=len(groups)))]
-        return cls(values, kinds, rank, at, group.astype(np.int64), keep_before, groups)
+        groups = [(str(severity), str(kind)) for severity, kind in uniques]
+        return cls(values, groups, group.astype(np.int64), rank, at, _keep_before(hops, f))
 
-    def with_values(self, tail: dict[str, set]) -> dict[str, list[str]]:
-        return {name: _sorted_union(self.values[name], {str(v) for v in found}) for name, found in tail.items()}
+    def merged(self, tail: Facets | None = None, since: float = math.inf) -> tuple[dict[str, list[str]], list[tuple[str, str, int]]]:
+        """The values, and the (severity, kind, count) of each finding group in ``group_findings``'
+        order, of this analysis with ``tail`` (a live pass's, from ``since``) merged as ``_merge``
+        merges them. A group's place is its first finding's in a stable sort by severity and time;
+        a stable sort of each part's first findings, in the parts' order, puts them in that order."""
+        if tail is None:
+            return self.values, self._groups_in_order([(self, np.arange(len(self.group)))])
+        values = {name: _sorted_union(texts, set(tail.values[name])) for name, texts in self.values.items()}
+        parts = [(self, np.flatnonzero(self.keep_before < since)), (tail, np.arange(len(tail.group)))]
+        return values, self._groups_in_order(parts)
 
-    def kinds_with(self, pending: Tail) -> list[tuple[str, str, int]]:
-        """The groups of this analysis's findings a merge keeps and the tail's, as ``group_findings``
-        orders them: by the first finding of each. A stable sort of each part's first findings, in the
-        parts' order, puts them in the order the sort of all of them has them."""
-        kept = np.flatnonzero(self.keep_before < pending.since)
-        codes, first = np.unique(self.group[kept], return_index=True)
-        counts: Counter = Counter({self.groups[c]: int(n) for c, n in zip(codes, np.bincount(self.group[kept])[codes])})
-        tail = _sortable(pending.analysis.findings)
-        tail_groups = list(zip(tail["severity"].astype(object), tail["kind"].astype(object)))
-        counts.update(Counter(tail_groups))
-        tail_rank, tail_at = finding_sort_keys(tail)
-        firsts: dict[tuple, int] = {}
-        for i, key in enumerate(tail_groups):
-            firsts.setdefault(key, i)
-        tail_first = list(firsts.values())
-        order = np.lexsort((
-            np.r_[kept[first], tail_first], np.r_[np.zeros(len(first)), np.ones(len(tail_first))],
-            np.r_[self.at[kept[first]], tail_at[tail_first]], np.r_[self.rank[kept[first]], tail_rank[tail_first]],
-        ))  # fmt: skip
-        named = [self.groups[c] for c in codes] + [tail_groups[i] for i in tail_first]
-        ordered = dict.fromkeys(named[i] for i in order)
-        return [(sev, kind, counts[sev, kind]) for sev, kind in ordered]
-
-
-def _sortable(findings: pd.DataFrame) -> pd.DataFrame:
-    """``findings`` that ``group_findings`` groups (a severity and a kind), in its sorted order."""
-    return sorted_findings(findings[["severity", "kind", "at", "trace"]].dropna(subset=["severity", "kind"]))
+    @staticmethod
+    def _groups_in_order(parts: list[tuple[Facets, np.ndarray]]) -> list[tuple[str, str, int]]:
+        names, firsts, part_of, counts = [], [], [], Counter()
+        for k, (facets, kept) in enumerate(parts):
+            codes, first = np.unique(facets.group[kept], return_index=True)
+            for code, n in zip(codes, np.bincount(facets.group[kept])[codes]):
+                counts[facets.groups[code]] += int(n)
+            names += [facets.groups[code] for code in codes]
+            firsts.append(kept[first])
+            part_of.append(np.full(len(codes), k))
+        rank = np.concatenate([f.rank[at] for (f, _), at in zip(parts, firsts)])
+        at = np.concatenate([f.at[at] for (f, _), at in zip(parts, firsts)])
+        order = np.lexsort((np.concatenate(firsts), np.concatenate(part_of), at, rank))
+        return [(severity, kind, counts[severity, kind]) for severity, kind in dict.fromkeys(names[i] for i in order)]
 
 
 def _sorted_union(sorted_texts: list[str], more: set[str]) -> list[str]:
