@@ -1,21 +1,30 @@
-"""The `hoptrace` command group. Each command lives beside the package it drives."""
+"""The `hoptrace` command group. Each command lives beside the package it drives, imported only
+when it runs (see :class:`~hoptrace._click.LazyGroup`)."""
 
 from __future__ import annotations
 
 import click
 
 from hoptrace import __version__
-from hoptrace._click import OneLineGroup
-from hoptrace._coverage_cli import coverage
-from hoptrace.analyzer._cli import analyze
-from hoptrace.exchange._cli import export, import_
-from hoptrace.plot._cli import plot, report
-from hoptrace.proxy._cli import addon_path, proxy
-from hoptrace.stack._cli import demo, record_samples, stack
-from hoptrace.ui._cli import ui
+from hoptrace._click import LazyGroup
+
+COMMANDS = {
+    "proxy": "hoptrace.proxy._cli:proxy",
+    "addon-path": "hoptrace.proxy._cli:addon_path",
+    "analyze": "hoptrace.analyzer._cli:analyze",
+    "plot": "hoptrace.plot._cli:plot",
+    "report": "hoptrace.plot._cli:report",
+    "ui": "hoptrace.ui._cli:ui",
+    "import": "hoptrace.exchange._cli:import_",
+    "export": "hoptrace.exchange._cli:export",
+    "coverage": "hoptrace._coverage_cli:coverage",
+    "stack": "hoptrace.stack._cli:stack",
+    "demo": "hoptrace.stack._cli:demo",
+    "record-samples": "hoptrace.stack._cli:record_samples",
+}
 
 
-@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="hoptrace")
 def cli() -> None:
     """Find what breaks between microservices, from the traffic between them.
@@ -25,7 +34,3 @@ def cli() -> None:
     browse it with `hoptrace ui`. `hoptrace demo` shows the whole job on the
     bundled sample stack.
     """
-
-
-for command in (proxy, addon_path, analyze, plot, report, ui, import_, export, coverage, stack, demo, record_samples):
-    cli.add_command(command)
