@@ -371,9 +371,10 @@ def duplicate_validation(ctx: Context) -> pd.DataFrame:
     if v.empty:
         return _findings([])
     # Each (caller, validator, endpoint) once: a request's calls are then a tuple of small ints.
-    parties = pd.DataFrame({"caller": v.index.map(ctx.caller), "service": v["service"].astype(object), "endpoint": v["endpoint"].astype(object)})
+    parties = pd.DataFrame({"caller": v.index.map(ctx.caller), "service": v["service"].astype(object),
+                            "endpoint": v["endpoint"].astype(object)})  # fmt: skip
     call = group_codes(parties, list(parties.columns))
-    _, first = np.unique(call, return_index=True)
+    _, first = np.unique(call, return_index=True)  # each call's first row: the codes count up from 0
     calls = list(zip(*(parties[c].to_numpy()[first].tolist() for c in parties.columns)))
     g = _Groups(v.assign(call=call), ["trace", "token_fp"])
     extra = g.sum("duration_ms") - np.asarray(g.first("duration_ms"), dtype=np.float64)
@@ -655,7 +656,7 @@ def retry_storm(ctx: Context) -> pd.DataFrame:
     bad = calls["bad"].to_numpy(bool)
     retry = np.r_[False, bad[:-1]] & ~first
     run = np.cumsum(first) - 1
-    retries = np.bincount(run, weights=retry)[run] if len(run) else np.zeros(0)
+    retries = np.bincount(run, weights=retry)[run]
     storms = calls.assign(retry=retry)[retries >= ctx.config.retry_min]
     if storms.empty:
         return _findings([])
