@@ -466,6 +466,9 @@ def test_a_memo_keeps_its_value_while_its_objects_are_the_same_objects():
     assert memo.get(compute, a) == memo.get(compute, a) == 1
     assert memo.get(compute, b) == 2  # an equal frame, but another one: a pass swapped the list
     assert memo.get(compute, a, b) == memo.get(compute, a, b) == 3
+    assert memo.get(compute, a, 1.5) == memo.get(compute, a, 1.5) == 4  # a plain value (a time) counts by value
+    assert memo.get(compute, a, 2.0) == 5
+    assert memo.get(compute, a, 2) == 6  # equal to 2.0, but another type: computed again
 
 
 def test_rows_made_json_ready_hold_no_missing_value_of_pandas():
