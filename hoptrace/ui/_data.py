@@ -1075,19 +1075,25 @@ def _newest_start(*analyses: Analysis) -> float:
 def _running_hops(base: Analysis, since: float) -> pd.Index:
     """Hops of ``base`` that started at ``since`` or later in a request that started before: still
     running when a tail pass began there, they stay with their request (see :func:`_merged_hops`)."""
-    hops = base.hops
+    return _split_at(base.hops, since)[1].index
+
+
+def _split_at(hops: pd.DataFrame, since: float) -> tuple[int, pd.DataFrame]:
+    """(how many of ``hops`` started before ``since``, the hops after those that belong to a request that
+    started before ``since``). ``Analysis.hops`` is in start order and a call starts after its caller, so
+    only the rows after the first one started at ``since`` are looked at (at a million hops a boolean
+    pass over every column costs about a second); hops in another order are all looked at."""
     first = int(np.searchsorted(hops["started_at"].to_numpy(), since)) if hops["started_at"].is_monotonic_increasing else 0
     rest = hops.iloc[first:]
-    return rest.index[hops["started_at"].reindex(rest["trace"].to_numpy()).to_numpy() < since]
+    return first, rest[hops["started_at"].reindex(rest["trace"].to_numpy()).to_numpy() < since]
 
 
 def _kept_of_base(base: Analysis, since: float) -> tuple[int, pd.Index, int]:
     """What ``_merge(base, tail, since)`` keeps of ``base`` whatever the tail: the number of hops before
     ``since``, the hops still running then (see :func:`_running_hops`), the number of findings. The same
     for every pass until the pending tail is merged (reading the findings' roots: ~10 ms at 1M hops)."""
-    hops = base.hops
-    first = int(np.searchsorted(hops["started_at"].to_numpy(), since)) if hops["started_at"].is_monotonic_increasing else 0
-    return first, _running_hops(base, since), int(_kept_findings(base, since).sum())
+    first, running = _split_at(base.hops, since)
+    return first, running.index, int(_kept_findings(base, since).sum())
 
 
 def _merged_counts(kept: tuple[int, pd.Index, int], tail: Analysis) -> tuple[int, int]:
@@ -1235,16 +1241,9 @@ def _merge(old: Analysis, tail: Analysis, since: float) -> Analysis:
 
 def _merged_hops(old: pd.DataFrame, tail: pd.DataFrame, since: float) -> tuple[pd.DataFrame, pd.Index, pd.DataFrame]:
     """(merged, the ids kept, the hops added): ``old``'s hops of the requests that started before ``since``, and ``tail``'s
-    others, in start order.
-
-    ``Analysis.hops`` is in start order and a call starts after its caller, so every hop
-    before the first one started at ``since`` is kept as it is: only the rows after it are
-    looked at (at a million hops a boolean pass over every column costs about a second).
-    """
-    started = old["started_at"].to_numpy()
-    first = int(np.searchsorted(started, since)) if old["started_at"].is_monotonic_increasing else 0
-    prefix, rest = old.iloc[:first], old.iloc[first:]
-    rest = rest[old["started_at"].reindex(rest["trace"].to_numpy()).to_numpy() < since]
+    others, in start order. The hops before the first one started at ``since`` are kept as they are (see :func:`_split_at`)."""
+    first, rest = _split_at(old, since)
+    prefix = old.iloc[:first]
     # A hop of an older request, still running, looks like a request of its own in the tail: the old view wins.
     # (A tail hop started at `since` or later: it is never among the prefix's.)
     added = tail[~tail.index.isin(rest.index)]
