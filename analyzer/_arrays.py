@@ -64,3 +64,11 @@ def group_codes(frame: pd.DataFrame, keys: list[str]) -> np.ndarray:
         # order of first appearance, and keeps the codes below len(frame) for the next key.
         codes, _ = pd.factorize(codes * (int(column.max(initial=0)) + 1) + column)
     return codes
+
+
+def group_keys(frame: pd.DataFrame, keys: list[str]) -> tuple[np.ndarray, list[tuple]]:
+    """:func:`group_codes`, and each code's values of ``keys`` as a tuple, in code order: what
+    ``pd.factorize`` of the keys' MultiIndex gives, without building one (~2-4 ms on a few rows)."""
+    codes = group_codes(frame, keys)
+    _, first = np.unique(codes, return_index=True)  # the codes count up from 0 in order of appearance
+    return codes, list(zip(*(frame[key].to_numpy()[first].tolist() for key in keys)))

@@ -22,7 +22,7 @@ import pandas as pd
 
 from hoptrace._format import hop_ended
 from hoptrace._stored import stored_json
-from hoptrace.analyzer._arrays import group_codes, group_quantiles, run_starts
+from hoptrace.analyzer._arrays import group_codes, group_keys, group_quantiles, run_starts
 from hoptrace.analyzer._config import AnalyzerConfig
 from hoptrace.analyzer._headers import REDACTED_PREFIX, HeaderReader, empty_lines
 from hoptrace.analyzer._latency import is_error
@@ -373,9 +373,7 @@ def duplicate_validation(ctx: Context) -> pd.DataFrame:
     # Each (caller, validator, endpoint) once: a request's calls are then a tuple of small ints.
     parties = pd.DataFrame({"caller": v.index.map(ctx.caller), "service": v["service"].astype(object),
                             "endpoint": v["endpoint"].astype(object)})  # fmt: skip
-    call = group_codes(parties, list(parties.columns))
-    _, first = np.unique(call, return_index=True)  # each call's first row: the codes count up from 0
-    calls = list(zip(*(parties[c].to_numpy()[first].tolist() for c in parties.columns)))
+    call, calls = group_keys(parties, list(parties.columns))
     g = _Groups(v.assign(call=call), ["trace", "token_fp"])
     extra = g.sum("duration_ms") - np.asarray(g.first("duration_ms"), dtype=np.float64)
     patterns: dict[tuple, tuple] = {}

@@ -35,6 +35,7 @@ import pandas as pd
 from hoptrace._format import hop_ended
 from hoptrace._stored import header_pairs, stored_json, stored_value
 from hoptrace.analyzer import Analysis, analysis_for, analyze, latency_tables
+from hoptrace.analyzer._arrays import group_keys
 from hoptrace.analyzer._model import (
     TIERS,
     Model,
@@ -1161,10 +1162,10 @@ class Facets:
     def of(cls, hops: pd.DataFrame, findings: pd.DataFrame) -> Facets:
         values = {name: sorted({str(v) for v in found}) for name, found in _facet_values(hops).items()}
         f = sorted_findings(findings[["severity", "kind", "at", "trace"]].dropna(subset=["severity", "kind"]))
-        group, uniques = pd.factorize(pd.MultiIndex.from_arrays([f["severity"].astype(object), f["kind"].astype(object)]))
+        group, keys = group_keys(f, ["severity", "kind"])
         rank, at = finding_sort_keys(f)
-        groups = [(str(severity), str(kind)) for severity, kind in uniques]
-        return cls(values, groups, group.astype(np.int64), rank, at, _keep_before(hops, f))
+        groups = [(str(severity), str(kind)) for severity, kind in keys]
+        return cls(values, groups, group, rank, at, _keep_before(hops, f))
 
     def merged(self, tail: Facets | None = None, since: float = math.inf) -> tuple[dict[str, list[str]], list[tuple[str, str, int]]]:
         """The values, and the (severity, kind, count) of each finding group in ``group_findings``'
