@@ -179,11 +179,16 @@ def test_a_live_refresh_merges_the_tail_into_what_it_had(tmp_path):
         conn.execute("ATTACH ? AS full", (f"file:{SAMPLE}?mode=ro",))
         conn.execute("INSERT INTO hops SELECT * FROM full.hops WHERE id > ?", (last * 2 // 3,))
         conn.execute("INSERT INTO hop_tokens SELECT * FROM full.hop_tokens WHERE hop_id > ?", (last * 2 // 3,))
+    # The pass's rows are listed, and the server told, before its analysis joins the pending one.
+    before, told = live.sources[0].pending, []
+    live.on_change = lambda: told.append((live.request_page(RequestQuery(limit=500))["items"], live.sources[0].pending))
     assert live.refresh()
     whole = Data([SAMPLE])
     whole.refresh()
     merged, fresh = (d.request_page(RequestQuery(limit=500))["items"] for d in (live, whole))
     assert early < len(merged)
+    assert len(told) == 1 and told[0][1] is before and live.sources[0].pending is not before
+    assert [(r["trace"], r["hops"]) for r in told[0][0]] == [(r["trace"], r["hops"]) for r in merged]
     key = lambda r: (r["trace"], r["status"], r["hops"], r["severity"])
     assert sorted(map(key, merged)) == sorted(map(key, fresh))
     assert live.sources[0].pending is not None  # the tail waits to be merged until a whole-capture view asks

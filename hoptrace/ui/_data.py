@@ -251,6 +251,9 @@ class Data:
         self.version = 0
         self.last_error: str | None = None
         """Why the latest live refresh failed, if it did (shown by the status API)."""
+        self.on_change: Callable[[], None] = lambda: None
+        """Called (from the refreshing thread) when a pass has listed its rows, before :meth:`refresh`
+        returns: the server tells the open pages at once rather than after the pass's join."""
         self._lock = threading.Lock()
         self._settling = threading.Lock()
         self._facets = Memo()
@@ -330,39 +333,55 @@ class Data:
 
     def _analyse_tail(self, source: Source, newest: int) -> None:
         """Analyse the requests that started in the last ``lookback_s`` seconds (and any listed, waiting):
-        work that follows the tail, not the file. The tail joins what earlier passes found since the
-        last merge (``Source.pending``); the request list swaps the tail's rows in.
+        work that follows the tail, not the file. The request list swaps the tail's rows in; then the
+        tail joins what earlier passes found since the last merge (``Source.pending``).
 
         The tail is analysed in the worker process. When more hops came while it ran, the next
-        pass starts there at once, and this one's rows are merged here meanwhile (a tenth to a
-        fifth of a pass): the worker is never idle while hops wait."""
+        pass starts there at once, and this one's rows are merged here meanwhile: the worker is
+        never idle while hops wait."""
         before = source.pending.analysis if source.pending is not None else source.analysis
         started, self._started = self._started_for(source), None
         if started is None:  # (the worker holds one call: another source's, if any, is dropped)
             started = self._start_tail(source, newest, _newest_start(before))
         tail, fresh = self._tails.result()
-        since, newest = started.since, started.newest
-        if (now := _newest_hop_id(source)) > newest:
+        if (now := _newest_hop_id(source)) > started.newest:
             self._started = self._start_tail(source, now, _newest_start(before, tail))
-        base, pending = source.analysis, source.pending
-        if pending is not None and pending.since < since:
-            joined, joined_since = _merge(pending.analysis, tail, since), pending.since
-        else:
-            joined, joined_since = tail, since
+        pending = source.pending
+        self._list_tail(source, tail, fresh, started, pending)
+        self._join_tail(source, tail, started.since, pending)
+
+    def _list_tail(self, source: Source, tail: Analysis, fresh: pd.DataFrame, started: _Started, pending: Tail | None) -> None:
+        """Swap a pass's rows into the request list, before its analysis joins the pending one: the
+        rows are what a live page waits for, and the join (a copy of the pending tail) can follow."""
+        since = started.since
         # A hop of an older request still running looks like a request of its own in the tail: the
-        # older view keeps it (as the merge will), so it is no row of the list.
-        claimed = _running_hops(base, since)
-        hops = joined.hops
+        # view that holds that request keeps it (as the merge will), so it is no row of the list.
+        claimed = _running_hops(source.analysis, since)
+        if pending is not None and pending.since < since:
+            claimed = claimed.append(_running_hops(pending.analysis, since))
+        hops = tail.hops
         roots = (hops.index.to_numpy() == hops["trace"].to_numpy()) & (hops["started_at"].to_numpy() >= since)
         fresh = fresh[fresh["trace"].isin(hops.index[roots]).to_numpy() & ~fresh["trace"].isin(claimed).to_numpy()]
         with self._lock:
             requests = _ranked(_relisted(source.listed(), fresh, since))
-            mine = requests[(requests["started_at"] >= joined_since).to_numpy() & requests["hops"].notna().to_numpy()]
-            source.pending = Tail(joined, joined_since, Index.build(joined, mine))
-            source.max_hop_id, source.requests, source.recent = newest, requests, pd.DataFrame()
+            source.max_hop_id, source.requests, source.recent = started.newest, requests, pd.DataFrame()
             source.by_trace = requests.set_index("trace", drop=False)
-            source.counts = _merged_counts(source.kept.get(_kept_of_base, base, joined_since), joined)
-            source.tables_stale = True
+            self.version += 1
+        self.on_change()
+
+    def _join_tail(self, source: Source, tail: Analysis, since: float, pending: Tail | None) -> None:
+        """``source.pending`` with a pass's analysis joined: what pages filter by, and a request's view reads."""
+        if pending is not None and pending.since < since:
+            joined, joined_since = _merge(pending.analysis, tail, since), pending.since
+        else:
+            joined, joined_since = tail, since
+        with self._lock:
+            requests = source.requests
+        mine = requests[(requests["started_at"] >= joined_since).to_numpy() & requests["hops"].notna().to_numpy()]
+        lookup = Index.build(joined, mine)
+        counts = _merged_counts(source.kept.get(_kept_of_base, source.analysis, joined_since), joined)
+        with self._lock:
+            source.pending, source.counts, source.tables_stale = Tail(joined, joined_since, lookup), counts, True
             self.version += 1
 
     def _started_for(self, source: Source) -> _Started | None:

@@ -247,6 +247,8 @@ async def load_and_keep_up(app: web.Application, paths: list[Path], live: bool) 
     app[DATA].data = data
     _wake(app)
     if live:
+        loop = asyncio.get_running_loop()
+        data.on_change = lambda: loop.call_soon_threadsafe(_wake, app)
         data.follow()
     # A tail analysis takes about a second while hops arrive: those that came meanwhile wait for the
     # next one, which starts at once rather than POLL_S later (half of POLL_S off the average wait).
