@@ -457,6 +457,38 @@ def test_a_page_read_from_the_list_sorted_once_is_the_kept_rows_sorted(rows, oth
         assert got == _sorted(listed[keep], sort, descending)["trace"].tolist()[offset : offset + limit]
 
 
+_ranked_row = st.tuples(st.one_of(st.none(), st.integers(0, 3)), st.integers(0, 3), st.one_of(st.none(), st.integers(0, 4)),
+                        st.booleans(), st.integers(0, 4))  # tier (None: not analysed), count, ms (None: NaN), ranked earlier, start
+
+
+@given(rows=st.lists(_ranked_row, max_size=30), traces=st.randoms(use_true_random=False), descending=st.booleans())
+def test_a_list_ranked_in_part_before_ranks_and_sorts_as_the_whole_list_would(rows, traces, descending):
+    """A live pass ranks only its own rows and merges them among the rows ranked before; the places and
+    the list's worst-first order are those of ranking the whole list at once."""
+    from hoptrace.ui._data import Source, _ranked, _sorted
+
+    ids = list(range(len(rows)))
+    traces.shuffle(ids)
+    frame = pd.DataFrame({
+        "tier": [np.nan if r[0] is None else float(r[0]) for r in rows], "count": [r[1] for r in rows],
+        "duration_ms": [np.nan if r[2] is None else float(r[2]) for r in rows], "trace": ids,
+        "started_at": [float(r[4]) for r in rows],
+    })  # fmt: skip
+    # The worst-first order as the model sorts: tier, most findings, longest (NaN last), lowest id.
+    analysed = sorted((i for i, r in enumerate(rows) if r[0] is not None),
+                      key=lambda i: (rows[i][0], -rows[i][1], -rows[i][2] if rows[i][2] is not None else np.inf, ids[i]))  # fmt: skip
+    expected = np.full(len(rows), np.nan)
+    expected[analysed] = np.arange(len(analysed))
+    earlier = np.array([r[3] for r in rows], dtype=bool)
+    held = frame.assign(worst=np.nan)
+    if earlier.any():  # the rows an earlier pass ranked, with that ranking's places
+        held.loc[earlier, "worst"] = _ranked(frame[earlier])["worst"].to_numpy()
+    got = _ranked(held)
+    np.testing.assert_array_equal(got["worst"].to_numpy(), expected)
+    order = Source(0, Path("listed.db")).order(got, "worst", descending)
+    assert got.iloc[order]["trace"].tolist() == _sorted(got, "worst", descending)["trace"].tolist()
+
+
 def test_a_memo_keeps_its_value_while_its_objects_are_the_same_objects():
     from hoptrace.ui._data import Memo
 

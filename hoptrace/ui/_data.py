@@ -167,8 +167,11 @@ class Source:
         for a page after every pass and peek, and that CPU came out of the passes."""
         orders = self.orders.get(lambda _: {}, requests)
         if (sort, descending) not in orders:
-            by = requests[list(dict.fromkeys((SORTABLE[sort], "started_at")))].reset_index(drop=True)
-            orders[sort, descending] = _sorted(by, sort, descending).index.to_numpy()
+            order = _worst_first(requests, descending) if sort == "worst" else None
+            if order is None:
+                by = requests[list(dict.fromkeys((SORTABLE[sort], "started_at")))].reset_index(drop=True)
+                order = _sorted(by, sort, descending).index.to_numpy()
+            orders[sort, descending] = order
         return orders[sort, descending]
 
     def listed(self) -> pd.DataFrame:
@@ -363,7 +366,7 @@ class Data:
         roots = (hops.index.to_numpy() == hops["trace"].to_numpy()) & (hops["started_at"].to_numpy() >= since)
         fresh = fresh[fresh["trace"].isin(hops.index[roots]).to_numpy() & ~fresh["trace"].isin(claimed).to_numpy()]
         with self._lock:
-            requests = _ranked(_relisted(source.listed(), fresh, since))
+            requests = _ranked(_relisted(source.requests, fresh, since, source.recent))
             source.max_hop_id, source.requests, source.recent = started.newest, requests, pd.DataFrame()
             source.by_trace = requests.set_index("trace", drop=False)
             self.version += 1
@@ -972,6 +975,18 @@ def _sorted(requests: pd.DataFrame, sort: str, descending: bool) -> pd.DataFrame
     return requests.sort_values([SORTABLE[sort], "started_at"], ascending=[not descending, False], kind="stable")
 
 
+def _worst_first(requests: pd.DataFrame, descending: bool) -> np.ndarray | None:
+    """``_sorted(requests, "worst", descending)``'s order, in linear time where ``worst`` holds one ranking's
+    places (:func:`_ranked`): the ranked rows by place, then the others, newest first. None otherwise."""
+    worst = requests["worst"].to_numpy(dtype=float)
+    ranked = _in_order_of(worst, np.flatnonzero(~np.isnan(worst)))
+    if ranked is None:
+        return None
+    others = np.flatnonzero(np.isnan(worst))
+    others = others[np.argsort(-requests["started_at"].to_numpy(dtype=float)[others], kind="stable")]
+    return np.concatenate([ranked[::-1] if descending else ranked, others])
+
+
 def _whole_us(t: float) -> float:
     """``t`` rounded to the microsecond, as the loader and :mod:`hoptrace.ui._preview` read times."""
     return math.floor(t * 1e6 + 0.5) / 1e6
@@ -1042,12 +1057,13 @@ def _kind_lists(found: pd.DataFrame, traces: pd.Index) -> np.ndarray:
     return texts[at.reshape(-1)]
 
 
-def _relisted(listed: pd.DataFrame, fresh: pd.DataFrame, since: float) -> pd.DataFrame:
+def _relisted(listed: pd.DataFrame, fresh: pd.DataFrame, since: float, recent: pd.DataFrame | None = None) -> pd.DataFrame:
     """The request list after a tail pass from ``since``: the rows of ``listed`` analysed earlier of
     requests that started before ``since``, then ``fresh`` (the pass's own), then the rows listed
-    while the pass ran, past what it analysed. The rows a pass replaces are the last ones (each pass
-    appends its own), so the rows before the first of them stay a slice: one copy of the list per
-    pass, where filtering it and joining the parts copied it four times (~0.2 s at 174k requests)."""
+    while the pass ran, past what it analysed (of ``listed``, then of ``recent``: rows listed after
+    it, none analysed). The rows a pass replaces are the last ones (each pass appends its own), so
+    the rows before the first of them stay a slice: one copy of the list per pass, where filtering
+    it and joining the parts copied it four times (~0.2 s at 174k requests)."""
     traces = listed["trace"].to_numpy()
     unanalysed = listed["hops"].isna().to_numpy()
     renewed = np.isin(traces, fresh["trace"].to_numpy())
@@ -1055,8 +1071,11 @@ def _relisted(listed: pd.DataFrame, fresh: pd.DataFrame, since: float) -> pd.Dat
     first = int(np.argmax(replaced)) if replaced.any() else len(listed)
     kept = listed.iloc[first:][~replaced[first:]]
     newest = max(traces[~replaced].max(initial=-1), fresh["trace"].max() if len(fresh) else -1)
-    waiting = listed.iloc[first:][(unanalysed & ~renewed & (traces > newest))[first:]]
-    return _one_chunk(pd.concat([listed.iloc[:first], kept, fresh, waiting], ignore_index=True))
+    waiting = [listed.iloc[first:][(unanalysed & ~renewed & (traces > newest))[first:]]]
+    if recent is not None and len(recent):  # joined here, not before: each join of the list is a copy of it
+        later = recent["trace"].to_numpy()
+        waiting.append(recent[~np.isin(later, fresh["trace"].to_numpy()) & (later > newest)])
+    return _one_chunk(pd.concat([listed.iloc[:first], kept, fresh, *waiting], ignore_index=True))
 
 
 def _one_chunk(frame: pd.DataFrame) -> pd.DataFrame:
@@ -1077,14 +1096,68 @@ def _ranked(requests: pd.DataFrame) -> pd.DataFrame:
     """``requests`` with ``worst``: the place in the presentation model's worst-first order (0 = worst)
     by its keys, each row's own (``tier``, findings ``count``, ``duration_ms``, ``trace``), so that
     rows analysed in different passes rank together without a pass over every hop. Rows listed
-    and not analysed yet have no place (NaN)."""
-    tier = requests["tier"].to_numpy(dtype=float)
+    and not analysed yet have no place (NaN).
+
+    Rows that have a ``worst`` already (from one earlier ranking: a live pass keeps most of the
+    list) keep their order, and only the others are sorted and merged in: sorting 174k rows'
+    keys cost ~17 ms a pass."""
+    keys = _worst_keys(requests)
+    analysed = ~np.isnan(keys[0])
+    earlier = requests["worst"].to_numpy(dtype=float) if "worst" in requests else np.full(len(requests), np.nan)
+    ranked = _in_order_of(earlier, np.flatnonzero(analysed & ~np.isnan(earlier)))
+    new = np.flatnonzero(analysed & np.isnan(earlier))
+    if ranked is None:  # no earlier ranking to keep (or not one ranking's places)
+        ranked, new = np.zeros(0, np.int64), np.flatnonzero(analysed)
+    new = new[np.lexsort([k[new] for k in keys][::-1])]
+    # Where each new row goes among the ranked rows (new rows in order: never decreasing).
+    at = _count_before(keys, ranked, [k[new] for k in keys])
+    place = np.full(len(requests), np.nan)
+    place[ranked] = np.arange(len(ranked)) + np.bincount(at, minlength=len(ranked) + 1).cumsum()[: len(ranked)]
+    place[new] = at + np.arange(len(new))
+    return requests.assign(worst=place)
+
+
+def _worst_keys(requests: pd.DataFrame) -> list[np.ndarray]:
+    """Each row's keys in the worst-first order, the first key first (``tier``: NaN for a row not analysed)."""
     ms = pd.to_numeric(requests["duration_ms"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-    count = requests["count"].to_numpy(dtype=float)
-    order = np.lexsort((requests["trace"].to_numpy(), -ms, -count, tier))  # NaN sorts last, as the model's sort
-    place = np.empty(len(order), dtype=float)
-    place[order] = np.arange(len(order))
-    return requests.assign(worst=np.where(np.isnan(tier), np.nan, place))
+    # No duration sorts last, as in the model's sort (an analysed request always has one).
+    return [requests["tier"].to_numpy(dtype=float), -requests["count"].to_numpy(dtype=float),
+            -np.nan_to_num(ms, nan=-np.inf), requests["trace"].to_numpy()]  # fmt: skip
+
+
+def _in_order_of(places: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
+    """``rows`` in the order of their ``places`` (distinct whole numbers, as one ranking gives), in
+    linear time; None when the places are not such."""
+    if not len(rows):
+        return rows
+    spots = places[rows]
+    if spots.min() < 0 or spots.max() >= 2 * len(places) or (spots != np.floor(spots)).any():
+        return None
+    slots = np.full(int(spots.max()) + 1, -1, np.int64)
+    slots[spots.astype(np.int64)] = rows
+    ordered = slots[slots >= 0]
+    return ordered if len(ordered) == len(rows) else None
+
+
+def _count_before(keys: list[np.ndarray], ranked: np.ndarray, probes: list[np.ndarray]) -> np.ndarray:
+    """For each probe (one key array per key), how many of the rows ``ranked`` (positions into ``keys``,
+    in order) come before it: a binary search of all probes at once, one array step per halving."""
+    low, high = np.zeros(len(probes[0]), np.int64), np.full(len(probes[0]), len(ranked), np.int64)
+    while (searching := low < high).any():
+        mid = (low + high) // 2
+        rows = ranked[np.minimum(mid, len(ranked) - 1)]  # a probe whose search ended may point past the end
+        less = searching & _lexically_less([k[rows] for k in keys], probes)
+        low = np.where(less, mid + 1, low)
+        high = np.where(searching & ~less, mid, high)
+    return low
+
+
+def _lexically_less(a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarray:
+    """Row by row, whether the keys ``a`` come before the keys ``b``, the first key first."""
+    less = a[-1] < b[-1]
+    for x, y in zip(a[-2::-1], b[-2::-1], strict=True):
+        less = (x < y) | ((x == y) & less)
+    return less
 
 
 def _newest_start(*analyses: Analysis) -> float:
