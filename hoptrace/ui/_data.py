@@ -1127,7 +1127,8 @@ def _worst_keys(requests: pd.DataFrame) -> list[np.ndarray]:
 
 def _in_order_of(places: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
     """``rows`` in the order of their ``places`` (distinct whole numbers, as one ranking gives), in
-    linear time; None when the places are not such."""
+    linear time; None when the places are not such, or reach past twice the rows of ``places`` (a
+    ranking of a list a pass kept most of never does)."""
     if not len(rows):
         return rows
     spots = places[rows]
