@@ -183,8 +183,17 @@ def _worst_scores(roots: pd.DataFrame, findings: pd.DataFrame) -> pd.DataFrame:
          "request": ids.to_numpy()},
         index=pd.Index(ids.to_numpy(), name="trace"),
     )  # fmt: skip
-    keys = ["tier", "count", "ms", "request"]
-    return scores.sort_values(keys, ascending=[True, False, False, True], na_position="last", kind="stable")
+    keys = worst_first_keys(scores["tier"], scores["count"], scores["ms"], scores["request"])
+    return scores.iloc[np.lexsort(keys[::-1])]
+
+
+def worst_first_keys(tier, count, duration_ms, request) -> list[np.ndarray]:
+    """The keys of the worst-first order (see the module docstring), the first key first, for a sort or a
+    comparison: the tier, then the most findings, the longest (no duration last), the lowest request id.
+    A NaN ``tier`` (a request not analysed) compares with nothing and sorts last."""
+    ms = np.asarray(duration_ms, dtype=np.float64)
+    return [np.asarray(tier, dtype=np.float64), -np.asarray(count, dtype=np.float64), -np.nan_to_num(ms, nan=-np.inf),
+            np.asarray(request)]  # fmt: skip
 
 
 # -- hops ----------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from hoptrace.analyzer._model import (
     outcomes,
     slowest_first,
     sorted_findings,
+    worst_first_keys,
 )
 from hoptrace.analyzer._types import OUTCOMES, SEVERITIES, SEVERITY_RANK
 from hoptrace.db import COLUMNS as COLUMNS_OF
@@ -1094,9 +1095,9 @@ def _one_chunk(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _ranked(requests: pd.DataFrame) -> pd.DataFrame:
     """``requests`` with ``worst``: the place in the presentation model's worst-first order (0 = worst)
-    by its keys, each row's own (``tier``, findings ``count``, ``duration_ms``, ``trace``), so that
-    rows analysed in different passes rank together without a pass over every hop. Rows listed
-    and not analysed yet have no place (NaN).
+    by its keys, each row's own (``tier``, findings ``count``, ``duration_ms``, ``trace``: see
+    :func:`~hoptrace.analyzer._model.worst_first_keys`), so that rows analysed in different passes
+    rank together without a pass over every hop. Rows listed and not analysed yet have no place (NaN).
 
     Rows that have a ``worst`` already (from one earlier ranking: a live pass keeps most of the
     list) keep their order, and only the others are sorted and merged in: sorting 174k rows'
@@ -1118,11 +1119,10 @@ def _ranked(requests: pd.DataFrame) -> pd.DataFrame:
 
 
 def _worst_keys(requests: pd.DataFrame) -> list[np.ndarray]:
-    """Each row's keys in the worst-first order, the first key first (``tier``: NaN for a row not analysed)."""
+    """Each row's keys in the presentation model's worst-first order (``tier``: NaN for a row not analysed)."""
     ms = pd.to_numeric(requests["duration_ms"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-    # No duration sorts last, as in the model's sort (an analysed request always has one).
-    return [requests["tier"].to_numpy(dtype=float), -requests["count"].to_numpy(dtype=float),
-            -np.nan_to_num(ms, nan=-np.inf), requests["trace"].to_numpy()]  # fmt: skip
+    tier, count, trace = (requests[c].to_numpy() for c in ("tier", "count", "trace"))
+    return worst_first_keys(tier, count, ms, trace)
 
 
 def _in_order_of(places: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
@@ -1260,7 +1260,9 @@ class Facets:
         groups = [(str(severity), str(kind)) for severity, kind in keys]
         return cls(values, groups, group, rank, at, _keep_before(hops, f))
 
-    def merged(self, tail: Facets | None = None, since: float = math.inf) -> tuple[dict[str, list[str]], list[tuple[str, str, int]]]:
+    def merged(
+        self, tail: Facets | None = None, since: float = math.inf
+    ) -> tuple[dict[str, list[str]], list[tuple[str, str, int]]]:
         """The values, and the (severity, kind, count) of each finding group in ``group_findings``'
         order, of this analysis with ``tail`` (a live pass's, from ``since``) merged as ``_merge``
         merges them. A group's place is its first finding's in a stable sort by severity and time;
