@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from hoptrace.analyzer import analyze, model, render_json, render_text
 from hoptrace.analyzer._model import TIERS, group_findings
+from hoptrace.ui import _data
 from hoptrace.ui._data import Data, Facets, NotFound, NotReady, _live_findings, align, curl_line, graph_layout, timings
 from hoptrace.ui._preview import Preview
 from hoptrace.ui._query import BadQuery, RequestQuery
@@ -204,6 +205,59 @@ def test_a_live_refresh_merges_the_tail_into_what_it_had(tmp_path):
     kinds = lambda d: Counter(d.settled(d.sources[0]).findings["kind"])
     assert kinds(live) == kinds(whole) and live.sources[0].pending is None
     assert sum(s["count"] for s in live.latency()["services"]) == sql("SELECT count(*) FROM hops")[0][0]
+
+
+def test_a_pass_during_the_merge_of_the_pending_tail_lists_its_rows_and_joins_after_it(tmp_path, monkeypatch):
+    """The merge of a grown pending tail runs in a thread of its own: a pass meanwhile lists its rows
+    at once and leaves its analysis, which the merge joins when it is done; the end is the whole file."""
+    db = tmp_path / "growing.db"
+    shutil.copy(SAMPLE, db)
+    (last,) = sql("SELECT max(id) FROM hops")[0]
+    bounds = [last // 3, last * 2 // 3, last]
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM hop_tokens WHERE hop_id > ?", (bounds[0],))
+        conn.execute("DELETE FROM hops WHERE id > ?", (bounds[0],))
+
+    def record(low: int, high: int) -> None:
+        with sqlite3.connect(db) as conn:
+            conn.execute("ATTACH ? AS full", (f"file:{SAMPLE}?mode=ro",))
+            conn.execute("INSERT INTO hops SELECT * FROM full.hops WHERE id > ? AND id <= ?", (low, high))
+            conn.execute("INSERT INTO hop_tokens SELECT * FROM full.hop_tokens WHERE hop_id > ? AND hop_id <= ?", (low, high))
+
+    # Every pending tail is "grown" (SETTLE_HOPS 0), and the merge in its thread waits for `release`.
+    release, merge = threading.Event(), _data._merge
+
+    def held(*args):
+        if threading.current_thread().name == "hoptrace-settle":
+            assert release.wait(30)
+        return merge(*args)
+
+    monkeypatch.setattr(_data, "SETTLE_HOPS", 0)
+    monkeypatch.setattr(_data, "_merge", held)
+    live = Data([db], lookback_s=3.0)
+    try:
+        assert live.refresh()
+        record(bounds[0], bounds[1])
+        assert live.refresh() and live._settler.is_alive()  # its tail is pending, and its merge is held
+        source, listed = live.sources[0], live.request_page(RequestQuery(limit=500))["total"]
+        record(bounds[1], bounds[2])
+        while live.refresh():  # the passes are not held by the merge: their rows are listed
+            pass
+        assert live.request_page(RequestQuery(limit=500))["total"] > listed
+        assert source.settling and source.deferred and live._settler.is_alive()
+        release.set()
+        live._settler.join(30)
+        assert not source.settling and not source.deferred and source.pending is not None and live.last_error is None
+        whole = Data([SAMPLE])
+        whole.refresh()
+        key = lambda r: (r["trace"], r["status"], r["hops"], r["severity"])
+        merged, fresh = (sorted(map(key, d.request_page(RequestQuery(limit=500))["items"])) for d in (live, whole))
+        assert merged == fresh
+        kinds = lambda d: Counter(d.settled(d.sources[0]).findings["kind"])
+        assert kinds(live) == kinds(whole)
+    finally:
+        release.set()
+        live.close()
 
 
 def test_hops_recorded_during_a_pass_start_the_next_one_and_the_end_is_the_whole_capture(tmp_path):

@@ -155,6 +155,10 @@ class Source:
     ``analysis`` (merging copies every hop: it waits until a view of the whole capture asks)."""
     counts: tuple[int, int] = (0, 0)
     """(hops, findings) of ``analysis`` with ``pending`` merged in, for the status line."""
+    settling: bool = False
+    """A merge of ``pending`` into ``analysis`` is running: live passes leave their analyses in ``deferred``."""
+    deferred: list[tuple[Analysis, float]] = field(default_factory=list)
+    """Live passes' analyses (and their ``since``) waiting for that merge, in the order of the passes."""
     orders: Memo = field(default_factory=Memo, repr=False, compare=False)
     """The list's positions in each (sort, descending) order, while it is the same list."""
     facets: Memo = field(default_factory=Memo, repr=False, compare=False)
@@ -257,9 +261,12 @@ class Data:
         """Why the latest live refresh failed, if it did (shown by the status API)."""
         self.on_change: Callable[[], None] = lambda: None
         """Called (from the refreshing thread) when a pass has listed its rows, before :meth:`refresh`
-        returns: the server tells the open pages at once rather than after the pass's join."""
+        returns: the server tells the open pages at once rather than after the pass's join; and from
+        the thread of a merge when it has joined what passes left it, or failed."""
         self._lock = threading.Lock()
         self._settling = threading.Lock()
+        self._settler: threading.Thread | None = None
+        """The thread merging a pending tail grown past ``SETTLE_HOPS``, while it runs."""
         self._facets = Memo()
         self._tails = Worker(preload=__name__)
         self._started: _Started | None = None
@@ -314,9 +321,24 @@ class Data:
                 self._analyse_tail(source, newest)
             source.analyse_s = time.perf_counter() - started
             if source.pending is not None and len(source.pending.analysis.hops) > SETTLE_HOPS:
-                self.settled(source)  # after this pass's rows are out: the merge costs what the file costs
+                self._settle_aside(source)
             changed = True
         return changed
+
+    def _settle_aside(self, source: Source) -> None:
+        """Merge the pending tail in a thread of its own. The merge copies every hop (1-3 s at a million):
+        run here, it held back the next passes' rows that long; beside them, only their joins wait."""
+        if source.settling or (self._settler is not None and self._settler.is_alive()):
+            return  # one merge at a time (a view asked for one, or the last one still runs)
+        self._settler = threading.Thread(target=self._settle_noting, args=(source,), name="hoptrace-settle", daemon=True)
+        self._settler.start()
+
+    def _settle_noting(self, source: Source) -> None:
+        try:
+            self.settled(source)
+        except Exception as exc:  # noqa: BLE001 - no caller to raise to: the status line shows it
+            self.last_error = f"{time.strftime('%H:%M:%S')} merging the live tail: {exc}"
+            self.on_change()
 
     def _analyse_all(self, source: Source, newest: int) -> None:
         analysis = analysis_for(source.files or source.path)  # the analysis saved in the file when it is current
@@ -350,9 +372,13 @@ class Data:
         tail, fresh = self._tails.result()
         if (now := _newest_hop_id(source)) > started.newest:
             self._started = self._start_tail(source, now, _newest_start(before, tail))
-        pending = source.pending
-        self._list_tail(source, tail, fresh, started, pending)
-        self._join_tail(source, tail, started.since, pending)
+        self._list_tail(source, tail, fresh, started, source.pending)
+        with self._lock:
+            if source.settling:  # the merge joins it when it is done (see settled())
+                source.deferred.append((tail, started.since))
+                return
+        with self._settling:  # a merge starting meanwhile waits for this join
+            self._join_tail(source, tail, started.since, source.pending)
 
     def _list_tail(self, source: Source, tail: Analysis, fresh: pd.DataFrame, started: _Started, pending: Tail | None) -> None:
         """Swap a pass's rows into the request list, before its analysis joins the pending one: the
@@ -417,23 +443,36 @@ class Data:
         """``source.analysis`` with the live passes' pending tail merged in: what a view of the whole
         capture (a hop's detail, workflows, latency, graph, filters by service) reads. The merge copies
         every hop (about a second at a million), so it happens when one of those asks, or when the
-        pending tail has grown past ``SETTLE_HOPS``, not on every live pass."""
+        pending tail has grown past ``SETTLE_HOPS``, not on every live pass. Meanwhile live passes
+        list their rows and leave their analyses to be joined here, after the merge."""
         with self._settling:
-            pending = source.pending
-            if pending is None:
-                return source.analysis
-            merged = _merge(source.analysis, pending.analysis, pending.since)
             with self._lock:
-                requests = source.requests
-            index = Index.build(merged, requests)
-            with self._lock:
-                if source.pending is pending:  # else a pass joined more to it meanwhile: it stays pending
-                    source.pending = None
-                # What the pass added since is still in source.pending: merging it again later is right,
-                # as it holds every request that started since its own start.
-                source.analysis, source.lookup, source.model = merged, index, model(merged)
-                source.tables_stale = True
+                pending = source.pending
+                if pending is None:
+                    return source.analysis
+                source.settling = True
+            try:
+                merged = _merge(source.analysis, pending.analysis, pending.since)
+                with self._lock:
+                    requests = source.requests
+                index = Index.build(merged, requests)
+                with self._lock:  # no pass joined meanwhile (they wait in deferred, or for _settling)
+                    source.analysis, source.lookup, source.model = merged, index, model(merged)
+                    source.pending, source.tables_stale = None, True
+            finally:
+                self._join_deferred(source)
             return merged
+
+    def _join_deferred(self, source: Source) -> None:
+        """Join the analyses live passes left while a merge ran, in their order (under ``_settling``)."""
+        while True:
+            with self._lock:
+                if not source.deferred:
+                    source.settling = False
+                    return
+                tail, since = source.deferred.pop(0)
+            self._join_tail(source, tail, since, source.pending)
+            self.on_change()
 
     def preview(self) -> None:
         """List each DB's requests (its entry route's hops) from SQL, before any analysis: no findings yet."""
