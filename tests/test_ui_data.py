@@ -3,6 +3,7 @@ waterfall data, a hop's detail, compare, the live merge; and its pure layout hel
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import re
@@ -26,7 +27,19 @@ from hypothesis import strategies as st
 from hoptrace.analyzer import analyze, model, render_json, render_text
 from hoptrace.analyzer._model import TIERS, group_findings
 from hoptrace.ui import _data
-from hoptrace.ui._data import Data, Facets, NotFound, NotReady, _live_findings, align, curl_line, graph_layout, timings
+from hoptrace.ui._data import (
+    Data,
+    Facets,
+    NotFound,
+    NotReady,
+    _live_findings,
+    align,
+    copy_tail,
+    curl_line,
+    graph_layout,
+    tail_pass,
+    timings,
+)
 from hoptrace.ui._preview import Preview
 from hoptrace.ui._query import BadQuery, RequestQuery
 
@@ -205,6 +218,22 @@ def test_a_live_refresh_merges_the_tail_into_what_it_had(tmp_path):
     kinds = lambda d: Counter(d.settled(d.sources[0]).findings["kind"])
     assert kinds(live) == kinds(whole) and live.sources[0].pending is None
     assert sum(s["count"] for s in live.latency()["services"]) == sql("SELECT count(*) FROM hops")[0][0]
+
+
+@pytest.mark.parametrize("sample", sorted(SAMPLE.parent.glob("*.db")), ids=lambda p: p.stem)
+def test_a_tail_pass_gives_exactly_what_the_tail_analysed_with_arrow_text_gives(tmp_path, sample):
+    """A live pass analyses its tail holding text as Python strings (faster on a few thousand rows);
+    what it returns is what the same tail analysed as everywhere else gives: values, dtypes, categories."""
+    (since,) = sqlite3.connect(sample).execute("SELECT started_at FROM hops ORDER BY started_at LIMIT 1 OFFSET (SELECT count(*) / 2 FROM hops)").fetchone()
+    got, rows = tail_pass((sample,), False, since, 0)
+    copy_tail(sample, tmp_path / "tail.db", since)
+    want = analyze(tmp_path / "tail.db", since=since, latency=False)
+    frames = [(f.name, getattr(got, f.name), getattr(want, f.name)) for f in dataclasses.fields(want)]
+    frames = [*((name, a, b) for name, a, b in frames if isinstance(b, pd.DataFrame)), ("rows", rows, _data._requests(model(want), 0))]
+    assert len(want.hops) and len(rows)
+    for name, a, b in frames:
+        pd.testing.assert_frame_equal(a, b, check_exact=True, obj=name)
+        assert [repr(t) for t in (*a.dtypes, a.index.dtype, a.columns.dtype)] == [repr(t) for t in (*b.dtypes, b.index.dtype, b.columns.dtype)], name
 
 
 def test_a_pass_during_the_merge_of_the_pending_tail_lists_its_rows_and_joins_after_it(tmp_path, monkeypatch):

@@ -862,7 +862,21 @@ def graph_layout(edges: dict[tuple[str, str], dict[str, Any]], worst: dict[str, 
 
 def tail_pass(files: tuple[Path, ...], joined: bool, since: float, db: int) -> tuple[Analysis, pd.DataFrame]:
     """The requests of ``files`` that started at or after ``since``, analysed, and their rows of the
-    request list: a live pass's work, run in the tail process (see :mod:`hoptrace.ui._worker`)."""
+    request list: a live pass's work, run in the tail process (see :mod:`hoptrace.ui._worker`).
+
+    The pass holds text as Python strings, which sets a pandas option for the whole process: the
+    tail process runs nothing else meanwhile. On a tail's thousand-odd rows Arrow's cost per call
+    (a take per text column on every row filter, an array built from every list) was ~30 % of the
+    pass's CPU: 510 → 357 ms a pass, alternating in one process, the frames equal. What it returns
+    holds text in Arrow again, as the analyses it joins do."""
+    with pd.option_context("mode.string_storage", "python"):
+        tail, requests = _tail_analysis(files, joined, since, db)
+    frames = {f.name: getattr(tail, f.name) for f in dataclasses.fields(tail)}
+    arrow = {name: _arrow_text(frame) for name, frame in frames.items() if isinstance(frame, pd.DataFrame)}
+    return dataclasses.replace(tail, **arrow), _arrow_text(requests)
+
+
+def _tail_analysis(files: tuple[Path, ...], joined: bool, since: float, db: int) -> tuple[Analysis, pd.DataFrame]:
     with tempfile.TemporaryDirectory(prefix="hoptrace-ui-") as folder:
         # Joined files: each file's tail, joined as the files are (a copy keeps the hop ids, so the joined ids agree).
         tails = [Path(folder) / f"tail{k}.db" for k in range(len(files))]
@@ -873,6 +887,26 @@ def tail_pass(files: tuple[Path, ...], joined: bool, since: float, db: int) -> t
     if joined:
         tail.hops["file"] = tail.hops["file"].cat.rename_categories([str(f) for f in files])
     return tail, _requests(model(tail), db)
+
+
+_ARROW_TEXT = pd.StringDtype("pyarrow", na_value=np.nan)
+"""pandas' default ``str`` where pyarrow is installed (a dependency of hoptrace's)."""
+
+
+def _arrow_text(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with its text in Arrow: text columns, categories, index and column labels."""
+    out = frame.copy(deep=False)
+    for name, dtype in frame.dtypes.items():
+        if isinstance(dtype, pd.StringDtype):
+            out[name] = frame[name].astype(_ARROW_TEXT)
+        elif isinstance(dtype, pd.CategoricalDtype) and isinstance(dtype.categories.dtype, pd.StringDtype):
+            out[name] = frame[name].cat.rename_categories(dtype.categories.astype(_ARROW_TEXT))
+    out.index, out.columns = (_arrow_labels(labels) for labels in (frame.index, frame.columns))
+    return out
+
+
+def _arrow_labels(labels: pd.Index) -> pd.Index:
+    return labels.astype(_ARROW_TEXT) if isinstance(labels.dtype, pd.StringDtype) else labels
 
 
 def copy_tail(path: Path, into: Path, since: float) -> None:
