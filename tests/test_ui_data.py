@@ -179,20 +179,42 @@ def test_timings_and_curl_from_a_row():
     assert shlex.split(line) == ["curl", "-X", "GET", "http://127.0.0.1:3001/a b?x=1&y='", "-H", "Cookie: session=[redacted:ab]"]
 
 
-def test_a_live_refresh_merges_the_tail_into_what_it_had(tmp_path):
+def _mid_capture(tmp_path: Path, cut: int) -> Path:
+    """The sample as it was mid-capture: its hops after ``cut``, and their token sightings, not yet written."""
     db = tmp_path / "growing.db"
     shutil.copy(SAMPLE, db)
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM hop_tokens WHERE hop_id > ?", (cut,))
+        conn.execute("DELETE FROM hops WHERE id > ?", (cut,))
+    return db
+
+
+def _record(db: Path, low: int, high: int) -> None:
+    """Write the sample's hops ``low < id <= high`` into ``db``, with their token sightings, as the proxy would."""
+    with sqlite3.connect(db) as conn:
+        conn.execute("ATTACH ? AS full", (f"file:{SAMPLE}?mode=ro",))
+        conn.execute("INSERT INTO hops SELECT * FROM full.hops WHERE id > ? AND id <= ?", (low, high))
+        conn.execute("INSERT INTO hop_tokens SELECT * FROM full.hop_tokens WHERE hop_id > ? AND hop_id <= ?", (low, high))
+
+
+def _assert_the_same_as_the_whole_file(live: Data) -> None:
+    """The requests ``live`` lists, and the findings of its merged analysis, are the whole sample's."""
+    whole = Data([SAMPLE])
+    whole.refresh()
+    key = lambda r: (r["trace"], r["status"], r["hops"], r["severity"])
+    merged, fresh = (sorted(map(key, d.request_page(RequestQuery(limit=500))["items"])) for d in (live, whole))
+    assert merged == fresh
+    kinds = lambda d: Counter(d.settled(d.sources[0]).findings["kind"])
+    assert kinds(live) == kinds(whole)
+
+
+def test_a_live_refresh_merges_the_tail_into_what_it_had(tmp_path):
     (last,) = sql("SELECT max(id) FROM hops")[0]
-    with sqlite3.connect(db) as conn:  # the file as it was mid-capture: the last third not yet written
-        conn.execute("DELETE FROM hop_tokens WHERE hop_id > ?", (last * 2 // 3,))
-        conn.execute("DELETE FROM hops WHERE id > ?", (last * 2 // 3,))
+    db = _mid_capture(tmp_path, last * 2 // 3)  # the last third not yet written
     live = Data([db], lookback_s=1.0)
     assert live.refresh()
     early = live.request_page(RequestQuery(limit=500))["total"]
-    with sqlite3.connect(db) as conn:
-        conn.execute("ATTACH ? AS full", (f"file:{SAMPLE}?mode=ro",))
-        conn.execute("INSERT INTO hops SELECT * FROM full.hops WHERE id > ?", (last * 2 // 3,))
-        conn.execute("INSERT INTO hop_tokens SELECT * FROM full.hop_tokens WHERE hop_id > ?", (last * 2 // 3,))
+    _record(db, last * 2 // 3, last)
     # The pass's rows are listed, and the server told, before its analysis joins the pending one.
     before, told = live.sources[0].pending, []
     live.on_change = lambda: told.append((live.request_page(RequestQuery(limit=500))["items"], live.sources[0].pending))
@@ -239,20 +261,9 @@ def test_a_tail_pass_gives_exactly_what_the_tail_analysed_with_arrow_text_gives(
 def test_a_pass_during_the_merge_of_the_pending_tail_lists_its_rows_and_joins_after_it(tmp_path, monkeypatch):
     """The merge of a grown pending tail runs in a thread of its own: a pass meanwhile lists its rows
     at once and leaves its analysis, which the merge joins when it is done; the end is the whole file."""
-    db = tmp_path / "growing.db"
-    shutil.copy(SAMPLE, db)
     (last,) = sql("SELECT max(id) FROM hops")[0]
     bounds = [last // 3, last * 2 // 3, last]
-    with sqlite3.connect(db) as conn:
-        conn.execute("DELETE FROM hop_tokens WHERE hop_id > ?", (bounds[0],))
-        conn.execute("DELETE FROM hops WHERE id > ?", (bounds[0],))
-
-    def record(low: int, high: int) -> None:
-        with sqlite3.connect(db) as conn:
-            conn.execute("ATTACH ? AS full", (f"file:{SAMPLE}?mode=ro",))
-            conn.execute("INSERT INTO hops SELECT * FROM full.hops WHERE id > ? AND id <= ?", (low, high))
-            conn.execute("INSERT INTO hop_tokens SELECT * FROM full.hop_tokens WHERE hop_id > ? AND hop_id <= ?", (low, high))
-
+    db = _mid_capture(tmp_path, bounds[0])
     # Every pending tail is "grown" (SETTLE_HOPS 0), and the merge in its thread waits for `release`.
     release, merge = threading.Event(), _data._merge
 
@@ -266,10 +277,10 @@ def test_a_pass_during_the_merge_of_the_pending_tail_lists_its_rows_and_joins_af
     live = Data([db], lookback_s=3.0)
     try:
         assert live.refresh()
-        record(bounds[0], bounds[1])
+        _record(db, bounds[0], bounds[1])
         assert live.refresh() and live._settler.is_alive()  # its tail is pending, and its merge is held
         source, listed = live.sources[0], live.request_page(RequestQuery(limit=500))["total"]
-        record(bounds[1], bounds[2])
+        _record(db, bounds[1], bounds[2])
         while live.refresh():  # the passes are not held by the merge: their rows are listed
             pass
         assert live.request_page(RequestQuery(limit=500))["total"] > listed
@@ -277,13 +288,7 @@ def test_a_pass_during_the_merge_of_the_pending_tail_lists_its_rows_and_joins_af
         release.set()
         live._settler.join(30)
         assert not source.settling and not source.deferred and source.pending is not None and live.last_error is None
-        whole = Data([SAMPLE])
-        whole.refresh()
-        key = lambda r: (r["trace"], r["status"], r["hops"], r["severity"])
-        merged, fresh = (sorted(map(key, d.request_page(RequestQuery(limit=500))["items"])) for d in (live, whole))
-        assert merged == fresh
-        kinds = lambda d: Counter(d.settled(d.sources[0]).findings["kind"])
-        assert kinds(live) == kinds(whole)
+        _assert_the_same_as_the_whole_file(live)
     finally:
         release.set()
         live.close()
@@ -292,25 +297,15 @@ def test_a_pass_during_the_merge_of_the_pending_tail_lists_its_rows_and_joins_af
 def test_hops_recorded_during_a_pass_start_the_next_one_and_the_end_is_the_whole_capture(tmp_path):
     """A pass that finds more hops recorded once it is done starts the next one in the worker
     before its own rows are merged; what the passes add up to is what the whole file gives."""
-    db = tmp_path / "growing.db"
-    shutil.copy(SAMPLE, db)
     (last,) = sql("SELECT max(id) FROM hops")[0]
     cut = last // 3
-    with sqlite3.connect(db) as conn:
-        conn.execute("DELETE FROM hop_tokens WHERE hop_id > ?", (cut,))
-        conn.execute("DELETE FROM hops WHERE id > ?", (cut,))
-
-    def record(low: int, high: int) -> None:
-        with sqlite3.connect(db) as conn:
-            conn.execute("ATTACH ? AS full", (f"file:{SAMPLE}?mode=ro",))
-            conn.execute("INSERT INTO hops SELECT * FROM full.hops WHERE id > ? AND id <= ?", (low, high))
-            conn.execute("INSERT INTO hop_tokens SELECT * FROM full.hop_tokens WHERE hop_id > ? AND hop_id <= ?", (low, high))
+    db = _mid_capture(tmp_path, cut)
 
     def record_during_a_pass(low: int, high: int) -> None:
         deadline = time.monotonic() + 30
         while not live._tails.busy and time.monotonic() < deadline:
             time.sleep(0.002)
-        record(low, high)
+        _record(db, low, high)
 
     # Longer than the sample's longest request (1.4 s): a pass sees each request whole once its
     # root is recorded (a root is recorded last, when it answers).
@@ -318,7 +313,7 @@ def test_hops_recorded_during_a_pass_start_the_next_one_and_the_end_is_the_whole
     try:
         assert live.refresh()
         bounds = [cut + (last - cut) * k // 4 for k in range(5)]
-        record(bounds[0], bounds[1])
+        _record(db, bounds[0], bounds[1])
         ahead = 0
         for low, high in itertools.pairwise(bounds[1:]):
             writer = threading.Thread(target=record_during_a_pass, args=(low, high))
@@ -331,13 +326,7 @@ def test_hops_recorded_during_a_pass_start_the_next_one_and_the_end_is_the_whole
             if not live.refresh():
                 break
         assert live._started is None and live.sources[0].max_hop_id == last
-        whole = Data([SAMPLE])
-        whole.refresh()
-        key = lambda r: (r["trace"], r["status"], r["hops"], r["severity"])
-        merged, fresh = (sorted(map(key, d.request_page(RequestQuery(limit=500))["items"])) for d in (live, whole))
-        assert merged == fresh
-        kinds = lambda d: Counter(d.settled(d.sources[0]).findings["kind"])
-        assert kinds(live) == kinds(whole)
+        _assert_the_same_as_the_whole_file(live)
     finally:
         live.close()
 
@@ -369,19 +358,12 @@ def test_the_preview_lists_the_same_requests_before_any_analysis(data):
 
 
 def test_requests_recorded_live_are_listed_before_their_analysis(tmp_path, data):
-    db = tmp_path / "growing.db"
-    shutil.copy(SAMPLE, db)
     bad = sql("SELECT id FROM hops WHERE service = 'gateway' AND path = '/checkout' AND status = 401")[0][0]
-    with sqlite3.connect(db) as conn:
-        conn.execute("DELETE FROM hop_tokens WHERE hop_id >= ?", (bad,))
-        conn.execute("DELETE FROM hops WHERE id >= ?", (bad,))
+    db = _mid_capture(tmp_path, bad - 1)
     live = Data([db])
     live.refresh()
     assert not live.peek()  # nothing new
-    with sqlite3.connect(db) as conn:
-        conn.execute("ATTACH ? AS full", (f"file:{SAMPLE}?mode=ro",))
-        conn.execute("INSERT INTO hops SELECT * FROM full.hops WHERE id >= ?", (bad,))
-        conn.execute("INSERT INTO hop_tokens SELECT * FROM full.hop_tokens WHERE hop_id >= ?", (bad,))
+    _record(db, bad - 1, sql("SELECT max(id) FROM hops")[0][0])
     assert live.peek()
     listed = {r["trace"]: r for r in live.request_page(RequestQuery(limit=500))["items"]}
     assert listed[bad]["status"] == 401 and listed[bad]["severity"] is None  # listed, findings to come
@@ -447,7 +429,7 @@ def test_the_ui_shows_the_presentation_models_order_phrasing_groups_and_graph(na
     assert [r["worst"] for r in listed] == list(range(len(listed)))
     assert listed[0]["trace"] == (worst or m.with_error_findings()[0])
     text = render_text(a)
-    assert [int(t) for t in re.findall(r"^ *request (\d+): ", text, re.M)] == [r["trace"] for r in listed[: a.config.worst]]
+    assert [int(t) for t in re.findall(r"^ *request (\d+): ", text, re.MULTILINE)] == [r["trace"] for r in listed[: a.config.worst]]
     assert json.loads(render_json(a))["worst"] == [r["trace"] for r in listed[: a.config.worst]]
     for item in listed[:5]:
         summary, req, rows = m.request(item["trace"]), ui.request(0, item["trace"]), m.hop_rows(item["trace"])
@@ -457,7 +439,7 @@ def test_the_ui_shows_the_presentation_models_order_phrasing_groups_and_graph(na
         assert [(h["ended"], h["outcome"]) for h in req["hops"]] == list(zip(rows["ended"], rows["outcome"]))
     kinds = [(k["kind"], k["severity"], k["count"]) for k in ui.facets()["kinds"]]
     assert kinds == [(g.kind, g.severity, len(g)) for g in m.finding_groups] and kinds
-    nodes, edges = m.graph
+    _, edges = m.graph
     shown = {(e["caller"], e["callee"]): e for e in ui.graph()["edges"]}
     assert len(shown) == len(edges)
     for e in edges.itertuples():
