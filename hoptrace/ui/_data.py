@@ -889,24 +889,38 @@ def _tail_analysis(files: tuple[Path, ...], joined: bool, since: float, db: int)
     return tail, _requests(model(tail), db)
 
 
-_ARROW_TEXT = pd.StringDtype("pyarrow", na_value=np.nan)
-"""pandas' default ``str`` where pyarrow is installed (a dependency of hoptrace's)."""
-
-
 def _arrow_text(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` with its text in Arrow: text columns, categories, index and column labels."""
-    out = frame.copy(deep=False)
+    """``frame`` with its text in Arrow, each column in one chunk: text columns, categories, index and
+    column labels; ``frame`` itself when it is so already.
+
+    A live pass holds text as Python strings (see :func:`tail_pass`): what it hands over must be in
+    Arrow, as the analyses it joins are. And a concat keeps its parts' chunks, so a live view's list
+    and analysis gain chunks every pass, without end, and taking rows from a column of several
+    chunks costs as much as joining them: 150 rows of the 174k-request list took 4-5 ms from 4 to
+    18 chunks, 0.8 ms from one (joining the list's: 5 ms a pass)."""
+    changed = {}
     for name, dtype in frame.dtypes.items():
         if isinstance(dtype, pd.StringDtype):
-            out[name] = frame[name].astype(_ARROW_TEXT)
-        elif isinstance(dtype, pd.CategoricalDtype) and isinstance(dtype.categories.dtype, pd.StringDtype):
-            out[name] = frame[name].cat.rename_categories(dtype.categories.astype(_ARROW_TEXT))
-    out.index, out.columns = (_arrow_labels(labels) for labels in (frame.index, frame.columns))
+            if dtype.storage != "pyarrow":
+                changed[name] = frame[name].astype(_in_arrow(dtype))
+            elif (chunks := frame[name].array.__arrow_array__()).num_chunks > 1:
+                changed[name] = pd.array(chunks.combine_chunks(), dtype=dtype)
+        elif isinstance(dtype, pd.CategoricalDtype) and _python_text(dtype.categories):
+            changed[name] = frame[name].cat.rename_categories(dtype.categories.astype(_in_arrow(dtype.categories.dtype)))
+    out = frame.assign(**changed) if changed else frame
+    for axis, labels in enumerate((frame.index, frame.columns)):
+        if _python_text(labels):
+            out = out.set_axis(labels.astype(_in_arrow(labels.dtype)), axis=axis)
     return out
 
 
-def _arrow_labels(labels: pd.Index) -> pd.Index:
-    return labels.astype(_ARROW_TEXT) if isinstance(labels.dtype, pd.StringDtype) else labels
+def _python_text(labels: pd.Index) -> bool:
+    return isinstance(labels.dtype, pd.StringDtype) and labels.dtype.storage != "pyarrow"
+
+
+def _in_arrow(dtype: pd.StringDtype) -> pd.StringDtype:
+    """The same text dtype (its missing value too), held in Arrow."""
+    return pd.StringDtype("pyarrow", na_value=dtype.na_value)
 
 
 def copy_tail(path: Path, into: Path, since: float) -> None:
@@ -1149,21 +1163,7 @@ def _relisted(listed: pd.DataFrame, fresh: pd.DataFrame, since: float, recent: p
     if recent is not None and len(recent):  # joined here, not before: each join of the list is a copy of it
         later = recent["trace"].to_numpy()
         waiting.append(recent[~np.isin(later, fresh["trace"].to_numpy()) & (later > newest)])
-    return _one_chunk(pd.concat([listed.iloc[:first], kept, fresh, *waiting], ignore_index=True))
-
-
-def _one_chunk(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` with each Arrow-backed text column in one chunk. A concat keeps its parts' chunks, so a
-    live view's list and analysis gain chunks every pass, without end, and taking rows from a column of
-    several chunks costs as much as joining them: 150 rows of the 174k-request list took 4-5 ms from 4
-    to 18 chunks, 0.8 ms from one (joining the list's: 5 ms a pass)."""
-    joined = {}
-    for name, dtype in frame.dtypes.items():
-        if isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow":
-            chunks = frame[name].array.__arrow_array__()
-            if chunks.num_chunks > 1:
-                joined[name] = pd.array(chunks.combine_chunks(), dtype=dtype)
-    return frame.assign(**joined) if joined else frame
+    return _arrow_text(pd.concat([listed.iloc[:first], kept, fresh, *waiting], ignore_index=True))
 
 
 def _ranked(requests: pd.DataFrame) -> pd.DataFrame:
@@ -1387,9 +1387,9 @@ def _merge(old: Analysis, tail: Analysis, since: float) -> Analysis:
     tail_sessions["session"] = tail_sessions["session"] + (int(old.sessions["session"].max()) + 1 if len(old.sessions) else 0)
     return Analysis(
         captures=tail.captures,
-        hops=_one_chunk(hops),
-        tokens=_one_chunk(pd.concat([old.tokens, tail.tokens]).pipe(lambda t: t[~t.index.duplicated(keep="last")])),
-        hop_tokens=_one_chunk(
+        hops=_arrow_text(hops),
+        tokens=_arrow_text(pd.concat([old.tokens, tail.tokens]).pipe(lambda t: t[~t.index.duplicated(keep="last")])),
+        hop_tokens=_arrow_text(
             pd.concat(
                 [
                     old.hop_tokens[old.hop_tokens["hop_id"].isin(kept_ids)],
@@ -1397,11 +1397,11 @@ def _merge(old: Analysis, tail: Analysis, since: float) -> Analysis:
                 ]
             )
         ),
-        findings=_one_chunk(pd.concat([found[keep_found], tail.findings], ignore_index=True)),
+        findings=_arrow_text(pd.concat([found[keep_found], tail.findings], ignore_index=True)),
         services=tail.services,
         endpoints=tail.endpoints,
         edges=tail.edges,
-        sessions=_one_chunk(pd.concat([sessions, tail_sessions], ignore_index=True)),
+        sessions=_arrow_text(pd.concat([sessions, tail_sessions], ignore_index=True)),
         config=tail.config,
         notes=tail.notes,
         source=tail.source,
