@@ -163,6 +163,38 @@ def test_newer_schema_and_corrupt_file(tmp_path):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("reader", ["sqlite", "arrow"])
+def test_a_corrupt_file_whose_reads_fail_oddly_gets_the_checks_verdict(tmp_path, monkeypatch, reader):
+    """The structure check starts once the reads are done; when they raise before that with
+    something no handler phrases (damage read as garbage), the check still runs and its verdict
+    is the error, not the garbage's."""
+    path = _damaged_in_the_middle(tmp_path)
+    with pytest.raises(TraceFileError) as unpatched:
+        load(path, reader=reader)
+
+    def garbled(*args):
+        raise ValueError("garbage where a number belongs")
+
+    monkeypatch.setattr(_load, "_finish", garbled)
+    with pytest.raises(TraceFileError) as info:
+        load(path, reader=reader)
+    assert str(info.value) == str(unpatched.value) and "malformed" in str(info.value)
+
+
+def _damaged_in_the_middle(tmp_path: Path) -> Path:
+    """A capture with one damaged page of its hops table in the middle: what the loader asks
+    before the reads (counts, id bounds, tokens) never reaches it; the reads and the check do."""
+    b = Builder()
+    for i in range(3000):
+        b.hop("gateway", f"GET /{i}", i, i + 0.5)
+    path = b.write(tmp_path / "damaged.db")
+    data = bytearray(path.read_bytes())
+    page = data.index(b"/1500") // 4096 * 4096  # the page holding hop 1500 (the files' pages are 4 KiB)
+    data[page : page + 64] = b"\xff" * 64  # its b-tree page header
+    path.write_bytes(bytes(data))
+    return path
+
+
 def corrupt_db(tmp_path):
     b = Builder()
     for i in range(300):
