@@ -346,17 +346,18 @@ def _checking(pool: ThreadPoolExecutor, uri: str, path: Path):
     Its verdict comes before the body's result or error (the check is started then if the body
     did not), so what a corrupt file reads as is never seen.
     """
-    checked: list[Future] = []
+    checked: Future | None = None
 
     def start() -> None:
-        if not checked:
-            checked.append(pool.submit(_run_read, uri, partial(check_structure, path=path)))
+        nonlocal checked
+        if checked is None:
+            checked = pool.submit(_run_read, uri, partial(check_structure, path=path))
 
     try:
         yield start
     finally:
         start()
-        checked[0].result()  # TraceFileError for a corrupt file, in place of what the body returned or raised
+        checked.result()  # TraceFileError for a corrupt file, in place of what the body returned or raised
 
 
 def _tables(captures: pd.DataFrame, hops: pd.DataFrame, tokens: pd.DataFrame, hop_tokens: pd.DataFrame) -> Tables:

@@ -168,7 +168,7 @@ def test_a_corrupt_file_whose_reads_fail_oddly_gets_the_checks_verdict(tmp_path,
     """The structure check starts once the reads are done; when they raise before that with
     something no handler phrases (damage read as garbage), the check still runs and its verdict
     is the error, not the garbage's."""
-    path = _damaged_in_the_middle(tmp_path)
+    path = corrupt_db(tmp_path, hops=3000, damaged_hop=1500)
     with pytest.raises(TraceFileError) as unpatched:
         load(path, reader=reader)
 
@@ -181,27 +181,18 @@ def test_a_corrupt_file_whose_reads_fail_oddly_gets_the_checks_verdict(tmp_path,
     assert str(info.value) == str(unpatched.value) and "malformed" in str(info.value)
 
 
-def _damaged_in_the_middle(tmp_path: Path) -> Path:
-    """A capture with one damaged page of its hops table in the middle: what the loader asks
-    before the reads (counts, id bounds, tokens) never reaches it; the reads and the check do."""
+def corrupt_db(tmp_path: Path, hops: int = 300, damaged_hop: int | None = None) -> Path:
+    """A capture of ``hops`` hops with one page header of its hops table overwritten: the fourth
+    page, or the page holding hop ``damaged_hop`` (in the middle, what the loader asks before the
+    reads, counts, id bounds and tokens, never reaches it; the reads and the check do)."""
     b = Builder()
-    for i in range(3000):
-        b.hop("gateway", f"GET /{i}", i, i + 0.5)
-    path = b.write(tmp_path / "damaged.db")
-    data = bytearray(path.read_bytes())
-    page = data.index(b"/1500") // 4096 * 4096  # the page holding hop 1500 (the files' pages are 4 KiB)
-    data[page : page + 64] = b"\xff" * 64  # its b-tree page header
-    path.write_bytes(bytes(data))
-    return path
-
-
-def corrupt_db(tmp_path):
-    b = Builder()
-    for i in range(300):
+    for i in range(hops):
         b.hop("gateway", f"GET /{i}", i, i + 0.5)
     path = b.write(tmp_path / "corrupt.db")
     data = bytearray(path.read_bytes())
-    data[4096 * 3 : 4096 * 3 + 64] = b"\xff" * 64  # a page header of the hops table
+    # The files' pages are 4 KiB; a page's b-tree header opens it.
+    page = 4096 * 3 if damaged_hop is None else data.index(f"/{damaged_hop}".encode()) // 4096 * 4096
+    data[page : page + 64] = b"\xff" * 64
     path.write_bytes(bytes(data))
     return path
 
