@@ -2,8 +2,9 @@
 
 mitmdump dispatches each of a request's ~8 hook events through ~36 built-in
 addons, ~43 % of its CPU (profiled under load). A reverse proxy needs five of them, so
-we build the master ourselves with only those and the recorder: that headroom is
-what lets hoptrace record everything and still outrun plain mitmdump.
+we build the master ourselves with only those and the recorder, dispatching each
+event to the addons that handle it (``_dispatch.py``): that headroom is what lets
+hoptrace record everything and still outrun plain mitmdump.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from hoptrace._errors import RouteError, TraceFileError
 from hoptrace._types import Counters, Route
 from hoptrace.addons.recorder import ROW_PROCESS_ENV, Recorder
 from hoptrace.addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT, UpstreamTimeout
+from hoptrace.proxy._dispatch import indexed_master
 from hoptrace.proxy.otlp_stream import OtlpStream, StreamInput
 from hoptrace.proxy.routes import check_routes
 
@@ -75,7 +77,7 @@ async def run_proxy(
     Raises RouteError / TraceFileError for what the user can fix.
     """
     entry = check_routes(config.routes, config.entry, config.listen_host, config.share_ports)
-    master = Master(options.Options())
+    master = indexed_master(options.Options())
     recorder = Recorder(source=config.source)
     startup = _Startup(len(config.routes))
     master.addons.add(

@@ -47,9 +47,10 @@ def share_listen_ports() -> None:
     EADDRINUSE (errno 98). Its TCP listeners are all made by
     ``AsyncioServerInstance.listen`` calling ``asyncio.start_server(handler, host, port)``
     through the ``asyncio`` name of ``mitmproxy.proxy.mode_servers``; we point that
-    name at a copy of asyncio whose ``start_server`` adds ``reuse_port=True``. This is
-    the one place hoptrace changes mitmproxy; tests/test_workers.py checks that two
-    workers bind one port and both serve, so an upgrade that moves the call fails there.
+    name at a copy of asyncio whose ``start_server`` adds ``reuse_port=True``. Besides
+    the hook dispatch (``_dispatch.py``), this is the one place hoptrace changes
+    mitmproxy; tests/test_workers.py checks that two workers bind one port and both
+    serve, so an upgrade that moves the call fails there.
     """
     from mitmproxy.proxy import mode_servers
 
