@@ -110,7 +110,7 @@ def _with_hop(rows: pd.DataFrame, hops: pd.DataFrame) -> pd.DataFrame:
     started = _at_root(hops["started_at"], root)
     facts.update(
         root_start=started, root_duration_s=_at_root(hops["ended_at"], root) - started,
-        root_service=_at_root(hops["service"], root), root_endpoint=_at_root(hops["endpoint"], root),
+        root_endpoint=_at_root(hops["endpoint"], root),
     )  # fmt: skip
     # The arrays are fresh takes: the frame holds them as they are (a copy is ~150 MB at a million uses).
     return pd.concat([out, pd.DataFrame(facts, index=out.index, copy=False)], axis=1)
