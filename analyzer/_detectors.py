@@ -61,7 +61,7 @@ class Context:
     def issued(self) -> pd.DataFrame:
         """Issued sightings with their hop's facts."""
         rows = self.hop_tokens[self.hop_tokens["role"] == "issued"].drop_duplicates(["hop_id", "fingerprint"])
-        rows = rows.rename(columns={"fingerprint": "fp"})[["hop_id", "fp", "location"]]
+        rows = rows.rename(columns={"fingerprint": "fp"})[["hop_id", "fp"]]
         return _with_hop(rows, self.hops)
 
     @cached_property
@@ -91,8 +91,8 @@ class Context:
 
 
 _HOP_FACTS = (
-    "trace", "depth", "parent_id", "service", "endpoint", "path", "status", "failed", "error_kind",
-    "started_at", "ended_at", "response_start_at", "duration_ms", "is_validation",
+    "trace", "depth", "service", "endpoint", "path", "status", "failed", "error_kind",
+    "started_at", "ended_at", "response_start_at", "is_validation",
 )  # fmt: skip
 
 

@@ -101,7 +101,7 @@ def validation_mask(endpoint: pd.Categorical, regex: str) -> np.ndarray:
 
 
 def token_uses(hop_tokens: pd.DataFrame, tokens: pd.DataFrame) -> pd.DataFrame:
-    """Every token a hop presented or validated, with the token's claims (one row each)."""
+    """Every token a hop presented or validated (one row each), with its subject and expiry."""
     uses = hop_tokens[hop_tokens["role"].isin(tuple(_ROLE_RANK)).to_numpy()]
     token = token_positions(uses["fingerprint"], tokens)
     # A hop carrying one token in two places (header and cookie) uses it once: keep the best place.
@@ -115,9 +115,8 @@ def token_uses(hop_tokens: pd.DataFrame, tokens: pd.DataFrame) -> pd.DataFrame:
     known, at = token >= 0, np.maximum(token, 0)
     sub_code, subjects = subject_codes(tokens, token)
 
-    def claim(name: str, dtype=object) -> np.ndarray:
-        values = tokens[name].to_numpy(dtype, na_value=np.nan)  # one value per token, not per use
-        return np.where(known, values[at], np.nan) if len(values) else np.full(len(token), np.nan, dtype)
+    exp = tokens["exp"].to_numpy(np.float64, na_value=np.nan)  # one value per token, not per use
+    exp = np.where(known, exp[at], np.nan) if len(exp) else np.full(len(token), np.nan)
 
     # Only what the detectors read, text as codes: every column here is copied again into each
     # use's hop facts (Context.used), and a text column costs ~25-50 MB per copy at a million uses.
@@ -129,9 +128,7 @@ def token_uses(hop_tokens: pd.DataFrame, tokens: pd.DataFrame) -> pd.DataFrame:
         # The subject as codes into the capture's subjects (the same as sub_code): no text per use.
         "sub": pd.Categorical.from_codes(sub_code, categories=subjects),
         "sub_code": sub_code,
-        "exp": claim("exp", np.float64),
-        "iat": claim("iat", np.float64),
-        "nbf": claim("nbf", np.float64),
+        "exp": exp,
     })  # fmt: skip
 
 
