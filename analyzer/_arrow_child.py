@@ -24,6 +24,7 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -34,8 +35,9 @@ class ArrowReadError(Exception):
     """The child could not read the file (a damaged file, text that is not UTF-8, a missing driver)."""
 
 
-def read_tables(uri: str, queries: list[str], threads: int) -> list[pa.Table]:
-    """The result of each query, in order, read by a child process with ``threads`` connections.
+def read_tables(uri: str, queries: list[str], threads: int) -> Iterator[pa.Table]:
+    """The result of each query, in order, each as soon as the child has sent it, read by a child
+    process with ``threads`` connections; close the iterator to stop the child early.
 
     A query carries its values as literals (:func:`sql_literal`): binding parameters needs
     Arrow arrays built from Python values, and pyarrow imports pandas to build those."""
@@ -50,18 +52,23 @@ def read_tables(uri: str, queries: list[str], threads: int) -> list[pa.Table]:
         try:
             child.stdin.write(request)
             child.stdin.close()
-            tables = [pa.ipc.open_stream(child.stdout).read_all() for _ in queries]
-        except (OSError, pa.ArrowException) as exc:
-            child.kill()
-            child.wait()
-            reason = child.stderr.read().decode(errors="replace").strip() or str(exc)
-            raise ArrowReadError(reason) from None
+            for _ in queries:
+                yield _next_table(child)
         except BaseException:
-            child.kill()  # interrupted (Ctrl-C, a timeout): the reads are wanted no more, now
+            # Interrupted (Ctrl-C, a timeout), or the caller stopped early: the reads are wanted no more, now.
+            child.kill()
             raise
         if child.wait() != 0:
             raise ArrowReadError(child.stderr.read().decode(errors="replace").strip())
-    return tables
+
+
+def _next_table(child: subprocess.Popen) -> pa.Table:
+    try:
+        return pa.ipc.open_stream(child.stdout).read_all()
+    except (OSError, pa.ArrowException) as exc:
+        child.kill()
+        child.wait()
+        raise ArrowReadError(child.stderr.read().decode(errors="replace").strip() or str(exc)) from None
 
 
 def sql_literal(value: float | str) -> str:

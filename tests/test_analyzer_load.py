@@ -418,14 +418,14 @@ def test_the_arrow_reader_sees_one_snapshot_while_a_writer_commits(tmp_path, mon
 def test_the_arrow_child_refuses_what_it_cannot_read_and_says_why(tmp_path):
     path = small().write(tmp_path / "t.db")
     uri = path.resolve().as_uri() + "?mode=ro"
-    table = read_tables(uri, ["SELECT 0, '' UNION ALL SELECT id, service FROM hops ORDER BY 1"], 1)[0]
+    [table] = read_tables(uri, ["SELECT 0, '' UNION ALL SELECT id, service FROM hops ORDER BY 1"], 1)
     assert table.to_pydict() == {"0": [1, 2], "''": ["gateway", "products"]}  # the type sample dropped
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE hops SET path = CAST(X'2FFF' AS TEXT) WHERE id = 2")
     with pytest.raises(ArrowReadError, match="UTF8"):
-        read_tables(uri, ["SELECT '' UNION ALL SELECT path FROM hops"], 1)
+        list(read_tables(uri, ["SELECT '' UNION ALL SELECT path FROM hops"], 1))
     with pytest.raises(ArrowReadError, match="no such table"):
-        read_tables(uri, ["SELECT 0", "SELECT 0 UNION ALL SELECT id FROM missing_table"], 2)
+        list(read_tables(uri, ["SELECT 0", "SELECT 0 UNION ALL SELECT id FROM missing_table"], 2))
     # The loader then reads the file through sqlite3: the same tables, the bad byte as U+FFFD.
     arrow = load(path, reader="arrow")
     _same_tables(arrow, load(path, reader="sqlite"))
@@ -447,7 +447,7 @@ def test_without_a_python_to_start_the_arrow_reader_the_load_reads_through_sqlit
     path = small().write(tmp_path / "t.db")
     monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
     with pytest.raises(ArrowReadError, match="cannot start the reader"):
-        read_tables(path.resolve().as_uri() + "?mode=ro", ["SELECT 1"], 1)
+        list(read_tables(path.resolve().as_uri() + "?mode=ro", ["SELECT 1"], 1))
     _same_tables(load(path, reader="arrow"), load(path, reader="sqlite"))
 
 
@@ -487,6 +487,20 @@ def _arrow_children() -> list[int]:
     return found
 
 
+def test_a_reader_closed_early_stops_its_child_at_once(tmp_path):
+    """The loader makes each id range into its part while the child reads the next ones: when that
+    work fails, closing the reader kills the child instead of waiting for reads nobody wants."""
+    path = small().write(tmp_path / "t.db")
+    slow = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 300000000) SELECT max(x) FROM c"
+    tables = read_tables(path.resolve().as_uri() + "?mode=ro", ["SELECT 0 UNION ALL SELECT 1", slow], 1)
+    started = time.monotonic()
+    assert next(tables).column(0).to_pylist() == [1]
+    tables.close()
+    # The second query counts to 3e8, half a minute or more: back within 10 s, the child was not waited for.
+    assert time.monotonic() - started < 10
+    assert _arrow_children() == []
+
+
 class _Interrupted(Exception):
     pass
 
@@ -504,7 +518,7 @@ def test_an_interrupted_load_stops_the_arrow_reader_at_once(tmp_path):
     started = time.monotonic()
     try:
         with pytest.raises(_Interrupted):
-            read_tables(path.resolve().as_uri() + "?mode=ro", [slow], 1)
+            list(read_tables(path.resolve().as_uri() + "?mode=ro", [slow], 1))
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
