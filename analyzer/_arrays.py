@@ -17,37 +17,50 @@ def run_starts(*keys: np.ndarray) -> np.ndarray:
     return first
 
 
+# Up to this many group codes, each group's order statistics come from a partition of its values
+# (O(n), a Python step per group); past it, one sort of all values is cheaper.
+_PARTITIONED_GROUPS = 5_000
+
+
 def group_quantiles(codes: np.ndarray, values: np.ndarray, qs: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Quantiles of ``values`` per group code, interpolated linearly as pandas does.
 
-    One sort for all groups and all quantiles, where ``groupby().quantile`` sorts once per
-    call. Returns (group codes present, array of shape (groups, len(qs))). NaN values are
-    left out, as pandas leaves them out.
+    Returns (group codes present, array of shape (groups, len(qs))). NaN values are left
+    out, as pandas leaves them out. The values are ordered by group with one stable sort of
+    the codes; then, for the few groups the analysis has (services, endpoints, edges), only
+    the ranks the quantiles read are put in place, by ``np.partition`` of each group's values:
+    at a million values in 24 to 2,000 groups, 55-120 ms against ~200 ms for sorting them all.
     """
     keep = ~np.isnan(values)
     if not keep.all():
         codes, values = codes[keep], values[keep]
-    # By value, then stably by group: much faster than np.lexsort on the pair. Group codes
-    # that fit in 16 bits make the stable sort a radix sort, 5x faster again.
-    order = np.argsort(values)
-    by_group = codes[order]
-    if len(by_group) and -(2**15) <= by_group.min() and by_group.max() < 2**15:
-        by_group = by_group.astype(np.int16)
-    order = order[np.argsort(by_group, kind="stable")]
-    del by_group, keep
+    lowest = int(codes.min()) if len(codes) else 0
+    # The codes' span bounds the number of groups. Codes that fit in 16 bits make a stable sort
+    # of them a radix sort, 5x faster.
+    few = len(codes) == 0 or int(codes.max()) - lowest < _PARTITIONED_GROUPS
+    if few:
+        order = np.argsort((codes - lowest).astype(np.int16), kind="stable")
+    else:
+        # By value, then stably by group: every group's values in order.
+        order = np.argsort(values)
+        by_group = codes[order]
+        if -(2**15) <= lowest and by_group.max() < 2**15:
+            by_group = by_group.astype(np.int16)
+        order = order[np.argsort(by_group, kind="stable")]
+        del by_group
     # One array at a time: at a million values each copy is 8 MB, and this runs at the analysis's peak.
     codes = codes[order]
     values = values[order]
     del order
     starts = np.flatnonzero(run_starts(codes))
     counts = np.diff(np.r_[starts, len(codes)])
-    out = np.empty((len(starts), len(qs)))
-    for j, q in enumerate(qs):
-        at = starts + q * (counts - 1)
-        low = np.floor(at).astype(np.int64)
-        high = np.ceil(at).astype(np.int64)
-        out[:, j] = values[low] + (values[high] - values[low]) * (at - low)
-    return codes[starts], out
+    at = starts[:, None] + np.asarray(qs, np.float64)[None, :] * (counts[:, None] - 1)
+    low = np.floor(at).astype(np.int64)
+    high = np.ceil(at).astype(np.int64)
+    if few:  # each group's values partitioned in place around the ranks read below
+        for start, count, ranks in zip(starts, counts, np.concatenate([low, high], axis=1) - starts[:, None], strict=True):
+            values[start : start + count].partition(np.unique(ranks))
+    return codes[starts], values[low] + (values[high] - values[low]) * (at - low)
 
 
 def group_codes(frame: pd.DataFrame, keys: list[str]) -> np.ndarray:

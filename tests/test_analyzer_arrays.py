@@ -7,7 +7,8 @@ import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hoptrace.analyzer._arrays import group_codes, group_keys
+from hoptrace.analyzer import _arrays
+from hoptrace.analyzer._arrays import group_codes, group_keys, group_quantiles, run_starts
 
 _text = st.one_of(st.none(), st.sampled_from(["a", "b", "c", ""]))
 _row = st.tuples(st.sampled_from([None, 1, 2, -3]), _text, st.sampled_from([0.5, float("nan"), -0.0, 0.0, 1.0]), _text)
@@ -42,3 +43,41 @@ def test_group_keys_are_the_factorized_keys(rows, categorical):
     got_codes, got_keys = group_keys(frame, keys)
     np.testing.assert_array_equal(got_codes, codes)
     assert got_keys == list(uniques)
+
+
+_QS = (0.0, 0.1, 0.5, 0.9, 0.95, 0.99, 1.0)
+# Group codes close together (each group's values partitioned) or far apart (one sort of all values).
+_codes = st.one_of(st.integers(-3, 6), st.sampled_from([-40_000, 0, 7_000, 90_000]))
+_values = st.one_of(st.floats(-1e6, 1e6, allow_nan=False), st.just(float("nan")), st.sampled_from([0.0, 1.5, 2.0]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=st.lists(st.tuples(_codes, _values), max_size=60), qs=st.lists(st.sampled_from(_QS), min_size=1, max_size=4, unique=True))
+def test_group_quantiles_are_the_groups_sorted_and_interpolated_as_pandas_does(rows, qs):
+    codes = np.array([code for code, _ in rows], np.int64)
+    values = np.array([value for _, value in rows], np.float64)
+    got_codes, got = group_quantiles(codes, values, tuple(qs))
+    # The definition: each group's values in order, linear interpolation between ranks.
+    keep = ~np.isnan(values)
+    order = np.lexsort((values[keep], codes[keep]))
+    in_order, by_code = values[keep][order], codes[keep][order]
+    starts = np.flatnonzero(run_starts(by_code))
+    at = starts[:, None] + np.array(qs)[None, :] * (np.diff(np.r_[starts, len(by_code)])[:, None] - 1)
+    low, high = np.floor(at).astype(np.int64), np.ceil(at).astype(np.int64)
+    np.testing.assert_array_equal(got_codes, by_code[starts])
+    np.testing.assert_array_equal(got, in_order[low] + (in_order[high] - in_order[low]) * (at - low))
+    if len(got_codes):
+        frame = pd.DataFrame({"code": codes, "value": values})
+        want = frame.groupby("code")["value"].quantile(list(qs)).unstack().dropna(how="all")
+        np.testing.assert_allclose(got, want.to_numpy(), rtol=1e-9, atol=1e-6)
+
+
+def test_group_quantiles_take_the_sorting_path_past_the_partitioned_groups(monkeypatch):
+    """Both ways of ordering the values give the same quantiles, bit for bit."""
+    rng = np.random.default_rng(7)
+    codes, values = rng.integers(0, 50, 5_000), rng.exponential(40.0, 5_000)
+    partitioned = group_quantiles(codes, values, _QS)
+    monkeypatch.setattr(_arrays, "_PARTITIONED_GROUPS", 10)
+    sorted_all = group_quantiles(codes, values, _QS)
+    np.testing.assert_array_equal(partitioned[0], sorted_all[0])
+    np.testing.assert_array_equal(partitioned[1], sorted_all[1])
