@@ -63,6 +63,7 @@ def read_tables(uri: str, queries: list[str], threads: int) -> Iterator[pa.Table
 
 
 def _next_table(child: subprocess.Popen) -> pa.Table:
+    """The next table the child wrote; :class:`ArrowReadError` with the child's reason if it could not."""
     try:
         return pa.ipc.open_stream(child.stdout).read_all()
     except (OSError, pa.ArrowException) as exc:
