@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.e2e
+@pytest.mark.usefixtures("heavy")
 def test_quick_benchmark_counts_every_hop_and_prints_every_configuration(tmp_path):
     out = tmp_path / "bench.json"
     # Rows built in the row process from the first flow: under the default ("auto")

@@ -21,6 +21,8 @@ import pytest
 from hoptrace.analyzer import analyze, link_accuracy
 from hoptrace.stack.scenarios import SCENARIOS, record
 
+from .conftest import alone_among_heavy_tests
+
 pytestmark = pytest.mark.e2e
 
 # Measured: 1.000 at 10 concurrent users on this stack (README: what lowers it).
@@ -53,7 +55,8 @@ def propagated(tmp_path_factory):
     scenario = SCENARIOS["propagated"]
     assert scenario.users >= 10
     db = tmp_path_factory.mktemp("inference") / "propagated.db"
-    recording = asyncio.run(record(db, scenario.stack_config(), scenario.drive))
+    with alone_among_heavy_tests(tmp_path_factory):
+        recording = asyncio.run(record(db, scenario.stack_config(), scenario.drive))
     assert all(flow.ok for flow in recording.flows)
     return db
 
@@ -111,7 +114,8 @@ def tokenless(request, tmp_path_factory):
         SCENARIOS["propagated"], users=request.param, config={**SCENARIOS["propagated"].config, "tokenless_calls": True}
     )
     db = tmp_path_factory.mktemp("tokenless") / f"tokenless-{request.param}.db"
-    recording = asyncio.run(record(db, scenario.stack_config(), scenario.drive))
+    with alone_among_heavy_tests(tmp_path_factory):
+        recording = asyncio.run(record(db, scenario.stack_config(), scenario.drive))
     assert all(flow.ok for flow in recording.flows)
     return db
 

@@ -104,6 +104,7 @@ def _finding_counts(analysis) -> Counter:
 
 
 @pytest.mark.e2e
+@pytest.mark.usefixtures("heavy")
 def test_a_two_worker_capture_analyses_as_a_single_worker_one(tmp_path):
     """The same scenario of the sample stack through `hoptrace proxy --workers 2` and through one process."""
     import asyncio

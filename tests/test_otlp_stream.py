@@ -140,6 +140,7 @@ def test_every_hop_of_a_live_run_reaches_the_receiver_as_a_span_with_its_parent(
 
 
 @pytest.mark.e2e
+@pytest.mark.usefixtures("heavy")
 def test_with_two_workers_one_stream_sends_every_hop_of_every_shard_once_with_parents_across_shards(tmp_path):
     receiver = Receiver()
     db = tmp_path / "stream.db"

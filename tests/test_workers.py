@@ -59,6 +59,7 @@ async def _served(upstream_url: str) -> int:
 
 
 @pytest.mark.e2e
+@pytest.mark.usefixtures("heavy")
 def test_two_workers_share_the_port_and_record_every_hop_across_shards(proxy, upstream, tmp_path):
     url = upstream("hello")
     proc, listen, db = proxy({"hello": url}, "--workers", "2")
