@@ -40,7 +40,7 @@ def group_quantiles(codes: np.ndarray, values: np.ndarray, qs: tuple[float, ...]
     # of them a radix sort, 5x faster.
     few = len(codes) == 0 or int(codes.max()) - lowest < _PARTITIONED_GROUPS
     if few:
-        order = np.argsort((codes - lowest).astype(np.int16), kind="stable")
+        order = np.argsort((codes.astype(np.int64, copy=False) - lowest).astype(np.int16), kind="stable")
     else:
         # By value, then stably by group: every group's values in order.
         order = np.argsort(values)

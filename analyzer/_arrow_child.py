@@ -50,8 +50,7 @@ def read_tables(uri: str, queries: list[str], threads: int) -> Iterator[pa.Table
         raise ArrowReadError(f"cannot start the reader: {exc}") from None
     with child:
         try:
-            child.stdin.write(request)
-            child.stdin.close()
+            _send(child, request)
             for _ in queries:
                 yield _next_table(child)
         except BaseException:
@@ -62,14 +61,28 @@ def read_tables(uri: str, queries: list[str], threads: int) -> Iterator[pa.Table
             raise ArrowReadError(child.stderr.read().decode(errors="replace").strip())
 
 
+def _send(child: subprocess.Popen, request: bytes) -> None:
+    """The request on the child's stdin; :class:`ArrowReadError` if the child is gone (it could not start Python)."""
+    try:
+        child.stdin.write(request)
+        child.stdin.close()
+    except OSError as exc:  # BrokenPipeError: it exited before reading
+        raise _failed(child, exc) from None
+
+
 def _next_table(child: subprocess.Popen) -> pa.Table:
     """The next table the child wrote; :class:`ArrowReadError` with the child's reason if it could not."""
     try:
         return pa.ipc.open_stream(child.stdout).read_all()
     except (OSError, pa.ArrowException) as exc:
-        child.kill()
-        child.wait()
-        raise ArrowReadError(child.stderr.read().decode(errors="replace").strip() or str(exc)) from None
+        raise _failed(child, exc) from None
+
+
+def _failed(child: subprocess.Popen, exc: Exception) -> ArrowReadError:
+    """The error to raise once the child is killed and reaped: its own words, if it said any."""
+    child.kill()
+    child.wait()
+    return ArrowReadError(child.stderr.read().decode(errors="replace").strip() or str(exc))
 
 
 def sql_literal(value: float | str) -> str:

@@ -81,3 +81,11 @@ def test_group_quantiles_take_the_sorting_path_past_the_partitioned_groups(monke
     sorted_all = group_quantiles(codes, values, _QS)
     np.testing.assert_array_equal(partitioned[0], sorted_all[0])
     np.testing.assert_array_equal(partitioned[1], sorted_all[1])
+
+
+def test_group_quantiles_of_narrow_integer_codes_come_in_code_order():
+    """Codes of a small integer type spanning more than it holds once shifted (int8 -100 and 100)."""
+    codes = np.array([100, -100, 100, -100], np.int8)
+    got_codes, got = group_quantiles(codes, np.array([1.0, 2.0, 3.0, 4.0]), (0.5,))
+    np.testing.assert_array_equal(got_codes, [-100, 100])
+    np.testing.assert_array_equal(got[:, 0], [3.0, 2.0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import sys
@@ -448,6 +449,18 @@ def test_without_a_python_to_start_the_arrow_reader_the_load_reads_through_sqlit
     monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
     with pytest.raises(ArrowReadError, match="cannot start the reader"):
         list(read_tables(path.resolve().as_uri() + "?mode=ro", ["SELECT 1"], 1))
+    _same_tables(load(path, reader="arrow"), load(path, reader="sqlite"))
+
+
+def test_a_reader_that_exits_before_reading_its_request_hands_the_load_to_sqlite(tmp_path, monkeypatch):
+    """A child that is gone before it reads (no usable Python behind ``sys.executable``): writing the
+    request breaks the pipe; that is the reader's error, and the load reads through sqlite3."""
+    path = small().write(tmp_path / "t.db")
+    monkeypatch.setattr(sys, "executable", shutil.which("false"))
+    # Past the pipe's 64 KiB buffer the write waits for a reader, so the pipe breaks whatever the timing.
+    big = "SELECT 0 UNION ALL SELECT 1 -- " + "x" * 200_000
+    with pytest.raises(ArrowReadError):
+        list(read_tables(path.resolve().as_uri() + "?mode=ro", [big], 1))
     _same_tables(load(path, reader="arrow"), load(path, reader="sqlite"))
 
 
