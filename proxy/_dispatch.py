@@ -13,8 +13,10 @@ proxy's process spends on a request under load.
 :class:`IndexedAddons` keeps what the dispatch does: the chain's order; one top-level
 addon's error logged by mitmproxy's ``safecall`` without keeping the next addons from
 the event; ``AddonHalt`` ending the event; an awaitable result awaited. Handlers are
-looked up once per event name, and again after any addon is added or removed; an
-addon that grows or drops a hook method later is not seen (none of the proxy's does).
+looked up once per event name, and again after any addon is added or removed. Not seen:
+an addon that grows or drops a hook method later, sub-addons reordered without a remove
+and an add, an addon added while an event is being dispatched (mitmproxy's loop would
+reach it in that event); none of the proxy's addons does any of these.
 mitmproxy 11.0.2 and 12.3.1 have the same ``addonmanager`` module;
 tests/test_dispatch.py runs mitmproxy's own event sequence through both managers and
 requires the same calls, so an upgrade that changes the dispatch fails there.
@@ -51,23 +53,31 @@ class IndexedAddons(addonmanager.AddonManager):
         if (groups := self._handlers.get(event.name)) is None:
             groups = self._handlers[event.name] = self._find_handlers(event)
         args = event.args()
-        for group in groups:
+        for handlers, not_callable in groups:
             try:
                 with addonmanager.safecall():
-                    for _, handler in group:
+                    for handler in handlers:
                         result = handler(*args)
                         if result is not None and inspect.isawaitable(result):
                             await result
+                    if not_callable is not None:  # mitmproxy meets it after those handlers, every time
+                        raise exceptions.AddonManagerError(not_callable)
             except exceptions.AddonHalt:
                 return
 
-    def _find_handlers(self, event: hooks.Hook) -> list[list]:
-        """Per top-level addon of the chain that handles ``event``, its (addon, handler) pairs."""
+    def _find_handlers(self, event: hooks.Hook) -> list[tuple[list, str | None]]:
+        """Per top-level addon of the chain that handles ``event``: its handlers, and what mitmproxy
+        says of a hook attribute that is not callable, which ends the walk of that addon's tree."""
         found = []
         for addon in self.chain:
-            with addonmanager.safecall():  # a hook attribute that is not callable: logged, as mitmproxy does
-                if group := list(self._iter_hooks(addon, event)):
-                    found.append(group)
+            handlers, not_callable = [], None
+            try:
+                for _, handler in self._iter_hooks(addon, event):
+                    handlers.append(handler)
+            except exceptions.AddonManagerError as exc:
+                not_callable = str(exc)
+            if handlers or not_callable is not None:
+                found.append((handlers, not_callable))
         return found
 
 

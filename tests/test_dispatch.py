@@ -1,8 +1,9 @@
 """`hoptrace proxy`'s indexed hook dispatch calls exactly what mitmproxy's own dispatch calls.
 
-Random chains of addons (sub-addons, async handlers, handlers that raise or halt the event)
-get mitmproxy's own event sequences of real flow objects through both managers, then an
-addon added and one removed; the calls, in order, and the errors logged must be the same.
+Random chains of addons (sub-addons, async handlers, handlers that raise or halt the event,
+hook attributes that are not callable) get mitmproxy's own event sequences of real flow
+objects through both managers, then an addon added and one removed; the calls, in order,
+and the errors logged must be the same.
 A mitmproxy upgrade that changes how events are dispatched fails here.
 """
 
@@ -20,7 +21,7 @@ from mitmproxy.test import tflow
 from hoptrace.proxy._dispatch import IndexedAddons, indexed_master
 
 HOOKS = ("requestheaders", "request", "responseheaders", "response", "error", "update", "tcp_start", "tcp_message", "tcp_end")
-BEHAVIOURS = ("returns", "awaits", "raises", "halts")
+BEHAVIOURS = ("returns", "awaits", "raises", "halts", "is not callable")
 
 handlers = st.dictionaries(st.sampled_from(HOOKS), st.sampled_from(BEHAVIOURS), max_size=4)
 addon_specs = st.fixed_dictionaries({"hooks": handlers, "children": st.lists(handlers, max_size=2)})
@@ -46,8 +47,12 @@ def _handler(label: str, hook: str, behaviour: str, calls: list):
 
 
 def _addon(label: str, hooks: dict[str, str], calls: list, children: list | None = None):
-    methods = {hook: _handler(label, hook, behaviour, calls) for hook, behaviour in hooks.items()}
-    addon = type(label, (), methods)()
+    methods = {
+        hook: 5 if behaviour == "is not callable" else _handler(label, hook, behaviour, calls)
+        for hook, behaviour in hooks.items()
+    }
+    # The label as its text: mitmproxy names the addon in what it logs.
+    addon = type(label, (), {**methods, "__repr__": lambda self: label})()
     addon.name = label
     if children is not None:
         addon.addons = children
