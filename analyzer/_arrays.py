@@ -36,19 +36,18 @@ def group_quantiles(codes: np.ndarray, values: np.ndarray, qs: tuple[float, ...]
     if not keep.all():
         codes, values = codes[keep], values[keep]
     lowest = int(codes.min()) if len(codes) else 0
-    # The codes' span bounds the number of groups. Codes that fit in 16 bits make a stable sort
-    # of them a radix sort, 5x faster.
-    few = len(codes) == 0 or int(codes.max()) - lowest < _PARTITIONED_GROUPS
+    span = int(codes.max()) - lowest if len(codes) else 0  # bounds the number of groups
+    # The codes shifted to start at 0: spanning under 2**15, they sort stably as int16, a radix sort, 5x faster.
+    by_group = codes.astype(np.int64) - lowest
+    if span < 2**15:
+        by_group = by_group.astype(np.int16)
+    few = span < _PARTITIONED_GROUPS
     if few:
-        order = np.argsort((codes.astype(np.int64, copy=False) - lowest).astype(np.int16), kind="stable")
+        order = np.argsort(by_group, kind="stable")
     else:
-        # By value, then stably by group: every group's values in order.
-        order = np.argsort(values)
-        by_group = codes[order]
-        if -(2**15) <= lowest and by_group.max() < 2**15:
-            by_group = by_group.astype(np.int16)
-        order = order[np.argsort(by_group, kind="stable")]
-        del by_group
+        order = np.argsort(values)  # by value, then stably by group: every group's values in order
+        order = order[np.argsort(by_group[order], kind="stable")]
+    del by_group
     # One array at a time: at a million values each copy is 8 MB, and this runs at the analysis's peak.
     codes = codes[order]
     values = values[order]
