@@ -87,6 +87,12 @@ class _Errors(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+async def _through(master, flow) -> None:
+    """Every event of ``flow``, as mitmproxy's proxy server sends them."""
+    for event in eventsequence.iterate(flow):
+        await master.addons.handle_lifecycle(event)
+
+
 async def _dispatch(make_master, specs: list[dict], late: dict) -> tuple[list, list[str]]:
     calls: list = []
     errors = _Errors()
@@ -96,13 +102,11 @@ async def _dispatch(make_master, specs: list[dict], late: dict) -> tuple[list, l
         chain = _chain(specs, calls, "addon")
         master.addons.add(*chain)
         for flow in _flows():
-            for event in eventsequence.iterate(flow):
-                await master.addons.handle_lifecycle(event)
+            await _through(master, flow)
         # The chain changes, a new addon comes, then the first leaves: the next events must see each change.
         for change in (lambda: master.addons.add(_addon("late", late, calls)), lambda: master.addons.remove(chain[0])):
             change()
-            for event in eventsequence.iterate(_flows()[0]):
-                await master.addons.handle_lifecycle(event)
+            await _through(master, _flows()[0])
     finally:
         master._legacy_log_events.uninstall()  # what Master.run does on its way out
         logging.getLogger("mitmproxy").removeHandler(errors)
@@ -128,12 +132,10 @@ def test_the_proxys_master_dispatches_through_the_index():
         probe.configure = lambda updated: configured.append(set(updated))
         master.addons.add(probe)
         master.options.update(probe=1)
-        for event in eventsequence.iterate(_flows()[0]):
-            await master.addons.handle_lifecycle(event)
+        await _through(master, _flows()[0])
         master.addons.clear()  # no addon left: the next events reach none
-        for event in eventsequence.iterate(_flows()[0]):
-            await master.addons.handle_lifecycle(event)
-        master._legacy_log_events.uninstall()
+        await _through(master, _flows()[0])
+        master._legacy_log_events.uninstall()  # what Master.run does on its way out
         return master, calls, configured
 
     master, calls, configured = asyncio.run(build())
