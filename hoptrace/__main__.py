@@ -1,3 +1,3 @@
-from hoptrace.cli import cli
+from hoptrace.cli import main
 
-cli(prog_name="hoptrace")
+main()

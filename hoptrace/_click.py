@@ -13,6 +13,12 @@ import click
 from hoptrace._errors import HoptraceError
 
 
+class OwnProcess:
+    """The context object when hoptrace runs as its own program (the console script, ``python -m
+    hoptrace``) rather than called inside another program's process: a command may then replace
+    the process, as `hoptrace proxy` does to run under ``python -O``."""
+
+
 class BadInput(click.ClickException):
     """A one-line error about the user's input; exit 2, like click's own usage errors."""
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 
 from hoptrace import __version__
-from hoptrace._click import LazyGroup
+from hoptrace._click import LazyGroup, OwnProcess
 
 COMMANDS = {
     "proxy": "hoptrace.proxy._cli:proxy",
@@ -34,3 +34,8 @@ def cli() -> None:
     browse it with `hoptrace ui`. `hoptrace demo` shows the whole job on the
     bundled sample stack.
     """
+
+
+def main() -> None:
+    """The `hoptrace` program: the console script and ``python -m hoptrace``."""
+    cli(prog_name="hoptrace", obj=OwnProcess())

@@ -138,6 +138,16 @@ def proxy(spawn, tmp_path):
     return start
 
 
+def command_line(pid: int) -> list[str]:
+    """The command line a running process was started (or last exec'd) with."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+
+
+def children(pid: int) -> list[int]:
+    """The ids of a running process's child processes."""
+    return [int(line) for task in Path(f"/proc/{pid}/task").iterdir() for line in (task / "children").read_text().split()]
+
+
 def query(db: Path, sql: str, *params) -> list[sqlite3.Row]:
     """Rows of one query on a trace file, opened and closed around it."""
     conn = sqlite3.connect(db)

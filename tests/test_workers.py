@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hoptrace.cli import cli
 from hoptrace.proxy.workers import capture_shards, parse_worker_source
 
-from .conftest import PYTHON, free_port, query
+from .conftest import PYTHON, children, command_line, free_port, query
 
 REQUESTS = 2_000
 CLIENTS = 32
@@ -63,6 +63,9 @@ async def _served(upstream_url: str) -> int:
 def test_two_workers_share_the_port_and_record_every_hop_across_shards(proxy, upstream, tmp_path):
     url = upstream("hello")
     proc, listen, db = proxy({"hello": url}, "--workers", "2")
+    workers = [c for c in map(command_line, children(proc.popen.pid)) if "--multiprocessing-fork" in c]
+    # The parent re-ran itself under -O; multiprocessing hands the flag on to the workers.
+    assert len(workers) == 2 and all(c[1] == "-O" for c in workers), workers
     answered = asyncio.run(_load(listen["hello"]))
     served = asyncio.run(_served(url))
     assert proc.stop(signal.SIGINT) == 0, proc.output
