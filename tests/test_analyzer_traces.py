@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
+import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -319,3 +320,29 @@ def test_many_concurrent_refresh_races_link_every_call(tmp_path):
     a = analyze_builder(b, tmp_path)
     assert all(links(a)[call][0] == request for request, call in pairs)
     assert "token_reuse" not in set(a.findings["kind"])
+
+
+_IDS = st.sampled_from([None, "a", "b", "c", "d"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(st.integers(0, 1), st.sampled_from([None, "t1", "t2"]), _IDS, _IDS, st.booleans()), max_size=40
+    )
+)
+def test_span_links_are_the_latest_earlier_hop_of_the_parent_span_in_the_trace(rows):
+    from hoptrace.analyzer._traces import _by_span
+
+    hops = pd.DataFrame(rows, columns=["capture", "trace", "span_id", "parent_span_id", "todo"])
+    capture = hops["capture"].to_numpy(np.int64)
+    trace = pd.factorize(hops["trace"])[0].astype(np.int64)  # -1: no trace id
+    found = _by_span(hops, capture, trace, hops["todo"].to_numpy(bool))
+    expected = {}
+    for q, (cap, tid, _, parent_span, todo) in enumerate(rows):
+        if todo and tid is not None and parent_span is not None:
+            earlier = [c for c, row in enumerate(rows[:q]) if row[:3] == (cap, tid, parent_span)]
+            if earlier:
+                expected[q] = max(earlier)
+    assert dict(zip(found[0].tolist(), found[1].tolist())) == expected
+    assert found[0].tolist() == sorted(expected)
