@@ -6,6 +6,7 @@ import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -116,19 +117,24 @@ def analyze(
     if not paths:
         raise AnalysisError("no trace file to analyze")
     started = time.perf_counter()
-    try:
-        tables = load_files(paths, since=lo, until=hi, extra_columns=config.extra_hop_columns)
-    except ValueError as exc:  # an unknown column name in the config
-        raise AnalysisError(str(exc)) from None
-    loaded = time.perf_counter() - started
-    saved = None
-    if reuse_saved and len(paths) == 1 and lo is None and hi is None:  # a joined analysis is saved in no file
-        from hoptrace.analyzer._saved import load_saved  # it imports this module
+    # One file's structure check goes on beside the analysis (SQLite checks without the GIL, which
+    # the rebuild holds); its verdict, at the block's end, comes before the analysis is returned.
+    with ExitStack() as checks:
+        try:
+            tables = load_files(paths, since=lo, until=hi, extra_columns=config.extra_hop_columns, checks=checks)
+        except ValueError as exc:  # an unknown column name in the config
+            raise AnalysisError(str(exc)) from None
+        loaded = time.perf_counter() - started
+        saved = None
+        if reuse_saved and len(paths) == 1 and lo is None and hi is None:  # a joined analysis is saved in no file
+            from hoptrace.analyzer._saved import load_saved  # it imports this module
 
-        saved = load_saved(paths[0], tables, asked)
-    config = config if saved is None else saved.config
-    headers = HeaderReader(paths[0]) if len(paths) == 1 else JoinedHeaders(paths)
-    analysis = analyze_tables(tables, config, trace=trace, since=lo, until=hi, headers=headers, saved=saved, latency=latency)
+            saved = load_saved(paths[0], tables, asked)
+        config = config if saved is None else saved.config
+        headers = HeaderReader(paths[0]) if len(paths) == 1 else JoinedHeaders(paths)
+        analysis = analyze_tables(
+            tables, config, trace=trace, since=lo, until=hi, headers=headers, saved=saved, latency=latency
+        )
     analysis.source = ", ".join(map(str, paths))
     analysis.files = tuple(map(str, paths))
     analysis.timings = {"load": loaded, **analysis.timings}

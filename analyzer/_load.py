@@ -34,11 +34,11 @@ import re
 import sqlite3
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import closing, contextmanager
+from contextlib import ExitStack, closing, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 import numpy as np
 import pandas as pd
@@ -117,6 +117,7 @@ def load(
     until: float | None = None,
     extra_columns: tuple[str, ...] | str = (),
     reader: Literal["auto", "arrow", "sqlite"] = "auto",
+    checks: ExitStack | None = None,
 ) -> Tables:
     """Read a trace DB, treating it as untrusted; works while the proxy is still writing.
 
@@ -127,13 +128,18 @@ def load(
     through Arrow in a child process (``"auto"`` does from :data:`ARROW_MIN_HOPS` hops on)
     or through ``sqlite3`` in this one; both give the same tables. Raises
     :class:`TraceFileError`, and ``ValueError`` for an unknown column name.
+
+    The file's structure is checked (``PRAGMA quick_check``) once the reads are done, before this
+    returns; with ``checks``, the verdict is left to that stack instead: the check goes on beside
+    whatever the caller does with the tables, and the stack's exit raises the ``TraceFileError`` of
+    a corrupt file in place of what the caller's block returned or raised.
     """
     columns = _hop_columns(extra_columns)
     try:
         conn = open_for_reading(path, check=False)  # _read checks the structure, alongside its reads
         try:
             conn.execute("BEGIN")  # captures, tokens and the id bound from one snapshot
-            tables = _read(conn, Path(path), columns, since, until, reader)
+            tables = _read(conn, Path(path), columns, since, until, reader, checks)
         except SQLITE_ERRORS as exc:
             check_structure(conn, path)  # a corrupt file is the likely cause: then say that
             raise TraceFileError(f"{path}: cannot read the trace database ({exc})") from None
@@ -160,7 +166,7 @@ def _hop_columns(extra: tuple[str, ...] | str) -> tuple[str, ...]:
     return tuple(dict.fromkeys((*CORE_HOP_COLUMNS, *(c for c in extra if c != "id"))))
 
 
-def _read(conn, path: Path, columns: tuple[str, ...], since, until, reader: str) -> Tables:
+def _read(conn, path: Path, columns: tuple[str, ...], since, until, reader: str, checks: ExitStack | None) -> Tables:
     shape = _shape(conn, path)
     captures = _read_captures(conn)
     last_id = conn.execute(f"SELECT max(id) FROM hops{shape.integer_ids}").fetchone()[0]
@@ -184,6 +190,9 @@ def _read(conn, path: Path, columns: tuple[str, ...], since, until, reader: str)
     entries = tuple(str(e) for e in captures["entry"].dropna().unique()) if root_traces else ()
     reads = _Reads(hop_columns, bounds, where, params, entries, last_id, shape)
     threads = len(os.sched_getaffinity(0))
+    check = _StructureCheck(conn.uri, path)
+    if checks is not None:  # the caller's stack waits for the verdict, once it has used the tables too
+        checks.enter_context(check)
     through_arrow = reader == "arrow" or (reader == "auto" and count >= ARROW_MIN_HOPS)
     with ThreadPoolExecutor(max_workers=threads) as pool:
         if through_arrow:
@@ -191,9 +200,9 @@ def _read(conn, path: Path, columns: tuple[str, ...], since, until, reader: str)
         else:
             running = [pool.submit(_run_read, conn.uri, read) for read in reads.through_sqlite()]
         tokens = _read_tokens(conn)  # the same snapshot as the captures and the id bound
-        with _checking(pool, conn.uri, path) as check:
+        with check if checks is None else nullcontext():
             parts = _finish(running, through_arrow, pool, conn.uri, reads)
-            check()
+            check.start()
             hops = _join_hops(hop_columns, parts[1:])
             if single_capture:
                 hops["capture_id"] = np.full(len(hops), low, np.int64)
@@ -343,29 +352,38 @@ def _unique_ids(hops: pd.DataFrame, shape: _Shape) -> tuple[pd.DataFrame, list[s
     return hops[~repeated], [f"{int(repeated.sum())} hops whose id repeated an earlier one were ignored"]
 
 
-@contextmanager
-def _checking(pool: ThreadPoolExecutor, uri: str, path: Path):
-    """:func:`hoptrace.db.check_structure` in ``pool``, started by the function this yields: the
-    body calls it when the reads are done, so that the check runs while the body puts together
-    what they read, on the core that work leaves idle. Started with the reads, it took the cores
-    from them: at 1M hops the Arrow reader's two threads, the check and the tokens' read shared
-    two cores (six loads alternating, medians: 4.70 s with the reads, 4.35 s after them).
+class _StructureCheck:
+    """:func:`hoptrace.db.check_structure` of one file, in a thread of its own from :meth:`start` on.
 
-    Its verdict comes before the body's result or error (the check is started then if the body
-    did not), so what a corrupt file reads as is never seen.
+    The loader starts it when the reads are done, so that the check runs while what they read is
+    put together (and, left to the caller, while that is analysed), on the core that work leaves
+    idle: SQLite lets go of the GIL while it checks. Started with the reads, it took the cores from
+    them: at 1M hops the Arrow reader's two threads, the check and the tokens' read shared two
+    cores (six loads alternating, medians: 4.70 s with the reads, 4.35 s after them).
+
+    Leaving it waits for the verdict, which comes before the block's result or error (the check is
+    started then if it was not), so what a corrupt file reads as is never seen.
     """
-    checked: Future | None = None
 
-    def start() -> None:
-        nonlocal checked
-        if checked is None:
-            checked = pool.submit(_run_read, uri, partial(check_structure, path=path))
+    def __init__(self, uri: str, path: Path) -> None:
+        self._check = partial(_run_read, uri, partial(check_structure, path=path))
+        self._verdict: Future | None = None
 
-    try:
-        yield start
-    finally:
-        start()
-        checked.result()  # TraceFileError for a corrupt file, in place of what the body returned or raised
+    def start(self) -> None:
+        if self._verdict is None:
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hoptrace-check")
+            self._verdict = pool.submit(self._check)
+            pool.shutdown(wait=False)  # the thread ends with the check
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.start()
+        try:
+            self._verdict.result()  # TraceFileError for a corrupt file, in place of what the block returned or raised
+        except TraceFileError as exc:
+            raise TraceFileError(" ".join(str(exc).split())) from None  # a path can span lines: keep one
 
 
 def _tables(captures: pd.DataFrame, hops: pd.DataFrame, tokens: pd.DataFrame, hop_tokens: pd.DataFrame) -> Tables:

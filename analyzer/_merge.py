@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -44,15 +45,16 @@ _COUNTERS = ("hops_seen", "hops_recorded", "hops_dropped", "addon_errors", "writ
 _SAME_CAPTURE = ("started_at", "source", "entry", "routes")
 
 
-def load_files(paths: Sequence[str | Path], **options) -> Tables:
+def load_files(paths: Sequence[str | Path], *, checks: ExitStack | None = None, **options) -> Tables:
     """Read every file of ``paths`` (:func:`load`'s ``options`` apply to each) and join them.
 
     Raises the :class:`~hoptrace._errors.TraceFileError` of the first unusable file, in the
-    order given: one line, naming it.
+    order given: one line, naming it. ``checks``: one file's structure check is left to that
+    stack, as :func:`load` does; several files are each checked before they are joined.
     """
     paths = [Path(p) for p in paths]
     if len(paths) == 1:
-        return load(paths[0], **options)
+        return load(paths[0], checks=checks, **options)
     # Each load runs its own reads in threads; a file at a time per core keeps them from queueing.
     with ThreadPoolExecutor(max_workers=min(len(paths), len(os.sched_getaffinity(0)))) as pool:
         running = [pool.submit(load, path, **options) for path in paths]

@@ -10,6 +10,7 @@ import sqlite3
 import sys
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pandas as pd
@@ -180,6 +181,45 @@ def test_a_corrupt_file_whose_reads_fail_oddly_gets_the_checks_verdict(tmp_path,
     with pytest.raises(TraceFileError) as info:
         load(path, reader=reader)
     assert str(info.value) == str(unpatched.value) and "malformed" in str(info.value)
+
+
+def test_a_check_left_to_the_caller_runs_beside_its_work_and_its_verdict_comes_last(tmp_path, monkeypatch):
+    path = small().write(tmp_path / "t.db")
+    checking, verdict = threading.Event(), threading.Event()
+
+    def held_check(conn, path):
+        checking.set()
+        assert verdict.wait(30)
+        raise TraceFileError(f"{path}: database is corrupt (held)")
+
+    monkeypatch.setattr(_load, "check_structure", held_check)
+    with pytest.raises(TraceFileError, match="corrupt"), ExitStack() as checks:
+        tables = load(path, checks=checks)
+        # The tables are here while the check is still under way.
+        assert checking.wait(30) and not verdict.is_set() and len(tables.hops) == len(small().hops)
+        verdict.set()
+        raise ValueError("whatever the caller's work made of what a corrupt file reads as")
+
+
+def test_an_index_damaged_where_no_read_goes_still_fails_the_analysis(tmp_path):
+    """The reads never use the tokens' ``sub`` index: the analysis runs to its end on sound
+    rows, and the structure check, left to run beside it, still refuses the file."""
+    b = Builder()
+    for i in range(300):
+        b.hop("gateway", f"GET /{i}", i, i + 0.5, presented=b.token(sub=f"user-{i}", exp=10_000))
+    path = b.write(tmp_path / "t.db")
+    with sqlite3.connect(path) as conn:
+        (root,) = conn.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'tokens_sub'").fetchone()
+    conn.close()
+    data = bytearray(path.read_bytes())
+    page = (root - 1) * 4096  # pages count from 1
+    data[page : page + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    with pytest.raises(TraceFileError, match="corrupt"), ExitStack() as checks:
+        assert len(load(path, checks=checks).hops) == 300  # the reads alone find nothing wrong
+    with pytest.raises(TraceFileError, match="corrupt") as info:
+        analyze(path)
+    assert "\n" not in str(info.value)
 
 
 def corrupt_db(tmp_path: Path, hops: int = 300, damaged_hop: int | None = None) -> Path:
