@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 
 def run_starts(*keys: np.ndarray) -> np.ndarray:
@@ -85,3 +86,18 @@ def group_keys(frame: pd.DataFrame, keys: list[str]) -> tuple[np.ndarray, list[t
     codes = group_codes(frame, keys)
     _, first = np.unique(codes, return_index=True)  # the codes count up from 0 in order of appearance
     return codes, list(zip(*(frame[key].to_numpy()[first].tolist() for key in keys)))
+
+
+def taken_text(column: pd.Series, positions: np.ndarray) -> pd.api.extensions.ExtensionArray:
+    """``column``'s values at ``positions`` (-1: missing) as text, pandas' ``str`` dtype: what
+    ``column.iloc``-by-position then ``.astype("str")`` gives.
+
+    A Categorical's values are taken by Arrow from its codes and categories: pandas' ``astype``
+    makes a Python object per value, 0.2 s for a million subjects of 35k categories (0.03 s so).
+    """
+    if not isinstance(column.dtype, pd.CategoricalDtype):
+        return column.array.take(positions, allow_fill=True).astype("str")
+    codes = np.append(column.cat.codes.to_numpy(), -1)[positions]  # -1 takes the missing code appended
+    categories = pa.array(column.cat.categories.astype("str").to_numpy(object), pa.large_string())
+    values = pa.DictionaryArray.from_arrays(pa.array(codes, mask=codes < 0), categories).dictionary_decode()
+    return pd.array(values, dtype="str")

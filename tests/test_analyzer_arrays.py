@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hoptrace.analyzer import _arrays
-from hoptrace.analyzer._arrays import group_codes, group_keys, group_quantiles, run_starts
+from hoptrace.analyzer._arrays import group_codes, group_keys, group_quantiles, run_starts, taken_text
 
 _text = st.one_of(st.none(), st.sampled_from(["a", "b", "c", ""]))
 _row = st.tuples(st.sampled_from([None, 1, 2, -3]), _text, st.sampled_from([0.5, float("nan"), -0.0, 0.0, 1.0]), _text)
@@ -89,3 +89,21 @@ def test_group_quantiles_of_narrow_integer_codes_come_in_code_order():
     got_codes, got = group_quantiles(codes, np.array([1.0, 2.0, 3.0, 4.0]), (0.5,))
     np.testing.assert_array_equal(got_codes, [-100, 100])
     np.testing.assert_array_equal(got[:, 0], [3.0, 2.0])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    # Text or missing, as fingerprints and subjects are (pandas writes a Categorical of numbers
+    # with a missing value as "0.0": not a case the analysis has).
+    values=st.lists(st.one_of(st.none(), st.sampled_from(["alice", "bob", "é", "", "0"])), max_size=12),
+    categorical=st.booleans(),
+    data=st.data(),
+)
+def test_taken_text_is_what_pandas_gives_by_position_as_str(values, categorical, data):
+    column = pd.Series(values, dtype="category" if categorical else object)
+    positions = np.array(data.draw(st.lists(st.integers(-1, len(values) - 1), max_size=20)), dtype=np.int64)
+    # What the analysis did before: a reindex by label (a label past the end where a position is -1), then astype.
+    expected = column.reindex(np.where(positions >= 0, positions, len(column))).astype("str")
+    got = pd.Series(taken_text(column, positions))
+    assert got.dtype == "str" and got.isna().tolist() == expected.isna().tolist()
+    assert got.fillna("<missing>").tolist() == expected.fillna("<missing>").tolist()
