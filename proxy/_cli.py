@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib.util
 import math
 import os
 import subprocess
@@ -114,23 +116,35 @@ def proxy(route_specs: tuple[str, ...], stack_file: Path | None, db: Path | None
 
 
 def _rerun_optimized() -> None:
-    """Replace this process by the same command under ``python -O``, unless it runs so already.
+    """Replace this process by the same command under ``python -O``, when that costs nothing lasting.
 
     mitmproxy keeps its self-checks behind ``__debug__``: the type check of every request's and
     response's fields as they are built (``http.MessageData.__post_init__``), the event-type check
     wrapped around every protocol layer's handler (``proxy.utils.expect``) and its asserts. They
     guard mitmproxy's own development; skipping them cuts the proxy's CPU per request by a fifth.
     The process keeps its id, so whoever started it still holds it, and ``multiprocessing`` passes
-    -O on to the workers. Where exec is not possible the proxy runs as it is.
+    -O on to the workers. The proxy runs as it is where exec cannot help: a frozen program, no
+    POSIX exec, or no -O bytecode of mitmproxy that Python has or may write (PYTHONDONTWRITEBYTECODE,
+    a read-only install), since compiling it at every start would cost ~1.7 s of CPU each time.
     """
-    if sys.flags.optimize or os.name != "posix":
+    if sys.flags.optimize or os.name != "posix" or getattr(sys, "frozen", False) or not _optimized_bytecode():
         return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
+    for stream in (sys.stdout, sys.stderr):  # None when the descriptor was closed
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+    with contextlib.suppress(OSError):
         os.execv(sys.executable, [sys.executable, "-O", *sys.orig_argv[1:]])
-    except OSError:
-        return
+
+
+def _optimized_bytecode() -> bool:
+    """Whether mitmproxy's -O bytecode is there, or Python may write it at the first start."""
+    spec = importlib.util.find_spec("mitmproxy.http")
+    if spec is None or not spec.origin:
+        return False
+    cached = Path(importlib.util.cache_from_source(spec.origin, optimization=1))
+    folder = cached.parent if cached.parent.exists() else cached.parent.parent
+    return cached.exists() or (not sys.dont_write_bytecode and os.access(folder, os.W_OK))
 
 
 def _run_workers(config, workers: int, tick, live: bool, web: _WebView | None) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
+import os
 import shutil
 import signal
 import sqlite3
@@ -13,6 +15,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+
+from hoptrace.proxy._cli import _optimized_bytecode
 
 from .conftest import PYTHON, command_line, free_port, query
 
@@ -68,11 +72,49 @@ def test_records_every_hop_and_stops_cleanly_on_sigint(upstream, proxy):
 
 def test_the_program_reruns_itself_under_python_O_in_the_same_process(upstream, proxy):
     # mitmproxy's self-checks behind __debug__ cost a fifth of the proxy's CPU per request.
+    assert _optimized_bytecode(), "no -O bytecode of mitmproxy here: dev.py compiles it when it installs"
     proc, listen, db = proxy({"hello": upstream("hello")})
     assert command_line(proc.popen.pid)[1:5] == ["-O", "-m", "hoptrace", "proxy"]
     assert asyncio.run(fetch_all([f"{listen['hello']}/items/1"], 1)) == [200]
     assert proc.stop(signal.SIGINT) == 0
     assert "1 hops recorded, 0 dropped" in proc.output and len(hops(db)) == 1
+
+
+@pytest.mark.parametrize(("cached", "may_write", "expected"), [(False, False, False), (True, False, True), (False, True, True)])
+def test_python_O_is_skipped_only_where_mitmproxy_would_be_compiled_at_every_start(tmp_path, monkeypatch, cached, may_write, expected):
+    pyc = tmp_path / "__pycache__" / "http.cpython-311.opt-1.pyc"
+    if cached:
+        pyc.parent.mkdir()
+        pyc.write_bytes(b"")
+    monkeypatch.setattr(importlib.util, "cache_from_source", lambda source, optimization: str(pyc))
+    monkeypatch.setattr(sys, "dont_write_bytecode", not may_write)
+    assert _optimized_bytecode() is expected
+
+
+def test_the_proxy_runs_with_its_standard_output_closed(upstream, tmp_path):
+    db, port = tmp_path / "t.db", free_port()
+    args = [PYTHON, "-m", "hoptrace", "proxy", "--db", str(db), "--route", f"hello={upstream('hello')}@{port}"]
+    # fd 1 closed in the child: Python starts with sys.stdout None.
+    proc = subprocess.Popen(
+        args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: os.close(1),  # noqa: PLW1509 -- a test's child, no threads in play
+    )  # fmt: skip
+    try:
+        said = []
+        for line in proc.stderr:
+            said.append(line)
+            if "proxy ready" in line:
+                break
+        assert "proxy ready" in "".join(said), "".join(said)
+        assert asyncio.run(fetch_all([f"http://127.0.0.1:{port}/items/1"], 1)) == [200]
+        proc.send_signal(signal.SIGINT)
+        said.append(proc.communicate(timeout=30)[1])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and "Traceback" not in "".join(said), "".join(said)
+    assert len(hops(db)) == 1
 
 
 def test_unreachable_and_truncating_upstreams_are_recorded_as_failed(upstream, proxy):
