@@ -15,7 +15,8 @@ connection saw: the recorder only appends, committing hops with their token
 sightings, so that bound is one consistent snapshot even while the proxy writes.
 After the reads a thread checks the file's structure (:func:`hoptrace.db.check_structure`)
 while the main one puts together what they read; nothing leaves :func:`load` before
-the check passed.
+the check passed, unless the caller takes the verdict on itself (``checks``: then nothing
+leaves the caller's block before it).
 
 From :data:`ARROW_MIN_HOPS` hops on, the hop columns and the token sightings are read
 instead by a child process through Arrow's ADBC driver (:mod:`hoptrace.analyzer._arrow_child`:
@@ -32,9 +33,10 @@ import json
 import os
 import re
 import sqlite3
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, closing, nullcontext
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -191,8 +193,6 @@ def _read(conn, path: Path, columns: tuple[str, ...], since, until, reader: str,
     reads = _Reads(hop_columns, bounds, where, params, entries, last_id, shape)
     threads = len(os.sched_getaffinity(0))
     check = _StructureCheck(conn.uri, path)
-    if checks is not None:  # the caller's stack waits for the verdict, once it has used the tables too
-        checks.enter_context(check)
     through_arrow = reader == "arrow" or (reader == "auto" and count >= ARROW_MIN_HOPS)
     with ThreadPoolExecutor(max_workers=threads) as pool:
         if through_arrow:
@@ -200,7 +200,7 @@ def _read(conn, path: Path, columns: tuple[str, ...], since, until, reader: str,
         else:
             running = [pool.submit(_run_read, conn.uri, read) for read in reads.through_sqlite()]
         tokens = _read_tokens(conn)  # the same snapshot as the captures and the id bound
-        with check if checks is None else nullcontext():
+        with check.kept_by(checks):
             parts = _finish(running, through_arrow, pool, conn.uri, reads)
             check.start()
             hops = _join_hops(hop_columns, parts[1:])
@@ -362,28 +362,52 @@ class _StructureCheck:
     cores (six loads alternating, medians: 4.70 s with the reads, 4.35 s after them).
 
     Leaving it waits for the verdict, which comes before the block's result or error (the check is
-    started then if it was not), so what a corrupt file reads as is never seen.
+    started then if it was not), so what a corrupt file reads as is never seen; but not on Ctrl-C,
+    which is let through at once (the thread is a daemon: it does not hold the exit either).
     """
 
     def __init__(self, uri: str, path: Path) -> None:
-        self._check = partial(_run_read, uri, partial(check_structure, path=path))
+        self._uri, self._path = uri, path
         self._verdict: Future | None = None
 
     def start(self) -> None:
         if self._verdict is None:
-            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hoptrace-check")
-            self._verdict = pool.submit(self._check)
-            pool.shutdown(wait=False)  # the thread ends with the check
+            self._verdict = Future()
+            threading.Thread(target=self._check, name="hoptrace-check", daemon=True).start()
+
+    def _check(self) -> None:
+        try:
+            self._verdict.set_result(_run_read(self._uri, partial(check_structure, path=self._path)))
+        except SQLITE_ERRORS as exc:  # the file went away, or no connection could be opened to it
+            self._verdict.set_exception(TraceFileError(f"{self._path}: cannot read the trace database ({exc})"))
+        except BaseException as exc:  # noqa: BLE001 -- handed on to whoever waits for the verdict
+            self._verdict.set_exception(exc)
+
+    @contextmanager
+    def kept_by(self, checks: ExitStack | None) -> Iterator[None]:
+        """The verdict at the block's end; with ``checks``, when the block succeeds, at that stack's end instead."""
+        if checks is None:
+            with self:
+                yield
+            return
+        try:
+            yield
+        except BaseException:
+            with self:  # a read failed: the verdict now, in place of its error
+                raise
+        checks.enter_context(self)
 
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is not None and not issubclass(exc_type, Exception):  # KeyboardInterrupt, SystemExit
+            return
         self.start()
         try:
             self._verdict.result()  # TraceFileError for a corrupt file, in place of what the block returned or raised
-        except TraceFileError as exc:
-            raise TraceFileError(" ".join(str(exc).split())) from None  # a path can span lines: keep one
+        except TraceFileError as error:
+            raise TraceFileError(" ".join(str(error).split())) from None  # a path can span lines: keep one
 
 
 def _tables(captures: pd.DataFrame, hops: pd.DataFrame, tokens: pd.DataFrame, hop_tokens: pd.DataFrame) -> Tables:

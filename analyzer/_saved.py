@@ -200,7 +200,7 @@ def load_saved(path: str | Path, tables: Tables, config: AnalyzerConfig | None =
     ``config`` (None: any options, taken as saved); None when there is none, it is stale, or it does not
     add up (then with a note on ``tables``)."""
     try:
-        conn = open_for_reading(path, check=False)  # the loader has checked the file's structure
+        conn = open_for_reading(path, check=False)  # the loader checks the file's structure, and analyze() waits for it
     except TraceFileError:
         return None
     try:

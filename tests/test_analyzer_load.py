@@ -201,6 +201,47 @@ def test_a_check_left_to_the_caller_runs_beside_its_work_and_its_verdict_comes_l
         raise ValueError("whatever the caller's work made of what a corrupt file reads as")
 
 
+def test_a_check_left_to_the_caller_lets_ctrl_c_through_at_once(tmp_path, monkeypatch):
+    path = small().write(tmp_path / "t.db")
+    released = threading.Event()
+
+    def held_check(conn, path):
+        assert released.wait(30), "the caller waited for the verdict"
+
+    monkeypatch.setattr(_load, "check_structure", held_check)
+    try:
+        with pytest.raises(KeyboardInterrupt), ExitStack() as checks:
+            load(path, checks=checks)
+            raise KeyboardInterrupt
+    finally:
+        released.set()
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_a_check_that_cannot_open_the_file_is_one_line_not_sqlites_error(tmp_path, monkeypatch, deferred):
+    path = small().write(tmp_path / "t.db")
+
+    def vanished(conn, path):
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(_load, "check_structure", vanished)
+    with pytest.raises(TraceFileError, match=r"t\.db: cannot read the trace database \(unable to open database file\)"):
+        if deferred:
+            analyze(path)
+        else:
+            load(path)
+
+
+def test_a_file_whose_reads_fail_is_checked_once(tmp_path, monkeypatch):
+    path = corrupt_db(tmp_path, hops=3000, damaged_hop=1500)
+    runs = []
+    real = _load.check_structure
+    monkeypatch.setattr(_load, "check_structure", lambda conn, path: runs.append(path) or real(conn, path))
+    with pytest.raises(TraceFileError, match="malformed"):
+        analyze(path)
+    assert len(runs) == 1
+
+
 def test_an_index_damaged_where_no_read_goes_still_fails_the_analysis(tmp_path):
     """The reads never use the tokens' ``sub`` index: the analysis runs to its end on sound
     rows, and the structure check, left to run beside it, still refuses the file."""
