@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -145,7 +146,11 @@ def command_line(pid: int) -> list[str]:
 
 def children(pid: int) -> list[int]:
     """The ids of a running process's child processes."""
-    return [int(line) for task in Path(f"/proc/{pid}/task").iterdir() for line in (task / "children").read_text().split()]
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended since the listing
+            found += [int(line) for line in (task / "children").read_text().split()]
+    return found
 
 
 def query(db: Path, sql: str, *params) -> list[sqlite3.Row]:
