@@ -18,7 +18,7 @@ from hoptrace._errors import AnalysisError
 from hoptrace._memory import give_back
 from hoptrace._shards import parse_worker_source
 from hoptrace.analyzer import _latency, _prepare
-from hoptrace.analyzer._arrays import taken_text
+from hoptrace.analyzer._arrays import taken, taken_text
 from hoptrace.analyzer._config import AnalyzerConfig, parse_time
 from hoptrace.analyzer._detectors import DETECTORS, Context, Detector, run_detectors
 from hoptrace.analyzer._headers import HeaderReader
@@ -249,7 +249,7 @@ def _enrich(hops: pd.DataFrame, uses: pd.DataFrame, config: AnalyzerConfig) -> p
     at = primary.index.get_indexer(hops.index)  # -1: a hop with no token
     hops["token_fp"] = taken_text(primary["fp"], at)
     hops["token_sub"] = taken_text(primary["sub"], at)
-    hops["token_exp"] = np.append(primary["exp"].to_numpy(np.float64, na_value=np.nan), np.nan)[at]
+    hops["token_exp"] = taken(primary["exp"].to_numpy(np.float64, na_value=np.nan), at, np.nan)
     hops["remaining_s"] = hops["token_exp"] - hops["started_at"]
     parent = _latency.parent_positions(hops)
     hops["self_ms"] = _latency.self_ms(hops, parent)

@@ -88,6 +88,11 @@ def group_keys(frame: pd.DataFrame, keys: list[str]) -> tuple[np.ndarray, list[t
     return codes, list(zip(*(frame[key].to_numpy()[first].tolist() for key in keys)))
 
 
+def taken(values: np.ndarray, positions: np.ndarray, missing) -> np.ndarray:
+    """``values`` at ``positions``, ``missing`` where a position is -1 (a label ``get_indexer`` did not find)."""
+    return np.append(values, missing)[positions]  # -1 takes the value appended
+
+
 def taken_text(column: pd.Series, positions: np.ndarray) -> pd.api.extensions.ExtensionArray:
     """``column``'s values at ``positions`` (-1: missing) as text, pandas' ``str`` dtype: what
     ``column.iloc``-by-position then ``.astype("str")`` gives.
@@ -97,7 +102,7 @@ def taken_text(column: pd.Series, positions: np.ndarray) -> pd.api.extensions.Ex
     """
     if not isinstance(column.dtype, pd.CategoricalDtype):
         return column.array.take(positions, allow_fill=True).astype("str")
-    codes = np.append(column.cat.codes.to_numpy(), -1)[positions]  # -1 takes the missing code appended
+    codes = taken(column.cat.codes.to_numpy(), positions, -1)
     categories = pa.array(column.cat.categories.astype("str").to_numpy(object), pa.large_string())
     values = pa.DictionaryArray.from_arrays(pa.array(codes, mask=codes < 0), categories).dictionary_decode()
     return pd.array(values, dtype="str")

@@ -22,7 +22,7 @@ import pandas as pd
 
 from hoptrace._format import hop_ended
 from hoptrace._stored import stored_json
-from hoptrace.analyzer._arrays import group_codes, group_keys, group_quantiles, run_starts
+from hoptrace.analyzer._arrays import group_codes, group_keys, group_quantiles, run_starts, taken
 from hoptrace.analyzer._config import AnalyzerConfig
 from hoptrace.analyzer._headers import REDACTED_PREFIX, HeaderReader, empty_lines
 from hoptrace.analyzer._latency import is_error
@@ -123,7 +123,7 @@ def _taken_array(column: pd.Series, positions: np.ndarray) -> np.ndarray | pd.ap
 def _at_root(column: pd.Series, root: np.ndarray) -> np.ndarray:
     """``column``'s value at each position of ``root``, as ``reindex`` gives it: NaN at -1 (a root not among the hops)."""
     if isinstance(column.dtype, np.dtype):
-        return np.where(root >= 0, column.to_numpy(np.float64)[root], np.nan)
+        return taken(column.to_numpy(np.float64), root, np.nan)
     return np.asarray(column.array.take(root, allow_fill=True), dtype=object)
 
 

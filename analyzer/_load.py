@@ -144,7 +144,7 @@ def load(
             tables = _read(conn, Path(path), columns, since, until, reader, checks)
         except SQLITE_ERRORS as exc:
             check_structure(conn, path)  # a corrupt file is the likely cause: then say that
-            raise TraceFileError(f"{path}: cannot read the trace database ({exc})") from None
+            raise _cannot_read(path, exc) from None
         except (ValueError, TypeError, OverflowError, KeyError) as exc:
             # Content no check above foresaw: still a statement about the file, not a traceback.
             raise TraceFileError(
@@ -153,10 +153,18 @@ def load(
         finally:
             conn.close()
     except TraceFileError as exc:
-        # A path, or an error SQLite reports, can span lines: keep one.
-        raise TraceFileError(" ".join(str(exc).split())) from None
+        raise _one_line(exc) from None
     give_back()  # what the reads parsed, and the Arrow buffers: the frames hold copies of their own
     return tables
+
+
+def _cannot_read(path: str | Path, exc: Exception) -> TraceFileError:
+    return TraceFileError(f"{path}: cannot read the trace database ({exc})")
+
+
+def _one_line(error: TraceFileError) -> TraceFileError:
+    """``error`` on one line: a path, or an error SQLite reports, can span lines."""
+    return TraceFileError(" ".join(str(error).split()))
 
 
 def _hop_columns(extra: tuple[str, ...] | str) -> tuple[str, ...]:
@@ -379,7 +387,7 @@ class _StructureCheck:
         try:
             self._verdict.set_result(_run_read(self._uri, partial(check_structure, path=self._path)))
         except SQLITE_ERRORS as exc:  # the file went away, or no connection could be opened to it
-            self._verdict.set_exception(TraceFileError(f"{self._path}: cannot read the trace database ({exc})"))
+            self._verdict.set_exception(_cannot_read(self._path, exc))
         except BaseException as exc:  # noqa: BLE001 -- handed on to whoever waits for the verdict
             self._verdict.set_exception(exc)
 
@@ -407,7 +415,7 @@ class _StructureCheck:
         try:
             self._verdict.result()  # TraceFileError for a corrupt file, in place of what the block returned or raised
         except TraceFileError as error:
-            raise TraceFileError(" ".join(str(error).split())) from None  # a path can span lines: keep one
+            raise _one_line(error) from None
 
 
 def _tables(captures: pd.DataFrame, hops: pd.DataFrame, tokens: pd.DataFrame, hop_tokens: pd.DataFrame) -> Tables:
