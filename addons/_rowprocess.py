@@ -142,7 +142,8 @@ def _handle(message: tuple, state: dict) -> tuple | None:
         return None
     _, items, counts = message
     written = build_and_write(
-        state["conn"], state["path"], state["capture_id"], items, state["key"], state["store_bodies"], state["known"], Counts(*counts)
+        state["conn"], state["path"], state["capture_id"], items, state["key"], state["store_bodies"], state["known"], Counts(*counts),
+        columns=True,
     )
     return tuple(written)
 

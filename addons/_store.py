@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from hoptrace import __version__
+from hoptrace import _hop_columns as hop_columns
 from hoptrace._types import Route
 from hoptrace.addons._rows import HopRows, _bare, bare_hop, build_rows, clean_row
 from hoptrace.db import HOP_COLUMNS, HOP_TOKEN_COLUMNS, TOKEN_COLUMNS, open_for_writing
@@ -25,6 +26,7 @@ from hoptrace.db import HOP_COLUMNS, HOP_TOKEN_COLUMNS, TOKEN_COLUMNS, open_for_
 _HOP_INSERT = f"INSERT INTO hops ({', '.join(HOP_COLUMNS)}) VALUES ({', '.join('?' * len(HOP_COLUMNS))})"
 _TOKEN_INSERT = f"INSERT OR IGNORE INTO tokens ({', '.join(TOKEN_COLUMNS)}) VALUES ({', '.join('?' * len(TOKEN_COLUMNS))})"
 _LINK_INSERT = f"INSERT OR IGNORE INTO hop_tokens ({', '.join(HOP_TOKEN_COLUMNS)}) VALUES (?, ?, ?, ?)"
+_COLUMNS_INSERT = f"INSERT INTO {hop_columns.TABLE} (first_id, last_id, hops, sightings) VALUES (?, ?, ?, ?)"
 # max(): a capture's counters in the file never go back, whatever order updates land in.
 _CAPTURE_UPDATE = (
     "UPDATE captures SET hops_seen = max(hops_seen, ?), hops_recorded = max(hops_recorded, ?),"
@@ -72,21 +74,28 @@ def update_capture(conn: sqlite3.Connection, capture_id: int, counts: Counts, en
 
 
 def build_and_write(
-    conn: sqlite3.Connection, path, capture_id: int, items: list, key: bytes, store_bodies: bool, known: set[str], counts: Counts
+    conn: sqlite3.Connection, path, capture_id: int, items: list, key: bytes, store_bodies: bool, known: set[str], counts: Counts,
+    columns: bool = False,
 ) -> Written:
-    """Rows of a batch of snapshots, written; ``known`` (tokens already in the file) grows with what committed."""
+    """Rows of a batch of snapshots, written; ``known`` (tokens already in the file) grows with what committed.
+    ``columns``: also their Arrow columns (see :func:`write_batch`)."""
     built = build_rows(items, key, store_bodies, capture_id, known)
     counts = counts._replace(addon_errors=counts.addon_errors + built.addon_errors)
-    written = write_batch(conn, path, capture_id, built.hops, counts)
+    written = write_batch(conn, path, capture_id, built.hops, counts, columns)
     if not written.dropped and not written.addon_errors:
         known.update(token[0] for rows in built.hops for token in rows.tokens)
     return written._replace(addon_errors=written.addon_errors + built.addon_errors)
 
 
-def write_batch(conn: sqlite3.Connection, path, capture_id: int, hops: list[HopRows], counts: Counts) -> Written:
-    """Insert a batch, splitting it around rows SQLite refuses; ``counts`` stand before this batch."""
+def write_batch(conn: sqlite3.Connection, path, capture_id: int, hops: list[HopRows], counts: Counts, columns: bool = False) -> Written:
+    """Insert a batch, splitting it around rows SQLite refuses; ``counts`` stand before this batch.
+
+    ``columns``: with the batch's analysis columns in Arrow (:mod:`hoptrace._hop_columns`), which the
+    row process writes and the proxy's own writer thread does not: encoding imports pyarrow (~0.2 s of
+    the event loop's GIL, once) and costs ~1.7 µs a hop, and a short capture reads fast as rows anyway.
+    """
     try:
-        _insert(conn, capture_id, hops, counts)
+        _insert(conn, capture_id, hops, counts, columns)
     except sqlite3.OperationalError as exc:  # the file, not a row: disk full, I/O error, read-only, locked
         _rollback(conn)
         return Written(0, len(hops), 0, 1, f"{path}: {exc}")
@@ -94,9 +103,9 @@ def write_batch(conn: sqlite3.Connection, path, capture_id: int, hops: list[HopR
         _rollback(conn)
         if len(hops) > 1:
             half = len(hops) // 2
-            first = write_batch(conn, path, capture_id, hops[:half], counts)
+            first = write_batch(conn, path, capture_id, hops[:half], counts, columns)
             counts = counts._replace(recorded=counts.recorded + first.recorded, dropped=counts.dropped + first.dropped)
-            return _sum(first, write_batch(conn, path, capture_id, hops[half:], counts))
+            return _sum(first, write_batch(conn, path, capture_id, hops[half:], counts, columns))
         return _write_alone(conn, path, capture_id, hops[0], counts, exc)
     return Written(len(hops), 0, 0, 0, None)
 
@@ -113,13 +122,19 @@ def _write_alone(conn, path, capture_id: int, rows: HopRows, counts: Counts, exc
     return Written(1, 0, 1, 0, None)
 
 
-def _insert(conn: sqlite3.Connection, capture_id: int, hops: list[HopRows], counts: Counts) -> None:
-    # clean_row is the one choke point: every value stored passes it.
+def _insert(conn: sqlite3.Connection, capture_id: int, hops: list[HopRows], counts: Counts, columns: bool = False) -> None:
+    # clean_row is the one choke point: every value stored passes it. Ids are given in the transaction,
+    # so the rows are cleaned (and their columns encoded) with a placeholder id, outside it.
+    rows = [clean_row((0, *hop.hop)) for hop in hops]
+    links = [(i, *clean_row(link)) for i, hop in enumerate(hops) for link in hop.links]
+    encoded = hop_columns.encode(rows, HOP_COLUMNS, links) if columns and hops else None
     conn.execute("BEGIN IMMEDIATE")
     first_id = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM hops").fetchone()[0]
-    conn.executemany(_HOP_INSERT, (clean_row((first_id + i, *rows.hop)) for i, rows in enumerate(hops)))
-    conn.executemany(_TOKEN_INSERT, (clean_row(token) for rows in hops for token in rows.tokens))
-    conn.executemany(_LINK_INSERT, (clean_row((first_id + i, *link)) for i, rows in enumerate(hops) for link in rows.links))
+    conn.executemany(_HOP_INSERT, ((first_id + i, *row[1:]) for i, row in enumerate(rows)))
+    conn.executemany(_TOKEN_INSERT, (clean_row(token) for hop in hops for token in hop.tokens))
+    conn.executemany(_LINK_INSERT, ((first_id + i, *link) for i, *link in links))
+    if encoded is not None:
+        conn.execute(_COLUMNS_INSERT, (first_id, first_id + len(rows) - 1, *encoded))
     update_capture(conn, capture_id, counts._replace(recorded=counts.recorded + len(hops)))
     conn.execute("COMMIT")
 

@@ -25,6 +25,12 @@ why a child, and what it costs), one query per id range with the same SQL per va
 columns as it arrives, while the child reads the next ones (at 1M hops: four loads of each
 version alternating, medians 4.55 → 3.84 s). When the child cannot read the file, the reads
 above take over.
+
+Before any of that, the hops the recorder's row process wrote come from the Arrow columns it stored
+with each batch (:mod:`hoptrace._hop_columns`): decoded, then made into the same parts as a read
+gives (:func:`_batch_parts`, :func:`_stored_value`), so that every way gives equal frames. Only the
+hops no batch covers are read as rows (at 1M hops: load 4.4-5.2 → 1.9-2.1 s). A time window, a
+column the batches lack, or ``reader="sqlite"`` reads every hop as rows.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from hoptrace import _hop_columns as batch_columns
 from hoptrace._errors import TraceFileError
 from hoptrace._memory import give_back
 from hoptrace._stored import header_pairs
@@ -128,7 +135,8 @@ def load(
     request that started in it. ``extra_columns`` names hop columns beyond
     :data:`CORE_HOP_COLUMNS`, or is ``"all"``. ``reader`` picks how the hops are read:
     through Arrow in a child process (``"auto"`` does from :data:`ARROW_MIN_HOPS` hops on)
-    or through ``sqlite3`` in this one; both give the same tables. Raises
+    or through ``sqlite3`` in this one, in both cases from the batches' stored Arrow columns
+    where the recorder wrote them; ``"sqlite"`` reads every hop's row. All give the same tables. Raises
     :class:`TraceFileError`, and ``ValueError`` for an unknown column name.
 
     The file's structure is checked (``PRAGMA quick_check``) once the reads are done, before this
@@ -187,21 +195,26 @@ def _read(conn, path: Path, columns: tuple[str, ...], since, until, reader: str,
         columns = tuple(c for c in columns if c not in _TRACE_COLUMNS)
     columns = tuple(c for c in columns if c in shape.hops or c not in _OPTIONAL_COLUMNS)
     # One capture in the whole table (the hops_capture_started index answers at once): no column to read.
+    # Two queries: SQLite reads a lone min() or max() off an end of the index, both in one by a scan of
+    # it (0.1-0.4 s at 1M hops).
     low, high = (None, 0)
     if "capture_id" in shape.hops:
-        low, high = conn.execute("SELECT min(capture_id), max(capture_id) FROM hops").fetchone()
+        low, high = (conn.execute(f"SELECT {end}(capture_id) FROM hops").fetchone()[0] for end in ("min", "max"))
     single_capture = isinstance(low, int) and low == high
     hop_columns = tuple(c for c in columns if c in shape.hops and not (single_capture and c == "capture_id"))
     count = conn.execute(f"SELECT count(*) FROM hops{shape.integer_ids}").fetchone()[0]
     bounds = _chunk_bounds(conn, last_id, shape, count) if last_id is not None else []
+    batches = _stored_batches(conn, shape, hop_columns, last_id, count) if reader != "sqlite" and not where else []
+    covered = _runs(batches)
     # Even in a file where no hop has a trace id: its entry hops may each have got theirs only in the
     # response (a shard of a capture can hold only such hops).
     root_traces = {"trace_id", "service", "response_headers"} <= shape.hops
     entries = tuple(str(e) for e in captures["entry"].dropna().unique()) if root_traces else ()
-    reads = _Reads(hop_columns, bounds, where, params, entries, last_id, shape)
+    reads = _Reads(hop_columns, _without(bounds, covered), where, params, entries, last_id, shape, _outside("hop_id", covered))
     threads = len(os.sched_getaffinity(0))
     check = _StructureCheck(conn.uri, path)
-    through_arrow = reader == "arrow" or (reader == "auto" and count >= ARROW_MIN_HOPS)
+    uncovered = count - sum(last - first + 1 for first, last in covered)  # the hops read as rows
+    through_arrow = reader == "arrow" or (reader == "auto" and uncovered >= ARROW_MIN_HOPS)
     with ThreadPoolExecutor(max_workers=threads) as pool:
         if through_arrow:
             running = [pool.submit(reads.through_arrow, conn.uri, threads)]
@@ -211,7 +224,9 @@ def _read(conn, path: Path, columns: tuple[str, ...], since, until, reader: str,
         with check.kept_by(checks):
             parts = _finish(running, through_arrow, pool, conn.uri, reads)
             check.start()
-            hops = _join_hops(hop_columns, parts[1:])
+            sightings = _merged_sightings(parts[0], batches)
+            hop_parts = _in_id_order([*parts[1:], *_batch_parts(("id", *hop_columns), batches, entries)])
+            hops = _join_hops(hop_columns, hop_parts)
             if single_capture:
                 hops["capture_id"] = np.full(len(hops), low, np.int64)
             for name in columns:
@@ -219,9 +234,9 @@ def _read(conn, path: Path, columns: tuple[str, ...], since, until, reader: str,
                     hops[name] = _column(name, [np.full(len(hops), _NULL, np.int64) if _is_numeric(name) else [None] * len(hops)])
             hops = hops[list(dict.fromkeys((*columns, *_TRACE_COLUMNS)))]
             if entries:
-                _add_root_traces(hops, [row for part in parts[1:] if part is not None for row in part["root_traces"]])
+                _add_root_traces(hops, [row for part in hop_parts for row in part["root_traces"]])
             hops, repeated = _unique_ids(hops, shape)
-            tables = _tables(captures, hops, tokens, parts[0])
+            tables = _tables(captures, hops, tokens, sightings)
     tables.notes[:0] = [*shape.notes, *_unread_ids(conn, shape), *repeated]
     tables.notes += capture_notes(tables.captures)
     return tables
@@ -251,6 +266,7 @@ class _Reads:
     entries: tuple[str, ...]
     last_id: int | None
     shape: _Shape
+    sightings_where: str  # which token sightings: those of the hops no stored batch covers
 
     def through_sqlite(self) -> list[Callable[[sqlite3.Connection], object]]:
         # The longest read first, so that the chunks of hops even out the threads' ends.
@@ -259,7 +275,7 @@ class _Reads:
             unique_ids=self.shape.rowid_ids, entries=self.entries,
         )  # fmt: skip
         return [
-            partial(_read_hop_tokens, last_id=self.last_id, shape=self.shape),
+            partial(_read_hop_tokens, last_id=self.last_id, shape=self.shape, where=self.sightings_where),
             *(partial(columns, lo=lo, hi=hi) for lo, hi in self.bounds),
         ]
 
@@ -270,12 +286,12 @@ class _Reads:
         # The first row tells the driver each column's type (see hoptrace.analyzer._arrow_child).
         sample = ["0" if _is_numeric(c) else "''" for c in names] + (["''"] if self.entries else [])
         select = f"SELECT {', '.join(sample)} UNION ALL SELECT {', '.join(values)} FROM hops NOT INDEXED WHERE id > ? AND id <= ?"
-        queries = [_hop_tokens_query(self.last_id, self.shape)]
+        queries = [_hop_tokens_query(self.last_id, self.shape, self.sightings_where)]
         queries += [_with_values(select + self.where, (*self.entries, lo, hi, *self.params)) for lo, hi in self.bounds]
         # Each id range is made into its part as it arrives, while the child reads the next ones.
         with closing(read_tables(uri, queries, threads)) as tables:
             sightings = next(tables)
-            parts: list = [_sightings([sightings.column(i) for i in range(sightings.num_columns)])]
+            parts: list = [[sightings.column(0).to_numpy(), *sightings.columns[1:]] if sightings.num_rows else None]
             parts += [self._arrow_part(names, table) for table in tables]
         return parts
 
@@ -302,6 +318,136 @@ def _with_values(sql: str, params: tuple) -> str:
 def _arrow_column(name: str, column: pa.ChunkedArray) -> np.ndarray | pa.ChunkedArray:
     """A hop column as :func:`_column` takes it: numbers (never NULL: see :func:`_value`) as an array."""
     return column.to_numpy() if _is_numeric(name) else column
+
+
+def _stored_batches(conn, shape: _Shape, columns: tuple[str, ...], last_id: int | None, count: int) -> list[batch_columns.Batch]:
+    """The recorder's batches in Arrow (:mod:`hoptrace._hop_columns`) that can stand for their rows, in id order.
+
+    None unless ``hops.id`` is the rowid (a batch names its hops by id) and the file has the
+    sightings' columns, and none when the read wants a column they lack. A batch that does not
+    decode, or claims ids an earlier one has, is left out: its hops are read as rows. So is every
+    batch beyond the :data:`_MAX_RUNS` longest runs of adjacent ones (see :func:`_outside`), and
+    every run of which a hop is missing from the table (``count`` hops up to ``last_id``).
+    """
+    names = {row[1] for row in conn.execute(f"PRAGMA table_info({batch_columns.TABLE})")}
+    usable = {"first_id", "last_id", "hops", "sightings"} <= names and shape.rowid_ids and last_id is not None
+    if not usable or _sighting_values(shape) is None or not set(columns) <= set(batch_columns.STORED):
+        return []
+    rows = conn.execute(
+        f"SELECT first_id, last_id, hops, sightings FROM {batch_columns.TABLE} WHERE last_id <= ? ORDER BY first_id", (last_id,)
+    )
+    batches: list[batch_columns.Batch] = []
+    for row in rows:
+        batch = batch_columns.decode(*row)
+        if batch is not None and (not batches or batch.first_id > batches[-1].last_id):
+            batches.append(batch)
+    runs = sorted(_runs(batches), key=lambda run: run[1] - run[0], reverse=True)[:_MAX_RUNS]
+    # Ids are unique: when they are dense (a recorder's file), every run between the ends is whole.
+    lowest = conn.execute("SELECT min(id) FROM hops").fetchone()[0]
+    if last_id - lowest + 1 != count:
+        whole = "SELECT count(*) FROM hops WHERE id BETWEEN ? AND ?"
+        runs = [(first, last) for first, last in runs if conn.execute(whole, (first, last)).fetchone()[0] == last - first + 1]
+    runs = [(first, last) for first, last in runs if first >= lowest]
+    return [b for b in batches if any(first <= b.first_id <= last for first, last in runs)]
+
+
+# Runs of adjacent stored batches a read takes (a recorder's file has one run per row process it had).
+_MAX_RUNS = 64
+
+
+def _in_id_order(parts: list[dict | None]) -> list[dict]:
+    """The hop columns' parts (of id ranges read as rows, of runs of stored batches) in id order, as the rows are."""
+    return sorted((part for part in parts if part is not None), key=lambda part: part["id"][0])
+
+
+def _runs(batches: list[batch_columns.Batch]) -> list[tuple[int, int]]:
+    """The id ranges (first, last) the batches cover, adjacent ones joined."""
+    runs: list[tuple[int, int]] = []
+    for batch in batches:
+        if runs and batch.first_id == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], batch.last_id)
+        else:
+            runs.append((batch.first_id, batch.last_id))
+    return runs
+
+
+def _without(bounds: list[tuple[int, int]], runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The id ranges ``bounds`` (``lo < id <= hi``) without the ids of ``runs`` (``first <= id <= last``, in order)."""
+    left = []
+    for lo, hi in bounds:
+        for first, last in runs:
+            if first > hi or last <= lo:
+                continue
+            if first - 1 > lo:
+                left.append((lo, first - 1))
+            lo = max(lo, last)
+        if lo < hi:
+            left.append((lo, hi))
+    return left
+
+
+def _outside(column: str, runs: list[tuple[int, int]]) -> str:
+    """A WHERE clause's ``AND`` keeping the rows whose ``column`` is in none of ``runs``."""
+    return f" AND NOT ({' OR '.join(f'{column} BETWEEN {first} AND {last}' for first, last in runs)})" if runs else ""
+
+
+def _batch_parts(names: tuple[str, ...], batches: list[batch_columns.Batch], entries: tuple[str, ...]) -> list[dict]:
+    """The stored batches' hop columns, one part per run of adjacent batches, as :func:`_read_hop_columns` gives them."""
+    parts, start = [], 0
+    for first, last in _runs(batches):
+        end = start + next(i for i, b in enumerate(batches[start:], 1) if b.last_id == last)
+        table = pa.concat_tables([b.hops for b in batches[start:end]])
+        part = {"id": np.arange(first, last + 1, dtype=np.int64)}
+        part.update((name, _stored_value(name, table.column(name))) for name in names[1:])
+        if entries:
+            part["root_traces"] = _stored_root_traces(table, first, entries)
+        parts.append(part)
+        start = end
+    return parts
+
+
+def _stored_root_traces(table: pa.Table, first_id: int, entries: tuple[str, ...]) -> list[tuple[int, str, str]]:
+    """:func:`_root_trace_rows` of the entry hops of a run of stored batches (whose first hop is ``first_id``)."""
+    headers = table.column(batch_columns.TRACE_HEADERS)
+    flat = pc.list_flatten(headers)
+    hop = pc.list_parent_indices(headers).to_numpy()
+    at_entry = pc.is_in(table.column("service"), value_set=pa.array(entries, pa.string())).to_numpy(zero_copy_only=False)
+    keep = pa.array(at_entry[hop])
+    names, values = (pc.struct_field(flat, field).filter(keep).to_pylist() for field in ("name", "value"))
+    return list(zip((first_id + hop[at_entry[hop]]).tolist(), names, values, strict=True))
+
+
+# CAST(x AS INTEGER) of a REAL beyond a 64-bit integer gives the nearest one; this is the largest float below 2**63.
+_INT64_LIMIT = float(np.nextafter(2.0**63, 0))
+
+
+def _stored_value(name: str, column: pa.ChunkedArray) -> np.ndarray | pa.ChunkedArray:
+    """A stored batch's column as :func:`_value` reads its rows: a number as an integer (``_NULL`` for NULL), text as is."""
+    if not _is_numeric(name):
+        return column
+    if pa.types.is_integer(column.type):
+        return column.fill_null(_NULL).to_numpy()
+    values = column.to_numpy()  # NaN for NULL
+    null = np.isnan(values)
+    if name in _TIME_COLUMNS or name in _REAL_COLUMNS:
+        values = values * (1e6 if name in _TIME_COLUMNS else 1e3) + 0.5  # as _value's SQL: the same two roundings
+    whole = np.trunc(np.clip(np.where(null, 0.0, values), -_INT64_LIMIT, _INT64_LIMIT)).astype(np.int64)
+    return np.where(null, _NULL, whole)
+
+
+def _merged_sightings(read: list | None, batches: list[batch_columns.Batch]) -> pd.DataFrame:
+    """The token sightings read as rows and those of the stored batches, in hop id order (as the rows are)."""
+    stored = [b for b in batches if b.sightings.num_rows]
+    if not stored:
+        return _sightings(read)
+    hop_ids = [b.first_id + b.sightings.column(0).to_numpy() for b in stored]
+    texts = [[b.sightings.column(i) for b in stored] for i in (1, 2, 3)]
+    if read is not None:
+        hop_ids.insert(0, np.asarray(read[0]))
+        for i, column in enumerate(read[1:]):
+            texts[i].insert(0, column)
+    order = np.argsort(ids := np.concatenate(hop_ids), kind="stable")
+    return _sightings([ids[order], *(_arrow_text(column, categorical=False).take(order) for column in texts)])
 
 
 @dataclass
@@ -535,7 +681,7 @@ def _run_read(uri: str, read: Callable[[sqlite3.Connection], object]):
 
 
 # Response headers that give a client request its trace id, best first.
-_RESPONSE_RANK = {"traceresponse": 0, "x-request-id": 1, "x-correlation-id": 2}
+_RESPONSE_RANK = {name: rank for rank, name in enumerate(batch_columns.RESPONSE_TRACE_HEADERS)}
 # LIKE (case-insensitive, nothing parsed) keeps the JSON work to the hops whose headers name one:
 # at 1M hops, half of them propagating traceparent, 1.7 s of the load.
 _NAMES_A_RESPONSE_HEADER = " OR ".join(f"hops.response_headers LIKE '%{name}%'" for name in _RESPONSE_RANK)
@@ -750,10 +896,19 @@ def _column(name: str, chunks: list) -> np.ndarray | pd.Series | pd.api.extensio
             return array
         scale = 1e6 if name in _TIME_COLUMNS else 1e3 if name in _REAL_COLUMNS else 1.0
         return np.where(null, np.nan, values / scale)
-    if chunks and isinstance(chunks[0], pa.ChunkedArray):
-        return _strings(pa.chunked_array([piece for chunk in chunks for piece in chunk.chunks], pa.string()), name in _CATEGORICAL)
+    if any(isinstance(chunk, pa.ChunkedArray) for chunk in chunks):  # read through Arrow, or stored in Arrow
+        return _strings(_arrow_text(chunks, name in _CATEGORICAL), name in _CATEGORICAL)
     items = np.concatenate([np.asarray(chunk, dtype=object) for chunk in chunks]) if chunks else np.zeros(0, object)
     return _strings(items, categorical=name in _CATEGORICAL)
+
+
+def _arrow_text(parts: list, categorical: bool) -> pa.ChunkedArray:
+    """Text parts (Arrow columns, or lists of the rows read by ``sqlite3``) as one Arrow column: dictionary-encoded
+    where every part is and the column is categorical (the stored batches' categories), else strings."""
+    pieces = [piece for part in parts for piece in (part.chunks if isinstance(part, pa.ChunkedArray) else [pa.array(part, pa.string())])]
+    if categorical and pieces and all(pa.types.is_dictionary(piece.type) for piece in pieces):
+        return pa.chunked_array(pieces)
+    return pa.chunked_array([p.cast(pa.string()) if pa.types.is_dictionary(p.type) else p for p in pieces], pa.string())
 
 
 def _ints(text: str) -> np.ndarray:
@@ -766,8 +921,12 @@ def _strings(items: list | np.ndarray | pa.ChunkedArray, categorical: bool = Fal
     if isinstance(items, pa.ChunkedArray):
         if not categorical:
             return pd.array(items, dtype="str")  # pandas keeps "str" in Arrow: the array itself, no copy
-        # Arrow's own encoding, in C: codes in order of first appearance, as pandas.factorize gives them.
-        encoded = items.combine_chunks().dictionary_encode()
+        # Arrow's own encoding, in C: codes in order of first appearance, as pandas.factorize gives them;
+        # columns already encoded (stored batches) only have their dictionaries unified.
+        if pa.types.is_dictionary(items.type):
+            encoded = pa.table({"text": items}).unify_dictionaries().column(0).combine_chunks()
+        else:
+            encoded = items.combine_chunks().dictionary_encode()
         codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.intp)
         uniques = encoded.dictionary.to_numpy(zero_copy_only=False)
     else:
@@ -789,25 +948,26 @@ def _sighting_values(shape: _Shape) -> list[str] | None:
     return [f"ifnull(CAST(hop_id AS INTEGER), {_NULL})", "CAST(fingerprint AS TEXT)", "CAST(role AS TEXT)", f"CAST({location} AS TEXT)"]
 
 
-def _read_hop_tokens(conn, last_id: int, shape: _Shape) -> pd.DataFrame:
+def _read_hop_tokens(conn, last_id: int, shape: _Shape, where: str = "") -> list | None:
+    """The token sightings of the hops up to ``last_id`` (and ``where``): hop ids as an array, the rest as lists."""
     values = _sighting_values(shape)
     if values is None:
-        return _sightings(None)
+        return None
     row = conn.execute(
         f"SELECT group_concat({values[0]}, ','), {', '.join(f'json_group_array({v})' for v in values[1:])}"
-        " FROM hop_tokens WHERE hop_id <= ?",
+        f" FROM hop_tokens WHERE hop_id <= ?{where}",
         (last_id,),
     ).fetchone()
-    return _sightings(None if row[0] is None else [_ints(row[0]), *(json.loads(text) for text in row[1:])])
+    return None if row[0] is None else [_ints(row[0]), *(json.loads(text) for text in row[1:])]
 
 
-def _hop_tokens_query(last_id: int | None, shape: _Shape) -> str:
+def _hop_tokens_query(last_id: int | None, shape: _Shape, where: str = "") -> str:
     """:func:`_read_hop_tokens`'s rows for the Arrow reader, after a row of each column's type."""
     values = _sighting_values(shape)
     sample = "SELECT 0, '', '', ''"
     if values is None or last_id is None:
         return sample
-    return f"{sample} UNION ALL SELECT {', '.join(values)} FROM hop_tokens WHERE hop_id <= {sql_literal(last_id)}"
+    return f"{sample} UNION ALL SELECT {', '.join(values)} FROM hop_tokens WHERE hop_id <= {sql_literal(last_id)}{where}"
 
 
 def _sightings(columns: list | None) -> pd.DataFrame:

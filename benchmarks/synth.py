@@ -20,7 +20,9 @@ One cohort is simulated in Python (:func:`cohort`); SQLite then writes the DB by
 copying it ``cohorts`` times, each copy shifted in time and given its own users,
 tokens, carts and trace ids, in ``INSERT ... SELECT`` statements: a million hops
 take seconds, not minutes. Cohorts follow each other without overlapping, so hop
-ids follow end times across the file, as the recorder assigns them.
+ids follow end times across the file, as the recorder assigns them. Every
+:data:`BATCH` hops then get their Arrow columns (``hoptrace._hop_columns``), as the
+recorder's row process writes them with each batch.
 
     python benchmarks/synth.py 100000 /tmp/synth-100k.db
 """
@@ -35,6 +37,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hoptrace import _hop_columns as hop_columns
 from hoptrace.db import SCHEMA, SCHEMA_VERSION
 
 T0 = 1_767_254_400.0  # 2026-01-01T08:00:00Z: the capture's start
@@ -56,6 +59,8 @@ ROUTES = (
     "gateway", "auth", "users", "keys", "audit", "catalog", "inventory", "pricing", "cart", "payment", "ledger", "notify",
 )  # fmt: skip
 REASONS = {200: "OK", 201: "Created", 401: "Unauthorized", 503: "Service Unavailable"}
+# Hops per batch the recorder writes (TraceWriter's batch_size), each with its Arrow columns.
+BATCH = 2_000
 
 
 @dataclass
@@ -372,11 +377,19 @@ def write(path: str | Path, hops: int, *, seed: int = 0) -> SynthDB:
         )
         for statement in (_INSERT_HOPS, _INSERT_TOKENS, _INSERT_HOP_TOKENS):
             conn.execute(statement, params)
+        _store_columns(conn)
         conn.execute("COMMIT")
         conn.execute("PRAGMA journal_mode = DELETE")
     finally:
         conn.close()
     return SynthDB(path=path, cohorts=cohorts, hops=cohorts * per_cohort, hops_per_cohort=per_cohort)
+
+
+def _store_columns(conn: sqlite3.Connection, batch: int = BATCH) -> None:
+    """Each ``batch`` hops' Arrow columns, as the recorder's row process stores them with its batches."""
+    last = conn.execute("SELECT max(id) FROM hops").fetchone()[0] or 0
+    for first in range(1, last + 1, batch):
+        assert hop_columns.store(conn, first, min(first + batch - 1, last)), "a synthetic hop that does not fit its column"
 
 
 def _fill_template(conn: sqlite3.Connection, template: Cohort) -> None:

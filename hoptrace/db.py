@@ -26,12 +26,13 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hoptrace import _hop_columns as hop_columns
 from hoptrace._errors import TraceFileError
 
 if TYPE_CHECKING:
     import sqlite_utils
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 ANALYSIS_SCHEMA = 3
 """The version that added the tables of a saved analysis: an older file has none."""
 
@@ -336,6 +337,14 @@ def _create_tables(db: sqlite_utils.Database) -> None:
         db[name].create(columns, **_CREATE[name], if_not_exists=True)
     for table, columns, index_name in _INDEXES:
         db[table].create_index(columns, index_name=index_name, if_not_exists=True)
+    _create_hop_columns(db)
+
+
+def _create_hop_columns(db: sqlite_utils.Database) -> None:
+    """The batches' Arrow columns (:mod:`hoptrace._hop_columns`), and the triggers that drop a batch's once its rows change."""
+    db.execute(hop_columns.DDL)
+    for name, body in hop_columns.TRIGGERS.items():
+        db.execute(f"CREATE TRIGGER IF NOT EXISTS {name} {body}")
 
 
 def _create_views(db: sqlite_utils.Database) -> None:
@@ -384,9 +393,14 @@ def _v3_to_v4(db: sqlite_utils.Database) -> None:
     _add_columns(db, 4)
 
 
+def _v4_to_v5(db: sqlite_utils.Database) -> None:
+    """Schema 5: each batch's analysis columns in Arrow (``hop_columns``), written from then on; the hops written before are read as rows."""
+    _create_hop_columns(db)
+
+
 # MIGRATIONS[v - 1] takes a file from version v to v + 1. A step that reorders, retypes or
 # drops columns uses Table.transform (a copy of the table in the same transaction).
-MIGRATIONS = (_v1_to_v2, _v2_to_v3, _v3_to_v4)
+MIGRATIONS = (_v1_to_v2, _v2_to_v3, _v3_to_v4, _v4_to_v5)
 
 
 @cache
@@ -647,6 +661,7 @@ def metadata(database: str = "traces") -> dict:
         name: {"description": TABLE_DOCS[name], "columns": {c: doc for c, (_, doc) in _columns(name).items()}}
         for name in (*TABLES, *ANALYSIS_TABLES)
     }
+    tables[hop_columns.TABLE] = {"description": hop_columns.DESCRIPTION, "columns": hop_columns.COLUMN_DOCS}
     tables.update({name: {"description": VIEW_DOCS[name]} for name in VIEWS})
     return {"databases": {database: {"tables": tables}}}
 

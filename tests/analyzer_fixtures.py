@@ -116,6 +116,13 @@ class Builder:
         conn.commit()
 
 
+def same_tables(a, b) -> None:
+    """Two loads of trace files (:class:`hoptrace.analyzer.Tables`) are equal: frames, dtypes and notes."""
+    for name in ("captures", "hops", "tokens", "hop_tokens"):
+        pd.testing.assert_frame_equal(getattr(a, name), getattr(b, name), check_exact=True)
+    assert a.notes == b.notes
+
+
 def _abs(t: float | None) -> float | None:
     return None if t is None else T0 + t
 

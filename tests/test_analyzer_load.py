@@ -26,7 +26,7 @@ from hoptrace.analyzer._arrow_child import ArrowReadError, read_tables, sql_lite
 from hoptrace.cli import cli
 from hoptrace.db import HOP_COLUMNS, open_for_writing
 
-from .analyzer_fixtures import T0, Builder
+from .analyzer_fixtures import T0, Builder, same_tables
 from .hostile_files import mutants
 
 SAMPLES = sorted((Path(__file__).parent.parent / "sample_traces").glob("*.db"))
@@ -428,20 +428,14 @@ def test_any_mix_of_values_reads_as_sqlite_gives_them_whatever_the_batches(
         assert read == list(row)
 
 
-def _same_tables(a, b) -> None:
-    for name in ("captures", "hops", "tokens", "hop_tokens"):
-        pd.testing.assert_frame_equal(getattr(a, name), getattr(b, name), check_exact=True)
-    assert a.notes == b.notes
-
-
 @pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.stem)
 def test_both_readers_give_the_same_tables(path, monkeypatch):
     """Arrow (in its child process) and sqlite3 read a recorded capture into equal frames, dtypes
     included; in ranges of 40 ids, so that the Arrow reads run on several connections at once."""
     monkeypatch.setattr(_load, "_CHUNK", 40)
-    _same_tables(load(path, reader="arrow"), load(path, reader="sqlite"))
+    same_tables(load(path, reader="arrow"), load(path, reader="sqlite"))
     window = (T0, 2e9) if "clean" in path.stem else (None, None)
-    _same_tables(load(path, reader="arrow", since=window[0], until=window[1]), load(path, reader="sqlite", since=window[0], until=window[1]))
+    same_tables(load(path, reader="arrow", since=window[0], until=window[1]), load(path, reader="sqlite", since=window[0], until=window[1]))
 
 
 def test_the_arrow_reader_sees_one_snapshot_while_a_writer_commits(tmp_path, monkeypatch):
@@ -510,7 +504,7 @@ def test_the_arrow_child_refuses_what_it_cannot_read_and_says_why(tmp_path):
         list(read_tables(uri, ["SELECT 0", "SELECT 0 UNION ALL SELECT id FROM missing_table"], 2))
     # The loader then reads the file through sqlite3: the same tables, the bad byte as U+FFFD.
     arrow = load(path, reader="arrow")
-    _same_tables(arrow, load(path, reader="sqlite"))
+    same_tables(arrow, load(path, reader="sqlite"))
     assert arrow.hops.loc[2, "path"] == "/\ufffd"
 
 
@@ -530,7 +524,7 @@ def test_without_a_python_to_start_the_arrow_reader_the_load_reads_through_sqlit
     monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
     with pytest.raises(ArrowReadError, match="cannot start the reader"):
         list(read_tables(path.resolve().as_uri() + "?mode=ro", ["SELECT 1"], 1))
-    _same_tables(load(path, reader="arrow"), load(path, reader="sqlite"))
+    same_tables(load(path, reader="arrow"), load(path, reader="sqlite"))
 
 
 def test_a_reader_that_exits_before_reading_its_request_hands_the_load_to_sqlite(tmp_path, monkeypatch):
@@ -542,7 +536,7 @@ def test_a_reader_that_exits_before_reading_its_request_hands_the_load_to_sqlite
     big = "SELECT 0 UNION ALL SELECT 1 -- " + "x" * 200_000
     with pytest.raises(ArrowReadError):
         list(read_tables(path.resolve().as_uri() + "?mode=ro", [big], 1))
-    _same_tables(load(path, reader="arrow"), load(path, reader="sqlite"))
+    same_tables(load(path, reader="arrow"), load(path, reader="sqlite"))
 
 
 def test_both_readers_agree_on_damaged_and_hostile_files(tmp_path, monkeypatch):
@@ -562,7 +556,7 @@ def test_both_readers_agree_on_damaged_and_hostile_files(tmp_path, monkeypatch):
         if isinstance(sqlite, str):
             assert arrow == sqlite, (kind, path.name)
         else:
-            _same_tables(arrow, sqlite)
+            same_tables(arrow, sqlite)
         seen.add((kind, isinstance(sqlite, str)))
     assert ("flip_bytes", True) in seen and ("invalid_utf8", False) in seen  # both outcomes were tried
 

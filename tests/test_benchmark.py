@@ -15,11 +15,13 @@ import time
 from pathlib import Path
 
 import jwt
+import pandas as pd
 import pytest
 from mitmproxy import http
 from mitmproxy.test import tflow, tutils
 
 from hoptrace.addons._writer import Route, TraceWriter
+from hoptrace.analyzer import load
 
 from .conftest import PYTHON, file_bytes
 
@@ -141,6 +143,12 @@ def test_row_process_writes_the_same_rows_as_the_writer_thread(tmp_path):
     ):
         assert _table(tmp_path / "off.db", sql) == _table(tmp_path / "on.db", sql), sql
     assert len(_table(tmp_path / "on.db", "SELECT * FROM tokens")) >= 3
+    # The row process also stores each batch's Arrow columns, which the loader reads in place of the rows.
+    assert _table(tmp_path / "off.db", "SELECT count(*) FROM hop_columns") == [(0,)]
+    assert _table(tmp_path / "on.db", "SELECT min(first_id), max(last_id) FROM hop_columns") == [(1, len(flows))]
+    through_columns, rows = load(tmp_path / "on.db", reader="auto"), load(tmp_path / "off.db", reader="sqlite")
+    for table in ("hops", "tokens", "hop_tokens"):  # the captures differ: each has its own start time
+        pd.testing.assert_frame_equal(getattr(through_columns, table), getattr(rows, table), check_exact=True)
     raw = file_bytes(tmp_path / "on.db")
     assert b"s3cr3t-session-value" not in raw and b"issued-token-" not in raw
 

@@ -52,8 +52,9 @@ def test_the_insert_order_is_the_schema_order(tmp_path):
 def test_a_new_file_has_types_keys_defaults_and_indexes(tmp_path):
     with closing(open_for_writing(tmp_path / "new.db")) as conn:
         db = sqlite_utils.Database(conn)
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db["hop_columns"].pks == ["first_id"] and {t.table for t in db.triggers} == {"hops", "hop_tokens"}
         links = {(fk.column, fk.other_table) for fk in db["hop_tokens"].foreign_keys}
         assert links == {("hop_id", "hops"), ("fingerprint", "tokens")}
         assert db["hops"].pks == ["id"] and db["hop_tokens"].pks == list(HOP_TOKEN_COLUMNS)
@@ -109,8 +110,10 @@ def test_a_version_3_file_reads_as_it_is_and_gains_the_otlp_columns_when_opened_
     assert not any("otlp" in note for note in as_v3.notes), as_v3.notes
     open_for_writing(v3).close()
     with closing(sqlite3.connect(v3)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         assert tuple(r[1] for r in conn.execute("PRAGMA table_info(captures)"))[-3:] == otlp
+        # Schema 5's Arrow columns start empty: the hops written before are read as rows.
+        assert conn.execute("SELECT count(*) FROM hop_columns").fetchone()[0] == 0
         # The rows are as they were, not streamed (NULL).
         assert conn.execute("SELECT * FROM captures").fetchall() == [(*row, None, None, None) for row in captures]
     assert render_json(analyze(v3)) == render_json(as_v3)

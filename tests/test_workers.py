@@ -17,9 +17,11 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hoptrace.analyzer import load
 from hoptrace.cli import cli
 from hoptrace.proxy.workers import capture_shards, parse_worker_source
 
+from .analyzer_fixtures import same_tables
 from .conftest import PYTHON, children, command_line, free_port, query
 
 REQUESTS = 2_000
@@ -83,6 +85,10 @@ def test_two_workers_share_the_port_and_record_every_hop_across_shards(proxy, up
     assert all(c["ended_at"] is not None and c["hops_dropped"] == 0 for c in captures)
     assert sum(c["hops_recorded"] for c in captures) == REQUESTS
     assert all(query(s, "PRAGMA journal_mode")[0][0] == "delete" for s in shards)
+    # Each worker's row process stored its batches' Arrow columns, which read as the rows do.
+    for shard in shards:
+        assert query(shard, "SELECT max(last_id) FROM hop_columns")[0][0] == query(shard, "SELECT max(id) FROM hops")[0][0]
+        same_tables(load(shard, reader="auto"), load(shard, reader="sqlite"))
     # One fingerprint key for the capture: the same token has the same fingerprint in every shard.
     fingerprints = {row[0] for s in shards for row in query(s, "SELECT fingerprint FROM tokens")}
     assert len(fingerprints) == 1

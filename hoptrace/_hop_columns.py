@@ -1,0 +1,223 @@
+"""The ``hop_columns`` table: each batch of hops the recorder wrote, also as Arrow columns.
+
+SQLite hands its rows out one at a time, and reading the analysis's 18 columns of a million
+hops costs ~2.5 s of CPU whatever the reader (the ADBC driver's included): ~0.5 µs a row plus
+~20 ns a value, spent in SQLite and in the reader, not on the disk. The recorder has each batch
+in hand when it writes it, so it also stores the batch's analysis columns as one Arrow IPC stream
+and the batch's token sightings as another, in the same transaction as the rows: the loader
+decodes those (a million hops: ~0.25 s) and reads as rows only the hops no batch covers.
+
+The streams are uncompressed, ~140 bytes a hop (15 % more file): LZ4 made them 3.4 times smaller
+but their decoding cost more than the reads they replace. The ids are not stored: a batch's hops
+are ``first_id`` to ``last_id``, dense (the recorder numbers a batch's hops from the file's largest
+id on, in one transaction), and a sighting names its hop by its place in the batch.
+
+The rows stay the truth. The schema's triggers (see :data:`TRIGGERS`) delete a batch's columns as
+soon as one of its hops (its stored columns) or sightings is changed, replaced or deleted, by
+any SQLite client; and :func:`decode` refuses a stream that is not exactly what :func:`encode`
+writes, so a hostile or damaged one is read as rows instead.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, NamedTuple
+
+from hoptrace._stored import header_pairs
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+TABLE = "hop_columns"
+# The hop columns stored, each as "int" (int64), "real" (float64), "text" (string) or "category"
+# (a dictionary-encoded string: the columns with few distinct values).
+STORED = {
+    "capture_id": "int", "service": "category", "method": "category", "path": "category", "status": "int",
+    "error": "text", "error_kind": "category", "failed": "int", "started_at": "real", "response_start_at": "real",
+    "ended_at": "real", "trace_id": "text", "span_id": "text", "parent_span_id": "text", "trace_source": "text",
+    "server_date_ts": "real", "client_conn_id": "text",
+}  # fmt: skip
+# Response headers that can give a hop without a trace id the one its service started (best first).
+RESPONSE_TRACE_HEADERS = ("traceresponse", "x-request-id", "x-correlation-id")
+# One more column: where a hop has no trace id, the (name, value) of each of its response headers that
+# RESPONSE_TRACE_HEADERS names, in order, name in lower case (a list of structs; NULL where there are none).
+# Parsed here, in the row process: in the loader, parsing the headers cost 0.3-0.9 s at a million hops.
+TRACE_HEADERS = "trace_headers"
+_SIGHTINGS = ("offset", "fingerprint", "role", "location")
+
+# Columns a change of which makes a batch's stored copy wrong; and the SQL that finds the batch holding
+# an id in O(log n) (the newest first_id at or below it, if it reaches that far).
+_WATCHED = (*STORED, "response_headers", "id")
+_HOLDING = f"first_id = (SELECT max(first_id) FROM {TABLE} WHERE first_id <= {{id}}) AND last_id >= {{id}}"
+
+
+def _forget(*ids: str) -> str:
+    return f"DELETE FROM {TABLE} WHERE {' OR '.join(f'({_HOLDING.format(id=i)})' for i in ids)};"
+
+
+DESCRIPTION = (
+    "Each batch of hops the recorder's row process wrote, again as Arrow IPC streams that the analysis reads in place of"
+    " the rows; a copy, deleted by triggers as soon as one of its hops or sightings changes."
+)
+COLUMN_DOCS = {
+    "first_id": "the batch's first hop id",
+    "last_id": "its last hop id (every id between is one of its hops)",
+    "hops": f"Arrow IPC stream: the hops' {', '.join(STORED)} and {TRACE_HEADERS}",
+    "sightings": "Arrow IPC stream: the batch's hop_tokens rows, each hop as its offset in the batch",
+}
+DDL = f"CREATE TABLE IF NOT EXISTS {TABLE} (first_id INTEGER PRIMARY KEY, last_id INTEGER NOT NULL, hops BLOB NOT NULL, sightings BLOB NOT NULL)"
+TRIGGERS = {
+    "hop_columns_hop_changed": f"AFTER UPDATE OF {', '.join(_WATCHED)} ON hops BEGIN {_forget('OLD.id', 'NEW.id')} END",
+    "hop_columns_hop_deleted": f"AFTER DELETE ON hops BEGIN {_forget('OLD.id')} END",
+    # INSERT OR REPLACE of a hop deletes the old row without its DELETE trigger (recursive_triggers is off).
+    "hop_columns_hop_added": f"AFTER INSERT ON hops BEGIN {_forget('NEW.id')} END",
+    "hop_columns_sighting_added": f"AFTER INSERT ON hop_tokens BEGIN {_forget('NEW.hop_id')} END",
+    "hop_columns_sighting_changed": f"AFTER UPDATE ON hop_tokens BEGIN {_forget('OLD.hop_id', 'NEW.hop_id')} END",
+    "hop_columns_sighting_deleted": f"AFTER DELETE ON hop_tokens BEGIN {_forget('OLD.hop_id')} END",
+}
+
+
+class Batch(NamedTuple):
+    """One batch's columns as :func:`decode` hands them out: ``hops`` in :data:`STORED`'s order, then
+    :data:`TRACE_HEADERS`; ``sightings`` as offset (in the batch), fingerprint, role, location."""
+
+    first_id: int
+    last_id: int
+    hops: pa.Table
+    sightings: pa.Table
+
+
+def encode(
+    hops: Sequence[tuple], columns: Sequence[str], links: Iterable[tuple[int, str, str, str]]
+) -> tuple[bytes, bytes] | None:
+    """A batch's two streams: ``hops`` are its rows as inserted (``columns`` names their values),
+    ``links`` its sightings as inserted, each ``(offset of the hop in the batch, fingerprint, role,
+    location)``. None when a value does not fit its column's type (its hops are then read as rows)."""
+    import pyarrow as pa  # here: the writer thread of the proxy process never encodes (see hoptrace.addons._store)
+
+    at = {name: i for i, name in enumerate(columns)}
+    try:
+        arrays = [_array(kind, [hop[at[name]] for hop in hops]) for name, kind in STORED.items()]
+        trace, headers = at["trace_id"], at["response_headers"]
+        arrays.append(pa.array([_trace_headers(hop[trace], hop[headers]) for hop in hops], _TRACE_HEADERS_TYPE()))
+        # The rows hop_tokens took (INSERT OR IGNORE: one of each), in the order of its primary key, which
+        # is the order reads of them by hop id give (through its index).
+        sightings = list(zip(*sorted(set(links)))) or [[]] * len(_SIGHTINGS)
+        offsets = pa.array(sightings[0], pa.int64())
+        return (
+            _stream(pa.Table.from_arrays(arrays, [*STORED, TRACE_HEADERS])),
+            _stream(pa.Table.from_arrays([offsets, *(pa.array(s, pa.string()) for s in sightings[1:])], _SIGHTINGS)),
+        )
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        return None
+
+
+def store(conn: sqlite3.Connection, first_id: int, last_id: int) -> bool:
+    """Store the columns of the hops ``first_id`` to ``last_id`` already in the file, as the recorder would have
+    with their batch (for files written otherwise: the benchmarks' synthetic captures, tests); False when a
+    value does not fit (nothing stored). The ids must be dense: a batch stands for every id in its range."""
+    from hoptrace.db import HOP_COLUMNS
+
+    between = "BETWEEN ? AND ? ORDER BY rowid"
+    hops = conn.execute(f"SELECT {', '.join(HOP_COLUMNS)} FROM hops WHERE id {between}", (first_id, last_id)).fetchall()
+    if [hop[0] for hop in hops] != list(range(first_id, last_id + 1)):
+        raise ValueError(f"hops {first_id} to {last_id} are not each in the file once, in order")
+    links = conn.execute(
+        f"SELECT hop_id - ?, fingerprint, role, location FROM hop_tokens WHERE hop_id {between}", (first_id, first_id, last_id)
+    )
+    encoded = encode(hops, HOP_COLUMNS, links.fetchall())
+    if encoded is not None:
+        conn.execute(
+            f"INSERT INTO {TABLE} (first_id, last_id, hops, sightings) VALUES (?, ?, ?, ?)", (first_id, last_id, *encoded)
+        )
+    return encoded is not None
+
+
+def _array(kind: str, values: list) -> pa.Array:
+    import pyarrow as pa
+
+    if kind == "category":
+        return pa.array(values, pa.string()).dictionary_encode()
+    return pa.array(values, {"int": pa.int64(), "real": pa.float64(), "text": pa.string()}[kind])
+
+
+def _trace_headers(trace_id: object, headers: object) -> list[tuple[str, str]] | None:
+    if trace_id is not None or not isinstance(headers, str):
+        return None
+    lowered = headers.lower()  # most hops name none: no JSON to parse
+    if not any(name in lowered for name in RESPONSE_TRACE_HEADERS):
+        return None
+    found = [(name.lower(), value) for name, value in header_pairs(headers) if name.lower() in RESPONSE_TRACE_HEADERS]
+    return [(name, value) for name, value in found if isinstance(value, str)] or None
+
+
+def _TRACE_HEADERS_TYPE() -> pa.DataType:  # a type, made where pyarrow is imported
+    import pyarrow as pa
+
+    return pa.list_(pa.struct([("name", pa.string()), ("value", pa.string())]))
+
+
+def _stream(table: pa.Table) -> bytes:
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def decode(first_id: object, last_id: object, hops: object, sightings: object) -> Batch | None:
+    """A row of :data:`TABLE` as a :class:`Batch`, or None unless it is exactly what :func:`encode` writes:
+    the schemas, one row per id from ``first_id`` to ``last_id``, valid UTF-8, dictionaries without a
+    repeated or NULL value, each sighting's offset inside the batch."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not (isinstance(first_id, int) and isinstance(last_id, int) and isinstance(hops, bytes) and isinstance(sightings, bytes)):
+        return None
+    try:
+        hop_table = pa.ipc.open_stream(hops).read_all()
+        sighting_table = pa.ipc.open_stream(sightings).read_all()
+        if not (hop_table.schema.equals(_schemas()[0]) and sighting_table.schema.equals(_schemas()[1])):
+            return None
+        if first_id > last_id or hop_table.num_rows != last_id - first_id + 1:
+            return None
+        hop_table.validate(full=True)
+        sighting_table.validate(full=True)
+        for name, kind in STORED.items():
+            if kind == "category":
+                for chunk in hop_table.column(name).chunks:
+                    if chunk.dictionary.null_count or len(pc.unique(chunk.dictionary)) != len(chunk.dictionary):
+                        return None
+        offsets = pc.min_max(sighting_table.column("offset"))
+        if sighting_table.num_rows and not (0 <= offsets["min"].as_py() and offsets["max"].as_py() < hop_table.num_rows):
+            return None
+    except (pa.ArrowException, OSError):
+        return None
+    return Batch(first_id, last_id, hop_table, sighting_table)
+
+
+def _schemas() -> tuple[pa.Schema, pa.Schema]:
+    """The schemas :func:`encode` writes."""
+    import pyarrow as pa
+
+    kinds = {"int": pa.int64(), "real": pa.float64(), "text": pa.string(), "category": pa.dictionary(pa.int32(), pa.string())}
+    hops = pa.schema([*((name, kinds[kind]) for name, kind in STORED.items()), (TRACE_HEADERS, _TRACE_HEADERS_TYPE())])
+    return hops, pa.schema([("offset", pa.int64()), *((name, pa.string()) for name in _SIGHTINGS[1:])])
+
+
+__all__ = [
+    "COLUMN_DOCS",
+    "DDL",
+    "DESCRIPTION",
+    "RESPONSE_TRACE_HEADERS",
+    "STORED",
+    "TABLE",
+    "TRACE_HEADERS",
+    "TRIGGERS",
+    "Batch",
+    "decode",
+    "encode",
+    "store",
+]
