@@ -346,3 +346,18 @@ def test_span_links_are_the_latest_earlier_hop_of_the_parent_span_in_the_trace(r
                 expected[q] = max(earlier)
     assert dict(zip(found[0].tolist(), found[1].tolist())) == expected
     assert found[0].tolist() == sorted(expected)
+
+
+_TIME = st.one_of(st.sampled_from([0.0, 1.0, 2.0, np.nan]), st.floats(-3, 3, allow_nan=False))
+
+
+@settings(max_examples=200, deadline=None)
+@given(times=st.lists(st.tuples(_TIME, _TIME), max_size=30))
+def test_start_order_is_by_start_then_longest_first_stable_with_unknown_times_last(times):
+    """``in_start_order`` orders hops as pandas' stable sort by start (ascending) then end (descending)
+    does, with NaN last in both keys: ties, repeated rows and unknown times included."""
+    from hoptrace.analyzer._traces import in_start_order
+
+    hops = pd.DataFrame(times, columns=["started_at", "ended_at"], index=pd.Index(range(100, 100 + len(times)), name="id"))
+    want = hops.sort_values(["started_at", "ended_at"], ascending=[True, False], kind="stable")
+    pd.testing.assert_frame_equal(in_start_order(hops), want)
