@@ -478,7 +478,7 @@ def _merged_sightings(read: list | None, batches: list[batch_columns.Batch]) -> 
         return _sightings(read)
     columns = [*([read] if read is not None else []), *([b.first_id + b.sightings.column(0).to_numpy(), *b.sightings.columns[1:]] for b in batches)]
     ids = np.concatenate([np.asarray(c[0], np.int64) for c in columns])
-    texts = [_arrow_text([c[i] for c in columns], categorical=False) for i in (1, 2, 3)]
+    texts = [_arrow_text([c[i] for c in columns], categorical=True) for i in (1, 2, 3)]
     if len(ids) and not (ids[1:] >= ids[:-1]).all():
         order = np.argsort(ids, kind="stable")
         ids, texts = ids[order], [text.take(order) for text in texts]

@@ -7,8 +7,8 @@ in hand when it writes it, so it also stores the batch's analysis columns as one
 and the batch's token sightings as another, in the same transaction as the rows: the loader
 decodes those (a million hops: ~0.25 s) and reads as rows only the hops no batch covers.
 
-The streams are uncompressed, ~140 bytes a hop (15 % more file): LZ4 made them 3.4 times smaller
-but their decoding cost more than the reads they replace. The ids are not stored: a batch's hops
+The streams are uncompressed, ~165 bytes a hop (18 % more file): LZ4 made the hop columns 3.4 times
+smaller but their decoding cost more than the reads they replace. The ids are not stored: a batch's hops
 are ``first_id`` to ``last_id``, dense (the recorder numbers a batch's hops from the file's largest
 id on, in one transaction), and a sighting names its hop by its place in the batch.
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Sequence
+from functools import cache
 from typing import TYPE_CHECKING, NamedTuple
 
 from hoptrace._stored import header_pairs
@@ -80,7 +81,8 @@ TRIGGERS = {
 
 class Batch(NamedTuple):
     """One batch's columns as :func:`decode` hands them out: ``hops`` in :data:`STORED`'s order, then
-    :data:`TRACE_HEADERS`; ``sightings`` as offset (in the batch), fingerprint, role, location."""
+    :data:`TRACE_HEADERS`; ``sightings`` as offset (in the batch), fingerprint, role, location (the text
+    dictionary-encoded), in the order of ``hop_tokens``' primary key."""
 
     first_id: int
     last_id: int
@@ -104,10 +106,12 @@ def encode(
         # The rows hop_tokens took (INSERT OR IGNORE: one of each), in the order of its primary key, which
         # is the order reads of them by hop id give (through its index).
         sightings = list(zip(*sorted(set(links)))) or [[]] * len(_SIGHTINGS)
-        offsets = pa.array(sightings[0], pa.int64())
+        # Fingerprints repeat (one token on a request's every hop), roles and locations are a few words:
+        # dictionaries make these ~80 bytes a sighting ~15.
+        texts = [_array("category", list(values)) for values in sightings[1:]]
         return (
             _stream(pa.Table.from_arrays(arrays, [*STORED, TRACE_HEADERS])),
-            _stream(pa.Table.from_arrays([offsets, *(pa.array(s, pa.string()) for s in sightings[1:])], _SIGHTINGS)),
+            _stream(pa.Table.from_arrays([pa.array(sightings[0], pa.int64()), *texts], _SIGHTINGS)),
         )
     except (pa.ArrowException, TypeError, ValueError, OverflowError):
         return None
@@ -185,9 +189,9 @@ def decode(first_id: object, last_id: object, hops: object, sightings: object) -
             return None
         hop_table.validate(full=True)
         sighting_table.validate(full=True)
-        for name, kind in STORED.items():
-            if kind == "category":
-                for chunk in hop_table.column(name).chunks:
+        for table in (hop_table, sighting_table):
+            for column in table.columns:
+                for chunk in column.chunks if pa.types.is_dictionary(column.type) else ():
                     if chunk.dictionary.null_count or len(pc.unique(chunk.dictionary)) != len(chunk.dictionary):
                         return None
         offsets = pc.min_max(sighting_table.column("offset"))
@@ -198,13 +202,14 @@ def decode(first_id: object, last_id: object, hops: object, sightings: object) -
     return Batch(first_id, last_id, hop_table, sighting_table)
 
 
+@cache
 def _schemas() -> tuple[pa.Schema, pa.Schema]:
     """The schemas :func:`encode` writes."""
     import pyarrow as pa
 
     kinds = {"int": pa.int64(), "real": pa.float64(), "text": pa.string(), "category": pa.dictionary(pa.int32(), pa.string())}
     hops = pa.schema([*((name, kinds[kind]) for name, kind in STORED.items()), (TRACE_HEADERS, _TRACE_HEADERS_TYPE())])
-    return hops, pa.schema([("offset", pa.int64()), *((name, pa.string()) for name in _SIGHTINGS[1:])])
+    return hops, pa.schema([("offset", pa.int64()), *((name, kinds["category"]) for name in _SIGHTINGS[1:])])
 
 
 __all__ = [
