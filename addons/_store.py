@@ -26,7 +26,6 @@ from hoptrace.db import HOP_COLUMNS, HOP_TOKEN_COLUMNS, TOKEN_COLUMNS, open_for_
 _HOP_INSERT = f"INSERT INTO hops ({', '.join(HOP_COLUMNS)}) VALUES ({', '.join('?' * len(HOP_COLUMNS))})"
 _TOKEN_INSERT = f"INSERT OR IGNORE INTO tokens ({', '.join(TOKEN_COLUMNS)}) VALUES ({', '.join('?' * len(TOKEN_COLUMNS))})"
 _LINK_INSERT = f"INSERT OR IGNORE INTO hop_tokens ({', '.join(HOP_TOKEN_COLUMNS)}) VALUES (?, ?, ?, ?)"
-_COLUMNS_INSERT = f"INSERT INTO {hop_columns.TABLE} (first_id, last_id, hops, sightings) VALUES (?, ?, ?, ?)"
 # max(): a capture's counters in the file never go back, whatever order updates land in.
 _CAPTURE_UPDATE = (
     "UPDATE captures SET hops_seen = max(hops_seen, ?), hops_recorded = max(hops_recorded, ?),"
@@ -131,10 +130,13 @@ def _insert(conn: sqlite3.Connection, capture_id: int, hops: list[HopRows], coun
     conn.execute("BEGIN IMMEDIATE")
     first_id = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM hops").fetchone()[0]
     conn.executemany(_HOP_INSERT, ((first_id + i, *row[1:]) for i, row in enumerate(rows)))
+    # Sightings left by hops a client deleted, whose ids these hops take: the rows would count them, the streams not.
+    if encoded is not None and conn.execute("SELECT 1 FROM hop_tokens WHERE hop_id >= ? LIMIT 1", (first_id,)).fetchone():
+        encoded = None
     conn.executemany(_TOKEN_INSERT, (clean_row(token) for hop in hops for token in hop.tokens))
     conn.executemany(_LINK_INSERT, ((first_id + i, *link) for i, *link in links))
     if encoded is not None:
-        conn.execute(_COLUMNS_INSERT, (first_id, first_id + len(rows) - 1, *encoded))
+        hop_columns.insert(conn, first_id, first_id + len(rows) - 1, encoded)
     update_capture(conn, capture_id, counts._replace(recorded=counts.recorded + len(hops)))
     conn.execute("COMMIT")
 

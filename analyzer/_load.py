@@ -205,7 +205,7 @@ def _read(conn, path: Path, columns: tuple[str, ...], since, until, reader: str,
     count = conn.execute(f"SELECT count(*) FROM hops{shape.integer_ids}").fetchone()[0]
     bounds = _chunk_bounds(conn, last_id, shape, count) if last_id is not None else []
     stored = _stored_ranges(conn, shape, hop_columns, last_id, count) if reader != "sqlite" and not where else []
-    batches = _decoded(conn, stored)
+    batches = _longest_runs(_decoded(conn, stored))
     covered = _runs(batches)
     # Even in a file where no hop has a trace id: its entry hops may each have got theirs only in the
     # response (a shard of a capture can hold only such hops).
@@ -334,30 +334,36 @@ def _stored_ranges(conn, shape: _Shape, columns: tuple[str, ...], last_id: int |
     """The id ranges (first, last) of the recorder's batches stored in Arrow (:mod:`hoptrace._hop_columns`)
     that can stand for their rows, in order: :func:`_decoded` reads them.
 
-    None unless ``hops.id`` is the rowid (a batch names its hops by id) and the file has the
-    sightings' columns, and none when the read wants a column they lack. A batch that claims ids an
-    earlier one has is left out (its hops are read as rows), and so is every batch beyond the
-    :data:`_MAX_RUNS` longest runs of adjacent ones (see :func:`_outside`), and every run of which a
-    hop is missing from the table (``count`` hops up to ``last_id``).
+    None unless ``hops.id`` is the rowid (a batch names its hops by id), the file has the sightings'
+    columns and hoptrace's triggers, and the read wants no column they lack; and only the batches
+    written under the tables and triggers the file has now (:func:`hoptrace._hop_columns.schema_key`:
+    an ALTER TABLE or a rebuild fires no trigger). A batch that claims ids an earlier one has is left
+    out (its hops are read as rows), and so is every run of adjacent batches of which a hop is missing
+    from the table (``count`` hops up to ``last_id``).
     """
-    info = conn.execute(f"PRAGMA table_info({batch_columns.TABLE})").fetchall()  # name at 1, type at 2, pk at 5
-    names = {row[1] for row in info}
-    rowid = [(row[1], str(row[2]).upper()) for row in info if row[5]] == [("first_id", "INTEGER")]  # blobs are read by rowid
-    usable = {"first_id", "last_id", "hops", "sightings"} <= names and rowid and shape.rowid_ids and last_id is not None
+    names = {row[1] for row in conn.execute(f"PRAGMA table_info({batch_columns.TABLE})")}
+    usable = {"first_id", "last_id", "tables", "hops", "sightings"} <= names and shape.rowid_ids and last_id is not None
     if not usable or _sighting_values(shape) is None or not set(columns) <= set(batch_columns.STORED):
         return []
+    # The streams are read by rowid: first_id must be it (INTEGER PRIMARY KEY DESC, for one, is not).
+    key = batch_columns.schema_key(conn)
+    if key is None or conn.execute(f"SELECT 1 FROM {batch_columns.TABLE} WHERE rowid IS NOT first_id LIMIT 1").fetchone():
+        return []
     ranges: list[tuple[int, int]] = []
-    for first, last in conn.execute(f"SELECT first_id, last_id FROM {batch_columns.TABLE} WHERE last_id <= ? ORDER BY first_id", (last_id,)):
+    query = f"SELECT first_id, last_id FROM {batch_columns.TABLE} WHERE last_id <= ? AND tables = ? ORDER BY first_id"
+    for first, last in conn.execute(query, (last_id, key)):
         if isinstance(first, int) and isinstance(last, int) and first <= last and (not ranges or first > ranges[-1][1]):
             ranges.append((first, last))
-    runs = sorted(_runs(ranges), key=lambda run: run[1] - run[0], reverse=True)[:_MAX_RUNS]
     # Ids are unique: when they are dense (a recorder's file), every run between the ends is whole.
     lowest = conn.execute("SELECT min(id) FROM hops").fetchone()[0]
-    if last_id - lowest + 1 != count:
-        whole = "SELECT count(*) FROM hops WHERE id BETWEEN ? AND ?"
-        runs = [(first, last) for first, last in runs if conn.execute(whole, (first, last)).fetchone()[0] == last - first + 1]
-    runs = [(first, last) for first, last in runs if first >= lowest]
-    return [r for r in ranges if any(first <= r[0] <= last for first, last in runs)]
+    dense = last_id - lowest + 1 == count
+    whole = "SELECT count(*) FROM hops WHERE id BETWEEN ? AND ?"
+    kept = []
+    for run in _adjacent(ranges):
+        first, last = run[0][0], run[-1][1]
+        if first >= lowest and (dense or conn.execute(whole, (first, last)).fetchone()[0] == last - first + 1):
+            kept += run
+    return kept
 
 
 def _decoded(conn, ranges: list[tuple[int, int]]) -> list[batch_columns.Batch]:
@@ -389,8 +395,16 @@ def _decoded(conn, ranges: list[tuple[int, int]]) -> list[batch_columns.Batch]:
     return batches
 
 
-# Runs of adjacent stored batches a read takes (a recorder's file has one run per row process it had).
+# Runs of adjacent stored batches a read takes (a recorder's file has one run per row process it had):
+# the hops outside them are read in one query, whose WHERE names each run.
 _MAX_RUNS = 64
+
+
+def _longest_runs(batches: list[batch_columns.Batch]) -> list[batch_columns.Batch]:
+    """The batches of the :data:`_MAX_RUNS` longest runs of adjacent ones (the others' hops are read as rows)."""
+    runs = _adjacent(batches)
+    longest = sorted(range(len(runs)), key=lambda i: runs[i][-1][1] - runs[i][0][0], reverse=True)[:_MAX_RUNS]
+    return [batch for i in sorted(longest) for batch in runs[i]]
 
 
 def _in_id_order(parts: list[dict | None]) -> list[dict]:
@@ -398,15 +412,20 @@ def _in_id_order(parts: list[dict | None]) -> list[dict]:
     return sorted((part for part in parts if part is not None), key=lambda part: part["id"][0])
 
 
-def _runs(ranges: list[tuple[int, int]] | list[batch_columns.Batch]) -> list[tuple[int, int]]:
-    """The id ranges (first, last), or those the batches cover, in order, adjacent ones joined."""
-    runs: list[tuple[int, int]] = []
-    for first, last, *_ in ranges:
-        if runs and first == runs[-1][1] + 1:
-            runs[-1] = (runs[-1][0], last)
+def _adjacent(ranges: list) -> list[list]:
+    """Id ranges (first, last), or batches (which start with theirs), in order, in runs of adjacent ones."""
+    runs: list[list] = []
+    for item in ranges:
+        if runs and item[0] == runs[-1][-1][1] + 1:
+            runs[-1].append(item)
         else:
-            runs.append((first, last))
+            runs.append([item])
     return runs
+
+
+def _runs(ranges: list) -> list[tuple[int, int]]:
+    """The id ranges (first, last) that ``ranges`` (or batches) cover, adjacent ones joined."""
+    return [(run[0][0], run[-1][1]) for run in _adjacent(ranges)]
 
 
 def _without(bounds: list[tuple[int, int]], runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -426,21 +445,21 @@ def _without(bounds: list[tuple[int, int]], runs: list[tuple[int, int]]) -> list
 
 def _outside(column: str, runs: list[tuple[int, int]]) -> str:
     """A WHERE clause's ``AND`` keeping the rows whose ``column`` is in none of ``runs``."""
-    return f" AND NOT ({' OR '.join(f'{column} BETWEEN {first} AND {last}' for first, last in runs)})" if runs else ""
+    inside = " OR ".join(f"CAST({column} AS INTEGER) BETWEEN {first} AND {last}" for first, last in runs)
+    return f" AND NOT ({inside})" if runs else ""
 
 
 def _batch_parts(names: tuple[str, ...], batches: list[batch_columns.Batch], entries: tuple[str, ...]) -> list[dict]:
     """The stored batches' hop columns, one part per run of adjacent batches, as :func:`_read_hop_columns` gives them."""
-    parts, start = [], 0
-    for first, last in _runs(batches):
-        end = start + next(i for i, b in enumerate(batches[start:], 1) if b.last_id == last)
-        table = pa.concat_tables([b.hops for b in batches[start:end]])
+    parts = []
+    for run in _adjacent(batches):
+        first, last = run[0].first_id, run[-1].last_id
+        table = pa.concat_tables([b.hops for b in run])
         part = {"id": np.arange(first, last + 1, dtype=np.int64)}
         part.update((name, _stored_value(name, table.column(name))) for name in names[1:])
         if entries:
             part["root_traces"] = _stored_root_traces(table, first, entries)
         parts.append(part)
-        start = end
     return parts
 
 

@@ -20,7 +20,9 @@ writes, so a hostile or damaged one is read as rows instead.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
+import struct
 from collections.abc import Iterable, Sequence
 from functools import cache
 from typing import TYPE_CHECKING, NamedTuple
@@ -66,17 +68,55 @@ COLUMN_DOCS = {
     "last_id": "its last hop id (every id between is one of its hops)",
     "hops": f"Arrow IPC stream: the hops' {', '.join(STORED)} and {TRACE_HEADERS}",
     "sightings": "Arrow IPC stream: the batch's hop_tokens rows, each hop as its offset in the batch",
+    "tables": "what the hops and hop_tokens tables and these triggers were when it was written (see schema_key)",
 }
-DDL = f"CREATE TABLE IF NOT EXISTS {TABLE} (first_id INTEGER PRIMARY KEY, last_id INTEGER NOT NULL, hops BLOB NOT NULL, sightings BLOB NOT NULL)"
+DDL = (
+    f"CREATE TABLE IF NOT EXISTS {TABLE} (first_id INTEGER PRIMARY KEY, last_id INTEGER NOT NULL,"
+    " tables TEXT NOT NULL, hops BLOB NOT NULL, sightings BLOB NOT NULL)"
+)
 TRIGGERS = {
     "hop_columns_hop_changed": f"AFTER UPDATE OF {', '.join(_WATCHED)} ON hops BEGIN {_forget('OLD.id', 'NEW.id')} END",
     "hop_columns_hop_deleted": f"AFTER DELETE ON hops BEGIN {_forget('OLD.id')} END",
     # INSERT OR REPLACE of a hop deletes the old row without its DELETE trigger (recursive_triggers is off).
     "hop_columns_hop_added": f"AFTER INSERT ON hops BEGIN {_forget('NEW.id')} END",
-    "hop_columns_sighting_added": f"AFTER INSERT ON hop_tokens BEGIN {_forget('NEW.hop_id')} END",
-    "hop_columns_sighting_changed": f"AFTER UPDATE ON hop_tokens BEGIN {_forget('OLD.hop_id', 'NEW.hop_id')} END",
-    "hop_columns_sighting_deleted": f"AFTER DELETE ON hop_tokens BEGIN {_forget('OLD.hop_id')} END",
+    # A sighting's hop as reads take it: CAST (a hop_id of 5.5 or '5' is hop 5's).
+    "hop_columns_sighting_added": f"AFTER INSERT ON hop_tokens BEGIN {_forget('CAST(NEW.hop_id AS INTEGER)')} END",
+    "hop_columns_sighting_changed": (
+        f"AFTER UPDATE ON hop_tokens BEGIN {_forget('CAST(OLD.hop_id AS INTEGER)', 'CAST(NEW.hop_id AS INTEGER)')} END"
+    ),
+    "hop_columns_sighting_deleted": f"AFTER DELETE ON hop_tokens BEGIN {_forget('CAST(OLD.hop_id AS INTEGER)')} END",
 }
+# What the triggers cannot see: a change to the tables themselves (ALTER TABLE, a rebuild that drops the
+# triggers). Each batch carries the key of the tables' and triggers' SQL it was written under, and is
+# read only while the file's key is the same.
+_KEYED = ("hops", "hop_tokens", *TRIGGERS)
+
+
+def schema_key(conn: sqlite3.Connection) -> str | None:
+    """The key of the SQL of ``hops``, ``hop_tokens`` and the triggers as the file has them; None when a
+    trigger is missing or not the one hoptrace makes (stored columns then go unwritten and unread)."""
+    marks = ", ".join("?" * len(_KEYED))
+    found = dict(conn.execute(f"SELECT name, sql FROM sqlite_master WHERE name IN ({marks})", _KEYED).fetchall())
+    if any(found.get(name) != f"CREATE TRIGGER {name} {body}" for name, body in TRIGGERS.items()):
+        return None
+    return hashlib.sha256("\0".join(str(found.get(name)) for name in _KEYED).encode()).hexdigest()[:32]
+
+
+def ensure_triggers(conn: sqlite3.Connection) -> None:
+    """For a writer: the triggers as hoptrace makes them, every stored batch forgotten if they were not (a
+    client may have changed rows while they were missing). One transaction; call it outside any other."""
+    if schema_key(conn) is not None:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(f"DELETE FROM {TABLE}")
+        for name, body in TRIGGERS.items():
+            conn.execute(f"DROP TRIGGER IF EXISTS {name}")
+            conn.execute(f"CREATE TRIGGER {name} {body}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 class Batch(NamedTuple):
@@ -131,11 +171,25 @@ def store(conn: sqlite3.Connection, first_id: int, last_id: int) -> bool:
         f"SELECT hop_id - ?, fingerprint, role, location FROM hop_tokens WHERE hop_id {between}", (first_id, first_id, last_id)
     )
     encoded = encode(hops, HOP_COLUMNS, links.fetchall())
-    if encoded is not None:
+    return encoded is not None and insert(conn, first_id, last_id, encoded)
+
+
+def insert(conn: sqlite3.Connection, first_id: int, last_id: int, encoded: tuple[bytes, bytes]) -> bool:
+    """Store a batch's streams (:func:`encode`), in the caller's transaction; False when they cannot be
+    (the triggers are not hoptrace's, the streams are too large for SQLite): the hops are read as rows."""
+    key = schema_key(conn)
+    if key is None:
+        return False
+    # Streams of hops a client deleted while the triggers were missing, whose ids are being given again.
+    conn.execute(f"DELETE FROM {TABLE} WHERE last_id >= ?", (first_id,))
+    try:
         conn.execute(
-            f"INSERT INTO {TABLE} (first_id, last_id, hops, sightings) VALUES (?, ?, ?, ?)", (first_id, last_id, *encoded)
+            f"INSERT INTO {TABLE} (first_id, last_id, tables, hops, sightings) VALUES (?, ?, ?, ?, ?)",
+            (first_id, last_id, key, *encoded),
         )
-    return encoded is not None
+    except (sqlite3.IntegrityError, sqlite3.DataError):
+        return False
+    return True
 
 
 def _array(kind: str, values: list) -> pa.Array:
@@ -181,6 +235,8 @@ def decode(first_id: object, last_id: object, hops: object, sightings: object) -
     if not (isinstance(first_id, int) and isinstance(last_id, int) and isinstance(hops, bytes) and isinstance(sightings, bytes)):
         return None
     try:
+        if _compressed(hops) or _compressed(sightings):
+            return None
         hop_table = pa.ipc.open_stream(hops).read_all()
         sighting_table = pa.ipc.open_stream(sightings).read_all()
         if not (hop_table.schema.equals(_schemas()[0]) and sighting_table.schema.equals(_schemas()[1])):
@@ -194,12 +250,68 @@ def decode(first_id: object, last_id: object, hops: object, sightings: object) -
                 for chunk in column.chunks if pa.types.is_dictionary(column.type) else ():
                     if chunk.dictionary.null_count or len(pc.unique(chunk.dictionary)) != len(chunk.dictionary):
                         return None
+        if any(column.null_count for column in sighting_table.columns) or not _trace_headers_as_written(hop_table):
+            return None
         offsets = pc.min_max(sighting_table.column("offset"))
         if sighting_table.num_rows and not (0 <= offsets["min"].as_py() and offsets["max"].as_py() < hop_table.num_rows):
             return None
-    except (pa.ArrowException, OSError):
+    except (pa.ArrowException, OSError, struct.error):
         return None
     return Batch(first_id, last_id, hop_table, sighting_table)
+
+
+def _trace_headers_as_written(hops: pa.Table) -> bool:
+    """:data:`TRACE_HEADERS` as :func:`encode` writes it: only on hops without a trace id, each pair a name
+    of :data:`RESPONSE_TRACE_HEADERS` and a value."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    headers = hops.column(TRACE_HEADERS)
+    if pc.any(pc.and_(pc.is_valid(headers), pc.is_valid(hops.column("trace_id")))).as_py():
+        return False
+    pairs = pc.list_flatten(headers)
+    names, values = pc.struct_field(pairs, "name"), pc.struct_field(pairs, "value")
+    return (
+        not (names.null_count or values.null_count)
+        and pc.all(pc.is_in(names, value_set=pa.array(RESPONSE_TRACE_HEADERS))).as_py() is not False
+    )
+
+
+def _compressed(stream: bytes) -> bool:
+    """Whether a record batch of an IPC ``stream`` (or a dictionary's) has a compressed body, which
+    :func:`encode` never writes: pyarrow decompresses whatever it reads, and a few kilobytes of a hostile
+    file could ask it for gigabytes. Read from each message's flatbuffer (Arrow's ``Message.fbs``):
+    Message's field 1 is the header's type (2 a DictionaryBatch, whose field 1 is its RecordBatch; 3 a
+    RecordBatch), field 2 the header; a RecordBatch's field 3 is its compression, absent when none."""
+    import pyarrow as pa
+
+    reader = pa.ipc.MessageReader.open_stream(stream)
+    while True:
+        try:
+            meta = reader.read_next_message().metadata.to_pybytes()
+        except StopIteration:
+            return False
+        root = struct.unpack_from("<I", meta, 0)[0]
+        kind = _field(meta, root, 1)
+        header = _table_at(meta, root, 2)
+        if kind and meta[kind] == 2 and header is not None:
+            header = _table_at(meta, header, 1)
+        if kind and meta[kind] in (2, 3) and header is not None and _field(meta, header, 3):
+            return True
+
+
+def _field(meta: bytes, table: int, field: int) -> int:
+    """Where a flatbuffer table's ``field`` is in ``meta`` (0: absent)."""
+    vtable = table - struct.unpack_from("<i", meta, table)[0]
+    size = struct.unpack_from("<H", meta, vtable)[0]
+    offset = struct.unpack_from("<H", meta, vtable + 4 + 2 * field)[0] if 4 + 2 * field < size else 0
+    return table + offset if offset else 0
+
+
+def _table_at(meta: bytes, table: int, field: int) -> int | None:
+    """The table a flatbuffer table's ``field`` refers to."""
+    at = _field(meta, table, field)
+    return at + struct.unpack_from("<I", meta, at)[0] if at else None
 
 
 @cache
@@ -224,5 +336,8 @@ __all__ = [
     "Batch",
     "decode",
     "encode",
+    "ensure_triggers",
+    "insert",
+    "schema_key",
     "store",
 ]

@@ -452,6 +452,7 @@ def open_for_writing(path: str | Path) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous = NORMAL")
         if version < SCHEMA_VERSION or not set(TABLES) <= existing:
             migrate(conn, max(version, 1) if existing else 0)
+        hop_columns.ensure_triggers(conn)  # a client's rebuild of a table drops them
     except SQLITE_ERRORS as exc:
         raise TraceFileError(f"{path}: cannot open for writing: {_reason(exc)}") from None
     return conn

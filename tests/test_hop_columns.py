@@ -121,12 +121,16 @@ def test_stored_columns_read_as_the_rows_they_stand_for(tmp_path_factory, monkey
     same_tables(load(path, reader=reader), load(path, reader="sqlite"))
 
 
+_HOP_OF_THREE = {
+    "service": "gateway", "method": "GET", "path": "/a", "status": 200, "error": None, "error_kind": None, "failed": 0,
+    "started_at": T0, "length": 0.1, "response_start_at": None, "trace_id": None, "span_id": None, "parent_span_id": None,
+    "trace_source": None, "server_date_ts": None, "client_conn_id": "c", "response_headers": '[["X-Request-ID", "req-1"]]',
+    "links": [("fp-a", "presented", "header:authorization")],
+}  # fmt: skip
+
+
 def _three_batches(path: Path) -> Path:
-    hop = {"service": "gateway", "method": "GET", "path": "/a", "status": 200, "error": None, "error_kind": None, "failed": 0,
-           "started_at": T0, "length": 0.1, "response_start_at": None, "trace_id": None, "span_id": None, "parent_span_id": None,
-           "trace_source": None, "server_date_ts": None, "client_conn_id": "c", "response_headers": "[]",
-           "links": [("fp-a", "presented", "header:authorization")]}  # fmt: skip
-    _record(path, [([dict(hop, started_at=T0 + i) for i in range(5)], True) for _ in range(3)])
+    _record(path, [([dict(_HOP_OF_THREE, started_at=T0 + i) for i in range(5)], True) for _ in range(3)])
     return path
 
 
@@ -141,6 +145,7 @@ def _three_batches(path: Path) -> Path:
         ("DELETE FROM hop_tokens WHERE hop_id = 7", {6}),
         ("INSERT INTO hop_tokens VALUES (3, 'fp-b', 'validated', 'body:token')", {1}),
         ("UPDATE hop_tokens SET hop_id = 14, role = 'validated' WHERE hop_id = 2", {1, 11}),
+        ("INSERT INTO hop_tokens VALUES (5.5, 'fp-b', 'issued', 'body:token')", {1}),  # hop 5's, as reads CAST it
     ],
 )
 def test_a_change_to_a_batchs_hops_or_sightings_forgets_its_columns(tmp_path, edit, forgotten):
@@ -154,9 +159,9 @@ def test_a_change_to_a_batchs_hops_or_sightings_forgets_its_columns(tmp_path, ed
     same_tables(load(path, reader="auto"), load(path, reader="sqlite"))
 
 
-def _ipc(table: pa.Table) -> bytes:
+def _ipc(table: pa.Table, compression: str | None = None) -> bytes:
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
+    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression=compression)) as writer:
         writer.write_table(table)
     return sink.getvalue().to_pybytes()
 
@@ -195,6 +200,18 @@ _REFUSED = {
         "sightings", _ipc(_replace_column(sightings, "offset", pa.array([rng.choice([-1, 5, 2**40])] * sightings.num_rows, pa.int64()))),
     ),
     "the sightings' columns swapped": lambda hops, sightings, rng: ("sightings", _ipc(sightings.select([0, 2, 1, 3]))),
+    # A compressed body could ask pyarrow for gigabytes: encode never writes one.
+    "compressed": lambda hops, sightings, rng: ("hops", _ipc(hops, rng.choice(["zstd", "lz4"]))),
+    "compressed sightings": lambda hops, sightings, rng: ("sightings", _ipc(sightings, "zstd")),
+    "a NULL offset": lambda hops, sightings, rng: (
+        "sightings", _ipc(_replace_column(sightings, "offset", pa.array([None] * sightings.num_rows, pa.int64()))),
+    ),
+    "a response header no trace comes from": lambda hops, sightings, rng: (
+        "hops", _ipc(_replace_column(hops, "trace_headers", pa.array([[("authorization", "x")]] * hops.num_rows, hops.schema.field("trace_headers").type))),
+    ),
+    "trace headers on a hop with a trace id": lambda hops, sightings, rng: (
+        "hops", _ipc(_replace_column(hops, "trace_id", pa.array(["t" * 32] * hops.num_rows))),
+    ),
     "claims ids past the table's last": lambda hops, sightings, rng: ("first_id", 10**6 + rng.randint(0, 9)),
     "a hop of it deleted behind its trigger": lambda hops, sightings, rng: ("delete", rng.randint(0, 4)),
 }  # fmt: skip
@@ -233,3 +250,67 @@ def test_a_recorded_capture_analyses_the_same_through_its_stored_columns(path, t
         assert all(hop_columns.store(conn, first, min(first + 6, last)) for first in range(1, last + 1, 7))
     same_tables(load(copy, reader="auto"), load(copy, reader="sqlite"))
     assert render_json(analyze(copy)) == render_json(analyze(path)).replace(str(path), str(copy))
+
+
+_UNSEEN_BY_TRIGGERS = {
+    # A rebuild of the table (sqlite-utils' transform, a tool's migration) drops its triggers.
+    "triggers dropped, then a hop changed": ("DROP TRIGGER hop_columns_hop_changed; UPDATE hops SET status = 503 WHERE id = 2"),
+    "a column dropped and added again (to scrub it)": (
+        "DROP VIEW hops_readable; ALTER TABLE hops DROP COLUMN client_conn_id; ALTER TABLE hops ADD COLUMN client_conn_id TEXT"
+    ),
+    "first_id no longer the rowid": (
+        "CREATE TABLE hc (first_id INTEGER PRIMARY KEY DESC, last_id INTEGER NOT NULL, tables TEXT NOT NULL,"
+        " hops BLOB NOT NULL, sightings BLOB NOT NULL); INSERT INTO hc SELECT * FROM hop_columns ORDER BY first_id DESC;"
+        " DROP TABLE hop_columns; PRAGMA legacy_alter_table = ON; ALTER TABLE hc RENAME TO hop_columns"
+    ),
+}
+
+
+@pytest.mark.parametrize("script", _UNSEEN_BY_TRIGGERS.values(), ids=list(_UNSEEN_BY_TRIGGERS))
+def test_changes_no_trigger_sees_leave_the_columns_unread(tmp_path, script):
+    """Changes to the tables themselves fire no trigger: the file's tables and triggers are no longer
+    those the columns were written under, and the load reads the rows, changes included."""
+    path = _three_batches(tmp_path / "t.db")
+    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.executescript(script)
+        assert conn.execute("SELECT count(*) FROM hop_columns").fetchone()[0] == 3  # still there, stale
+    same_tables(load(path, reader="auto"), load(path, reader="sqlite"))
+
+
+def test_a_writer_after_such_changes_forgets_the_stale_columns_and_loses_no_hop(tmp_path):
+    """The recorder opening a file whose triggers were dropped makes them again and forgets every stored
+    batch (rows may have changed meanwhile), so that the ids it gives again never meet stale columns."""
+    path = _three_batches(tmp_path / "t.db")
+    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.executescript(
+            "DROP TRIGGER hop_columns_hop_deleted; DELETE FROM hops WHERE id > 10; DELETE FROM hop_tokens WHERE hop_id > 10"
+        )
+    hop = {**_HOP_OF_THREE, "path": "/after"}
+    _record(path, [([hop] * 5, True)])
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT first_id FROM hop_columns").fetchall() == [(11,)]
+        assert conn.execute("SELECT count(*) FROM hops WHERE error IS NULL AND path = '/after'").fetchone()[0] == 5
+    same_tables(load(path, reader="auto"), load(path, reader="sqlite"))
+
+
+def test_sightings_left_by_deleted_hops_keep_the_next_batch_to_its_rows(tmp_path):
+    """Hops deleted by a client that left their sightings (no foreign keys enforced): the recorder gives
+    their ids again, and the rows count the old sightings with the new hops; it stores no columns then."""
+    path = _three_batches(tmp_path / "t.db")
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("DELETE FROM hops WHERE id > 10")
+    _record(path, [([_HOP_OF_THREE] * 5, True)])
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT first_id FROM hop_columns").fetchall() == [(1,), (6,)]
+    same_tables(load(path, reader="auto"), load(path, reader="sqlite"))
+
+
+def test_many_runs_of_columns_between_refused_ones_read_as_rows(tmp_path, monkeypatch):
+    """More runs of adjacent batches than one query can name (every other batch refused): the longest are
+    read from their columns, the rest as rows."""
+    monkeypatch.setattr(_load, "_MAX_RUNS", 2)
+    path = tmp_path / "t.db"
+    _record(path, [([dict(_HOP_OF_THREE, started_at=T0 + i)], True) for i in range(9)])
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("UPDATE hop_columns SET hops = X'00' WHERE first_id % 2 = 0")
+    same_tables(load(path, reader="auto"), load(path, reader="sqlite"))
