@@ -123,7 +123,11 @@ def token_uses(hop_tokens: pd.DataFrame, tokens: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({
         "hop_id": hop[first],
         "fp": _objects(uses["fingerprint"], rows),
-        "role": pd.Categorical(_objects(uses["role"], rows), categories=tuple(_ROLE_RANK)),
+        # The role from the rank (0: validated; the uses are validated or presented), as codes: a
+        # Categorical of a million role names cost 0.14 s, these 2 ms.
+        "role": pd.Categorical.from_codes(
+            np.where(rank[first] == 0, _ROLE_RANK["validated"], _ROLE_RANK["presented"]), categories=tuple(_ROLE_RANK)
+        ),
         "rank": rank[first],
         # The subject as codes into the capture's subjects (the same as sub_code): no text per use.
         "sub": pd.Categorical.from_codes(sub_code, categories=subjects),
