@@ -56,7 +56,6 @@ import pyarrow.compute as pc
 from hoptrace import _hop_columns as batch_columns
 from hoptrace._errors import TraceFileError
 from hoptrace._memory import give_back
-from hoptrace._stored import header_pairs
 from hoptrace.analyzer._arrow_child import ArrowReadError, read_tables, sql_literal
 from hoptrace.analyzer._traces import in_start_order
 from hoptrace.db import (
@@ -373,16 +372,8 @@ def _decoded(conn, ranges: list[tuple[int, int]]) -> list[batch_columns.Batch]:
     Each stream is read through SQLite's incremental blob I/O: 0.11 s for a million hops' streams, where a
     column fetch took 0.28 s. (Decoding them in a thread beside the tokens' read measured no faster: six
     loads each at 1M hops, medians 2.06 and 2.02 s; the decoding holds the GIL the read needs.)"""
-    if not ranges:
-        return []
-    wanted = dict(ranges)
     table, batches = batch_columns.TABLE, []
-    here = conn.execute(
-        f"SELECT first_id, last_id FROM {table} WHERE first_id BETWEEN ? AND ? ORDER BY first_id", (ranges[0][0], ranges[-1][0])
-    )
-    for first, last in here.fetchall():
-        if wanted.get(first) != last:
-            continue
+    for first, last in ranges:  # read in this transaction, as the ranges were: first_id is the rowid
         try:
             streams = []
             for column in ("hops", "sightings"):
@@ -773,14 +764,10 @@ def _root_trace_headers(conn, ids: str | None, entries: tuple[str, ...]) -> list
     return [(hop_id, text) for hop_id, text in rows if text is not None]
 
 
-def _root_trace_rows(found: Iterable[tuple[int, str]]) -> list[tuple[int, str, object]]:
-    """``(id, header, value)`` for each header of :data:`_RESPONSE_RANK` in the ``(id, headers)`` found."""
-    return [
-        (hop_id, name.lower(), value)
-        for hop_id, text in found
-        for name, value in header_pairs(text)
-        if name.lower() in _RESPONSE_RANK
-    ]
+def _root_trace_rows(found: Iterable[tuple[int, str]]) -> list[tuple[int, str, str]]:
+    """``(id, header, value)`` for each header of :data:`_RESPONSE_RANK` in the ``(id, headers)`` found,
+    as the recorder stores them with a batch (:func:`hoptrace._hop_columns.trace_header_pairs`)."""
+    return [(hop_id, name, value) for hop_id, text in found for name, value in batch_columns.trace_header_pairs(text)]
 
 
 _TRACERESPONSE = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}", re.IGNORECASE)

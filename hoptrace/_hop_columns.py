@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import cache
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -102,6 +102,13 @@ def schema_key(conn: sqlite3.Connection) -> str | None:
     return hashlib.sha256("\0".join(str(found.get(name)) for name in _KEYED).encode()).hexdigest()[:32]
 
 
+def create(execute: Callable[[str], object]) -> None:
+    """The table and its triggers, where they are not yet (``execute`` runs one statement)."""
+    execute(DDL)
+    for name, body in TRIGGERS.items():
+        execute(f"CREATE TRIGGER IF NOT EXISTS {name} {body}")
+
+
 def ensure_triggers(conn: sqlite3.Connection) -> None:
     """For a writer: the triggers as hoptrace makes them, every stored batch forgotten if they were not (a
     client may have changed rows while they were missing). One transaction; call it outside any other."""
@@ -110,9 +117,9 @@ def ensure_triggers(conn: sqlite3.Connection) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute(f"DELETE FROM {TABLE}")
-        for name, body in TRIGGERS.items():
+        for name in TRIGGERS:
             conn.execute(f"DROP TRIGGER IF EXISTS {name}")
-            conn.execute(f"CREATE TRIGGER {name} {body}")
+        create(conn.execute)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -207,14 +214,20 @@ def _array(kind: str, values: list) -> pa.Array:
     return pa.array(values, {"int": pa.int64(), "real": pa.float64(), "text": pa.string()}[kind])
 
 
+def trace_header_pairs(headers: object) -> list[tuple[str, str]]:
+    """``(name in lower case, value)`` of each of the stored response ``headers`` that
+    :data:`RESPONSE_TRACE_HEADERS` names and whose value is text, in order (only text gives a trace id)."""
+    pairs = [(name.lower(), value) for name, value in header_pairs(headers)]
+    return [(name, value) for name, value in pairs if name in RESPONSE_TRACE_HEADERS and isinstance(value, str)]
+
+
 def _trace_headers(trace_id: object, headers: object) -> list[tuple[str, str]] | None:
     if trace_id is not None or not isinstance(headers, str):
         return None
     lowered = headers.lower()  # most hops name none: no JSON to parse
     if not any(name in lowered for name in RESPONSE_TRACE_HEADERS):
         return None
-    found = [(name.lower(), value) for name, value in header_pairs(headers) if name.lower() in RESPONSE_TRACE_HEADERS]
-    return [(name, value) for name, value in found if isinstance(value, str)] or None
+    return trace_header_pairs(headers) or None
 
 
 def _TRACE_HEADERS_TYPE() -> pa.DataType:  # a type, made where pyarrow is imported
@@ -341,6 +354,7 @@ __all__ = [
     "TRACE_HEADERS",
     "TRIGGERS",
     "Batch",
+    "create",
     "decode",
     "encode",
     "ensure_triggers",
@@ -348,4 +362,5 @@ __all__ = [
     "prepare",
     "schema_key",
     "store",
+    "trace_header_pairs",
 ]

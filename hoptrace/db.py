@@ -342,9 +342,7 @@ def _create_tables(db: sqlite_utils.Database) -> None:
 
 def _create_hop_columns(db: sqlite_utils.Database) -> None:
     """The batches' Arrow columns (:mod:`hoptrace._hop_columns`), and the triggers that drop a batch's once its rows change."""
-    db.execute(hop_columns.DDL)
-    for name, body in hop_columns.TRIGGERS.items():
-        db.execute(f"CREATE TRIGGER IF NOT EXISTS {name} {body}")
+    hop_columns.create(db.execute)
 
 
 def _create_views(db: sqlite_utils.Database) -> None:
