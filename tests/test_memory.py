@@ -1,0 +1,86 @@
+"""The analysis runs with Python's cyclic collector paused, and leaves it as it found it."""
+
+from __future__ import annotations
+
+import gc
+import sys
+from pathlib import Path
+
+import pytest
+
+from hoptrace._errors import AnalysisError
+from hoptrace._memory import collector_paused
+from hoptrace.analyzer import analyze
+from hoptrace.analyzer._analysis import analyze_tables
+from hoptrace.analyzer._load import load
+
+SAMPLE = Path(__file__).resolve().parent.parent / "sample_traces" / "checkout-expiry.db"
+
+
+ANALYZER = Path(analyze_tables.__wrapped__.__code__.co_filename).parent
+
+
+def _in_analyzer() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if Path(frame.f_code.co_filename).parent == ANALYZER:
+            return True
+        frame = frame.f_back
+    return False
+
+
+@pytest.fixture
+def collections():
+    """The collections that start inside the analyzer's code while the test runs, with the collector
+    made to run at every allocation (so that any left on would run there)."""
+    started: list[int] = []
+
+    def count(phase: str, info: dict) -> None:
+        if phase == "start" and _in_analyzer():
+            started.append(info["generation"])
+
+    thresholds = gc.get_threshold()
+    gc.set_threshold(1, 1, 1)
+    gc.callbacks.append(count)
+    try:
+        yield started
+    finally:
+        gc.callbacks.remove(count)
+        gc.set_threshold(*thresholds)
+        gc.enable()
+
+
+def test_the_analysis_runs_no_collection_and_turns_the_collector_back_on(collections):
+    tables = load(SAMPLE)
+    collections.clear()
+    analysis = analyze_tables(tables)
+    assert collections == [] and gc.isenabled()
+    analyze(SAMPLE)
+    assert collections == [] and gc.isenabled()
+    assert len(analysis.findings)  # an analysis that did its work
+
+    with_collector = analyze_tables.__wrapped__  # the same analysis, without the pause
+    with_collector(tables)
+    assert collections  # the collections the pause keeps from the analysis
+
+
+def test_the_collector_is_back_on_after_an_analysis_that_failed(collections):
+    with pytest.raises(AnalysisError):
+        analyze(SAMPLE, since=20, until=10)
+    assert gc.isenabled()
+
+
+def test_a_collector_the_caller_turned_off_stays_off(collections):
+    gc.disable()
+    with collector_paused():
+        with collector_paused():  # nested, as analyze calls analyze_tables
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    analyze(SAMPLE)
+    assert not gc.isenabled()
+    gc.enable()
+    with collector_paused():
+        with collector_paused():
+            pass
+        assert not gc.isenabled()  # the inner block does not turn it on under the outer one
+    assert gc.isenabled()
