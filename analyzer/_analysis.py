@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from hoptrace._errors import AnalysisError
-from hoptrace._memory import collector_paused
+from hoptrace._memory import analysis_memory
 from hoptrace._shards import parse_worker_source
 from hoptrace.analyzer import _latency, _prepare
 from hoptrace.analyzer._arrays import taken, taken_text
@@ -88,7 +88,7 @@ class Analysis:
         return self.hops[self.hops["trace"].to_numpy() == trace].sort_values("order")
 
 
-@collector_paused()
+@analysis_memory()
 def analyze(
     path: str | Path | Sequence[str | Path],
     config: AnalyzerConfig | None = None,
@@ -180,7 +180,7 @@ def prepare(
     )
 
 
-@collector_paused()
+@analysis_memory()
 def analyze_tables(
     tables: Tables,
     config: AnalyzerConfig | None = None,

@@ -1,4 +1,4 @@
-"""The analysis runs with Python's cyclic collector paused, and leaves it as it found it."""
+"""The analysis runs with Python's cyclic collector paused and numpy's huge pages off, and leaves both as it found them."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import gc
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from hoptrace._errors import AnalysisError
-from hoptrace._memory import collector_paused
+from hoptrace._memory import _huge_pages, analysis_memory
 from hoptrace.analyzer import analyze
 from hoptrace.analyzer._analysis import analyze_tables
+from hoptrace.analyzer._detectors import Detector, empty_findings
 from hoptrace.analyzer._load import load
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_traces" / "checkout-expiry.db"
@@ -72,15 +74,39 @@ def test_the_collector_is_back_on_after_an_analysis_that_failed(collections):
 
 def test_a_collector_the_caller_turned_off_stays_off(collections):
     gc.disable()
-    with collector_paused():
-        with collector_paused():  # nested, as analyze calls analyze_tables
+    with analysis_memory():
+        with analysis_memory():  # nested, as analyze calls analyze_tables
             assert not gc.isenabled()
         assert not gc.isenabled()
     analyze(SAMPLE)
     assert not gc.isenabled()
     gc.enable()
-    with collector_paused():
-        with collector_paused():
+    with analysis_memory():
+        with analysis_memory():
             pass
         assert not gc.isenabled()  # the inner block does not turn it on under the outer one
     assert gc.isenabled()
+
+
+def _huge_pages_now() -> bool | None:
+    was = _huge_pages(False)
+    _huge_pages(was)
+    return was
+
+
+def test_the_analysis_runs_on_small_pages_and_puts_numpy_back_as_it_was():
+    seen = []
+
+    def probe(ctx) -> pd.DataFrame:
+        seen.append((_huge_pages_now(), gc.isenabled()))
+        return empty_findings()
+
+    tables, original = load(SAMPLE), _huge_pages_now()
+    for before in (True, False):
+        _huge_pages(before)
+        try:
+            analyze_tables(tables, detectors=(Detector("probe", "info", probe),))
+            assert _huge_pages_now() is before
+        finally:
+            _huge_pages(original)
+    assert seen == [(False, False), (False, False)]
