@@ -1234,7 +1234,7 @@ def callers(hops: pd.DataFrame) -> pd.Series:
     """The service that made each hop, by hop id: its parent's service, ``client`` for a
     request, ``unknown`` for a hop whose caller is not in the capture."""
     out = hops["parent_id"].map(hops["service"]).astype(object)
-    entered = hops["parent_id"].isna().to_numpy() & (hops["link"].astype(object) != "orphan").to_numpy()
+    entered = hops["parent_id"].isna().to_numpy() & (hops["link"] != "orphan").to_numpy()  # on the codes, no object copy
     out[entered] = "client"
     return out.fillna("unknown")
 
