@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -246,8 +245,8 @@ def _hops_frame(
         if name not in hops:  # a column this file lacks: NULL throughout (shape.notes say so)
             hops[name] = _column(name, [np.full(len(hops), _NULL, np.int64) if _is_numeric(name) else [None] * len(hops)])
     hops = hops[list(dict.fromkeys((*columns, *_TRACE_COLUMNS)))]
-    if entries:
-        _add_root_traces(hops, [row for part in parts for row in part["root_traces"]])
+    if entries and parts:
+        _add_root_traces(hops, *(np.concatenate([part["root_traces"][i] for part in parts]) for i in range(4)))
     return hops, repeated
 
 
@@ -372,7 +371,7 @@ def _decoded(conn, ranges: list[tuple[int, int]]) -> list[batch_columns.Batch]:
     Each stream is read through SQLite's incremental blob I/O: 0.11 s for a million hops' streams, where a
     column fetch took 0.28 s. (Decoding them in a thread beside the tokens' read measured no faster: six
     loads each at 1M hops, medians 2.06 and 2.02 s; the decoding holds the GIL the read needs.)"""
-    table, batches = batch_columns.TABLE, []
+    table, rows = batch_columns.TABLE, []
     for first, last in ranges:  # read in this transaction, as the ranges were: first_id is the rowid
         try:
             streams = []
@@ -381,9 +380,8 @@ def _decoded(conn, ranges: list[tuple[int, int]]) -> list[batch_columns.Batch]:
                     streams.append(blob.read())
         except sqlite3.OperationalError:  # not a blob or text: no stream
             continue
-        if (batch := batch_columns.decode(first, last, *streams)) is not None:
-            batches.append(batch)
-    return batches
+        rows.append((first, last, *streams))
+    return [batch for batch in batch_columns.decode(rows) if batch is not None]
 
 
 # Runs of adjacent stored batches a read takes (a recorder's file has one run per row process it had):
@@ -454,15 +452,12 @@ def _batch_parts(names: tuple[str, ...], batches: list[batch_columns.Batch], ent
     return parts
 
 
-def _stored_root_traces(table: pa.Table, first_id: int, entries: tuple[str, ...]) -> list[tuple[int, str, str]]:
+def _stored_root_traces(table: pa.Table, first_id: int, entries: tuple[str, ...]) -> _RootTraces:
     """:func:`_root_trace_rows` of the entry hops of a run of stored batches (whose first hop is ``first_id``)."""
-    headers = table.column(batch_columns.TRACE_HEADERS)
-    flat = pc.list_flatten(headers)
-    hop = pc.list_parent_indices(headers).to_numpy()
-    at_entry = pc.is_in(table.column("service"), value_set=pa.array(entries, pa.string())).to_numpy(zero_copy_only=False)
-    keep = pa.array(at_entry[hop])
-    names, values = (pc.struct_field(flat, field).filter(keep).to_pylist() for field in ("name", "value"))
-    return list(zip((first_id + hop[at_entry[hop]]).tolist(), names, values, strict=True))
+    at_entry = pc.is_in(table.column("service"), value_set=pa.array(entries, pa.string()))
+    found = pc.and_(at_entry, pc.is_valid(table.column(batch_columns.ROOT_TRACE[0]))).to_numpy(zero_copy_only=False)
+    columns = (table.column(name).filter(found).to_numpy(zero_copy_only=False) for name in batch_columns.ROOT_TRACE)
+    return (first_id + np.flatnonzero(found), *columns)
 
 
 # CAST(x AS INTEGER) of a REAL beyond a 64-bit integer gives the nearest one; this is the largest float below 2**63.
@@ -727,11 +722,9 @@ def _run_read(uri: str, read: Callable[[sqlite3.Connection], object]):
         conn.close()
 
 
-# Response headers that give a client request its trace id, best first.
-_RESPONSE_RANK = {name: rank for rank, name in enumerate(batch_columns.RESPONSE_TRACE_HEADERS)}
 # LIKE (case-insensitive, nothing parsed) keeps the JSON work to the hops whose headers name one:
 # at 1M hops, half of them propagating traceparent, 1.7 s of the load.
-_NAMES_A_RESPONSE_HEADER = " OR ".join(f"hops.response_headers LIKE '%{name}%'" for name in _RESPONSE_RANK)
+_NAMES_A_RESPONSE_HEADER = " OR ".join(f"hops.response_headers LIKE '%{name}%'" for name in batch_columns.RESPONSE_TRACE_HEADERS)
 
 
 def _root_trace_candidate(entries: int, value: str = "CAST(hops.response_headers AS TEXT)") -> str:
@@ -764,34 +757,30 @@ def _root_trace_headers(conn, ids: str | None, entries: tuple[str, ...]) -> list
     return [(hop_id, text) for hop_id, text in rows if text is not None]
 
 
-def _root_trace_rows(found: Iterable[tuple[int, str]]) -> list[tuple[int, str, str]]:
-    """``(id, header, value)`` for each header of :data:`_RESPONSE_RANK` in the ``(id, headers)`` found,
-    as the recorder stores them with a batch (:func:`hoptrace._hop_columns.trace_header_pairs`)."""
-    return [(hop_id, name, value) for hop_id, text in found for name, value in batch_columns.trace_header_pairs(text)]
+# The trace ids entry hops got in their responses: hop ids, then trace ids, span ids and sources (objects).
+_RootTraces = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
-_TRACERESPONSE = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}", re.IGNORECASE)
+def _root_trace_rows(found: Iterable[tuple[int, str]]) -> _RootTraces:
+    """The trace id each hop of the ``(id, headers)`` found got in its response, as the recorder stores
+    them with a batch (:func:`hoptrace._hop_columns.root_trace`)."""
+    rows = [(hop_id, *root) for hop_id, text in found if (root := batch_columns.root_trace(text)) is not None]
+    ids, *values = zip(*rows, strict=True) if rows else ((), (), (), ())
+    return (np.array(ids, np.int64), *(np.array(column, dtype=object) for column in values))
 
 
-def _add_root_traces(hops: pd.DataFrame, rows: list[tuple]) -> None:
-    """Set the trace id (and span id) of entry hops from what their responses said."""
-    found: dict[int, tuple[str, str | None, str]] = {}
-    # Worst source first, so that a hop's best one (traceresponse) is written last.
-    for hop_id, name, value in sorted(rows, key=lambda row: _RESPONSE_RANK.get(row[1], 9), reverse=True):
-        if not isinstance(value, str) or not value.strip():
-            continue
-        if name != "traceresponse":
-            found[hop_id] = (value.strip()[:200], None, name)
-        elif match := _TRACERESPONSE.match(value.strip()):
-            found[hop_id] = (match[1].lower(), match[2].lower(), "traceresponse")
-    at = hops.index.get_indexer(list(found))  # the ids are unique by now (see _unique_ids)
-    values = [value for value, position in zip(found.values(), at, strict=True) if position >= 0]
-    for i, name in enumerate(("trace_id", "span_id", "trace_source")):
+def _add_root_traces(hops: pd.DataFrame, ids: np.ndarray, *values: np.ndarray) -> None:
+    """Set the trace id, span id and source of entry hops from what their responses said."""
+    # The last of an id a hostile file holds twice (its hops' ids are unique by now: see _unique_ids).
+    last = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]
+    at = hops.index.get_indexer(ids[last])
+    last, at = last[at >= 0], at[at >= 0]
+    for name, column in zip(("trace_id", "span_id", "trace_source"), values, strict=True):
         if name in hops:
-            hops[name] = _replaced(hops[name], at[at >= 0], [value[i] for value in values])
+            hops[name] = _replaced(hops[name], at, column[last])
 
 
-def _replaced(column: pd.Series, positions: np.ndarray, values: list) -> pd.Series:
+def _replaced(column: pd.Series, positions: np.ndarray, values: np.ndarray) -> pd.Series:
     """A text ``column`` with ``values`` at ``positions``: one Arrow column made anew (0.04 s at 1M hops,
     87k values), not a pandas ``.loc`` assignment into the old one (0.05-0.09 s, more in a profile)."""
     if not len(positions):
@@ -799,8 +788,7 @@ def _replaced(column: pd.Series, positions: np.ndarray, values: list) -> pd.Seri
     array = pa.array(column.array)
     mask = np.zeros(len(column), bool)
     mask[positions] = True
-    order = np.argsort(positions)
-    replaced = pc.replace_with_mask(array, pa.array(mask), pa.array([values[i] for i in order], array.type))
+    replaced = pc.replace_with_mask(array, pa.array(mask), pa.array(values[np.argsort(positions)], array.type))
     return pd.Series(pd.array(replaced, dtype=column.dtype), index=column.index, name=column.name)
 
 

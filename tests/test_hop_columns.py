@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import sqlite3
 from contextlib import closing
@@ -206,11 +207,26 @@ _REFUSED = {
     "a NULL offset": lambda hops, sightings, rng: (
         "sightings", _ipc(_replace_column(sightings, "offset", pa.array([None] * sightings.num_rows, pa.int64()))),
     ),
-    "a response header no trace comes from": lambda hops, sightings, rng: (
-        "hops", _ipc(_replace_column(hops, "trace_headers", pa.array([[("authorization", "x")]] * hops.num_rows, hops.schema.field("trace_headers").type))),
+    "a trace id from a response header no trace comes from": lambda hops, sightings, rng: (
+        "hops", _ipc(_replace_column(hops, "root_trace_source", pa.array(["authorization"] * hops.num_rows))),
     ),
-    "trace headers on a hop with a trace id": lambda hops, sightings, rng: (
+    "a trace id from the response of a hop with a trace id": lambda hops, sightings, rng: (
         "hops", _ipc(_replace_column(hops, "trace_id", pa.array(["t" * 32] * hops.num_rows))),
+    ),
+    "a trace id from a response, without its source": lambda hops, sightings, rng: (
+        "hops", _ipc(_replace_column(hops, "root_trace_source", pa.array([None] * hops.num_rows, pa.string()))),
+    ),
+    "a span id from a header that gives none": lambda hops, sightings, rng: (
+        "hops", _ipc(_replace_column(hops, "root_span_id", pa.array(["0" * 16] * hops.num_rows))),
+    ),
+    "a traceresponse's ids not in lower-case hex": lambda hops, sightings, rng: (
+        "hops", _ipc(_replace_column(
+            _replace_column(_replace_column(hops, "root_trace_source", pa.array(["traceresponse"] * hops.num_rows)), "root_span_id", pa.array(["0" * 16] * hops.num_rows)),
+            "root_trace_id", pa.array([rng.choice(["A" * 32, "0" * 31, "req-1"])] * hops.num_rows),
+        )),
+    ),
+    "a trace id from a response empty or too long": lambda hops, sightings, rng: (
+        "hops", _ipc(_replace_column(hops, "root_trace_id", pa.array([rng.choice(["", "r" * 201])] * hops.num_rows))),
     ),
     "claims ids past the table's last": lambda hops, sightings, rng: ("first_id", 10**6 + rng.randint(0, 9)),
     "a hop of it deleted behind its trigger": lambda hops, sightings, rng: ("delete", rng.randint(0, 4)),
@@ -231,7 +247,8 @@ def test_columns_that_are_not_what_the_recorder_writes_are_read_as_rows(tmp_path
                 conn.execute("DROP TRIGGER hop_columns_hop_deleted")
                 conn.execute("DELETE FROM hops WHERE id = ?", (first_id + value,))
                 conn.execute(f"CREATE TRIGGER hop_columns_hop_deleted {hop_columns.TRIGGERS['hop_columns_hop_deleted']}")
-            elif column == "first_id":
+            elif column == "first_id":  # a different claim for each batch broken so: first_id is the key
+                value += 100 * first_id
                 conn.execute("UPDATE hop_columns SET first_id = ?, last_id = ? + 4 WHERE first_id = ?", (value, value, first_id))
             else:
                 conn.execute(f"UPDATE hop_columns SET {column} = ? WHERE first_id = ?", (value, first_id))
@@ -314,3 +331,41 @@ def test_many_runs_of_columns_between_refused_ones_read_as_rows(tmp_path, monkey
     with closing(sqlite3.connect(path)) as conn, conn:
         conn.execute("UPDATE hop_columns SET hops = X'00' WHERE first_id % 2 = 0")
     same_tables(load(path, reader="auto"), load(path, reader="sqlite"))
+
+
+def _root_trace_by_rule(headers: str) -> tuple | None:
+    """The rule :func:`hoptrace._hop_columns.root_trace` keeps, in its plainest form: every header that
+    gives an id, worst source first (in order among equals), the last one standing."""
+    rank = {name: i for i, name in enumerate(hop_columns.RESPONSE_TRACE_HEADERS)}
+    found = None
+    for name, value in sorted(hop_columns.trace_header_pairs(headers), key=lambda pair: rank[pair[0]], reverse=True):
+        value = value.strip()
+        parsed = re.match(r"[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}", value.lower())
+        if value and name != "traceresponse":
+            found = (value[:200], None, name)
+        elif value and parsed:
+            found = (parsed[1], parsed[2], name)
+    return found
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    pairs=st.lists(
+        st.tuples(
+            _HEADER_NAMES,
+            st.one_of(
+                _HEADER_VALUES,
+                st.sampled_from(["  ", "x" * 300]),
+                st.builds(
+                    lambda t, pad: f"{pad}00-{t:032X}-{t % 2**64:016x}-01{pad}",
+                    st.integers(0, 2**128 - 1),
+                    st.sampled_from(["", " ", "\u2003"]),
+                ),
+            ),
+        ),
+        max_size=5,
+    )
+)
+def test_the_trace_id_a_response_gives_is_its_best_headers_last(pairs):
+    headers = json.dumps(pairs)
+    assert hop_columns.root_trace(headers) == _root_trace_by_rule(headers)
