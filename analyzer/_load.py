@@ -55,6 +55,7 @@ import pyarrow.compute as pc
 from hoptrace import _hop_columns as batch_columns
 from hoptrace._errors import TraceFileError
 from hoptrace._memory import give_back
+from hoptrace.analyzer._arrays import taken
 from hoptrace.analyzer._arrow_child import ArrowReadError, read_tables, sql_literal
 from hoptrace.analyzer._traces import in_start_order
 from hoptrace.db import (
@@ -770,14 +771,16 @@ def _root_trace_rows(found: Iterable[tuple[int, str]]) -> _RootTraces:
 
 
 def _add_root_traces(hops: pd.DataFrame, ids: np.ndarray, *values: np.ndarray) -> None:
-    """Set the trace id, span id and source of entry hops from what their responses said."""
-    # The last of an id a hostile file holds twice (its hops' ids are unique by now: see _unique_ids).
-    last = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]
-    at = hops.index.get_indexer(ids[last])
-    last, at = last[at >= 0], at[at >= 0]
+    """Set the trace id, span id and source of entry hops without one from what their responses said."""
+    # Of an id a hostile file holds twice, the first hop is kept (see _unique_ids): so is its root trace,
+    # and none goes to a kept hop that has a trace id of its own.
+    first = np.unique(ids, return_index=True)[1]
+    at = hops.index.get_indexer(ids[first])
+    untraced = taken(hops["trace_id"].isna().to_numpy(), at, False)  # False at -1: no such hop
+    first, at = first[untraced], at[untraced]
     for name, column in zip(("trace_id", "span_id", "trace_source"), values, strict=True):
         if name in hops:
-            hops[name] = _replaced(hops[name], at, column[last])
+            hops[name] = _replaced(hops[name], at, column[first])
 
 
 def _replaced(column: pd.Series, positions: np.ndarray, values: np.ndarray) -> pd.Series:
@@ -842,8 +845,8 @@ def _read_hop_columns(
     """The hops with ``lo < id <= hi``: per column, an int array (numbers) or a list (text); None if none.
 
     ``unique_ids=False`` (a hops table without its primary key): no column is looked up by id.
-    With ``entries`` (the entry routes), also ``root_traces``: ``(id, header, value)`` candidates
-    for the trace id of those routes' hops that have none (see :func:`_root_trace_candidate`).
+    With ``entries`` (the entry routes), also ``root_traces``: the trace ids those routes' hops without
+    one got in their responses (see :func:`_root_trace_candidate`, :func:`_root_trace_rows`).
     """
     sparse = [c for c in columns if c in _SPARSE_COLUMNS and unique_ids]
     names = ("id", *(c for c in columns if c not in sparse))

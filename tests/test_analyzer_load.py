@@ -312,6 +312,34 @@ def test_entry_hops_take_their_trace_id_from_the_response_whatever_the_header_ca
     assert pd.isna(hops.loc[4, "trace_id"])
 
 
+@pytest.mark.parametrize("reader", ["sqlite", "arrow"])
+def test_a_repeated_hop_id_keeps_the_trace_id_of_the_hop_kept(tmp_path, reader):
+    """In a hops table without its key, the first hop of an id is kept, with its own response's trace
+    id (or its own propagated one), never that of a later copy the notes say was ignored."""
+    b = Builder()
+    b.hop("gateway", "GET /a", 0, 0.5)
+    b.hop("gateway", "GET /b", 1, 1.5)
+    b.hop("gateway", "GET /c", 2, 2.5, trace_id="c" * 32, trace_source="traceparent")
+    path = b.write(tmp_path / "r.db")
+    with sqlite3.connect(path) as conn:
+        for hop_id, headers in ((1, [["traceresponse", f"00-{'a' * 32}-{'b' * 16}-01"]]), (2, [["x-request-id", "req-A"]])):
+            conn.execute("UPDATE hops SET response_headers = ? WHERE id = ?", (json.dumps(headers), hop_id))
+        conn.execute("PRAGMA legacy_alter_table = ON")  # the views keep naming hops
+        conn.executescript(
+            "ALTER TABLE hops RENAME TO keyed; CREATE TABLE hops AS SELECT * FROM keyed; DROP TABLE keyed;"
+            " INSERT INTO hops SELECT * FROM hops WHERE id IN (1, 2, 3)"
+        )
+        for rowid, headers in ((4, [["x-request-id", "req-B1"]]), (5, [["traceresponse", f"00-{'d' * 32}-{'e' * 16}-01"]])):
+            conn.execute("UPDATE hops SET response_headers = ? WHERE rowid = ?", (json.dumps(headers), rowid))
+        conn.execute("UPDATE hops SET trace_id = NULL, response_headers = '[[\"x-request-id\", \"req-B3\"]]' WHERE rowid = 6")
+    tables = load(path, reader=reader)
+    assert "3 hops whose id repeated an earlier one were ignored" in tables.notes
+    rows = tables.hops[["trace_id", "span_id", "trace_source"]].astype(object).values.tolist()
+    assert [[None if pd.isna(v) else v for v in row] for row in rows] == [
+        ["a" * 32, "b" * 16, "traceresponse"], ["req-A", None, "x-request-id"], ["c" * 32, None, "traceparent"],
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("table", "column"), [("captures", "entry"), ("tokens", "exp"), ("hops", "error_kind"), ("hop_tokens", "role")]
 )

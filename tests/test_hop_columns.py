@@ -225,6 +225,9 @@ _REFUSED = {
             "root_trace_id", pa.array([rng.choice(["A" * 32, "0" * 31, "req-1"])] * hops.num_rows),
         )),
     ),
+    "a trace id from a response, not stripped": lambda hops, sightings, rng: (
+        "hops", _ipc(_replace_column(hops, "root_trace_id", pa.array([rng.choice([" req-1", "req-1\n", "\u2003req-1"])] * hops.num_rows))),
+    ),
     "a trace id from a response empty or too long": lambda hops, sightings, rng: (
         "hops", _ipc(_replace_column(hops, "root_trace_id", pa.array([rng.choice(["", "r" * 201])] * hops.num_rows))),
     ),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import sys
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -110,3 +111,31 @@ def test_the_analysis_runs_on_small_pages_and_puts_numpy_back_as_it_was():
         finally:
             _huge_pages(original)
     assert seen == [(False, False), (False, False)]
+
+
+def test_analyses_overlapping_in_threads_put_both_back_when_the_last_ends(collections):
+    """A starts, B starts, A ends, B ends: B runs its whole block paused, and both end as before A."""
+    original = _huge_pages_now()
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first() -> None:
+        with analysis_memory():
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def second() -> None:
+        a_in.wait(10)
+        with analysis_memory():
+            b_in.set()
+            a_out.wait(10)
+            seen["B after A ended"] = (_huge_pages_now(), gc.isenabled())
+
+    threads = [threading.Thread(target=run) for run in (first, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert seen == {"B after A ended": (False, False)}
+    assert (_huge_pages_now(), gc.isenabled()) == (original, True)
