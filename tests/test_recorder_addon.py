@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 import sqlite3
@@ -339,3 +340,19 @@ def test_a_failing_disk_is_said_on_stderr_at_once(tmp_path, capfd):
         assert "hoptrace: RECORDING FAILED: could not write" in capfd.readouterr().err  # before the end, not at it
         counters = recorder.close()
     assert counters.lost and counters.recorded + counters.dropped == 40
+
+
+def test_running_puts_what_start_up_made_out_of_the_collectors_sight(tmp_path):
+    """Under plain mitmdump, the objects alive when the proxy runs are frozen: collections under load
+    then scan only what the traffic allocates (``hoptrace proxy`` freezes after its own start-up too)."""
+    recorder = Recorder()
+    with taddons.context(recorder) as tctx:
+        tctx.configure(recorder, hoptrace_db=str(tmp_path / "t.db"))
+        gc.unfreeze()
+        try:
+            recorder.running()  # as mitmproxy calls it once the proxy runs
+            still_scanned = gc.get_objects()  # every generation the collector scans
+            assert gc.get_freeze_count() > 0 and not any(obj is recorder or obj is tctx.master for obj in still_scanned)
+        finally:
+            gc.unfreeze()
+        recorder.close()
