@@ -19,7 +19,6 @@ still open when the file closes is recorded as cut, ``error_kind = 'shutdown'``.
 from __future__ import annotations
 
 import atexit
-import gc
 import logging
 import os
 import secrets
@@ -30,6 +29,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
 from hoptrace._errors import HoptraceError
+from hoptrace._memory import freeze_start_up
 from hoptrace._types import Counters, Route
 from hoptrace.addons._hop import CUT_BY_HOPTRACE
 from hoptrace.addons._writer import ROW_PROCESS_AFTER, ROW_PROCESS_MODES, TraceWriter
@@ -110,16 +110,7 @@ class Recorder:
                 self._atexit = True
 
     def running(self) -> None:
-        """Everything alive once the proxy runs (mitmproxy, its addons, hoptrace's modules) lives until exit:
-        out of the collector's sight, its collections under load scan only what the traffic allocates.
-
-        ``hoptrace proxy`` does this after its own start-up too; this is for plain mitmdump (``-s``). Measured
-        there (``--configs be``, 3 rounds, two runs each way): the addon's cost in mitmdump's process over
-        plain mitmdump 0.14-0.19 -> 0.05-0.06 ms a request at 16 clients, e/b 0.85-0.87 -> 0.91-0.95, and
-        p99 84-87 -> 28-33 ms.
-        """
-        gc.collect()
-        gc.freeze()
+        freeze_start_up()  # under plain mitmdump; hoptrace proxy freezes again after its own start-up
 
     # -- hooks (mitmproxy's event loop: keep them trivial) ------------------
 

@@ -10,7 +10,6 @@ hoptrace record everything and still outrun plain mitmdump.
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import signal
 import sys
@@ -24,6 +23,7 @@ from mitmproxy.addons import core, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
 from hoptrace._errors import RouteError, TraceFileError
+from hoptrace._memory import freeze_start_up
 from hoptrace._types import Counters, Route
 from hoptrace.addons.recorder import ROW_PROCESS_ENV, Recorder
 from hoptrace.addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT, UpstreamTimeout
@@ -96,14 +96,9 @@ async def run_proxy(
             master.shutdown()
             await run
             raise RouteError(f"could not listen on every route's port ({_ports(config.routes)}); see the log above")
-        # Everything alive now (mitmproxy, its addons, options, certificates) lives
-        # until exit: out of the collector's sight, a full collection under load
-        # scans only what the traffic allocates. Measured: the worst GC pause fell
-        # from ~60 ms to a few ms, and it was what set p99 (benchmarks/README.md).
         if config.otlp_endpoint:
             stream = OtlpStream([StreamInput(config.db, capture_id=recorder.writer.capture_id)], config.otlp_endpoint, entry)
-        gc.collect()
-        gc.freeze()
+        freeze_start_up()  # the stream and the rest of this start-up too (the recorder's running hook froze earlier)
         if on_ready is not None:
             on_ready(entry)
         while not run.done():
