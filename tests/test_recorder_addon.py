@@ -7,6 +7,7 @@ import gzip
 import json
 import sqlite3
 import time
+from pathlib import Path
 
 import jwt
 import pytest
@@ -356,3 +357,30 @@ def test_running_puts_what_start_up_made_out_of_the_collectors_sight(tmp_path):
         finally:
             gc.unfreeze()
         recorder.close()
+
+
+def test_the_row_process_writes_arrow_columns_without_numpy_or_pandas(tmp_path):
+    """The row process starts under load, on the cores the proxy shares: it leaves out numpy and
+    pandas (0.4 s of its start-up), and pyarrow still writes each batch's columns, which the loader reads."""
+    from hoptrace.analyzer import load
+
+    db = tmp_path / "t.db"
+    recorder = Recorder()
+    with taddons.context(recorder) as tctx:
+        tctx.configure(recorder, hoptrace_db=str(db), hoptrace_row_process="on")
+        deadline = time.monotonic() + 20
+        while not query(db, "SELECT count(*) FROM hop_columns")[0][0] and time.monotonic() < deadline:
+            for _ in range(10):  # the first batches go without columns until pyarrow is ready
+                flow = tflow.tflow(resp=True)
+                flow.request.headers["Authorization"] = f"Bearer {make_token()}"
+                recorder.requestheaders(flow)
+                recorder.response(flow)
+            assert recorder.writer.flush()
+        maps = (Path("/proc") / str(recorder.writer._row_process._proc.pid) / "maps").read_text()
+        counters = recorder.close()
+    assert "/pyarrow/" in maps, "the row process never loaded pyarrow"
+    assert "/numpy/" not in maps and "/pandas/" not in maps
+    assert counters.recorded == counters.seen > 0 and not counters.lost
+    assert query(db, "SELECT sum(last_id - first_id + 1) FROM hop_columns")[0][0] > 0
+    with_columns, as_rows = load(db), load(db, reader="sqlite")
+    assert with_columns.hops.equals(as_rows.hops)
