@@ -116,7 +116,7 @@ def snapshot_row(snap: tuple, key: bytes, store_bodies: bool) -> tuple[dict, lis
         "host": snap[_HOST],
         "port": snap[_PORT],
         "path": path,
-        "query": _redact.query(key, query_string) or None,
+        "query": _redacted_query(key, query_string) or None,
         "http_version": snap[_HTTP_VERSION],
         "status": snap[_STATUS],
         "reason": snap[_REASON],
@@ -241,10 +241,14 @@ def _request_tokens(fields: list[tuple[str, str]], query_string: str) -> list[Si
             found += _cookie_tokens(value, "presented", "cookie")
         else:
             found += _header_tokens(lower, value, "presented", "header")
-    for name, value in parse_qsl(query_string, keep_blank_values=True):
-        if _looks_like_token(name, value):
-            found.append(Sighting(value, "presented", f"query:{name}"))
-    return found
+    return found + list(_query_tokens(query_string))
+
+
+@lru_cache(maxsize=1024)
+def _query_tokens(query_string: str) -> tuple[Sighting, ...]:
+    # Cached like the header lines: a path's query string often repeats from hop to hop.
+    pairs = parse_qsl(query_string, keep_blank_values=True) if query_string else []
+    return tuple(Sighting(value, "presented", f"query:{name}") for name, value in pairs if _looks_like_token(name, value))
 
 
 def _response_tokens(fields: list[tuple[str, str]]) -> list[Sighting]:
@@ -293,6 +297,11 @@ def _redacted_headers(key: bytes, fields: list[tuple[str, str]]) -> list[list[st
 @lru_cache(maxsize=4096)
 def _redacted_header(key: bytes, name: str, value: str) -> str:
     return _redact.header_value(key, name, value)
+
+
+@lru_cache(maxsize=1024)
+def _redacted_query(key: bytes, query_string: str) -> str:
+    return _redact.query(key, query_string)
 
 
 def _body_tokens(text: str | None, content_type: str, role: str, where: str) -> list[Sighting]:
