@@ -55,13 +55,19 @@ def header_value(key: bytes, name: str, value: str) -> str:
 
 
 def query(key: bytes, query_string: str) -> str:
-    """The query string with sensitive parameters' values replaced, order kept."""
+    """The query string with sensitive parameters' values replaced, order kept.
+
+    Bytes that are not UTF-8 (raw, which mitmproxy hands over surrogate-escaped, or
+    percent-encoded) come back percent-encoded as they were: encoding them strictly
+    raised, and the hop lost everything but its bare row.
+    """
     if not query_string:
         return query_string
-    pairs = parse_qsl(query_string, keep_blank_values=True)
+    pairs = parse_qsl(query_string, keep_blank_values=True, errors="surrogateescape")
     return urlencode(
         [(name, redacted(key, value) if SENSITIVE_PARAM.search(name) else scrub_jwts(key, value)) for name, value in pairs],
         safe="[]:",
+        errors="surrogateescape",
     )
 
 

@@ -70,6 +70,7 @@ def bearer(payload_json: str) -> list[tuple[bytes, bytes]]:
 # Each vector alone killed the writer before: the row process, then the writer thread, then every later row.
 VECTORS = {
     "0xff in the path": request(b"GET", b"/v/a\xffb", []),
+    "0xff in the query": request(b"GET", b"/v/query?q=a\xffb&c=%ff&page=2", []),
     "0xff in X-Request-ID": request(b"GET", b"/v/request-id", [(b"X-Request-ID", b"a\xffb")]),
     "0xff in Content-Type": request(b"POST", b"/v/content-type", [(b"Content-Type", b"application/\xffjson")], b"{}"),
     "exp 10^400": request(b"GET", b"/v/exp", bearer('{"sub": "a", "exp": %s}' % BIG)),
@@ -146,6 +147,7 @@ def test_every_known_vector_among_normal_requests_is_a_row(hoptrace_proxy):
     paths = {row[0] for row in query(capture.db, "SELECT path FROM hops")}
     assert {f"/normal/{i}" for i in range(1, capture.normal + 1)} <= paths
     assert "/v/a\\xffb" in paths  # the raw byte, escaped, not lost
+    assert query(capture.db, "SELECT query FROM hops WHERE path = '/v/query'")[0][0] == "q=a%FFb&c=%FF&page=2"
     hop = query(capture.db, "SELECT request_id, trace_id FROM hops WHERE path = '/v/request-id'")[0]
     assert tuple(hop) == ("a\\xffb", "a\\xffb")
     tokens = {row["sub"]: row for row in query(capture.db, "SELECT * FROM tokens")}

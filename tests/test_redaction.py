@@ -6,10 +6,15 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
+from urllib.parse import parse_qsl
 
+from hypothesis import given
+from hypothesis import strategies as st
 from mitmproxy.test import taddons, tflow, tutils
 
 from hoptrace.addons import Recorder
+from hoptrace.addons._redact import SENSITIVE_PARAM, redacted
+from hoptrace.addons._redact import query as redact_query
 from hoptrace.addons._tokens import decode, find_jwts
 
 from .conftest import query
@@ -102,3 +107,26 @@ def test_a_multipart_body_that_does_not_parse_is_not_stored(tmp_path):
         recorder.close()
     assert b"CANARY-unparsed-12" not in every_file(db)
     assert query(db, "SELECT request_body FROM hops")[0][0] == "[redacted: multipart body that does not parse]"
+
+
+# -- any query string: redacted, and every byte kept ------------------------------------------------
+
+KEY = b"k" * 32
+# Any bytes but the separators, "%" escapes included (valid or not): names and values as they come off the wire.
+_part = st.binary(max_size=12).map(lambda b: b.replace(b"&", b"").replace(b"=", b"").replace(b";", b"").replace(b"#", b""))
+
+
+@given(pairs=st.lists(st.tuples(_part, _part), max_size=5), secret=st.from_regex(r"[A-Za-z0-9]{16,24}", fullmatch=True))
+def test_any_query_string_is_redacted_and_keeps_every_other_byte(pairs, secret):
+    raw = b"&".join([n + b"=" + v for n, v in pairs] + [b"access_token=" + secret.encode()])
+    text = raw.decode("utf-8", "surrogateescape")  # what mitmproxy's Request.path holds
+    stored = redact_query(KEY, text)  # raised on any byte that is not UTF-8, costing the hop its details
+    assert stored.isascii() and secret not in stored
+    before = parse_qsl(text, keep_blank_values=True, errors="surrogateescape")
+    after = parse_qsl(stored, keep_blank_values=True, errors="surrogateescape")
+    assert [name for name, _ in after] == [name for name, _ in before]
+    for (name, value), (_, kept) in zip(before, after, strict=True):
+        if SENSITIVE_PARAM.search(name):
+            assert kept == redacted(KEY, value)
+        elif not find_jwts(value):
+            assert kept == value
