@@ -12,6 +12,7 @@ drops the batch at once, counted and said loudly by the caller.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -22,6 +23,8 @@ from hoptrace import _hop_columns as hop_columns
 from hoptrace._types import Route
 from hoptrace.addons._rows import HopRows, _bare, bare_hop, build_rows, clean_row
 from hoptrace.db import HOP_COLUMNS, HOP_TOKEN_COLUMNS, TOKEN_COLUMNS, open_for_writing
+
+logger = logging.getLogger("hoptrace")
 
 _HOP_INSERT = f"INSERT INTO hops ({', '.join(HOP_COLUMNS)}) VALUES ({', '.join('?' * len(HOP_COLUMNS))})"
 _TOKEN_INSERT = f"INSERT OR IGNORE INTO tokens ({', '.join(TOKEN_COLUMNS)}) VALUES ({', '.join('?' * len(TOKEN_COLUMNS))})"
@@ -126,7 +129,7 @@ def _insert(conn: sqlite3.Connection, capture_id: int, hops: list[HopRows], coun
     # so the rows are cleaned (and their columns encoded) with a placeholder id, outside it.
     rows = [clean_row((0, *hop.hop)) for hop in hops]
     links = [(i, *clean_row(link)) for i, hop in enumerate(hops) for link in hop.links]
-    encoded = hop_columns.encode(rows, HOP_COLUMNS, links) if columns and hops else None
+    encoded = _columns(rows, links) if columns and hops else None
     conn.execute("BEGIN IMMEDIATE")
     first_id = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM hops").fetchone()[0]
     conn.executemany(_HOP_INSERT, ((first_id + i, *row[1:]) for i, row in enumerate(rows)))
@@ -139,6 +142,16 @@ def _insert(conn: sqlite3.Connection, capture_id: int, hops: list[HopRows], coun
         hop_columns.insert(conn, first_id, first_id + len(rows) - 1, encoded)
     update_capture(conn, capture_id, counts._replace(recorded=counts.recorded + len(hops)))
     conn.execute("COMMIT")
+
+
+def _columns(rows: list[tuple], links: list[tuple]) -> tuple[bytes, bytes] | None:
+    """The batch's Arrow streams, or None: they are a copy of the rows, so whatever fails in them
+    (a pyarrow that one day imports what the row process leaves out) must not cost the rows."""
+    try:
+        return hop_columns.encode(rows, HOP_COLUMNS, links)
+    except Exception as exc:  # noqa: BLE001 -- these hops are read as rows instead
+        logger.warning("hoptrace: a batch's Arrow columns could not be encoded (%r); its hops will be read as rows", exc)
+        return None
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
