@@ -159,7 +159,18 @@ def test_every_known_vector_among_normal_requests_is_a_row(hoptrace_proxy):
 # -- hypothesis: hostile requests of every shape ------------------------------------------------
 
 _token_bytes = st.binary(max_size=40).filter(lambda b: not set(b) & set(b"\r\n"))
-_path = st.binary(max_size=60).map(lambda b: b"/h/" + bytes(c for c in b if c > 0x20 and c != 0x7F))
+
+
+def _target_bytes(raw: bytes) -> bytes:
+    """What a request line's target can carry: any byte but spaces and controls, high bytes included."""
+    return bytes(c for c in raw if c > 0x20 and c != 0x7F)
+
+
+# A path, then often a query string (with a token name, or a percent-escape that is not UTF-8).
+_path = st.builds(
+    lambda path, query, rest: b"/h/" + _target_bytes(path) + query + _target_bytes(rest),
+    st.binary(max_size=60), st.sampled_from([b"", b"?", b"?access_token=", b"?q=%ff&"]), st.binary(max_size=30),
+)  # fmt: skip
 _header_name = st.one_of(
     st.sampled_from([b"X-Request-ID", b"Content-Type", b"traceparent", b"Cookie", b"X-Token", b"b3", b"Date"]),
     st.binary(min_size=1, max_size=12).filter(lambda b: not set(b) & set(b" :\r\n\t\x00")),
@@ -196,6 +207,8 @@ def test_hostile_requests_never_cost_a_row(hoptrace_proxy, raws):
         capture.send(raw)
     capture.send_normal()
     assert capture.rows_now(capture.sent) == capture.sent
+    bare = query(capture.db, "SELECT path, error FROM hops WHERE error LIKE 'hoptrace could not%'")
+    assert [tuple(row) for row in bare] == []  # read in full, not only survived
 
 
 def test_the_proxy_stops_with_a_true_summary(hoptrace_proxy):
