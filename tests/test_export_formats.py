@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime
 import json
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -287,3 +289,45 @@ def test_export_of_a_hostile_trace_file_is_valid_output_or_one_line(tmp_path_fac
     for line in (tmp / "h.jsonl").read_text().splitlines():
         parse_otlp_line(line)
     assert pq.read_table(tmp / "pq" / "hops.parquet").num_rows == len(document["log"]["entries"])
+
+
+def _keyless_copy(source: Path, target: Path) -> Path:
+    """``source`` with its hops table rebuilt without its key, a third of the ids as text and a third as reals between integers."""
+    shutil.copy(source, target)
+    conn = sqlite3.connect(target)
+    ddl = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'hops'").fetchone()[0]
+    keyless = re.sub(r"\bid\s+INTEGER PRIMARY KEY", "id", ddl).replace("CREATE TABLE hops", "CREATE TABLE hops_keyless", 1)
+    conn.executescript(
+        f"PRAGMA foreign_keys = OFF; {keyless}; INSERT INTO hops_keyless SELECT * FROM hops; DROP TABLE hops;"
+        " ALTER TABLE hops_keyless RENAME TO hops;"
+        " UPDATE hops SET id = CAST(id AS TEXT) WHERE id % 3 = 0; UPDATE hops SET id = id + 0.5 WHERE id % 3 = 1;"
+    )
+    conn.commit()
+    assert {kind for (kind,) in conn.execute("SELECT DISTINCT typeof(id) FROM hops")} == {"integer", "real", "text"}
+    conn.close()
+    return target
+
+
+@pytest.mark.parametrize("files", ["one file", "two files", "a keyless hops table"])
+def test_a_selections_hops_are_the_stored_rows_of_exactly_its_ids(files, tmp_path):
+    """Exports read only the rows a selection can hold (its ids' range): none of its hops may be left out,
+    none added, and each must be the stored row, typed as the whole file's export types it."""
+    from hoptrace.db import COLUMNS
+    from hoptrace.exchange._select import select
+
+    dbs = {
+        "one file": (SAMPLES / "checkout-expiry.db",),
+        "two files": (SAMPLES / "checkout-expiry.db", SAMPLES / "flaky-retries.db"),
+        "a keyless hops table": (_keyless_copy(SAMPLES / "checkout-expiry.db", tmp_path / "keyless.db"),),
+    }[files]
+    everything = select(dbs)
+    starts = sorted(hop["started_at"] for hop in everything.hops())
+    since = datetime.datetime.fromtimestamp(starts[len(starts) // 2], datetime.timezone.utc).isoformat()
+    part = select(dbs, since=since)
+    assert 0 < len(part.hop_ids) < len(everything.hop_ids)
+    def row(hop: dict) -> dict:
+        return {name: value for name, value in hop.items() if name in COLUMNS["hops"]}
+
+    whole = {hop["id"]: row(hop) for hop in everything.hops() if hop["id"] in part.hop_ids}
+    read = {hop["id"]: row(hop) for hop in part.hops()}
+    assert read == whole and set(read) == {i for i in part.hop_ids if i in whole}
