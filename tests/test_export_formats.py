@@ -322,7 +322,7 @@ def test_a_selections_hops_are_the_stored_rows_of_exactly_its_ids(files, tmp_pat
     }[files]
     everything = select(dbs)
     starts = sorted(hop["started_at"] for hop in everything.hops())
-    since = datetime.datetime.fromtimestamp(starts[len(starts) // 2], datetime.timezone.utc).isoformat()
+    since = datetime.datetime.fromtimestamp(starts[len(starts) // 2], datetime.UTC).isoformat()
     part = select(dbs, since=since)
     assert 0 < len(part.hop_ids) < len(everything.hop_ids)
     def row(hop: dict) -> dict:
