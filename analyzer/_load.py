@@ -65,6 +65,7 @@ from hoptrace.db import (
     SQLITE_ERRORS,
     check_structure,
     connect_read_only,
+    ids_are_rowids,
     open_for_reading,
 )
 
@@ -522,9 +523,7 @@ def _shape(conn, path: Path) -> _Shape:
     lacking = [c for c in _REQUIRED_HOP_COLUMNS if c not in columns["hops"]]
     if lacking:
         raise TraceFileError(f"{path}: table hops has no column {', '.join(lacking)}; not a usable trace database")
-    # A rowid alias: a single-column INTEGER PRIMARY KEY (table_info: name, type, ..., pk at 5).
-    keys = [row for row in info["hops"] if row[5]]
-    rowid_ids = len(keys) == 1 and keys[0][1] == "id" and str(keys[0][2]).upper() == "INTEGER"
+    rowid_ids = ids_are_rowids(info["hops"])
     notes = []
     for table, expected in COLUMNS.items():
         # A file of an older schema lacks the columns later versions added: not worth a note.

@@ -511,6 +511,14 @@ class ReadConnection(sqlite3.Connection):
     uri: str
 
 
+def ids_are_rowids(table_info: list[tuple]) -> bool:
+    """Whether a table's ``id`` is its rowid, from its ``PRAGMA table_info`` rows: a single-column INTEGER
+    PRIMARY KEY, whose every value is a unique whole number. A hostile or damaged file may lack the key,
+    and then hold ids of any type, repeated."""
+    keys = [row for row in table_info if row[5]]  # (cid, name, type, notnull, default, pk)
+    return len(keys) == 1 and keys[0][1] == "id" and str(keys[0][2]).upper() == "INTEGER"
+
+
 def open_for_reading(path: str | Path, *, check: bool = True) -> ReadConnection:
     """Open a trace DB read-only, treating it as untrusted (it may come from a bug report).
 

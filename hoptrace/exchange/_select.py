@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hoptrace._errors import AnalysisError
 from hoptrace._stored import YEAR_10000, stored_json, stored_value
-from hoptrace.db import COLUMNS, open_for_reading
+from hoptrace.db import COLUMNS, ids_are_rowids, open_for_reading
 
 _BATCH = 50_000
 # Analysis columns carried to every export, beside the stored hop.
@@ -84,14 +84,18 @@ class Selection:
                 yield hop
 
     def _id_range(self, k: int) -> tuple[str, tuple]:
-        """The rows of file ``k`` that may be selected, as an SQL condition: its integer ids between the
-        least and the greatest selected, and any id that is not an integer (a hostile table without its
-        key), which only the id check in Python can place."""
+        """The rows of file ``k`` that may be selected, as an SQL condition: its ids between the least and
+        the greatest selected (SQLite then searches the rowid) and, in a hostile table without its key,
+        any id that is not an integer, which only the id check in Python can place."""
         count = len(self.files)
         ids = [(joined - k) // count for joined in self.hop_ids if joined % count == k]
-        if not ids:
-            return "typeof(id) != 'integer'", ()
-        return "typeof(id) != 'integer' OR id BETWEEN ? AND ?", (min(ids), max(ids))
+        conn = open_for_reading(self.files[k], check=False)
+        try:
+            keyed = ids_are_rowids(conn.execute("PRAGMA table_info(hops)").fetchall())
+        finally:
+            conn.close()
+        between = ("id BETWEEN ? AND ?", (min(ids), max(ids))) if ids else ("0", ())
+        return between if keyed else (f"typeof(id) != 'integer' OR {between[0]}", between[1])
 
     def tokens(self) -> dict[str, dict]:
         """Stored token rows (decoded claims, never a raw token), by fingerprint."""
