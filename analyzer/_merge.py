@@ -190,13 +190,19 @@ def _join_captures(captures: list[pd.DataFrame], count: int) -> tuple[pd.DataFra
     return joined.sort_index(), capture_of, _describe(rows, group, count)
 
 
+def _texts(column: pd.Series) -> list[str | None]:
+    """A column's text values, None for anything else: Series.map would turn the Nones back into NaN
+    (pandas 3's text columns), and a NaN source reached the source parser as a float."""
+    return [value if isinstance(value, str) else None for value in column.tolist()]
+
+
 def _capture_groups(rows: pd.DataFrame) -> pd.Series:
     """A group number per capture row: the rows that are one capture (see the module's docstring)."""
     keys = [
         ("uuid", label[1])
         if (label := parse_worker_source(source))
         else ("row", *(str(row[c]) for c in _SAME_CAPTURE if c in row))
-        for source, (_, row) in zip(rows["source"].map(lambda v: v if isinstance(v, str) else None), rows.iterrows(), strict=True)
+        for source, (_, row) in zip(_texts(rows["source"]), rows.iterrows(), strict=True)
     ]
     group = pd.Series(pd.factorize(pd.Series(keys, dtype=object))[0], index=rows.index)
     # A capture row found in one file only joins the like ones of other files whose time it overlaps.

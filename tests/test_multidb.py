@@ -381,3 +381,15 @@ def test_hop_ids_too_large_to_renumber_are_set_aside_with_a_note(tmp_path):
     whole = sqlite3.connect(SAMPLES / "clean.db").execute("SELECT count(*), sum(id % 2 = 0) FROM hops").fetchone()
     assert f"{tmp_path / 'b.db'}: {whole[1]} hops with ids too large to join with 1 other files were ignored" in joined.notes
     assert len(joined.hops) == 2 * whole[0] - whole[1]
+
+
+def test_every_sample_at_once_is_one_joined_analysis():
+    """Any number of files joins, not only two: with three or more, a capture row's missing source
+    reached the source parser as NaN (pandas 3 text columns) and the analysis failed with a traceback."""
+    files = [SAMPLES / f"{name}.db" for name in NAMES]
+    joined = analyze(files)
+    assert joined.hops["capture_id"].nunique() == len(files) == len(NAMES) >= 3
+    assert len(joined.hops) == sum(len(analyze([f]).hops) for f in files)
+    result = CliRunner().invoke(cli, ["analyze", *map(str, files), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.output)["findings"]) == len(joined.findings)
