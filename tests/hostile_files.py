@@ -79,6 +79,11 @@ def absurd_values(conn: sqlite3.Connection, rng: random.Random) -> None:
             pass
     if rng.random() < 0.5:  # hops that end before they start
         conn.execute("UPDATE hops SET ended_at = started_at - ? WHERE id % 3 = 0", (rng.choice((0.5, 1e6, 1e9)),))
+    if rng.random() < 0.5:  # a column no schema declares, named like a time, holding text and numbers
+        conn.execute("ALTER TABLE hops ADD COLUMN seen_at")
+        conn.execute("UPDATE hops SET seen_at = CASE id % 3 WHEN 0 THEN 'soon' WHEN 1 THEN 7 END")
+    if rng.random() < 0.5:  # a client port no socket has
+        conn.execute("UPDATE hops SET client_addr = '10.0.0.1:' || ? WHERE id % 2 = 0", (str(rng.choice((10**20, 70000, 2**63))),))
 
 
 def _rebuild(conn: sqlite3.Connection, table: str, dropped: set[str]) -> None:

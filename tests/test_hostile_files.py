@@ -49,7 +49,13 @@ def commands(db: Path) -> dict[str, list[str]]:
         "plot --session": ["plot", str(db), "--session", SUBJECT, "--dpi", "50", "-o", f"{db}.session.png"],
         "plot --trace": ["plot", str(db), "--trace", "76", "--dpi", "50", "-o", f"{db}.trace.png"],
         "report": ["report", str(db), "--max-waterfalls", "2", "--max-sessions", "2", "-o", f"{db}.html"],
+        "export --har": ["export", str(db), "--har", f"{db}.har"],
+        "export --otlp": ["export", str(db), "--otlp", f"{db}.otlp.jsonl"],
+        "export --parquet": ["export", str(db), "--parquet", f"{db}.parquet"],
     }
+
+
+EXPORTS = ("export --har", "export --otlp", "export --parquet")
 
 
 class _Alarm(Exception):
@@ -84,9 +90,11 @@ def run_file(db: Path, skip: tuple[str, ...] = ()) -> list[tuple[str, int, str, 
 
 
 def _skipped(i: int) -> tuple[str, ...]:
-    """What the i-th mutant leaves out: one chart of the two, and the report but every REPORT_EVERY-th."""
+    """What the i-th mutant leaves out: one chart of the two, two exports of the three, and the report but
+    every REPORT_EVERY-th (2, 3 and 4 are coprime to the 5 classes: every class meets every command)."""
     chart = ("plot --trace", "plot --session")[i % 2]
-    return (chart,) if i % REPORT_EVERY == 0 else (chart, "report")
+    exports = tuple(e for e in EXPORTS if e != EXPORTS[i % len(EXPORTS)])
+    return (chart, *exports) if i % REPORT_EVERY == 0 else (chart, *exports, "report")
 
 
 def check(db: Path, name: str, code: int, stderr: str, wrong: str) -> None:

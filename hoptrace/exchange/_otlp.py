@@ -157,7 +157,7 @@ def _hop_attributes(hop: dict, tokens: dict[str, dict]) -> dict:
         "http.response.status_code": hop["status"],
         "network.protocol.version": (hop["http_version"] or "").removeprefix("HTTP/") or None,
         "client.address": client_host or None,
-        "client.port": int(client_port) if client_port.isdecimal() else None,
+        "client.port": int(client_port) if client_port.isdecimal() and int(client_port) < 65536 else None,
         "error.type": hop["error_kind"] if hop["failed"] else None,
         "http.route": (hop["endpoint"] or "").partition(" ")[2] or None,
         "hoptrace.link": hop["link"],

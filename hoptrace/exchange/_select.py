@@ -106,7 +106,7 @@ class Selection:
 def _typed_hop(names: tuple[str, ...], values: Sequence) -> dict:
     """A stored hop row with every column its declared type; times a HAR or OTLP can carry, else None
     (an end without a usable time is taken as the start: the hop lasted no time we know of)."""
-    hop = {}
+    hop = dict.fromkeys(COLUMNS["hops"])  # a column the file lacks is read as empty, as the analysis reads it
     for name, value, (kind, is_time) in zip(names, values, _hop_kinds(names), strict=True):
         # SQLite hands text and integers over as str and int, always in range: those are their type already.
         typed = value if type(value) is kind and kind is not float else stored_value(value, kind)
@@ -118,8 +118,10 @@ def _typed_hop(names: tuple[str, ...], values: Sequence) -> dict:
 
 @cache
 def _hop_kinds(names: tuple[str, ...]) -> tuple[tuple[type, bool], ...]:
-    """Each column's declared type (text if undeclared), and whether it is a time."""
-    return tuple((COLUMNS["hops"].get(name, (str,))[0], name.endswith("_at")) for name in names)
+    """Each column's declared type (text if undeclared), and whether it is a time (a declared number named
+    ``*_at``: an undeclared ``seen_at`` of a hostile file is text, compared with no number)."""
+    kinds = [COLUMNS["hops"].get(name, (str,))[0] for name in names]
+    return tuple((kind, name.endswith("_at") and kind is not str) for name, kind in zip(names, kinds, strict=True))
 
 
 def _start_order(hop: dict) -> tuple:
