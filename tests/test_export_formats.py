@@ -331,3 +331,17 @@ def test_a_selections_hops_are_the_stored_rows_of_exactly_its_ids(files, tmp_pat
     whole = {hop["id"]: row(hop) for hop in everything.hops() if hop["id"] in part.hop_ids}
     read = {hop["id"]: row(hop) for hop in part.hops()}
     assert read == whole and set(read) == {i for i in part.hop_ids if i in whole}
+
+
+def test_parquet_of_a_keyless_table_holds_every_analysed_hop(tmp_path):
+    """hops.parquet and traces.parquet name the same hops, also when the stored ids are text or fractional
+    reals (a hostile table without its key): the id is typed as the analysis types it before the check."""
+    from hoptrace.exchange._parquet import write_parquet
+    from hoptrace.exchange._select import select
+
+    db = _keyless_copy(SAMPLES / "checkout-expiry.db", tmp_path / "keyless.db")
+    counts = write_parquet(select([db]), tmp_path / "out")
+    hops = pq.read_table(tmp_path / "out" / "hops.parquet").column("id").to_pylist()
+    traces = pq.read_table(tmp_path / "out" / "traces.parquet").column("hop_id").to_pylist()
+    # The keyless table declares no type for id: Parquet takes the file's declared types, text here.
+    assert counts["hops"] == counts["traces"] > 0 and sorted(map(int, hops)) == sorted(traces)
