@@ -45,9 +45,7 @@ def write_parquet(selection: Selection, out: Path) -> dict[str, int]:
 
     # How a row of file k is numbered in the joined analysis (one file: as stored).
     def hop(row: dict, k: int) -> dict:
-        # Typed as the analysis and the other exports take it (a hostile table's id 4.5 is hop 4's), so
-        # that the check against the selection keeps what the traces table holds.
-        row["id"] = selection.joined_id(stored_value(row["id"], int), k)
+        row["id"] = selection.hop_id(row["id"], k)  # as the analysis numbers it: the check keeps what traces holds
         if joined:
             row["capture_id"] = captures.get(row["id"])
         return row

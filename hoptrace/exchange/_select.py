@@ -41,14 +41,15 @@ class Selection:
         streams = [self._stored(k, extra) for k in range(len(self.files))]
         yield from streams[0] if len(streams) == 1 else heapq.merge(*streams, key=_start_order)
 
-    def rows(self, table: str, k: int, where: str = "", args: tuple = ()) -> Iterator[tuple[list[str], list[tuple]]]:
-        """``table`` of file ``k`` as stored (``where``: an SQL condition on it, with ``args``), in batches:
-        (column names, rows)."""
+    def rows(self, table: str, k: int, ids: Sequence[int] | None = None) -> Iterator[tuple[list[str], list[tuple]]]:
+        """``table`` of file ``k`` as stored, in batches: (column names, rows). ``ids`` (of hops, as file ``k``
+        stores them): only the rows that may hold them."""
         conn = open_for_reading(self.files[k], check=False)  # analyze() already ran quick_check on it
         conn.text_factory = lambda data: data.decode("utf-8", "replace")  # an untrusted file may hold bad UTF-8
         try:
+            where, args = _id_range(conn, ids) if ids is not None else ("", ())
             order = " ORDER BY started_at, id" if table == "hops" else ""
-            cursor = conn.execute(f"SELECT * FROM {table}{f' WHERE {where}' if where else ''}{order}", args)
+            cursor = conn.execute(f"SELECT * FROM {table}{where}{order}", args)
             names = [d[0] for d in cursor.description]
             while batch := cursor.fetchmany(_BATCH):
                 yield names, batch
@@ -60,47 +61,48 @@ class Selection:
         count = len(self.files)
         return value * count + k if count > 1 and isinstance(value, int) and not isinstance(value, bool) else value
 
+    def hop_id(self, value: object, k: int) -> object:
+        """A stored hop id of file ``k`` typed as the analysis reads it (a hostile table's 4.5 is hop 4), joined."""
+        return self.joined_id(stored_value(value, int), k)
+
     def _stored(self, k: int, extra: dict) -> Iterator[dict]:
-        joined = len(self.files) > 1
-        id_kind = COLUMNS["hops"]["id"][0]
-        for names, batch in self.rows("hops", k, *self._id_range(k)):
+        count = len(self.files)
+        stored_ids = [(joined - k) // count for joined in self.hop_ids if joined % count == k]
+        for names, batch in self.rows("hops", k, stored_ids):
             names = tuple(names)
             at_id = names.index("id")
             for values in batch:
-                # The id alone first, typed as _typed_hop types it: a row outside the selection (most of
-                # a live OTLP window's, which keeps minutes of hops to send a few seconds') is not typed.
-                if self.joined_id(stored_value(values[at_id], id_kind), k) not in self.hop_ids:
+                # The id first: a row outside the selection (most of a live OTLP window's, which keeps
+                # minutes of hops to send a few seconds') is never typed.
+                hop_id = self.hop_id(values[at_id], k)
+                if hop_id not in self.hop_ids:
                     continue
                 hop = _typed_hop(names, values)
-                hop["id"] = self.joined_id(hop["id"], k)
+                hop["id"] = hop_id
                 if hop["started_at"] is None:
                     continue
-                analysed = extra.get(hop["id"], {})
+                analysed = extra.get(hop_id, {})
                 for column in ANALYSIS_COLUMNS:
                     hop[column] = plain(analysed.get(column))
-                if joined:
+                if count > 1:
                     hop["capture_id"], hop["file"] = plain(analysed.get("capture_id")), str(self.files[k])
-                hop["findings"] = self.findings_by_hop.get(hop["id"], [])
+                hop["findings"] = self.findings_by_hop.get(hop_id, [])
                 yield hop
-
-    def _id_range(self, k: int) -> tuple[str, tuple]:
-        """The rows of file ``k`` that may be selected, as an SQL condition: its ids between the least and
-        the greatest selected (SQLite then searches the rowid) and, in a hostile table without its key,
-        any id that is not an integer, which only the id check in Python can place."""
-        count = len(self.files)
-        ids = [(joined - k) // count for joined in self.hop_ids if joined % count == k]
-        conn = open_for_reading(self.files[k], check=False)
-        try:
-            keyed = ids_are_rowids(conn.execute("PRAGMA table_info(hops)").fetchall())
-        finally:
-            conn.close()
-        between = ("id BETWEEN ? AND ?", (min(ids), max(ids))) if ids else ("0", ())
-        return between if keyed else (f"typeof(id) != 'integer' OR {between[0]}", between[1])
 
     def tokens(self) -> dict[str, dict]:
         """Stored token rows (decoded claims, never a raw token), by fingerprint."""
         tokens = self.analysis.tokens
         return {fp: {k: plain(v) for k, v in row.items()} for fp, row in tokens.to_dict("index").items()}
+
+
+def _id_range(conn, ids: Sequence[int]) -> tuple[str, tuple]:
+    """A WHERE clause keeping the hops that may hold ``ids``: those between the least and the greatest
+    (SQLite then searches the rowid) and, in a hostile table without its key, any id that is not an
+    integer, which only the id check in Python can place."""
+    between, args = ("id BETWEEN ? AND ?", (min(ids), max(ids))) if ids else ("0", ())
+    if ids_are_rowids(conn.execute("PRAGMA table_info(hops)").fetchall()):
+        return f" WHERE {between}", args
+    return f" WHERE typeof(id) != 'integer' OR {between}", args
 
 
 def _typed_hop(names: tuple[str, ...], values: Sequence) -> dict:
