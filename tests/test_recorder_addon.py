@@ -206,6 +206,11 @@ from hoptrace.addons._store import Counts, write_batch  # noqa: E402
 from hoptrace.db import open_for_writing  # noqa: E402
 
 
+def new_capture(conn: sqlite3.Connection) -> int:
+    """A capture row for rows written without a recorder; its id."""
+    return conn.execute("INSERT INTO captures (started_at, routes, hoptrace_version, mitmproxy_version) VALUES (1, '[]', '0', '0')").lastrowid
+
+
 def test_a_flow_that_cannot_be_read_is_a_bare_row_and_an_addon_error(tmp_path):
     broken = tflow.tflow(resp=True)
     broken.client_conn.peername = 5  # snapshot() indexes it: TypeError
@@ -229,7 +234,7 @@ _any_value = st.one_of(
 def test_any_snapshot_becomes_a_row_that_sqlite_takes(tmp_path_factory, snaps):
     """Snapshots with anything in any field: each becomes a row, full or bare, and the batch commits."""
     conn = open_for_writing(tmp_path_factory.mktemp("rows") / "t.db")
-    capture_id = conn.execute("INSERT INTO captures (started_at, routes, hoptrace_version, mitmproxy_version) VALUES (1, '[]', '0', '0')").lastrowid
+    capture_id = new_capture(conn)
     built = build_rows([("svc", snap) for snap in snaps], b"k" * 32, True, capture_id)
     written = write_batch(conn, "t.db", capture_id, built.hops, Counts(len(snaps), 0, 0, 0, 0))
     assert (written.recorded, written.dropped, written.write_errors) == (len(snaps), 0, 0)
@@ -259,7 +264,7 @@ def test_undecodable_bytes_are_escaped_and_lone_surrogates_replaced():
 
 def test_a_row_sqlite_refuses_is_isolated_and_its_neighbours_are_written(tmp_path):
     conn = open_for_writing(tmp_path / "t.db")
-    capture_id = conn.execute("INSERT INTO captures (started_at, routes, hoptrace_version, mitmproxy_version) VALUES (1, '[]', '0', '0')").lastrowid
+    capture_id = new_capture(conn)
     flows = [tflow.tflow(resp=True) for _ in range(9)]
     built = build_rows([("svc", _hop.snapshot(flow)) for flow in flows], b"k" * 32, False, capture_id)
     hops = list(built.hops)
@@ -284,7 +289,7 @@ def test_capture_counters_in_the_file_never_go_back(tmp_path):
     from hoptrace.addons._store import update_capture
 
     conn = open_for_writing(tmp_path / "t.db")
-    capture_id = conn.execute("INSERT INTO captures (started_at, routes, hoptrace_version, mitmproxy_version) VALUES (1, '[]', '0', '0')").lastrowid
+    capture_id = new_capture(conn)
     update_capture(conn, capture_id, Counts(10, 9, 1, 2, 1))
     update_capture(conn, capture_id, Counts(3, 3, 0, 0, 0))  # an older view landing late
     assert tuple(conn.execute("SELECT hops_seen, hops_recorded, hops_dropped, addon_errors, write_errors FROM captures").fetchone()) == (10, 9, 1, 2, 1)
@@ -399,9 +404,7 @@ def test_columns_that_cannot_be_encoded_cost_the_rows_nothing(tmp_path, monkeypa
 
     monkeypatch.setattr(_hop_columns, "_array", refused)
     conn = open_for_writing(tmp_path / "t.db")
-    capture_id = conn.execute(
-        "INSERT INTO captures (started_at, routes, hoptrace_version, mitmproxy_version) VALUES (1, '[]', '0', '0')"
-    ).lastrowid
+    capture_id = new_capture(conn)
     flows = [tflow.tflow(resp=True) for _ in range(5)]
     for flow in flows:
         flow.request.headers["Authorization"] = f"Bearer {make_token()}"
