@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
+import functools
 import json
 import re
 import shutil
@@ -345,3 +346,37 @@ def test_parquet_of_a_keyless_table_holds_every_analysed_hop(tmp_path):
     traces = pq.read_table(tmp_path / "out" / "traces.parquet").column("hop_id").to_pylist()
     # The keyless table declares no type for id: Parquet takes the file's declared types, text here.
     assert counts["hops"] == counts["traces"] > 0 and sorted(map(int, hops)) == sorted(traces)
+
+
+_CLAIM = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False),
+    st.text(max_size=4), st.lists(st.integers(0, 3), max_size=2),
+)  # fmt: skip
+
+
+@functools.cache
+def _a_hop_with_a_token() -> dict:
+    from hoptrace.exchange._select import select
+
+    return next(h for h in select([SAMPLES / "checkout-expiry.db"]).hops() if h["token_fp"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(_CLAIM, _CLAIM), min_size=2, max_size=8))
+def test_span_attributes_keep_each_values_own_type_whatever_spans_came_before(claims):
+    """Span attributes come from kept encodings of recurring values: True, 1 and 1.0 are equal
+    Python keys but a bool, an int and a double attribute, and a list is no key at all."""
+    from hoptrace.exchange._otlp import request_message
+
+    hop = _a_hop_with_a_token()
+    for iat, sub in claims:
+        message = request_message([hop], {hop["token_fp"]: {"iat": iat, "sub": sub}})
+        (span,) = message.resource_spans[0].scope_spans[0].spans
+        attributes = {a.key: a.value for a in span.attributes}
+        for key, claim in (("hoptrace.token.iat", iat), ("enduser.id", sub)):
+            if claim is None:
+                assert key not in attributes
+                continue
+            field = {bool: "bool_value", int: "int_value", float: "double_value"}.get(type(claim), "string_value")
+            assert attributes[key].WhichOneof("value") == field
+            assert getattr(attributes[key], field) == (claim if field != "string_value" else str(claim))
