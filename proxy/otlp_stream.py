@@ -231,8 +231,6 @@ class _Sender:
     """Batches messages and POSTs them from a thread, through a bounded queue; counts what it sent and dropped."""
 
     def __init__(self, url: str) -> None:
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-
         # urllib would take a URL's user:password@ as part of the host name: sent as Basic credentials instead.
         parts = urllib.parse.urlsplit(url)
         self.url = shown_url(url)
@@ -240,8 +238,10 @@ class _Sender:
         if parts.username is not None:
             credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
             self._headers["Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode("ascii")
-        self._message_type = ExportTraceServiceRequest
-        self._batch = ExportTraceServiceRequest()
+        # A batch is its messages' encodings, joined: serialized messages concatenated parse as
+        # one message holding all their resource spans (merging appends to a repeated field),
+        # without copying each message into a batch message first.
+        self._batch: list[bytes] = []
         self._batch_spans = 0
         self._queue: queue.Queue = queue.Queue(QUEUE_BATCHES)
         self.sent = self.dropped = 0
@@ -250,7 +250,7 @@ class _Sender:
         self._thread.start()
 
     def add(self, message, spans: int) -> None:
-        self._batch.resource_spans.extend(message.resource_spans)
+        self._batch.append(message.SerializeToString())
         self._batch_spans += spans
         if self._batch_spans >= BATCH_SPANS:
             self.flush()
@@ -259,11 +259,11 @@ class _Sender:
         if not self._batch_spans:
             return
         try:
-            self._queue.put_nowait((self._batch.SerializeToString(), self._batch_spans))
+            self._queue.put_nowait((b"".join(self._batch), self._batch_spans))
         except queue.Full:
             self.dropped += self._batch_spans
             self._say(f"the queue is full ({QUEUE_BATCHES} batches): dropped {self._batch_spans} spans")
-        self._batch, self._batch_spans = self._message_type(), 0
+        self._batch, self._batch_spans = [], 0
 
     def close(self, timeout: float = 20.0) -> tuple[int, int]:
         self.flush()
