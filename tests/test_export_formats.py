@@ -350,7 +350,7 @@ def test_parquet_of_a_keyless_table_holds_every_analysed_hop(tmp_path):
 
 _CLAIM = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False),
-    st.text(max_size=4), st.lists(st.integers(0, 3), max_size=2),
+    st.text(max_size=4), st.text(min_size=250, max_size=260), st.lists(st.integers(0, 3), max_size=2),
 )  # fmt: skip
 
 
@@ -380,3 +380,16 @@ def test_span_attributes_keep_each_values_own_type_whatever_spans_came_before(cl
             field = {bool: "bool_value", int: "int_value", float: "double_value"}.get(type(claim), "string_value")
             assert attributes[key].WhichOneof("value") == field
             assert getattr(attributes[key], field) == (claim if field != "string_value" else str(claim))
+
+
+def test_long_attribute_values_are_encoded_each_time_not_kept():
+    """Kept encodings are for short recurring values: a path or claim tens of KiB long, on many
+    hops, would otherwise fill the streaming process's memory."""
+    from hoptrace.exchange import _otlp
+
+    hop = _a_hop_with_a_token()
+    _otlp.request_message([hop], {hop["token_fp"]: {"sub": "short"}})  # the hop's recurring values, kept once
+    before = _otlp._encoded_kept.cache_info().currsize
+    for n in range(50):
+        _otlp.request_message([hop], {hop["token_fp"]: {"sub": f"{n}-" + "x" * 20_000}})
+    assert _otlp._encoded_kept.cache_info().currsize == before

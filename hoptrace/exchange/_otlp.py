@@ -202,7 +202,10 @@ _PER_HOP = frozenset({
     "hoptrace.hop.id", "hoptrace.token.remaining_s", "hoptrace.propagated.trace_id",
     "hoptrace.propagated.span_id", "client.port", "url.query",
 })  # fmt: skip
-_CACHEABLE = (str, int, float, bool)
+# What is kept: hashable, and short. A path or a claim may be as long as a request line or
+# a token (tens of KiB): 16k kept encodings of such values would hold a gigabyte.
+_KEPT_TYPES = (str, int, float, bool)
+_KEPT_MAX_CHARS = 256
 
 
 def _add_span_attributes(span: Span, values: dict) -> None:
@@ -214,11 +217,16 @@ def _add_span_attributes(span: Span, values: dict) -> None:
     route, server, token claims, capture): their encoding is kept. Values new on every hop are
     added after them, directly (32 → 28 µs a span; the streaming process builds one per hop)."""
     span.MergeFromString(b"".join(
-        _encoded_kept(key, value) if type(value) in _CACHEABLE else _encoded(key, value)
+        (_encoded_kept if _keepable(value) else _encoded)(key, value)
         for key, value in values.items()
         if value is not None and key not in _PER_HOP
     ))  # fmt: skip
     _add_attributes(span.attributes, {key: values[key] for key in _PER_HOP if key in values})
+
+
+def _keepable(value: object) -> bool:
+    kind = type(value)
+    return kind in _KEPT_TYPES and (kind is not str or len(value) <= _KEPT_MAX_CHARS)
 
 
 def _encoded(key: str, value: object) -> bytes:
