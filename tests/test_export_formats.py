@@ -9,10 +9,12 @@ import contextlib
 import datetime
 import functools
 import json
+import os
 import re
 import shutil
 import sqlite3
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -349,7 +351,7 @@ def test_parquet_of_a_keyless_table_holds_every_analysed_hop(tmp_path):
 
 
 _CLAIM = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False),
+    st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False), st.sampled_from([0.0, -0.0]),
     st.text(max_size=4), st.text(min_size=250, max_size=260), st.lists(st.integers(0, 3), max_size=2),
 )  # fmt: skip
 
@@ -365,7 +367,8 @@ def _a_hop_with_a_token() -> dict:
 @given(st.lists(st.tuples(_CLAIM, _CLAIM), min_size=2, max_size=8))
 def test_span_attributes_keep_each_values_own_type_whatever_spans_came_before(claims):
     """Span attributes come from kept encodings of recurring values: True, 1 and 1.0 are equal
-    Python keys but a bool, an int and a double attribute, and a list is no key at all."""
+    Python keys but a bool, an int and a double attribute, 0.0 and -0.0 two doubles, and a list
+    is no key at all."""
     from hoptrace.exchange._otlp import request_message
 
     hop = _a_hop_with_a_token()
@@ -379,7 +382,8 @@ def test_span_attributes_keep_each_values_own_type_whatever_spans_came_before(cl
                 continue
             field = {bool: "bool_value", int: "int_value", float: "double_value"}.get(type(claim), "string_value")
             assert attributes[key].WhichOneof("value") == field
-            assert getattr(attributes[key], field) == (claim if field != "string_value" else str(claim))
+            expected = claim if field != "string_value" else str(claim)
+            assert repr(getattr(attributes[key], field)) == repr(expected)  # repr: -0.0 is not 0.0
 
 
 def test_long_attribute_values_are_encoded_each_time_not_kept():
@@ -393,3 +397,18 @@ def test_long_attribute_values_are_encoded_each_time_not_kept():
     for n in range(50):
         _otlp.request_message([hop], {hop["token_fp"]: {"sub": f"{n}-" + "x" * 20_000}})
     assert _otlp._encoded_kept.cache_info().currsize == before
+
+
+def test_an_otlp_export_is_the_same_bytes_in_every_process(exported, tmp_path):
+    """Exports can be diffed and hashed: nothing in them follows a process's string hash seed."""
+    db, _ = exported
+    outputs = []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / f"seed{seed}.jsonl"
+        done = subprocess.run(
+            [sys.executable, "-m", "hoptrace", "export", str(db), "--otlp", str(out)],
+            env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        outputs.append(out.read_bytes())
+    assert outputs[0] and outputs[0] == outputs[1] == outputs[2]

@@ -13,6 +13,7 @@ import base64
 import functools
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Iterator, Mapping
 
 from google.protobuf import json_format
@@ -136,10 +137,8 @@ def _add_span(spans, hop: dict, tid: bytes, ids: SpanIds, tokens: dict[str, dict
     if hop["failed"] or status >= 500 or 400 <= status < 500 and root_failed:
         span.status.code, span.status.message = Status.STATUS_CODE_ERROR, hop["error"] or f"HTTP {status}"
     for finding in hop["findings"]:
-        event = span.events.add(
-            name=finding["kind"],
-            time_unix_nano=_nanos(finding["at"] if isinstance(finding["at"], int | float) else hop["started_at"]),
-        )
+        event = span.events.add(time_unix_nano=_nanos(finding["at"] if isinstance(finding["at"], int | float) else hop["started_at"]))
+        event.name = finding["kind"]  # assigned: add(name=None) would quietly leave it empty
         _add_attributes(event.attributes, {"hoptrace.finding.severity": finding["severity"], "hoptrace.finding.message": finding["message"]})
 
 
@@ -202,9 +201,10 @@ _PER_HOP = frozenset({
     "hoptrace.hop.id", "hoptrace.token.remaining_s", "hoptrace.propagated.trace_id",
     "hoptrace.propagated.span_id", "client.port", "url.query",
 })  # fmt: skip
-# What is kept: hashable, and short. A path or a claim may be as long as a request line or
-# a token (tens of KiB): 16k kept encodings of such values would hold a gigabyte.
-_KEPT_TYPES = (str, int, float, bool)
+# What is kept: short strings, ints, bools, and floats other than 0 and NaN (0.0 and -0.0 are
+# equal keys but two doubles; NaN is never equal to itself, so it would only fill the cache).
+# A path or a claim may be as long as a request line or a token (tens of KiB): 16k kept
+# encodings of such values would hold a gigabyte.
 _KEPT_MAX_CHARS = 256
 
 
@@ -221,12 +221,16 @@ def _add_span_attributes(span: Span, values: dict) -> None:
         for key, value in values.items()
         if value is not None and key not in _PER_HOP
     ))  # fmt: skip
-    _add_attributes(span.attributes, {key: values[key] for key in _PER_HOP if key in values})
+    _add_attributes(span.attributes, {key: value for key, value in values.items() if key in _PER_HOP})
 
 
 def _keepable(value: object) -> bool:
     kind = type(value)
-    return kind in _KEPT_TYPES and (kind is not str or len(value) <= _KEPT_MAX_CHARS)
+    if kind is str:
+        return len(value) <= _KEPT_MAX_CHARS
+    if kind is float:
+        return value != 0 and not math.isnan(value)
+    return kind is int or kind is bool
 
 
 def _encoded(key: str, value: object) -> bytes:
