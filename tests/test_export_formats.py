@@ -399,16 +399,19 @@ def test_long_attribute_values_are_encoded_each_time_not_kept():
     assert _otlp._encoded_kept.cache_info().currsize == before
 
 
-def test_an_otlp_export_is_the_same_bytes_in_every_process(exported, tmp_path):
+def test_an_export_is_the_same_bytes_in_every_process(exported, tmp_path):
     """Exports can be diffed and hashed: nothing in them follows a process's string hash seed."""
     db, _ = exported
     outputs = []
     for seed in ("1", "2", "3"):
-        out = tmp_path / f"seed{seed}.jsonl"
+        out = tmp_path / seed
+        out.mkdir()
         done = subprocess.run(
-            [sys.executable, "-m", "hoptrace", "export", str(db), "--otlp", str(out)],
+            [sys.executable, "-m", "hoptrace", "export", str(db), "--otlp", str(out / "o.jsonl"), "--har", str(out / "h.har"),
+             "--parquet", str(out / "parquet")],
             env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
-        outputs.append(out.read_bytes())
-    assert outputs[0] and outputs[0] == outputs[1] == outputs[2]
+        outputs.append({path.relative_to(out): path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()})
+    assert len(outputs[0]) == 7 and all(outputs[0].values())  # the OTLP file, the HAR, five Parquet tables
+    assert outputs[0] == outputs[1] == outputs[2]
