@@ -140,7 +140,8 @@ def select(dbs: Sequence[Path], *, trace: str | None = None, since: str | None =
 
     if finding is not None and finding not in KINDS:
         raise AnalysisError(f"--finding {finding!r}: not a finding kind; kinds are {', '.join(KINDS)}")
-    analysis = analyze(dbs, trace=trace, since=since, until=until)
+    # latency=False: no export carries the latency tables (services, endpoints, edges).
+    analysis = analyze(dbs, trace=trace, since=since, until=until, latency=False)
     hops, findings = analysis.hops, analysis.findings
     keep = set(int(i) for i in hops.index)
     if finding is not None:
