@@ -92,7 +92,10 @@ class Selection:
     def tokens(self) -> dict[str, dict]:
         """Stored token rows (decoded claims, never a raw token), by fingerprint."""
         tokens = self.analysis.tokens
-        return {fp: {k: plain(v) for k, v in row.items()} for fp, row in tokens.to_dict("index").items()}
+        names = list(tokens.columns)
+        # Column by column, as in hops(): DataFrame.to_dict("index") boxed every value one at a time.
+        values = zip(*(tokens[name].astype(object).tolist() for name in names)) if names else ((),) * len(tokens)
+        return {fp: {name: plain(v) for name, v in zip(names, row)} for fp, row in zip(tokens.index.tolist(), values)}
 
 
 def _id_range(conn, ids: Sequence[int]) -> tuple[str, tuple]:
@@ -163,8 +166,9 @@ def select(dbs: Sequence[Path], *, trace: str | None = None, since: str | None =
 
 def plain(value: object) -> object:
     """A pandas/numpy scalar as a JSON-able Python value; NaN, NaT and <NA> as None."""
-    if value is None:
-        return None
+    kind = type(value)
+    if value is None or kind is str or kind is int or kind is bool:  # most values: as they are
+        return value
     if hasattr(value, "item"):
         value = value.item()
     try:
