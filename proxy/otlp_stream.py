@@ -15,8 +15,9 @@ When a request is complete: a hop is a row only once it ended, a caller's hop en
 after its callees' hops, and the recorder commits a hop within its batching delay
 (0.1 s, a batch). So a request is sent once its root hop ended ``SETTLE`` (2 s) ago
 and the root is a hop on the entry service, at the next analysis (every second, or
-every 10x the CPU time the last one took, ~5-9 s under load: the analysis's fixed cost stays
-under a tenth of a core; each hop adds its copy, read and span, ~100 µs). A root on another service may be a call whose caller is still open (its parent is not in the file yet): it waits
+every 10x the CPU time the last one took: the analysis's fixed cost stays under a tenth of
+a core; each hop adds its copy, read and span, ~60 µs). A root on another service may be a
+call whose caller is still open (its parent is not in the file yet): it waits
 ``ORPHAN_SETTLE`` (10 s) before it is sent on its own. At the proxy's stop, after the
 recorder closed the file, everything left is sent at once.
 
@@ -213,10 +214,10 @@ def _stream(inputs: list[StreamInput], url: str, entry: str | None, events, resu
             used = time.process_time()
             with reading:
                 copied = 0 if stop.is_set() else window.copy()
-            # An analysis costs ~0.5-1 s of CPU whatever the window holds (the detectors' fixed
-            # cost, profiled on a window of 2,000 hops): none when nothing is new or held back,
-            # and no more often than every 10x the last one's CPU time: that cost stays under a
-            # tenth of a core (the hops' own, ~100 µs each, is paid whenever they are sent).
+            # An analysis costs ~0.2 s of CPU whatever the window holds (the load's and the
+            # detectors' fixed cost, measured on a window of 2,000 hops): none when nothing is new
+            # or held back, and no more often than every 10x the last one's CPU time: that cost
+            # stays under a tenth of a core (the hops' own, ~60 µs each, is paid whenever they are sent).
             if copied or follower.waiting:
                 follower.tick(time.time())
             interval = max(INTERVAL, CPU_SHARE_INVERSE * (time.process_time() - used))
