@@ -16,8 +16,8 @@ after its callees' hops, and the recorder commits a hop within its batching dela
 (0.1 s, a batch). So a request is sent once its root hop ended ``SETTLE`` (2 s) ago
 and the root is a hop on the entry service, at the next analysis (every second, or
 every 10x the CPU time the last one took: the analysis's fixed cost stays under a tenth of
-a core; each hop adds its read and span, ~55 µs, and its copy). A root on another service may be a
-call whose caller is still open (its parent is not in the file yet): it waits
+a core; each hop adds its read and span, ~55 µs, and its copy). A root on another service
+may be a call whose caller is still open (its parent is not in the file yet): it waits
 ``ORPHAN_SETTLE`` (10 s) before it is sent on its own. At the proxy's stop, after the
 recorder closed the file, everything left is sent at once.
 
@@ -217,7 +217,8 @@ def _stream(inputs: list[StreamInput], url: str, entry: str | None, events, resu
             # An analysis costs ~0.2 s of CPU whatever the window holds (the load's and the
             # detectors' fixed cost, measured on a window of 2,000 hops): none when nothing is new
             # or held back, and no more often than every 10x the last one's CPU time: that cost
-            # stays under a tenth of a core (the hops' own, ~55 µs each and their copy, is paid whenever they are sent).
+            # stays under a tenth of a core (the hops' own, ~55 µs each and their copy, is paid
+            # whenever they are sent).
             if copied or follower.waiting:
                 follower.tick(time.time())
             interval = max(INTERVAL, CPU_SHARE_INVERSE * (time.process_time() - used))

@@ -196,7 +196,7 @@ def _add_attributes(attributes, values: dict) -> None:
             any_value.string_value = str(value)
 
 
-# Attributes whose value is new on almost every hop: encoded each time, never kept.
+# Attributes whose value is new on almost every hop: added directly, after the kept ones.
 _PER_HOP = frozenset({
     "hoptrace.hop.id", "hoptrace.token.remaining_s", "hoptrace.propagated.trace_id",
     "hoptrace.propagated.span_id", "client.port", "url.query",
@@ -215,7 +215,8 @@ def _add_span_attributes(span: Span, values: dict) -> None:
     appends to a repeated field: so the encodings of spans holding one attribute each, merged
     into the span, add their attributes in order. Most values recur from hop to hop (method,
     route, server, token claims, capture): their encoding is kept. Values new on every hop are
-    added after them, directly, in their order (32 → 26–28 µs a span; the streaming process builds one per hop)."""
+    added after them, directly, in their order (32 → 26-28 µs a span; the streaming process
+    builds one per hop)."""
     span.MergeFromString(b"".join(
         (_encoded_kept if _keepable(value) else _encoded)(key, value)
         for key, value in values.items()
