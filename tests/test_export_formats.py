@@ -336,18 +336,27 @@ def test_a_selections_hops_are_the_stored_rows_of_exactly_its_ids(files, tmp_pat
     assert read == whole and set(read) == {i for i in part.hop_ids if i in whole}
 
 
-def test_parquet_of_a_keyless_table_holds_every_analysed_hop(tmp_path):
+def test_parquet_of_a_keyless_table_holds_every_analysed_hop_and_sighting(tmp_path):
     """hops.parquet and traces.parquet name the same hops, also when the stored ids are text or fractional
-    reals (a hostile table without its key): the id is typed as the analysis types it before the check."""
+    reals (a hostile table without its key), and hop_tokens.parquet holds every sighting the analysis
+    linked, also when its hop ids are reals: both ids are typed as the analysis types them before the check."""
     from hoptrace.exchange._parquet import write_parquet
     from hoptrace.exchange._select import select
 
     db = _keyless_copy(SAMPLES / "checkout-expiry.db", tmp_path / "keyless.db")
-    counts = write_parquet(select([db]), tmp_path / "out")
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("UPDATE hop_tokens SET hop_id = hop_id + 0.5 WHERE hop_id % 2 = 0")
+    selection = select([db])
+    counts = write_parquet(selection, tmp_path / "out")
     hops = pq.read_table(tmp_path / "out" / "hops.parquet").column("id").to_pylist()
     traces = pq.read_table(tmp_path / "out" / "traces.parquet").column("hop_id").to_pylist()
     # The keyless table declares no type for id: Parquet takes the file's declared types, text here.
     assert counts["hops"] == counts["traces"] > 0 and sorted(map(int, hops)) == sorted(traces)
+    sightings = pq.read_table(tmp_path / "out" / "hop_tokens.parquet").to_pydict()
+    written = set(zip(sightings["hop_id"], sightings["fingerprint"], strict=True))
+    linked = selection.analysis.hop_tokens
+    assert set(zip(linked["hop_id"].tolist(), linked["fingerprint"].astype(str).tolist(), strict=True)) <= written
+    assert {hop_id for hop_id, _ in written} <= set(traces)
 
 
 _CLAIM = st.one_of(

@@ -56,7 +56,7 @@ def write_parquet(selection: Selection, out: Path) -> dict[str, int]:
         return row
 
     def sighting(row: dict, k: int) -> dict:
-        row["hop_id"] = selection.joined_id(row["hop_id"], k)
+        row["hop_id"] = selection.hop_id(row["hop_id"], k)  # typed as the hops' ids: the check keeps what the analysis linked
         return row
 
     counts = {

@@ -34,10 +34,7 @@ class Selection:
     def hops(self) -> Iterator[dict]:
         """Stored hop rows in start order, each with its analysis columns, streamed from the files."""
         info = self.analysis.hops
-        columns = [c for c in (*ANALYSIS_COLUMNS, "capture_id") if c in info.columns]
-        # Column by column: DataFrame.to_dict("index") cost ~35 µs a hop, as much as reading the hop.
-        values = [info[column].astype(object).tolist() for column in columns]
-        extra = {hop_id: dict(zip(columns, row)) for hop_id, row in zip(info.index.tolist(), zip(*values))} if columns else {}
+        extra = _records(info, [c for c in (*ANALYSIS_COLUMNS, "capture_id") if c in info.columns])
         streams = [self._stored(k, extra) for k in range(len(self.files))]
         yield from streams[0] if len(streams) == 1 else heapq.merge(*streams, key=_start_order)
 
@@ -56,14 +53,12 @@ class Selection:
         finally:
             conn.close()
 
-    def joined_id(self, value: object, k: int) -> object:
-        """A hop id of file ``k`` as the joined analysis numbers it (anything but a whole number as it is)."""
-        count = len(self.files)
-        return value * count + k if count > 1 and isinstance(value, int) and not isinstance(value, bool) else value
-
     def hop_id(self, value: object, k: int) -> object:
-        """A stored hop id of file ``k`` typed as the analysis reads it (a hostile table's 4.5 is hop 4), joined."""
-        return self.joined_id(stored_value(value, int), k)
+        """A hop id stored in file ``k`` (a hop's, or a sighting's) as the analysis numbers it: typed as the
+        loader types it (a hostile table's 4.5 is hop 4), then joined (hop ``i`` of file ``k`` of ``K`` is
+        ``i * K + k``); anything that is no whole number stays as it is."""
+        value, count = stored_value(value, int), len(self.files)
+        return value * count + k if count > 1 and isinstance(value, int) and not isinstance(value, bool) else value
 
     def _stored(self, k: int, extra: dict) -> Iterator[dict]:
         count = len(self.files)
@@ -92,10 +87,14 @@ class Selection:
     def tokens(self) -> dict[str, dict]:
         """Stored token rows (decoded claims, never a raw token), by fingerprint."""
         tokens = self.analysis.tokens
-        names = list(tokens.columns)
-        # Column by column, as in hops(): DataFrame.to_dict("index") boxed every value one at a time.
-        values = zip(*(tokens[name].astype(object).tolist() for name in names)) if names else ((),) * len(tokens)
-        return {fp: {name: plain(v) for name, v in zip(names, row)} for fp, row in zip(tokens.index.tolist(), values)}
+        return {fp: {name: plain(v) for name, v in row.items()} for fp, row in _records(tokens, list(tokens.columns)).items()}
+
+
+def _records(frame, columns: list[str]) -> dict[object, dict]:
+    """``frame``'s rows as dicts of ``columns``, by index, read column by column: DataFrame.to_dict("index")
+    boxes every value one at a time (~35 µs a hop, as much as reading the hop)."""
+    rows = zip(*(frame[column].astype(object).tolist() for column in columns)) if columns else ((),) * len(frame)
+    return {key: dict(zip(columns, row)) for key, row in zip(frame.index.tolist(), rows)}
 
 
 def _id_range(conn, ids: Sequence[int]) -> tuple[str, tuple]:
