@@ -28,7 +28,8 @@ class Window:
 
     def __init__(self, inputs: list[StreamInput], path: Path) -> None:
         self.inputs, self.path = inputs, path
-        self.conn = sqlite3.connect(path.as_uri(), uri=True, isolation_level=None)  # uri: ATTACH then takes file: URIs
+        # uri: ATTACH then takes file: URIs. Any thread: the analyses run in one of their own, one at a time.
+        self.conn = sqlite3.connect(path.as_uri(), uri=True, isolation_level=None, check_same_thread=False)
         migrate(self.conn, 0)
         self.conn.execute("PRAGMA synchronous = OFF")  # a scratch file: a crash loses nothing that matters
         self.capture_ids: list[int | None] = [i.capture_id for i in inputs]

@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import sqlite3
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -28,7 +29,7 @@ from hoptrace.analyzer import analyze
 from hoptrace.analyzer._analysis import stream_notes
 from hoptrace.cli import cli
 from hoptrace.exchange._otlp import from_otlp_json, span_id
-from hoptrace.proxy.otlp_stream import StreamInput, record_counts, shown_url, traces_url
+from hoptrace.proxy.otlp_stream import StreamInput, _on_idle_cpu, record_counts, shown_url, traces_url
 from hoptrace.proxy.workers import capture_shards, worker_source
 from hoptrace.stack.scenarios import SCENARIOS, record
 
@@ -336,3 +337,19 @@ def test_a_captures_stream_counts_read_as_one_short_line_whatever_the_file_holds
 def test_the_url_kept_has_no_credentials_nor_query():
     assert shown_url(f"https://user:{CANARY}@collector.example:4318/otlp/?token={CANARY}#x") == "https://collector.example:4318/otlp/v1/traces"
     assert shown_url("http://[::1]:4318") == "http://[::1]:4318/v1/traces"
+
+
+def test_an_analysis_during_the_capture_runs_at_sched_idle_and_leaves_the_callers_priority_alone():
+    seen = []
+    _on_idle_cpu(lambda: seen.append((os.sched_getscheduler(0), threading.current_thread() is threading.main_thread())))
+    assert seen == [(os.SCHED_IDLE, False)]
+    # The copy and the last analysis after the stop stay at the process's own priority.
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+def test_what_an_analysis_on_idle_cpu_raises_is_raised_in_the_callers_thread():
+    def fail(message):
+        raise sqlite3.DatabaseError(message)
+
+    with pytest.raises(sqlite3.DatabaseError, match="from the analysis thread"):
+        _on_idle_cpu(fail, "from the analysis thread")
