@@ -134,7 +134,6 @@ class OtlpStream:
         record_counts(self.inputs, self.endpoint, sent, dropped)
         return sent, dropped
 
-
     def _result(self, deadline: float) -> tuple[int, int]:
         # A streaming process that died (its traceback is on stderr) never answers: say so
         # at once rather than holding the proxy's stop for the whole timeout.

@@ -23,8 +23,8 @@ import pandas as pd
 import pytest
 
 from hoptrace.analyzer import analyze
-from hoptrace.stack.scenarios import SCENARIOS
 from hoptrace.stack import SERVICES, start_stack
+from hoptrace.stack.scenarios import SCENARIOS
 
 from .conftest import Proc, free_port
 

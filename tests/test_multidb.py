@@ -262,7 +262,8 @@ def test_a_live_view_of_growing_shards_keeps_up_with_each_file(tmp_path):
     whole.refresh()
     merged, fresh = (d.request_page(RequestQuery(limit=500))["items"] for d in (live, whole))
     assert early < len(merged)
-    key = lambda r: (r["trace"], r["status"], r["hops"], r["severity"])
+    def key(r):
+        return (r["trace"], r["status"], r["hops"], r["severity"])
     assert sorted(map(key, merged)) == sorted(map(key, fresh))
     # A live pass keeps the tail pending; the whole capture's view is the merge.
     settled = live.settled(live.sources[0])
@@ -293,7 +294,8 @@ def test_export_of_several_files_is_one_export_of_the_joined_analysis(tmp_path):
         )
     (har, spans, tables), (whole_har, whole_spans, whole_tables) = out["joined"], out["whole"]
     # One HAR of the joined analysis: every hop once, in start order, each with its request and findings.
-    entry = lambda e: (e["startedDateTime"], e["request"]["url"], e["response"]["status"], len(e["_hoptrace"]["findings"]))
+    def entry(e):
+        return (e["startedDateTime"], e["request"]["url"], e["response"]["status"], len(e["_hoptrace"]["findings"]))
     assert [entry(e) for e in har] == [entry(e) for e in whole_har]
     assert len({e["_hoptrace"]["hop_id"] for e in har}) == len(har) == len(ids)
     # One OTLP file: every hop a span, every parent in its request's line.

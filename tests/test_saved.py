@@ -85,7 +85,8 @@ def test_a_saved_analysis_reloads_as_the_fresh_one_on_every_sample(tmp_path, nam
     assert len(detector_runs) == runs  # the findings came from the file
     _same_document(reused, fresh)
     pd.testing.assert_frame_equal(reused.hops[LINK_COLUMNS], fresh.hops[LINK_COLUMNS])
-    norm = lambda f: f.assign(hop_ids=f["hop_ids"].map(lambda ids: [int(i) for i in ids]), details=f["details"].map(_jsonable))
+    def norm(f):
+        return f.assign(hop_ids=f["hop_ids"].map(lambda ids: [int(i) for i in ids]), details=f["details"].map(_jsonable))
     pd.testing.assert_frame_equal(norm(reused.findings), norm(fresh.findings))
     with closing(sqlite3.connect(path)) as conn:  # the sample (schema 1) was upgraded in place, still one file
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

@@ -108,7 +108,8 @@ def test_failing_checkout_from_the_list_to_the_expired_token(browser, sample_ui,
     assert "expired_mid_flow" in wait_for(browser, "#findings li", "expired_mid_flow").text
 
     # Collapse payment's subtree: its /introspect hop leaves the chart; expand brings it back.
-    labels = lambda: [t.text for t in browser.find_elements(By.CSS_SELECTOR, "#waterfall-svg text.hop-label")]
+    def labels():
+        return [t.text for t in browser.find_elements(By.CSS_SELECTOR, "#waterfall-svg text.hop-label")]
     assert any("/introspect" in t for t in labels())
     payment = next(r for r in browser.find_elements(By.CSS_SELECTOR, "#waterfall-svg g.row") if "payment" in r.text)
     payment.find_element(By.CSS_SELECTOR, "text.toggle").click()

@@ -201,10 +201,12 @@ def _assert_the_same_as_the_whole_file(live: Data) -> None:
     """The requests ``live`` lists, and the findings of its merged analysis, are the whole sample's."""
     whole = Data([SAMPLE])
     whole.refresh()
-    key = lambda r: (r["trace"], r["status"], r["hops"], r["severity"])
+    def key(r):
+        return (r["trace"], r["status"], r["hops"], r["severity"])
     merged, fresh = (sorted(map(key, d.request_page(RequestQuery(limit=500))["items"])) for d in (live, whole))
     assert merged == fresh
-    kinds = lambda d: Counter(d.settled(d.sources[0]).findings["kind"])
+    def kinds(d):
+        return Counter(d.settled(d.sources[0]).findings["kind"])
     assert kinds(live) == kinds(whole)
 
 
@@ -225,7 +227,8 @@ def test_a_live_refresh_merges_the_tail_into_what_it_had(tmp_path):
     assert early < len(merged)
     assert len(told) == 1 and told[0][1] is before and live.sources[0].pending is not before
     assert [(r["trace"], r["hops"]) for r in told[0][0]] == [(r["trace"], r["hops"]) for r in merged]
-    key = lambda r: (r["trace"], r["status"], r["hops"], r["severity"])
+    def key(r):
+        return (r["trace"], r["status"], r["hops"], r["severity"])
     assert sorted(map(key, merged)) == sorted(map(key, fresh))
     assert live.sources[0].pending is not None  # the tail waits to be merged until a whole-capture view asks
     # The list's filters, which a live page asks for on every change, come without that merge.
@@ -237,7 +240,8 @@ def test_a_live_refresh_merges_the_tail_into_what_it_had(tmp_path):
             assert pages[0] == pages[1], (name, value)
     assert live.sources[0].pending is not None
     assert live.status()["dbs"][0]["findings"] == len(whole.sources[0].analysis.findings)
-    kinds = lambda d: Counter(d.settled(d.sources[0]).findings["kind"])
+    def kinds(d):
+        return Counter(d.settled(d.sources[0]).findings["kind"])
     assert kinds(live) == kinds(whole) and live.sources[0].pending is None
     assert sum(s["count"] for s in live.latency()["services"]) == sql("SELECT count(*) FROM hops")[0][0]
 
@@ -603,7 +607,8 @@ _finding = st.tuples(
 def test_a_live_pass_counts_finding_kinds_as_grouping_the_merged_findings_would(base, tail, starts, since):
     """The filters' finding kinds, worked out from the whole analysis once and the tail each pass,
     are the groups (in order, with counts) of the findings a merge would hold."""
-    frame = lambda rows: pd.DataFrame(rows, columns=["severity", "kind", "at", "trace"]).astype({"trace": "Int64", "at": float})
+    def frame(rows):
+        return pd.DataFrame(rows, columns=["severity", "kind", "at", "trace"]).astype({"trace": "Int64", "at": float})
     hops = pd.DataFrame({"started_at": starts}, index=[10, 11, 12])
     whole = SimpleNamespace(hops=hops, findings=frame(base))
     pending = SimpleNamespace(since=since, analysis=SimpleNamespace(findings=frame(tail)))

@@ -14,8 +14,8 @@ import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from hoptrace.stack.scenarios import SCENARIOS, record
 from hoptrace.stack import run_users
+from hoptrace.stack.scenarios import SCENARIOS, record
 
 from .ui_browser import WAIT_S, chromium, png_colours, quit_browser, start_ui
 
@@ -92,7 +92,8 @@ def test_new_requests_appear_live_and_no_raw_token_reaches_the_ui(spawn, tmp_pat
         url = start_ui(spawn, recorder.db)
         browser = chromium()
         browser.get(url)
-        count = lambda d: d.find_element(By.ID, "request-count").text
+        def count(d):
+            return d.find_element(By.ID, "request-count").text
         wait = WebDriverWait(browser, WAIT_S, ignored_exceptions=(Exception,))
         wait.until(lambda d: count(d).startswith(f"{STEPS} requests"), message="the first user's requests")
 

@@ -29,7 +29,8 @@ CLIENTS = 32
 
 
 def _jwt(sub: str) -> str:
-    part = lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
+    def part(d):
+        return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
     return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part({'sub': sub, 'exp': 4102444800})}.c2lnbmF0dXJlLWNhbmFyeQ"
 
 
