@@ -201,13 +201,19 @@ def _assert_the_same_as_the_whole_file(live: Data) -> None:
     """The requests ``live`` lists, and the findings of its merged analysis, are the whole sample's."""
     whole = Data([SAMPLE])
     whole.refresh()
-    def key(r):
-        return (r["trace"], r["status"], r["hops"], r["severity"])
-    merged, fresh = (sorted(map(key, d.request_page(RequestQuery(limit=500))["items"])) for d in (live, whole))
+    merged, fresh = (sorted(map(_request_summary, d.request_page(RequestQuery(limit=500))["items"])) for d in (live, whole))
     assert merged == fresh
-    def kinds(d):
-        return Counter(d.settled(d.sources[0]).findings["kind"])
-    assert kinds(live) == kinds(whole)
+    assert _finding_kinds(live) == _finding_kinds(whole)
+
+
+def _request_summary(row: dict) -> tuple:
+    """What the request list says of a request."""
+    return (row["trace"], row["status"], row["hops"], row["severity"])
+
+
+def _finding_kinds(data: Data) -> Counter:
+    """How many findings of each kind the first file's settled analysis holds."""
+    return Counter(data.settled(data.sources[0]).findings["kind"])
 
 
 def test_a_live_refresh_merges_the_tail_into_what_it_had(tmp_path):
@@ -227,9 +233,7 @@ def test_a_live_refresh_merges_the_tail_into_what_it_had(tmp_path):
     assert early < len(merged)
     assert len(told) == 1 and told[0][1] is before and live.sources[0].pending is not before
     assert [(r["trace"], r["hops"]) for r in told[0][0]] == [(r["trace"], r["hops"]) for r in merged]
-    def key(r):
-        return (r["trace"], r["status"], r["hops"], r["severity"])
-    assert sorted(map(key, merged)) == sorted(map(key, fresh))
+    assert sorted(map(_request_summary, merged)) == sorted(map(_request_summary, fresh))
     assert live.sources[0].pending is not None  # the tail waits to be merged until a whole-capture view asks
     # The list's filters, which a live page asks for on every change, come without that merge.
     assert live.facets() == whole.facets() and live.sources[0].pending is not None
@@ -240,9 +244,7 @@ def test_a_live_refresh_merges_the_tail_into_what_it_had(tmp_path):
             assert pages[0] == pages[1], (name, value)
     assert live.sources[0].pending is not None
     assert live.status()["dbs"][0]["findings"] == len(whole.sources[0].analysis.findings)
-    def kinds(d):
-        return Counter(d.settled(d.sources[0]).findings["kind"])
-    assert kinds(live) == kinds(whole) and live.sources[0].pending is None
+    assert _finding_kinds(live) == _finding_kinds(whole) and live.sources[0].pending is None
     assert sum(s["count"] for s in live.latency()["services"]) == sql("SELECT count(*) FROM hops")[0][0]
 
 
