@@ -64,6 +64,9 @@ NICE = 10
 QUEUE_BATCHES = 256
 # A request whose root is not complete after this long is sent as it stands: the window never reaches further back.
 HORIZON = 120.0
+# A hop that lands up to this long after it ended (its recorder behind) is still sent under its parent: the
+# window keeps its request's hops (longer once hops were seen landing later; Follower.reach).
+LATE = 30.0
 
 
 def traces_url(endpoint: str) -> str:
@@ -333,4 +336,4 @@ class _Sender:
             print(f"hoptrace: OTLP stream: {message}", file=sys.stderr, flush=True)
 
 
-__all__ = ["ORPHAN_SETTLE", "SETTLE", "OtlpStream", "StreamInput", "record_counts", "shown_url", "traces_url"]
+__all__ = ["LATE", "ORPHAN_SETTLE", "SETTLE", "OtlpStream", "StreamInput", "record_counts", "shown_url", "traces_url"]

@@ -10,7 +10,7 @@ from hoptrace._errors import HoptraceError
 from hoptrace.db import migrate, shared_columns
 from hoptrace.exchange._otlp import SpanIds, describe_capture, request_message, requests
 from hoptrace.exchange._select import select
-from hoptrace.proxy.otlp_stream import HORIZON, ORPHAN_SETTLE, SETTLE, StreamInput
+from hoptrace.proxy.otlp_stream import HORIZON, LATE, ORPHAN_SETTLE, SETTLE, StreamInput
 
 logger = logging.getLogger("hoptrace")
 
@@ -35,8 +35,9 @@ class Window:
         self.capture_ids: list[int | None] = [i.capture_id for i in inputs]
         self.last = [0] * len(inputs)  # per input: the last hop id copied
         self.longest = 0.0  # the longest hop of the capture so far, seconds
-        # The earliest start of the hops copied since the follower last analysed the window.
+        # The earliest start and end of the hops copied since the follower last analysed the window.
         self.new_from: float | None = None
+        self.new_ended: float | None = None
         self.ids = WindowIds(len(inputs))
         self._column_names: dict[str, list[str]] = {}
 
@@ -69,15 +70,17 @@ class Window:
             capture = self.capture_ids[position] = row[0]
         if position not in self.ids.captures:
             self._add_capture(position, capture)
-        last, longest, first_start = self.conn.execute(
-            "SELECT max(id), max(ended_at - started_at), min(started_at) FROM live.hops WHERE id > ? AND capture_id = ?",
+        last, longest, first_start, first_end = self.conn.execute(
+            "SELECT max(id), max(ended_at - started_at), min(started_at), min(ended_at) FROM live.hops"
+            " WHERE id > ? AND capture_id = ?",
             (self.last[position], capture),
         ).fetchone()
         copied = 0
         if last is not None:
             copied = self._copy_hops(position, capture, self.last[position], last)
             self.last[position], self.longest = last, max(self.longest, min(longest, HORIZON))
-            self.new_from = first_start if self.new_from is None else min(self.new_from, first_start)
+            self.new_from = _earliest(self.new_from, first_start)
+            self.new_ended = _earliest(self.new_ended, first_end)
         self.conn.execute("COMMIT")
         return copied
 
@@ -128,6 +131,10 @@ class Window:
         self.conn.close()
 
 
+def _earliest(kept: float | None, new: float | None) -> float | None:
+    return new if kept is None else kept if new is None else min(kept, new)
+
+
 class WindowIds(SpanIds):
     """Span ids of the window's hops: those of each hop in its own shard (see :class:`_Window`)."""
 
@@ -140,7 +147,7 @@ class WindowIds(SpanIds):
 
 
 class Follower:
-    """Which requests of the window are complete and not sent yet."""
+    """Which requests of the window are complete and not sent yet, and which hops the window still needs."""
 
     def __init__(self, window: Window, entry: str | None, sender) -> None:
         self.window, self.entry, self.sender = window, entry, sender
@@ -148,6 +155,7 @@ class Follower:
         self.frontier: float | None = None
         self.waiting = False  # a request was held back at the last tick: the next one must look again
         self.sent: dict[int, float] = {}  # hop id (the window's) -> started_at, for hops already sent
+        self.lateness = 0.0  # the longest a copied hop had ended before the tick that first saw it, seconds
 
     def tick(self, now: float) -> None:
         until = now - SETTLE
@@ -165,7 +173,9 @@ class Follower:
         except (HoptraceError, sqlite3.Error, OSError) as exc:
             logger.warning("hoptrace: OTLP stream could not analyse the capture: %s", exc)
             return
-        self.window.new_from = None
+        if self.window.new_ended is not None and now != float("inf"):
+            self.lateness = max(self.lateness, now - self.window.new_ended)
+        self.window.new_from = self.window.new_ended = None
         pending_from, self.waiting = until, False
         for request in requests(hops):
             root = request[0]
@@ -179,9 +189,20 @@ class Follower:
                 self.sent.update((hop["id"], hop["started_at"]) for hop in unsent)
         self.sender.flush()
         self.frontier = pending_from
-        keep_from = pending_from - longest - HORIZON
+        keep_from = pending_from - longest - self.reach(longest)
         self.sent = {hop: started for hop, started in self.sent.items() if started >= keep_from}
         self.window.forget(keep_from)
+
+    def reach(self, longest: float) -> float:
+        """How long before the earliest request still to send (less its longest hop) the window keeps hops.
+
+        For a hop that lands late: it ended up to :attr:`lateness` before a tick saw it, and its request's
+        root started up to ``longest`` before it; it is sent under its parent only if the request's earlier
+        hops are still here. ``LATE``, or twice the lateness seen (a recorder falling further behind), and
+        never past ``HORIZON``: each analysis reads the window whole (its structure check, the load's
+        counts), so at 1,000 hops a second ``HORIZON`` alone kept 120,000 hops to send a second's.
+        """
+        return min(HORIZON, longest + max(LATE, 2 * self.lateness))
 
 
 __all__ = ["Follower", "Window", "WindowIds"]
