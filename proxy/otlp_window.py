@@ -155,7 +155,10 @@ class Follower:
         self.frontier: float | None = None
         self.waiting = False  # a request was held back at the last tick: the next one must look again
         self.sent: dict[int, float] = {}  # hop id (the window's) -> started_at, for hops already sent
-        self.lateness = 0.0  # the longest a copied hop had ended before the tick that first saw it, seconds
+        # How far behind a recorder was, seconds: the longest a hop copied at a tick had ended before the
+        # tick before (the stream's own pacing is not lateness: what ends between two ticks is copied at the next).
+        self.lateness = 0.0
+        self.last_tick: float | None = None
 
     def tick(self, now: float) -> None:
         until = now - SETTLE
@@ -173,9 +176,10 @@ class Follower:
         except (HoptraceError, sqlite3.Error, OSError) as exc:
             logger.warning("hoptrace: OTLP stream could not analyse the capture: %s", exc)
             return
-        if self.window.new_ended is not None and now != float("inf"):
-            self.lateness = max(self.lateness, now - self.window.new_ended)
+        if self.window.new_ended is not None and self.last_tick is not None:
+            self.lateness = max(self.lateness, self.last_tick - self.window.new_ended)
         self.window.new_from = self.window.new_ended = None
+        self.last_tick = now
         pending_from, self.waiting = until, False
         for request in requests(hops):
             root = request[0]
@@ -196,9 +200,9 @@ class Follower:
     def reach(self, longest: float) -> float:
         """How long before the earliest request still to send (less its longest hop) the window keeps hops.
 
-        For a hop that lands late: it ended up to :attr:`lateness` before a tick saw it, and its request's
-        root started up to ``longest`` before it; it is sent under its parent only if the request's earlier
-        hops are still here. ``LATE``, or twice the lateness seen (a recorder falling further behind), and
+        For a hop that lands late: it ended up to :attr:`lateness` before the tick before the one that saw
+        it, and its request's root started up to ``longest`` before it; it is sent under its parent only if
+        the request's earlier hops are still here. ``LATE``, or twice the lateness seen (a recorder falling further behind), and
         never past ``HORIZON``: each analysis reads the window whole (its structure check, the load's
         counts), so at 1,000 hops a second ``HORIZON`` alone kept 120,000 hops to send a second's.
         """

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sqlite3
 
+import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from hoptrace.exchange._otlp import span_id
@@ -80,13 +81,13 @@ def test_a_call_recorded_late_in_another_shard_is_sent_under_its_parent_once(tmp
 
 
 def test_a_long_capture_keeps_the_hops_late_calls_need_not_two_minutes_of_them(tmp_path):
-    """A request a second for 200 s, and two calls whose recorder was behind: one lands 25 s after it ended
+    """A request a second for 200 s, and two calls whose recorder was behind: one lands 29.8 s after it ended
     (within ``LATE``), and then one 45 s after. Until something lands late the window keeps about ``LATE`` s
     of hops, not ``HORIZON``'s two minutes; once the first did, twice that: both calls are sent under their
     parents."""
     builder, landed = Builder(entry="gateway"), []  # ids in the order the hops land, and when each does
     token = builder.token(sub="alice", exp=3600, fingerprint="f" * 32)
-    late = {175: (150, 25.0), 199: (155, 45.0)}  # lands after gateway hop k: the call in request r, that late
+    late = {179: (150, 29.8), 199: (160, 45.0)}  # lands after gateway hop k: the call in request r, that late
     for k in range(200):
         builder.hop("gateway", "POST /checkout", k, k + 0.5, presented=token, client_addr="127.0.0.1:50000")
         landed.append(k + 0.5)
@@ -100,7 +101,7 @@ def test_a_long_capture_keeps_the_hops_late_calls_need_not_two_minutes_of_them(t
     collected = Collected()
     window = Window([StreamInput(live, capture_id=1)], tmp_path / "window.db")
     follower = Follower(window, "gateway", collected)
-    kept_from = {}
+    kept_from, lateness = {}, {}
     for step in range(1, 22):
         now = T0 + 10 * step
         with sqlite3.connect(live) as conn:  # what the recorder committed by now
@@ -111,12 +112,15 @@ def test_a_long_capture_keeps_the_hops_late_calls_need_not_two_minutes_of_them(t
         window.copy()
         follower.tick(now)
         kept_from[now - T0] = window.conn.execute("SELECT min(started_at) FROM hops").fetchone()[0] - T0
+        lateness[now - T0] = follower.lateness
     follower.tick(float("inf"))
 
     assert len(collected.spans) == len(builder.hops) == 202  # each once
     by_id = {span.span_id: span for span in collected.spans}
     calls = [span for span in collected.spans if span.name.endswith("/validate")]
     parents = [by_id[call.parent_span_id].start_time_unix_nano if call.parent_span_id in by_id else None for call in calls]
-    assert parents == [int((T0 + request) * 1e9) for request in (150, 155)]
-    # Before anything landed late: LATE s of hops, the settle time, the longest hop twice, a tick.
+    assert parents == [int((T0 + request) * 1e9) for request in (150, 160)]
+    # Before anything landed late: no lateness (ten seconds between ticks are the stream's, not the
+    # recorder's), and LATE s of hops, the settle time, the longest hop twice, a tick.
+    assert lateness[180] == 0 and lateness[190] == pytest.approx(180 - 150.3)
     assert 170 - kept_from[170] <= LATE + SETTLE + 2 * 0.5 + 10
