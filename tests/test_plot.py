@@ -96,12 +96,14 @@ def scenario_builder(rows: list[dict]) -> Builder:
 
 
 _ANALYSES: dict[str, Analysis] = {}
+# One folder for the scenarios' files, removed when the test process exits (a TemporaryDirectory's finalizer).
+_FILES = tempfile.TemporaryDirectory(prefix="hoptrace-plot-")
 
 
 def _analyzed(key: str, rows: list[dict]) -> Analysis:
     """The analysis of ``rows``, analyzed once per distinct scenario (each test gets its own copy)."""
     if key not in _ANALYSES:
-        path = scenario_builder(rows).write(Path(tempfile.mkdtemp(prefix="hoptrace-plot-")) / "traces.db")
+        path = scenario_builder(rows).write(Path(_FILES.name) / f"scenario-{len(_ANALYSES)}.db")
         _ANALYSES[key] = analyze(path)
     shared = _ANALYSES[key]
     return dataclasses.replace(shared, **{f.name: getattr(shared, f.name).copy() for f in dataclasses.fields(shared)
