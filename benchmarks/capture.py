@@ -391,73 +391,18 @@ def one_run(
         else:
             port = free_port()
             proxy, stop_signal, record = start_proxy(config, upstream_port, port, workdir, tag, otlp_port)
-        load = subprocess.Popen(
-            [PYTHON, str(LOADGEN), "--port", str(port), "--clients", str(clients), "--requests", str(args.requests),
-             "--warmup", str(args.warmup), "--max-seconds", str(args.max_seconds)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        try:
-            line = read_line(load.stdout, 60 + args.max_seconds)
-            if line.strip() != "warm":
-                raise RuntimeError(f"load generator: expected 'warm', got {line!r}")
-            pids = proc_tree(proxy.pid) if proxy else []
-            # Start timing from a quiet proxy: what its start-up and the warm-up set off
-            # (hoptrace's row process starting, a backlog being written) is not the load's.
-            wait_idle(pids, timeout=10.0)
-            pids = proc_tree(proxy.pid) if proxy else []
-            cpu_before = cpu_seconds(pids)
-            children_before = cpu_seconds(pids[1:])
-            service_cpu_before = cpu_seconds([upstream.pid])
-            busy_before, wall_before, own_before = busy_seconds(), time.monotonic(), sum(os.times()[:2])
-            load.stdin.write("go\n")
-            load.stdin.flush()
-            result = json.loads(read_line(load.stdout, 60 + args.max_seconds))
-        finally:
-            if load.poll() is None:
-                try:
-                    load.wait(30)
-                except subprocess.TimeoutExpired:
-                    load.kill()
-                    load.wait()
-        if proxy:
-            pids = proc_tree(proxy.pid)
-            wait_idle(pids)
-            run.proxy_cpu_s = cpu_seconds(pids) - cpu_before
-            run.proxy_children_cpu_s = cpu_seconds(pids[1:]) - children_before
-            run.proxy_peak_rss_mb = peak_rss_mb(pids)
-        service_cpu = cpu_seconds([upstream.pid]) - service_cpu_before
-        window = time.monotonic() - wall_before
-        ours = (run.proxy_cpu_s or 0) + service_cpu + result["cpu_timed_s"] + sum(os.times()[:2]) - own_before
-        run.other_load = max(0.0, busy_seconds() - busy_before - ours) / window if window > 0 else None
+        _load(run, args, port, proxy, upstream)
         run.served = service_count(upstream_port) - served_before
-        for name in ("rps", "p50_ms", "p99_ms", "max_ms", "requests", "ok", "failed", "responses", "timed_out"):
-            setattr(run, name, result[name])
-        if result["sent"]:
-            run.service_cpu_ms_per_req = service_cpu * 1000 / result["sent"]
-            run.loadgen_cpu_ms_per_req = result["cpu_s"] * 1000 / (result["sent"] + result["warmup_sent"])
-            if run.proxy_cpu_s is not None:
-                run.proxy_cpu_ms_per_req = run.proxy_cpu_s * 1000 / result["sent"]
-                run.proxy_main_cpu_ms_per_req = (run.proxy_cpu_s - run.proxy_children_cpu_s) * 1000 / result["sent"]
         if proxy:
-            code = proxy.stop(stop_signal)
-            if code != 0:
-                run.problems.append(f"proxy exited {code}")
-            run.rows, run.recorder = count_rows(config, record)
-            if config.records == "hoptrace":
-                counters = run.recorder or {}
-                if counters.get("hops_dropped") or counters.get("addon_errors") or counters.get("write_errors"):
-                    run.problems.append(f"recorder counters {counters}")
-                if "hops recorded" not in proxy.output():
-                    run.problems.append("proxy printed no summary")
-            if receiver is not None:
-                run.otlp_spans = service_count(otlp_port)
-                if run.otlp_spans != run.rows:
-                    run.problems.append(f"OTLP receiver got {run.otlp_spans} spans for {run.rows} rows")
-    finally:
+            _stop_and_count(run, config, proxy, stop_signal, record)
         if receiver is not None:
-            receiver.kill()
-        if proxy:
-            proxy.kill()
+            run.otlp_spans = service_count(otlp_port)
+            if run.otlp_spans != run.rows:
+                run.problems.append(f"OTLP receiver got {run.otlp_spans} spans for {run.rows} rows")
+    finally:
+        for child in (receiver, proxy):
+            if child is not None:
+                child.kill()
         if record is not None and not args.keep:
             for file in record_files(record):
                 for path in (file, Path(f"{file}-wal"), Path(f"{file}-shm")):
@@ -469,6 +414,69 @@ def one_run(
             f"counts disagree: responses {run.responses}, served {run.served}, rows {run.rows}, failed {run.failed}"
         )
     return run
+
+
+def _load(run: Run, args, port: int, proxy: Child | None, upstream: Child) -> None:
+    """The load generator's timed part against ``port``, and the CPU the proxy, the service and the rest spent on it."""
+    load = subprocess.Popen(
+        [PYTHON, str(LOADGEN), "--port", str(port), "--clients", str(run.clients), "--requests", str(args.requests),
+         "--warmup", str(args.warmup), "--max-seconds", str(args.max_seconds)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        line = read_line(load.stdout, 60 + args.max_seconds)
+        if line.strip() != "warm":
+            raise RuntimeError(f"load generator: expected 'warm', got {line!r}")
+        pids = proc_tree(proxy.pid) if proxy else []
+        # Start timing from a quiet proxy: what its start-up and the warm-up set off
+        # (hoptrace's row process starting, a backlog being written) is not the load's.
+        wait_idle(pids, timeout=10.0)
+        pids = proc_tree(proxy.pid) if proxy else []
+        cpu_before, children_before = cpu_seconds(pids), cpu_seconds(pids[1:])
+        service_cpu_before = cpu_seconds([upstream.pid])
+        busy_before, wall_before, own_before = busy_seconds(), time.monotonic(), sum(os.times()[:2])
+        load.stdin.write("go\n")
+        load.stdin.flush()
+        result = json.loads(read_line(load.stdout, 60 + args.max_seconds))
+    finally:
+        if load.poll() is None:
+            try:
+                load.wait(30)
+            except subprocess.TimeoutExpired:
+                load.kill()
+                load.wait()
+    if proxy:
+        pids = proc_tree(proxy.pid)
+        wait_idle(pids)  # work the proxy deferred is the load's too
+        run.proxy_cpu_s = cpu_seconds(pids) - cpu_before
+        run.proxy_children_cpu_s = cpu_seconds(pids[1:]) - children_before
+        run.proxy_peak_rss_mb = peak_rss_mb(pids)
+    service_cpu = cpu_seconds([upstream.pid]) - service_cpu_before
+    window = time.monotonic() - wall_before
+    ours = (run.proxy_cpu_s or 0) + service_cpu + result["cpu_timed_s"] + sum(os.times()[:2]) - own_before
+    run.other_load = max(0.0, busy_seconds() - busy_before - ours) / window if window > 0 else None
+    for name in ("rps", "p50_ms", "p99_ms", "max_ms", "requests", "ok", "failed", "responses", "timed_out"):
+        setattr(run, name, result[name])
+    if result["sent"]:
+        run.service_cpu_ms_per_req = service_cpu * 1000 / result["sent"]
+        run.loadgen_cpu_ms_per_req = result["cpu_s"] * 1000 / (result["sent"] + result["warmup_sent"])
+        if run.proxy_cpu_s is not None:
+            run.proxy_cpu_ms_per_req = run.proxy_cpu_s * 1000 / result["sent"]
+            run.proxy_main_cpu_ms_per_req = (run.proxy_cpu_s - run.proxy_children_cpu_s) * 1000 / result["sent"]
+
+
+def _stop_and_count(run: Run, config: Config, proxy: Child, stop_signal: int, record: Path | None) -> None:
+    """Stop the proxy as a user would, then count what it recorded and check what hoptrace says of it."""
+    code = proxy.stop(stop_signal)
+    if code != 0:
+        run.problems.append(f"proxy exited {code}")
+    run.rows, run.recorder = count_rows(config, record)
+    if config.records == "hoptrace":
+        counters = run.recorder or {}
+        if counters.get("hops_dropped") or counters.get("addon_errors") or counters.get("write_errors"):
+            run.problems.append(f"recorder counters {counters}")
+        if "hops recorded" not in proxy.output():
+            run.problems.append("proxy printed no summary")
 
 
 # -- summary -----------------------------------------------------------------------

@@ -24,6 +24,7 @@ import os
 import sys
 import time
 import uuid
+from dataclasses import dataclass, field
 
 import jwt
 
@@ -157,72 +158,91 @@ class Client:
             return 0
 
 
+@dataclass
+class Timed:
+    """What the timed part saw: each request's latency (seconds) and status (0: failed)."""
+
+    latencies: list[float] = field(default_factory=list)
+    statuses: dict[int, int] = field(default_factory=dict)
+    timed_out: bool = False
+    elapsed_s: float = 0.0
+    cpu_s: float = 0.0
+
+
 async def run(args: argparse.Namespace) -> dict:
     now = int(time.time())
     clients = [Client(i, args.port, make_token(i, now)) for i in range(args.clients)]
     deadline = time.monotonic() + args.max_seconds
     await asyncio.gather(*(c.connect() for c in clients))
-
-    async def watchdog() -> None:
-        # One timer for every connection, rather than a timeout per request.
-        while True:
-            await asyncio.sleep(0.5)
-            now = time.monotonic()
-            for client in clients:
-                if client.conn is not None:
-                    client.conn.expire(now, args.timeout)
-
-    watching = asyncio.create_task(watchdog())
-
-    warm_statuses: list[int] = []
-
-    async def warm(client: Client) -> None:
-        for n in range(args.warmup):
-            if time.monotonic() > deadline:
-                return
-            warm_statuses.append(await client.send(n))
-
-    await asyncio.gather(*(warm(c) for c in clients))
+    watching = asyncio.create_task(_expire_stuck_requests(clients, args.timeout))
+    warm_statuses = await _warm(clients, args.warmup, deadline)
     print("warm", flush=True)
     if not args.no_wait:
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    remaining = args.requests
-    timed_out = False
-
-    async def worker(client: Client) -> None:
-        nonlocal remaining, timed_out
-        clock = time.perf_counter
-        while remaining > 0:
-            if time.monotonic() > deadline:
-                timed_out = True
-                return
-            remaining -= 1
-            started = clock()
-            status = await client.send(args.requests - remaining)
-            latencies.append(clock() - started)
-            statuses[status] = statuses.get(status, 0) + 1
-
-    cpu_started = sum(os.times()[:2])
-    started = time.perf_counter()
-    await asyncio.gather(*(worker(c) for c in clients))
-    elapsed = time.perf_counter() - started
-    cpu_timed = sum(os.times()[:2]) - cpu_started
+    timed = await _timed(clients, args.requests, deadline)
     watching.cancel()
     for client in clients:
         if client.conn is not None and client.conn.transport is not None:
             client.conn.transport.close()
+    return _result(args, warm_statuses, timed)
 
-    latencies.sort()
+
+async def _expire_stuck_requests(clients: list[Client], timeout: float) -> None:
+    # One timer for every connection, rather than a timeout per request.
+    while True:
+        await asyncio.sleep(0.5)
+        now = time.monotonic()
+        for client in clients:
+            if client.conn is not None:
+                client.conn.expire(now, timeout)
+
+
+async def _warm(clients: list[Client], per_client: int, deadline: float) -> list[int]:
+    statuses: list[int] = []
+
+    async def warm(client: Client) -> None:
+        for n in range(per_client):
+            if time.monotonic() > deadline:
+                return
+            statuses.append(await client.send(n))
+
+    await asyncio.gather(*(warm(c) for c in clients))
+    return statuses
+
+
+async def _timed(clients: list[Client], requests: int, deadline: float) -> Timed:
+    """Exactly ``requests`` requests over the connections, each sending its next once its last is answered."""
+    timed = Timed()
+    remaining = requests
+
+    async def worker(client: Client) -> None:
+        nonlocal remaining
+        clock = time.perf_counter
+        while remaining > 0:
+            if time.monotonic() > deadline:
+                timed.timed_out = True
+                return
+            remaining -= 1
+            started = clock()
+            status = await client.send(requests - remaining)
+            timed.latencies.append(clock() - started)
+            timed.statuses[status] = timed.statuses.get(status, 0) + 1
+
+    cpu_started, started = sum(os.times()[:2]), time.perf_counter()
+    await asyncio.gather(*(worker(c) for c in clients))
+    timed.elapsed_s, timed.cpu_s = time.perf_counter() - started, sum(os.times()[:2]) - cpu_started
+    return timed
+
+
+def _result(args: argparse.Namespace, warm_statuses: list[int], timed: Timed) -> dict:
+    """The JSON line the driver reads."""
+    latencies, statuses, elapsed = sorted(timed.latencies), timed.statuses, timed.elapsed_s
     sent = len(latencies)
     ok = sum(n for status, n in statuses.items() if 200 <= status < 300)
 
     def pct(p: float) -> float | None:
         return latencies[min(sent - 1, int(p * sent))] * 1000 if sent else None
 
-    warm_ok = sum(1 for s in warm_statuses if 200 <= s < 300)
     return {
         "clients": args.clients,
         "requests": args.requests,
@@ -231,7 +251,7 @@ async def run(args: argparse.Namespace) -> dict:
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
         "failed": statuses.get(0, 0) + sum(1 for s in warm_statuses if s == 0),
         "warmup_sent": len(warm_statuses),
-        "warmup_ok": warm_ok,
+        "warmup_ok": sum(1 for s in warm_statuses if 200 <= s < 300),
         # Every response seen, warm-up included: what the service and the DB must also count.
         "responses": sum(n for status, n in statuses.items() if status) + sum(1 for s in warm_statuses if s),
         "elapsed_s": elapsed,
@@ -239,10 +259,10 @@ async def run(args: argparse.Namespace) -> dict:
         "p50_ms": pct(0.50),
         "p99_ms": pct(0.99),
         "max_ms": latencies[-1] * 1000 if sent else None,
-        "timed_out": timed_out,
+        "timed_out": timed.timed_out,
         # This process's own CPU, start-up included, and in the timed part alone.
         "cpu_s": sum(os.times()[:2]),
-        "cpu_timed_s": cpu_timed,
+        "cpu_timed_s": timed.cpu_s,
     }
 
 
