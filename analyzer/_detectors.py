@@ -487,24 +487,8 @@ def skew_estimates(ctx: Context) -> pd.DataFrame:
     started = h["started_at"].to_numpy()[dated]
     answered = h["response_start_at"].fillna(h["ended_at"]).to_numpy()[dated]
     samples = [(h["service"].cat.codes.to_numpy(np.int64)[dated] * 2, h.index.to_numpy()[dated], date - answered, date + 1 - started, started)]
-    issued = ctx.issued
-    if len(issued):
-        first_use = ctx.used.groupby("fp")["started_at"].min()
-        issued = issued.assign(
-            iat=issued["fp"].map(ctx.tokens["iat"]).to_numpy(), first_use=issued["fp"].map(first_use).to_numpy()
-        )
-        # The issuer is the deepest hop of the request that first issued the token; a token
-        # re-issued later (token_reuse) or brought by the client says nothing of the issuer's clock.
-        first_trace = issued.sort_values("started_at").drop_duplicates("fp").set_index("fp")["trace"]
-        origin = issued[issued["trace"].to_numpy() == issued["fp"].map(first_trace).to_numpy()]
-        origin = origin.sort_values(["depth", "ended_at"], ascending=[False, True]).drop_duplicates("fp")
-        origin = origin[origin["iat"].notna().to_numpy() & ~(origin["first_use"] < origin["started_at"]).to_numpy()]
-        answered = origin["response_start_at"].fillna(origin["ended_at"]).to_numpy()
-        iat, started = origin["iat"].to_numpy(np.float64), origin["started_at"].to_numpy()
-        samples.append((
-            names.get_indexer(origin["service"].astype(object)) * 2 + 1, origin["hop_id"].to_numpy(),
-            iat - answered, iat + 1 - started, started,
-        ))  # fmt: skip
+    if len(ctx.issued):
+        samples.append(_iat_samples(ctx, names))
     key, hop_ids, lo, hi, at = (np.concatenate(column) for column in zip(*samples, strict=True))
     del samples, date, started, answered  # each copy of the samples is ~40 MB at 1M hops
     pick = np.flatnonzero(key >= 0)
@@ -533,6 +517,23 @@ def skew_estimates(ctx: Context) -> pd.DataFrame:
     })  # fmt: skip
     out["offset_s"] = (out["low_s"] + out["high_s"]) / 2
     return out[columns]
+
+
+def _iat_samples(ctx: Context, names: pd.Index) -> tuple:
+    """:func:`skew_estimates`' samples of the issuers' clocks: (key, hop id, low, high, at) arrays, a key per issuer."""
+    issued = ctx.issued
+    first_use = ctx.used.groupby("fp")["started_at"].min()
+    issued = issued.assign(iat=issued["fp"].map(ctx.tokens["iat"]).to_numpy(), first_use=issued["fp"].map(first_use).to_numpy())
+    # The issuer is the deepest hop of the request that first issued the token; a token
+    # re-issued later (token_reuse) or brought by the client says nothing of the issuer's clock.
+    first_trace = issued.sort_values("started_at").drop_duplicates("fp").set_index("fp")["trace"]
+    origin = issued[issued["trace"].to_numpy() == issued["fp"].map(first_trace).to_numpy()]
+    origin = origin.sort_values(["depth", "ended_at"], ascending=[False, True]).drop_duplicates("fp")
+    origin = origin[origin["iat"].notna().to_numpy() & ~(origin["first_use"] < origin["started_at"]).to_numpy()]
+    answered = origin["response_start_at"].fillna(origin["ended_at"]).to_numpy()
+    iat, started = origin["iat"].to_numpy(np.float64), origin["started_at"].to_numpy()
+    keys = names.get_indexer(origin["service"].astype(object)) * 2 + 1
+    return keys, origin["hop_id"].to_numpy(), iat - answered, iat + 1 - started, started
 
 
 def clock_skew(ctx: Context) -> pd.DataFrame:
