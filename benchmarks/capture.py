@@ -182,6 +182,12 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / CLK_TCK
 
 
+def tree_cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """(``pids[0]`` alone, its children ``pids[1:]``), each process read once: the whole tree read apart from
+    its children, a tick later, could count a child's tick in one sum and not the other."""
+    return cpu_seconds(pids[:1]), cpu_seconds(pids[1:])
+
+
 def busy_seconds() -> float:
     """CPU time spent by everything on the machine (all cores), from /proc/stat."""
     with open("/proc/stat") as f:
@@ -432,7 +438,7 @@ def _load(run: Run, args, port: int, proxy: Child | None, upstream: Child) -> No
         # (hoptrace's row process starting, a backlog being written) is not the load's.
         wait_idle(pids, timeout=10.0)
         pids = proc_tree(proxy.pid) if proxy else []
-        cpu_before, children_before = cpu_seconds(pids), cpu_seconds(pids[1:])
+        proxy_before, children_before = tree_cpu_seconds(pids)
         service_cpu_before = cpu_seconds([upstream.pid])
         busy_before, wall_before, own_before = busy_seconds(), time.monotonic(), sum(os.times()[:2])
         load.stdin.write("go\n")
@@ -448,8 +454,9 @@ def _load(run: Run, args, port: int, proxy: Child | None, upstream: Child) -> No
     if proxy:
         pids = proc_tree(proxy.pid)
         wait_idle(pids)  # work the proxy deferred is the load's too
-        run.proxy_cpu_s = cpu_seconds(pids) - cpu_before
-        run.proxy_children_cpu_s = cpu_seconds(pids[1:]) - children_before
+        proxy_after, children_after = tree_cpu_seconds(pids)
+        proxy_own, run.proxy_children_cpu_s = proxy_after - proxy_before, children_after - children_before
+        run.proxy_cpu_s = proxy_own + run.proxy_children_cpu_s
         run.proxy_peak_rss_mb = peak_rss_mb(pids)
     service_cpu = cpu_seconds([upstream.pid]) - service_cpu_before
     window = time.monotonic() - wall_before
@@ -462,7 +469,7 @@ def _load(run: Run, args, port: int, proxy: Child | None, upstream: Child) -> No
         run.loadgen_cpu_ms_per_req = result["cpu_s"] * 1000 / (result["sent"] + result["warmup_sent"])
         if run.proxy_cpu_s is not None:
             run.proxy_cpu_ms_per_req = run.proxy_cpu_s * 1000 / result["sent"]
-            run.proxy_main_cpu_ms_per_req = (run.proxy_cpu_s - run.proxy_children_cpu_s) * 1000 / result["sent"]
+            run.proxy_main_cpu_ms_per_req = proxy_own * 1000 / result["sent"]
 
 
 def _stop_and_count(run: Run, config: Config, proxy: Child, stop_signal: int, record: Path | None) -> None:
