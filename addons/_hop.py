@@ -83,7 +83,8 @@ def snapshot(flow) -> tuple:
 
 def snapshot_row(snap: tuple, key: bytes, store_bodies: bool) -> tuple[dict, list[Sighting]]:
     """The `hops` columns a :func:`snapshot` fills (ids and service are the writer's), and its tokens."""
-    path, _, query_string = snap[_PATH].partition("?")
+    # A fragment never leaves a browser: a client that sent one anyway (it may hold a token) has it left out.
+    path, _, query_string = snap[_PATH].partition("#")[0].partition("?")
     request_fields = _fields(snap[_REQ_FIELDS])
     request_headers = _lookup(request_fields)
     has_response = snap[_HAS_RESPONSE]
@@ -115,7 +116,7 @@ def snapshot_row(snap: tuple, key: bytes, store_bodies: bool) -> tuple[dict, lis
         "scheme": snap[_SCHEME],
         "host": snap[_HOST],
         "port": snap[_PORT],
-        "path": path,
+        "path": _redacted_path(key, path),
         "query": _redacted_query(key, query_string) or None,
         "http_version": snap[_HTTP_VERSION],
         "status": snap[_STATUS],
@@ -297,6 +298,12 @@ def _redacted_headers(key: bytes, fields: list[tuple[str, str]]) -> list[list[st
 @lru_cache(maxsize=4096)
 def _redacted_header(key: bytes, name: str, value: str) -> str:
     return _redact.header_value(key, name, value)
+
+
+@lru_cache(maxsize=1024)
+def _redacted_path(key: bytes, path: str) -> str:
+    # A JWT in a path: a magic link's or a revocation's (/verify/eyJ...).
+    return _redact.scrub_jwts(key, path)
 
 
 @lru_cache(maxsize=1024)

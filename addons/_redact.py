@@ -14,8 +14,14 @@ from urllib.parse import parse_qsl, urlencode
 from hoptrace.addons._tokens import fingerprint, jwt_spans
 
 # Names are matched by pattern, not a fixed list: custom headers such as
-# X-Internal-Key are exactly what deny-lists miss.
-SENSITIVE_NAME = re.compile(r"auth|token|key|secret|session|cookie|passw|credential|signature|jwt|(?:^|[-_])sid(?:$|[-_])", re.I)
+# X-Internal-Key or X-Upstream-Bearer are exactly what deny-lists miss. Short
+# names (sid, pwd, pass, otp) only as a whole word of the name: as substrings
+# they are in ordinary words ("footprint", "passenger").
+SENSITIVE_NAME = re.compile(
+    r"auth|token|key|secret|session|cookie|passw|credential|signature|jwt|bearer"
+    r"|(?:^|[-_])(?:sid|pwd|pass|otp|totp)(?:$|[-_])",
+    re.I,
+)
 # Parameters (query, form, multipart and JSON fields) whose short names the pattern
 # cannot catch: OAuth's code, state and code_verifier, SAS-style `sig`, SAML's
 # messages, a client assertion (the 2023 HAR-sanitizer lists name the same).
@@ -28,12 +34,12 @@ _PART_NAME = re.compile(r'content-disposition:[^\n]*?\bname="([^"]*)"', re.I)
 _URL_HEADERS = frozenset({"location", "referer", "content-location"})
 
 
-def redacted(key: bytes, value: str) -> str:
-    """The stand-in for a secret value: its keyed-hash prefix, nothing else."""
-    return f"[redacted:{fingerprint(key, value)[:12]}]"
+def redacted(key: bytes | None, value: str) -> str:
+    """The stand-in for a secret value: its keyed-hash prefix, nothing else (without a key, not even that)."""
+    return "[redacted]" if key is None else f"[redacted:{fingerprint(key, value)[:12]}]"
 
 
-def scrub_jwts(key: bytes, text: str) -> str:
+def scrub_jwts(key: bytes | None, text: str) -> str:
     """Replace every JWT in free text (a header we had no reason to suspect), found by its structure."""
     spans = jwt_spans(text)
     for start, end in reversed(spans):
@@ -48,10 +54,24 @@ def header_value(key: bytes, name: str, value: str) -> str:
             scheme, _, credentials = value.partition(" ")
             return f"{scheme} {redacted(key, credentials.strip())}"
         return redacted(key, value)
-    if lower in _URL_HEADERS and "?" in value:
-        base, _, query_string = value.partition("?")
-        return f"{base}?{query(key, query_string)}"
+    if lower in _URL_HEADERS:
+        return url(key, value)
     return scrub_jwts(key, value)
+
+
+def url(key: bytes, value: str) -> str:
+    """A URL with the secrets of its path (JWTs: a magic link's ``/verify/eyJ...``), query and fragment replaced.
+
+    OAuth's implicit flow hands the token back in a redirect's fragment
+    (``Location: https://app/cb#access_token=...&state=...``): a fragment is read as
+    parameters like a query when it holds any, else scrubbed of JWTs.
+    """
+    rest, hash_, fragment = value.partition("#")
+    base, question, query_string = rest.partition("?")
+    redacted_url = scrub_jwts(key, base) + (f"?{query(key, query_string)}" if question else "")
+    if not hash_:
+        return redacted_url
+    return f"{redacted_url}#{query(key, fragment) if '=' in fragment else scrub_jwts(key, fragment)}"
 
 
 def query(key: bytes, query_string: str) -> str:

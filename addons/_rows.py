@@ -17,7 +17,7 @@ import math
 import time
 from typing import NamedTuple
 
-from hoptrace.addons import _hop
+from hoptrace.addons import _hop, _redact
 from hoptrace.addons._hop import snapshot, snapshot_row
 from hoptrace.addons._signatures import KEY_SETS
 from hoptrace.addons._tokens import TokenInfo, decode, fingerprint
@@ -133,7 +133,8 @@ def _bare(flow_id, method, path, started, reason: BaseException | str) -> dict:
     row.update(
         flow_id="unknown" if flow_id is None else str(flow_id),
         method=method,
-        path=path.partition("?")[0],
+        # No key here: a JWT in the path is replaced by a bare "[redacted]"; query and fragment are left out.
+        path=_redact.scrub_jwts(None, path.partition("#")[0].partition("?")[0]),
         error=f"hoptrace could not read this flow: {reason!r}"[:500],
         error_kind="other",
         failed=1,

@@ -12,7 +12,7 @@ from hoptrace.analyzer._arrays import run_starts
 
 # A path segment that names one thing rather than a route: numbers, UUIDs, hex ids,
 # prefixed ids (cart_abc123, ord_9f2), short ones like p1 (but not a version, v2),
-# long base64-ish strings with a digit.
+# long base64-ish strings with a digit, and the stand-in the recorder wrote for a secret.
 _ID_SEGMENT = re.compile(
     r"(?<=/)(?:"
     r"\d+"
@@ -21,6 +21,7 @@ _ID_SEGMENT = re.compile(
     r"|[A-Za-z]+_(?=[A-Za-z]*\d)[A-Za-z0-9]+"
     r"|(?![vV]\d+(?:/|$))[A-Za-z]{1,2}\d+"
     r"|(?=[A-Za-z_-]*\d)[A-Za-z0-9_-]{20,}"
+    r"|\[redacted(?::[0-9a-f]{12})?\]"  # a secret the recorder replaced (a JWT in the path)
     r")(?=/|$)"
 )
 # An id this long names one resource (a cart, an order), not "product 1" that many share.

@@ -1,5 +1,6 @@
 """Secrets in places the name-based rules used to miss: multipart fields, JWTs without an `eyJ` prefix,
-OAuth / SAS / SAML parameter names. Canaries must be in none of the DB, -wal, -shm."""
+OAuth / SAS / SAML parameter names, a JWT in a path, a token in a URL's fragment, short names (pwd, otp).
+Canaries must be in none of the DB, -wal, -shm."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from hypothesis import strategies as st
 from mitmproxy.test import taddons, tflow, tutils
 
 from hoptrace.addons import Recorder
-from hoptrace.addons._redact import SENSITIVE_PARAM, redacted
+from hoptrace.addons._hop import snapshot, snapshot_row
+from hoptrace.addons._redact import SENSITIVE_PARAM, header_value, json_body, redacted
 from hoptrace.addons._redact import query as redact_query
 from hoptrace.addons._tokens import decode, find_jwts
+from hoptrace.analyzer._prepare import normalise_path
 
 from .conftest import query
 
@@ -130,3 +133,72 @@ def test_any_query_string_is_redacted_and_keeps_every_other_byte(pairs, secret):
             assert kept == redacted(KEY, value)
         elif not find_jwts(value):
             assert kept == value
+
+
+# -- URLs: a JWT in a path, a token in a fragment, secrets under short names ------------------------------
+
+_segment = st.from_regex(r"[A-Za-z0-9._~-]{1,12}", fullmatch=True)
+_secret = st.from_regex(r"[A-Za-z0-9]{16,24}", fullmatch=True)
+_plain_pairs = st.lists(st.tuples(st.sampled_from(["x", "page", "lang", "next"]), _segment), max_size=3)
+
+
+def _jwt(secret: str) -> str:
+    return f"{b64(json.dumps({'alg': 'HS256'}))}.{b64(json.dumps({'sub': secret}))}.{b64(secret)}"
+
+
+def _pairs(pairs) -> str:
+    return "&".join(f"{name}={value}" for name, value in pairs)
+
+
+@given(segments=st.lists(_segment, max_size=3), jwt_at=st.integers(0, 3), query_pairs=_plain_pairs,
+       fragment_pairs=_plain_pairs, fragment_name=st.sampled_from(["access_token", "id_token", "code", "state"]),
+       secret=_secret, header=st.sampled_from(["Location", "Referer", "Content-Location"]))  # fmt: skip
+def test_a_url_header_keeps_no_secret_of_its_path_query_or_fragment(segments, jwt_at, query_pairs, fragment_pairs, fragment_name, secret, header):
+    """OAuth's implicit flow answers ``Location: https://app/cb#access_token=...``: the fragment was read as part of the last query value."""
+    token = _jwt(secret)
+    path = "/" + "/".join([*segments[:jwt_at], token, *segments[jwt_at:]])
+    query = _pairs(query_pairs)
+    fragment = _pairs([*fragment_pairs, (fragment_name, secret)])
+    value = f"https://app.example{path}" + (f"?{query}" if query else "") + f"#{fragment}"
+    stored = header_value(KEY, header, value)
+    assert secret not in stored and token not in stored
+    base, hash_, stored_fragment = stored.partition("#")
+    assert hash_ and stored_fragment.endswith(f"{fragment_name}={redacted(KEY, secret)}")  # order and names kept
+    assert base.endswith(f"?{query}" if query else path.replace(token, redacted(KEY, token)))
+
+
+@given(segments=st.lists(_segment, min_size=1, max_size=3), query_pairs=_plain_pairs, secret=_secret, fragment=st.booleans())
+def test_a_request_target_keeps_no_jwt_of_its_path_nor_any_fragment(segments, query_pairs, secret, fragment):
+    token = _jwt(secret)
+    target = "/" + "/".join([*segments, token]) + (f"?{_pairs(query_pairs)}" if query_pairs else "")
+    if fragment:
+        target += f"#access_token={secret}"
+    flow = tflow.tflow(resp=True)
+    flow.request.path = target
+    row, _ = snapshot_row(snapshot(flow), KEY, False)
+    assert secret not in row["path"] and secret not in (row["query"] or "")
+    assert row["path"] == "/" + "/".join([*segments, redacted(KEY, token)])
+    assert (row["query"] or "") == _pairs(query_pairs)
+    # The analysis names the endpoint by the route, not by each token's stand-in.
+    assert normalise_path(row["path"]).endswith("/{id}")
+
+
+_SHORT = ["pwd", "pass", "otp", "totp", "sid"]
+
+
+@given(word=st.sampled_from(_SHORT), before=st.sampled_from(["", "x_", "user-", "X-Upstream-"]),
+       after=st.sampled_from(["", "_2", "-value"]), upper=st.booleans(), secret=_secret)  # fmt: skip
+def test_short_secret_names_are_redacted_as_a_word_of_the_name(word, before, after, upper, secret):
+    name = f"{before}{word.upper() if upper else word}{after}"
+    assert header_value(KEY, name, secret) == redacted(KEY, secret)
+    assert redact_query(KEY, f"{name}={secret}") == f"{name}={redacted(KEY, secret)}"
+    assert json_body(KEY, {name: secret}) == {name: redacted(KEY, secret)}
+
+
+@given(word=st.sampled_from(["footprint", "passenger", "compass", "bypass", "pwdx", "besides", "hotpot"]), value=_segment)
+def test_words_that_only_contain_a_short_name_are_kept(word, value):
+    assert redact_query(KEY, f"{word}={value}") == f"{word}={value}"
+
+
+def test_bearer_in_a_header_name_is_a_secret():
+    assert header_value(KEY, "X-Upstream-Bearer", "opaque-credential-123") == redacted(KEY, "opaque-credential-123")
