@@ -11,6 +11,7 @@ A token is expired at ``exp`` itself (RFC 7519: "on or after"), as pyjwt judges 
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -644,45 +645,71 @@ def token_crossover(ctx: Context) -> pd.DataFrame:
 
 
 def retry_storm(ctx: Context) -> pd.DataFrame:
-    """The same call (caller hop, service, endpoint) repeated after a 5xx, 429 or error."""
+    """The same call (caller hop, service, endpoint) made again after one failed (5xx, 429 or error)."""
     calls = ctx.retried
     if calls.empty:  # no caller saw a call fail
         return _findings([])
     same = ["parent_id", "service", "endpoint"]
     calls = calls.sort_values([*same, "started_at"], kind="stable")
-    # Each call's rows are now adjacent: a retry follows a bad answer within its run, counted per run
-    # with arrays (a groupby shift and a groupby sum cost ~10 ms each on a live view's tail).
+    # Each call's rows are now adjacent, in start order: each run's retries counted with arrays.
     first = run_starts(group_codes(calls, same))
-    bad = calls["bad"].to_numpy(bool)
-    retry = np.r_[False, bad[:-1]] & ~first
+    retry = _retries(calls["started_at"].to_numpy(), calls["ended_at"].to_numpy(), calls["bad"].to_numpy(bool), first)
     run = np.cumsum(first) - 1
     retries = np.bincount(run, weights=retry)[run]
-    storms = calls.assign(retry=retry)[retries >= ctx.config.retry_min]
+    storms = calls[retries >= ctx.config.retry_min]
     if storms.empty:
         return _findings([])
     storms = storms.assign(caller=storms.index.map(ctx.caller))
     g = _Groups(storms, same)
     cost = g.sum("duration_ms") - np.asarray(g.first("duration_ms"), dtype=np.float64)
     rows = []
-    for trace, caller, svc, endpoint, starts, ends, retried, bad, outcomes, spent, ids in zip(
+    for trace, caller, svc, endpoint, starts, ends, bad, outcomes, spent, ids in zip(
         g.first("trace"), g.first("caller"), g.first("service"), g.first("endpoint"), g.lists("started_at"),
-        g.lists("ended_at"), g.lists("retry"), g.lists("bad"), _statuses(g), cost.tolist(), g.ids(),
+        g.lists("ended_at"), g.lists("bad"), _statuses(g), cost.tolist(), g.ids(),
     ):  # fmt: skip
-        gaps = [round(s - e, 3) for s, e in zip(starts[1:], ends[:-1])]
+        gaps = [round(starts[again] - ends[failed], 3) for failed, again in retry_pairs(starts, ends, bad)]
         rows.append({
             "trace": trace, "service": svc, "caller": caller, "hop_ids": ids,
             "message": (
-                f"{caller} called {svc} {endpoint} {len(ids)} times in one request ({sum(retried)} retries;"
+                f"{caller} called {svc} {endpoint} {len(ids)} times in one request ({len(gaps)} retries;"
                 f" statuses {', '.join(outcomes)}; gaps {', '.join(f'{x:.3f}' for x in gaps)} s);"
                 f" {spent:.1f} ms spent after the first call"
             ),
             "details": {
-                "caller": caller, "endpoint": endpoint, "calls": len(ids), "retries": sum(retried),
+                "caller": caller, "endpoint": endpoint, "calls": len(ids), "retries": len(gaps),
                 "statuses": outcomes, "gaps_s": gaps, "cost_ms": spent, "recovered": not bad[-1],
             },
             "at": starts[0],
         })  # fmt: skip
     return _findings(rows)
+
+
+def retry_pairs(starts, ends, bad) -> list[tuple[int, int]]:
+    """(failed call, its retry) among the calls of one caller to one endpoint, in start order.
+
+    A call retries a failed one if it started once that one had ended: the first such call after
+    each failure is its retry. Calls made side by side (a fan-out, one of which failed) overlap
+    the failure, so none of them is its retry.
+    """
+    waiting: list[tuple[float, int]] = []  # failed calls not retried yet, earliest end first
+    pairs = []
+    for index, (start, end, failed) in enumerate(zip(starts, ends, bad)):
+        if waiting and waiting[0][0] <= start:
+            pairs.append((heapq.heappop(waiting)[1], index))
+        if failed:
+            heapq.heappush(waiting, (end, index))
+    return pairs
+
+
+def _retries(starts: np.ndarray, ends: np.ndarray, bad: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Per call (calls sorted by run, then start; ``first`` marks each run's first): whether it is a retry."""
+    retry = np.zeros(len(starts), bool)
+    bounds = np.r_[np.flatnonzero(first), len(starts)]
+    for a, b in itertools.pairwise(bounds.tolist()):
+        if b - a > 1 and bad[a : b - 1].any():  # a run with a failure before its last call
+            for _, again in retry_pairs(starts[a:b].tolist(), ends[a:b].tolist(), bad[a:b].tolist()):
+                retry[a + again] = True
+    return retry
 
 
 def _calls_of_failed_callers(h: pd.DataFrame) -> pd.DataFrame:
@@ -805,11 +832,12 @@ def retry_without_backoff(ctx: Context) -> pd.DataFrame:
         g.first("trace"), g.first("caller"), g.first("service"), g.first("endpoint"), g.lists("started_at"),
         g.lists("ended_at"), g.lists("bad"), g.lists("retry_after"), _statuses(g), g.ids(),
     ):  # fmt: skip
-        # Retry i follows call i, which failed: its gap, and what that answer asked for.
-        retries = [i for i in range(len(ids) - 1) if bads[i]]
-        if not retries:
+        # Each retry's gap after the call it retried, and what that failed answer asked for.
+        pairs = retry_pairs(starts, ends, bads)
+        if not pairs:
             continue
-        gaps = [starts[i + 1] - ends[i] for i in retries]
+        retries = [failed for failed, _ in pairs]
+        gaps = [starts[again] - ends[failed] for failed, again in pairs]
         asked = [_retry_after_s(waits[i], ends[i]) if isinstance(waits[i], str) else None for i in retries]
         early = [(gap, want) for gap, want in zip(gaps, asked) if want is not None and gap < want - c.retry_after_tolerance_s]
         flat = len(gaps) >= 2 and all(b <= c.retry_backoff_growth * a for a, b in itertools.pairwise(gaps))

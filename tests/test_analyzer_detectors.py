@@ -515,6 +515,35 @@ def test_any_retry_after_value_is_judged_or_set_aside(tmp_path, retry_after):
     assert len(found) <= 1
 
 
+_status = st.sampled_from([200, 200, 429, 503])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fan_out=st.lists(st.tuples(st.floats(0, 0.009), st.floats(0.011, 0.3), _status), min_size=2, max_size=6),
+       after=st.lists(_status, max_size=4))  # fmt: skip
+def test_calls_made_side_by_side_are_not_retries_of_each_other(tmp_path, fan_out, after):
+    """A fan-out whose calls all start before any ends, one or more of them failing, then ``after``: calls one
+    after another, each once the last ended. Only a call that started after a failure ended can retry it."""
+    plan = [(0.1 + s, 0.1 + e, status) for s, e, status in fan_out]
+    at = max(e for _, e, _ in plan) + 0.05
+    for status in after:
+        plan.append((at, at + 0.01, status))
+        at += 0.06
+    # Every call ended before the next sequential one starts: each sequential call retries a failure not yet retried.
+    waiting, expected = sum(status != 200 for _, _, status in fan_out), 0
+    for status in after:
+        if waiting:
+            waiting, expected = waiting - 1, expected + 1
+        waiting += status != 200
+    _, ids = timed_calls(b := Builder(), plan, retry_after="0")
+    storms = detect_with_headers(b, tmp_path, "retry_storm", retry_min=1)
+    assert sum(storms["details"].map(lambda d: d["retries"])) == expected
+    assert all(gap >= 0 for d in storms["details"] for gap in d["gaps_s"])
+    flagged = detect_with_headers(b, tmp_path, "retry_without_backoff")
+    assert all(gap >= 0 for d in flagged["details"] for gap in d["gaps_s"])
+    assert expected or flagged.empty
+
+
 def test_rate_limited_names_who_hit_it_and_who_passed_it_on(tmp_path):
     b = Builder()
     for i in range(6):  # 6 requests to products in the second before
