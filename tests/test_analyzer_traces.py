@@ -361,3 +361,22 @@ def test_start_order_is_by_start_then_longest_first_stable_with_unknown_times_la
     hops = pd.DataFrame(times, columns=["started_at", "ended_at"], index=pd.Index(range(100, 100 + len(times)), name="id"))
     want = hops.sort_values(["started_at", "ended_at"], ascending=[True, False], kind="stable")
     pd.testing.assert_frame_equal(in_start_order(hops), want)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(called_after=st.floats(0.001, 0.9), cut_after=st.floats(0.0, 30.0), caller_kind=st.sampled_from(["timeout", "502"]),
+       kind=st.sampled_from(["timeout", "shutdown"]))  # fmt: skip
+def test_a_call_the_proxy_cut_after_its_caller_failed_stays_in_its_request(tmp_path, called_after, cut_after, caller_kind, kind):
+    """The proxy's upstream timeout cuts a caller and the call it waits on: the call ends when it is cut, a moment
+    or its own deadline after its caller. Nothing contains it, yet it started inside its caller: it is that call."""
+    b = Builder()
+    root = b.hop("gateway", "GET /slow", 0.0, 1.0 + cut_after / 10 + 0.001, status=502)
+    failed = dict(status=None, error="cut", error_kind="timeout") if caller_kind == "timeout" else dict(status=502)
+    caller = b.hop("edge", "GET /slow", 0.01, 1.0, parent=root, **failed)
+    call = b.hop("catalog", "GET /slow", 0.01 + called_after, 1.0 + cut_after, parent=caller, status=None, error="cut", error_kind=kind)
+    quiet = b.hop("catalog", "GET /other", 40.0, 41.0 + cut_after, status=None, error="cut", error_kind=kind)  # no caller open
+    a = analyze_builder(b, tmp_path, "cut.db")
+    parent, link = links(a)[call]
+    assert parent == caller and link == "nesting"
+    assert a.hops.loc[call, "trace"] == root
+    assert links(a)[quiet] == (None, "orphan")
