@@ -431,6 +431,24 @@ def test_select_session_by_subject_token_and_errors():
         hp.session_view(a, "bob")
 
 
+def test_a_subject_no_request_entered_with_names_the_requests_whose_calls_carried_it(tmp_path):
+    """The client holds an opaque session cookie; the services call each other with the user's JWT."""
+    b = Builder()
+    cookies = {user: b.token(None, kind="opaque") for user in ("alice", "bob")}
+    jwts = {user: b.token(user, 3600) for user in ("alice", "bob")}
+    requests = {"alice": [], "bob": []}
+    for i, user in enumerate(["alice", "bob", "alice", "bob", "alice"]):
+        root = b.hop("edge", "GET /dashboard", i, i + 0.5, presented=cookies[user])
+        b.hop("ledger", "GET /balance", i + 0.1, i + 0.2, parent=root, presented=jwts[user])
+        requests[user].append(root)
+    a = analyze(b.write(tmp_path / "t.db"))
+    assert a.sessions["subject"].isna().all()  # no request entered with a subject
+    for user, roots in requests.items():
+        assert sorted(hp.select_session(a, user)["trace"].astype(int)) == roots
+    with pytest.raises(AnalysisError, match="subjects: 'alice', 'bob'"):  # the subjects there are, not "none"
+        hp.select_session(a, "carol")
+
+
 # ---------------------------------------------------------------- latency & services
 
 

@@ -61,9 +61,7 @@ def select_session(analysis: Analysis, key: Any) -> pd.DataFrame:
         return rows
     fp = _match_token(analysis.tokens, text)
     if fp is not None:
-        hop_ids = analysis.hop_tokens.loc[analysis.hop_tokens["fingerprint"] == fp, "hop_id"]
-        traces = set(sessions.loc[sessions["token_fp"] == fp, "trace"].astype(int))
-        traces |= set(analysis.hops["trace"].reindex(hop_ids).dropna().astype(int))
+        traces = _traces_carrying(analysis, {fp})
         mine = sessions[sessions["session"].isin(set(sessions.loc[sessions["trace"].isin(traces), "session"]))]
         if len(mine):
             return mine
@@ -72,12 +70,26 @@ def select_session(analysis: Analysis, key: Any) -> pd.DataFrame:
         rows = sessions[sessions["session"] == int(text)]
         if len(rows):
             return rows
-    known = sorted({str(s) for s in subjects.dropna()})
+    # A subject no request entered with (the client held a cookie, the services a JWT): the requests whose calls carried it.
+    token_subjects = analysis.tokens["sub"].astype("string")
+    carried = _traces_carrying(analysis, set(analysis.tokens.index[(token_subjects == text).fillna(False).to_numpy(dtype=bool)]))
+    rows = sessions[sessions["trace"].isin(carried)]
+    if len(rows):
+        return rows
+    known = sorted({str(s) for s in subjects.dropna()} | {str(s) for s in token_subjects.dropna()})
     listed = ", ".join(repr(s) for s in known[:10]) + (" …" if len(known) > 10 else "")
     raise AnalysisError(
         f"no subject, token or session {text!r} in this trace database"
         + (f"; subjects: {listed}" if known else "; no token carried a subject")
     )
+
+
+def _traces_carrying(analysis: Analysis, fps: set) -> set[int]:
+    """The requests any of whose hops carried (or answered with) one of these tokens."""
+    sessions = analysis.sessions
+    hop_ids = analysis.hop_tokens.loc[analysis.hop_tokens["fingerprint"].isin(fps), "hop_id"]
+    traces = set(sessions.loc[sessions["token_fp"].isin(fps), "trace"].astype(int))
+    return traces | set(analysis.hops["trace"].reindex(hop_ids).dropna().astype(int))
 
 
 def _match_token(tokens: pd.DataFrame, text: str) -> str | None:
