@@ -667,7 +667,7 @@ def retry_storm(ctx: Context) -> pd.DataFrame:
         g.first("trace"), g.first("caller"), g.first("service"), g.first("endpoint"), g.lists("started_at"),
         g.lists("ended_at"), g.lists("bad"), _statuses(g), cost.tolist(), g.ids(),
     ):  # fmt: skip
-        gaps = [round(starts[again] - ends[failed], 3) for failed, again in retry_pairs(starts, ends, bad)]
+        gaps = [round(starts[again] - ends[failed], 3) for failed, again in _retry_pairs(starts, ends, bad)]
         rows.append({
             "trace": trace, "service": svc, "caller": caller, "hop_ids": ids,
             "message": (
@@ -684,7 +684,7 @@ def retry_storm(ctx: Context) -> pd.DataFrame:
     return _findings(rows)
 
 
-def retry_pairs(starts, ends, bad) -> list[tuple[int, int]]:
+def _retry_pairs(starts, ends, bad) -> list[tuple[int, int]]:
     """(failed call, its retry) among the calls of one caller to one endpoint, in start order.
 
     A call retries a failed one if it started once that one had ended: the first such call after
@@ -707,7 +707,7 @@ def _retries(starts: np.ndarray, ends: np.ndarray, bad: np.ndarray, first: np.nd
     bounds = np.r_[np.flatnonzero(first), len(starts)]
     for a, b in itertools.pairwise(bounds.tolist()):
         if b - a > 1 and bad[a : b - 1].any():  # a run with a failure before its last call
-            for _, again in retry_pairs(starts[a:b].tolist(), ends[a:b].tolist(), bad[a:b].tolist()):
+            for _, again in _retry_pairs(starts[a:b].tolist(), ends[a:b].tolist(), bad[a:b].tolist()):
                 retry[a + again] = True
     return retry
 
@@ -833,7 +833,7 @@ def retry_without_backoff(ctx: Context) -> pd.DataFrame:
         g.lists("ended_at"), g.lists("bad"), g.lists("retry_after"), _statuses(g), g.ids(),
     ):  # fmt: skip
         # Each retry's gap after the call it retried, and what that failed answer asked for.
-        pairs = retry_pairs(starts, ends, bads)
+        pairs = _retry_pairs(starts, ends, bads)
         if not pairs:
             continue
         retries = [failed for failed, _ in pairs]
