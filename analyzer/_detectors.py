@@ -435,9 +435,10 @@ def rejected_valid_token(ctx: Context) -> pd.DataFrame:
     unknown_keys = _unknown_kids(ctx.tokens)
     g = _Groups(hits, ["trace"], by="ended_at")
     rows = []
-    for trace, fp, caller, svc, endpoint, code, left, sub, owner, services, starts, ids in zip(
+    for trace, fp, caller, svc, endpoint, code, left, exp, sub, owner, services, starts, ids in zip(
         g.first("trace"), g.first("token_fp"), g.first("caller"), g.first("service"), g.first("endpoint"), g.first("status"),
-        g.first("left"), g.first("token_sub"), g.first("owner"), g.lists("service"), g.lists("started_at"), g.ids(),
+        g.first("left"), g.first("token_exp"), g.first("token_sub"), g.first("owner"), g.lists("service"), g.lists("started_at"),
+        g.ids(),
     ):  # fmt: skip
         offset = date_skew.get(svc)
         foreign = isinstance(sub, str) and isinstance(owner, str) and sub != owner
@@ -450,6 +451,8 @@ def rejected_valid_token(ctx: Context) -> pd.DataFrame:
             hint = f"it is signed with key {unknown_keys[fp]!r}, in no key set the capture served: see unknown_signing_key"
         elif offset is not None and offset > left:
             hint = f"{svc}'s clock runs {offset:.1f} s ahead of the proxy's"
+        elif exp % 1 >= left:  # RFC 7519 allows a fractional NumericDate; some libraries drop the fraction
+            hint = f"its exp {exp:.3f} has a fraction of a second: read as the whole second {int(exp)}, it had expired"
         else:
             hint = "clock skew, another signing key, or the audience?"
         rows.append({

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from .analyzer_fixtures import T0, Builder, detect
@@ -227,6 +227,21 @@ def test_rejected_valid_token_names_a_skewed_clock(tmp_path):
     b.hop("payment", "GET /a", 0.1, 0.2, presented=t, parent=root, status=401, server_date_ts=float(int(T0 + 60.2)))
     f = detect(b, tmp_path, "rejected_valid_token")
     assert "payment's clock runs 60" in f.iloc[0]["message"]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fraction=st.floats(0.01, 0.99), left=st.floats(0.01, 0.99))
+def test_rejected_valid_token_names_a_fractional_exp_read_as_whole_seconds(tmp_path, fraction, left):
+    """RFC 7519's NumericDate may have a fraction; a validator that drops it sees the token expire up to a second early."""
+    assume(abs(fraction - left) > 1e-6)
+    b = Builder()
+    exp = 50 + fraction  # T0 is a whole second: the claim's fraction is ``fraction``
+    t = b.token(sub="a", exp=exp)
+    root = b.hop("gateway", "GET /a", exp - left - 0.5, exp - left + 0.001, presented=t, status=401)
+    b.hop("payment", "GET /a", exp - left - 0.4, exp - left, presented=t, parent=root, status=401)
+    found = detect(b, tmp_path, "rejected_valid_token")
+    assert len(found) == 1
+    assert ("has a fraction of a second" in found.iloc[0]["message"]) == (fraction > left)
 
 
 def test_rejected_token_that_was_expired_or_unknown_is_not_this(tmp_path):
