@@ -449,6 +449,21 @@ def test_a_subject_no_request_entered_with_names_the_requests_whose_calls_carrie
         hp.select_session(a, "carol")
 
 
+def test_a_numeric_subject_is_a_subject_before_a_session_number(tmp_path):
+    b = Builder()
+    cookies = [b.token(None, kind="opaque") for _ in range(3)]
+    jwt = b.token("1", 3600)
+    mine = []
+    for i in range(6):
+        root = b.hop("edge", "GET /dashboard", i, i + 0.5, presented=cookies[i % 3])
+        if i % 3 == 0:
+            b.hop("ledger", "GET /balance", i + 0.1, i + 0.2, parent=root, presented=jwt)
+            mine.append(root)
+    a = analyze(b.write(tmp_path / "t.db"))
+    assert 1 in set(a.sessions["session"])  # "1" also names a session
+    assert sorted(hp.select_session(a, "1")["trace"].astype(int)) == mine
+
+
 # ---------------------------------------------------------------- latency & services
 
 

@@ -66,16 +66,17 @@ def select_session(analysis: Analysis, key: Any) -> pd.DataFrame:
         if len(mine):
             return mine
         raise AnalysisError(f"token {text!r} was seen, but no request carried it")
-    if re.fullmatch(r"\d{1,18}", text):
-        rows = sessions[sessions["session"] == int(text)]
-        if len(rows):
-            return rows
     # A subject no request entered with (the client held a cookie, the services a JWT): the requests whose calls carried it.
+    # Before session numbers: a subject is a claim the user read somewhere ("1" may be both).
     token_subjects = analysis.tokens["sub"].astype("string")
     carried = _traces_carrying(analysis, set(analysis.tokens.index[(token_subjects == text).fillna(False).to_numpy(dtype=bool)]))
     rows = sessions[sessions["trace"].isin(carried)]
     if len(rows):
         return rows
+    if re.fullmatch(r"\d{1,18}", text):
+        rows = sessions[sessions["session"] == int(text)]
+        if len(rows):
+            return rows
     known = sorted({str(s) for s in subjects.dropna()} | {str(s) for s in token_subjects.dropna()})
     listed = ", ".join(repr(s) for s in known[:10]) + (" …" if len(known) > 10 else "")
     raise AnalysisError(
