@@ -9,19 +9,22 @@ hops sent the same secret without learning it.
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, unquote, urlencode
 
 from hoptrace.addons._tokens import fingerprint, jwt_spans
 
 # Names are matched by pattern, not a fixed list: custom headers such as
 # X-Internal-Key or X-Upstream-Bearer are exactly what deny-lists miss. Short
-# names (sid, pwd, pass, otp) only as a whole word of the name: as substrings
-# they are in ordinary words ("footprint", "passenger").
-SENSITIVE_NAME = re.compile(
-    r"auth|token|key|secret|session|cookie|passw|credential|signature|jwt|bearer"
-    r"|(?:^|[-_])(?:sid|pwd|pass|otp|totp)(?:$|[-_])",
-    re.I,
+# names (sid, pwd, pass, otp, totp) only as a whole word of the name, as any
+# separator or a camelCase hump ends one (user[pass], user.pwd, newPwd, otpCode,
+# X-OTP): as substrings they are in ordinary words (footprint, passenger, PASSENGER).
+_SHORT = ("sid", "pwd", "pass", "otp", "totp")
+_SHORT_WORD = (
+    rf"(?-i:(?<![A-Za-z0-9])(?:{'|'.join(_SHORT)})(?![a-z0-9])"  # lower case: user.pwd, otpCode
+    rf"|(?<![A-Z])(?:{'|'.join(w.capitalize() for w in _SHORT)})(?![a-z0-9])"  # a hump: newPwd, Pass
+    rf"|(?<![A-Z0-9])(?:{'|'.join(w.upper() for w in _SHORT)})(?![A-Za-z0-9]))"  # capitals: X-OTP, userPWD
 )
+SENSITIVE_NAME = re.compile(r"auth|token|key|secret|session|cookie|passw|credential|signature|jwt|bearer|" + _SHORT_WORD, re.I)
 # Parameters (query, form, multipart and JSON fields) whose short names the pattern
 # cannot catch: OAuth's code, state and code_verifier, SAS-style `sig`, SAML's
 # messages, a client assertion (the 2023 HAR-sanitizer lists name the same).
@@ -69,9 +72,23 @@ def url(key: bytes, value: str) -> str:
     rest, hash_, fragment = value.partition("#")
     base, question, query_string = rest.partition("?")
     redacted_url = scrub_jwts(key, base) + (f"?{query(key, query_string)}" if question else "")
-    if not hash_:
-        return redacted_url
-    return f"{redacted_url}#{query(key, fragment) if '=' in fragment else scrub_jwts(key, fragment)}"
+    return f"{redacted_url}#{_fragment(key, fragment)}" if hash_ else redacted_url
+
+
+def _fragment(key: bytes, fragment: str) -> str:
+    """A URL fragment with the values of sensitive names and every JWT replaced, the rest as it was.
+
+    Not re-encoded as a query is: a fragment is often no parameter list at all (``#/orders?tab=2``,
+    ``#:~:text=a%20b``), and re-encoding it would change what it says.
+    """
+    parts = []
+    for part in fragment.split("&"):
+        name, equals, value = part.partition("=")
+        if equals and SENSITIVE_PARAM.search(unquote(name)):
+            parts.append(f"{scrub_jwts(key, name)}={redacted(key, unquote(value))}")
+        else:
+            parts.append(scrub_jwts(key, part))
+    return "&".join(parts)
 
 
 def query(key: bytes, query_string: str) -> str:
@@ -84,8 +101,12 @@ def query(key: bytes, query_string: str) -> str:
     if not query_string:
         return query_string
     pairs = parse_qsl(query_string, keep_blank_values=True, errors="surrogateescape")
+    # A name is scrubbed too: a bare token given as the whole query (/magic?<JWT>) parses as a name.
     return urlencode(
-        [(name, redacted(key, value) if SENSITIVE_PARAM.search(name) else scrub_jwts(key, value)) for name, value in pairs],
+        [
+            (scrub_jwts(key, name), redacted(key, value) if SENSITIVE_PARAM.search(name) else scrub_jwts(key, value))
+            for name, value in pairs
+        ],
         safe="[]:",
         errors="surrogateescape",
     )

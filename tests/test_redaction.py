@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -186,18 +186,53 @@ def test_a_request_target_keeps_no_jwt_of_its_path_nor_any_fragment(segments, qu
 _SHORT = ["pwd", "pass", "otp", "totp", "sid"]
 
 
-@given(word=st.sampled_from(_SHORT), before=st.sampled_from(["", "x_", "user-", "X-Upstream-"]),
-       after=st.sampled_from(["", "_2", "-value"]), upper=st.booleans(), secret=_secret)  # fmt: skip
-def test_short_secret_names_are_redacted_as_a_word_of_the_name(word, before, after, upper, secret):
-    name = f"{before}{word.upper() if upper else word}{after}"
+@given(word=st.sampled_from(_SHORT), case=st.sampled_from([str.lower, str.upper, str.capitalize]),
+       before=st.sampled_from(["", "x_", "user-", "X-Upstream-", "user[", "user.", "login "]),
+       after=st.sampled_from(["", "_2", "-value", "]", ".x"]), secret=_secret)  # fmt: skip
+def test_short_secret_names_are_redacted_as_a_word_of_the_name(word, case, before, after, secret):
+    name = f"{before}{case(word)}{after}"
     assert header_value(KEY, name, secret) == redacted(KEY, secret)
-    assert redact_query(KEY, f"{name}={secret}") == f"{name}={redacted(KEY, secret)}"
     assert json_body(KEY, {name: secret}) == {name: redacted(KEY, secret)}
+    stored = redact_query(KEY, urlencode([(name, secret)]))
+    assert secret not in stored and parse_qsl(stored) == [(name, redacted(KEY, secret))]
 
 
-@given(word=st.sampled_from(["footprint", "passenger", "compass", "bypass", "pwdx", "besides", "hotpot"]), value=_segment)
+@given(word=st.sampled_from(_SHORT), before=st.sampled_from(["new", "sms", "user", "x2"]),
+       after=st.sampled_from(["", "Code", "Value", "_1"]), secret=_secret)  # fmt: skip
+def test_short_secret_names_are_redacted_as_a_camel_case_hump(word, before, after, secret):
+    for name in (f"{before}{word.capitalize()}{after}", f"{word}{after.capitalize() or 'X'}"):
+        assert json_body(KEY, {name: secret}) == {name: redacted(KEY, secret)}, name
+
+
+@given(word=st.sampled_from(["footprint", "passenger", "Passenger", "PASSENGER", "compass", "bypassMode", "pwdx", "besides",
+                             "hotpot", "Sidebar", "consider"]), value=_segment)  # fmt: skip
 def test_words_that_only_contain_a_short_name_are_kept(word, value):
     assert redact_query(KEY, f"{word}={value}") == f"{word}={value}"
+
+
+# A fragment that is no parameter list, or one of harmless names: every byte as it was.
+_fragment_text = st.text(st.sampled_from("abcxyz019/?:~%.-_=&!'()*+,;@ é"), max_size=30)
+
+
+@given(fragment=_fragment_text, secret=_secret, where=st.sampled_from(["name", "bare", "none"]))
+def test_a_fragment_keeps_every_byte_but_its_secrets(fragment, secret, where):
+    """``#/orders?tab=2`` or ``#:~:text=a%20b`` are not parameters to re-encode; a token in one is still replaced."""
+    token = _jwt(secret)
+    extra = {"name": f"&id_token={secret}", "bare": f"&{token}", "none": ""}[where]
+    stored = header_value(KEY, "Location", f"https://app.example/cb#{fragment}{extra}")
+    assert secret not in stored and token not in stored
+    kept = stored.partition("#")[2]
+    if not SENSITIVE_PARAM.search(fragment) and not find_jwts(fragment):
+        assert kept.startswith(fragment)
+
+
+@given(secret=_secret)
+def test_a_bare_token_as_the_whole_query_is_replaced(secret):
+    token = _jwt(secret)
+    flow = tflow.tflow(resp=True)
+    flow.request.path = f"/magic?{token}"
+    row, _ = snapshot_row(snapshot(flow), KEY, False)
+    assert secret not in (row["query"] or "") and redacted(KEY, token) in row["query"]
 
 
 def test_bearer_in_a_header_name_is_a_secret():
