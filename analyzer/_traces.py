@@ -131,9 +131,9 @@ def rebuild(
     if "client_conn_id" in hops and links.todo.any():
         _by_connection(ctx, links, _connection_codes(hops, ctx.capture), _endpoint_codes(hops, ctx.capture))
     if links.todo.any():
-        _cut_calls(ctx, links)
-    if links.todo.any():
+        unlinked = links.todo.copy()
         _run_tier(ctx, links, _NESTING, np.arange(ctx.n), np.zeros(ctx.n, np.int64))
+        _cut_calls(ctx, links, unlinked)
     # With no entry route known, a hop nothing contains is where a request entered.
     unrooted = links.todo & ~ctx.has_entry
     links.link[unrooted], links.confidence[unrooted] = _ROOT, 1.0
@@ -142,42 +142,50 @@ def rebuild(
 
 # The error kinds of a hop the proxy cut itself (its upstream timeout, its shutdown): still open then.
 _CUT_KINDS = ("timeout", "shutdown")
-# How many failed hops that started before a cut call are tried as its caller, latest first.
-_CUT_CALLERS_TRIED = 64
+# How many failed hops that started after a cut call's container, and before the call, are tried as its caller.
+_CUT_CALLERS_TRIED = 1024
 
 
-def _cut_calls(ctx: _Hops, links: _Links) -> None:
-    """Calls the proxy cut, still unlinked: under the failed hop of another service that was open when they started.
+def _cut_calls(ctx: _Hops, links: _Links, unlinked: np.ndarray) -> None:
+    """Calls the proxy cut that the tiers before nesting left: under the failed hop they started in, if that is more inner.
 
     A hop the proxy cut was still open: its recorded end is when it was cut, not when it would have
     ended. Its caller, waiting on it, failed first or in the same pass (a caller and its call cut by
     one upstream timeout end a moment apart, in the order they were cut), so the call outlives it:
-    nothing contains it, or only the caller's caller does. Only its start must lie in its caller's
-    time; among the failed hops open then, the latest-starting is taken (before the nesting tier,
-    which would take the caller's caller), and a call with others that are not around it is ``ambiguous``.
+    nothing contains it, or only its caller's caller does (what the nesting tier took). So a failed
+    hop of another service that was open when the call started, and started after the container
+    the nesting tier chose, is taken instead, when that container is around it (its caller's caller).
+    A container that cannot be around it (the same service) stays, as one of two guesses
+    (``ambiguous``). Only where the capture names its entry route: without one, a hop nothing
+    contains is a request of its own.
     """
     frame, graph = ctx.frame, ctx.graph
     kinds = frame["error_kind"].to_numpy(object) if "error_kind" in frame else np.zeros(ctx.n, object)
-    cut = np.flatnonzero(links.todo & ~ctx.is_entry & np.isin(kinds, _CUT_KINDS))
+    cut = np.flatnonzero(unlinked & ctx.has_entry & ~ctx.is_entry & np.isin(kinds, _CUT_KINDS))
     if not len(cut):
         return
     status = frame["status"].to_numpy(np.float64, na_value=np.nan)
     callers = np.flatnonzero((frame["failed"].to_numpy(np.float64, na_value=0) == 1) | (status >= 500))
-    found = []  # (cut call, its caller, how many could be)
+    start, end, service = graph.start, graph.end, ctx.service
+    found = []  # (cut call, its parent, how many could be)
     for q in cut.tolist():
-        before = np.searchsorted(callers, q)  # positions are in start order: these started first
-        earlier = callers[max(0, before - _CUT_CALLERS_TRIED) : before][::-1]
-        open_then = earlier[
-            (graph.end[earlier] >= graph.start[q]) & (ctx.service[earlier] != ctx.service[q]) & (ctx.capture[earlier] == ctx.capture[q])
-        ]
-        if len(open_then):
-            chosen, others = open_then[0], open_then[1:]
+        container = int(links.parent[q])
+        lo = np.searchsorted(callers, container, side="right") if container >= 0 else 0
+        hi = np.searchsorted(callers, q)  # positions are in start order: these started before the call
+        earlier = callers[max(lo, hi - _CUT_CALLERS_TRIED) : hi][::-1]
+        open_then = earlier[(end[earlier] >= start[q]) & (service[earlier] != service[q]) & (ctx.capture[earlier] == ctx.capture[q])]
+        if not len(open_then):
+            continue
+        chosen, others = open_then[0], open_then[1:]
+        if container < 0 or (end[container] >= end[chosen] and service[container] != service[chosen]):
             # A failed hop around the chosen one may be its own caller (the request it failed): no rival.
-            rivals = (graph.start[others] > graph.start[chosen]) | (graph.end[others] < graph.end[chosen])
+            rivals = (start[others] > start[chosen]) | (end[others] < end[chosen]) | (service[others] == service[chosen])
             found.append((q, chosen, 1 + int(rivals.sum())))
+        else:
+            found.append((q, container, int(links.candidates[q]) + 1))
     if found:
-        q, caller, count = (np.array(column, np.int64) for column in zip(*found))
-        links.set(q, caller, count, _NESTING)
+        q, parent, count = (np.array(column, np.int64) for column in zip(*found))
+        links.set(q, parent, count, _NESTING)
 
 
 def _hops_of(hops: pd.DataFrame, captures: pd.DataFrame) -> _Hops:

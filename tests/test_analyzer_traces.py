@@ -365,18 +365,39 @@ def test_start_order_is_by_start_then_longest_first_stable_with_unknown_times_la
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(called_after=st.floats(0.001, 0.9), cut_after=st.floats(0.0, 30.0), caller_kind=st.sampled_from(["timeout", "502"]),
-       kind=st.sampled_from(["timeout", "shutdown"]))  # fmt: skip
-def test_a_call_the_proxy_cut_after_its_caller_failed_stays_in_its_request(tmp_path, called_after, cut_after, caller_kind, kind):
+       kind=st.sampled_from(["timeout", "shutdown"]), noise=st.integers(0, 150))  # fmt: skip
+def test_a_call_the_proxy_cut_after_its_caller_failed_stays_in_its_request(tmp_path, called_after, cut_after, caller_kind, kind, noise):
     """The proxy's upstream timeout cuts a caller and the call it waits on: the call ends when it is cut, a moment
-    or its own deadline after its caller. Nothing contains it, yet it started inside its caller: it is that call."""
+    or its own deadline after its caller. Nothing but the caller's caller contains it, yet it started inside its
+    caller: it is that call, however many unrelated failures (``noise``, over before it started) came between."""
     b = Builder()
     root = b.hop("gateway", "GET /slow", 0.0, 1.0 + cut_after / 10 + 0.001, status=502)
     failed = dict(status=None, error="cut", error_kind="timeout") if caller_kind == "timeout" else dict(status=502)
-    caller = b.hop("edge", "GET /slow", 0.01, 1.0, parent=root, **failed)
+    caller = b.hop("edge", "GET /slow", 0.002, 1.0, parent=root, **failed)
+    for i in range(noise):
+        b.hop("pricing", f"GET /p{i}", 0.003 + i * 1e-6, 0.003 + i * 1e-6 + 1e-7, status=503)
     call = b.hop("catalog", "GET /slow", 0.01 + called_after, 1.0 + cut_after, parent=caller, status=None, error="cut", error_kind=kind)
     quiet = b.hop("catalog", "GET /other", 40.0, 41.0 + cut_after, status=None, error="cut", error_kind=kind)  # no caller open
     a = analyze_builder(b, tmp_path, "cut.db")
-    parent, link = links(a)[call]
-    assert parent == caller and link == "nesting"
+    assert links(a)[call] == (caller, "nesting")
     assert a.hops.loc[call, "trace"] == root
     assert links(a)[quiet] == (None, "orphan")
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(other_starts=st.floats(0.001, 0.09), cut_after=st.floats(0.0, 5.0))
+def test_a_cut_call_inside_a_caller_that_recovered_stays_there_as_a_guess(tmp_path, other_starts, cut_after):
+    """A caller that answered 200 after its call was cut contains it; a failed hop of the same service open then
+    cannot be that caller's callee, so it is only another guess (``ambiguous``), not the answer."""
+    b = Builder()
+    recovered = b.hop("edge", "GET /a", 0.0, 3.0 + cut_after, status=200)
+    b.hop("edge", "GET /b", other_starts, 1.0, status=500)
+    call = b.hop("catalog", "GET /slow", 0.1, 2.1 + cut_after, parent=recovered, status=None, error="cut", error_kind="timeout")
+    assert links(analyze_builder(b, tmp_path, "recovered.db"))[call] == (recovered, "ambiguous")
+
+
+def test_without_an_entry_route_a_cut_hop_nothing_contains_is_a_request(tmp_path):
+    b = Builder(entry=None)
+    b.hop("search", "GET /q", 0.0, 1.0, status=500)
+    request = b.hop("billing", "GET /invoice", 0.5, 3.0, status=None, error="cut", error_kind="timeout")
+    assert links(analyze_builder(b, tmp_path, "no-entry.db"))[request] == (None, "root")
