@@ -116,7 +116,8 @@ def snapshot_row(snap: tuple, key: bytes, store_bodies: bool) -> tuple[dict, lis
         "scheme": snap[_SCHEME],
         "host": snap[_HOST],
         "port": snap[_PORT],
-        "path": _redacted_path(key, path),
+        # A JWT in a path: a magic link's or a revocation's (/verify/eyJ...).
+        "path": _redact.scrub_jwts(key, path),
         "query": _redacted_query(key, query_string) or None,
         "http_version": snap[_HTTP_VERSION],
         "status": snap[_STATUS],
@@ -298,12 +299,6 @@ def _redacted_headers(key: bytes, fields: list[tuple[str, str]]) -> list[list[st
 @lru_cache(maxsize=4096)
 def _redacted_header(key: bytes, name: str, value: str) -> str:
     return _redact.header_value(key, name, value)
-
-
-@lru_cache(maxsize=1024)
-def _redacted_path(key: bytes, path: str) -> str:
-    # A JWT in a path: a magic link's or a revocation's (/verify/eyJ...).
-    return _redact.scrub_jwts(key, path)
 
 
 @lru_cache(maxsize=1024)

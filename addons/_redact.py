@@ -44,6 +44,8 @@ def redacted(key: bytes | None, value: str) -> str:
 
 def scrub_jwts(key: bytes | None, text: str) -> str:
     """Replace every JWT in free text (a header we had no reason to suspect), found by its structure."""
+    if text.count(".") < 2:  # no JWT; and jwt_spans' cache is kept for the values that repeat
+        return text
     spans = jwt_spans(text)
     for start, end in reversed(spans):
         text = text[:start] + redacted(key, text[start:end]) + text[end:]
@@ -66,8 +68,7 @@ def url(key: bytes, value: str) -> str:
     """A URL with the secrets of its path (JWTs: a magic link's ``/verify/eyJ...``), query and fragment replaced.
 
     OAuth's implicit flow hands the token back in a redirect's fragment
-    (``Location: https://app/cb#access_token=...&state=...``): a fragment is read as
-    parameters like a query when it holds any, else scrubbed of JWTs.
+    (``Location: https://app/cb#access_token=...&state=...``): see :func:`_fragment`.
     """
     rest, hash_, fragment = value.partition("#")
     base, question, query_string = rest.partition("?")
@@ -103,13 +104,15 @@ def query(key: bytes, query_string: str) -> str:
     pairs = parse_qsl(query_string, keep_blank_values=True, errors="surrogateescape")
     # A name is scrubbed too: a bare token given as the whole query (/magic?<JWT>) parses as a name.
     return urlencode(
-        [
-            (scrub_jwts(key, name), redacted(key, value) if SENSITIVE_PARAM.search(name) else scrub_jwts(key, value))
-            for name, value in pairs
-        ],
+        [(scrub_jwts(key, name), _parameter(key, name, value)) for name, value in pairs],
         safe="[]:",
         errors="surrogateescape",
     )
+
+
+def _parameter(key: bytes, name: str, value: str) -> str:
+    """A parameter's value as stored (query, form, multipart): replaced if its name is a secret's, else scrubbed of JWTs."""
+    return redacted(key, value) if SENSITIVE_PARAM.search(name) else scrub_jwts(key, value)
 
 
 def json_body(key: bytes, value: object, depth: int = 0) -> object:
@@ -154,9 +157,6 @@ def multipart(key: bytes, text: str, content_type: str) -> str:
     fields = multipart_fields(text, content_type)
     if fields is None:
         return "[redacted: multipart body that does not parse]"
-    parts = [
-        f"{head}\r\n\r\n{redacted(key, value) if SENSITIVE_PARAM.search(name) else scrub_jwts(key, value)}\r\n"
-        for head, name, value in fields
-    ]
+    parts = [f"{head}\r\n\r\n{_parameter(key, name, value)}\r\n" for head, name, value in fields]
     boundary = _BOUNDARY.search(content_type)[1]
     return "".join(f"--{boundary}{part}" for part in parts) + f"--{boundary}--\r\n"
