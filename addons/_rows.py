@@ -172,16 +172,17 @@ def _flow_id(snap) -> object:
 
 def snapshots(batch: list[tuple[str, object]]) -> tuple[list[tuple[str, tuple | dict]], int]:
     """(service, flow) pairs → (service, snapshot) items, and how many flows became bare rows."""
-    items: list[tuple[str, tuple | dict]] = []
-    errors = 0
-    for service, flow in batch:
-        try:
-            items.append((service, snapshot(flow)))
-        except Exception as exc:  # a flow shape we did not foresee must not lose the batch
-            errors += 1
-            logger.warning("hoptrace: could not read flow %s (%r); recorded without details", _get(flow, "id", "?"), exc)
-            items.append((service, bare_row_of_flow(flow, exc)))
-    return items, errors
+    items = [(service, read_flow(flow)) for service, flow in batch]
+    return items, sum(isinstance(snap, dict) for _, snap in items)
+
+
+def read_flow(flow) -> tuple | dict:
+    """The flow's :func:`snapshot`, or, for a flow shape we did not foresee, its bare row (a dict): never raises."""
+    try:
+        return snapshot(flow)
+    except Exception as exc:  # a flow that cannot be read must still become a row
+        logger.warning("hoptrace: could not read flow %s (%r); recorded without details", _get(flow, "id", "?"), exc)
+        return bare_row_of_flow(flow, exc)
 
 
 # -- the choke point: what SQLite (and every reader) can take ------------------------
@@ -234,4 +235,4 @@ def _escape(text: str) -> str:
     return "".join(out)
 
 
-__all__ = ["Built", "HopRows", "bare_row_of_flow", "build_rows", "clean", "clean_row", "snapshots"]
+__all__ = ["Built", "HopRows", "bare_row_of_flow", "build_rows", "clean", "clean_row", "read_flow", "snapshots"]

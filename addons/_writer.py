@@ -1,9 +1,9 @@
 """The recorder's batching thread: finished flows in, batches handed to be built and written.
 
-mitmproxy's hooks only :meth:`TraceWriter.submit` a flow (a queue put, well under a
-microsecond). This thread copies each flow into a snapshot (~5 µs) and hands the
-batch to the row process (``_rowprocess.py``), or builds and writes it here
-(``_rows.py``, ``_store.py``) for a short capture or when no process can run.
+mitmproxy's hooks :meth:`TraceWriter.submit` a flow: it is copied into a snapshot of
+plain values (~5 µs) and queued. This thread hands each batch of snapshots to the row
+process (``_rowprocess.py``), or builds and writes it here (``_rows.py``, ``_store.py``)
+for a short capture or when no process can run.
 
 It cannot die: whatever a batch does, it is counted (recorded, bare, dropped) and the
 next batch is taken. A dead row process is restarted, and the batch it died on is
@@ -25,7 +25,7 @@ from pathlib import Path
 from hoptrace._types import Counters, Route
 from hoptrace.addons import _hop
 from hoptrace.addons._rowprocess import RowProcess, RowProcessError
-from hoptrace.addons._rows import snapshots
+from hoptrace.addons._rows import read_flow
 from hoptrace.addons._store import Counts, Written, build_and_write, finish, open_for_writing, start_capture, update_capture
 
 logger = logging.getLogger("hoptrace")
@@ -96,11 +96,17 @@ class TraceWriter:
     # -- any thread ---------------------------------------------------------
 
     def submit(self, service: str, flow) -> None:
-        """Queue a finished flow. Never blocks: past ``max_pending`` the flow is counted as dropped."""
+        """Queue a finished flow's snapshot. Never blocks: past ``max_pending`` the flow is counted as dropped.
+
+        The snapshot is taken here, on the caller's thread, and the flow is not kept: a backlog
+        (a slow disk, a busy row process) then holds up to ``max_pending`` snapshots of a few KB,
+        not as many whole flows, whose bodies mitmproxy keeps in memory at any size. Bodies
+        longer than the row builder ever reads stay out of the snapshot.
+        """
         if self.closed or self._queue.qsize() >= self._max_pending:
             self.counters.dropped += 1
             return
-        self._queue.put((service, flow))
+        self._queue.put((service, read_flow(flow)))
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything submitted so far is committed."""
@@ -170,9 +176,9 @@ class TraceWriter:
             except queue.Empty:
                 return batch, markers, False
 
-    def _write(self, batch: list) -> None:
-        items, errors = snapshots(batch)
-        self.counters.addon_errors += errors
+    def _write(self, items: list) -> None:
+        # A flow that could not be read arrives as its bare row, a dict (see read_flow).
+        self.counters.addon_errors += sum(isinstance(snap, dict) for _, snap in items)
         self._submitted += len(items)
         self._account(self._write_items(items), len(items))
 

@@ -8,6 +8,8 @@ import json
 import re
 import sqlite3
 import time
+import tracemalloc
+import weakref
 from pathlib import Path
 
 import jwt
@@ -203,12 +205,38 @@ def test_a_full_disk_is_loud_and_counted(tmp_path, caplog):
 from hoptrace.addons import _hop  # noqa: E402
 from hoptrace.addons._rows import build_rows, clean  # noqa: E402
 from hoptrace.addons._store import Counts, write_batch  # noqa: E402
+from hoptrace.addons._writer import TraceWriter  # noqa: E402
 from hoptrace.db import open_for_writing  # noqa: E402
 
 
 def new_capture(conn: sqlite3.Connection) -> int:
     """A capture row for rows written without a recorder; its id."""
     return conn.execute("INSERT INTO captures (started_at, routes, hoptrace_version, mitmproxy_version) VALUES (1, '[]', '0', '0')").lastrowid
+
+
+def test_a_backlog_keeps_neither_the_flows_nor_their_large_bodies(tmp_path):
+    """Hops waiting for the writer are snapshots: each flow, and a body past what rows ever read, is freed at once."""
+    # The writer lingers 30 s after its first hop: all twenty wait in its queue until close().
+    writer = TraceWriter(tmp_path / "t.db", routes=[], entry=None, key=bytes(32), row_process="off", linger=30.0)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        flows = []
+        for _ in range(20):
+            flow = tflow.tflow(resp=True)
+            flow.response.content = b"x" * (1 << 20)
+            writer.submit("svc", flow)
+            flows.append(weakref.ref(flow))
+            del flow
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert [ref() for ref in flows] == [None] * 20
+    assert held < 4 << 20, f"{held / (1 << 20):.1f} MB held for 20 queued hops of 1 MB bodies"
+    counters = writer.close()
+    assert (counters.recorded, counters.dropped, counters.addon_errors) == (20, 0, 0)
+    assert [tuple(row) for row in query(tmp_path / "t.db", "SELECT count(*), min(response_size) FROM hops")] == [(20, 1 << 20)]
 
 
 def test_a_flow_that_cannot_be_read_is_a_bare_row_and_an_addon_error(tmp_path):
