@@ -83,11 +83,12 @@ def test_nesting_without_tokens_and_ambiguity_between_overlapping_requests(tmp_p
     r1 = b.hop("gateway", "GET /health", 0.0, 1.0)
     c1 = b.hop("products", "GET /health", 0.1, 0.2, parent=r1)
     r2 = b.hop("gateway", "GET /health", 2.0, 3.0)
+    c2 = b.hop("products", "GET /health", 2.01, 2.02, parent=r2)
     r3 = b.hop("gateway", "GET /health", 2.05, 3.1)
     c3 = b.hop("products", "GET /health", 2.1, 2.2, parent=r3)
     a = analyze_builder(b, tmp_path)
-    assert links(a)[c1] == (r1, "nesting")
-    # Inside two overlapping requests: the innermost (latest started) is the guess, marked as one.
+    assert links(a)[c1] == (r1, "nesting") and links(a)[c2] == (r2, "nesting")
+    # Inside two overlapping requests, one of which made that call already: a guess, marked as one.
     assert links(a)[c3] == (r3, "ambiguous")
     assert a.hops.loc[c3, "link_candidates"] == 2
     assert links(a)[r2] == (None, "root")
@@ -262,6 +263,45 @@ def test_any_intervals_give_a_forest(tmp_path, spans):
     assert (parents["service"].to_numpy() != child["service"].to_numpy()).all()
     assert (parents["depth"].to_numpy() + 1 == child["depth"].to_numpy()).all()
     assert (h.loc[h["trace"].to_numpy(), "depth"] == 0).all()
+
+
+_GAP = st.floats(0.0005, 0.02)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(arrivals=st.lists(_GAP, min_size=2, max_size=8), delay=st.floats(0.001, 0.5), data=st.data())
+def test_a_burst_of_requests_gets_its_calls_in_arrival_order(tmp_path, arrivals, delay, data):
+    """Requests of one kind that all came in before the first of their calls went out (ten logins at once):
+    the service takes them in order, so the k-th call is the k-th request's, whatever order they answer in.
+    The innermost container alone would give every call to the last one in."""
+    b = Builder()
+    k = len(arrivals)
+    starts = np.cumsum(arrivals)
+    calls = starts[-1] + delay + np.cumsum(data.draw(st.lists(_GAP, min_size=k, max_size=k)))
+    ends = calls[-1] + 1.0 + 0.01 * np.array(data.draw(st.permutations(range(k))))
+    for start, at, end in zip(starts, calls, ends):
+        request = b.hop("edge", "POST /login", start, end)
+        b.hop("idp", "POST /oauth/token", at, at + 0.3, parent=request)
+    hops = rebuild_builder(b, tmp_path)
+    assert link_accuracy(hops, b.truth) == 1.0
+    # A guess all the same: nothing but the order of arrival tells these requests apart.
+    assert (hops.loc[hops["path"] == "/oauth/token", "link"] == "ambiguous").all()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.tuples(_GAP, _GAP, st.floats(0.001, 0.2)), min_size=2, max_size=8))
+def test_requests_that_make_their_call_as_they_come_in_keep_it(tmp_path, steps):
+    """Overlapping requests of one kind, each making its call before the next comes in: every call is
+    its own request's, though all of them contain the later calls."""
+    b = Builder()
+    t, requests = 0.0, []
+    for arrival, wait, length in steps:
+        t += arrival
+        requests.append((b.hop("edge", "GET /me", t, 10.0 + t), t + wait / 2, length))
+        t += wait
+    for request, at, length in requests:
+        b.hop("idp", "GET /userinfo", at, at + length, parent=request)
+    assert link_accuracy(rebuild_builder(b, tmp_path), b.truth) == 1.0
 
 
 def _refresh_race(b: Builder, at: float, winner_first: bool, winners_call_first: bool) -> list[tuple[int, int]]:
