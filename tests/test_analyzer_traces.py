@@ -289,18 +289,21 @@ def test_a_burst_of_requests_gets_its_calls_in_arrival_order(tmp_path, arrivals,
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(steps=st.lists(st.tuples(_GAP, _GAP, st.floats(0.001, 0.2)), min_size=2, max_size=8))
-def test_requests_that_make_their_call_as_they_come_in_keep_it(tmp_path, steps):
-    """Overlapping requests of one kind, each making its call before the next comes in: every call is
-    its own request's, though all of them contain the later calls."""
+@given(steps=st.lists(st.tuples(_GAP, _GAP, st.floats(0.001, 0.2)), min_size=2, max_size=8), idle=st.booleans(), ids=st.booleans())
+def test_requests_that_make_their_call_as_they_come_in_keep_it(tmp_path, steps, idle, ids):
+    """Overlapping requests of one kind, each making its call before the next comes in: every call is its own
+    request's, though all of them contain the later calls; also beside a request of the kind that never makes
+    the call (``idle``: a cache hit), and when each call names its own id (``ids``: /items/1001, /items/1002)."""
     b = Builder()
-    t, requests = 0.0, []
+    if idle:
+        b.hop("edge", "GET /me", 0.0, 20.0)
+    t, requests = 0.001, []
     for arrival, wait, length in steps:
         t += arrival
         requests.append((b.hop("edge", "GET /me", t, 10.0 + t), t + wait / 2, length))
         t += wait
-    for request, at, length in requests:
-        b.hop("idp", "GET /userinfo", at, at + length, parent=request)
+    for k, (request, at, length) in enumerate(requests):
+        b.hop("idp", f"GET /userinfo/{1000 + k}" if ids else "GET /userinfo", at, at + length, parent=request)
     assert link_accuracy(rebuild_builder(b, tmp_path), b.truth) == 1.0
 
 
