@@ -3,7 +3,7 @@
 Turning a flow into a row (headers, tokens, redaction, JSON) takes ~110 µs and
 inserting it ~25 µs, measured on a 2-core box; in a thread, that work also makes
 mitmproxy's event loop wait for the GIL after its socket calls. So under load the
-writer thread only copies flows into snapshots and hands batches over a pipe.
+writer thread only hands batches of flow snapshots over a pipe.
 
 The protocol, one request at a time: a length-prefixed ``marshal`` frame in on the
 child's stdin, one out on its stdout. Only plain tuples cross (``marshal`` knows no

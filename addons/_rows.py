@@ -1,6 +1,7 @@
 """Row building: flow snapshots in, the rows of `hops`, `tokens` and `hop_tokens` out.
 
-Runs in the writer thread or the row process, never on mitmproxy's event loop.
+Runs in the writer thread or the row process; only :func:`read_flow` (a flow's snapshot,
+or its bare row) runs on mitmproxy's event loop, when the recorder submits the flow.
 Nothing here raises on what a flow carries: a snapshot that cannot become a full
 row becomes a *bare* row (what could be read, and why the rest could not), counted
 as an addon error. :func:`clean` is the one choke point every value passes just

@@ -99,9 +99,10 @@ class TraceWriter:
         """Queue a finished flow's snapshot. Never blocks: past ``max_pending`` the flow is counted as dropped.
 
         The snapshot is taken here, on the caller's thread, and the flow is not kept: a backlog
-        (a slow disk, a busy row process) then holds up to ``max_pending`` snapshots of a few KB,
-        not as many whole flows, whose bodies mitmproxy keeps in memory at any size. Bodies
-        longer than the row builder ever reads stay out of the snapshot.
+        (a slow disk, a busy row process) then holds up to ``max_pending`` snapshots, not as many
+        whole flows, whose bodies mitmproxy keeps in memory at any size. A snapshot holds headers
+        and at most two bodies of up to 128 KiB each (longer ones are never read for tokens);
+        most are a few KB.
         """
         if self.closed or self._queue.qsize() >= self._max_pending:
             self.counters.dropped += 1
