@@ -216,7 +216,29 @@ def trace_context(headers) -> dict:
 
 
 def _fields(raw_fields) -> list[tuple[str, str]]:
-    return [(name.decode("latin-1"), value.decode("utf-8", "surrogateescape")) for name, value in raw_fields]
+    """Header fields as text: names as Latin-1, values as UTF-8 with any byte that is not UTF-8 (a Latin-1
+    ``é`` sent raw) as ``\\xNN``, as every other text column spells it, so that a header reads the same in
+    the file, its HAR and its Parquet (a lone surrogate came out of them as three different things)."""
+    return [(name.decode("latin-1"), _text(value)) for name, value in raw_fields]
+
+
+def _text(value: bytes) -> str:
+    text = value.decode("utf-8", "surrogateescape")
+    return text if text.isascii() else escape_undecodable(text)
+
+
+def escape_undecodable(text: str) -> str:
+    """Bytes that were not UTF-8 (surrogateescape'd to U+DC80-U+DCFF) as ``\\xNN``; other lone surrogates as U+FFFD."""
+    out = []
+    for char in text:
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif 0xD800 <= code <= 0xDFFF:
+            out.append("\ufffd")
+        else:
+            out.append(char)
+    return "".join(out)
 
 
 def _lookup(fields: list[tuple[str, str]]) -> dict[str, str]:

@@ -19,7 +19,7 @@ import time
 from typing import NamedTuple
 
 from hoptrace.addons import _hop, _redact
-from hoptrace.addons._hop import snapshot, snapshot_row
+from hoptrace.addons._hop import escape_undecodable, snapshot, snapshot_row
 from hoptrace.addons._signatures import KEY_SETS
 from hoptrace.addons._tokens import TokenInfo, decode, fingerprint
 from hoptrace.db import HOP_COLUMNS, TOKEN_COLUMNS
@@ -197,7 +197,7 @@ def clean_row(row: tuple) -> tuple:
 def clean(value: object) -> object:
     kind = type(value)
     if kind is str:
-        return value if value.isascii() or _encodable(value) else _escape(value)
+        return value if value.isascii() or _encodable(value) else escape_undecodable(value)
     if value is None or kind is float and math.isfinite(value):
         return value
     if kind is int:
@@ -207,11 +207,11 @@ def clean(value: object) -> object:
     if kind is bool:
         return int(value)
     if isinstance(value, bytes | bytearray):
-        return _escape(bytes(value).decode("utf-8", "surrogateescape"))
+        return escape_undecodable(bytes(value).decode("utf-8", "surrogateescape"))
     for base in (int, float, str):  # subclasses (IntEnum, ...): their plain value
         if isinstance(value, base):
             return clean(base(value))
-    return _escape(repr(value))
+    return escape_undecodable(repr(value))
 
 
 def _encodable(text: str) -> bool:
@@ -221,19 +221,6 @@ def _encodable(text: str) -> bool:
         return False
     return True
 
-
-def _escape(text: str) -> str:
-    """Bytes that were not UTF-8 (surrogateescape'd to U+DC80-U+DCFF) as ``\\xNN``; other lone surrogates as U+FFFD."""
-    out = []
-    for char in text:
-        code = ord(char)
-        if 0xDC80 <= code <= 0xDCFF:
-            out.append(f"\\x{code - 0xDC00:02x}")
-        elif 0xD800 <= code <= 0xDFFF:
-            out.append("\ufffd")
-        else:
-            out.append(char)
-    return "".join(out)
 
 
 __all__ = ["Built", "HopRows", "bare_row_of_flow", "build_rows", "clean", "clean_row", "read_flow", "snapshots"]

@@ -290,6 +290,34 @@ def test_undecodable_bytes_are_escaped_and_lone_surrogates_replaced():
     assert clean(float("nan")) is None and clean(10**400) is None and clean(True) == 1
 
 
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=st.binary(max_size=40).filter(lambda b: b"\r" not in b and b"\n" not in b))
+def test_a_header_byte_that_is_not_utf8_reads_the_same_in_the_file_har_and_parquet(tmp_path_factory, value):
+    """A raw byte in a header value (a Latin-1 é sent as is): ``\\xNN`` in the stored headers, and the
+    same text in the HAR and in the Parquet export, which read those headers."""
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+
+    from hoptrace.cli import cli
+
+    out = tmp_path_factory.mktemp("header-bytes")
+    flow = tflow.tflow(resp=True)
+    flow.request.headers.fields = (*flow.request.headers.fields, (b"X-Name", value))
+    now = time.time()  # tflow's times are from 1999, which the analysis behind the exports sets aside
+    flow.request.timestamp_start, flow.request.timestamp_end = now, now + 0.001
+    flow.response.timestamp_start, flow.response.timestamp_end = now + 0.002, now + 0.003
+    record(out / "t.db", flow)
+    expected = clean(value.decode("utf-8", "surrogateescape"))
+    stored = dict(json.loads(query(out / "t.db", "SELECT request_headers FROM hops")[0]["request_headers"]))
+    assert stored["X-Name"] == expected
+    done = CliRunner().invoke(cli, ["export", str(out / "t.db"), "--har", str(out / "t.har"), "--parquet", str(out / "pq")])
+    assert done.exit_code == 0, done.output
+    har = json.loads((out / "t.har").read_text(encoding="utf-8"))["log"]["entries"][0]["request"]["headers"]
+    assert {h["name"]: h["value"] for h in har}["X-Name"] == expected
+    parquet = pq.read_table(out / "pq" / "hops.parquet").column("request_headers").to_pylist()[0]
+    assert dict(json.loads(parquet))["X-Name"] == expected
+
+
 def test_a_row_sqlite_refuses_is_isolated_and_its_neighbours_are_written(tmp_path):
     conn = open_for_writing(tmp_path / "t.db")
     capture_id = new_capture(conn)
