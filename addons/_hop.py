@@ -1,9 +1,10 @@
 """Turn one finished mitmproxy flow into a hop row and the tokens it carried.
 
 Only :func:`snapshot`, a copy of the flow's values, runs on mitmproxy's event loop;
-:func:`snapshot_row` runs in the recorder's row process or writer thread. Everything read from the flow is treated as hostile:
-sizes are capped, compressed bodies are inflated only up to a cap, JSON that does
-not parse is skipped, and a token that does not decode is recorded with an error.
+:func:`snapshot_row` runs in the recorder's row process or writer thread. Everything
+read from the flow is treated as hostile: sizes are capped, compressed bodies are
+inflated only up to a cap, JSON that does not parse is skipped, and a token that does
+not decode is recorded with an error.
 """
 
 from __future__ import annotations

@@ -222,5 +222,4 @@ def _encodable(text: str) -> bool:
     return True
 
 
-
 __all__ = ["Built", "HopRows", "bare_row_of_flow", "build_rows", "clean", "clean_row", "read_flow", "snapshots"]

@@ -44,6 +44,11 @@ class Paths:
     id_pos: np.ndarray  # (hop row, id code) for every long id segment of a hop's path
     id_code: np.ndarray
 
+    def templates(self) -> tuple[np.ndarray, pd.Index]:
+        """Per hop, a code for its normalised path (``/items/{id}``; "" without a path), and the paths by code."""
+        norm_code, norms = pd.factorize(np.array(self.normalised, dtype=object))
+        return norm_code[self.code], norms  # code -1 (no path) indexes the last, ""
+
 
 def paths_of(paths: pd.Series) -> Paths:
     """Normalise each distinct path, and collect the long id segments it names.
@@ -83,8 +88,7 @@ def endpoints(hops: pd.DataFrame, paths: Paths) -> pd.Categorical:
     """``METHOD /normalised/{id}`` per hop."""
     method_code, methods = pd.factorize(hops["method"])
     methods = [*map(str, methods), "?"]  # code -1 (no method) indexes the last
-    norm_code, norms = pd.factorize(np.array(paths.normalised, dtype=object))
-    hop_norm = norm_code[paths.code]  # code -1 (no path) indexes the last, ""
+    hop_norm, norms = paths.templates()
     width = len(norms)
     pair, pairs = pd.factorize(method_code.astype(np.int64) % len(methods) * width + hop_norm)
     names = [f"{methods[p // width]} {norms[p % width]}" for p in pairs]

@@ -213,7 +213,7 @@ def _hops_of(hops: pd.DataFrame, captures: pd.DataFrame, paths: Paths) -> _Hops:
     has_entry = hops["capture_id"].map(captures["entry"].notna()).fillna(False).to_numpy(bool)
     is_entry = (service == entry_code) & (entry_code >= 0)
     trace_code = pd.factorize(hops["trace_id"])[0].astype(np.int64)
-    template = pd.factorize(np.asarray(paths.normalised, dtype=object))[0][paths.code]
+    template = paths.templates()[0]
     graph = _Graph(start, end, service, is_entry)
     return _Hops(len(hops), capture, service, is_entry, has_entry, trace_code, graph, hops, template)
 
@@ -260,8 +260,7 @@ def _run_tier(ctx: _Hops, links: _Links, kind: int, elem_pos: np.ndarray, elem_g
     if kind == _TOKEN:
         best = _free_rival(ctx, links, q, best, count, elem_pos, group)
     elif kind == _NESTING:
-        pick = _in_arrival_order(ctx, q[count > 1])
-        best = _reconsider_guesses(ctx, links, q, best, count, elem_pos, group, np.flatnonzero(links.parent >= 0), pick)
+        best = _in_arrival_order(ctx, links, q, best, count, elem_pos, group)
     links.set(q, best, count, kind)
 
 
@@ -275,9 +274,7 @@ def _free_rival(ctx: _Hops, links: _Links, q, best, count, elem_pos, group) -> n
     other belongs to the request that is not busy with that very call: a handler waits for
     its call's answer before it makes the call again.
     """
-    start, end = ctx.graph.start, ctx.graph.end
-
-    call = ctx.call
+    start, end, call = ctx.graph.start, ctx.graph.end, ctx.call
 
     def busy(parent: int, hop: int, made: dict) -> bool:
         mine, s, e = call[hop], start[hop], end[hop]
@@ -292,10 +289,10 @@ def _free_rival(ctx: _Hops, links: _Links, q, best, count, elem_pos, group) -> n
     return _reconsider_guesses(ctx, links, q, best, count, elem_pos, group, np.flatnonzero(links.confident()), pick)
 
 
-def _in_arrival_order(ctx: _Hops, guessed: np.ndarray):
-    """The nesting tier's choice for a guess: among the requests of the chosen one's kind (the same
-    service, method and templated path) that contain the call and have not made it (a request makes
-    a given call once; a retry finds none and keeps the chosen one), the one whose turn it is.
+def _in_arrival_order(ctx: _Hops, links: _Links, q, best, count, elem_pos, group) -> np.ndarray:
+    """``best`` with each guess of the nesting tier moved to the request whose turn it is, among those of
+    the chosen one's kind (the same service, method and templated path) that contain the call and have
+    not made it (a request makes a given call once; a retry finds none and keeps the chosen one).
 
     The chosen one, the innermost container, is right when each request makes its call as soon as it
     comes in. In a burst (ten logins at once, each calling the identity provider), all the requests
@@ -306,25 +303,32 @@ def _in_arrival_order(ctx: _Hops, guessed: np.ndarray):
     never makes the call (a cache hit) is passed over. On a 5-service stack whose calls carried their
     true parent in probe headers (six captures), the ``ambiguous`` links right went from 33 % to 66 %.
     """
+    guessed = q[count > 1]
+    if not len(guessed):
+        return best
     call, start = ctx.call, ctx.graph.start
     codes = call.tolist()  # a list's items are read faster than an array's, once per candidate
-    pending = {code: start[guessed[call[guessed] == code]] for code in np.unique(call[guessed]).tolist()}
-    arrivals: dict[int, np.ndarray] = {}
+    arrivals, pending = _starts_by(call, np.arange(ctx.n), start), _starts_by(call, guessed, start)
 
     def pick(hop: int, chosen: int, candidates: list[int], made: dict) -> int:
         mine, kind = codes[hop], codes[chosen]
         fresh = [c for c in candidates if codes[c] == kind and all(m != mine for m, _, _ in made.get(c, ()))]
         if len(fresh) < 2:
             return fresh[0] if fresh else chosen
-        if kind not in arrivals:
-            arrivals[kind] = start[np.flatnonzero(call == kind)]
-        after = arrivals[kind]
+        after = arrivals(kind)
         next_arrival = after[np.searchsorted(after, start[hop], side="right")] if after[-1] > start[hop] else np.inf
-        calls = pending[mine]
+        calls = pending(mine)
         coming = int(np.searchsorted(calls, next_arrival, side="left") - np.searchsorted(calls, start[hop], side="left"))
         return fresh[max(len(fresh) - max(coming, 1), 0)]
 
-    return pick
+    return _reconsider_guesses(ctx, links, q, best, count, elem_pos, group, np.flatnonzero(links.parent >= 0), pick)
+
+
+def _starts_by(call: np.ndarray, positions: np.ndarray, start: np.ndarray):
+    """``code -> the start times of the hops at positions (in start order) making that call``, from one sort."""
+    order = positions[np.argsort(call[positions], kind="stable")]
+    codes, starts = call[order], start[order]
+    return lambda code: starts[np.searchsorted(codes, code, side="left") : np.searchsorted(codes, code, side="right")]
 
 
 def _reconsider_guesses(ctx: _Hops, links: _Links, q, best, count, elem_pos, group, known: np.ndarray, pick) -> np.ndarray:
