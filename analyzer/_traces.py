@@ -25,7 +25,10 @@ tier   candidates (same capture, another service, earlier)   link
        known calls do not overlap it: the first to end
 11     containing hops: the innermost; then, among the       ``nesting``
        concurrent requests of its kind that have not made
-       the call, the one whose turn it is (arrival order)
+       the call yet, the one whose turn it is (arrival
+       order, the service's reaction time allowed for);
+       a retry, to the one that made it least and waited
+       longest since
 =====  ====================================================  =======================
 
 Tier 10 (:func:`_by_connection`) needs ``client_conn_id``; without it, it does nothing.
@@ -41,7 +44,7 @@ choice was a guess: a tier 5-11 link except 10 is then ``ambiguous``, and
 ``link_candidates`` says among how many unrelated hops. A token tier's guess passes
 over a candidate already making the same call at the same time (:func:`_free_rival`);
 a nesting guess goes to the request of the chosen one's kind whose turn it is to make that
-call, in the order they came (:func:`_in_arrival_order`). Entry hops are ``root``;
+call, in the order they came (:func:`_in_arrival_order`), or retries it (:func:`_retrying`). Entry hops are ``root``;
 other hops with no candidate are ``orphan`` (roots of their own tree).
 
 Candidates are never searched among all hops: hops are bucketed by duration into
@@ -292,16 +295,21 @@ def _free_rival(ctx: _Hops, links: _Links, q, best, count, elem_pos, group) -> n
 def _in_arrival_order(ctx: _Hops, links: _Links, q, best, count, elem_pos, group) -> np.ndarray:
     """``best`` with each guess of the nesting tier moved to the request whose turn it is, among those of
     the chosen one's kind (the same service, method and templated path) that contain the call and have
-    not made it (a request makes a given call once; a retry finds none and keeps the chosen one).
+    not made it yet (a request makes a given call once; a retry finds none, see :func:`_retrying`).
 
     The chosen one, the innermost container, is right when each request makes its call as soon as it
     comes in. In a burst (ten logins at once, each calling the identity provider), all the requests
     have come in before the first call goes out, and the innermost would take every call. A service
     takes its requests in the order they came, so the calls still to come before another request of
-    the kind arrives go, in order, to the latest of those requests, as many as there are calls: in a
-    burst of ten, the first call to the first login; a lone call to the innermost, and a request that
-    never makes the call (a cache hit) is passed over. On a 5-service stack whose calls carried their
-    true parent in probe headers (six captures), the ``ambiguous`` links right went from 33 % to 66 %.
+    the kind could make its call go, in order, to the latest of the requests that could have made
+    theirs, as many as there are calls: in a burst of ten, the first call to the first login; a lone
+    call to the innermost, and a request that never makes the call (a cache hit) is passed over.
+
+    "Could have": a service makes a call no sooner than its reaction time after the request came in,
+    read from the requests whose calls were linked without a rival (:func:`_reaction_times`): a request
+    counts once the quickest of those has passed, the next one's turn comes once the median has. Behind
+    a proxy that is a millisecond or more, while a burst's requests come in a fraction of one apart:
+    read from start times alone, each call of a burst went to the request after its own.
     """
     guessed = q[count > 1]
     if not len(guessed):
@@ -309,19 +317,69 @@ def _in_arrival_order(ctx: _Hops, links: _Links, q, best, count, elem_pos, group
     call, start = ctx.call, ctx.graph.start
     codes = call.tolist()  # a list's items are read faster than an array's, once per candidate
     arrivals, pending = _starts_by(call, np.arange(ctx.n), start), _starts_by(call, guessed, start)
+    known = np.flatnonzero(links.parent >= 0)
+    sure = known[links.candidates[known] <= 1]
+    single = count == 1
+    quick, usual = _reaction_times(ctx, np.r_[sure, q[single]], np.r_[links.parent[sure], best[single]])
 
     def pick(hop: int, chosen: int, candidates: list[int], made: dict) -> int:
-        mine, kind = codes[hop], codes[chosen]
-        fresh = [c for c in candidates if codes[c] == kind and all(m != mine for m, _, _ in made.get(c, ()))]
+        mine, kind, at = codes[hop], codes[chosen], start[hop]
+        peers = [c for c in candidates if codes[c] == kind]
+        fresh = [c for c in peers if all(m != mine or began > at for m, began, _ in made.get(c, ()))]
         if len(fresh) < 2:
-            return fresh[0] if fresh else chosen
-        after = arrivals(kind)
-        next_arrival = after[np.searchsorted(after, start[hop], side="right")] if after[-1] > start[hop] else np.inf
+            return fresh[0] if fresh else _retrying(peers, mine, at, made, chosen)
+        ready = [c for c in fresh if start[c] + quick[kind] <= at] or fresh[:1]
+        # The turn of the first request of the kind that could not have made its call yet.
+        came = arrivals(kind)
+        waiting = np.searchsorted(came, at - quick[kind], side="right")
+        next_turn = came[waiting] + usual[kind] if waiting < len(came) else np.inf
         calls = pending(mine)
-        coming = int(np.searchsorted(calls, next_arrival, side="left") - np.searchsorted(calls, start[hop], side="left"))
-        return fresh[max(len(fresh) - max(coming, 1), 0)]
+        coming = int(np.searchsorted(calls, next_turn, side="left") - np.searchsorted(calls, at, side="left"))
+        return ready[max(len(ready) - max(coming, 1), 0)]
 
-    return _reconsider_guesses(ctx, links, q, best, count, elem_pos, group, np.flatnonzero(links.parent >= 0), pick)
+    return _reconsider_guesses(ctx, links, q, best, count, elem_pos, group, known, pick)
+
+
+def _retrying(peers: list[int], call: int, at: float, made: dict, chosen: int) -> int:
+    """The request, among ``peers`` that have all made ``call`` before ``at``, making it again then: of those
+    whose calls of it have all ended, the one that made fewest, then the one waiting longest since its last.
+
+    Requests of one kind make the same calls, so the one that has made this one least is likeliest to make
+    it next; and requests failed the same way retry after the same backoff, the first to fail first.
+    ``chosen`` when every one is still waiting on that call."""
+    choice, choice_key = chosen, None
+    for peer in peers:
+        ends = [end for code, began, end in made.get(peer, ()) if code == call and began <= at]
+        key = (len(ends), max(ends))
+        if key[1] <= at and (choice_key is None or key < choice_key):
+            choice, choice_key = peer, key
+    return choice
+
+
+# Fewer first calls of a kind of request than this, and its service's reaction times stand for its own.
+_REACTION_SAMPLES = 3
+
+
+def _reaction_times(ctx: _Hops, kids: np.ndarray, parents: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per :attr:`_Hops.call` code, as a kind of request: the quickest and the median time from such a
+    request coming in to its first call, over ``parents`` (each linked to the ``kids`` at the same place).
+    Its service's (in its capture) where the kind has fewer than :data:`_REACTION_SAMPLES`; else 0."""
+    n_codes = int(ctx.call.max(initial=-1)) + 1
+    service = np.zeros(n_codes, np.int64)
+    service[ctx.call] = ctx.capture * ctx.n + ctx.service
+    start = ctx.graph.start
+    lags = pd.Series(start[kids] - start[parents]).groupby(parents).min()
+    first = pd.DataFrame({"lag": lags.to_numpy(), "kind": ctx.call[lags.index.to_numpy(np.int64)]})
+    first["service"] = service[first["kind"].to_numpy()]
+    quick, usual = np.zeros(n_codes), np.zeros(n_codes)
+    # Each service's times, then each kind's own where it has enough.
+    for column, of_code in (("service", service), ("kind", np.arange(n_codes))):
+        stats = first.groupby(column)["lag"].agg(["min", "median", "size"])
+        stats = stats[stats["size"] >= _REACTION_SAMPLES]
+        has = np.isin(of_code, stats.index.to_numpy())
+        row = stats.index.get_indexer(of_code[has])
+        quick[has], usual[has] = stats["min"].to_numpy()[row], stats["median"].to_numpy()[row]
+    return quick.tolist(), usual.tolist()
 
 
 def _starts_by(call: np.ndarray, positions: np.ndarray, start: np.ndarray):

@@ -307,6 +307,50 @@ def test_requests_that_make_their_call_as_they_come_in_keep_it(tmp_path, steps, 
     assert link_accuracy(rebuild_builder(b, tmp_path), b.truth) == 1.0
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(gaps=st.lists(st.floats(0.0002, 0.002), min_size=3, max_size=8), reaction=st.floats(1.2, 4.0), data=st.data())
+def test_a_burst_coming_in_faster_than_its_service_reacts_gets_its_calls_in_arrival_order(tmp_path, gaps, reaction, data):
+    """Requests of one kind coming in a fraction of a millisecond apart, each making its call a reaction time
+    (``reaction`` times the mean gap, so the first calls go out while the burst is still coming in) after
+    it came: the k-th call is the k-th request's. Lone requests of the kind before show the reaction time.
+    Read from start times alone, each call went to a request that came in after its own."""
+    b = Builder(entry="edge")
+    react = reaction * float(np.mean(gaps))
+    for k in range(3):  # lone requests, whose calls nothing else contains
+        lone = b.hop("edge", "GET /flaky", k, k + 0.5)
+        b.hop("ledger", "GET /flaky", k + react, k + react + 0.01, parent=lone)
+    starts = 10.0 + np.cumsum(gaps)
+    ends = starts[-1] + react + 1.0 + 0.01 * np.array(data.draw(st.permutations(range(len(gaps)))))
+    for start, end in zip(starts, ends):
+        request = b.hop("edge", "GET /flaky", start, end)
+        b.hop("ledger", "GET /flaky", start + react, start + react + 0.3, parent=request)
+    hops = rebuild_builder(b, tmp_path)
+    assert link_accuracy(hops, b.truth) == 1.0
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(failed=st.lists(st.booleans(), min_size=2, max_size=8).filter(lambda f: sum(f) >= 2), backoff=st.floats(0.01, 1.0))
+def test_retries_in_a_burst_go_to_the_requests_whose_calls_failed(tmp_path, failed, backoff):
+    """A burst of requests of one kind, each making its call in turn; the ones whose call failed retry it
+    after one backoff, in the order they failed, and the others answer. Each retry is its own request's: of
+    the requests that have made the call, the one that made it fewest times, waiting longest since.
+    The innermost container alone would give every retry to the last request still open. (A retry made
+    while requests of the burst have yet to make their first call may be taken for one of those.)"""
+    b = Builder(entry="edge")
+    k = len(failed)
+    starts = 0.001 * np.arange(k)
+    calls = starts[-1] + 0.01 + 0.002 * np.arange(k)
+    backoff += calls[-1] - calls[0]  # the retries come after the burst's first calls
+    for start, at, bad in zip(starts, calls, failed):
+        end = at + 0.001 + (backoff + 0.05 if bad else 0.0005)
+        request = b.hop("edge", "GET /flaky", start, end)
+        b.hop("ledger", "GET /flaky", at, at + 0.001, status=503 if bad else 200, parent=request)
+        if bad:
+            b.hop("ledger", "GET /flaky", at + 0.001 + backoff, at + 0.001 + backoff + 0.001, parent=request)
+    hops = rebuild_builder(b, tmp_path)
+    assert link_accuracy(hops, b.truth) == 1.0
+
+
 def _refresh_race(b: Builder, at: float, winner_first: bool, winners_call_first: bool) -> list[tuple[int, int]]:
     """Two requests of one client presenting one refresh token at once (to the gateway, on to
     auth): one wins a new token pair, the other is refused. Returns (request, its call) pairs."""
