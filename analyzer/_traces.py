@@ -22,7 +22,8 @@ tier   candidates (same capture, another service, earlier)   link
        client connection (learnt from the header- and
        token-linked hops on that connection, else from the
        other connections calling the same endpoint), whose
-       known calls do not overlap it: the first to end
+       known calls do not overlap it: the first to end,
+       or one of its kind that made the call fewer times
 11     containing hops: the innermost; then, among the       ``nesting``
        concurrent requests of its kind that have not made
        the call yet, the one whose turn it is (arrival
@@ -442,7 +443,11 @@ def _by_connection(ctx: _Hops, links: _Links, conn: np.ndarray, endpoint: np.nda
     this pass) overlap this one is not. Of the free ones the first to end is chosen: a
     service works off concurrent requests in the order it took them in, so the request it
     served first both makes its calls first and answers first. (The proxy's start times
-    may order them otherwise: it timestamps a request before it forwards it.)
+    may order them otherwise: it timestamps a request before it forwards it.) Unless a free
+    one of its kind has made the call fewer times (:func:`_first_free`): of six requests
+    coming in a few milliseconds apart, each answered 429 at once and retrying a second
+    later, the first to end took two others' first calls and its own retry, a retry storm
+    that no request made.
     """
     conn_owner, conn_share = _owners(conn, ctx.service[np.maximum(links.parent, 0)], links.confident())
     hop_owner, hop_share = _per_hop(conn, conn_owner, conn_share)
@@ -455,7 +460,7 @@ def _by_connection(ctx: _Hops, links: _Links, conn: np.ndarray, endpoint: np.nda
     if not len(asking):
         return
     q, c = _owner_candidates(ctx, asking, hop_owner)
-    q_out, c_out, count = _first_free(ctx.graph, q, c, _busy_children(ctx, links))
+    q_out, c_out, count = _first_free(ctx.graph, ctx.call, q, c, _busy_children(ctx, links))
     links.parent[q_out], links.candidates[q_out] = c_out, count
     links.link[q_out] = _CONNECTION
     links.confidence[q_out] = hop_share[q_out] / count
@@ -494,18 +499,22 @@ def _owner_candidates(ctx: _Hops, asking: np.ndarray, hop_owner: np.ndarray) -> 
     return np.concatenate(pairs_q), np.concatenate(pairs_c)
 
 
-def _busy_children(ctx: _Hops, links: _Links) -> dict[int, list[tuple[float, float]]]:
-    """The intervals of each hop's header- or token-linked children."""
+def _busy_children(ctx: _Hops, links: _Links) -> dict[int, list[tuple[int, float, float]]]:
+    """The calls of each hop's header- or token-linked children, as (:attr:`_Hops.call` code, start, end)."""
     kids = np.flatnonzero(links.confident())
-    busy: dict[int, list[tuple[float, float]]] = {}
+    busy: dict[int, list[tuple[int, float, float]]] = {}
+    call, start, end = ctx.call, ctx.graph.start, ctx.graph.end
     for kid, parent in zip(kids.tolist(), links.parent[kids].tolist()):
-        busy.setdefault(parent, []).append((ctx.graph.start[kid], ctx.graph.end[kid]))
+        busy.setdefault(parent, []).append((call[kid], start[kid], end[kid]))
     return busy
 
 
-def _first_free(graph: _Graph, q: np.ndarray, c: np.ndarray, busy: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per hop (in start order): the first-ending candidate whose children do not overlap it
-    (and make it busy for the hops after)."""
+def _first_free(graph: _Graph, call: np.ndarray, q: np.ndarray, c: np.ndarray, busy: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per hop (in start order): the first-ending candidate whose children do not overlap it (and make
+    it busy for the hops after); among the free ones of its kind, one that has made the call fewest times so far.
+
+    Requests of one kind make the same calls: of two free ones, one that has not made this call yet
+    is likelier its maker than one that has (which would be retrying it)."""
     order = np.lexsort((c, q))
     q, c = q[order], c[order]
     bounds = np.flatnonzero(run_starts(q)).tolist() + [len(q)]
@@ -513,14 +522,16 @@ def _first_free(graph: _Graph, q: np.ndarray, c: np.ndarray, busy: dict) -> tupl
     start, end = graph.start, graph.end
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         hop = int(q[lo])
-        s, e = start[hop], end[hop]
-        free = [int(cand) for cand in c[lo:hi] if not any(b_s < e and s < b_e for b_s, b_e in busy.get(int(cand), ()))]
+        s, e, mine = start[hop], end[hop], call[hop]
+        free = [int(cand) for cand in c[lo:hi] if not any(b_s < e and s < b_e for _, b_s, b_e in busy.get(int(cand), ()))]
         if free:
-            chosen = min(free, key=end.__getitem__)
+            kind = call[min(free, key=end.__getitem__)]
+            made = {cand: sum(code == mine and b_s < s for code, b_s, _ in busy.get(cand, ())) for cand in free if call[cand] == kind}
+            chosen = min(made, key=lambda cand: (made[cand], end[cand]))
             out_q.append(hop)
             out_c.append(chosen)
             out_n.append(len(free))
-            busy.setdefault(chosen, []).append((s, e))
+            busy.setdefault(chosen, []).append((mine, s, e))
     return np.array(out_q, np.int64), np.array(out_c, np.int64), np.array(out_n, np.int64)
 
 

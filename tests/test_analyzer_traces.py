@@ -351,6 +351,29 @@ def test_retries_in_a_burst_go_to_the_requests_whose_calls_failed(tmp_path, fail
     assert link_accuracy(hops, b.truth) == 1.0
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.floats(0.002, 0.02), min_size=2, max_size=8))
+def test_on_a_shared_pool_a_call_goes_to_a_request_that_has_not_made_it(tmp_path, steps):
+    """Requests of one kind coming in one after another, each calling at once over a pool of connections
+    and answered 429, then each retrying once after a second, in turn. A request that has made the call
+    is not the one making it again while another has not: the first to end alone would take every first call."""
+    b = Builder(entry="edge")
+    t = b.token(sub="svc", exp=10_000)
+    # One call linked by its token: the connections calling this endpoint are the edge's.
+    known = b.hop("edge", "GET /quote", 0.0, 0.1, presented=t)
+    b.hop("catalog", "GET /quote", 0.01, 0.02, presented=t, parent=known, client_conn_id="c0")
+    starts = 1.0 + np.cumsum(steps)
+    requests = [b.hop("edge", "GET /quote", start, 3.0 + 0.01 * k) for k, start in enumerate(starts)]
+    for k, (request, start) in enumerate(zip(requests, starts)):
+        b.hop("catalog", "GET /quote", start + 0.0005, start + 0.001, status=429, parent=request, client_conn_id=f"c{k + 1}")
+    for k, request in enumerate(requests):
+        at = 2.5 + 0.002 * k
+        b.hop("catalog", "GET /quote", at, at + 0.001, parent=request, client_conn_id=f"c{k % 2 + 1}")
+    hops = rebuild_builder(b, tmp_path)
+    assert (hops.loc[hops["client_conn_id"].notna() & (hops["client_conn_id"] != "c0"), "link"] == "connection").all()
+    assert link_accuracy(hops, b.truth) == 1.0
+
+
 def _refresh_race(b: Builder, at: float, winner_first: bool, winners_call_first: bool) -> list[tuple[int, int]]:
     """Two requests of one client presenting one refresh token at once (to the gateway, on to
     auth): one wins a new token pair, the other is refused. Returns (request, its call) pairs."""
