@@ -24,12 +24,13 @@ tier   candidates (same capture, another service, earlier)   link
        other connections calling the same endpoint), whose
        known calls do not overlap it: the first to end,
        or one of its kind that made the call fewer times
-11     containing hops: the innermost; then, among the       ``nesting``
-       concurrent requests of its kind that have not made
-       the call yet, the one whose turn it is (arrival
-       order, the service's reaction time allowed for);
-       a retry, to the one that made it least and waited
-       longest since
+11     containing hops: the innermost, of a kind of          ``nesting``
+       request seen making the call if there is one; then,
+       among the concurrent requests of its kind that have
+       not made the call yet, the one whose turn it is
+       (arrival order, the service's reaction time allowed
+       for); a retry, to the one that made it least and
+       waited longest since
 =====  ====================================================  =======================
 
 Tier 10 (:func:`_by_connection`) needs ``client_conn_id``; without it, it does nothing.
@@ -306,6 +307,11 @@ def _in_arrival_order(ctx: _Hops, links: _Links, q, best, count, elem_pos, group
     theirs, as many as there are calls: in a burst of ten, the first call to the first login; a lone
     call to the innermost, and a request that never makes the call (a cache hit) is passed over.
 
+    The kind is the innermost container's, unless no request of its kind was seen making the call so far
+    (linked before this tier, or by a guess before this one) while one of another candidate's kind was:
+    then the innermost of that kind's. A long call to another service that began just before a burst's
+    retries contains them, and was innermost; it never made that call.
+
     "Could have": a service makes a call no sooner than its reaction time after the request came in,
     read from the requests whose calls were linked without a rival (:func:`_reaction_times`): a request
     counts once the quickest of those has passed, the next one's turn comes once the median has. Behind
@@ -322,9 +328,17 @@ def _in_arrival_order(ctx: _Hops, links: _Links, q, best, count, elem_pos, group
     sure = known[links.candidates[known] <= 1]
     single = count == 1
     quick, usual = _reaction_times(ctx, np.r_[sure, q[single]], np.r_[links.parent[sure], best[single]])
+    makers: dict[int, set] = {}  # call code -> the kinds of request seen making that call
+    for kid, parent in zip(np.r_[known, q[single]].tolist(), np.r_[links.parent[known], best[single]].tolist()):
+        makers.setdefault(codes[kid], set()).add(codes[parent])
 
     def pick(hop: int, chosen: int, candidates: list[int], made: dict) -> int:
-        mine, kind, at = codes[hop], codes[chosen], start[hop]
+        mine, at = codes[hop], start[hop]
+        seen = makers.setdefault(mine, set())
+        if codes[chosen] not in seen:
+            chosen = next((c for c in reversed(candidates) if codes[c] in seen), chosen)
+        kind = codes[chosen]
+        seen.add(kind)  # the choice below is a request of this kind
         peers = [c for c in candidates if codes[c] == kind]
         fresh = [c for c in peers if all(m != mine or began > at for m, began, _ in made.get(c, ()))]
         if len(fresh) < 2:

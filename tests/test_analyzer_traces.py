@@ -329,18 +329,28 @@ def test_a_burst_coming_in_faster_than_its_service_reacts_gets_its_calls_in_arri
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(failed=st.lists(st.booleans(), min_size=2, max_size=8).filter(lambda f: sum(f) >= 2), backoff=st.floats(0.01, 1.0))
-def test_retries_in_a_burst_go_to_the_requests_whose_calls_failed(tmp_path, failed, backoff):
+@given(
+    failed=st.lists(st.booleans(), min_size=2, max_size=8).filter(lambda f: sum(f) >= 2),
+    backoff=st.floats(0.01, 1.0),
+    slow=st.booleans(),
+)
+def test_retries_in_a_burst_go_to_the_requests_whose_calls_failed(tmp_path, failed, backoff, slow):
     """A burst of requests of one kind, each making its call in turn; the ones whose call failed retry it
     after one backoff, in the order they failed, and the others answer. Each retry is its own request's: of
     the requests that have made the call, the one that made it fewest times, waiting longest since.
-    The innermost container alone would give every retry to the last request still open. (A retry made
-    while requests of the burst have yet to make their first call may be taken for one of those.)"""
+    The innermost container alone would give every retry to the last request still open; or (``slow``)
+    to a long call to another service that began just before the retries, a kind of request never seen
+    making that call. (A retry made while requests of the burst have yet to make their first call may
+    be taken for one of those.)"""
     b = Builder(entry="edge")
     k = len(failed)
     starts = 0.001 * np.arange(k)
     calls = starts[-1] + 0.01 + 0.002 * np.arange(k)
     backoff += calls[-1] - calls[0]  # the retries come after the burst's first calls
+    if slow:
+        begins = calls[0] + 0.0015 + backoff - 0.002
+        waiting = b.hop("edge", "GET /slow", begins, begins + backoff + 1.0)
+        b.hop("catalog", "GET /slow", begins + 0.0005, begins + backoff + 0.9, parent=waiting)
     for start, at, bad in zip(starts, calls, failed):
         end = at + 0.001 + (backoff + 0.05 if bad else 0.0005)
         request = b.hop("edge", "GET /flaky", start, end)
