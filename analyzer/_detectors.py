@@ -90,6 +90,12 @@ class Context:
         """Clock offset estimates per (service, source), see :func:`skew_estimates`."""
         return skew_estimates(self)
 
+    @cached_property
+    def owners(self) -> pd.DataFrame:
+        """Whose each request is, by trace id: ``subject``, ``sub`` (its code into ``uses["sub"]``'s subjects,
+        -1: unknown) and ``by_session`` (the subject is its session's, see :func:`request_owners`)."""
+        return request_owners(self)
+
 
 _HOP_FACTS = (
     "trace", "depth", "service", "endpoint", "path", "status", "failed", "error_kind",
@@ -428,7 +434,7 @@ def rejected_valid_token(ctx: Context) -> pd.DataFrame:
     hits = h[valid].assign(left=h["token_exp"].to_numpy()[valid] - answered[valid])
     if hits.empty:
         return _findings([])
-    hits = hits.assign(owner=hits["trace"].map(ctx.hops["token_sub"]).astype(object), caller=hits.index.map(ctx.caller))
+    hits = hits.assign(owner=hits["trace"].map(ctx.owners["subject"]), caller=hits.index.map(ctx.caller))
     skew = ctx.skew
     date_skew = {svc: off for svc, src, off in zip(skew["service"], skew["source"], skew["offset_s"]) if src == "date"}
     keyless_names = ctx.keyless["name"].to_dict()
@@ -603,41 +609,96 @@ def token_reuse(ctx: Context) -> pd.DataFrame:
     return _findings(rows)
 
 
+def request_owners(ctx: Context) -> pd.DataFrame:
+    """Whose each request is: its entry hop's token's subject; where it entered with none, its
+    session's (:func:`_session_subjects`)."""
+    root_sub = ctx.hops["token_sub"][ctx.hops["depth"].to_numpy() == 0]
+    subjects = ctx.uses["sub"].cat.categories
+    # Subjects as the codes token_uses gave them: integer work over a million uses.
+    owner = pd.Series(subjects.get_indexer(root_sub.astype(object)), index=root_sub.index)
+    by_session = pd.Series(False, index=root_sub.index)
+    session = ctx.sessions.set_index("trace")["session"]
+    nameless = session[owner.reindex(session.index).to_numpy() < 0]
+    if len(nameless):
+        theirs = nameless.map(_session_subjects(ctx, session, nameless.unique(), subjects)).dropna().astype(np.int64)
+        owner[theirs.index], by_session[theirs.index] = theirs.to_numpy(), True
+    subject = np.append(subjects.to_numpy(object), None)[owner.to_numpy()]  # code -1: the None appended
+    return pd.DataFrame({"subject": subject, "sub": owner, "by_session": by_session})
+
+
+def _session_subjects(ctx: Context, session: pd.Series, nameless: np.ndarray, subjects: pd.Index) -> pd.Series:
+    """The subject (code) of each session of ``nameless`` that has one, read from its requests' calls.
+
+    A request entering with a session cookie (a backend-for-frontend holding each user's token)
+    names no subject, but its calls do. A session's subject is the one more than half of the calls
+    of its requests present, if it is the only subject of the tokens issued to the calls the entry
+    made itself in them (at its login; a service's own token fetched deeper does not count); and
+    only a subject presented mostly in the sessions that are its own, among these. A service's own
+    credentials, fetched once and presented in every user's session, own none.
+    """
+    # Arrays, not frames: a boolean mask over the uses' frame copies every column (0.3 s at 1M hops).
+    u = ctx.used
+    calls = pd.DataFrame({"session": u["trace"].map(session).to_numpy(), "sub": u["sub_code"].to_numpy()})
+    calls = calls[(u["depth"].to_numpy() > 0) & (calls["sub"].to_numpy() >= 0) & np.isin(calls["session"], nameless)]
+    counts = calls.value_counts()
+    share = counts / counts.groupby(level="session").transform("sum")
+    top = share.index[share.to_numpy() > 0.5]  # (session, subject) pairs, one per session at most
+    entry_calls = ctx.issued["depth"].to_numpy() == 1
+    issued = pd.DataFrame({
+        "session": ctx.issued["trace"][entry_calls].map(session).to_numpy(),
+        "sub": subjects.get_indexer(ctx.issued["fp"][entry_calls].map(ctx.tokens["sub"]).astype(object)),
+    }).drop_duplicates()  # fmt: skip
+    issued = issued[(issued["sub"] >= 0) & ~issued["session"].duplicated(keep=False)]
+    top = top[top.isin(pd.MultiIndex.from_frame(issued))]
+    # Each subject's calls in the sessions that are its own, against all its calls.
+    own_share = counts[top].groupby(level="sub").sum() / counts.groupby(level="sub").sum()
+    top = top[own_share.reindex(top.get_level_values("sub")).to_numpy() > 0.5]
+    return pd.Series(top.get_level_values("sub"), index=top.get_level_values("session"))
+
+
 def token_crossover(ctx: Context) -> pd.DataFrame:
     """A hop inside one subject's request carrying another user's token.
 
-    "User" means a subject that some request entered with: a service calling with
-    its own credentials (a subject never seen at the entry) is not a crossover.
+    "User" means a subject some request is owned by (:func:`request_owners`): a service
+    calling with its own credentials (a subject that owns no request) is not a crossover.
+    Where the request's subject is its session's, only a hop linked to it for sure (by a
+    trace header or a token) counts, since a guessed link may have put another user's call
+    there; and the finding is a warning: the subject was read from the session's calls.
     """
     u = ctx.used
-    root_sub = ctx.hops["token_sub"][ctx.hops["depth"].to_numpy() == 0]
-    # Subjects as the codes token_uses gave them: integer work over a million uses, and the
-    # rows copied only for the few that cross (a copy of every use was 110 MB at 1M hops).
-    subjects = ctx.uses["sub"].cat.categories
-    root_code = pd.Series(subjects.get_indexer(root_sub.astype(object)), index=root_sub.index)
-    owner = u["trace"].map(root_code).to_numpy()
+    owners = ctx.owners
+    owner = u["trace"].map(owners["sub"]).to_numpy()
     mine = u["sub_code"].to_numpy()
     cross = (u["depth"].to_numpy() > 0) & (mine >= 0) & (owner >= 0) & (mine != owner)
-    cross &= np.isin(mine, root_code[root_code >= 0].unique())
+    cross &= np.isin(mine, owners["sub"][owners["sub"] >= 0].unique())
+    if cross.any():
+        sure = ctx.hops["link"].isin(("header", "token")).to_numpy()[ctx.hops.index.get_indexer(u["hop_id"][cross])]
+        cross[cross] = sure | ~u["trace"][cross].map(owners["by_session"]).to_numpy(bool)
     if not cross.any():
         return _findings([])
     columns = ["trace", "sub", "fp", "hop_id", "service", "endpoint", "started_at", "root_endpoint", "root_start"]
     u = u.loc[cross, columns]
-    u = u.assign(caller=u["hop_id"].map(ctx.caller).to_numpy(), owner=u["trace"].map(root_sub))
+    u = u.assign(
+        caller=u["hop_id"].map(ctx.caller).to_numpy(), owner=u["trace"].map(owners["subject"]),
+        by_session=u["trace"].map(owners["by_session"]).to_numpy(bool),
+    )  # fmt: skip
     g = _Groups(u, ["trace", "sub"])
     rows = []
-    for trace, other, me, request, caller, svc, endpoint, at, services, endpoints, fps, ids in zip(
-        g.first("trace"), g.first("sub"), g.first("owner"), g.first("root_endpoint"), g.first("caller"), g.first("service"),
-        g.first("endpoint"), g.first("root_start"), g.lists("service"), g.lists("endpoint"), g.lists("fp"),
+    for trace, other, me, by_session, request, caller, svc, endpoint, at, services, endpoints, fps, ids in zip(
+        g.first("trace"), g.first("sub"), g.first("owner"), g.first("by_session"), g.first("root_endpoint"), g.first("caller"),
+        g.first("service"), g.first("endpoint"), g.first("root_start"), g.lists("service"), g.lists("endpoint"), g.lists("fp"),
         g.lists("hop_id"),
     ):  # fmt: skip
         more = f", and {len(ids) - 1} more hops" if len(ids) > 1 else ""
+        whose = f"of {me}'s session" if by_session else f"of {me}"
         rows.append({
             "trace": trace, "service": svc, "caller": caller, "hop_ids": list(dict.fromkeys(ids)),
-            "message": f"{caller} sent {other}'s token to {svc} {endpoint} inside a request of {me} ({request}){more}",
+            **({"severity": "warning"} if by_session else {}),
+            "message": f"{caller} sent {other}'s token to {svc} {endpoint} inside a request {whose} ({request}){more}",
             "details": {
                 "subject": me, "other_subject": other, "fingerprints": list(dict.fromkeys(fps)),
                 "hops": [f"{s} {e}" for s, e in zip(services, endpoints)],
+                "subject_from": "session" if by_session else "request",
             },
             "at": at,
         })  # fmt: skip

@@ -355,6 +355,72 @@ def test_no_crossover_for_service_credentials_or_concurrent_users(tmp_path):
     assert detect(b, tmp_path, "token_crossover").empty
 
 
+def _bff_sessions(b: Builder, users: int, dashboards: int, *, cross=None, own_calls=()) -> dict:
+    """A backend-for-frontend: each user logs in (the edge gets the user's token from idp and hands back
+    a session cookie), then loads dashboards (userinfo and balance, each with the user's token, linked by
+    trace headers). ``cross`` = (user, dashboard, other): that dashboard sends the other's token to ledger.
+    ``own_calls[u]``: calls to catalog with the edge's own token in each of user u's dashboards, a token
+    the edge fetched during the first login. Returns the crossing dashboard's trace, if any."""
+    spans = iter(range(1, 10_000))
+
+    def call(root, trace, service, endpoint, at, **tokens):
+        return b.hop(service, endpoint, at, at + 0.01, parent=root, trace_id=trace, parent_span_id=f"s{root}",
+                     span_id=f"s{next(spans)}", **tokens)
+
+    own = b.token(sub="edge-service", exp=10_000)
+    tokens = [b.token(sub=f"user{u}", exp=10_000) for u in range(users)]
+    crossing = None
+    for u in range(users):
+        t = 100.0 * u
+        cookie = b.token(kind="opaque")
+        login = b.hop("edge", "POST /login", t, t + 1.0, issued=cookie, trace_id=f"t{u}-login", span_id=f"s{len(b.hops) + 1}")
+        call(login, f"t{u}-login", "idp", "POST /oauth/token", t + 0.1, issued=tokens[u])
+        if u == 0 and any(own_calls):
+            call(login, f"t{u}-login", "idp", "POST /oauth/token", t + 0.2, issued=own)
+        for k in range(dashboards):
+            at, trace = t + 10.0 * (k + 1), f"t{u}-{k}"
+            root = b.hop("edge", "GET /dashboard", at, at + 1.0, presented=cookie, trace_id=trace, span_id=f"s{len(b.hops) + 1}")
+            call(root, trace, "idp", "GET /userinfo", at + 0.1, presented=tokens[u])
+            sent = tokens[u]
+            if cross is not None and cross[:2] == (u, k):
+                sent, crossing = tokens[cross[2]], root
+            call(root, trace, "ledger", "GET /balance", at + 0.2, presented=sent)
+            for n in range(own_calls[u] if own_calls else 0):
+                call(root, trace, "catalog", "GET /prices", at + 0.3 + 0.01 * n, presented=own)
+    return {"crossing": crossing}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(users=st.integers(2, 4), dashboards=st.integers(2, 3), data=st.data())
+def test_a_crossover_behind_a_session_cookie_is_found_in_the_sessions_request(tmp_path, users, dashboards, data):
+    """Requests entering with a session cookie name no subject: the session's is the one most of its calls
+    present (the token issued at its login). Another user's token sent from one of its requests is a
+    crossover, a warning (the subject was read from the session, not named by the request); none without one."""
+    cross = data.draw(st.none() | st.tuples(st.integers(0, users - 1), st.integers(0, dashboards - 1), st.integers(0, users - 1)))
+    assume(cross is None or cross[0] != cross[2])
+    b = Builder(entry="edge")
+    crossing = _bff_sessions(b, users, dashboards, cross=cross)["crossing"]
+    f = detect(b, tmp_path, "token_crossover")
+    if cross is None:
+        assert f.empty
+        return
+    assert len(f) == 1
+    row = f.iloc[0]
+    assert row["trace"] == crossing and row["severity"] == "warning"
+    assert (row["details"]["subject"], row["details"]["other_subject"]) == (f"user{cross[0]}", f"user{cross[2]}")
+    assert row["details"]["subject_from"] == "session" and "user" in row["message"] and "session" in row["message"]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(own_calls=st.lists(st.integers(0, 4), min_size=2, max_size=4), dashboards=st.integers(1, 3))
+def test_a_backends_own_token_in_every_session_is_no_crossover(tmp_path, own_calls, dashboards):
+    """The edge's own token, fetched during the first login and sent to catalog in any share of every
+    session's calls (most of them, in some sessions), is no user's: it owns no session."""
+    b = Builder(entry="edge")
+    _bff_sessions(b, len(own_calls), dashboards, own_calls=own_calls)
+    assert detect(b, tmp_path, "token_crossover").empty
+
+
 # -- retry_storm --------------------------------------------------------------------------------
 
 
